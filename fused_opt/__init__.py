@@ -1,0 +1,21 @@
+"""fused_opt: one fused optimizer step for mixed-precision training (see README.md)."""
+from __future__ import annotations
+
+import torch
+
+from . import backends
+from .optimizer import FusedMixedPrecisionSGD
+
+__version__ = "0.1.0"
+__all__ = ["FusedMixedPrecisionSGD", "backend_availability", "build_info", "__version__"]
+
+
+def backend_availability(device) -> dict[str, str | None]:
+    """For each backend: None if it can run on tensors of `device`, else a one-line reason."""
+    return {name: backends.availability(name, torch.device(device)) for name in backends.BACKENDS}
+
+
+def build_info() -> dict:
+    """Package version and what the native extension was built with."""
+    return {"version": __version__, "native_cpu": False, "native_cuda": False,
+            "cuda_version": None, "cuda_archs": []}

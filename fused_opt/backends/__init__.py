@@ -1,0 +1,78 @@
+"""Backend registry: each backend is a module with `availability(device)` and `step(batch)`.
+
+Adding a backend is adding a module and a line in BACKENDS; nothing else dispatches on names.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+
+# Fastest first: "auto" takes the first one available for the params' device.
+BACKENDS = {
+    "torch": "fused_opt.backends.torch_backend",
+}
+
+
+@dataclass
+class Hyper:
+    """One param group's hyperparameters for this step (lr may be a 0-dim tensor)."""
+    lr: float | torch.Tensor
+    momentum: float
+    dampening: float
+    weight_decay: float
+    nesterov: bool
+    maximize: bool
+
+
+@dataclass
+class StepBatch:
+    """Everything one step touches, for the params that have a grad.
+
+    `momentum_buffers[i]`/`momentum_first_step[i]` are None when the param's group has no
+    momentum. `momentum_first_step[i]` is an int32 0-dim tensor: 0 while the buffer was never
+    applied, else the applied-step count at which it was first applied (see optimizer.py).
+    `grad_norm` and `found_inf` are outputs written in place.
+    """
+    params: list
+    grads: list
+    masters: list
+    momentum_buffers: list
+    momentum_first_step: list
+    group_index: list
+    groups: list
+    max_grad_norm: float | None
+    norm_type: float
+    scaler: object
+    applied_steps: torch.Tensor
+    grad_norm: torch.Tensor
+    found_inf: torch.Tensor
+
+
+def _module(name: str):
+    return importlib.import_module(BACKENDS[name])
+
+
+def availability(name: str, device: torch.device) -> str | None:
+    """None when backend `name` can run on tensors of `device`, else a one-line reason."""
+    try:
+        module = _module(name)
+    except ImportError as exc:  # e.g. triton not installed
+        return f"{name} backend cannot be imported: {exc}"
+    return module.availability(torch.device(device))
+
+
+def resolve(name: str, device: torch.device):
+    """The (name, module) that will run steps on `device`; raises with the reason if unavailable."""
+    if name == "auto":
+        for candidate in BACKENDS:
+            if availability(candidate, device) is None:
+                return candidate, _module(candidate)
+        raise RuntimeError(f"no fused_opt backend can run on {device}")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of 'auto', {', '.join(map(repr, BACKENDS))}")
+    reason = availability(name, device)
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} is not available on {device}: {reason}")
+    return name, _module(name)

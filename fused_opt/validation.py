@@ -1,0 +1,82 @@
+"""SPEC §4: every bad input raises here, before the step modifies anything.
+
+Messages name the offending group or parameter and the rule it breaks.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+NORM_TYPES = (2.0, math.inf)
+
+
+def _number(value) -> float | None:
+    if isinstance(value, torch.Tensor):
+        return None  # a tensor hyperparameter is read on the device, never here
+    return float(value)
+
+
+def check_group(group: dict, index: int) -> None:
+    """Hyperparameters of one param group (run at construction and at every step:
+    schedulers and users edit param_groups in between)."""
+    where = f"param_groups[{index}]"
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(f"{where}: a tensor lr must be a 1-element floating-point tensor")
+    elif not lr >= 0.0:
+        raise ValueError(f"{where}: invalid learning rate {lr!r} (must be >= 0)")
+    for name in ("momentum", "weight_decay", "dampening"):
+        value = _number(group[name])
+        if value is None:
+            raise ValueError(f"{where}: {name} must be a number, not a tensor")
+        if not value >= 0.0:
+            raise ValueError(f"{where}: invalid {name} {value!r} (must be >= 0)")
+    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+        raise ValueError(f"{where}: nesterov momentum requires momentum > 0 and dampening = 0")
+
+
+def check_params(params: list[torch.Tensor], index: int) -> None:
+    """Params of one group as they are added: floating point, real, no duplicates."""
+    seen = set()
+    for j, p in enumerate(params):
+        where = f"param_groups[{index}]['params'][{j}]"
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{where}: optimizer params must be tensors, got {type(p).__name__}")
+        if not p.is_floating_point() or p.is_complex():
+            raise TypeError(f"{where}: dtype {p.dtype} is not supported (integer and complex params "
+                            "cannot be trained by SGD on FP32 masters)")
+        if p.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"{where}: dtype {p.dtype} is not supported (FP16, BF16 or FP32)")
+        if id(p) in seen:
+            raise ValueError(f"{where}: this param appears twice in the group")
+        seen.add(id(p))
+
+
+def check_global(max_grad_norm, norm_type) -> None:
+    if max_grad_norm is not None and not (float(max_grad_norm) >= 0.0):
+        raise ValueError(f"max_grad_norm must be >= 0 or None, got {max_grad_norm!r}")
+    if float(norm_type) not in NORM_TYPES:
+        raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type!r}")
+
+
+def check_grads(params: list[torch.Tensor], names: list[str]) -> torch.device:
+    """Grads about to be used in a step; returns the one device they all live on."""
+    device = None
+    for p, name in zip(params, names):
+        g = p.grad
+        if g.is_sparse or g.layout != torch.strided:
+            raise RuntimeError(f"{name}: sparse gradients are not supported")
+        if g.shape != p.shape:
+            raise RuntimeError(f"{name}: grad shape {tuple(g.shape)} != param shape {tuple(p.shape)}")
+        if not g.is_floating_point() or g.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise RuntimeError(f"{name}: grad dtype {g.dtype} is not supported")
+        if g.device != p.device:
+            raise RuntimeError(f"{name}: grad on {g.device} but param on {p.device}")
+        if device is None:
+            device = p.device
+        elif p.device != device:
+            raise RuntimeError(f"{name}: on {p.device}, but other params are on {device}; one step "
+                               "runs on one device (use one optimizer per device)")
+    return device

@@ -1,0 +1,71 @@
+"""An independent float64 reference of SPEC §3, written with plain loops.
+
+It imports nothing from fused_opt, so a shared mistake cannot hide in both. It keeps its
+own float64 masters, momentum buffers and loss scale on the host.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class ReferenceSGD:
+    def __init__(self, params, group_of, groups, *, max_grad_norm=None, norm_type=2.0,
+                 loss_scale="dynamic", init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5,
+                 growth_interval=2000):
+        self.w = [p.detach().double().clone() for p in params]
+        self.b = [None] * len(params)
+        self.group_of = list(group_of)
+        self.groups = [dict(g) for g in groups]
+        self.max_grad_norm = max_grad_norm
+        self.norm_type = norm_type
+        self.dynamic = loss_scale == "dynamic"
+        self.scale = init_scale if self.dynamic else (1.0 if loss_scale is None else float(loss_scale))
+        self.growth_factor, self.backoff_factor = growth_factor, backoff_factor
+        self.growth_interval = growth_interval
+        self.growth_tracker = 0
+
+    def step(self, grads):
+        """grads: one tensor (as stored, any dtype) or None per param. Returns (norm, skipped)."""
+        live = [i for i, g in enumerate(grads) if g is not None]
+        if not live:
+            return 0.0, False
+        u = {i: grads[i].double() * (1.0 / self.scale) for i in live}
+        found_inf = any(not bool(torch.isfinite(u[i]).all()) for i in live)
+        if self.norm_type == math.inf:
+            norm = max((float(u[i].abs().max()) if u[i].numel() else 0.0) for i in live)
+        else:
+            norm = math.sqrt(sum(float((u[i] * u[i]).sum()) for i in live))
+        if found_inf:
+            norm = math.inf if not any(bool(torch.isnan(u[i]).any()) for i in live) else math.nan
+        clip = 1.0 if self.max_grad_norm is None else min(1.0, self.max_grad_norm / (norm + 1e-6))
+        if not found_inf:
+            for i in live:
+                h = self.groups[self.group_of[i]]
+                d = u[i] * clip
+                if h["maximize"]:
+                    d = -d
+                d = d + h["weight_decay"] * self.w[i]
+                if h["momentum"] != 0:
+                    if self.b[i] is None:
+                        self.b[i] = d.clone()
+                    else:
+                        self.b[i] = h["momentum"] * self.b[i] + (1 - h["dampening"]) * d
+                    d = d + h["momentum"] * self.b[i] if h["nesterov"] else self.b[i]
+                self.w[i] = self.w[i] - float(h["lr"]) * d
+        self._update_scale(found_inf)
+        return norm, found_inf
+
+    def _update_scale(self, found_inf):
+        if not self.dynamic:
+            return
+        if found_inf:
+            self.scale *= self.backoff_factor
+            self.growth_tracker = 0
+            return
+        self.growth_tracker += 1
+        if self.growth_tracker == self.growth_interval:
+            if math.isfinite(self.scale * self.growth_factor):
+                self.scale *= self.growth_factor
+            self.growth_tracker = 0
