@@ -115,7 +115,7 @@ def ordered_bits(x: torch.Tensor) -> torch.Tensor:
 
 
 def assert_close_fp32(actual, expected, what):
-    expected = expected.to(torch.float32)
+    expected = expected.detach().to(torch.float32)
     atol = 1e-6 * float(expected.abs().max()) if expected.numel() else 0.0
     torch.testing.assert_close(actual.detach().float().cpu(), expected.cpu(), rtol=1e-5, atol=atol,
                                msg=lambda m: f"{what}: {m}")
