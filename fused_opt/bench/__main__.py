@@ -1,0 +1,127 @@
+"""python -m fused_opt.bench [--device cpu|cuda] [--quick] [--out bench/results]
+
+Times one optimizer step of every available fused_opt backend and of the torch.optim
+pipelines of SPEC §5 on the same model, side by side in one run, and writes a table, a
+JSON record and (with matplotlib) a plot under --out."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+
+import torch
+
+import fused_opt
+from . import workloads
+from .contenders import Model, TorchPipeline, build_all
+from .timing import copy_bandwidth, time_interleaved
+
+BYTES_PER_PARAM = 22  # SPEC §5: the lower bound for a step with momentum, FP16 grads, FP32 masters
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def plan(device: torch.device, quick: bool) -> list[tuple[str, list]]:
+    if quick:
+        return [("sweep 64K", workloads.sweep(2**16, 8)), ("many small x200", workloads.many_small(200, 64))]
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        # about 60 B/param live at once: shared FP16 params+grads, 2 of our states, 4 torch pipelines
+        largest = 2 ** int(min(30, (free * 0.8 / 70)).bit_length() - 1)
+        sizes = [2**p for p in range(20, 31, 2) if 2**p <= largest]
+        return ([(f"sweep {n / 2**20:.0f}M", workloads.sweep(n)) for n in sizes]
+                + [("ResNet-50", workloads.resnet50()), ("GPT-2 small", workloads.gpt2()),
+                   ("GPT-2 medium", workloads.gpt2(24, 1024)), ("10,000 small", workloads.many_small())])
+    return ([(f"sweep {n / 2**20:.0f}M", workloads.sweep(n)) for n in (2**20, 2**22, 2**24)]
+            + [("ResNet-50", workloads.resnet50()), ("10,000 small", workloads.many_small())])
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
+    copy_bps = copy_bandwidth(device, 2**28 if device.type == "cuda" and not args.quick else 2**25)
+    rows = []
+    jobs = [(w, s, d) for w, s in plan(device, args.quick) for d in args.dtypes]
+    for index, (workload, shapes, dtype_name) in enumerate(jobs):
+        n = workloads.numel(shapes)
+        print(f"[{index + 1}/{len(jobs)}] {workload} {dtype_name}: {n / 1e6:.1f}M params in {len(shapes)} tensors",
+              file=sys.stderr, flush=True)
+        model = Model(shapes, dtypes[dtype_name], device)
+        contenders = build_all(model, device, include_compiled=args.compile)
+        timings = time_interleaved({c.name: c.step for c in contenders}, device,
+                                   repeats=args.repeats, steps=args.steps)
+        best_torch = min(t["median_s"] for c in contenders if isinstance(c, TorchPipeline)
+                         and " compiled" not in c.name for t in [timings[c.name]])
+        for c in contenders:
+            t = timings[c.name]
+            bandwidth = BYTES_PER_PARAM * n / t["median_s"]
+            rows.append(dict(workload=workload, dtype=dtype_name, params=n, tensors=len(shapes),
+                             contender=c.name, time_ms=t["median_s"] * 1e3, min_ms=t["min_s"] * 1e3,
+                             max_ms=t["max_s"] * 1e3, host_ms=t["host_s"] * 1e3, first_ms=t["first_s"] * 1e3,
+                             gb_s=bandwidth / 1e9, copy_fraction=bandwidth / copy_bps,
+                             speedup_vs_best_torch=best_torch / t["median_s"]))
+        del contenders, model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {
+        "device": device_name(device), "device_type": device.type,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "cuda": torch.version.cuda, "triton": _triton_version(),
+        "fused_opt": fused_opt.build_info(), "copy_gb_s": copy_bps / 1e9,
+        "bytes_per_param": BYTES_PER_PARAM, "repeats": args.repeats, "steps_per_repeat": args.steps,
+        "rows": rows,
+    }
+
+
+def _triton_version():
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+def table(record: dict) -> str:
+    lines = [f"Device: {record['device']} | torch {record['torch']} | {record['date']} | "
+             f"copy {record['copy_gb_s']:.1f} GB/s (read+write)",
+             "",
+             "| workload | dtype | params | tensors | contender | ms/step | host ms | first ms | GB/s @22B | % copy | vs best torch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in record["rows"]:
+        lines.append(f"| {r['workload']} | {r['dtype']} | {r['params'] / 1e6:.1f}M | {r['tensors']} | {r['contender']} "
+                     f"| {r['time_ms']:.3f} | {r['host_ms']:.3f} | {r['first_ms']:.1f} | {r['gb_s']:.1f} "
+                     f"| {100 * r['copy_fraction']:.0f}% | {r['speedup_vs_best_torch']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fused_opt.bench", description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=["fp16", "bf16"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="calls per timed repeat")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (for tests)")
+    parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd pipeline")
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args(argv)
+    record = run(args)
+    text = table(record)
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"bench-{record['device_type']}")
+    with open(stem + ".json", "w") as f:
+        json.dump(record, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(text + "\n")
+    print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""What is timed: each contender owns its optimizer state and does, per call, one whole
+optimizer step of SPEC §5 for a model of FP16/BF16 params whose grads are already there
+(scale the loss, unscale, inf check, clip, SGD update on FP32 masters, write-back)."""
+from __future__ import annotations
+
+import torch
+
+import fused_opt
+
+HYPER = dict(lr=0.01, momentum=0.9, weight_decay=1e-4)
+MAX_NORM = 1.0
+
+
+class Model:
+    """FP16/BF16 params with persistent grads of realistic size (N(0, 1e-3) x loss scale)."""
+
+    def __init__(self, shapes, dtype, device, scale=2.0**16, seed=0):
+        gen = torch.Generator(device=device).manual_seed(seed)
+        self.params = [torch.nn.Parameter(torch.randn(s, device=device, generator=gen).to(dtype)) for s in shapes]
+        for p in self.params:
+            p.grad = (torch.randn(p.shape, device=device, generator=gen) * 1e-3 * scale).to(dtype)
+        self.loss = torch.zeros((), device=device)
+
+
+class Ours:
+    def __init__(self, model: Model, backend: str):
+        self.name = f"fused_opt[{backend}]"
+        self.model = model
+        self.opt = fused_opt.FusedMixedPrecisionSGD(model.params, max_grad_norm=MAX_NORM, backend=backend, **HYPER)
+
+    def step(self):
+        self.opt.scale_loss(self.model.loss)
+        self.opt.step()
+
+
+class TorchPipeline:
+    """SPEC §5's baseline: FP32 masters, grads copied in, unscaled and inf-checked by torch's
+    AMP kernel, clip_grad_norm_(foreach=True), torch.optim.SGD, masters copied back. The
+    skip works as GradScaler does it: fused=True takes found_inf on the device, the others
+    read it on the host (GradScaler's .item())."""
+
+    def __init__(self, model: Model, mode: str, compiled: bool = False):
+        self.name = f"torch.optim.SGD({mode})" + (" compiled" if compiled else "")
+        self.model = model
+        self.masters = [p.detach().float() for p in model.params]
+        for m in self.masters:
+            m.grad = torch.empty_like(m)
+        kwargs = {"foreach": False} if mode == "for-loop" else {mode: True}
+        self.sgd = torch.optim.SGD(self.masters, **HYPER, **kwargs)
+        self.fused = mode == "fused"
+        device = model.params[0].device
+        self.scale = torch.full((), 2.0**16, device=device)
+        self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
+        self.found_inf = torch.zeros((), device=device)
+        self._unscale_clip = torch.compile(self._unscale_clip_eager) if compiled else self._unscale_clip_eager
+
+    def _unscale_clip_eager(self):
+        grads = [m.grad for m in self.masters]
+        torch._foreach_copy_(grads, [p.grad for p in self.model.params])
+        self.found_inf.zero_()
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, self.scale.reciprocal())
+        torch.nn.utils.clip_grad_norm_(self.masters, MAX_NORM, foreach=True)
+
+    def step(self):
+        _ = self.model.loss * self.scale
+        self._unscale_clip()
+        if self.fused:
+            self.sgd.found_inf = self.found_inf
+            self.sgd.step()
+        elif not self.found_inf.item():
+            self.sgd.step()
+        torch._foreach_copy_([p.data for p in self.model.params], self.masters)
+        torch._amp_update_scale_(self.scale, self.growth_tracker, self.found_inf, 2.0, 0.5, 2000)
+
+
+class GradScalerFP32:
+    """What a user does today without master weights: FP32 params, GradScaler, fused SGD.
+    Its job is smaller (no FP16 copy, no masters) but its params are FP32 (4 B, not 2).
+    Its grads are reused every call and GradScaler unscales (and clipping scales) them in
+    place, so scale 1 and an unreachable max norm keep them from decaying into denormals:
+    the kernels and the bytes they move are the same."""
+
+    def __init__(self, model: Model):
+        self.name = "GradScaler + SGD(fused) on FP32 params"
+        self.params = [torch.nn.Parameter(p.detach().float()) for p in model.params]
+        for p, q in zip(self.params, model.params):
+            p.grad = q.grad.float()
+        device = self.params[0].device
+        self.sgd = torch.optim.SGD(self.params, fused=True, **HYPER)
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**30)
+        self.loss = torch.zeros((), device=device)
+
+    def step(self):
+        self.scaler.scale(self.loss)
+        self.scaler.unscale_(self.sgd)
+        torch.nn.utils.clip_grad_norm_(self.params, 1e30, foreach=True)
+        self.scaler.step(self.sgd)
+        self.scaler.update()
+
+
+def build_all(model: Model, device: torch.device, include_compiled: bool) -> list:
+    contenders = [Ours(model, name) for name, reason in fused_opt.backend_availability(device).items()
+                  if reason is None]
+    for mode in ("for-loop", "foreach", "fused"):
+        contenders.append(TorchPipeline(model, mode))
+    if include_compiled:
+        contenders.append(TorchPipeline(model, "fused", compiled=True))
+    contenders.append(GradScalerFP32(model))
+    return contenders

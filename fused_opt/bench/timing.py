@@ -1,0 +1,67 @@
+"""Timing that measures what it says: warm-up, then repeats of `steps` calls, contenders
+interleaved repeat by repeat so that clocks and caches drift equally for all of them."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn, device: torch.device, steps: int) -> tuple[float, float]:
+    """(device seconds per call, host seconds per call) over `steps` back-to-back calls.
+    On CUDA the device time comes from events; the host time is how long the CPU took to
+    issue the calls (what bounds the step when kernels are tiny)."""
+    _sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        host = time.perf_counter() - t0
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / steps, host / steps
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    elapsed = (time.perf_counter() - t0) / steps
+    return elapsed, elapsed
+
+
+def time_interleaved(fns: dict, device, repeats: int, steps: int, warmup: int = 2, progress=None) -> dict:
+    """name -> {"first_s", "median_s", "min_s", "max_s", "host_s"}: the first call (state
+    allocation) timed alone, then `repeats` rounds over all contenders."""
+    results = {}
+    for name, fn in fns.items():
+        first, _ = time_call(fn, device, 1)
+        for _ in range(warmup):
+            fn()
+        results[name] = {"first_s": first, "samples": [], "host": []}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t, h = time_call(fn, device, steps)
+            results[name]["samples"].append(t)
+            results[name]["host"].append(h)
+            if progress is not None:
+                progress()
+    for r in results.values():
+        samples = r.pop("samples")
+        r.update(median_s=statistics.median(samples), min_s=min(samples), max_s=max(samples),
+                 host_s=statistics.median(r.pop("host")))
+    return results
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 5) -> float:
+    """Bytes/s of a device-to-device copy, counting read + write (2N for N bytes)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = [time_call(lambda: dst.copy_(src), device, 3)[0] for _ in range(repeats)]
+    return 2 * src.numel() * 4 / statistics.median(times)

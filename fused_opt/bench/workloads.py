@@ -1,0 +1,56 @@
+"""Parameter shape lists: a size sweep, real model shapes (built from shape lists, no
+download) and a launch-bound case of many small tensors."""
+from __future__ import annotations
+
+
+def sweep(total: int, tensors: int = 64) -> list[tuple]:
+    """`total` params split into a transformer-like mix: square-ish matrices and vectors."""
+    width = max(1, int((total / tensors) ** 0.5))
+    shapes = []
+    remaining = total
+    while remaining > 0 and len(shapes) < tensors:
+        n = min(remaining, width * width)
+        shapes.append((n // width, width) if n >= width else (n,))
+        remaining -= (n // width) * width if n >= width else n
+        if len(shapes) % 4 == 0 and remaining > width:
+            shapes.append((width,))
+            remaining -= width
+    if remaining > 0:
+        shapes.append((remaining,))
+    return shapes
+
+
+def resnet50() -> list[tuple]:
+    shapes = [(64, 3, 7, 7), (64,), (64,)]
+    in_ch = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            out = width * 4
+            shapes += [(width, in_ch, 1, 1), (width,), (width,), (width, width, 3, 3), (width,), (width,),
+                       (out, width, 1, 1), (out,), (out,)]
+            if b == 0:
+                shapes += [(out, in_ch, 1, 1), (out,), (out,)]
+            in_ch = out
+    return shapes + [(1000, 2048), (1000,)]
+
+
+def gpt2(layers: int = 12, d: int = 768, vocab: int = 50257, ctx: int = 1024) -> list[tuple]:
+    shapes = [(vocab, d), (ctx, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,),
+                   (4 * d, d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+def many_small(count: int = 10_000, size: int = 256) -> list[tuple]:
+    return [(size,)] * count
+
+
+def numel(shapes) -> int:
+    total = 0
+    for s in shapes:
+        n = 1
+        for k in s:
+            n *= k
+        total += n
+    return total
