@@ -42,6 +42,8 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         # (param._version, data_ptr) right after our last write: anything else means the
         # param was changed outside the optimizer and its master must be re-taken.
         self._written = {}
+        self._backend_cache = {}
+        self._state_epoch = 0  # bumped whenever state tensors are (re)allocated
 
     # -- public API ---------------------------------------------------------------------
     @property
@@ -105,6 +107,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             state["master_param"] = p  # an FP32 param is its own master
         elif "master_param" not in state:
             state["master_param"] = p.detach().to(torch.float32, copy=True)
+            self._state_epoch += 1
         elif self._written.get(p) != (p._version, p.data_ptr()):
             state["master_param"].copy_(p)  # changed outside: don't silently revert it
         return state["master_param"]
@@ -120,6 +123,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
                 # Allocated now, applied on the device: the first applied step sets b = d.
                 state["momentum_buffer"] = torch.zeros_like(master)
                 state["momentum_first_step"] = torch.zeros((), dtype=torch.int32, device=p.device)
+                self._state_epoch += 1
             uses_momentum = hypers[gi].momentum != 0
             params.append(p)
             grads.append(p.grad)
@@ -129,7 +133,8 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             group_index.append(gi)
         return StepBatch(params, grads, masters, bufs, firsts, group_index, hypers,
                          self.max_grad_norm, self.norm_type, self._scaler, self._applied_steps,
-                         self.last_grad_norm, self.last_step_skipped)
+                         self.last_grad_norm, self.last_step_skipped, self._backend_cache,
+                         self._state_epoch)
 
     # -- state dict ---------------------------------------------------------------------
     def _flat_params(self) -> list[torch.Tensor]:
@@ -181,6 +186,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
                 # -1: applied before, never equal to an applied-step count, so never "first" again.
                 state["momentum_first_step"] = torch.full((), -1, dtype=torch.int32, device=p.device)
             self._written[p] = (p._version, p.data_ptr())
+        self._state_epoch += 1
         extra = state_dict.get("fused_opt")
         if extra is not None:
             self._scaler.load_state_dict(extra["loss_scaler"])

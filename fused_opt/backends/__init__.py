@@ -11,6 +11,7 @@ import torch
 
 # Fastest first: "auto" takes the first one available for the params' device.
 BACKENDS = {
+    "triton": "fused_opt.backends.triton_backend",
     "torch": "fused_opt.backends.torch_backend",
 }
 
@@ -33,7 +34,9 @@ class StepBatch:
     `momentum_buffers[i]`/`momentum_first_step[i]` are None when the param's group has no
     momentum. `momentum_first_step[i]` is an int32 0-dim tensor: 0 while the buffer was never
     applied, else the applied-step count at which it was first applied (see optimizer.py).
-    `grad_norm` and `found_inf` are outputs written in place.
+    `grad_norm` and `found_inf` are outputs written in place. `cache` is a dict the
+    optimizer keeps for the backend across steps; `state_epoch` changes whenever a master
+    or momentum tensor was (re)allocated, so a backend can cache tables of their addresses.
     """
     params: list
     grads: list
@@ -48,6 +51,8 @@ class StepBatch:
     applied_steps: torch.Tensor
     grad_norm: torch.Tensor
     found_inf: torch.Tensor
+    cache: dict
+    state_epoch: int
 
 
 def _module(name: str):

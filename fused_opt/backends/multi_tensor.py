@@ -1,0 +1,166 @@
+"""Host side of a multi-tensor step, shared by the Triton and native backends.
+
+A step over T tensors becomes a constant number of launches: every tensor is cut into
+fixed-size chunks, and a chunk table (tensor index, start offset) lets one program per
+chunk find its work. Tensor addresses travel in a small device table instead of kernel
+arguments (which cap out at a few hundred tensors). Tensors are grouped by (param dtype,
+grad dtype), since a kernel is compiled per dtype pair.
+
+Only the grad addresses change from step to step (zero_grad(set_to_none=True) frees them),
+so everything else is built once per set of params and cached; a step costs one pass over
+the grads to collect addresses and, when they moved, one async host-to-device copy.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from . import StepBatch
+
+# Elements per chunk: large enough that a program streams a long run of memory, small enough
+# to spread one big tensor over all SMs. Tests shrink it to cross chunk boundaries cheaply.
+CHUNK_SIZE = int(os.environ.get("FUSED_OPT_CHUNK_SIZE", 65536))
+
+# Columns of the per-tensor table (int64): addresses are raw device pointers, 0 when absent.
+GRAD, MASTER, BUF, PARAM, NUMEL, GROUP, FIRST_STEP = range(7)
+TABLE_COLUMNS = 7
+# Columns of the per-group hyperparameter table (float32).
+LR, MOMENTUM, ONE_MINUS_DAMPENING, WEIGHT_DECAY, NESTEROV, MAXIMIZE = range(6)
+GROUP_COLUMNS = 8  # padded for alignment
+# Per-step scalars written by the finalize stage and read by the update (float32).
+INV_SCALE, CLIP_COEF, FOUND_INF, SCALARS = 0, 1, 2, 4
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: its elements fill one run of memory in some order."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Async host-to-device copy through pinned memory (torch's caching host allocator keeps
+    the pinned block alive until the copy has run), so no step waits on the device."""
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+@dataclass
+class PairPlan:
+    """The tensors of one (param dtype, grad dtype) pair: what one kernel launch covers."""
+    param_dtype: torch.dtype
+    grad_dtype: torch.dtype
+    members: list                  # positions in the StepBatch
+    host_table: torch.Tensor       # [T, TABLE_COLUMNS] int64, grad column refreshed per step
+    chunks: torch.Tensor           # [C, 2] int64 on the device: (tensor index, start)
+    num_chunks: int
+    chunk_base: int                # this pair's first slot in the per-chunk partials
+    table: torch.Tensor = None     # device copy of host_table
+    grad_ptrs: list = field(default_factory=list)
+    staged_params: list = field(default_factory=list)  # (param, dense staging copy)
+
+
+class Plan:
+    """Everything about a step that outlives the step: tables and scratch buffers."""
+
+    def __init__(self, batch: StepBatch, chunk_size: int):
+        device = batch.masters[0].device if batch.masters else batch.grads[0].device
+        self.device = device
+        self.chunk_size = chunk_size
+        by_pair: dict = {}
+        for i, (p, g) in enumerate(zip(batch.params, batch.grads)):
+            by_pair.setdefault((p.dtype, g.dtype), []).append(i)
+        self.pairs = []
+        base = 0
+        for (param_dtype, grad_dtype), members in by_pair.items():
+            pair = self._pair_plan(batch, members, param_dtype, grad_dtype, base)
+            base += pair.num_chunks
+            self.pairs.append(pair)
+        self.total_chunks = base
+        self.partials = torch.zeros(max(base, 1), dtype=torch.float32, device=device)
+        self.flags = torch.zeros(max(base, 1), dtype=torch.int32, device=device)
+        self.scalars = torch.zeros(SCALARS, dtype=torch.float32, device=device)
+        self.group_rows = None
+        self.group_table = None
+
+    def _pair_plan(self, batch, members, param_dtype, grad_dtype, base) -> PairPlan:
+        host = torch.zeros(len(members), TABLE_COLUMNS, dtype=torch.int64)
+        chunks = []
+        for row, i in enumerate(members):
+            p, master, buf, first = batch.params[i], batch.masters[i], batch.momentum_buffers[i], batch.momentum_first_step[i]
+            n = master.numel()
+            host[row, MASTER] = master.data_ptr()
+            host[row, BUF] = buf.data_ptr() if buf is not None else 0
+            host[row, FIRST_STEP] = first.data_ptr() if first is not None else 0
+            host[row, PARAM] = 0 if p is master else p.data_ptr()
+            host[row, NUMEL] = n
+            host[row, GROUP] = batch.group_index[i]
+            chunks.extend((row, start) for start in range(0, n, self.chunk_size))
+        chunk_table = torch.tensor(chunks, dtype=torch.int64).reshape(-1, 2)
+        return PairPlan(param_dtype, grad_dtype, members, host, upload(chunk_table, self.device),
+                        len(chunks), base)
+
+    def refresh(self, batch: StepBatch) -> None:
+        """Per step: grad addresses (staged to the master's layout when it differs), params
+        that are not dense (staged through a dense copy), and the group table."""
+        for pair in self.pairs:
+            ptrs = []
+            pair.staged_params = []
+            for row, i in enumerate(pair.members):
+                g, master, p = batch.grads[i], batch.masters[i], batch.params[i]
+                if g.stride() != master.stride() and g.numel() > 1:
+                    g = torch.empty_like(master, dtype=g.dtype).copy_(g)
+                    pair.staged_params.append((None, g))  # keeps the staged grad alive
+                ptrs.append(g.data_ptr())
+                if p is not master and p.stride() != master.stride() and p.numel() > 1:
+                    staged = torch.empty_like(master, dtype=p.dtype).copy_(p)
+                    pair.staged_params.append((p, staged))
+                    pair.host_table[row, PARAM] = staged.data_ptr()
+            if ptrs != pair.grad_ptrs or pair.staged_params or pair.table is None:
+                pair.host_table[:, GRAD] = torch.tensor(ptrs, dtype=torch.int64)
+                pair.table = upload(pair.host_table.clone(), self.device)
+                pair.grad_ptrs = ptrs
+        self._refresh_groups(batch)
+
+    def _refresh_groups(self, batch: StepBatch) -> None:
+        rows = [(0.0 if isinstance(h.lr, torch.Tensor) else float(h.lr), h.momentum, 1.0 - h.dampening,
+                 h.weight_decay, float(h.nesterov), float(h.maximize), 0.0, 0.0) for h in batch.groups]
+        if rows != self.group_rows:
+            self.group_table = upload(torch.tensor(rows, dtype=torch.float32), self.device)
+            self.group_rows = rows
+        tensor_lrs = [(gi, h.lr) for gi, h in enumerate(batch.groups) if isinstance(h.lr, torch.Tensor)]
+        if tensor_lrs:  # read on the device: one copy launch whatever the number of groups
+            torch._foreach_copy_([self.group_table[gi, LR] for gi, _ in tensor_lrs],
+                                 [lr.reshape(()).to(self.device, torch.float32, non_blocking=True)
+                                  for _, lr in tensor_lrs])
+
+    def write_back_staged(self) -> None:
+        for pair in self.pairs:
+            for p, staged in pair.staged_params:
+                if p is not None:
+                    p.copy_(staged)
+
+
+def plan_key(batch: StepBatch, chunk_size: int) -> tuple:
+    """What a Plan depends on besides grad addresses: which params step, where their data
+    lives, and which state tensors exist (state_epoch)."""
+    return (chunk_size, batch.state_epoch, tuple(batch.group_index), tuple(h.momentum != 0 for h in batch.groups),
+            tuple(map(id, batch.params)), tuple(p.data_ptr() for p in batch.params))
+
+
+def plan_for(batch: StepBatch, chunk_size: int) -> Plan:
+    """The cached Plan for this batch (rebuilt when its key changed), refreshed for this step."""
+    key = plan_key(batch, chunk_size)
+    if batch.cache.get("key") != key:
+        batch.cache["plan"], batch.cache["key"] = Plan(batch, chunk_size), key
+    plan = batch.cache["plan"]
+    plan.refresh(batch)
+    return plan

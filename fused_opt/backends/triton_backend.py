@@ -1,0 +1,67 @@
+"""backend="triton": the step as three kinds of Triton launches (see triton_kernels.py),
+whatever the number of tensors and groups: a partials and an update launch per
+(param dtype, grad dtype) pair present, and one finalize launch."""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from . import StepBatch
+from .multi_tensor import CHUNK_SIZE, plan_for
+
+# Elements per loop iteration of a program: 4096 FP32 values keep enough loads in flight per
+# SM to stream memory at full speed; the interpreter runs a block as one numpy op.
+BLOCK = 1024 if os.environ.get("TRITON_INTERPRET") == "1" else 4096
+FINALIZE_BLOCK = 1024
+NUM_WARPS = 8
+
+
+def availability(device: torch.device) -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install triton)"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is available"
+        return None
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return "Triton runs CPU tensors only in its interpreter (set TRITON_INTERPRET=1 before importing fused_opt)"
+    return f"Triton has no support for {device.type} tensors"
+
+
+def _tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
+
+
+def step(batch: StepBatch) -> None:
+    from . import triton_kernels as k
+    plan = plan_for(batch, CHUNK_SIZE)
+    chunk = plan.chunk_size
+    block = min(BLOCK, chunk)
+    norm_inf = batch.norm_type == math.inf
+    scaler = batch.scaler
+    for pair in plan.pairs:
+        if pair.num_chunks:
+            k.partials_kernel[(pair.num_chunks,)](
+                pair.chunks, pair.table, scaler.scale, plan.partials[pair.chunk_base:],
+                plan.flags[pair.chunk_base:], GRAD_DTYPE=_tl_dtype(pair.grad_dtype), NORM_INF=norm_inf,
+                CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS)
+    k.finalize_kernel[(1,)](
+        plan.partials, plan.flags, plan.total_chunks, scaler.scale, scaler.growth_tracker,
+        batch.applied_steps, plan.scalars, batch.grad_norm, batch.found_inf,
+        batch.max_grad_norm or 0.0, scaler.growth_factor, scaler.backoff_factor, scaler.growth_interval,
+        HAS_CLIP=batch.max_grad_norm is not None, NORM_INF=norm_inf, DYNAMIC=scaler.dynamic,
+        BLOCK=FINALIZE_BLOCK, num_warps=4)
+    for pair in plan.pairs:
+        if pair.num_chunks:
+            k.update_kernel[(pair.num_chunks,)](
+                pair.chunks, pair.table, plan.group_table, plan.scalars, batch.applied_steps,
+                GRAD_DTYPE=_tl_dtype(pair.grad_dtype), PARAM_DTYPE=_tl_dtype(pair.param_dtype),
+                CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS)
+    plan.write_back_staged()

@@ -1,0 +1,170 @@
+"""Triton kernels of one step (SPEC §3), three launches per step:
+
+  1. `partials_kernel`, one launch per (param dtype, grad dtype) pair: reads every grad once
+     and writes, per chunk, the sum of squares (or max |u|) of the unscaled grad and an
+     inf/NaN flag. 2 B/param for FP16 grads.
+  2. `finalize_kernel`, one program: reduces the partials in a fixed order (deterministic, no
+     float atomics), computes N, the clip coefficient and found_inf, and updates the loss
+     scale. It runs on the device, so the host never waits.
+  3. `update_kernel`, one launch per pair: reads grad, master, momentum buffer; writes master,
+     buffer and the FP16/BF16 param, or nothing at all when found_inf. 20 B/param.
+
+Every program handles one chunk of one tensor, found through the chunk table; addresses and
+hyperparameters come from device tables (see multi_tensor.py), so the number of tensors and
+groups never changes the number of launches or compilations.
+"""
+import triton
+import triton.language as tl
+
+from .multi_tensor import (BUF, CLIP_COEF, FIRST_STEP, FOUND_INF, GRAD, GROUP, GROUP_COLUMNS, INV_SCALE, LR,
+                           MASTER, MAXIMIZE, MOMENTUM, NESTEROV, NUMEL, ONE_MINUS_DAMPENING, PARAM,
+                           TABLE_COLUMNS, WEIGHT_DECAY)
+
+
+@triton.jit
+def _chunk(chunks_ptr, table_ptr, CHUNK: tl.constexpr):
+    """This program's tensor row, the start of its chunk and the end of its chunk (64-bit:
+    a tensor or the chunk table may pass 2^31 elements)."""
+    c = tl.program_id(0).to(tl.int64)
+    row = tl.load(chunks_ptr + 2 * c)
+    start = tl.load(chunks_ptr + 2 * c + 1)
+    numel = tl.load(table_ptr + row * TABLE_COLUMNS + NUMEL)
+    return row, start, tl.minimum(start + CHUNK, numel)
+
+
+@triton.jit
+def _round_to(w, DTYPE: tl.constexpr):
+    """FP32 -> DTYPE, round to nearest even. BF16 is rounded with integer ops, because the
+    interpreter truncates where the GPU rounds: this way both give torch's .to() exactly."""
+    if DTYPE == tl.bfloat16:
+        bits = w.to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)
+        rounded = tl.where(w != w, 0x7FC0, rounded).to(tl.uint16)  # keep NaN a NaN
+        return rounded.to(tl.bfloat16, bitcast=True)
+    else:
+        return w.to(DTYPE)
+
+
+@triton.jit
+def partials_kernel(chunks_ptr, table_ptr, scale_ptr, partials_ptr, flags_ptr,
+                    GRAD_DTYPE: tl.constexpr, NORM_INF: tl.constexpr, CHUNK: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    row, start, end = _chunk(chunks_ptr, table_ptr, CHUNK)
+    grad = tl.load(table_ptr + row * TABLE_COLUMNS + GRAD).to(tl.pointer_type(GRAD_DTYPE))
+    inv_scale = tl.math.div_rn(1.0, tl.load(scale_ptr))  # IEEE 1/S, as torch.reciprocal
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    bad = tl.zeros([BLOCK], dtype=tl.int32)
+    for offset in range(start, end, BLOCK):
+        idx = offset + tl.arange(0, BLOCK)
+        u = tl.load(grad + idx, mask=idx < end, other=0.0).to(tl.float32) * inv_scale
+        # u - u is 0 for finite u and NaN for inf/NaN: one test catches both.
+        bad |= ((u - u) != 0).to(tl.int32)
+        if NORM_INF:
+            acc = tl.maximum(acc, tl.abs(u))
+        else:
+            acc += u * u
+    c = tl.program_id(0)
+    if NORM_INF:
+        tl.store(partials_ptr + c, tl.max(acc, axis=0))
+    else:
+        tl.store(partials_ptr + c, tl.sum(acc, axis=0))
+    tl.store(flags_ptr + c, tl.max(bad, axis=0))
+
+
+@triton.jit
+def finalize_kernel(partials_ptr, flags_ptr, num_chunks, scale_ptr, tracker_ptr, applied_steps_ptr,
+                    scalars_ptr, grad_norm_ptr, found_inf_ptr, max_norm, growth_factor, backoff_factor,
+                    growth_interval, HAS_CLIP: tl.constexpr, NORM_INF: tl.constexpr,
+                    DYNAMIC: tl.constexpr, BLOCK: tl.constexpr):
+    # One program walks the partials in a fixed order: the same inputs give the same bits.
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    bad = tl.zeros([BLOCK], dtype=tl.int32)
+    for offset in range(0, num_chunks, BLOCK):
+        idx = offset + tl.arange(0, BLOCK)
+        part = tl.load(partials_ptr + idx, mask=idx < num_chunks, other=0.0)
+        bad |= tl.load(flags_ptr + idx, mask=idx < num_chunks, other=0)
+        if NORM_INF:
+            acc = tl.maximum(acc, part)
+        else:
+            acc += part
+    found_inf = tl.max(bad, axis=0) > 0
+    if NORM_INF:
+        norm = tl.max(acc, axis=0)
+    else:
+        norm = tl.sqrt_rn(tl.sum(acc, axis=0))
+    norm = tl.where(found_inf & (norm - norm == 0), float("inf"), norm)  # skipped: N is not finite
+    coef = 1.0
+    if HAS_CLIP:
+        coef = tl.minimum(tl.math.div_rn(max_norm, norm + 1e-6), 1.0)
+    scale = tl.load(scale_ptr)
+    tl.store(scalars_ptr + INV_SCALE, tl.math.div_rn(1.0, scale))
+    tl.store(scalars_ptr + CLIP_COEF, coef)
+    tl.store(scalars_ptr + FOUND_INF, found_inf.to(tl.float32))
+    tl.store(grad_norm_ptr, norm)
+    tl.store(found_inf_ptr, found_inf)
+    applied = tl.load(applied_steps_ptr)
+    tl.store(applied_steps_ptr, tl.where(found_inf, applied, applied + 1))
+    if DYNAMIC:  # GradScaler.update's rule
+        tracker = tl.load(tracker_ptr)
+        clean = tl.where(found_inf, 0, tracker + 1)
+        grow = clean == growth_interval
+        grown = scale * growth_factor
+        new_scale = tl.where(found_inf, scale * backoff_factor,
+                             tl.where(grow & (grown - grown == 0), grown, scale))
+        tl.store(scale_ptr, new_scale)
+        tl.store(tracker_ptr, tl.where(grow, 0, clean))
+
+
+@triton.jit
+def update_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr, applied_steps_ptr,
+                  GRAD_DTYPE: tl.constexpr, PARAM_DTYPE: tl.constexpr, CHUNK: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    if tl.load(scalars_ptr + FOUND_INF) != 0:
+        return  # a skipped step writes nothing
+    row, start, end = _chunk(chunks_ptr, table_ptr, CHUNK)
+    entry = table_ptr + row * TABLE_COLUMNS
+    grad = tl.load(entry + GRAD).to(tl.pointer_type(GRAD_DTYPE))
+    master = tl.load(entry + MASTER).to(tl.pointer_type(tl.float32))
+    buf_addr = tl.load(entry + BUF)
+    param = tl.load(entry + PARAM).to(tl.pointer_type(PARAM_DTYPE))
+    hyper = groups_ptr + tl.load(entry + GROUP) * GROUP_COLUMNS
+    lr = tl.load(hyper + LR)
+    momentum = tl.load(hyper + MOMENTUM)
+    one_minus_dampening = tl.load(hyper + ONE_MINUS_DAMPENING)
+    weight_decay = tl.load(hyper + WEIGHT_DECAY)
+    nesterov = tl.load(hyper + NESTEROV) != 0
+    maximize = tl.load(hyper + MAXIMIZE) != 0
+    # u * c in this order, as the reference: unscale, then clip.
+    inv_scale = tl.load(scalars_ptr + INV_SCALE)
+    coef = tl.load(scalars_ptr + CLIP_COEF)
+    sign = tl.where(maximize, -1.0, 1.0)
+    first = buf_addr == 0
+    if buf_addr != 0:
+        # The flag is the applied-step count of the buffer's first applied step (0: never),
+        # written identically by every chunk of the tensor, so chunks never race on it.
+        first_step_ptr = tl.load(entry + FIRST_STEP).to(tl.pointer_type(tl.int32))
+        first_step = tl.load(first_step_ptr)
+        applied = tl.load(applied_steps_ptr)
+        first = (first_step == 0) | (first_step == applied)
+        if first_step == 0:
+            tl.store(first_step_ptr, applied)
+    buf = buf_addr.to(tl.pointer_type(tl.float32))
+    for offset in range(start, end, BLOCK):
+        idx = offset + tl.arange(0, BLOCK)
+        mask = idx < end
+        d = (tl.load(grad + idx, mask=mask, other=0.0).to(tl.float32) * inv_scale) * coef * sign
+        w = tl.load(master + idx, mask=mask, other=0.0)
+        if weight_decay != 0:
+            d = d + weight_decay * w
+        if buf_addr != 0:
+            b = tl.load(buf + idx, mask=mask, other=0.0)
+            b = tl.where(first, d, b * momentum + one_minus_dampening * d)
+            tl.store(buf + idx, b, mask=mask)
+            if nesterov:
+                d = d + momentum * b
+            else:
+                d = b
+        w = w - lr * d
+        tl.store(master + idx, w, mask=mask)
+        if PARAM_DTYPE != tl.float32:
+            tl.store(param + idx, _round_to(w, PARAM_DTYPE), mask=mask)

@@ -1,0 +1,90 @@
+"""GPU-only checks (run where a GPU is present): CUDA-graph capture of step() and tensors
+past 2^31 elements. The rest of the suite also runs on CUDA tensors there."""
+import pytest
+import torch
+
+import fused_opt
+from harness import BACKEND_DEVICES, assert_close_fp32
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA_BACKENDS = [b for b, d in BACKEND_DEVICES if d == "cuda"]
+
+
+def make(backend, lr):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n, device="cuda", generator=gen).half()) for n in (7, 4097, 70000)]
+    opt = fused_opt.FusedMixedPrecisionSGD(params, lr=lr, momentum=0.9, weight_decay=1e-4, max_grad_norm=1.0,
+                                           init_scale=2.0**10, growth_interval=3, backend=backend)
+    return params, opt
+
+
+def grads_at(step, params):
+    gen = torch.Generator(device="cuda").manual_seed(100 + step)
+    grads = [torch.randn(p.shape, device="cuda", generator=gen) for p in params]
+    if step == 4:
+        grads[1][5] = float("inf")
+    return grads
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_step_replays_in_a_cuda_graph(backend):
+    lr = torch.tensor(0.05, device="cuda")
+    params, opt = make(backend, lr)
+    ref_params, ref = make("torch", 0.05)
+    static_grads = [torch.zeros_like(p) for p in params]
+    for p, g in zip(params, static_grads):
+        p.grad = g
+    loss = torch.zeros((), device="cuda")
+
+    def feed(step, scale_from):
+        for g, q, x in zip(static_grads, ref_params, grads_at(step, params)):
+            scaled = (x * 1e-2 * scale_from).half()
+            g.copy_(scaled)
+            q.grad = scaled.clone()
+
+    # warm up eagerly (state, tables, compilation) in lockstep with the reference
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for step in range(2):
+            feed(step, float(opt.loss_scale))
+            opt.scale_loss(loss)
+            opt.step()
+            ref.scale_loss(loss)
+            ref.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.scale_loss(loss)
+        opt.step()
+    for step in range(2, 10):
+        if step == 6:
+            lr.fill_(0.02)  # a device-tensor lr may change under replay
+            ref.param_groups[0]["lr"] = 0.02
+        feed(step, float(opt.loss_scale))
+        graph.replay()
+        ref.scale_loss(loss)
+        ref.step()
+        torch.cuda.synchronize()
+        assert bool(opt.last_step_skipped) == bool(ref.last_step_skipped) == (step == 4)
+        assert float(opt.loss_scale) == float(ref.loss_scale)
+        for p, q in zip(params, ref_params):
+            assert_close_fp32(opt.state[p]["master_param"], ref.state[q]["master_param"], f"step {step}")
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_tensor_past_2_pow_31_elements(backend):
+    n = 2**31 + 4096 + 3
+    if torch.cuda.mem_get_info()[0] < n * 24:
+        pytest.skip("not enough GPU memory for a >2^31-element tensor")
+    p = torch.nn.Parameter(torch.zeros(n, dtype=torch.float16, device="cuda"))
+    opt = fused_opt.FusedMixedPrecisionSGD([p], lr=1.0, momentum=0.5, loss_scale=None, backend=backend)
+    p.grad = torch.zeros_like(p)
+    p.grad[-3:] = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float16)
+    p.grad[:2] = 0.5
+    opt.step()
+    torch.cuda.synchronize()
+    assert torch.equal(p[-3:].float().cpu(), torch.tensor([-1.0, -2.0, -3.0]))
+    assert torch.equal(p[:2].float().cpu(), torch.tensor([-0.5, -0.5]))
+    assert float(p[2**31 - 5: 2**31 + 5].float().abs().sum()) == 0.0
+    torch.testing.assert_close(float(opt.last_grad_norm), (14 + 0.5) ** 0.5, rtol=1e-5, atol=0)

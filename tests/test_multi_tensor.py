@@ -1,0 +1,122 @@
+"""What the multi-tensor backends (triton, native) promise beyond the matrix: chunk
+boundaries, mixed dtypes in one model, agreement with the torch backend, and a number of
+launches that does not grow with the number of tensors."""
+import contextlib
+import math
+
+import pytest
+import torch
+
+import fused_opt
+from fused_opt.backends import multi_tensor
+from harness import (BACKEND_DEVICE_IDS, BACKEND_DEVICES, Config, assert_close_fp32, make_grads,
+                     run_against_reference, run_step)
+
+FUSED = [(b, d) for b, d in BACKEND_DEVICES if b != "torch"]
+FUSED_IDS = [f"{b}-{d}" for b, d in FUSED]
+CHUNK = multi_tensor.CHUNK_SIZE
+
+
+@pytest.mark.parametrize("backend,device", FUSED, ids=FUSED_IDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_chunk_boundaries(dtype, backend, device):
+    config = Config(dtype=dtype, sizes=(CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 3), max_grad_norm=0.05,
+                    inject={4: "inf"}, steps=8)
+    run_against_reference(config, backend, device)
+
+
+def mixed_model(device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    specs = [(torch.float16, 300), (torch.bfloat16, 1500), (torch.float32, 77), (torch.float16, 5),
+             (torch.bfloat16, 1), (torch.float32, 2100)]
+    return [torch.nn.Parameter(torch.randn(n, generator=gen).to(device=device, dtype=dt)) for dt, n in specs]
+
+
+@pytest.mark.parametrize("backend,device", FUSED, ids=FUSED_IDS)
+def test_mixed_dtypes_agree_with_torch_backend(backend, device):
+    """FP16, BF16 and FP32 params in one model and two groups: SPEC §6 against the oracle."""
+    results = {}
+    for name in ("torch", backend):
+        params = mixed_model(device)
+        opt = fused_opt.FusedMixedPrecisionSGD(
+            [{"params": params[:3]}, {"params": params[3:], "lr": 0.02, "nesterov": True}],
+            lr=0.1, momentum=0.9, weight_decay=1e-3, max_grad_norm=0.1, init_scale=256.0, growth_interval=2,
+            backend=name)
+        config = Config()
+        norms = []
+        for step in range(8):
+            grads = make_grads(config, params, step, float(opt.loss_scale))
+            if step == 5:
+                grads[2].view(-1)[0] = math.nan
+            run_step(opt, params, grads)
+            norms.append((opt.last_grad_norm.clone(), bool(opt.last_step_skipped), float(opt.loss_scale)))
+        results[name] = (params, opt, norms)
+    (ref_params, ref_opt, ref_norms), (params, opt, norms) = results["torch"], results[backend]
+    for (rn, rs, rsc), (n, s, sc) in zip(ref_norms, norms):
+        assert (rs, rsc) == (s, sc)
+        if not rs:
+            torch.testing.assert_close(n, rn, rtol=1e-5, atol=0)
+    for i, (q, p) in enumerate(zip(ref_params, params)):
+        if "master_param" not in ref_opt.state[q]:  # the harness's never-a-grad param
+            assert "master_param" not in opt.state[p] and torch.equal(p, q)
+            continue
+        assert_close_fp32(opt.state[p]["master_param"], ref_opt.state[q]["master_param"], f"master {i}")
+        assert_close_fp32(opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"], f"buffer {i}")
+        if p.dtype != torch.float32:
+            assert torch.equal(p.detach(), opt.state[p]["master_param"].to(p.dtype))
+
+
+@contextlib.contextmanager
+def count_launches(backend):
+    """Counts kernel launches of the fused backend by wrapping its kernel entry points."""
+    counts = {"launches": 0}
+    if backend == "triton":
+        from fused_opt.backends import triton_kernels as module
+        names = ["partials_kernel", "finalize_kernel", "update_kernel"]
+
+        class Counted:
+            def __init__(self, kernel):
+                self.kernel = kernel
+
+            def __getitem__(self, grid):
+                counts["launches"] += 1
+                return self.kernel[grid]
+        wrap = Counted
+    else:
+        from fused_opt.backends import native_backend as module
+        names = module.LAUNCH_ENTRY_POINTS
+
+        def wrap(fn):
+            def counted(*args, **kwargs):
+                counts["launches"] += 1
+                return fn(*args, **kwargs)
+            return counted
+    originals = {n: getattr(module, n) for n in names}
+    try:
+        for n in names:
+            setattr(module, n, wrap(originals[n]))
+        yield counts
+    finally:
+        for n, fn in originals.items():
+            setattr(module, n, fn)
+
+
+@pytest.mark.parametrize("backend,device", FUSED, ids=FUSED_IDS)
+def test_launches_do_not_grow_with_tensors(backend, device):
+    """A model of 8 tensors and one of 300 (one dtype, three groups, one with a tensor lr):
+    the same number of kernel launches, at most 3 per dtype pair plus one."""
+    counts = []
+    for n_tensors in (8, 300):
+        params = [torch.nn.Parameter(torch.randn(5 + i % 7, device=device).half()) for i in range(n_tensors)]
+        groups = [{"params": params[0::3]}, {"params": params[1::3], "momentum": 0.0},
+                  {"params": params[2::3], "lr": torch.tensor(0.01, device=device)}]
+        opt = fused_opt.FusedMixedPrecisionSGD(groups, lr=0.1, momentum=0.9, max_grad_norm=1.0, backend=backend)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.scale_loss(torch.zeros((), device=device))
+        opt.step()  # first step builds the tables
+        opt.scale_loss(torch.zeros((), device=device))
+        with count_launches(backend) as c:
+            opt.step()
+        counts.append(c["launches"])
+    assert counts[0] == counts[1] <= 4, counts
