@@ -17,5 +17,5 @@ def backend_availability(device) -> dict[str, str | None]:
 
 def build_info() -> dict:
     """Package version and what the native extension was built with."""
-    return {"version": __version__, "native_cpu": False, "native_cuda": False,
-            "cuda_version": None, "cuda_archs": []}
+    from .backends import native_backend
+    return {"version": __version__, **native_backend.build_info()}

@@ -120,3 +120,23 @@ def test_launches_do_not_grow_with_tensors(backend, device):
             opt.step()
         counts.append(c["launches"])
     assert counts[0] == counts[1] <= 4, counts
+
+
+SPECIAL = [0.0, -0.0, 1.0, 65504.0, 65520.0, 70000.0, 1e-8, -6e-8, 5.96e-8, 2.98e-8, 1.0009765625,
+           1.00048828125, 1.00146484375, 1.00390625, 1.005859375, 3.0e38, -3.3e38, 1.17e-38, 9e-41,
+           float("inf"), float("-inf"), 0.1, -0.3, 1234.5678]
+
+
+@pytest.mark.parametrize("backend,device", FUSED + [("torch", d) for d in {d for _, d in FUSED}],
+                         ids=FUSED_IDS + [f"torch-{d}" for d in {d for _, d in FUSED}])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_write_back_rounds_like_torch(dtype, backend, device):
+    """Halfway cases, subnormals, overflow and infinities: the written param is bit-equal to
+    torch's .to() of the FP32 master."""
+    values = torch.tensor(SPECIAL + [v * 1.0001 for v in SPECIAL[1:15]], dtype=torch.float32)
+    p = torch.nn.Parameter(torch.zeros(values.numel(), dtype=dtype, device=device))
+    opt = fused_opt.FusedMixedPrecisionSGD([p], lr=0.0, loss_scale=None, backend=backend)
+    opt.load_state_dict({"state": {0: {"master_param": values}}, "param_groups": opt.state_dict()["param_groups"]})
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.equal(p.detach().cpu().view(torch.int16), values.to(dtype).view(torch.int16))

@@ -11,6 +11,7 @@ import torch
 
 # Fastest first: "auto" takes the first one available for the params' device.
 BACKENDS = {
+    "native": "fused_opt.backends.native_backend",
     "triton": "fused_opt.backends.triton_backend",
     "torch": "fused_opt.backends.torch_backend",
 }

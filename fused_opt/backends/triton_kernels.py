@@ -16,9 +16,15 @@ groups never changes the number of launches or compilations.
 import triton
 import triton.language as tl
 
-from .multi_tensor import (BUF, CLIP_COEF, FIRST_STEP, FOUND_INF, GRAD, GROUP, GROUP_COLUMNS, INV_SCALE, LR,
-                           MASTER, MAXIMIZE, MOMENTUM, NESTEROV, NUMEL, ONE_MINUS_DAMPENING, PARAM,
-                           TABLE_COLUMNS, WEIGHT_DECAY)
+from . import multi_tensor as mt
+
+# Table layouts shared with the host (multi_tensor.py); kernels see globals only as constexpr.
+GRAD, MASTER, BUF, PARAM = tl.constexpr(mt.GRAD), tl.constexpr(mt.MASTER), tl.constexpr(mt.BUF), tl.constexpr(mt.PARAM)
+NUMEL, GROUP, FIRST_STEP = tl.constexpr(mt.NUMEL), tl.constexpr(mt.GROUP), tl.constexpr(mt.FIRST_STEP)
+TABLE_COLUMNS, GROUP_COLUMNS = tl.constexpr(mt.TABLE_COLUMNS), tl.constexpr(mt.GROUP_COLUMNS)
+LR, MOMENTUM, ONE_MINUS_DAMPENING = tl.constexpr(mt.LR), tl.constexpr(mt.MOMENTUM), tl.constexpr(mt.ONE_MINUS_DAMPENING)
+WEIGHT_DECAY, NESTEROV, MAXIMIZE = tl.constexpr(mt.WEIGHT_DECAY), tl.constexpr(mt.NESTEROV), tl.constexpr(mt.MAXIMIZE)
+INV_SCALE, CLIP_COEF, FOUND_INF = tl.constexpr(mt.INV_SCALE), tl.constexpr(mt.CLIP_COEF), tl.constexpr(mt.FOUND_INF)
 
 
 @triton.jit

@@ -17,7 +17,7 @@ import torch
 import fused_opt
 from . import workloads
 from .contenders import Model, TorchPipeline, build_all
-from .timing import copy_bandwidth, time_interleaved
+from .timing import copy_bandwidth, kernel_launches, time_interleaved
 
 BYTES_PER_PARAM = 22  # SPEC §5: the lower bound for a step with momentum, FP16 grads, FP32 masters
 
@@ -57,6 +57,7 @@ def run(args) -> dict:
         contenders = build_all(model, device, include_compiled=args.compile)
         timings = time_interleaved({c.name: c.step for c in contenders}, device,
                                    repeats=args.repeats, steps=args.steps)
+        launches = {c.name: kernel_launches(c.step, device) for c in contenders}
         best_torch = min(t["median_s"] for c in contenders if isinstance(c, TorchPipeline)
                          and " compiled" not in c.name for t in [timings[c.name]])
         for c in contenders:
@@ -66,7 +67,7 @@ def run(args) -> dict:
                              contender=c.name, time_ms=t["median_s"] * 1e3, min_ms=t["min_s"] * 1e3,
                              max_ms=t["max_s"] * 1e3, host_ms=t["host_s"] * 1e3, first_ms=t["first_s"] * 1e3,
                              gb_s=bandwidth / 1e9, copy_fraction=bandwidth / copy_bps,
-                             speedup_vs_best_torch=best_torch / t["median_s"]))
+                             speedup_vs_best_torch=best_torch / t["median_s"], launches=launches[c.name]))
         del contenders, model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -92,12 +93,12 @@ def table(record: dict) -> str:
     lines = [f"Device: {record['device']} | torch {record['torch']} | {record['date']} | "
              f"copy {record['copy_gb_s']:.1f} GB/s (read+write)",
              "",
-             "| workload | dtype | params | tensors | contender | ms/step | host ms | first ms | GB/s @22B | % copy | vs best torch |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| workload | dtype | params | tensors | contender | ms/step | host ms | first ms | GB/s @22B | % copy | vs best torch | launches |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
         lines.append(f"| {r['workload']} | {r['dtype']} | {r['params'] / 1e6:.1f}M | {r['tensors']} | {r['contender']} "
                      f"| {r['time_ms']:.3f} | {r['host_ms']:.3f} | {r['first_ms']:.1f} | {r['gb_s']:.1f} "
-                     f"| {100 * r['copy_fraction']:.0f}% | {r['speedup_vs_best_torch']:.2f}x |")
+                     f"| {100 * r['copy_fraction']:.0f}% | {r['speedup_vs_best_torch']:.2f}x | {r['launches'] if r['launches'] is not None else '-'} |")
     return "\n".join(lines)
 
 

@@ -99,8 +99,9 @@ class GradScalerFP32:
 
 
 def build_all(model: Model, device: torch.device, include_compiled: bool) -> list:
+    # Triton on CPU tensors is its interpreter: a test tool, not a contender.
     contenders = [Ours(model, name) for name, reason in fused_opt.backend_availability(device).items()
-                  if reason is None]
+                  if reason is None and not (name == "triton" and device.type == "cpu")]
     for mode in ("for-loop", "foreach", "fused"):
         contenders.append(TorchPipeline(model, mode))
     if include_compiled:

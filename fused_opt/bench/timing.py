@@ -65,3 +65,16 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 5) -> float
     dst.copy_(src)
     times = [time_call(lambda: dst.copy_(src), device, 3)[0] for _ in range(repeats)]
     return 2 * src.numel() * 4 / statistics.median(times)
+
+
+def kernel_launches(fn, device: torch.device) -> int | None:
+    """GPU kernels one call launches, from the profiler (memory copies not counted)."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        _sync(device)
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not e.name.startswith(("Memcpy", "Memset")))

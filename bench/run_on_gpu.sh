@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# What a GPU session runs (the device tool's machine has no network): build the native
+# extension in place with the machine's nvcc, run the whole suite on the GPU, then the
+# benchmark. Results and logs go to ${OUT:-bench/results}.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+mode=${1:-all}
+{ nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/gpu_env.txt"
+start=$(date +%s)
+TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0+PTX"} python3 setup.py -q build_ext --inplace 2>&1 | tail -3
+echo "build_s=$(( $(date +%s) - start ))" | tee -a "$OUT/gpu_env.txt"
+python3 -c "import fused_opt; print(fused_opt.build_info(), fused_opt.backend_availability('cuda'))" | tee -a "$OUT/gpu_env.txt"
+if [ "$mode" = all ] || [ "$mode" = test ]; then
+  timeout 420 python3 -m pytest -q -n 8 tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+fi
+if [ "$mode" = all ] || [ "$mode" = bench ]; then
+  timeout ${BENCH_TIMEOUT:-500} python3 -m fused_opt.bench ${BENCH_ARGS:-} --out "$OUT" 2>&1 | tail -80
+fi

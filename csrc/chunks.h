@@ -1,0 +1,101 @@
+// The chunk table and the work of one chunk, shared by the CPU and CUDA paths: the CPU runs
+// each chunk with stride 1, a CUDA block runs it with one thread per lane (stride = threads),
+// so the CPU tests exercise exactly the indexing the GPU relies on.
+#pragma once
+#include "sgd_math.h"
+
+namespace fused_opt {
+
+// One row of the host's tensor table (multi_tensor.py, int64 columns): raw addresses.
+struct TensorEntry {
+  int64_t grad, master, buf, param, numel, group, first_step;
+};
+
+// A chunk: (tensor row, first element). Elements [start, min(start + chunk, numel)).
+struct Chunk {
+  int64_t row, start;
+};
+
+FUSED_HD int64_t chunk_end(const TensorEntry& t, const Chunk& c, int64_t chunk_size) {
+  return c.start + chunk_size < t.numel ? c.start + chunk_size : t.numel;
+}
+
+// Pass 1 over elements begin, begin+stride, ... < end of one chunk (64-bit indices).
+template <class G>
+FUSED_HD void partial_range(const TensorEntry& t, float inv_scale, bool norm_inf, int64_t begin,
+                            int64_t end, int64_t stride, float& acc, int& bad) {
+  const auto* g = reinterpret_cast<const typename G::storage*>(t.grad);
+  for (int64_t i = begin; i < end; i += stride) accumulate_norm(unscale<G>(g[i], inv_scale), norm_inf, acc, bad);
+}
+
+// Whether this step is the momentum buffer's first applied one; records it (every chunk of
+// the tensor writes the same value, so the chunks never race on the flag).
+FUSED_HD bool claim_first_step(const TensorEntry& t, int32_t applied_steps, bool writer) {
+  if (t.buf == 0) return false;
+  auto* flag = reinterpret_cast<int32_t*>(t.first_step);
+  const int32_t first_step = *flag;
+  if (writer && first_step == 0) *flag = applied_steps;
+  return first_step == 0 || first_step == applied_steps;
+}
+
+// Pass 2 over elements of one chunk: read g, w, b; write w, b and the rounded param.
+template <class G, class P>
+FUSED_HD void update_range(const TensorEntry& t, const Hyper& h, const StepScalars& s, bool first,
+                           int64_t begin, int64_t end, int64_t stride) {
+  const auto* g = reinterpret_cast<const typename G::storage*>(t.grad);
+  auto* w = reinterpret_cast<float*>(t.master);
+  auto* b = reinterpret_cast<float*>(t.buf);
+  auto* p = reinterpret_cast<typename P::storage*>(t.param);
+  for (int64_t i = begin; i < end; i += stride) {
+    float wi = w[i];
+    sgd_element(unscale<G>(g[i], s.inv_scale), wi, b ? b + i : nullptr, h, s.clip_coef, first);
+    w[i] = wi;
+    if (p != nullptr) p[i] = P::store(wi);
+  }
+}
+
+// Finalize: N, the clip coefficient, found_inf, the applied-step count and the dynamic loss
+// scale (GradScaler.update's rule), from the reduced partials. Runs once per step.
+struct FinalizeArgs {
+  float* scale; int32_t* growth_tracker; int32_t* applied_steps; StepScalars* scalars;
+  float* grad_norm; bool* found_inf_out;
+  float max_norm, growth_factor, backoff_factor; int32_t growth_interval;
+  bool has_clip, norm_inf, dynamic;
+};
+
+FUSED_HD float device_sqrt(float x) {
+#ifdef __CUDA_ARCH__
+  return __fsqrt_rn(x);
+#else
+  return __builtin_sqrtf(x);
+#endif
+}
+
+FUSED_HD void finalize(const FinalizeArgs& a, float total, bool found_inf) {
+  float norm = a.norm_inf ? total : device_sqrt(total);
+  if (found_inf && norm - norm == 0.0f) norm = __builtin_inff();  // a skipped step's N is not finite
+  float coef = 1.0f;
+  if (a.has_clip) {
+    coef = a.max_norm / (norm + 1e-6f);
+    coef = coef < 1.0f ? coef : 1.0f;
+  }
+  const float scale = *a.scale;
+  a.scalars->inv_scale = 1.0f / scale;
+  a.scalars->clip_coef = coef;
+  a.scalars->found_inf = found_inf ? 1.0f : 0.0f;
+  *a.grad_norm = norm;
+  *a.found_inf_out = found_inf;
+  if (!found_inf) *a.applied_steps += 1;
+  if (a.dynamic) {
+    const int32_t clean = found_inf ? 0 : *a.growth_tracker + 1;
+    const bool grow = clean == a.growth_interval;
+    const float grown = scale * a.growth_factor;
+    *a.scale = found_inf ? scale * a.backoff_factor : (grow && grown - grown == 0.0f ? grown : scale);
+    *a.growth_tracker = grow ? 0 : clean;
+  }
+}
+
+// The inverse scale pass 1 uses: the same IEEE division finalize publishes for pass 2.
+FUSED_HD float inverse_scale(const float* scale) { return 1.0f / *scale; }
+
+}  // namespace fused_opt

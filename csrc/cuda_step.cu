@@ -1,0 +1,122 @@
+// The CUDA path: multi-tensor apply in the style of apex's multi_tensor_apply, with the
+// tensor table in device memory (so any number of tensors fits one launch) and 64-bit
+// indices. One block per chunk; the chunk work is the CPU's (chunks.h) with stride = threads.
+// All launches go on the caller's stream and read the step's scalars from device memory:
+// the host never waits.
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "bindings.h"
+
+namespace fused_opt {
+namespace {
+
+constexpr int kThreads = 512;          // per chunk block: 65536-element chunks = 128 per thread
+constexpr int kFinalizeThreads = 1024;
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string("fused_opt native CUDA: ") + what + ": " + cudaGetErrorString(err));
+}
+
+// Fixed-shape tree reduction in shared memory: the same inputs give the same bits (no atomics).
+template <int N>
+__device__ void block_reduce(float* acc, int* bad, bool norm_inf) {
+  for (int width = N / 2; width > 0; width /= 2) {
+    __syncthreads();
+    if (threadIdx.x < width) {
+      const float other = acc[threadIdx.x + width];
+      acc[threadIdx.x] = norm_inf ? fmaxf(acc[threadIdx.x], other) : acc[threadIdx.x] + other;
+      bad[threadIdx.x] |= bad[threadIdx.x + width];
+    }
+  }
+  __syncthreads();
+}
+
+template <class G>
+__global__ void __launch_bounds__(kThreads) partials_kernel(PartialsArgs a) {
+  __shared__ float acc[kThreads];
+  __shared__ int bad[kThreads];
+  const Chunk c = reinterpret_cast<const Chunk*>(a.chunks)[blockIdx.x];
+  const TensorEntry t = reinterpret_cast<const TensorEntry*>(a.table)[c.row];
+  float my_acc = 0.0f;
+  int my_bad = 0;
+  partial_range<G>(t, inverse_scale(reinterpret_cast<const float*>(a.scale)), a.norm_inf,
+                   c.start + threadIdx.x, chunk_end(t, c, a.chunk_size), kThreads, my_acc, my_bad);
+  acc[threadIdx.x] = my_acc;
+  bad[threadIdx.x] = my_bad;
+  block_reduce<kThreads>(acc, bad, a.norm_inf);
+  if (threadIdx.x == 0) {
+    reinterpret_cast<float*>(a.partials)[blockIdx.x] = acc[0];
+    reinterpret_cast<int32_t*>(a.flags)[blockIdx.x] = bad[0];
+  }
+}
+
+__global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(ReduceArgs r, FinalizeArgs a) {
+  __shared__ float acc[kFinalizeThreads];
+  __shared__ int bad[kFinalizeThreads];
+  const auto* partials = reinterpret_cast<const float*>(r.partials);
+  const auto* flags = reinterpret_cast<const int32_t*>(r.flags);
+  float my_acc = 0.0f;
+  int my_bad = 0;
+  for (int64_t i = threadIdx.x; i < r.num_chunks; i += kFinalizeThreads) {
+    my_acc = a.norm_inf ? fmaxf(my_acc, partials[i]) : my_acc + partials[i];
+    my_bad |= flags[i];
+  }
+  acc[threadIdx.x] = my_acc;
+  bad[threadIdx.x] = my_bad;
+  block_reduce<kFinalizeThreads>(acc, bad, a.norm_inf);
+  if (threadIdx.x == 0) finalize(a, acc[0], bad[0] != 0);
+}
+
+template <class G, class P>
+__global__ void __launch_bounds__(kThreads) update_kernel(UpdateArgs a) {
+  const StepScalars s = *reinterpret_cast<const StepScalars*>(a.scalars);
+  if (s.found_inf != 0.0f) return;  // a skipped step writes nothing
+  const Chunk c = reinterpret_cast<const Chunk*>(a.chunks)[blockIdx.x];
+  const TensorEntry t = reinterpret_cast<const TensorEntry*>(a.table)[c.row];
+  const Hyper h = reinterpret_cast<const Hyper*>(a.groups)[t.group];
+  const int32_t applied = *reinterpret_cast<const int32_t*>(a.applied_steps);
+  __shared__ bool first;
+  if (threadIdx.x == 0) first = claim_first_step(t, applied, true);
+  __syncthreads();
+  update_range<G, P>(t, h, s, first, c.start + threadIdx.x, chunk_end(t, c, a.chunk_size), kThreads);
+}
+
+
+void partials(const PartialsArgs& a, int64_t stream) {
+  if (a.num_chunks == 0) return;
+  dispatch_dtype(a.grad_dtype, [&](auto g) {
+    partials_kernel<decltype(g)><<<unsigned(a.num_chunks), kThreads, 0, cudaStream_t(stream)>>>(a);
+  });
+  check(cudaGetLastError(), "partials launch");
+}
+
+void finalize_step(const ReduceArgs& r, const FinalizeArgs& a, int64_t stream) {
+  finalize_kernel<<<1, kFinalizeThreads, 0, cudaStream_t(stream)>>>(r, a);
+  check(cudaGetLastError(), "finalize launch");
+}
+
+void update(const UpdateArgs& a, int64_t stream) {
+  if (a.num_chunks == 0) return;
+  check_same_dtype(a);
+  dispatch_dtype(a.grad_dtype, [&](auto g) {  // torch keeps a grad in its param's dtype
+    update_kernel<decltype(g), decltype(g)><<<unsigned(a.num_chunks), kThreads, 0, cudaStream_t(stream)>>>(a);
+  });
+  check(cudaGetLastError(), "update launch");
+}
+
+}  // namespace
+}  // namespace fused_opt
+
+#ifndef FUSED_OPT_ARCHS
+#define FUSED_OPT_ARCHS ""
+#endif
+
+PYBIND11_MODULE(_native_cuda, m) {
+  m.doc() = "fused_opt CUDA kernels";
+  fused_opt::bind_step(m, fused_opt::partials, fused_opt::finalize_step, fused_opt::update);
+  m.attr("CUDA_VERSION") = CUDART_VERSION;          // e.g. 13000
+  m.attr("ARCH_LIST") = FUSED_OPT_ARCHS;            // TORCH_CUDA_ARCH_LIST it was built with
+}

@@ -1,0 +1,123 @@
+// The per-element math of one step (SPEC §3), written once for the C++ CPU path and the
+// CUDA path: everything here is FUSED_HD, compiled for the host by g++ and for both by nvcc.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#ifdef __CUDACC__
+#define FUSED_HD __host__ __device__ __forceinline__
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#else
+#define FUSED_HD inline
+#endif
+
+namespace fused_opt {
+
+FUSED_HD uint32_t float_bits(float f) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(f);
+#else
+  uint32_t u; std::memcpy(&u, &f, 4); return u;
+#endif
+}
+FUSED_HD float bits_float(uint32_t u) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float f; std::memcpy(&f, &u, 4); return f;
+#endif
+}
+
+// Storage types: how a dtype is loaded to FP32 and stored from FP32 with round-to-nearest-even,
+// bit-identical to torch's .to() on both sides (on the host with c10's bit tricks, on the
+// device with the _rn intrinsics).
+struct F32 {
+  using storage = float;
+  static FUSED_HD float load(float x) { return x; }
+  static FUSED_HD float store(float x) { return x; }
+};
+
+struct F16 {
+  using storage = uint16_t;
+  static FUSED_HD float load(uint16_t h) {
+#ifdef __CUDA_ARCH__
+    return __half2float(__ushort_as_half(h));
+#else
+    // c10::detail::fp16_ieee_to_fp32_value: exact, subnormals included.
+    const uint32_t w = uint32_t(h) << 16, sign = w & 0x80000000u, two_w = w + w;
+    const float normalized = bits_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    const float denormalized = bits_float((two_w >> 17) | (126u << 23)) - 0.5f;
+    return bits_float(sign | (two_w < (1u << 27) ? float_bits(denormalized) : float_bits(normalized)));
+#endif
+  }
+  static FUSED_HD uint16_t store(float f) {
+#ifdef __CUDA_ARCH__
+    return __half_as_ushort(__float2half_rn(f));
+#else
+    // c10::detail::fp16_ieee_from_fp32_value: the FP32 adder does the rounding to nearest even.
+    float base = (__builtin_fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
+    const uint32_t w = float_bits(f), shl1_w = w + w, sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    base = bits_float((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = float_bits(base);
+    const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+    return uint16_t((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+#endif
+  }
+};
+
+struct BF16 {
+  using storage = uint16_t;
+  static FUSED_HD float load(uint16_t h) { return bits_float(uint32_t(h) << 16); }
+  static FUSED_HD uint16_t store(float f) {
+    // Round to nearest even on the upper 16 bits; a NaN stays a (quiet) NaN.
+    const uint32_t u = float_bits(f);
+    if (f != f) return 0x7FC0;
+    return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  }
+};
+
+// One group's hyperparameters, as laid out in the host's group table (multi_tensor.py).
+struct Hyper {
+  float lr, momentum, one_minus_dampening, weight_decay, nesterov, maximize, pad0, pad1;
+};
+
+// Per-step scalars, written by finalize and read by the update.
+struct StepScalars {
+  float inv_scale, clip_coef, found_inf, pad;
+};
+
+// SPEC §3 step 1: u = float32(g) * (1/S).
+template <class G>
+FUSED_HD float unscale(typename G::storage g, float inv_scale) { return G::load(g) * inv_scale; }
+
+// Accumulates the norm of u (sum of squares, or max |u|) and flags inf/NaN; NaN-safe:
+// u - u is 0 for finite u and NaN otherwise.
+FUSED_HD void accumulate_norm(float u, bool norm_inf, float& acc, int& bad) {
+  bad |= (u - u) != 0.0f;
+  if (norm_inf) {
+    const float a = u < 0 ? -u : u;
+    acc = a > acc ? a : acc;
+  } else {
+    acc += u * u;
+  }
+}
+
+// SPEC §3 step 5 for one element: d = c*u (negated if maximize), weight decay, momentum
+// (b = d on the buffer's first applied step), then w -= lr * d. The operation order is the
+// oracle's, so results differ from it only by FMA contraction.
+FUSED_HD void sgd_element(float u, float& w, float* b, const Hyper& h, float clip_coef, bool first) {
+  float d = u * clip_coef;
+  if (h.maximize != 0.0f) d = -d;
+  if (h.weight_decay != 0.0f) d = d + h.weight_decay * w;
+  if (b != nullptr) {
+    const float nb = first ? d : *b * h.momentum + h.one_minus_dampening * d;
+    *b = nb;
+    d = h.nesterov != 0.0f ? d + h.momentum * nb : nb;
+  }
+  w = w - h.lr * d;
+}
+
+}  // namespace fused_opt

@@ -1,0 +1,113 @@
+"""backend="native": the compiled extension (csrc/). `_native_cpu` runs CPU tensors with C++
+kernels; `_native_cuda` runs CUDA tensors. Both take addresses from the same host tables as
+the Triton backend (multi_tensor.py) and do the same three launches."""
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from . import StepBatch
+from .multi_tensor import CHUNK_SIZE, plan_for
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/dispatch.h
+# Module-level names of the launches, so tests can count them.
+LAUNCH_ENTRY_POINTS = ["launch_partials", "launch_finalize", "launch_update"]
+
+try:
+    from .. import _native_cpu
+except ImportError as exc:  # package installed without building the extension
+    _native_cpu, _cpu_error = None, str(exc)
+try:
+    from .. import _native_cuda
+except ImportError as exc:  # built without nvcc
+    _native_cuda, _cuda_error = None, str(exc)
+
+
+def compiled_archs() -> list[str]:
+    """["8.0", "9.0"]: the architectures the CUDA module holds machine code for."""
+    if _native_cuda is None:
+        return []
+    return [entry.replace("+PTX", "") for entry in re.split(r"[;\s]+", _native_cuda.ARCH_LIST) if entry]
+
+
+def _ptx_archs() -> list[str]:
+    if _native_cuda is None:
+        return []
+    return [entry.replace("+PTX", "") for entry in re.split(r"[;\s]+", _native_cuda.ARCH_LIST) if entry.endswith("+PTX")]
+
+
+def runs_on_capability(major: int, minor: int) -> bool:
+    """CUDA's rules: sm_XY code runs on X.Y' for Y' >= Y (same X); PTX for compute_XY is
+    compiled by the driver for any newer GPU."""
+    for arch in compiled_archs():
+        a_major, a_minor = map(int, arch.split("."))
+        if a_major == major and a_minor <= minor:
+            return True
+    return any(tuple(map(int, arch.split("."))) <= (major, minor) for arch in _ptx_archs())
+
+
+def build_info() -> dict:
+    version = None
+    if _native_cuda is not None:
+        version = f"{_native_cuda.CUDA_VERSION // 1000}.{_native_cuda.CUDA_VERSION % 1000 // 10}"
+    return {"native_cpu": _native_cpu is not None, "native_cuda": _native_cuda is not None,
+            "cuda_version": version, "cuda_archs": compiled_archs(), "cuda_ptx_archs": _ptx_archs()}
+
+
+def availability(device: torch.device) -> str | None:
+    if device.type == "cpu":
+        return None if _native_cpu is not None else f"the native CPU module was not built ({_cpu_error})"
+    if device.type == "cuda":
+        if _native_cuda is None:
+            return ("the native CUDA module was not built (nvcc was not found at install time; install CUDA "
+                    "and reinstall with `pip install --no-build-isolation .`)")
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is available"
+        major, minor = torch.cuda.get_device_capability(device)
+        if not runs_on_capability(major, minor):
+            return (f"the GPU's architecture {major}.{minor} was not compiled (built for "
+                    f"{_native_cuda.ARCH_LIST}); reinstall with TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\"")
+        return None
+    return f"no native kernels for {device.type} tensors"
+
+
+def _module_and_stream(device: torch.device):
+    if device.type == "cuda":
+        return _native_cuda, torch.cuda.current_stream(device).cuda_stream
+    return _native_cpu, 0
+
+
+def launch_partials(module, *args):
+    module.partials(*args)
+
+
+def launch_finalize(module, *args):
+    module.finalize(*args)
+
+
+def launch_update(module, *args):
+    module.update(*args)
+
+
+def step(batch: StepBatch) -> None:
+    plan = plan_for(batch, CHUNK_SIZE)
+    module, stream = _module_and_stream(plan.device)
+    norm_inf = batch.norm_type == math.inf
+    scaler = batch.scaler
+    for pair in plan.pairs:
+        launch_partials(module, pair.chunks.data_ptr(), pair.num_chunks, pair.table.data_ptr(),
+                        scaler.scale.data_ptr(), plan.partials[pair.chunk_base:].data_ptr(),
+                        plan.flags[pair.chunk_base:].data_ptr(), DTYPE_CODES[pair.grad_dtype], norm_inf,
+                        plan.chunk_size, stream)
+    launch_finalize(module, plan.partials.data_ptr(), plan.flags.data_ptr(), plan.total_chunks,
+                    scaler.scale.data_ptr(), scaler.growth_tracker.data_ptr(), batch.applied_steps.data_ptr(),
+                    plan.scalars.data_ptr(), batch.grad_norm.data_ptr(), batch.found_inf.data_ptr(),
+                    batch.max_grad_norm or 0.0, scaler.growth_factor, scaler.backoff_factor,
+                    scaler.growth_interval, batch.max_grad_norm is not None, norm_inf, scaler.dynamic, stream)
+    for pair in plan.pairs:
+        launch_update(module, pair.chunks.data_ptr(), pair.num_chunks, pair.table.data_ptr(),
+                      plan.group_table.data_ptr(), plan.scalars.data_ptr(), batch.applied_steps.data_ptr(),
+                      DTYPE_CODES[pair.grad_dtype], DTYPE_CODES[pair.param_dtype], plan.chunk_size, stream)
+    plan.write_back_staged()

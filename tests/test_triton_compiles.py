@@ -1,0 +1,53 @@
+"""The interpreter runs kernels as Python and forgives what the compiler refuses (a
+non-constexpr global, a type mismatch between branches), so every Triton kernel is also
+compiled for sm_90, to a cubin, without a GPU. The compile runs in a subprocess because
+this test session has the interpreter switched on."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+COMPILE_ALL = r'''
+import json, triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from fused_opt.backends import triton_kernels as k
+
+DT = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}
+def build(fn, signature, constexprs):
+    signature = dict(signature, **{name: "constexpr" for name in constexprs})
+    out = triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                         target=GPUTarget("cuda", 90, 32))
+    return len(out.asm["cubin"])
+sizes = {}
+for g in DT:
+    for norm_inf in (False, True):
+        sizes[f"partials-{g}-{norm_inf}"] = build(k.partials_kernel, {"chunks_ptr": "*i64", "table_ptr": "*i64",
+            "scale_ptr": "*fp32", "partials_ptr": "*fp32", "flags_ptr": "*i32"},
+            {"GRAD_DTYPE": DT[g], "NORM_INF": norm_inf, "CHUNK": 65536, "BLOCK": 4096})
+    sizes[f"update-{g}"] = build(k.update_kernel, {"chunks_ptr": "*i64", "table_ptr": "*i64", "groups_ptr": "*fp32",
+        "scalars_ptr": "*fp32", "applied_steps_ptr": "*i32"},
+        {"GRAD_DTYPE": DT[g], "PARAM_DTYPE": DT[g], "CHUNK": 65536, "BLOCK": 4096})
+for dynamic in (False, True):
+    for clip, norm_inf in ((False, False), (True, False), (True, True)):
+        sizes[f"finalize-{dynamic}-{clip}-{norm_inf}"] = build(k.finalize_kernel, {"partials_ptr": "*fp32",
+            "flags_ptr": "*i32", "num_chunks": "i32", "scale_ptr": "*fp32", "tracker_ptr": "*i32",
+            "applied_steps_ptr": "*i32", "scalars_ptr": "*fp32", "grad_norm_ptr": "*fp32", "found_inf_ptr": "*i1",
+            "max_norm": "fp32", "growth_factor": "fp32", "backoff_factor": "fp32", "growth_interval": "i32"},
+            {"HAS_CLIP": clip, "NORM_INF": norm_inf, "DYNAMIC": dynamic, "BLOCK": 1024})
+print(json.dumps(sizes))
+'''
+
+
+def test_every_kernel_compiles_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", COMPILE_ALL], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    sizes = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(sizes) == 3 * 2 + 3 + 6
+    assert all(n > 0 for n in sizes.values()), sizes
