@@ -61,6 +61,8 @@ def test_arch_compatibility_rules(monkeypatch):
     assert not native_backend.runs_on_capability(7, 5)
     Fake.ARCH_LIST = "8.0"
     assert not native_backend.runs_on_capability(9, 0)   # no PTX: sm_80 code never runs on 9.x
+    Fake.ARCH_LIST = "9.0a"
+    assert native_backend.runs_on_capability(9, 0) and not native_backend.runs_on_capability(10, 0)
 
 
 def test_unavailable_cuda_is_explained_without_a_gpu():

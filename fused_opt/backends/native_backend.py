@@ -25,27 +25,39 @@ except ImportError as exc:  # built without nvcc
     _native_cuda, _cuda_error = None, str(exc)
 
 
-def compiled_archs() -> list[str]:
-    """["8.0", "9.0"]: the architectures the CUDA module holds machine code for."""
+def _arch_entries() -> list[tuple[str, bool]]:
+    """(arch, has_ptx) for each TORCH_CUDA_ARCH_LIST entry the CUDA module was built with."""
     if _native_cuda is None:
         return []
-    return [entry.replace("+PTX", "") for entry in re.split(r"[;\s]+", _native_cuda.ARCH_LIST) if entry]
+    return [(entry.replace("+PTX", ""), entry.endswith("+PTX"))
+            for entry in re.split(r"[;\s]+", _native_cuda.ARCH_LIST) if entry]
+
+
+def compiled_archs() -> list[str]:
+    """["8.0", "9.0"]: the architectures the CUDA module holds machine code for."""
+    return [arch for arch, _ in _arch_entries()]
 
 
 def _ptx_archs() -> list[str]:
-    if _native_cuda is None:
-        return []
-    return [entry.replace("+PTX", "") for entry in re.split(r"[;\s]+", _native_cuda.ARCH_LIST) if entry.endswith("+PTX")]
+    return [arch for arch, ptx in _arch_entries() if ptx]
+
+
+def _parse(arch: str) -> tuple[int, int, str]:
+    """"9.0a" -> (9, 0, "a"): an "a" (arch-specific) build runs on that exact GPU only."""
+    major, minor, suffix = re.fullmatch(r"(\d+)\.(\d+)([a-z]?)", arch).groups()
+    return int(major), int(minor), suffix
 
 
 def runs_on_capability(major: int, minor: int) -> bool:
-    """CUDA's rules: sm_XY code runs on X.Y' for Y' >= Y (same X); PTX for compute_XY is
-    compiled by the driver for any newer GPU."""
-    for arch in compiled_archs():
-        a_major, a_minor = map(int, arch.split("."))
-        if a_major == major and a_minor <= minor:
+    """CUDA's rules: sm_XY code runs on X.Y' for Y' >= Y (same X), sm_XYa on X.Y only; PTX
+    for compute_XY is compiled by the driver for any newer GPU."""
+    for arch, ptx in _arch_entries():
+        a_major, a_minor, suffix = _parse(arch)
+        if a_major == major and (a_minor == minor if suffix else a_minor <= minor):
             return True
-    return any(tuple(map(int, arch.split("."))) <= (major, minor) for arch in _ptx_archs())
+        if ptx and not suffix and (a_major, a_minor) <= (major, minor):
+            return True
+    return False
 
 
 def build_info() -> dict:
