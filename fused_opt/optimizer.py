@@ -42,8 +42,10 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         # (param._version, data_ptr) right after our last write: anything else means the
         # param was changed outside the optimizer and its master must be re-taken.
         self._written = {}
+        self._layout = None
+        self._layout_ids = itertools.count(1)
         self._backend_cache = {}
-        self._state_epoch = 0  # bumped whenever state tensors are (re)allocated
+        self._flat_shape = None
 
     # -- public API ---------------------------------------------------------------------
     @property
@@ -73,18 +75,22 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
                 loss = closure()
         for index, group in enumerate(self.param_groups):
             check_group(group, index)
-        active = [(gi, j, p) for gi, g in enumerate(self.param_groups)
-                  for j, p in enumerate(g["params"]) if p.grad is not None]
+        hypers = [Hyper(g["lr"], float(g["momentum"]), float(g["dampening"]), float(g["weight_decay"]),
+                        bool(g["nesterov"]), bool(g["maximize"])) for g in self.param_groups]
+        params = self._flat_params()
+        grads = [p.grad for p in params]
+        active = [i for i, g in enumerate(grads) if g is not None]
         if not active:  # SPEC §2: nothing changes, the scale and its counter included
             self.last_grad_norm.zero_()
             self.last_step_skipped.fill_(False)
             return loss
         self._check_drop_in()
-        check_grads([p for _, _, p in active], [f"param_groups[{gi}]['params'][{j}]" for gi, j, _ in active])
-        batch = self._prepare(active)
-        self._backend.step(batch)
-        for p in batch.params:
-            self._written[p] = (p._version, p.data_ptr())
+        grads = [grads[i] for i in active]
+        check_grads(grads, lambda k: self._param_name(params[active[k]]))
+        batch = self._batch(params, active, grads, hypers)
+        if self._backend.step(batch):
+            # Our own writes bumped _version (torch ops do; raw kernels don't): record them.
+            self._layout.written = [(p._version, p.data_ptr()) for p in batch.params]
         self._loss_scaled = False
         return loss
 
@@ -102,49 +108,79 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
                                "by the loss scale. Call opt.scale_loss(loss).backward(), or build the "
                                "optimizer with loss_scale=None.")
 
-    def _master(self, p: torch.Tensor, state: dict) -> torch.Tensor:
-        if p.dtype == torch.float32:
-            state["master_param"] = p  # an FP32 param is its own master
-        elif "master_param" not in state:
-            state["master_param"] = p.detach().to(torch.float32, copy=True)
-            self._state_epoch += 1
-        elif self._written.get(p) != (p._version, p.data_ptr()):
-            state["master_param"].copy_(p)  # changed outside: don't silently revert it
-        return state["master_param"]
+    def _param_name(self, p: torch.Tensor) -> str:
+        for gi, group in enumerate(self.param_groups):
+            for j, q in enumerate(group["params"]):
+                if q is p:
+                    return f"param_groups[{gi}]['params'][{j}]"
+        return "a param"
 
-    def _prepare(self, active) -> StepBatch:
-        hypers = [Hyper(g["lr"], float(g["momentum"]), float(g["dampening"]), float(g["weight_decay"]),
-                        bool(g["nesterov"]), bool(g["maximize"])) for g in self.param_groups]
-        params, grads, masters, bufs, firsts, group_index = [], [], [], [], [], []
-        for gi, _, p in active:
+    def _batch(self, params, active, grads, hypers) -> StepBatch:
+        """The step's tensors. At thousands of tensors the host's per-tensor work decides the
+        speed, so the lists are cached in a _StepLayout and only rebuilt when the params that
+        step, their storage, their state or the use of momentum changed."""
+        signature = (id(self._flat), active, [h.momentum != 0 for h in hypers])
+        written = [(params[i]._version, params[i].data_ptr()) for i in active]
+        layout = self._layout
+        if layout is None or layout.signature != signature or layout.written != written:
+            layout = self._new_layout(params, active, hypers, signature)
+        return StepBatch(layout.params, grads, layout.masters, layout.bufs, layout.firsts, layout.group_index,
+                         hypers, self.max_grad_norm, self.norm_type, self._scaler, self._applied_steps,
+                         self.last_grad_norm, self.last_step_skipped, self._backend_cache, layout.layout_id)
+
+    def _flush_layout(self) -> None:
+        """Moves the fast path's record of our last writes into the per-param record."""
+        if self._layout is not None:
+            self._written.update(zip(self._layout.params, self._layout.written))
+            self._layout = None
+
+    def _new_layout(self, params, active, hypers, signature) -> "_StepLayout":
+        self._flush_layout()
+        devices = {params[i].device for i in active}
+        if len(devices) > 1:
+            raise RuntimeError(f"params with grads are on {sorted(map(str, devices))}; one step runs on one "
+                               "device (use one optimizer per device)")
+        layout = _StepLayout(signature, next(self._layout_ids))
+        for i in active:
+            p = params[i]
             state = self.state[p]
-            master = self._master(p, state)
-            if hypers[gi].momentum != 0 and "momentum_buffer" not in state:
-                # Allocated now, applied on the device: the first applied step sets b = d.
-                state["momentum_buffer"] = torch.zeros_like(master)
-                state["momentum_first_step"] = torch.zeros((), dtype=torch.int32, device=p.device)
-                self._state_epoch += 1
+            if p.dtype == torch.float32:
+                state["master_param"] = p  # an FP32 param is its own master
+            elif "master_param" not in state:
+                state["master_param"] = p.detach().to(torch.float32, copy=True)
+            elif self._written.get(p) != (p._version, p.data_ptr()):
+                state["master_param"].copy_(p)  # changed outside: don't silently revert it
+            gi = self._group_of[i]
             uses_momentum = hypers[gi].momentum != 0
-            params.append(p)
-            grads.append(p.grad)
-            masters.append(master)
-            bufs.append(state["momentum_buffer"] if uses_momentum else None)
-            firsts.append(state["momentum_first_step"] if uses_momentum else None)
-            group_index.append(gi)
-        return StepBatch(params, grads, masters, bufs, firsts, group_index, hypers,
-                         self.max_grad_norm, self.norm_type, self._scaler, self._applied_steps,
-                         self.last_grad_norm, self.last_step_skipped, self._backend_cache,
-                         self._state_epoch)
+            if uses_momentum and "momentum_buffer" not in state:
+                # Allocated now, applied on the device: the first applied step sets b = d.
+                state["momentum_buffer"] = torch.zeros_like(state["master_param"])
+                state["momentum_first_step"] = torch.zeros((), dtype=torch.int32, device=p.device)
+            layout.params.append(p)
+            layout.masters.append(state["master_param"])
+            layout.bufs.append(state["momentum_buffer"] if uses_momentum else None)
+            layout.firsts.append(state["momentum_first_step"] if uses_momentum else None)
+            layout.group_index.append(gi)
+        layout.written = [(p._version, p.data_ptr()) for p in layout.params]
+        self._layout = layout
+        return layout
 
     # -- state dict ---------------------------------------------------------------------
     def _flat_params(self) -> list[torch.Tensor]:
-        return [p for g in self.param_groups for p in g["params"]]
+        """All params in group order (the order state_dict numbers them), and each one's
+        group in self._group_of."""
+        shape = [(id(g["params"]), len(g["params"])) for g in self.param_groups]
+        if shape != self._flat_shape:
+            self._flat = [p for g in self.param_groups for p in g["params"]]
+            self._group_of = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
+            self._flat_shape = shape
+        return self._flat
 
     def state_dict(self) -> dict:
         """Off the hot path, so it may sync: buffers never applied are left out, as
         torch.optim.SGD would have none; an FP32 param's master is the param itself."""
         sd = super().state_dict()
-        params = self._flat_params()
+        params = [p for g in self.param_groups for p in g["params"]]
         packed = {}
         for index, entry in sd["state"].items():
             entry = dict(entry)
@@ -165,11 +201,12 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         the param's dtype, which would round FP32 masters and buffers to FP16, so the state
         is put in place here, in FP32, and only the groups go through torch's loader."""
         saved_ids = list(itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+        self._flush_layout()  # the loaded state replaces what the cached layout points to
         super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-        params = dict(zip(saved_ids, self._flat_params()))
+        params = dict(zip(saved_ids, [p for g in self.param_groups for p in g["params"]]))
         for saved_id, entry in state_dict["state"].items():
             p = params[saved_id]
             state = self.state[p]
@@ -186,9 +223,17 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
                 # -1: applied before, never equal to an applied-step count, so never "first" again.
                 state["momentum_first_step"] = torch.full((), -1, dtype=torch.int32, device=p.device)
             self._written[p] = (p._version, p.data_ptr())
-        self._state_epoch += 1
         extra = state_dict.get("fused_opt")
         if extra is not None:
             self._scaler.load_state_dict(extra["loss_scaler"])
             self._applied_steps.copy_(extra["applied_steps"])
 
+
+class _StepLayout:
+    """The cached per-tensor lists of a step (see FusedMixedPrecisionSGD._batch)."""
+
+    def __init__(self, signature, layout_id: int):
+        self.signature = signature
+        self.layout_id = layout_id
+        self.params, self.masters, self.bufs, self.firsts, self.group_index = [], [], [], [], []
+        self.written = []

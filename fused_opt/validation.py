@@ -61,17 +61,9 @@ def check_global(max_grad_norm, norm_type) -> None:
         raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type!r}")
 
 
-def check_grads(params: list[torch.Tensor], names: list[str]) -> torch.device:
-    """Grads about to be used in a step; returns the one device they all live on.
-    (torch itself refuses a .grad of another shape, dtype or device than its param.)"""
-    device = None
-    for p, name in zip(params, names):
-        g = p.grad
-        if g.is_sparse or g.layout != torch.strided:
-            raise RuntimeError(f"{name}: sparse gradients are not supported")
-        if device is None:
-            device = p.device
-        elif p.device != device:
-            raise RuntimeError(f"{name}: on {p.device}, but other params are on {device}; one step "
-                               "runs on one device (use one optimizer per device)")
-    return device
+def check_grads(grads: list[torch.Tensor], name_of) -> None:
+    """Grads about to be used in a step (torch itself refuses a .grad of another shape, dtype
+    or device than its param). `name_of(k)` names the k-th grad's param, for the message."""
+    for k, g in enumerate(grads):
+        if g.layout is not torch.strided:
+            raise RuntimeError(f"{name_of(k)}: sparse gradients are not supported")

@@ -127,8 +127,8 @@ SPECIAL = [0.0, -0.0, 1.0, 65504.0, 65520.0, 70000.0, 1e-8, -6e-8, 5.96e-8, 2.98
            float("inf"), float("-inf"), 0.1, -0.3, 1234.5678]
 
 
-@pytest.mark.parametrize("backend,device", FUSED + [("torch", d) for d in {d for _, d in FUSED}],
-                         ids=FUSED_IDS + [f"torch-{d}" for d in {d for _, d in FUSED}])
+@pytest.mark.parametrize("backend,device", FUSED + [("torch", d) for d in sorted({d for _, d in FUSED})],
+                         ids=FUSED_IDS + [f"torch-{d}" for d in sorted({d for _, d in FUSED})])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_write_back_rounds_like_torch(dtype, backend, device):
     """Halfway cases, subnormals, overflow and infinities: the written param is bit-equal to

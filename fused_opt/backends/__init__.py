@@ -1,4 +1,5 @@
 """Backend registry: each backend is a module with `availability(device)` and `step(batch)`.
+`step` returns whether it wrote params through torch ops (which bump their _version).
 
 Adding a backend is adding a module and a line in BACKENDS; nothing else dispatches on names.
 """
@@ -36,8 +37,9 @@ class StepBatch:
     momentum. `momentum_first_step[i]` is an int32 0-dim tensor: 0 while the buffer was never
     applied, else the applied-step count at which it was first applied (see optimizer.py).
     `grad_norm` and `found_inf` are outputs written in place. `cache` is a dict the
-    optimizer keeps for the backend across steps; `state_epoch` changes whenever a master
-    or momentum tensor was (re)allocated, so a backend can cache tables of their addresses.
+    optimizer keeps for the backend across steps; `layout_id` changes whenever anything but
+    the grads changed (params that step, their storage, state tensors, use of momentum), so a
+    backend can cache tables of their addresses under it.
     """
     params: list
     grads: list
@@ -53,7 +55,7 @@ class StepBatch:
     grad_norm: torch.Tensor
     found_inf: torch.Tensor
     cache: dict
-    state_epoch: int
+    layout_id: int
 
 
 def _module(name: str):

@@ -65,7 +65,8 @@ class PairPlan:
     chunk_base: int                # this pair's first slot in the per-chunk partials
     table: torch.Tensor = None     # device copy of host_table
     grad_ptrs: list = field(default_factory=list)
-    staged_params: list = field(default_factory=list)  # (param, dense staging copy)
+    odd_rows: list = field(default_factory=list)  # rows whose master is not contiguous
+    staged: list = field(default_factory=list)    # (param or None, dense staging copy)
 
 
 class Plan:
@@ -93,7 +94,7 @@ class Plan:
 
     def _pair_plan(self, batch, members, param_dtype, grad_dtype, base) -> PairPlan:
         host = torch.zeros(len(members), TABLE_COLUMNS, dtype=torch.int64)
-        chunks = []
+        chunks, odd_rows = [], []
         for row, i in enumerate(members):
             p, master, buf, first = batch.params[i], batch.masters[i], batch.momentum_buffers[i], batch.momentum_first_step[i]
             n = master.numel()
@@ -104,31 +105,39 @@ class Plan:
             host[row, NUMEL] = n
             host[row, GROUP] = batch.group_index[i]
             chunks.extend((row, start) for start in range(0, n, self.chunk_size))
+            if not master.is_contiguous():
+                odd_rows.append(row)
         chunk_table = torch.tensor(chunks, dtype=torch.int64).reshape(-1, 2)
         return PairPlan(param_dtype, grad_dtype, members, host, upload(chunk_table, self.device),
-                        len(chunks), base)
+                        len(chunks), base, odd_rows=odd_rows)
 
     def refresh(self, batch: StepBatch) -> None:
-        """Per step: grad addresses (staged to the master's layout when it differs), params
-        that are not dense (staged through a dense copy), and the group table."""
+        """Per step: the grad addresses (a grad laid out unlike its master is staged to the
+        master's layout), params that need a dense staging copy, and the group table."""
         for pair in self.pairs:
-            ptrs = []
-            pair.staged_params = []
-            for row, i in enumerate(pair.members):
-                g, master, p = batch.grads[i], batch.masters[i], batch.params[i]
-                if g.stride() != master.stride() and g.numel() > 1:
-                    g = torch.empty_like(master, dtype=g.dtype).copy_(g)
-                    pair.staged_params.append((None, g))  # keeps the staged grad alive
-                ptrs.append(g.data_ptr())
-                if p is not master and p.stride() != master.stride() and p.numel() > 1:
-                    staged = torch.empty_like(master, dtype=p.dtype).copy_(p)
-                    pair.staged_params.append((p, staged))
-                    pair.host_table[row, PARAM] = staged.data_ptr()
-            if ptrs != pair.grad_ptrs or pair.staged_params or pair.table is None:
+            grads = [batch.grads[i] for i in pair.members]
+            odd = [row for row, g in enumerate(grads) if not g.is_contiguous()] + pair.odd_rows
+            pair.staged = []
+            for row in sorted(set(odd)):
+                self._stage(batch, pair, row, grads)
+            ptrs = [g.data_ptr() for g in grads]
+            if ptrs != pair.grad_ptrs or pair.staged:
                 pair.host_table[:, GRAD] = torch.tensor(ptrs, dtype=torch.int64)
                 pair.table = upload(pair.host_table.clone(), self.device)
                 pair.grad_ptrs = ptrs
         self._refresh_groups(batch)
+
+    @staticmethod
+    def _stage(batch: StepBatch, pair: "PairPlan", row: int, grads: list) -> None:
+        i = pair.members[row]
+        g, master, p = grads[row], batch.masters[i], batch.params[i]
+        if g.stride() != master.stride() and g.numel() > 1:
+            grads[row] = torch.empty_like(master, dtype=g.dtype).copy_(g)
+            pair.staged.append((None, grads[row]))  # keeps the staged grad alive for the launch
+        if p is not master and p.stride() != master.stride() and p.numel() > 1:
+            staged = torch.empty_like(master, dtype=p.dtype).copy_(p)
+            pair.staged.append((p, staged))
+            pair.host_table[row, PARAM] = staged.data_ptr()
 
     def _refresh_groups(self, batch: StepBatch) -> None:
         rows = [(0.0 if isinstance(h.lr, torch.Tensor) else float(h.lr), h.momentum, 1.0 - h.dampening,
@@ -142,23 +151,21 @@ class Plan:
                                  [lr.reshape(()).to(self.device, torch.float32, non_blocking=True)
                                   for _, lr in tensor_lrs])
 
-    def write_back_staged(self) -> None:
+    def write_back_staged(self) -> bool:
+        """Params laid out unlike their master get their update through a staging copy;
+        returns whether any param was written that way (a torch op: it bumps _version)."""
+        wrote = False
         for pair in self.pairs:
-            for p, staged in pair.staged_params:
+            for p, staged in pair.staged:
                 if p is not None:
                     p.copy_(staged)
-
-
-def plan_key(batch: StepBatch, chunk_size: int) -> tuple:
-    """What a Plan depends on besides grad addresses: which params step, where their data
-    lives, and which state tensors exist (state_epoch)."""
-    return (chunk_size, batch.state_epoch, tuple(batch.group_index), tuple(h.momentum != 0 for h in batch.groups),
-            tuple(map(id, batch.params)), tuple(p.data_ptr() for p in batch.params))
+                    wrote = True
+        return wrote
 
 
 def plan_for(batch: StepBatch, chunk_size: int) -> Plan:
-    """The cached Plan for this batch (rebuilt when its key changed), refreshed for this step."""
-    key = plan_key(batch, chunk_size)
+    """The cached Plan for this batch's layout (rebuilt when it changed), refreshed for this step."""
+    key = (chunk_size, batch.layout_id)
     if batch.cache.get("key") != key:
         batch.cache["plan"], batch.cache["key"] = Plan(batch, chunk_size), key
     plan = batch.cache["plan"]

@@ -27,7 +27,7 @@ def _global_norm(unscaled: list[torch.Tensor], norm_type: float) -> torch.Tensor
     return torch.linalg.vector_norm(torch.stack(per_tensor), norm_type)
 
 
-def step(batch: StepBatch) -> None:
+def step(batch: StepBatch) -> bool:
     inv_scale = torch.reciprocal(batch.scaler.scale)                        # 1/S in FP32
 
     # 1. u_i = float32(g_i) * (1/S)
@@ -71,4 +71,5 @@ def step(batch: StepBatch) -> None:
     batch.grad_norm.copy_(norm)
     # 6. dynamic scale update
     batch.scaler.update_(found_inf)
+    return True
 
