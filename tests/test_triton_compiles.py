@@ -24,13 +24,21 @@ def build(fn, signature, constexprs):
     return len(out.asm["cubin"])
 sizes = {}
 for g in DT:
-    for norm_inf in (False, True):
-        sizes[f"partials-{g}-{norm_inf}"] = build(k.partials_kernel, {"chunks_ptr": "*i64", "table_ptr": "*i64",
-            "scale_ptr": "*fp32", "partials_ptr": "*fp32", "flags_ptr": "*i32"},
-            {"GRAD_DTYPE": DT[g], "NORM_INF": norm_inf, "CHUNK": 65536, "BLOCK": 4096})
-    sizes[f"update-{g}"] = build(k.update_kernel, {"chunks_ptr": "*i64", "table_ptr": "*i64", "groups_ptr": "*fp32",
-        "scalars_ptr": "*fp32", "applied_steps_ptr": "*i32"},
-        {"GRAD_DTYPE": DT[g], "PARAM_DTYPE": DT[g], "CHUNK": 65536, "BLOCK": 4096})
+    for aligned in (False, True):
+        for norm_inf in (False, True):
+            sizes[f"partials-{g}-{norm_inf}-{aligned}"] = build(k.partials_kernel, {"chunks_ptr": "*i64",
+                "table_ptr": "*i64", "scale_ptr": "*fp32", "partials_ptr": "*fp32", "flags_ptr": "*i32"},
+                {"GRAD_DTYPE": DT[g], "NORM_INF": norm_inf, "ALIGNED": aligned, "CHUNK": 65536, "BLOCK": 4096})
+        sizes[f"update-{g}-{aligned}"] = build(k.update_kernel, {"chunks_ptr": "*i64", "table_ptr": "*i64",
+            "groups_ptr": "*fp32", "scalars_ptr": "*fp32", "applied_steps_ptr": "*i32"},
+            {"GRAD_DTYPE": DT[g], "PARAM_DTYPE": DT[g], "ALIGNED": aligned, "CHUNK": 65536, "BLOCK": 4096})
+        if aligned:  # the aligned variants must really use 16-byte vector loads
+            ptx = triton.compile(triton.compiler.ASTSource(fn=k.update_kernel, signature={"chunks_ptr": "*i64",
+                "table_ptr": "*i64", "groups_ptr": "*fp32", "scalars_ptr": "*fp32", "applied_steps_ptr": "*i32",
+                "GRAD_DTYPE": "constexpr", "PARAM_DTYPE": "constexpr", "ALIGNED": "constexpr", "CHUNK": "constexpr",
+                "BLOCK": "constexpr"}, constexprs={"GRAD_DTYPE": DT[g], "PARAM_DTYPE": DT[g], "ALIGNED": True,
+                "CHUNK": 65536, "BLOCK": 4096}), target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+            sizes[f"vector-loads-{g}"] = ptx.count("ld.global.v4")
 for dynamic in (False, True):
     for clip, norm_inf in ((False, False), (True, False), (True, True)):
         sizes[f"finalize-{dynamic}-{clip}-{norm_inf}"] = build(k.finalize_kernel, {"partials_ptr": "*fp32",
@@ -49,5 +57,5 @@ def test_every_kernel_compiles_for_sm90():
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     sizes = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(sizes) == 3 * 2 + 3 + 6
+    assert len(sizes) == 3 * (2 * 2 + 2 + 1) + 6
     assert all(n > 0 for n in sizes.values()), sizes

@@ -66,6 +66,8 @@ class PairPlan:
     table: torch.Tensor = None     # device copy of host_table
     grad_ptrs: list = field(default_factory=list)
     odd_rows: list = field(default_factory=list)  # rows whose master is not contiguous
+    static_aligned: bool = False   # masters, buffers and params all 16-byte aligned
+    aligned: bool = False          # ... and this step's grads too: vector loads are safe
     staged: list = field(default_factory=list)    # (param or None, dense staging copy)
 
 
@@ -94,7 +96,7 @@ class Plan:
 
     def _pair_plan(self, batch, members, param_dtype, grad_dtype, base) -> PairPlan:
         host = torch.zeros(len(members), TABLE_COLUMNS, dtype=torch.int64)
-        chunks, odd_rows = [], []
+        chunks, odd_rows, addresses = [], [], []
         for row, i in enumerate(members):
             p, master, buf, first = batch.params[i], batch.masters[i], batch.momentum_buffers[i], batch.momentum_first_step[i]
             n = master.numel()
@@ -102,6 +104,8 @@ class Plan:
             host[row, BUF] = buf.data_ptr() if buf is not None else 0
             host[row, FIRST_STEP] = first.data_ptr() if first is not None else 0
             host[row, PARAM] = 0 if p is master else p.data_ptr()
+            addresses += [master.data_ptr(), buf.data_ptr() if buf is not None else 0,
+                          0 if p is master else p.data_ptr()]
             host[row, NUMEL] = n
             host[row, GROUP] = batch.group_index[i]
             chunks.extend((row, start) for start in range(0, n, self.chunk_size))
@@ -109,7 +113,7 @@ class Plan:
                 odd_rows.append(row)
         chunk_table = torch.tensor(chunks, dtype=torch.int64).reshape(-1, 2)
         return PairPlan(param_dtype, grad_dtype, members, host, upload(chunk_table, self.device),
-                        len(chunks), base, odd_rows=odd_rows)
+                        len(chunks), base, odd_rows=odd_rows, static_aligned=not any(a & 15 for a in addresses))
 
     def refresh(self, batch: StepBatch) -> None:
         """Per step: the grad addresses (a grad laid out unlike its master is staged to the
@@ -121,6 +125,7 @@ class Plan:
             for row in sorted(set(odd)):
                 self._stage(batch, pair, row, grads)
             ptrs = [g.data_ptr() for g in grads]
+            pair.aligned = pair.static_aligned and not any(x & 15 for x in ptrs)
             if ptrs != pair.grad_ptrs or pair.staged:
                 pair.host_table[:, GRAD] = torch.tensor(ptrs, dtype=torch.int64)
                 pair.table = upload(pair.host_table.clone(), self.device)

@@ -44,6 +44,7 @@ def step(batch: StepBatch) -> bool:
     plan = plan_for(batch, CHUNK_SIZE)
     chunk = plan.chunk_size
     block = min(BLOCK, chunk)
+    assert chunk % block == 0, "FUSED_OPT_CHUNK_SIZE must be a multiple of the block size"
     norm_inf = batch.norm_type == math.inf
     scaler = batch.scaler
     for pair in plan.pairs:
@@ -51,7 +52,7 @@ def step(batch: StepBatch) -> bool:
             k.partials_kernel[(pair.num_chunks,)](
                 pair.chunks, pair.table, scaler.scale, plan.partials[pair.chunk_base:],
                 plan.flags[pair.chunk_base:], GRAD_DTYPE=_tl_dtype(pair.grad_dtype), NORM_INF=norm_inf,
-                CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS)
+                ALIGNED=pair.aligned, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS)
     k.finalize_kernel[(1,)](
         plan.partials, plan.flags, plan.total_chunks, scaler.scale, scaler.growth_tracker,
         batch.applied_steps, plan.scalars, batch.grad_norm, batch.found_inf,
@@ -63,5 +64,5 @@ def step(batch: StepBatch) -> bool:
             k.update_kernel[(pair.num_chunks,)](
                 pair.chunks, pair.table, plan.group_table, plan.scalars, batch.applied_steps,
                 GRAD_DTYPE=_tl_dtype(pair.grad_dtype), PARAM_DTYPE=_tl_dtype(pair.param_dtype),
-                CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS)
+                ALIGNED=pair.aligned, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS)
     return plan.write_back_staged()

@@ -28,17 +28,6 @@ INV_SCALE, CLIP_COEF, FOUND_INF = tl.constexpr(mt.INV_SCALE), tl.constexpr(mt.CL
 
 
 @triton.jit
-def _chunk(chunks_ptr, table_ptr, CHUNK: tl.constexpr):
-    """This program's tensor row, the start of its chunk and the end of its chunk (64-bit:
-    a tensor or the chunk table may pass 2^31 elements)."""
-    c = tl.program_id(0).to(tl.int64)
-    row = tl.load(chunks_ptr + 2 * c)
-    start = tl.load(chunks_ptr + 2 * c + 1)
-    numel = tl.load(table_ptr + row * TABLE_COLUMNS + NUMEL)
-    return row, start, tl.minimum(start + CHUNK, numel)
-
-
-@triton.jit
 def _round_to(w, DTYPE: tl.constexpr):
     """FP32 -> DTYPE, round to nearest even. BF16 is rounded with integer ops, because the
     interpreter truncates where the GPU rounds: this way both give torch's .to() exactly."""
@@ -52,24 +41,46 @@ def _round_to(w, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _partials_block(grads, mask, inv_scale, acc, bad, NORM_INF: tl.constexpr, MASKED: tl.constexpr):
+    # Addresses come in computed (grads = grad + idx): the alignment hints on grad and idx
+    # reach the load only that way. Only a chunk's last, partial block is masked: a mask on
+    # an arbitrary end would stop vectorization.
+    if MASKED:
+        u = tl.load(grads, mask=mask, other=0.0).to(tl.float32) * inv_scale
+    else:
+        u = tl.load(grads).to(tl.float32) * inv_scale
+    # u - u is 0 for finite u and NaN for inf/NaN: one test catches both.
+    bad |= ((u - u) != 0).to(tl.int32)
+    if NORM_INF:
+        acc = tl.maximum(acc, tl.abs(u))
+    else:
+        acc += u * u
+    return acc, bad
+
+
+@triton.jit
 def partials_kernel(chunks_ptr, table_ptr, scale_ptr, partials_ptr, flags_ptr,
-                    GRAD_DTYPE: tl.constexpr, NORM_INF: tl.constexpr, CHUNK: tl.constexpr,
-                    BLOCK: tl.constexpr):
-    row, start, end = _chunk(chunks_ptr, table_ptr, CHUNK)
+                    GRAD_DTYPE: tl.constexpr, NORM_INF: tl.constexpr, ALIGNED: tl.constexpr,
+                    CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    # This program's chunk: a tensor row and a start, 64-bit (a tensor or the chunk table may
+    # pass 2^31 elements). Inlined, not a helper: hints don't survive a helper's return.
+    c = tl.program_id(0).to(tl.int64)
+    row = tl.load(chunks_ptr + 2 * c)
+    start = tl.multiple_of(tl.load(chunks_ptr + 2 * c + 1), CHUNK)
+    end = tl.minimum(start + CHUNK, tl.load(table_ptr + row * TABLE_COLUMNS + NUMEL))
     grad = tl.load(table_ptr + row * TABLE_COLUMNS + GRAD).to(tl.pointer_type(GRAD_DTYPE))
+    if ALIGNED:  # every address 16-byte aligned (checked on the host): 16-byte vector loads
+        grad = tl.multiple_of(grad, 16)
     inv_scale = tl.math.div_rn(1.0, tl.load(scale_ptr))  # IEEE 1/S, as torch.reciprocal
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     bad = tl.zeros([BLOCK], dtype=tl.int32)
-    for offset in range(start, end, BLOCK):
-        idx = offset + tl.arange(0, BLOCK)
-        u = tl.load(grad + idx, mask=idx < end, other=0.0).to(tl.float32) * inv_scale
-        # u - u is 0 for finite u and NaN for inf/NaN: one test catches both.
-        bad |= ((u - u) != 0).to(tl.int32)
-        if NORM_INF:
-            acc = tl.maximum(acc, tl.abs(u))
-        else:
-            acc += u * u
-    c = tl.program_id(0)
+    full_end = start + (end - start) // BLOCK * BLOCK
+    for offset in range(start, full_end, BLOCK):
+        idx = tl.multiple_of(offset, BLOCK) + tl.arange(0, BLOCK)
+        acc, bad = _partials_block(grad + idx, None, inv_scale, acc, bad, NORM_INF, False)
+    if full_end < end:
+        idx = full_end + tl.arange(0, BLOCK)
+        acc, bad = _partials_block(grad + idx, idx < end, inv_scale, acc, bad, NORM_INF, True)
     if NORM_INF:
         tl.store(partials_ptr + c, tl.max(acc, axis=0))
     else:
@@ -122,30 +133,65 @@ def finalize_kernel(partials_ptr, flags_ptr, num_chunks, scale_ptr, tracker_ptr,
 
 
 @triton.jit
+def _update_block(grad, master, buf, param, mask, inv_scale, coef, sign, weight_decay, momentum,
+                  one_minus_dampening, nesterov, lr, first, HAS_BUF, PARAM_DTYPE: tl.constexpr,
+                  MASKED: tl.constexpr):
+    # grad, master, buf, param are this block's addresses (see _partials_block: hints, masks).
+    other = 0.0 if MASKED else None
+    # u * c in this order, as the reference: unscale, then clip.
+    d = (tl.load(grad, mask=mask, other=other).to(tl.float32) * inv_scale) * coef * sign
+    w = tl.load(master, mask=mask, other=other)
+    if weight_decay != 0:
+        d = d + weight_decay * w
+    if HAS_BUF:
+        b = tl.load(buf, mask=mask, other=other)
+        b = tl.where(first, d, b * momentum + one_minus_dampening * d)
+        tl.store(buf, b, mask=mask)
+        if nesterov:
+            d = d + momentum * b
+        else:
+            d = b
+    w = w - lr * d
+    tl.store(master, w, mask=mask)
+    if PARAM_DTYPE != tl.float32:
+        tl.store(param, _round_to(w, PARAM_DTYPE), mask=mask)
+
+
+@triton.jit
 def update_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr, applied_steps_ptr,
-                  GRAD_DTYPE: tl.constexpr, PARAM_DTYPE: tl.constexpr, CHUNK: tl.constexpr,
-                  BLOCK: tl.constexpr):
+                  GRAD_DTYPE: tl.constexpr, PARAM_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+                  CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     if tl.load(scalars_ptr + FOUND_INF) != 0:
         return  # a skipped step writes nothing
-    row, start, end = _chunk(chunks_ptr, table_ptr, CHUNK)
+    # This program's chunk: a tensor row and a start, 64-bit (a tensor or the chunk table may
+    # pass 2^31 elements). Inlined, not a helper: hints don't survive a helper's return.
+    c = tl.program_id(0).to(tl.int64)
+    row = tl.load(chunks_ptr + 2 * c)
+    start = tl.multiple_of(tl.load(chunks_ptr + 2 * c + 1), CHUNK)
+    end = tl.minimum(start + CHUNK, tl.load(table_ptr + row * TABLE_COLUMNS + NUMEL))
     entry = table_ptr + row * TABLE_COLUMNS
     grad = tl.load(entry + GRAD).to(tl.pointer_type(GRAD_DTYPE))
     master = tl.load(entry + MASTER).to(tl.pointer_type(tl.float32))
     buf_addr = tl.load(entry + BUF)
+    buf = buf_addr.to(tl.pointer_type(tl.float32))
     param = tl.load(entry + PARAM).to(tl.pointer_type(PARAM_DTYPE))
+    if ALIGNED:  # every address 16-byte aligned (checked on the host): 16-byte vector accesses
+        grad = tl.multiple_of(grad, 16)
+        master = tl.multiple_of(master, 16)
+        buf = tl.multiple_of(buf, 16)
+        param = tl.multiple_of(param, 16)
     hyper = groups_ptr + tl.load(entry + GROUP) * GROUP_COLUMNS
     lr = tl.load(hyper + LR)
     momentum = tl.load(hyper + MOMENTUM)
     one_minus_dampening = tl.load(hyper + ONE_MINUS_DAMPENING)
     weight_decay = tl.load(hyper + WEIGHT_DECAY)
     nesterov = tl.load(hyper + NESTEROV) != 0
-    maximize = tl.load(hyper + MAXIMIZE) != 0
-    # u * c in this order, as the reference: unscale, then clip.
+    sign = tl.where(tl.load(hyper + MAXIMIZE) != 0, -1.0, 1.0)
     inv_scale = tl.load(scalars_ptr + INV_SCALE)
     coef = tl.load(scalars_ptr + CLIP_COEF)
-    sign = tl.where(maximize, -1.0, 1.0)
+    has_buf = buf_addr != 0
     first = buf_addr == 0
-    if buf_addr != 0:
+    if has_buf:
         # The flag is the applied-step count of the buffer's first applied step (0: never),
         # written identically by every chunk of the tensor, so chunks never race on it.
         first_step_ptr = tl.load(entry + FIRST_STEP).to(tl.pointer_type(tl.int32))
@@ -154,23 +200,12 @@ def update_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr, applied_steps_
         first = (first_step == 0) | (first_step == applied)
         if first_step == 0:
             tl.store(first_step_ptr, applied)
-    buf = buf_addr.to(tl.pointer_type(tl.float32))
-    for offset in range(start, end, BLOCK):
-        idx = offset + tl.arange(0, BLOCK)
-        mask = idx < end
-        d = (tl.load(grad + idx, mask=mask, other=0.0).to(tl.float32) * inv_scale) * coef * sign
-        w = tl.load(master + idx, mask=mask, other=0.0)
-        if weight_decay != 0:
-            d = d + weight_decay * w
-        if buf_addr != 0:
-            b = tl.load(buf + idx, mask=mask, other=0.0)
-            b = tl.where(first, d, b * momentum + one_minus_dampening * d)
-            tl.store(buf + idx, b, mask=mask)
-            if nesterov:
-                d = d + momentum * b
-            else:
-                d = b
-        w = w - lr * d
-        tl.store(master + idx, w, mask=mask)
-        if PARAM_DTYPE != tl.float32:
-            tl.store(param + idx, _round_to(w, PARAM_DTYPE), mask=mask)
+    full_end = start + (end - start) // BLOCK * BLOCK
+    for offset in range(start, full_end, BLOCK):
+        idx = tl.multiple_of(offset, BLOCK) + tl.arange(0, BLOCK)
+        _update_block(grad + idx, master + idx, buf + idx, param + idx, None, inv_scale, coef, sign, weight_decay,
+                      momentum, one_minus_dampening, nesterov, lr, first, has_buf, PARAM_DTYPE, False)
+    if full_end < end:
+        idx = full_end + tl.arange(0, BLOCK)
+        _update_block(grad + idx, master + idx, buf + idx, param + idx, idx < end, inv_scale, coef, sign,
+                      weight_decay, momentum, one_minus_dampening, nesterov, lr, first, has_buf, PARAM_DTYPE, True)
