@@ -73,7 +73,7 @@ FUSED_HD float device_sqrt(float x) {
 
 FUSED_HD void finalize(const FinalizeArgs& a, float total, bool found_inf) {
   float norm = a.norm_inf ? total : device_sqrt(total);
-  if (found_inf && norm - norm == 0.0f) norm = __builtin_inff();  // a skipped step's N is not finite
+  if (found_inf && is_finite(norm)) norm = __builtin_inff();  // a skipped step's N is not finite
   float coef = 1.0f;
   if (a.has_clip) {
     coef = a.max_norm / (norm + 1e-6f);
@@ -90,7 +90,7 @@ FUSED_HD void finalize(const FinalizeArgs& a, float total, bool found_inf) {
     const int32_t clean = found_inf ? 0 : *a.growth_tracker + 1;
     const bool grow = clean == a.growth_interval;
     const float grown = scale * a.growth_factor;
-    *a.scale = found_inf ? scale * a.backoff_factor : (grow && grown - grown == 0.0f ? grown : scale);
+    *a.scale = found_inf ? scale * a.backoff_factor : (grow && is_finite(grown) ? grown : scale);
     *a.growth_tracker = grow ? 0 : clean;
   }
 }

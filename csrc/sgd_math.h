@@ -74,7 +74,7 @@ struct BF16 {
   static FUSED_HD uint16_t store(float f) {
     // Round to nearest even on the upper 16 bits; a NaN stays a (quiet) NaN.
     const uint32_t u = float_bits(f);
-    if (f != f) return 0x7FC0;
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
     return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
   }
 };
@@ -93,10 +93,12 @@ struct StepScalars {
 template <class G>
 FUSED_HD float unscale(typename G::storage g, float inv_scale) { return G::load(g) * inv_scale; }
 
-// Accumulates the norm of u (sum of squares, or max |u|) and flags inf/NaN; NaN-safe:
-// u - u is 0 for finite u and NaN otherwise.
+// Finite by the exponent bits: immune to fast-math folding of float tests like x - x == 0.
+FUSED_HD bool is_finite(float x) { return (float_bits(x) & 0x7F800000u) != 0x7F800000u; }
+
+// Accumulates the norm of u (sum of squares, or max |u|) and flags inf/NaN.
 FUSED_HD void accumulate_norm(float u, bool norm_inf, float& acc, int& bad) {
-  bad |= (u - u) != 0.0f;
+  bad |= !is_finite(u);
   if (norm_inf) {
     const float a = u < 0 ? -u : u;
     acc = a > acc ? a : acc;

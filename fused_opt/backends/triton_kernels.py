@@ -28,13 +28,21 @@ INV_SCALE, CLIP_COEF, FOUND_INF = tl.constexpr(mt.INV_SCALE), tl.constexpr(mt.CL
 
 
 @triton.jit
+def _is_finite(x):
+    """By the exponent bits: float tests like x - x == 0 may be folded away by the compiler
+    (seen on sm_90, where they flagged finite grads)."""
+    return (x.to(tl.uint32, bitcast=True) & 0x7F800000) != 0x7F800000
+
+
+@triton.jit
 def _round_to(w, DTYPE: tl.constexpr):
     """FP32 -> DTYPE, round to nearest even. BF16 is rounded with integer ops, because the
     interpreter truncates where the GPU rounds: this way both give torch's .to() exactly."""
     if DTYPE == tl.bfloat16:
         bits = w.to(tl.uint32, bitcast=True)
         rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)
-        rounded = tl.where(w != w, 0x7FC0, rounded).to(tl.uint16)  # keep NaN a NaN
+        is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        rounded = tl.where(is_nan, 0x7FC0, rounded).to(tl.uint16)  # keep NaN a NaN
         return rounded.to(tl.bfloat16, bitcast=True)
     else:
         return w.to(DTYPE)
@@ -49,8 +57,7 @@ def _partials_block(grads, mask, inv_scale, acc, bad, NORM_INF: tl.constexpr, MA
         u = tl.load(grads, mask=mask, other=0.0).to(tl.float32) * inv_scale
     else:
         u = tl.load(grads).to(tl.float32) * inv_scale
-    # u - u is 0 for finite u and NaN for inf/NaN: one test catches both.
-    bad |= ((u - u) != 0).to(tl.int32)
+    bad |= (~_is_finite(u)).to(tl.int32)
     if NORM_INF:
         acc = tl.maximum(acc, tl.abs(u))
     else:
@@ -109,7 +116,7 @@ def finalize_kernel(partials_ptr, flags_ptr, num_chunks, scale_ptr, tracker_ptr,
         norm = tl.max(acc, axis=0)
     else:
         norm = tl.sqrt_rn(tl.sum(acc, axis=0))
-    norm = tl.where(found_inf & (norm - norm == 0), float("inf"), norm)  # skipped: N is not finite
+    norm = tl.where(found_inf & _is_finite(norm), float("inf"), norm)  # skipped: N is not finite
     coef = 1.0
     if HAS_CLIP:
         coef = tl.minimum(tl.math.div_rn(max_norm, norm + 1e-6), 1.0)
@@ -127,7 +134,7 @@ def finalize_kernel(partials_ptr, flags_ptr, num_chunks, scale_ptr, tracker_ptr,
         grow = clean == growth_interval
         grown = scale * growth_factor
         new_scale = tl.where(found_inf, scale * backoff_factor,
-                             tl.where(grow & (grown - grown == 0), grown, scale))
+                             tl.where(grow & _is_finite(grown), grown, scale))
         tl.store(scale_ptr, new_scale)
         tl.store(tracker_ptr, tl.where(grow, 0, clean))
 

@@ -54,7 +54,9 @@ def run(args) -> dict:
         print(f"[{index + 1}/{len(jobs)}] {workload} {dtype_name}: {n / 1e6:.1f}M params in {len(shapes)} tensors",
               file=sys.stderr, flush=True)
         model = Model(shapes, dtypes[dtype_name], device)
-        contenders = build_all(model, device, include_compiled=args.compile)
+        # torch.compile recompiles per shape list: only the sweep's FP16 rows carry it.
+        contenders = build_all(model, device, include_compiled=args.compile and workload.startswith("sweep")
+                               and dtype_name == "fp16")
         timings = time_interleaved({c.name: c.step for c in contenders}, device,
                                    repeats=args.repeats, steps=args.steps)
         launches = {c.name: kernel_launches(c.step, device) for c in contenders}

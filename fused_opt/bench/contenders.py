@@ -99,9 +99,12 @@ class GradScalerFP32:
 
 
 def build_all(model: Model, device: torch.device, include_compiled: bool) -> list:
-    # Triton on CPU tensors is its interpreter: a test tool, not a contender.
+    # Triton on CPU tensors is its interpreter: a test tool, not a contender. The torch oracle
+    # loops over tensors in Python, so past 1,000 tensors it would dominate the run: left out.
+    many = len(model.params) > 1000
     contenders = [Ours(model, name) for name, reason in fused_opt.backend_availability(device).items()
-                  if reason is None and not (name == "triton" and device.type == "cpu")]
+                  if reason is None and not (name == "triton" and device.type == "cpu")
+                  and not (name == "torch" and many)]
     for mode in ("for-loop", "foreach", "fused"):
         contenders.append(TorchPipeline(model, mode))
     if include_compiled:
