@@ -33,8 +33,9 @@ def plan(device: torch.device, quick: bool) -> list[tuple[str, list]]:
         return [("sweep 64K", workloads.sweep(2**16, 8)), ("many small x200", workloads.many_small(200, 64))]
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        # about 60 B/param live at once: shared FP16 params+grads, 2 of our states, 4 torch pipelines
-        largest = 2 ** int(min(30, (free * 0.8 / 70)).bit_length() - 1)
+        # about 120 B/param live at once: each contender's params and state (ours 10 B, a torch
+        # pipeline 14 B), the shared grads, and the oracle's temporaries
+        largest = 2 ** min(30, int(free * 0.8 / 120).bit_length() - 1)
         sizes = [2**p for p in range(20, 31, 2) if 2**p <= largest]
         return ([(f"sweep {n / 2**20:.0f}M", workloads.sweep(n)) for n in sizes]
                 + [("ResNet-50", workloads.resnet50()), ("GPT-2 small", workloads.gpt2()),

@@ -12,21 +12,30 @@ MAX_NORM = 1.0
 
 
 class Model:
-    """FP16/BF16 params with persistent grads of realistic size (N(0, 1e-3) x loss scale)."""
+    """FP16/BF16 params with persistent grads of realistic size (N(0, 1e-3) x loss scale).
+    Each contender steps its own copy of the params (`fresh_params`): one that wrote params
+    another also writes would be "a param changed outside the optimizer" to ours. The grads
+    are read-only to every contender, so one set is shared."""
 
     def __init__(self, shapes, dtype, device, scale=2.0**16, seed=0):
         gen = torch.Generator(device=device).manual_seed(seed)
-        self.params = [torch.nn.Parameter(torch.randn(s, device=device, generator=gen).to(dtype)) for s in shapes]
-        for p in self.params:
-            p.grad = (torch.randn(p.shape, device=device, generator=gen) * 1e-3 * scale).to(dtype)
+        self.values = [torch.randn(s, device=device, generator=gen).to(dtype) for s in shapes]
+        self.grads = [(torch.randn(s, device=device, generator=gen) * 1e-3 * scale).to(dtype) for s in shapes]
         self.loss = torch.zeros((), device=device)
+
+    def fresh_params(self) -> list:
+        params = [torch.nn.Parameter(v.clone()) for v in self.values]
+        for p, g in zip(params, self.grads):
+            p.grad = g
+        return params
 
 
 class Ours:
     def __init__(self, model: Model, backend: str):
         self.name = f"fused_opt[{backend}]"
         self.model = model
-        self.opt = fused_opt.FusedMixedPrecisionSGD(model.params, max_grad_norm=MAX_NORM, backend=backend, **HYPER)
+        self.opt = fused_opt.FusedMixedPrecisionSGD(model.fresh_params(), max_grad_norm=MAX_NORM, backend=backend,
+                                                    **HYPER)
 
     def step(self):
         self.opt.scale_loss(self.model.loss)
@@ -42,13 +51,14 @@ class TorchPipeline:
     def __init__(self, model: Model, mode: str, compiled: bool = False):
         self.name = f"torch.optim.SGD({mode})" + (" compiled" if compiled else "")
         self.model = model
-        self.masters = [p.detach().float() for p in model.params]
+        self.params = model.fresh_params()
+        self.masters = [p.detach().float() for p in self.params]
         for m in self.masters:
             m.grad = torch.empty_like(m)
         kwargs = {"foreach": False} if mode == "for-loop" else {mode: True}
         self.sgd = torch.optim.SGD(self.masters, **HYPER, **kwargs)
         self.fused = mode == "fused"
-        device = model.params[0].device
+        device = model.loss.device
         self.scale = torch.full((), 2.0**16, device=device)
         self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
         self.found_inf = torch.zeros((), device=device)
@@ -56,7 +66,7 @@ class TorchPipeline:
 
     def _unscale_clip_eager(self):
         grads = [m.grad for m in self.masters]
-        torch._foreach_copy_(grads, [p.grad for p in self.model.params])
+        torch._foreach_copy_(grads, [p.grad for p in self.params])
         self.found_inf.zero_()
         torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, self.scale.reciprocal())
         torch.nn.utils.clip_grad_norm_(self.masters, MAX_NORM, foreach=True)
@@ -69,7 +79,7 @@ class TorchPipeline:
             self.sgd.step()
         elif not self.found_inf.item():
             self.sgd.step()
-        torch._foreach_copy_([p.data for p in self.model.params], self.masters)
+        torch._foreach_copy_([p.data for p in self.params], self.masters)
         torch._amp_update_scale_(self.scale, self.growth_tracker, self.found_inf, 2.0, 0.5, 2000)
 
 
@@ -82,9 +92,9 @@ class GradScalerFP32:
 
     def __init__(self, model: Model):
         self.name = "GradScaler + SGD(fused) on FP32 params"
-        self.params = [torch.nn.Parameter(p.detach().float()) for p in model.params]
-        for p, q in zip(self.params, model.params):
-            p.grad = q.grad.float()
+        self.params = [torch.nn.Parameter(v.float()) for v in model.values]
+        for p, g in zip(self.params, model.grads):
+            p.grad = g.float()
         device = self.params[0].device
         self.sgd = torch.optim.SGD(self.params, fused=True, **HYPER)
         self.scaler = torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**30)
@@ -101,7 +111,7 @@ class GradScalerFP32:
 def build_all(model: Model, device: torch.device, include_compiled: bool) -> list:
     # Triton on CPU tensors is its interpreter: a test tool, not a contender. The torch oracle
     # loops over tensors in Python, so past 1,000 tensors it would dominate the run: left out.
-    many = len(model.params) > 1000
+    many = len(model.values) > 1000
     contenders = [Ours(model, name) for name, reason in fused_opt.backend_availability(device).items()
                   if reason is None and not (name == "triton" and device.type == "cpu")
                   and not (name == "torch" and many)]
