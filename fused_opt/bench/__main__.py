@@ -17,6 +17,7 @@ import torch
 import fused_opt
 from . import workloads
 from .contenders import Model, TorchPipeline, build_all
+from .plot import plot
 from .timing import copy_bandwidth, kernel_launches, time_interleaved
 
 BYTES_PER_PARAM = 22  # SPEC §5: the lower bound for a step with momentum, FP16 grads, FP32 masters
@@ -126,7 +127,8 @@ def main(argv=None) -> None:
         json.dump(record, f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write(text + "\n")
-    print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
+    drawn = plot(record, stem + ".png")
+    print(f"wrote {stem}.json, {stem}.md" + (f" and {stem}.png" if drawn else ""), file=sys.stderr)
 
 
 if __name__ == "__main__":
