@@ -17,6 +17,10 @@ from .validation import check_global, check_grads, check_group, check_params
 
 
 class FusedMixedPrecisionSGD(torch.optim.Optimizer):
+    # torch.amp.GradScaler then hands us its scale and found_inf (as attributes) instead of
+    # unscaling the grads itself: the unscale and the skip stay inside the fused step.
+    _step_supports_amp_scaling = True
+
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, max_grad_norm=None, norm_type=2.0,
                  loss_scale="dynamic", init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5,
@@ -39,6 +43,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         # whether this is its first applied step (see momentum_first_step in StepBatch).
         self._applied_steps = torch.zeros((), dtype=torch.int32, device=device)
         self._loss_scaled = False
+        self._amp_scaler = None  # the scale torch.amp.GradScaler hands us, when it drives
         # (param._version, data_ptr) right after our last write: anything else means the
         # param was changed outside the optimizer and its master must be re-taken.
         self._written = {}
@@ -87,7 +92,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         self._check_drop_in()
         grads = [grads[i] for i in active]
         check_grads(grads, lambda k: self._param_name(params[active[k]]))
-        batch = self._batch(params, active, grads, hypers)
+        batch = self._batch(params, active, grads, hypers, self._grad_scaler_scale())
         if self._backend.step(batch):
             # Our own writes bumped _version (torch ops do; raw kernels don't): record them.
             self._layout.written = [(p._version, p.data_ptr()) for p in batch.params]
@@ -108,6 +113,22 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
                                "by the loss scale. Call opt.scale_loss(loss).backward(), or build the "
                                "optimizer with loss_scale=None.")
 
+    def _grad_scaler_scale(self) -> LossScaler:
+        """The scale of this step: ours, or the one torch.amp.GradScaler set on us (None when
+        its unscale_ already ran). GradScaler's found_inf becomes a NaN scale, which the
+        kernels' own inf/NaN check turns into a skipped step: no new path through them."""
+        if self._scaler.enabled or (getattr(self, "grad_scale", None) is None
+                                    and getattr(self, "found_inf", None) is None):
+            return self._scaler
+        if self._amp_scaler is None:
+            self._amp_scaler = LossScaler(1.0, 1.0, 1.0, 1.0, 1, self.last_grad_norm.device)
+        scale = self.grad_scale if getattr(self, "grad_scale", None) is not None else 1.0
+        found_inf = self.found_inf if isinstance(getattr(self, "found_inf", None), torch.Tensor) else None
+        if found_inf is not None:
+            scale = torch.where(found_inf.to(self._amp_scaler.scale.device) > 0, float("nan"), scale)
+        self._amp_scaler.scale.copy_(scale)
+        return self._amp_scaler
+
     def _param_name(self, p: torch.Tensor) -> str:
         for gi, group in enumerate(self.param_groups):
             for j, q in enumerate(group["params"]):
@@ -115,7 +136,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
                     return f"param_groups[{gi}]['params'][{j}]"
         return "a param"
 
-    def _batch(self, params, active, grads, hypers) -> StepBatch:
+    def _batch(self, params, active, grads, hypers, scaler: LossScaler) -> StepBatch:
         """The step's tensors. At thousands of tensors the host's per-tensor work decides the
         speed, so the lists are cached in a _StepLayout and only rebuilt when the params that
         step, their storage, their state or the use of momentum changed."""
@@ -125,7 +146,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         if layout is None or layout.signature != signature or layout.written != written:
             layout = self._new_layout(params, active, hypers, signature)
         return StepBatch(layout.params, grads, layout.masters, layout.bufs, layout.firsts, layout.group_index,
-                         hypers, self.max_grad_norm, self.norm_type, self._scaler, self._applied_steps,
+                         hypers, self.max_grad_norm, self.norm_type, scaler, self._applied_steps,
                          self.last_grad_norm, self.last_step_skipped, self._backend_cache, layout.layout_id)
 
     def _flush_layout(self) -> None:
