@@ -2,6 +2,8 @@
 // each chunk with stride 1, a CUDA block runs it with one thread per lane (stride = threads),
 // so the CPU tests exercise exactly the indexing the GPU relies on.
 #pragma once
+#include <type_traits>
+
 #include "sgd_math.h"
 
 namespace fused_opt {
@@ -39,18 +41,37 @@ FUSED_HD bool claim_first_step(const TensorEntry& t, int32_t applied_steps, bool
 }
 
 // Pass 2 over elements of one chunk: read g, w, b; write w, b and the rounded param.
-template <class G, class P>
-FUSED_HD void update_range(const TensorEntry& t, const Hyper& h, const StepScalars& s, bool first,
-                           int64_t begin, int64_t end, int64_t stride) {
+template <class G, class P, bool HasBuf, bool HasParam, bool Nesterov>
+FUSED_HD void update_range(const TensorEntry& t, const StepCoefs& coefs, float inv_scale, int64_t begin,
+                           int64_t end, int64_t stride) {
   const auto* g = reinterpret_cast<const typename G::storage*>(t.grad);
   auto* w = reinterpret_cast<float*>(t.master);
   auto* b = reinterpret_cast<float*>(t.buf);
   auto* p = reinterpret_cast<typename P::storage*>(t.param);
+  const StepCoefs k = coefs;  // a local: stores through w/b/p can't alias it, so loads hoist
   for (int64_t i = begin; i < end; i += stride) {
-    float wi = w[i];
-    sgd_element(unscale<G>(g[i], s.inv_scale), wi, b ? b + i : nullptr, h, s.clip_coef, first);
+    float bi = HasBuf ? b[i] : 0.0f;
+    const float wi = sgd_element<HasBuf, Nesterov>(unscale<G>(g[i], inv_scale), w[i], bi, k);
     w[i] = wi;
-    if (p != nullptr) p[i] = P::store(wi);
+    if (HasBuf) b[i] = bi;
+    if (HasParam) p[i] = P::store(wi);
+  }
+}
+
+// Calls fn(HasBuf, HasParam, Nesterov) with std::bool_constant arguments for tensor t:
+// per-tensor choices become compile-time ones, so the element loop carries no branch.
+template <class Fn>
+FUSED_HD void dispatch_tensor(const TensorEntry& t, bool nesterov, Fn&& fn) {
+  using Yes = std::true_type;
+  using No = std::false_type;
+  if (t.buf != 0) {
+    if (nesterov) {
+      if (t.param != 0) fn(Yes{}, Yes{}, Yes{}); else fn(Yes{}, No{}, Yes{});
+    } else {
+      if (t.param != 0) fn(Yes{}, Yes{}, No{}); else fn(Yes{}, No{}, No{});
+    }
+  } else {
+    if (t.param != 0) fn(No{}, Yes{}, No{}); else fn(No{}, No{}, No{});
   }
 }
 

@@ -31,6 +31,29 @@ void parallel_chunks(int64_t num_chunks, Fn&& fn) {
   for (auto& th : pool) th.join();
 }
 
+// Pass 1 over one chunk with kLanes independent accumulators, so the compiler can vectorize
+// the loop without reassociating floats (no -ffast-math); lanes are then combined in a fixed
+// order, so the result does not depend on the vector width.
+constexpr int kLanes = 16;
+
+template <class G, bool NormInf>
+void partial_chunk(const TensorEntry& t, float inv_scale, int64_t begin, int64_t end, float& acc, int& bad) {
+  const auto* g = reinterpret_cast<const typename G::storage*>(t.grad);
+  float lane_acc[kLanes] = {};
+  int lane_bad[kLanes] = {};
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    for (int k = 0; k < kLanes; ++k) {
+      accumulate_norm(unscale<G>(g[i + k], inv_scale), NormInf, lane_acc[k], lane_bad[k]);
+    }
+  }
+  for (int k = 0; k < kLanes; ++k) {
+    acc = NormInf ? std::max(acc, lane_acc[k]) : acc + lane_acc[k];
+    bad |= lane_bad[k];
+  }
+  partial_range<G>(t, inv_scale, NormInf, i, end, 1, acc, bad);
+}
+
 void partials(const PartialsArgs& a, int64_t /*stream*/) {
   const auto* chunks = reinterpret_cast<const Chunk*>(a.chunks);
   const auto* table = reinterpret_cast<const TensorEntry*>(a.table);
@@ -41,7 +64,12 @@ void partials(const PartialsArgs& a, int64_t /*stream*/) {
       const TensorEntry& t = table[chunks[c].row];
       float acc = 0.0f;
       int bad = 0;
-      partial_range<G>(t, inv_scale, a.norm_inf, chunks[c].start, chunk_end(t, chunks[c], a.chunk_size), 1, acc, bad);
+      const int64_t end = chunk_end(t, chunks[c], a.chunk_size);
+      if (a.norm_inf) {
+        partial_chunk<G, true>(t, inv_scale, chunks[c].start, end, acc, bad);
+      } else {
+        partial_chunk<G, false>(t, inv_scale, chunks[c].start, end, acc, bad);
+      }
       reinterpret_cast<float*>(a.partials)[c] = acc;
       reinterpret_cast<int32_t*>(a.flags)[c] = bad;
     });
@@ -72,9 +100,12 @@ void update(const UpdateArgs& a, int64_t /*stream*/) {
     using G = decltype(g);  // torch keeps a grad in its param's dtype
     parallel_chunks(a.num_chunks, [&](int64_t c) {
       const TensorEntry& t = table[chunks[c].row];
-      const bool first = claim_first_step(t, applied, true);
-      update_range<G, G>(t, groups[t.group], *scalars, first, chunks[c].start,
-                         chunk_end(t, chunks[c], a.chunk_size), 1);
+      const Hyper& h = groups[t.group];
+      const StepCoefs coefs = step_coefs(h, scalars->clip_coef, claim_first_step(t, applied, true));
+      dispatch_tensor(t, coefs.nesterov, [&](auto has_buf, auto has_param, auto nesterov) {
+        update_range<G, G, decltype(has_buf)::value, decltype(has_param)::value, decltype(nesterov)::value>(
+            t, coefs, scalars->inv_scale, chunks[c].start, chunk_end(t, chunks[c], a.chunk_size), 1);
+      });
     });
   });
 }

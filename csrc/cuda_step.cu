@@ -64,8 +64,8 @@ __device__ void partial_chunk(const TensorEntry& t, float inv_scale, bool norm_i
   partial_range<G>(t, inv_scale, norm_inf, vec_end + threadIdx.x, end, kThreads, acc, bad);
 }
 
-template <class G, class P>
-__device__ void update_chunk(const TensorEntry& t, const Hyper& h, const StepScalars& s, bool first, int64_t start,
+template <class G, class P, bool HasBuf, bool HasParam, bool Nesterov>
+__device__ void update_chunk(const TensorEntry& t, const StepCoefs& coefs, float inv_scale, int64_t start,
                              int64_t end) {
   using GS = typename G::storage;
   using PS = typename P::storage;
@@ -80,20 +80,20 @@ __device__ void update_chunk(const TensorEntry& t, const Hyper& h, const StepSca
     for (int64_t k = threadIdx.x; k < n4; k += kThreads) {
       const Vec4<GS> g = g4[k];
       Vec4<float> w = w4[k], b;
-      if (t.buf != 0) b = b4[k];
+      if (HasBuf) b = b4[k];
       Vec4<PS> p;
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        sgd_element(unscale<G>(g.v[e], s.inv_scale), w.v[e], t.buf != 0 ? &b.v[e] : nullptr, h, s.clip_coef, first);
-        p.v[e] = P::store(w.v[e]);
+        w.v[e] = sgd_element<HasBuf, Nesterov>(unscale<G>(g.v[e], inv_scale), w.v[e], b.v[e], coefs);
+        if (HasParam) p.v[e] = P::store(w.v[e]);
       }
       w4[k] = w;
-      if (t.buf != 0) b4[k] = b;
-      if (t.param != 0) p4[k] = p;
+      if (HasBuf) b4[k] = b;
+      if (HasParam) p4[k] = p;
     }
     vec_end = start + 4 * n4;
   }
-  update_range<G, P>(t, h, s, first, vec_end + threadIdx.x, end, kThreads);
+  update_range<G, P, HasBuf, HasParam, Nesterov>(t, coefs, inv_scale, vec_end + threadIdx.x, end, kThreads);
 }
 
 template <class G>
@@ -143,7 +143,11 @@ __global__ void __launch_bounds__(kThreads) update_kernel(UpdateArgs a) {
   __shared__ bool first;
   if (threadIdx.x == 0) first = claim_first_step(t, applied, true);
   __syncthreads();
-  update_chunk<G, P>(t, h, s, first, c.start, chunk_end(t, c, a.chunk_size));
+  const StepCoefs k = step_coefs(h, s.clip_coef, first);
+  dispatch_tensor(t, k.nesterov, [&](auto has_buf, auto has_param, auto nesterov) {
+    update_chunk<G, P, decltype(has_buf)::value, decltype(has_param)::value, decltype(nesterov)::value>(
+        t, k, s.inv_scale, c.start, chunk_end(t, c, a.chunk_size));
+  });
 }
 
 

@@ -16,7 +16,7 @@ import torch
 
 import fused_opt
 from . import workloads
-from .contenders import Model, TorchPipeline, build_all
+from .contenders import Baseline, Model, build_all
 from .plot import plot
 from .timing import copy_bandwidth, kernel_launches, time_interleaved
 
@@ -64,7 +64,7 @@ def run(args) -> dict:
         timings = time_interleaved({c.name: c.step for c in contenders}, device,
                                    repeats=args.repeats, steps=args.steps)
         launches = {c.name: kernel_launches(c.step, device) for c in contenders}
-        best_torch = min(t["median_s"] for c in contenders if isinstance(c, TorchPipeline)
+        best_torch = min(t["median_s"] for c in contenders if isinstance(c, Baseline)
                          and " compiled" not in c.name for t in [timings[c.name]])
         for c in contenders:
             t = timings[c.name]

@@ -43,36 +43,41 @@ class Ours:
 
 
 class TorchPipeline:
-    """SPEC §5's baseline: FP32 masters, grads copied in, unscaled and inf-checked by torch's
-    AMP kernel, clip_grad_norm_(foreach=True), torch.optim.SGD, masters copied back. The
-    skip works as GradScaler does it: fused=True takes found_inf on the device, the others
-    read it on the host (GradScaler's .item())."""
+    """SPEC §5's baseline, the job done with torch.optim today: FP32 masters, grads copied in,
+    unscaled and inf-checked by torch's AMP kernel, clip_grad_norm_(foreach=True),
+    torch.optim.SGD, masters copied back, GradScaler's scale update. The skip works as
+    GradScaler does it: fused=True takes found_inf on the device, the others read it on the
+    host (GradScaler's .item()). Also the baseline of examples/train_digits.py."""
 
-    def __init__(self, model: Model, mode: str, compiled: bool = False):
+    def __init__(self, params, mode: str, compiled: bool = False, max_norm: float = MAX_NORM,
+                 init_scale: float = 2.0**16, growth_interval: int = 2000, **hyper):
         self.name = f"torch.optim.SGD({mode})" + (" compiled" if compiled else "")
-        self.model = model
-        self.params = model.fresh_params()
+        self.params = list(params)
+        self.max_norm = max_norm
         self.masters = [p.detach().float() for p in self.params]
         for m in self.masters:
-            m.grad = torch.empty_like(m)
+            m.grad = torch.zeros_like(m)
         kwargs = {"foreach": False} if mode == "for-loop" else {mode: True}
-        self.sgd = torch.optim.SGD(self.masters, **HYPER, **kwargs)
+        self.sgd = torch.optim.SGD(self.masters, **{**HYPER, **hyper}, **kwargs)
         self.fused = mode == "fused"
-        device = model.loss.device
-        self.scale = torch.full((), 2.0**16, device=device)
+        device = self.params[0].device
+        self.scale = torch.full((), init_scale, device=device)
+        self.growth_interval = growth_interval
         self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
         self.found_inf = torch.zeros((), device=device)
         self._unscale_clip = torch.compile(self._unscale_clip_eager) if compiled else self._unscale_clip_eager
+
+    def scale_loss(self, loss):
+        return loss * self.scale
 
     def _unscale_clip_eager(self):
         grads = [m.grad for m in self.masters]
         torch._foreach_copy_(grads, [p.grad for p in self.params])
         self.found_inf.zero_()
         torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, self.scale.reciprocal())
-        torch.nn.utils.clip_grad_norm_(self.masters, MAX_NORM, foreach=True)
+        torch.nn.utils.clip_grad_norm_(self.masters, self.max_norm, foreach=True)
 
     def step(self):
-        _ = self.model.loss * self.scale
         self._unscale_clip()
         if self.fused:
             self.sgd.found_inf = self.found_inf
@@ -80,7 +85,20 @@ class TorchPipeline:
         elif not self.found_inf.item():
             self.sgd.step()
         torch._foreach_copy_([p.data for p in self.params], self.masters)
-        torch._amp_update_scale_(self.scale, self.growth_tracker, self.found_inf, 2.0, 0.5, 2000)
+        torch._amp_update_scale_(self.scale, self.growth_tracker, self.found_inf, 2.0, 0.5, self.growth_interval)
+
+
+class Baseline:
+    """A torch pipeline as a benchmark contender: its own params, the model's shared grads."""
+
+    def __init__(self, model: Model, mode: str, compiled: bool = False):
+        self.model = model
+        self.pipeline = TorchPipeline(model.fresh_params(), mode, compiled)
+        self.name = self.pipeline.name
+
+    def step(self):
+        self.pipeline.scale_loss(self.model.loss)
+        self.pipeline.step()
 
 
 class GradScalerFP32:
@@ -116,8 +134,8 @@ def build_all(model: Model, device: torch.device, include_compiled: bool) -> lis
                   if reason is None and not (name == "triton" and device.type == "cpu")
                   and not (name == "torch" and many)]
     for mode in ("for-loop", "foreach", "fused"):
-        contenders.append(TorchPipeline(model, mode))
+        contenders.append(Baseline(model, mode))
     if include_compiled:
-        contenders.append(TorchPipeline(model, "fused", compiled=True))
+        contenders.append(Baseline(model, "fused", compiled=True))
     contenders.append(GradScalerFP32(model))
     return contenders
