@@ -63,7 +63,7 @@ def train(kind: str, steps: int, device: torch.device, dtype: torch.dtype, batch
         opt.step()
         sync(device)
         step_times.append(time.perf_counter() - start)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     with torch.no_grad():
         accuracy = float((model(x.to(dtype)).argmax(1) == y).float().mean())
     return losses, sorted(step_times)[len(step_times) // 2], accuracy
