@@ -10,13 +10,17 @@
 namespace fused_opt {
 namespace {
 
-// Below this many chunks per thread, starting threads costs more than it saves.
-constexpr int64_t kMinChunksPerThread = 4;
+// Below this many elements per thread, starting a thread (tens of microseconds) costs more
+// than it saves.
+constexpr int64_t kMinElementsPerThread = int64_t(1) << 18;
 
 template <class Fn>
-void parallel_chunks(int64_t num_chunks, Fn&& fn) {
+void parallel_chunks(const Chunk* chunks, const TensorEntry* table, int64_t num_chunks, int64_t chunk_size,
+                     Fn&& fn) {
+  int64_t elements = 0;
+  for (int64_t c = 0; c < num_chunks; ++c) elements += chunk_end(table[chunks[c].row], chunks[c], chunk_size) - chunks[c].start;
   const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
-  const int64_t threads = std::min(hw, num_chunks / kMinChunksPerThread);
+  const int64_t threads = std::min({hw, num_chunks, elements / kMinElementsPerThread});
   if (threads <= 1) {
     for (int64_t c = 0; c < num_chunks; ++c) fn(c);
     return;
@@ -60,7 +64,7 @@ void partials(const PartialsArgs& a, int64_t /*stream*/) {
   const float inv_scale = inverse_scale(reinterpret_cast<const float*>(a.scale));
   dispatch_dtype(a.grad_dtype, [&](auto g) {
     using G = decltype(g);
-    parallel_chunks(a.num_chunks, [&](int64_t c) {
+    parallel_chunks(chunks, table, a.num_chunks, a.chunk_size, [&](int64_t c) {
       const TensorEntry& t = table[chunks[c].row];
       float acc = 0.0f;
       int bad = 0;
@@ -98,7 +102,7 @@ void update(const UpdateArgs& a, int64_t /*stream*/) {
   check_same_dtype(a);
   dispatch_dtype(a.grad_dtype, [&](auto g) {
     using G = decltype(g);  // torch keeps a grad in its param's dtype
-    parallel_chunks(a.num_chunks, [&](int64_t c) {
+    parallel_chunks(chunks, table, a.num_chunks, a.chunk_size, [&](int64_t c) {
       const TensorEntry& t = table[chunks[c].row];
       const Hyper& h = groups[t.group];
       const StepCoefs coefs = step_coefs(h, scalars->clip_coef, claim_first_step(t, applied, true));
