@@ -4,6 +4,7 @@ so one build serves every torch version and builds on a machine without a GPU.
 
   TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX"   GPU architectures (the default), as PyTorch spells them
   FUSED_OPT_NO_CUDA=1                  skip the CUDA module even when nvcc is there
+  FUSED_OPT_PORTABLE=1                 no CPU-specific flags (F16C/AVX) for the CPU module
   CUDA_HOME=/usr/local/cuda            where CUDA is (else /usr/local/cuda, else from nvcc)
 """
 import os
@@ -37,6 +38,20 @@ def cuda_home():
         if match:
             return match.group(1)
     return None
+
+
+def cpu_flags():
+    """F16C (and the AVX it needs) when the building machine has them: the FP16 CPU step is
+    then 8 hardware conversions per instruction instead of a dozen operations per value.
+    A from-source build runs where it was built; FUSED_OPT_PORTABLE=1 leaves them out."""
+    if os.environ.get("FUSED_OPT_PORTABLE") == "1":
+        return []
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return []
+    return ["-mavx", "-mf16c"] if {"avx", "f16c"} <= flags else []
 
 
 def gencode_flags(arch_list: str):
@@ -81,7 +96,7 @@ class BuildNative(build_ext):
 setup(
     ext_modules=[
         Extension("fused_opt._native_cpu", ["csrc/cpu_step.cpp"], include_dirs=[pybind11_include(), "csrc"],
-                  extra_compile_args=["-O3", "-std=c++17", "-pthread"], extra_link_args=["-pthread"],
+                  extra_compile_args=["-O3", "-std=c++17", "-pthread", *cpu_flags()], extra_link_args=["-pthread"],
                   language="c++"),
         Extension("fused_opt._native_cuda", ["csrc/cuda_step.cu"]),
     ],
