@@ -51,6 +51,8 @@ def cpu_flags():
             flags = set(next(line for line in f if line.startswith("flags")).split())
     except (OSError, StopIteration):
         return []
+    if {"avx2", "f16c"} <= flags:
+        return ["-mavx2", "-mf16c"]
     return ["-mavx", "-mf16c"] if {"avx", "f16c"} <= flags else []
 
 
