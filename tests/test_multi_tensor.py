@@ -9,7 +9,7 @@ import torch
 
 import fused_opt
 from fused_opt.backends import multi_tensor
-from harness import (BACKEND_DEVICE_IDS, BACKEND_DEVICES, Config, assert_close_fp32, make_grads,
+from harness import (BACKEND_DEVICES, Config, assert_close_fp32, make_grads,
                      run_against_reference, run_step)
 
 FUSED = [(b, d) for b, d in BACKEND_DEVICES if b != "torch"]
