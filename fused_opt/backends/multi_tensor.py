@@ -65,7 +65,7 @@ class PairPlan:
     chunk_base: int                # this pair's first slot in the per-chunk partials
     table: torch.Tensor = None     # device copy of host_table
     grad_ptrs: list = field(default_factory=list)
-    odd_rows: list = field(default_factory=list)  # rows whose master is not contiguous
+    odd_rows: list = field(default_factory=list)  # rows laid out unlike a dense tensor
     static_aligned: bool = False   # masters, buffers and params all 16-byte aligned
     aligned: bool = False          # ... and this step's grads too: vector loads are safe
     staged: list = field(default_factory=list)    # (param or None, dense staging copy)
@@ -109,8 +109,8 @@ class Plan:
             host[row, NUMEL] = n
             host[row, GROUP] = batch.group_index[i]
             chunks.extend((row, start) for start in range(0, n, self.chunk_size))
-            if not master.is_contiguous():
-                odd_rows.append(row)
+            if not master.is_contiguous() or (p is not master and p.stride() != master.stride() and n > 1):
+                odd_rows.append(row)  # staged every step (see refresh)
         chunk_table = torch.tensor(chunks, dtype=torch.int64).reshape(-1, 2)
         return PairPlan(param_dtype, grad_dtype, members, host, upload(chunk_table, self.device),
                         len(chunks), base, odd_rows=odd_rows, static_aligned=not any(a & 15 for a in addresses))
