@@ -1,0 +1,71 @@
+"""torch.distributed DDP (gloo, 2 processes on 127.0.0.1): the optimizer runs unchanged on
+DDP-averaged grads, and the result equals one process training on the whole batch."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fused_opt
+from harness import BACKEND_DEVICES
+
+CPU_BACKENDS = [b for b, d in BACKEND_DEVICES if d == "cpu"]
+STEPS = 6
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+
+
+def data():
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(STEPS, 16, 8, generator=gen), torch.randn(STEPS, 16, 4, generator=gen)
+
+
+def train(model, opt, xs, ys):
+    for x, y in zip(xs, ys):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        opt.scale_loss(loss).backward()
+        opt.step()
+
+
+def make_opt(params, backend):
+    # max_grad_norm small enough that clipping is active on every step
+    return fused_opt.FusedMixedPrecisionSGD(params, lr=0.1, momentum=0.9, max_grad_norm=0.3, init_scale=2.0**8,
+                                            backend=backend)
+
+
+def worker(rank, world, port, backend, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(make_model())
+        opt = make_opt(ddp.parameters(), backend)
+        xs, ys = data()
+        half = 16 // world
+        train(ddp, opt, xs[:, rank * half:(rank + 1) * half], ys[:, rank * half:(rank + 1) * half])
+        if rank == 0:
+            torch.save([p.detach() for p in ddp.module.parameters()], out)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_ddp_two_processes_equal_one_process(backend, tmp_path):
+    out = str(tmp_path / "params.pt")
+    mp.spawn(worker, args=(2, free_port(), backend, out), nprocs=2, join=True)
+    ddp_params = torch.load(out)
+    model = make_model()
+    train(model, make_opt(model.parameters(), backend), *data())
+    for a, b in zip(ddp_params, model.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
