@@ -50,7 +50,8 @@ def run(args) -> dict:
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
     copy_bps = copy_bandwidth(device, 2**28 if device.type == "cuda" and not args.quick else 2**25)
     rows = []
-    jobs = [(w, s, d) for w, s in plan(device, args.quick) for d in args.dtypes]
+    jobs = [(w, s, d) for w, s in plan(device, args.quick) for d in args.dtypes
+            if args.only is None or args.only in w]
     # torch.compile recompiles per shape list (tens of seconds each): it runs on the largest
     # sweep's FP16 row, where the bandwidth claim is made.
     compile_row = max(((workloads.numel(s), w) for w, s, _ in jobs if w.startswith("sweep")), default=(0, None))[1]
@@ -116,13 +117,14 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="calls per timed repeat")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (for tests)")
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd pipeline")
+    parser.add_argument("--only", help="run only the workloads whose name contains this")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
     record = run(args)
     text = table(record)
     print(text)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"bench-{record['device_type']}")
+    stem = os.path.join(args.out, f"bench-{record['device_type']}" + (f"-{args.only}".replace(" ", "_") if args.only else ""))
     with open(stem + ".json", "w") as f:
         json.dump(record, f, indent=1)
     with open(stem + ".md", "w") as f:

@@ -42,6 +42,23 @@ class Ours:
         self.opt.step()
 
 
+class OursUnderGradScaler:
+    """Ours with loss_scale=None, driven by torch.amp.GradScaler as an existing loop would:
+    GradScaler runs its own inf-check pass over the grads before handing over the scale."""
+
+    def __init__(self, model: Model, backend: str):
+        self.name = f"fused_opt[{backend}] driven by GradScaler"
+        self.model = model
+        self.opt = fused_opt.FusedMixedPrecisionSGD(model.fresh_params(), max_grad_norm=MAX_NORM, backend=backend,
+                                                    loss_scale=None, **HYPER)
+        self.scaler = torch.amp.GradScaler(model.loss.device.type, init_scale=2.0**16)
+
+    def step(self):
+        self.scaler.scale(self.model.loss)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+
+
 class TorchPipeline:
     """SPEC §5's baseline, the job done with torch.optim today: FP32 masters, grads copied in,
     unscaled and inf-checked by torch's AMP kernel, clip_grad_norm_(foreach=True),
@@ -133,6 +150,9 @@ def build_all(model: Model, device: torch.device, include_compiled: bool) -> lis
     contenders = [Ours(model, name) for name, reason in fused_opt.backend_availability(device).items()
                   if reason is None and not (name == "triton" and device.type == "cpu")
                   and not (name == "torch" and many)]
+    # GradScaler's CUDA inf check has no BF16 kernel: it can drive FP16 models only.
+    if device.type == "cuda" and model.values[0].dtype == torch.float16:
+        contenders += [OursUnderGradScaler(model, c.opt.backend) for c in list(contenders) if c.opt.backend != "torch"]
     for mode in ("for-loop", "foreach", "fused"):
         contenders.append(Baseline(model, mode))
     if include_compiled:
