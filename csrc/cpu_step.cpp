@@ -78,8 +78,53 @@ TensorEntry block_entry(const TensorEntry& t, const float* grads, int64_t begin,
 }
 #endif
 
+#if defined(__F16C__) && defined(__AVX2__)
+// The FP16 norm pass with F16C: lane k of the 16 accumulates elements begin + k + 16j, as in
+// the portable loop below, so both give the same bits.
+template <bool NormInf>
+void partial_chunk_f16c(const uint16_t* g, float inv_scale, int64_t begin, int64_t end, float& acc, int& bad) {
+  __m256 acc_lo = _mm256_setzero_ps(), acc_hi = _mm256_setzero_ps();
+  __m256i bad_lo = _mm256_setzero_si256(), bad_hi = _mm256_setzero_si256();
+  const __m256 inv = _mm256_set1_ps(inv_scale);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i exponent = _mm256_set1_epi32(0x7F800000);
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    const __m256 lo = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + i))), inv);
+    const __m256 hi = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + i + 8))), inv);
+    bad_lo = _mm256_or_si256(bad_lo, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(lo), exponent), exponent));
+    bad_hi = _mm256_or_si256(bad_hi, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(hi), exponent), exponent));
+    if (NormInf) {
+      acc_lo = _mm256_max_ps(acc_lo, _mm256_andnot_ps(sign, lo));
+      acc_hi = _mm256_max_ps(acc_hi, _mm256_andnot_ps(sign, hi));
+    } else {
+      acc_lo = _mm256_add_ps(acc_lo, _mm256_mul_ps(lo, lo));
+      acc_hi = _mm256_add_ps(acc_hi, _mm256_mul_ps(hi, hi));
+    }
+  }
+  alignas(32) float lanes[kLanes];
+  alignas(32) int32_t lane_bad[kLanes];
+  _mm256_store_ps(lanes, acc_lo);
+  _mm256_store_ps(lanes + 8, acc_hi);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lane_bad), bad_lo);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lane_bad + 8), bad_hi);
+  for (int k = 0; k < kLanes; ++k) {
+    acc = NormInf ? std::max(acc, lanes[k]) : acc + lanes[k];
+    bad |= lane_bad[k] != 0;
+  }
+  TensorEntry tail{reinterpret_cast<int64_t>(g), 0, 0, 0, end, 0, 0};
+  partial_range<F16>(tail, inv_scale, NormInf, i, end, 1, acc, bad);
+}
+#endif
+
 template <class G, bool NormInf>
 void partial_chunk(const TensorEntry& t, float inv_scale, int64_t begin, int64_t end, float& acc, int& bad) {
+#if defined(__F16C__) && defined(__AVX2__)
+  if constexpr (std::is_same_v<G, F16>) {
+    partial_chunk_f16c<NormInf>(reinterpret_cast<const uint16_t*>(t.grad), inv_scale, begin, end, acc, bad);
+    return;
+  }
+#endif
   const auto* g = reinterpret_cast<const typename G::storage*>(t.grad);
   float lane_acc[kLanes] = {};
   int lane_bad[kLanes] = {};
