@@ -36,10 +36,6 @@ class LossScaler:
         self.scale.copy_(new_scale)
         self.growth_tracker.copy_(torch.where(grow, torch.zeros_like(clean_steps), clean_steps))
 
-    def to(self, device: torch.device) -> None:
-        self.scale = self.scale.to(device)
-        self.growth_tracker = self.growth_tracker.to(device)
-
     def state_dict(self) -> dict:
         return {"scale": self.scale.clone(), "growth_tracker": self.growth_tracker.clone(),
                 "dynamic": self.dynamic, "enabled": self.enabled}
