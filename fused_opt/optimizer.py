@@ -201,7 +201,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         """Off the hot path, so it may sync: buffers never applied are left out, as
         torch.optim.SGD would have none; an FP32 param's master is the param itself."""
         sd = super().state_dict()
-        params = [p for g in self.param_groups for p in g["params"]]
+        params = self._flat_params()
         packed = {}
         for index, entry in sd["state"].items():
             entry = dict(entry)
@@ -227,7 +227,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-        params = dict(zip(saved_ids, [p for g in self.param_groups for p in g["params"]]))
+        params = dict(zip(saved_ids, self._flat_params()))
         for saved_id, entry in state_dict["state"].items():
             p = params[saved_id]
             state = self.state[p]
