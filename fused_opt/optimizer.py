@@ -12,6 +12,7 @@ import torch
 
 from . import backends
 from .backends import Hyper, StepBatch
+from .distributed import local, local_grads, placed_like, shard_reduction
 from .loss_scaler import LossScaler, check_scaler_args
 from .validation import check_global, check_grads, check_group, check_params
 
@@ -92,6 +93,8 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         self._check_drop_in()
         grads = [grads[i] for i in active]
         check_grads(grads, lambda k: self._param_name(params[active[k]]))
+        if self._sharded:  # DTensor params: the kernels run on the local shards
+            grads = local_grads(grads, [params[i] for i in active], lambda k: self._param_name(params[active[k]]))
         batch = self._batch(params, active, grads, hypers, self._grad_scaler_scale())
         if self._backend.step(batch):
             # Our own writes bumped _version (torch ops do; raw kernels don't): record them.
@@ -141,18 +144,20 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         speed, so the lists are cached in a _StepLayout and only rebuilt when the params that
         step, their storage, their state or the use of momentum changed."""
         signature = (id(self._flat), active, [h.momentum != 0 for h in hypers])
-        written = [(params[i]._version, params[i].data_ptr()) for i in active]
+        stepped = [local(params[i]) for i in active] if self._sharded else [params[i] for i in active]
+        written = [(p._version, p.data_ptr()) for p in stepped]
         layout = self._layout
         if layout is None or layout.signature != signature or layout.written != written:
             layout = self._new_layout(params, active, hypers, signature)
         return StepBatch(layout.params, grads, layout.masters, layout.bufs, layout.firsts, layout.group_index,
                          hypers, self.max_grad_norm, self.norm_type, scaler, self._applied_steps,
-                         self.last_grad_norm, self.last_step_skipped, self._backend_cache, layout.layout_id)
+                         self.last_grad_norm, self.last_step_skipped, self._backend_cache, layout.layout_id,
+                         layout.reduce_stats)
 
     def _flush_layout(self) -> None:
         """Moves the fast path's record of our last writes into the per-param record."""
         if self._layout is not None:
-            self._written.update(zip(self._layout.params, self._layout.written))
+            self._written.update(zip(self._layout.owners, self._layout.written))
             self._layout = None
 
     def _new_layout(self, params, active, hypers, signature) -> "_StepLayout":
@@ -162,6 +167,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             raise RuntimeError(f"params with grads are on {sorted(map(str, devices))}; one step runs on one "
                                "device (use one optimizer per device)")
         layout = _StepLayout(signature, next(self._layout_ids))
+        layout.reduce_stats = shard_reduction([params[i] for i in active])
         for i in active:
             p = params[i]
             state = self.state[p]
@@ -169,7 +175,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
                 state["master_param"] = p  # an FP32 param is its own master
             elif "master_param" not in state:
                 state["master_param"] = p.detach().to(torch.float32, copy=True)
-            elif self._written.get(p) != (p._version, p.data_ptr()):
+            elif self._written.get(p) != (local(p)._version, local(p).data_ptr()):
                 state["master_param"].copy_(p)  # changed outside: don't silently revert it
             gi = self._group_of[i]
             uses_momentum = hypers[gi].momentum != 0
@@ -177,9 +183,10 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
                 # Allocated now, applied on the device: the first applied step sets b = d.
                 state["momentum_buffer"] = torch.zeros_like(state["master_param"])
                 state["momentum_first_step"] = torch.zeros((), dtype=torch.int32, device=p.device)
-            layout.params.append(p)
-            layout.masters.append(state["master_param"])
-            layout.bufs.append(state["momentum_buffer"] if uses_momentum else None)
+            layout.owners.append(p)
+            layout.params.append(local(p))  # a DTensor's state is a DTensor too; kernels get the shards
+            layout.masters.append(local(state["master_param"]))
+            layout.bufs.append(local(state["momentum_buffer"]) if uses_momentum else None)
             layout.firsts.append(state["momentum_first_step"] if uses_momentum else None)
             layout.group_index.append(gi)
         layout.written = [(p._version, p.data_ptr()) for p in layout.params]
@@ -194,6 +201,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         if shape != self._flat_shape:
             self._flat = [p for g in self.param_groups for p in g["params"]]
             self._group_of = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
+            self._sharded = shard_reduction(self._flat) is not None
             self._flat_shape = shape
         return self._flat
 
@@ -232,7 +240,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             p = params[saved_id]
             state = self.state[p]
             if "master_param" in entry:
-                master = entry["master_param"].to(device=p.device, dtype=torch.float32)
+                master = placed_like(entry["master_param"], p)
                 if p.dtype == torch.float32:
                     p.copy_(master)
                 else:
@@ -240,10 +248,11 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             if p.dtype == torch.float32:
                 state["master_param"] = p
             if entry.get("momentum_buffer") is not None:
-                state["momentum_buffer"] = torch.empty_like(p, dtype=torch.float32).copy_(entry["momentum_buffer"])
+                buf = placed_like(entry["momentum_buffer"], p)
+                state["momentum_buffer"] = torch.empty_like(p, dtype=torch.float32).copy_(buf)
                 # -1: applied before, never equal to an applied-step count, so never "first" again.
                 state["momentum_first_step"] = torch.full((), -1, dtype=torch.int32, device=p.device)
-            self._written[p] = (p._version, p.data_ptr())
+            self._written[p] = (local(p)._version, local(p).data_ptr())
         extra = state_dict.get("fused_opt")
         if extra is not None:
             self._scaler.load_state_dict(extra["loss_scaler"])
@@ -256,5 +265,7 @@ class _StepLayout:
     def __init__(self, signature, layout_id: int):
         self.signature = signature
         self.layout_id = layout_id
+        self.owners = []  # the params as the user sees them (DTensors stay DTensors)
         self.params, self.masters, self.bufs, self.firsts, self.group_index = [], [], [], [], []
+        self.reduce_stats = None
         self.written = []

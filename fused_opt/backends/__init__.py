@@ -39,7 +39,10 @@ class StepBatch:
     `grad_norm` and `found_inf` are outputs written in place. `cache` is a dict the
     optimizer keeps for the backend across steps; `layout_id` changes whenever anything but
     the grads changed (params that step, their storage, state tensors, use of momentum), so a
-    backend can cache tables of their addresses under it.
+    backend can cache tables of their addresses under it. With DTensor params the lists hold
+    local shards, and `reduce_stats(stats, norm_inf)` makes a rank's fp32 [norm statistic
+    (sum of squares, or max for the inf-norm), inf count] global in place, between the norm
+    and the clip.
     """
     params: list
     grads: list
@@ -56,6 +59,7 @@ class StepBatch:
     found_inf: torch.Tensor
     cache: dict
     layout_id: int
+    reduce_stats: object = None  # DTensor params: distributed.ShardReduction, else None
 
 
 def _module(name: str):

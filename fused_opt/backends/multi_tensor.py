@@ -156,6 +156,21 @@ class Plan:
                                  [lr.reshape(()).to(self.device, torch.float32, non_blocking=True)
                                   for _, lr in tensor_lrs])
 
+    def reduce_across_shards(self, batch: StepBatch, norm_inf: bool) -> int:
+        """With DTensor params (distributed.py): this rank's partials and inf flags folded into
+        slot 0 and made global by batch.reduce_stats. Returns how many slots finalize reads."""
+        n = self.total_chunks
+        if batch.reduce_stats is None:
+            return n
+        stats = torch.zeros(2, dtype=torch.float32, device=self.device)
+        if n:  # a rank may hold only empty shards
+            partials = self.partials[:n]
+            stats = torch.stack([partials.amax() if norm_inf else partials.sum(), self.flags[:n].amax().float()])
+        batch.reduce_stats(stats, norm_inf)
+        self.partials[:1].copy_(stats[:1])
+        self.flags[:1].copy_(stats[1:])
+        return 1
+
     def write_back_staged(self) -> bool:
         """Params laid out unlike their master get their update through a staging copy;
         returns whether any param was written that way (a torch op: it bumps _version)."""

@@ -113,7 +113,8 @@ def step(batch: StepBatch) -> bool:
                         scaler.scale.data_ptr(), plan.partials[pair.chunk_base:].data_ptr(),
                         plan.flags[pair.chunk_base:].data_ptr(), DTYPE_CODES[pair.grad_dtype], norm_inf,
                         plan.chunk_size, stream)
-    launch_finalize(module, plan.partials.data_ptr(), plan.flags.data_ptr(), plan.total_chunks,
+    num_partials = plan.reduce_across_shards(batch, norm_inf)
+    launch_finalize(module, plan.partials.data_ptr(), plan.flags.data_ptr(), num_partials,
                     scaler.scale.data_ptr(), scaler.growth_tracker.data_ptr(), batch.applied_steps.data_ptr(),
                     plan.scalars.data_ptr(), batch.grad_norm.data_ptr(), batch.found_inf.data_ptr(),
                     batch.max_grad_norm or 0.0, scaler.growth_factor, scaler.backoff_factor,

@@ -7,6 +7,7 @@ tensor is rewritten with its old value on a skipped step rather than branched ar
 """
 from __future__ import annotations
 
+import math
 
 import torch
 
@@ -27,6 +28,18 @@ def _global_norm(unscaled: list[torch.Tensor], norm_type: float) -> torch.Tensor
     return torch.linalg.vector_norm(torch.stack(per_tensor), norm_type)
 
 
+def _global_stats(unscaled: list[torch.Tensor], found_inf: torch.Tensor, batch: StepBatch):
+    """DTensor params: this rank's [sum of squares (or max), inf count], made global."""
+    norm_inf = batch.norm_type == math.inf
+    device = found_inf.device
+    nonempty = [u for u in unscaled if u.numel() > 0]
+    per_tensor = torch.stack(torch._foreach_norm(nonempty, batch.norm_type)) if nonempty else torch.zeros(1, device=device)
+    stat = per_tensor.amax() if norm_inf else per_tensor.square().sum()
+    stats = torch.stack([stat, found_inf.float()])
+    batch.reduce_stats(stats, norm_inf)
+    return (stats[0] if norm_inf else stats[0].sqrt()), stats[1] > 0
+
+
 def step(batch: StepBatch) -> bool:
     inv_scale = torch.reciprocal(batch.scaler.scale)                        # 1/S in FP32
 
@@ -37,7 +50,10 @@ def step(batch: StepBatch) -> bool:
     found_inf = torch.stack([(~torch.isfinite(u)).any() for u in unscaled]).any()
 
     # 3. N, accumulated in FP32
-    norm = _global_norm(unscaled, batch.norm_type)
+    if batch.reduce_stats is None:
+        norm = _global_norm(unscaled, batch.norm_type)
+    else:  # sharded params: over all ranks' shards (distributed.py)
+        norm, found_inf = _global_stats(unscaled, found_inf, batch)
 
     # 4. c = min(1, max_norm / (N + 1e-6))
     if batch.max_grad_norm is not None:

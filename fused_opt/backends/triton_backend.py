@@ -53,8 +53,9 @@ def step(batch: StepBatch) -> bool:
                 pair.chunks, pair.table, scaler.scale, plan.partials[pair.chunk_base:],
                 plan.flags[pair.chunk_base:], GRAD_DTYPE=_tl_dtype(pair.grad_dtype), NORM_INF=norm_inf,
                 ALIGNED=pair.aligned, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS)
+    num_partials = plan.reduce_across_shards(batch, norm_inf)
     k.finalize_kernel[(1,)](
-        plan.partials, plan.flags, plan.total_chunks, scaler.scale, scaler.growth_tracker,
+        plan.partials, plan.flags, num_partials, scaler.scale, scaler.growth_tracker,
         batch.applied_steps, plan.scalars, batch.grad_norm, batch.found_inf,
         batch.max_grad_norm or 0.0, scaler.growth_factor, scaler.backoff_factor, scaler.growth_interval,
         HAS_CLIP=batch.max_grad_norm is not None, NORM_INF=norm_inf, DYNAMIC=scaler.dynamic,

@@ -1,0 +1,90 @@
+"""DTensor params (FSDP2's `fully_shard`, HSDP, tensor parallel): the step runs on each rank's
+local shards, and only two numbers cross ranks.
+
+The global grad norm and the inf flag are sums (or maxima) over every element of every grad,
+so each rank reduces its own shards to one [norm statistic, inf count] pair, and one
+all_reduce per sharded mesh dimension makes it global: clipping and skipping then match the
+unsharded model. Mesh dimensions on which the params are replicated (HSDP's outer dimension)
+hold copies, which must not be counted twice, so they are left out. The collective is
+enqueued on the device like any kernel: no host sync, and it can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed
+    DTensor = None
+
+
+def is_dtensor(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor a kernel can read: a DTensor's local shard, or the tensor itself."""
+    return t._local_tensor if is_dtensor(t) else t
+
+
+class ShardReduction:
+    """Makes a rank's [norm statistic, inf count] global over the sharded mesh dimensions."""
+
+    def __init__(self, groups: list, describe: str):
+        self.groups = groups
+        self.describe = describe
+
+    def __call__(self, stats: torch.Tensor, norm_inf: bool) -> None:
+        import torch.distributed as dist
+        # L2: sums of squares and inf counts add up; inf-norm: maxima and "any inf" take the max.
+        op = dist.ReduceOp.MAX if norm_inf else dist.ReduceOp.SUM
+        for group in self.groups:
+            dist.all_reduce(stats, op=op, group=group)
+
+
+def shard_reduction(params: list[torch.Tensor]) -> ShardReduction | None:
+    """None for plain tensors; for DTensors, the reduction their step needs. Raises when the
+    params mix layouts whose norms would need different reductions."""
+    dtensors = [p for p in params if is_dtensor(p)]
+    if not dtensors:
+        return None
+    if len(dtensors) != len(params):
+        raise RuntimeError("FusedMixedPrecisionSGD: some params are DTensors (FSDP2 / tensor parallel) and "
+                           "some are plain tensors; the global grad norm cannot tell which ranks hold copies. "
+                           "Shard every param (e.g. fully_shard the root module) or use one optimizer per kind.")
+    layouts = set()
+    for p in dtensors:
+        if any(placement.is_partial() for placement in p.placements):
+            raise RuntimeError(f"FusedMixedPrecisionSGD: a param has a Partial placement {p.placements}; "
+                               "params must be Shard or Replicate")
+        sharded_dims = tuple(d for d, placement in enumerate(p.placements) if placement.is_shard())
+        layouts.add((p.device_mesh, sharded_dims))
+    if len(layouts) > 1:
+        raise RuntimeError("FusedMixedPrecisionSGD: params are sharded over different device meshes or mesh "
+                           f"dimensions ({sorted(str(dims) for _, dims in layouts)}); the grad norm needs one "
+                           "reduction for all of them. Use one optimizer per sharding layout.")
+    (mesh, dims), = layouts
+    return ShardReduction([mesh.get_group(d) for d in dims], f"{mesh} dims {dims}")
+
+
+def local_grads(grads: list, params: list, name_of) -> list[torch.Tensor]:
+    """The local shards of DTensor grads, which must be laid out like their params (a Partial
+    grad is not reduced yet: its norm would be wrong)."""
+    for k, (g, p) in enumerate(zip(grads, params)):
+        if not is_dtensor(g) or g.placements != p.placements or g.device_mesh != p.device_mesh:
+            got = g.placements if is_dtensor(g) else "a plain tensor"
+            raise RuntimeError(f"{name_of(k)}: the grad of a DTensor param must be a DTensor with the param's "
+                               f"placements {p.placements}, got {got}")
+    return [g._local_tensor for g in grads]
+
+
+def placed_like(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A loaded FP32 state tensor, on p's device and, for a DTensor p, sharded like p (a full
+    tensor from a full state dict is split; a DTensor from a sharded checkpoint stays as is)."""
+    if is_dtensor(value):
+        return value.to(torch.float32)
+    value = value.to(device=p.device, dtype=torch.float32)
+    if is_dtensor(p):
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(value, p.device_mesh, p.placements)
+    return value

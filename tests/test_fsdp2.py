@@ -1,0 +1,104 @@
+"""FSDP2 (`fully_shard`, DTensor params), 2 processes on 127.0.0.1 with gloo: the optimizer
+steps the local shards, and with clipping active on every step and an inf injected into one
+rank's shard only, the gathered params, masters, norms and loss scale equal those of one
+process stepping the unsharded model with the same (gathered) grads.
+
+Injecting the inf after the reduce-scatter, into one rank's shard, is what makes the test
+bite: without the cross-rank reduction of the inf flag the other rank would apply its step,
+and without the reduction of the norm each rank would clip by its own shards' norm."""
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fused_opt
+from harness import BACKEND_DEVICES
+from test_ddp import free_port
+
+CPU_BACKENDS = [b for b, d in BACKEND_DEVICES if d == "cpu"]
+STEPS = 5
+INF_STEP = 2
+
+
+def make_model(dtype):
+    torch.manual_seed(0)
+    # Linear(16, 3) and Linear(3, 1) shard unevenly over 2 ranks: rank 1 holds an empty bias shard.
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3), torch.nn.Tanh(),
+                               torch.nn.Linear(3, 1)).to(dtype)
+
+
+def make_opt(model, backend, norm_type):
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    return fused_opt.FusedMixedPrecisionSGD(
+        [dict(params=decay, weight_decay=0.01), dict(params=no_decay, nesterov=True)],
+        lr=0.1, momentum=0.9, max_grad_norm=0.05, norm_type=norm_type, init_scale=2.0**8,
+        growth_interval=2, backend=backend)
+
+
+def worker(rank, world, port, backend, dtype, norm_type, device, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world)
+    try:
+        from torch.distributed.fsdp import fully_shard
+        sharded, replica = make_model(dtype).to(device), make_model(dtype).to(device)
+        for layer in sharded:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(sharded)
+        opt, replica_opt = make_opt(sharded, backend, norm_type), make_opt(replica, backend, norm_type)
+        gen = torch.Generator().manual_seed(1)
+        records = []
+        for step in range(STEPS):
+            x = torch.randn(world, 4, 8, generator=gen).to(device, dtype)
+            opt.zero_grad()
+            opt.scale_loss(sharded(x[rank]).float().square().mean()).backward()
+            if step == INF_STEP and rank == world - 1:
+                first = next(p for p in sharded.parameters() if p.grad._local_tensor.numel())
+                first.grad._local_tensor.view(-1)[0] = math.inf  # this rank's shard only
+            # The replica steps the unsharded model on the gathered (reduced) grads.
+            for p, q in zip(sharded.parameters(), replica.parameters()):
+                q.grad = p.grad.full_tensor()
+            replica_opt.scale_loss(torch.zeros(()))
+            opt.step()
+            replica_opt.step()
+            records.append([t.clone() for t in (opt.last_grad_norm, replica_opt.last_grad_norm, opt.loss_scale,
+                                                replica_opt.loss_scale, opt.last_step_skipped,
+                                                replica_opt.last_step_skipped)])
+        params = [(p.full_tensor(), q.detach().clone()) for p, q in zip(sharded.parameters(), replica.parameters())]
+        masters = [(opt.state[p]["master_param"].full_tensor(), replica_opt.state[q]["master_param"])
+                   for p, q in zip(sharded.parameters(), replica.parameters())]
+        kinds = {type(opt.state[p][k]).__name__ for p in sharded.parameters() for k in ("master_param", "momentum_buffer")}
+        if rank == 0:
+            torch.save(dict(records=records, params=params, masters=masters, kinds=kinds), out)
+    finally:
+        dist.destroy_process_group()
+
+
+def check(out):
+    result = torch.load(out)
+    assert result["kinds"] == {"DTensor"}  # sharded state: what torch.distributed.checkpoint expects
+    skipped = [bool(r[4]) for r in result["records"]]
+    assert skipped == [step == INF_STEP for step in range(STEPS)]
+    for norm, replica_norm, scale, replica_scale, skip, replica_skip in result["records"]:
+        assert bool(skip) == bool(replica_skip) and float(scale) == float(replica_scale)
+        if not skip:
+            assert 0.05 < float(norm) < math.inf  # clipping was active
+            torch.testing.assert_close(norm, replica_norm, rtol=1e-6, atol=0)
+    # The norm is summed in another order across ranks: masters agree to FP32 rounding.
+    for master, replica_master in result["masters"]:
+        torch.testing.assert_close(master.cpu(), replica_master.cpu(), rtol=1e-6, atol=1e-7)
+    for param, replica_param in result["params"]:
+        torch.testing.assert_close(param.cpu(), replica_param.cpu(), rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fsdp2_two_processes_equal_unsharded(backend, dtype, norm_type, tmp_path):
+    out = str(tmp_path / "result.pt")
+    mp.spawn(worker, args=(2, free_port(), backend, dtype, norm_type, "cpu", str(out)), nprocs=2, join=True)
+    check(out)
