@@ -17,6 +17,10 @@ from .loss_scaler import LossScaler, check_scaler_args
 from .validation import check_global, check_grads, check_group, check_params
 
 
+# The key, in each saved param group, of the loss scaler's state and the applied-step count.
+STATE_KEY = "fused_opt"
+
+
 class FusedMixedPrecisionSGD(torch.optim.Optimizer):
     # torch.amp.GradScaler then hands us its scale and found_inf (as attributes) instead of
     # unscaling the grads itself: the unscale and the skip stay inside the fused step.
@@ -90,12 +94,12 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             self.last_grad_norm.zero_()
             self.last_step_skipped.fill_(False)
             return loss
-        self._check_drop_in()
+        scaler = self._step_scaler()
         grads = [grads[i] for i in active]
         check_grads(grads, lambda k: self._param_name(params[active[k]]))
         if self._sharded:  # DTensor params: the kernels run on the local shards
             grads = local_grads(grads, [params[i] for i in active], lambda k: self._param_name(params[active[k]]))
-        batch = self._batch(params, active, grads, hypers, self._grad_scaler_scale())
+        batch = self._batch(params, active, grads, hypers, scaler)
         if self._backend.step(batch):
             # Our own writes bumped _version (torch ops do; raw kernels don't): record them.
             self._layout.written = [(p._version, p.data_ptr()) for p in batch.params]
@@ -103,6 +107,29 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         return loss
 
     # -- step preparation ---------------------------------------------------------------
+    def _step_scaler(self) -> LossScaler:
+        """The loss scaler this step unscales by (and updates), after the drop-in checks."""
+        if self._is_state_init_step():
+            return self._fixed_scaler(1.0)
+        self._check_drop_in()
+        return self._grad_scaler_scale()
+
+    def _is_state_init_step(self) -> bool:
+        """torch.distributed.checkpoint's get/set_optimizer_state_dict initialise an empty
+        optimizer state with a step on zero grads with every lr set to 0, and no scale_loss.
+        That step is let through, unscaled and leaving the loss scale alone, so the state (and
+        with it a checkpoint template) gets its buffers, as torch.optim.SGD's does. A forgotten
+        scale_loss in a real step is still caught: with any lr != 0 (or on the GPU) it raises."""
+        if not self._scaler.enabled or self._loss_scaled or self.state:
+            return False
+        for group in self.param_groups:
+            lr = group["lr"]
+            if isinstance(lr, torch.Tensor) and (lr.device.type != "cpu" or lr.item() != 0):
+                return False
+            if not isinstance(lr, torch.Tensor) and lr != 0:
+                return False
+        return True
+
     def _check_drop_in(self) -> None:
         if not self._scaler.enabled:
             return
@@ -123,12 +150,16 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         if self._scaler.enabled or (getattr(self, "grad_scale", None) is None
                                     and getattr(self, "found_inf", None) is None):
             return self._scaler
-        if self._amp_scaler is None:
-            self._amp_scaler = LossScaler(1.0, 1.0, 1.0, 1.0, 1, self.last_grad_norm.device)
         scale = self.grad_scale if getattr(self, "grad_scale", None) is not None else 1.0
         found_inf = self.found_inf if isinstance(getattr(self, "found_inf", None), torch.Tensor) else None
         if found_inf is not None:
-            scale = torch.where(found_inf.to(self._amp_scaler.scale.device) > 0, float("nan"), scale)
+            scale = torch.where(found_inf.to(self.last_grad_norm.device) > 0, float("nan"), scale)
+        return self._fixed_scaler(scale)
+
+    def _fixed_scaler(self, scale) -> LossScaler:
+        """A static scaler holding `scale` for this step (never updated by the step)."""
+        if self._amp_scaler is None:
+            self._amp_scaler = LossScaler(1.0, 1.0, 1.0, 1.0, 1, self.last_grad_norm.device)
         self._amp_scaler.scale.copy_(scale)
         return self._amp_scaler
 
@@ -171,12 +202,16 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         for i in active:
             p = params[i]
             state = self.state[p]
+            master = state.get("master_param")
             if p.dtype == torch.float32:
                 state["master_param"] = p  # an FP32 param is its own master
-            elif "master_param" not in state:
+            elif master is None or master.device != p.device:  # e.g. the model moved after construction
                 state["master_param"] = p.detach().to(torch.float32, copy=True)
             elif self._written.get(p) != (local(p)._version, local(p).data_ptr()):
-                state["master_param"].copy_(p)  # changed outside: don't silently revert it
+                # Changed outside: don't silently revert it. Elements that still equal the master
+                # rounded keep the master (a model.load_state_dict of the same checkpoint after
+                # the optimizer's must not round the FP32 masters to the param's dtype).
+                master.copy_(torch.where(p == master.to(p.dtype), master, p.to(torch.float32)))
             gi = self._group_of[i]
             uses_momentum = hypers[gi].momentum != 0
             if uses_momentum and "momentum_buffer" not in state:
@@ -221,8 +256,11 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             if entry:
                 packed[index] = entry
         sd["state"] = packed
-        sd["fused_opt"] = {"loss_scaler": self._scaler.state_dict(),
-                           "applied_steps": self._applied_steps.clone()}
+        # In every group, as torch.distributed.checkpoint keeps only "state" and "param_groups"
+        # (and may regroup the groups by param); load_state_dict takes it back out.
+        extra = {"loss_scaler": self._scaler.state_dict(), "applied_steps": self._applied_steps.clone()}
+        for group in sd["param_groups"]:
+            group[STATE_KEY] = extra
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -230,8 +268,12 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         the param's dtype, which would round FP32 masters and buffers to FP16, so the state
         is put in place here, in FP32, and only the groups go through torch's loader."""
         saved_ids = list(itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+        groups = [dict(g) for g in state_dict["param_groups"]]
+        extras = [g.pop(STATE_KEY, None) for g in groups]
+        extra = extras[0] if extras else None
+        extra = state_dict.get(STATE_KEY, extra)  # where fused_opt 0.1 kept it
         self._flush_layout()  # the loaded state replaces what the cached layout points to
-        super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+        super().load_state_dict({"state": {}, "param_groups": groups})
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -253,7 +295,6 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
                 # -1: applied before, never equal to an applied-step count, so never "first" again.
                 state["momentum_first_step"] = torch.full((), -1, dtype=torch.int32, device=p.device)
             self._written[p] = (local(p)._version, local(p).data_ptr())
-        extra = state_dict.get("fused_opt")
         if extra is not None:
             self._scaler.load_state_dict(extra["loss_scaler"])
             self._applied_steps.copy_(extra["applied_steps"])

@@ -149,3 +149,17 @@ def test_scale_loss_multiplies_by_the_current_scale():
     none = SGD([torch.nn.Parameter(torch.ones(2))], loss_scale=None)
     assert none.scale_loss(loss) is loss and float(none.loss_scale) == 1.0
     assert math.isfinite(float(opt.loss_scale))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+def test_zero_lr_step_without_scale_loss_raises_once_state_exists(backend, device):
+    # A step with every lr 0 and no scale_loss is let through only while the state is empty
+    # (torch.distributed.checkpoint's state-initialising step); after that it is a user's bug.
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float16, device=device))
+    opt = SGD([p], lr=0.0, momentum=0.9, backend=backend)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    assert float(opt.loss_scale) == 2.0**16 and int(opt._scaler.growth_tracker) == 0
+    assert "momentum_buffer" in opt.state_dict()["state"][0]  # as torch.optim.SGD's would have
+    with pytest.raises(RuntimeError, match="scale_loss"):
+        opt.step()

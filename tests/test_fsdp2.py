@@ -95,10 +95,73 @@ def check(out):
         torch.testing.assert_close(param.cpu(), replica_param.cpu(), rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.parametrize("norm_type", [2.0, math.inf])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype,norm_type", [(torch.float16, 2.0), (torch.bfloat16, math.inf)],
+                         ids=["fp16-l2", "bf16-inf"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_fsdp2_two_processes_equal_unsharded(backend, dtype, norm_type, tmp_path):
     out = str(tmp_path / "result.pt")
     mp.spawn(worker, args=(2, free_port(), backend, dtype, norm_type, "cpu", str(out)), nprocs=2, join=True)
     check(out)
+
+
+def shard(model):
+    from torch.distributed.fsdp import fully_shard
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def checkpoint_worker(rank, world, port, backend, path, out):
+    """A sharded DCP checkpoint (each rank writes its shards of masters and buffers, the scaler
+    state rides in the param groups) resumes a fresh sharded model bit-identically."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        def train(model, opt, steps):
+            for step in steps:
+                x = torch.randn(world, 4, 8, generator=torch.Generator().manual_seed(step)).to(torch.float16)
+                opt.zero_grad()
+                opt.scale_loss(model(x[rank]).float().square().mean()).backward()
+                if step == INF_STEP and rank == 0:
+                    next(model.parameters()).grad._local_tensor.view(-1)[0] = math.inf
+                opt.step()
+
+        model = shard(make_model(torch.float16))
+        opt = make_opt(model, backend, 2.0)
+        train(model, opt, range(3))
+        model_sd, opt_sd = get_state_dict(model, opt)
+        dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=path)
+        train(model, opt, range(3, 5))
+
+        torch.manual_seed(99)
+        model2 = shard(make_model(torch.float16))
+        with torch.no_grad():
+            for p in model2.parameters():
+                p.add_(1.0)  # different values: all must come from the checkpoint
+        opt2 = make_opt(model2, backend, 2.0)
+        model_sd, opt_sd = get_state_dict(model2, opt2)
+        state = {"model": model_sd, "optim": opt_sd}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(model2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        train(model2, opt2, range(3, 5))
+        same = [torch.equal(p.full_tensor(), q.full_tensor()) for p, q in zip(model.parameters(), model2.parameters())]
+        for p, q in zip(model.parameters(), model2.parameters()):
+            for key in ("master_param", "momentum_buffer"):
+                same.append(torch.equal(opt.state[p][key].full_tensor(), opt2.state[q][key].full_tensor()))
+        same.append(torch.equal(opt.loss_scale, opt2.loss_scale))
+        if rank == 0:
+            torch.save(dict(same=same, scale=float(opt.loss_scale)), out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fsdp2_sharded_checkpoint_resumes_bit_identically(backend, tmp_path):
+    out = str(tmp_path / "result.pt")
+    mp.spawn(checkpoint_worker, args=(2, free_port(), backend, str(tmp_path / "ckpt"), out), nprocs=2, join=True)
+    result = torch.load(out)
+    assert all(result["same"]), result["same"]
+    assert result["scale"] == 2.0**9  # 2**8 grew at step 1, backed off at the inf, grew again at step 4

@@ -1,0 +1,120 @@
+"""Checkpoints through torch.distributed.checkpoint (DCP): get/set_optimizer_state_dict keep only
+"state" and "param_groups", so the loss scaler's state rides in the param groups; a resume
+through dcp.save/dcp.load into a fresh model and optimizer continues bit-identically, and the
+FP32 masters survive whichever order the model and the optimizer are loaded in."""
+import math
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+
+import fused_opt
+from harness import BACKEND_DEVICE_IDS, BACKEND_DEVICES
+
+INF_STEP = 1
+
+
+def make(seed, dtype, device, backend):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).to(device, dtype)
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    opt = fused_opt.FusedMixedPrecisionSGD(
+        [dict(params=weights, weight_decay=1e-2), dict(params=biases, dampening=0.1)], lr=0.1, momentum=0.9,
+        max_grad_norm=0.5, init_scale=2.0**8, growth_interval=3, backend=backend)
+    return model, opt
+
+
+def train(model, opt, steps, dtype, device):
+    for step in steps:
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step)).to(device, dtype)
+        opt.zero_grad()
+        opt.scale_loss(model(x).float().square().mean()).backward()
+        if step == INF_STEP:
+            next(model.parameters()).grad.view(-1)[0] = math.inf
+        opt.step()
+
+
+def assert_same_run(model, opt, model2, opt2):
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+        for key in ("master_param", "momentum_buffer"):
+            assert opt2.state[q][key].dtype == torch.float32
+            assert torch.equal(opt.state[p][key], opt2.state[q][key]), key
+    assert torch.equal(opt.loss_scale, opt2.loss_scale)
+    assert torch.equal(opt._scaler.growth_tracker, opt2._scaler.growth_tracker)
+    assert torch.equal(opt._applied_steps, opt2._applied_steps)
+
+
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+def test_dcp_save_load_resumes_bit_identically(backend, device, dtype, tmp_path):
+    model, opt = make(0, dtype, device, backend)
+    train(model, opt, range(0, 4), dtype, device)
+    saved_scale = opt.loss_scale.clone()
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=str(tmp_path))
+    train(model, opt, range(4, 8), dtype, device)
+
+    model2, opt2 = make(99, dtype, device, backend)  # different values: all must come from the checkpoint
+    # The template a fresh optimizer gives DCP must name every state tensor, or DCP loads none of it.
+    template = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2)}
+    assert float(opt2.loss_scale) == 2.0**8  # DCP's state-initialising step left the scale alone
+    dcp.load(template, checkpoint_id=str(tmp_path))
+    set_model_state_dict(model2, template["model"])
+    set_optimizer_state_dict(model2, opt2, template["optim"])
+    assert torch.equal(opt2.loss_scale, saved_scale) and float(saved_scale) != 2.0**8  # it backed off and grew
+    train(model2, opt2, range(4, 8), dtype, device)
+    assert_same_run(model, opt, model2, opt2)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+def test_get_set_optimizer_state_dict_round_trip_in_memory(backend, device):
+    dtype = torch.float16
+    model, opt = make(0, dtype, device, backend)
+    train(model, opt, range(0, 4), dtype, device)
+    model2, opt2 = make(99, dtype, device, backend)
+    model2.load_state_dict(model.state_dict())
+    set_optimizer_state_dict(model2, opt2, get_optimizer_state_dict(model, opt))
+    train(model, opt, range(4, 8), dtype, device)
+    train(model2, opt2, range(4, 8), dtype, device)
+    assert_same_run(model, opt, model2, opt2)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+def test_loading_the_model_after_the_optimizer_keeps_fp32_masters(backend, device):
+    dtype = torch.float16
+    model, opt = make(0, dtype, device, backend)
+    train(model, opt, range(0, 4), dtype, device)
+    model_sd, opt_sd = model.state_dict(), opt.state_dict()
+    model2, opt2 = make(99, dtype, device, backend)
+    opt2.load_state_dict(opt_sd)
+    model2.load_state_dict(model_sd)  # bumps the params' _version: their masters are re-taken ...
+    train(model, opt, range(4, 8), dtype, device)
+    train(model2, opt2, range(4, 8), dtype, device)
+    assert_same_run(model, opt, model2, opt2)  # ... but only where a param differs from its master rounded
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+def test_recast_params_keep_fp32_masters(backend, device):
+    dtype = torch.float16
+    model, opt = make(0, dtype, device, backend)
+    train(model, opt, range(0, 4), dtype, device)
+    masters = [opt.state[p]["master_param"].clone() for p in model.parameters()]
+    model.float().to(dtype)  # new storage for every param: the optimizer sees them changed
+    p = next(model.parameters())
+    with torch.no_grad():
+        p.view(-1)[0] += 1  # and one element really changed: that one is taken from the param
+    train(model, opt, range(4, 5), dtype, device)
+    model2, opt2 = make(0, dtype, device, backend)
+    train(model2, opt2, range(0, 4), dtype, device)
+    with torch.no_grad():
+        next(model2.parameters()).view(-1)[0] += 1
+    train(model2, opt2, range(4, 5), dtype, device)
+    assert_same_run(model, opt, model2, opt2)
+    assert not torch.equal(masters[0], opt.state[p]["master_param"])
