@@ -141,10 +141,10 @@ void partial_chunk(const TensorEntry& t, float inv_scale, int64_t begin, int64_t
   partial_range<G>(t, inv_scale, NormInf, i, end, 1, acc, bad);
 }
 
-template <class G, bool HasBuf, bool HasParam, bool Nesterov>
+template <class G, class P, bool HasBuf, bool HasParam, bool Nesterov>
 void update_chunk(const TensorEntry& t, const StepCoefs& coefs, float inv_scale, int64_t begin, int64_t end) {
 #if defined(__F16C__)
-  if constexpr (std::is_same_v<G, F16>) {
+  if constexpr (std::is_same_v<G, F16> && std::is_same_v<P, F16>) {
     alignas(32) float block[kBlock];
     for (int64_t i = begin; i < end; i += kBlock) {
       const int64_t n = std::min(kBlock, end - i);
@@ -155,7 +155,7 @@ void update_chunk(const TensorEntry& t, const StepCoefs& coefs, float inv_scale,
     return;
   }
 #endif
-  update_range<G, G, HasBuf, HasParam, Nesterov>(t, coefs, inv_scale, begin, end, 1);
+  update_range<G, P, HasBuf, HasParam, Nesterov>(t, coefs, inv_scale, begin, end, 1);
 }
 
 void partials(const PartialsArgs& a, int64_t /*stream*/) {
@@ -199,15 +199,15 @@ void update(const UpdateArgs& a, int64_t /*stream*/) {
   const auto* table = reinterpret_cast<const TensorEntry*>(a.table);
   const auto* groups = reinterpret_cast<const Hyper*>(a.groups);
   const int32_t applied = *reinterpret_cast<const int32_t*>(a.applied_steps);
-  check_same_dtype(a);
-  dispatch_dtype(a.grad_dtype, [&](auto g) {
-    using G = decltype(g);  // torch keeps a grad in its param's dtype
+  dispatch_update_dtypes(a, [&](auto g, auto p) {
+    using G = decltype(g);
+    using P = decltype(p);
     parallel_chunks(chunks, table, a.num_chunks, a.chunk_size, [&](int64_t c) {
       const TensorEntry& t = table[chunks[c].row];
       const Hyper& h = groups[t.group];
       const StepCoefs coefs = step_coefs(h, scalars->clip_coef, claim_first_step(t, applied, true));
       dispatch_tensor(t, coefs.nesterov, [&](auto has_buf, auto has_param, auto nesterov) {
-        update_chunk<G, decltype(has_buf)::value, decltype(has_param)::value, decltype(nesterov)::value>(
+        update_chunk<G, P, decltype(has_buf)::value, decltype(has_param)::value, decltype(nesterov)::value>(
             t, coefs, scalars->inv_scale, chunks[c].start, chunk_end(t, chunks[c], a.chunk_size));
       });
     });

@@ -166,9 +166,8 @@ void finalize_step(const ReduceArgs& r, const FinalizeArgs& a, int64_t stream) {
 
 void update(const UpdateArgs& a, int64_t stream) {
   if (a.num_chunks == 0) return;
-  check_same_dtype(a);
-  dispatch_dtype(a.grad_dtype, [&](auto g) {  // torch keeps a grad in its param's dtype
-    update_kernel<decltype(g), decltype(g)><<<unsigned(a.num_chunks), kThreads, 0, cudaStream_t(stream)>>>(a);
+  dispatch_update_dtypes(a, [&](auto g, auto p) {
+    update_kernel<decltype(g), decltype(p)><<<unsigned(a.num_chunks), kThreads, 0, cudaStream_t(stream)>>>(a);
   });
   check(cudaGetLastError(), "update launch");
 }

@@ -28,8 +28,17 @@ struct UpdateArgs {
   int64_t chunks, num_chunks, table, groups, scalars, applied_steps, chunk_size;
   int grad_dtype, param_dtype;
 };
-inline void check_same_dtype(const UpdateArgs& a) {
-  if (a.grad_dtype != a.param_dtype) throw std::invalid_argument("fused_opt native: grad and param dtypes differ");
+// Calls fn(G{}, P{}) for the update's (grad, param) storage types: a grad in its param's dtype
+// (torch's .grad), or an FP32 grad for any param (fp32_grad_accumulation's sums).
+template <class Fn>
+void dispatch_update_dtypes(const UpdateArgs& a, Fn&& fn) {
+  if (a.grad_dtype == a.param_dtype) {
+    dispatch_dtype(a.grad_dtype, [&](auto g) { fn(g, g); });
+  } else if (a.grad_dtype == kFloat32) {
+    dispatch_dtype(a.param_dtype, [&](auto p) { fn(F32{}, p); });
+  } else {
+    throw std::invalid_argument("fused_opt native: a grad must have its param's dtype or be FP32");
+  }
 }
 struct ReduceArgs {
   int64_t partials, flags, num_chunks;

@@ -13,6 +13,7 @@ import torch
 from . import backends
 from .backends import Hyper, StepBatch
 from .distributed import local, local_grads, placed_like, shard_reduction
+from .grad_accumulation import FP32GradAccumulator
 from .loss_scaler import LossScaler, check_scaler_args
 from .validation import check_global, check_grads, check_group, check_params
 
@@ -29,7 +30,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, max_grad_norm=None, norm_type=2.0,
                  loss_scale="dynamic", init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5,
-                 growth_interval=2000, backend="auto"):
+                 growth_interval=2000, fp32_grad_accumulation=False, backend="auto"):
         check_global(max_grad_norm, norm_type)
         check_scaler_args(loss_scale, init_scale, growth_factor, backoff_factor, growth_interval)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
@@ -56,6 +57,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         self._layout_ids = itertools.count(1)
         self._backend_cache = {}
         self._flat_shape = None
+        self._accumulator = FP32GradAccumulator(self._flat_params()) if fp32_grad_accumulation else None
 
     # -- public API ---------------------------------------------------------------------
     @property
@@ -76,6 +78,8 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         check_params(params, index)
         check_group({**self.defaults, **group}, index)
         super().add_param_group({**group, "params": params})
+        if getattr(self, "_accumulator", None) is not None:
+            self._accumulator.add(params)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -88,7 +92,11 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         hypers = [Hyper(g["lr"], float(g["momentum"]), float(g["dampening"]), float(g["weight_decay"]),
                         bool(g["nesterov"]), bool(g["maximize"])) for g in self.param_groups]
         params = self._flat_params()
-        grads = [p.grad for p in params]
+        if self._accumulator is not None:
+            self._accumulator.check()
+            grads = self._accumulator.grads(params)
+        else:
+            grads = [p.grad for p in params]
         active = [i for i, g in enumerate(grads) if g is not None]
         if not active:  # SPEC §2: nothing changes, the scale and its counter included
             self.last_grad_norm.zero_()
@@ -104,7 +112,14 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             # Our own writes bumped _version (torch ops do; raw kernels don't): record them.
             self._layout.written = [(p._version, p.data_ptr()) for p in batch.params]
         self._loss_scaled = False
+        if self._accumulator is not None:
+            self._accumulator.consume()  # the FP32 sums were this step's grads
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        if self._accumulator is not None:
+            self._accumulator.consume()
 
     # -- step preparation ---------------------------------------------------------------
     def _step_scaler(self) -> LossScaler:

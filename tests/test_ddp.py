@@ -69,3 +69,40 @@ def test_ddp_two_processes_equal_one_process(backend, tmp_path):
     train(model, make_opt(model.parameters(), backend), *data())
     for a, b in zip(ddp_params, model.parameters()):
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+
+
+def refusal_worker(rank, world, port, out):
+    """fp32_grad_accumulation frees .grad inside backward, before DDP's reduction reads it: it
+    must refuse to run in a process group rather than let DDP reduce zeros."""
+    model = make_model()
+    early = fused_opt.FusedMixedPrecisionSGD(model.parameters(), lr=0.1, loss_scale=None,
+                                             fp32_grad_accumulation=True)  # built before the group
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    messages = []
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        try:
+            fused_opt.FusedMixedPrecisionSGD(ddp.parameters(), lr=0.1, fp32_grad_accumulation=True)
+        except ValueError as exc:
+            messages.append(str(exc))
+        before = [p.detach().clone() for p in model.parameters()]
+        ddp(torch.ones(2, 8)).sum().backward()
+        try:
+            early.step()
+        except ValueError as exc:
+            messages.append(str(exc))
+        messages.append(all(torch.equal(a, b) for a, b in zip(before, model.parameters())))
+        if rank == 0:
+            torch.save(messages, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fp32_grad_accumulation_refuses_a_process_group(tmp_path):
+    out = str(tmp_path / "messages.pt")
+    mp.spawn(refusal_worker, args=(2, free_port(), out), nprocs=2, join=True)
+    construct, step, unchanged = torch.load(out)
+    for message in (construct, step):
+        assert "single-process only" in message and "DDP" in message
+    assert unchanged

@@ -1,0 +1,81 @@
+"""FP32 gradient accumulation (`fp32_grad_accumulation=True`), in the spirit of Megatron's
+`main_grad`.
+
+Summing k micro-batches in an FP16 `.grad` rounds the running sum to 11 bits after every
+micro-batch, and the sum can overflow where each part does not. Here a post-accumulate-grad
+hook adds each micro-batch's FP16/BF16 grad into an FP32 buffer the moment backward produces
+it and frees the FP16 one, so the sum is rounded once per micro-batch to 24 bits and memory
+holds one low-precision grad at a time. The step reads the FP32 buffers (the kernels take FP32
+grads like any other) and consumes them: the next backward starts a new accumulation.
+
+Freeing `.grad` inside backward is what DDP and FSDP2 cannot live with: they read `.grad`
+after this hook to reduce it across ranks, and would reduce zeros. The option therefore
+refuses to run in a process group of more than one rank, and on DTensor params.
+"""
+from __future__ import annotations
+
+import torch
+
+from .distributed import is_dtensor
+
+
+def check_single_process(params) -> None:
+    """Raises where the hook would starve a gradient reduction (see the module docstring)."""
+    why = ("fp32_grad_accumulation frees each micro-batch's FP16/BF16 .grad inside backward, before "
+           "DDP's or FSDP2's gradient reduction reads it, which would then reduce zeros. ")
+    if any(is_dtensor(p) for p in params):
+        raise ValueError(why + "It cannot be used with DTensor (FSDP2) params.")
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError(why + f"It is single-process only (this process group has {dist.get_world_size()} "
+                         "ranks); accumulate in .grad under DDP/FSDP2.")
+
+
+class FP32GradAccumulator:
+    """Owns the FP32 buffers and the hooks of the low-precision params that require grad."""
+
+    def __init__(self, params):
+        params = list(params)
+        check_single_process(params)
+        self.main_grads: dict = {}   # param -> FP32 buffer (kept across steps: no reallocation)
+        self.pending: set = set()    # params whose buffer holds this accumulation's sum
+        self.handles = []
+        self.add(params)
+
+    def add(self, params) -> None:
+        # FP32 params already accumulate in FP32: their .grad is left alone.
+        self.handles += [p.register_post_accumulate_grad_hook(self._accumulate)
+                         for p in params if p.requires_grad and p.dtype != torch.float32]
+
+    @torch.no_grad()
+    def _accumulate(self, p: torch.Tensor) -> None:
+        main = self.main_grads.get(p)
+        if main is None or main.shape != p.shape or main.device != p.device:
+            main = self.main_grads[p] = torch.empty_like(p, dtype=torch.float32)
+        if p in self.pending:
+            main.add_(p.grad)    # FP32 + widened FP16: one rounding, to 24 bits
+        else:
+            main.copy_(p.grad)   # the first micro-batch: no zeroing pass needed
+            self.pending.add(p)
+        p.grad = None
+
+    def grads(self, params: list) -> list:
+        """The grad each param steps with: its FP32 sum, or its .grad when it has none."""
+        out = []
+        for p in params:
+            if p in self.pending:
+                if p.grad is not None:
+                    raise RuntimeError("FusedMixedPrecisionSGD: a param has both an FP32-accumulated grad and a "
+                                       ".grad set after backward; with fp32_grad_accumulation grads come from "
+                                       "backward only")
+                out.append(self.main_grads[p])
+            else:
+                out.append(p.grad)
+        return out
+
+    def consume(self) -> None:
+        """After a step or zero_grad: the next backward starts a new sum."""
+        self.pending.clear()
+
+    def check(self) -> None:
+        check_single_process([])  # a process group may have been created after construction

@@ -1,0 +1,143 @@
+"""Gradient accumulation over micro-batches: k backward passes of loss / k, then one step.
+
+In .grad (the default) and in FP32 buffers (`fp32_grad_accumulation=True`): both equal one
+big batch, every micro-batch is scaled by the same loss scale, an overflowing micro-batch
+skips the whole step, and the FP32 sum is closer to a float64 reference than the FP16 one."""
+import math
+
+import pytest
+import torch
+
+import fused_opt
+from harness import BACKEND_DEVICE_IDS, BACKEND_DEVICES
+
+K = 16
+
+
+def make(dtype, device, backend, fp32_accumulation, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 8)).to(device, dtype)
+    model[2].bias.requires_grad_(False)  # a param that never gets a grad: never stepped
+    opt = fused_opt.FusedMixedPrecisionSGD(model.parameters(), lr=0.1, momentum=0.9, init_scale=2.0**10,
+                                           fp32_grad_accumulation=fp32_accumulation, backend=backend, **kwargs)
+    return model, opt
+
+
+def batch(device, dtype, n=K * 4):
+    gen = torch.Generator().manual_seed(7)
+    return torch.randn(n, 32, generator=gen).to(device, dtype), torch.randn(n, 8, generator=gen).to(device, dtype)
+
+
+def accumulate(model, opt, x, y, k=K, inf_at=None):
+    """One optimizer step over k micro-batches; returns the scale each micro-batch used."""
+    scales = []
+    for i, (xi, yi) in enumerate(zip(x.chunk(k), y.chunk(k))):
+        scales.append(float(opt.loss_scale))
+        loss = torch.nn.functional.mse_loss(model(xi).float(), yi.float()) / k
+        if i == inf_at:
+            loss = loss * math.inf
+        opt.scale_loss(loss).backward()
+    opt.step()
+    opt.zero_grad()
+    return scales
+
+
+def masters(model, opt):
+    return [opt.state[p]["master_param"].clone() for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("fp32_accumulation", [False, True], ids=["grad", "fp32"])
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+def test_accumulation_equals_one_big_batch(backend, device, fp32_accumulation):
+    dtype = torch.float32 if not fp32_accumulation else torch.float16
+    x, y = batch(device, dtype)
+    model, opt = make(dtype, device, backend, fp32_accumulation, growth_interval=1)
+    big, big_opt = make(dtype, device, backend, fp32_accumulation, growth_interval=1)
+    for _ in range(3):
+        scales = accumulate(model, opt, x, y)
+        assert len(set(scales)) == 1  # the scale changes in step() only ...
+        accumulate(big, big_opt, x, y, k=1)
+    assert float(opt.loss_scale) == 2.0**13  # ... where it grew (growth_interval=1)
+    # FP32 params: equal up to FP32 summation order. FP16 params: the big batch's grad is one
+    # FP16 rounding of the sum, the accumulation's is exact in FP32 up to the micro-batches' own.
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=0, atol=2e-4)
+    for a, b in zip(masters(model, opt), masters(big, big_opt)):
+        torch.testing.assert_close(a, b, **tol)
+    assert model[2].bias.grad is None and torch.equal(model[2].bias, big[2].bias)
+
+
+def float64_sums(model, x, y):
+    """The float64 sums of the very FP16 micro-batch grads both runs accumulate: what is left
+    of the difference is the accumulation's own rounding."""
+    sums = [torch.zeros_like(p, dtype=torch.float64) for p in model.parameters() if p.requires_grad]
+    for xi, yi in zip(x.chunk(K), y.chunk(K)):
+        model.zero_grad()
+        (torch.nn.functional.mse_loss(model(xi).float(), yi.float()) / K).backward()
+        for total, p in zip(sums, [p for p in model.parameters() if p.requires_grad]):
+            total += p.grad.double()
+    model.zero_grad()
+    return sums
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+def test_fp32_accumulation_is_closer_to_float64_than_fp16(backend, device):
+    x, y = batch(device, torch.float16)
+    errors = {}
+    for fp32_accumulation in (False, True):
+        model, opt = make(torch.float16, device, backend, fp32_accumulation, loss_scale=None)
+        start = [p.detach().double() for p in model.parameters() if p.requires_grad]
+        twin, _ = make(torch.float16, device, "torch", False)  # same weights, no hooks on its .grad
+        reference = [w - 0.1 * g for w, g in zip(start, float64_sums(twin, x, y))]  # first step: buffer = grad
+        accumulate(model, opt, x, y)
+        errors[fp32_accumulation] = max(float((m.double() - r).abs().max() / (r - w).abs().max())
+                                        for m, r, w in zip(masters(model, opt), reference, start))
+    # Relative to the update: FP16 sums lose ~2^-11 per add, FP32 sums ~2^-24.
+    assert errors[True] < 1e-5 and errors[False] > 1e-4, errors
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+def test_fp32_accumulation_overflowing_micro_batch_skips_the_step(backend, device):
+    x, y = batch(device, torch.float16)
+    model, opt = make(torch.float16, device, backend, True)
+    accumulate(model, opt, x, y)
+    before = masters(model, opt) + [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()
+                                     if p.requires_grad]
+    scales = accumulate(model, opt, x, y, inf_at=5)
+    assert bool(opt.last_step_skipped) and float(opt.loss_scale) == scales[0] / 2
+    after = masters(model, opt) + [opt.state[p]["momentum_buffer"] for p in model.parameters() if p.requires_grad]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    # The skipped step consumed the sums: the next accumulation starts clean and is applied.
+    accumulate(model, opt, x, y)
+    assert not bool(opt.last_step_skipped)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+def test_fp32_accumulation_frees_low_precision_grads_and_restarts_after_a_step(backend, device):
+    x, y = batch(device, torch.float16)
+    model, opt = make(torch.float16, device, backend, True)
+    fresh, fresh_opt = make(torch.float16, device, backend, True)
+    xi, yi = x[:4], y[:4]
+    opt.scale_loss(torch.nn.functional.mse_loss(model(xi).float(), yi.float())).backward()
+    assert all(p.grad is None for p in model.parameters())  # moved into the FP32 buffers
+    opt.step()  # no zero_grad: the step itself consumed the sums ...
+    fresh_opt.scale_loss(torch.nn.functional.mse_loss(fresh(xi).float(), yi.float())).backward()
+    fresh_opt.step()
+    for _ in range(2):  # ... so a second step on new grads matches a run that zeroed them
+        opt.scale_loss(torch.nn.functional.mse_loss(model(x[4:8]).float(), y[4:8].float())).backward()
+        opt.step()
+        fresh_opt.zero_grad()
+        fresh_opt.scale_loss(torch.nn.functional.mse_loss(fresh(x[4:8]).float(), y[4:8].float())).backward()
+        fresh_opt.step()
+    for a, b in zip(masters(model, opt), masters(fresh, fresh_opt)):
+        assert torch.equal(a, b)
+
+
+def test_fp32_accumulation_refuses_a_grad_set_after_backward():
+    model, opt = make(torch.float16, "cpu", "torch", True)
+    opt.scale_loss(model(torch.ones(2, 32, dtype=torch.float16)).float().sum()).backward()
+    p = next(model.parameters())
+    p.grad = torch.ones_like(p)
+    snapshot = [q.detach().clone() for q in model.parameters()]
+    with pytest.raises(RuntimeError, match="both an FP32-accumulated grad"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(snapshot, model.parameters()))
