@@ -190,8 +190,10 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         speed, so the lists are cached in a _StepLayout and only rebuilt when the params that
         step, their storage, their state or the use of momentum changed."""
         signature = (id(self._flat), active, [h.momentum != 0 for h in hypers])
-        stepped = [local(params[i]) for i in active] if self._sharded else [params[i] for i in active]
-        written = [(p._version, p.data_ptr()) for p in stepped]
+        if self._sharded:
+            written = [(local(params[i])._version, local(params[i]).data_ptr()) for i in active]
+        else:  # at thousands of tensors this line is a visible part of the host's work
+            written = [(params[i]._version, params[i].data_ptr()) for i in active]
         layout = self._layout
         if layout is None or layout.signature != signature or layout.written != written:
             layout = self._new_layout(params, active, hypers, signature)

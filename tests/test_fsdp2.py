@@ -19,6 +19,7 @@ from harness import BACKEND_DEVICES
 from test_ddp import free_port
 
 CPU_BACKENDS = [b for b, d in BACKEND_DEVICES if d == "cpu"]
+CUDA_BACKENDS = [b for b, d in BACKEND_DEVICES if d == "cuda"]
 STEPS = 5
 INF_STEP = 2
 
@@ -39,16 +40,22 @@ def make_opt(model, backend, norm_type):
         growth_interval=2, backend=backend)
 
 
+def shard(model, device="cpu"):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    # An explicit mesh: fully_shard's default is a CUDA mesh wherever a GPU is present.
+    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
 def worker(rank, world, port, backend, dtype, norm_type, device, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world)
     try:
-        from torch.distributed.fsdp import fully_shard
-        sharded, replica = make_model(dtype).to(device), make_model(dtype).to(device)
-        for layer in sharded:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer)
-        fully_shard(sharded)
+        sharded, replica = shard(make_model(dtype).to(device), device), make_model(dtype).to(device)
         opt, replica_opt = make_opt(sharded, backend, norm_type), make_opt(replica, backend, norm_type)
         gen = torch.Generator().manual_seed(1)
         records = []
@@ -104,12 +111,16 @@ def test_fsdp2_two_processes_equal_unsharded(backend, dtype, norm_type, tmp_path
     check(out)
 
 
-def shard(model):
-    from torch.distributed.fsdp import fully_shard
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer)
-    return fully_shard(model)
+@pytest.mark.skipif(not CUDA_BACKENDS, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_fsdp2_on_cuda_with_nccl(backend, tmp_path):
+    # One GPU here, so one rank: the DTensor path, the kernels on local shards and the NCCL
+    # all-reduce between the norm and the clip, on the device.
+    out = str(tmp_path / "result.pt")
+    mp.spawn(worker, args=(1, free_port(), backend, torch.float16, 2.0, "cuda", str(out)), nprocs=1, join=True)
+    check(out)
+
+
 
 
 def checkpoint_worker(rank, world, port, backend, path, out):

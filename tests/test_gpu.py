@@ -1,5 +1,7 @@
 """GPU-only checks (run where a GPU is present): CUDA-graph capture of step() and tensors
 past 2^31 elements. The rest of the suite also runs on CUDA tensors there."""
+import copy
+
 import pytest
 import torch
 
@@ -88,3 +90,42 @@ def test_tensor_past_2_pow_31_elements(backend):
     assert torch.equal(p[:2].float().cpu(), torch.tensor([-0.5, -0.5]))
     assert float(p.detach()[2**31 - 5: 2**31 + 5].float().abs().sum()) == 0.0
     torch.testing.assert_close(float(opt.last_grad_norm), (14 + 0.5) ** 0.5, rtol=1e-5, atol=0)
+
+
+def run(params, opt, steps):
+    for step in steps:
+        for p, g in zip(params, grads_at(step, [p.cuda() for p in params])):
+            p.grad = (g * float(opt.loss_scale)).to(p.device, p.dtype)
+        opt.scale_loss(torch.zeros((), device=params[0].device))
+        opt.step()
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("direction", ["cuda->cpu", "cpu->cuda"])
+def test_state_dict_moves_between_gpu_and_cpu(backend, direction):
+    """A checkpoint saved on one device loads on the other: FP32 masters and buffers stay
+    FP32 and land on the params' device, and the run continues as it would have."""
+    source, target = direction.split("->")
+    params, opt = make(backend, 0.05)
+    params = [torch.nn.Parameter(p.detach().to(source)) for p in params]
+    opt = fused_opt.FusedMixedPrecisionSGD(params, lr=0.05, momentum=0.9, weight_decay=1e-4, max_grad_norm=1.0,
+                                           init_scale=2.0**10, growth_interval=3,
+                                           backend=backend if source == "cuda" else "auto")
+    run(params, opt, range(5))
+    saved_params, saved = [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+    run(params, opt, range(5, 8))
+
+    moved = [torch.nn.Parameter(p.to(target)) for p in saved_params]
+    opt2 = fused_opt.FusedMixedPrecisionSGD(moved, lr=0.05, momentum=0.9, weight_decay=1e-4, max_grad_norm=1.0,
+                                            init_scale=2.0**10, growth_interval=3,
+                                            backend=backend if target == "cuda" else "auto")
+    opt2.load_state_dict(saved)
+    for p in moved:
+        for key in ("master_param", "momentum_buffer"):
+            assert opt2.state[p][key].device == p.device and opt2.state[p][key].dtype == torch.float32
+    assert opt2.loss_scale.device == moved[0].device and float(opt2.loss_scale) == float(saved["param_groups"][0]["fused_opt"]["loss_scaler"]["scale"])
+    run(moved, opt2, range(5, 8))
+    for p, q in zip(params, moved):
+        assert_close_fp32(opt2.state[q]["master_param"].cpu(), opt.state[p]["master_param"].cpu().double(),
+                          f"{direction} master")
+    assert float(opt.loss_scale) == float(opt2.loss_scale)
