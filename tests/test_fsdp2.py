@@ -40,22 +40,25 @@ def make_opt(model, backend, norm_type):
         growth_interval=2, backend=backend)
 
 
-def shard(model, device="cpu"):
+def shard(model, device="cpu", mesh_shape=None):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     # An explicit mesh: fully_shard's default is a CUDA mesh wherever a GPU is present.
-    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    # A 2-D mesh is HSDP: params replicated over dim 0, sharded over dim 1.
+    names = ("replicate", "shard") if mesh_shape and len(mesh_shape) == 2 else None
+    mesh = init_device_mesh(device, mesh_shape or (dist.get_world_size(),), mesh_dim_names=names)
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, mesh=mesh)
     return fully_shard(model, mesh=mesh)
 
 
-def worker(rank, world, port, backend, dtype, norm_type, device, out):
+def worker(rank, world, port, backend, dtype, norm_type, device, out, mesh_shape=None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world)
     try:
-        sharded, replica = shard(make_model(dtype).to(device), device), make_model(dtype).to(device)
+        sharded, replica = shard(make_model(dtype).to(device), device, mesh_shape), make_model(dtype).to(device)
+        shards = mesh_shape[-1] if mesh_shape else world
         opt, replica_opt = make_opt(sharded, backend, norm_type), make_opt(replica, backend, norm_type)
         gen = torch.Generator().manual_seed(1)
         records = []
@@ -63,7 +66,7 @@ def worker(rank, world, port, backend, dtype, norm_type, device, out):
             x = torch.randn(world, 4, 8, generator=gen).to(device, dtype)
             opt.zero_grad()
             opt.scale_loss(sharded(x[rank]).float().square().mean()).backward()
-            if step == INF_STEP and rank == world - 1:
+            if step == INF_STEP and rank % shards == shards - 1:  # the last shard (on every replica)
                 first = next(p for p in sharded.parameters() if p.grad._local_tensor.numel())
                 first.grad._local_tensor.view(-1)[0] = math.inf  # this rank's shard only
             # The replica steps the unsharded model on the gathered (reduced) grads.
@@ -108,6 +111,16 @@ def check(out):
 def test_fsdp2_two_processes_equal_unsharded(backend, dtype, norm_type, tmp_path):
     out = str(tmp_path / "result.pt")
     mp.spawn(worker, args=(2, free_port(), backend, dtype, norm_type, "cpu", str(out)), nprocs=2, join=True)
+    check(out)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_hsdp_reduces_over_the_shard_dim_only(backend, tmp_path):
+    # 4 ranks as 2 replicas x 2 shards: counting the replicated dim too would double the sum
+    # of squares (the norm off by sqrt(2)) and clip every step differently.
+    out = str(tmp_path / "result.pt")
+    mp.spawn(worker, args=(4, free_port(), backend, torch.float16, 2.0, "cpu", str(out), (2, 2)), nprocs=4,
+             join=True)
     check(out)
 
 
