@@ -14,9 +14,14 @@ refuses to run in a process group of more than one rank, and on DTensor params.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .distributed import is_dtensor
+
+# The attribute naming, on a param, the accumulator whose hook owns its .grad.
+OWNER = "_fused_opt_fp32_accumulator"
 
 
 def check_single_process(params) -> None:
@@ -40,15 +45,34 @@ class FP32GradAccumulator:
         self.main_grads: dict = {}   # param -> FP32 buffer (kept across steps: no reallocation)
         self.pending: set = set()    # params whose buffer holds this accumulation's sum
         self.handles = []
+        # The hooks hold only a weak reference: dropping the optimizer removes them, rather
+        # than leaving a dead optimizer's hooks taking the grads of the next one.
+        weakref.finalize(self, _remove_hooks, self.handles)
         self.add(params)
 
     def add(self, params) -> None:
         # FP32 params already accumulate in FP32: their .grad is left alone.
-        self.handles += [p.register_post_accumulate_grad_hook(self._accumulate)
-                         for p in params if p.requires_grad and p.dtype != torch.float32]
+        params = [p for p in params if p.requires_grad and p.dtype != torch.float32]
+        for p in params:
+            owner = getattr(p, OWNER, None)
+            if owner is not None and owner() is not None and owner() is not self:
+                raise ValueError("fp32_grad_accumulation: a param is already accumulated in FP32 by another "
+                                 "live optimizer, whose hook would take its grads; drop that optimizer first")
+        me = weakref.ref(self)
+
+        def hook(p):
+            accumulator = me()
+            if accumulator is not None:
+                accumulator._accumulate(p)
+
+        for p in params:
+            setattr(p, OWNER, me)
+            self.handles.append(p.register_post_accumulate_grad_hook(hook))
 
     @torch.no_grad()
     def _accumulate(self, p: torch.Tensor) -> None:
+        if p.grad is None:
+            return
         main = self.main_grads.get(p)
         if main is None or main.shape != p.shape or main.device != p.device:
             main = self.main_grads[p] = torch.empty_like(p, dtype=torch.float32)
@@ -79,3 +103,8 @@ class FP32GradAccumulator:
 
     def check(self) -> None:
         check_single_process([])  # a process group may have been created after construction
+
+
+def _remove_hooks(handles: list) -> None:
+    for handle in handles:
+        handle.remove()

@@ -73,7 +73,11 @@ def worker(rank, world, port, backend, dtype, norm_type, device, out, mesh_shape
             for p, q in zip(sharded.parameters(), replica.parameters()):
                 q.grad = p.grad.full_tensor()
             replica_opt.scale_loss(torch.zeros(()))
+            if device == "cuda" and step > 0:  # after the first step built the tables: no host sync,
+                torch.cuda.set_sync_debug_mode("error")  # the NCCL all-reduce included
             opt.step()
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
             replica_opt.step()
             records.append([t.clone() for t in (opt.last_grad_norm, replica_opt.last_grad_norm, opt.loss_scale,
                                                 replica_opt.loss_scale, opt.last_step_skipped,

@@ -141,3 +141,18 @@ def test_fp32_accumulation_refuses_a_grad_set_after_backward():
     with pytest.raises(RuntimeError, match="both an FP32-accumulated grad"):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(snapshot, model.parameters()))
+
+
+def test_fp32_accumulation_hooks_belong_to_one_live_optimizer():
+    import gc
+    model, first = make(torch.float16, "cpu", "torch", True)
+    with pytest.raises(ValueError, match="another live optimizer"):
+        fused_opt.FusedMixedPrecisionSGD(model.parameters(), lr=0.1, fp32_grad_accumulation=True, backend="torch")
+    del first
+    gc.collect()  # its hooks go with it: the next optimizer gets every grad
+    second = fused_opt.FusedMixedPrecisionSGD(model.parameters(), lr=0.1, fp32_grad_accumulation=True,
+                                              backend="torch")
+    second.scale_loss(model(torch.ones(2, 32, dtype=torch.float16)).float().sum()).backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert all(p in second._accumulator.pending for p in trainable)
+    assert len(second._accumulator.handles) == len(trainable)
