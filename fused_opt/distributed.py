@@ -30,9 +30,8 @@ def local(t: torch.Tensor) -> torch.Tensor:
 class ShardReduction:
     """Makes a rank's [norm statistic, inf count] global over the sharded mesh dimensions."""
 
-    def __init__(self, groups: list, describe: str):
+    def __init__(self, groups: list):
         self.groups = groups
-        self.describe = describe
 
     def __call__(self, stats: torch.Tensor, norm_inf: bool) -> None:
         import torch.distributed as dist
@@ -64,7 +63,7 @@ def shard_reduction(params: list[torch.Tensor]) -> ShardReduction | None:
                            f"dimensions ({sorted(str(dims) for _, dims in layouts)}); the grad norm needs one "
                            "reduction for all of them. Use one optimizer per sharding layout.")
     (mesh, dims), = layouts
-    return ShardReduction([mesh.get_group(d) for d in dims], f"{mesh} dims {dims}")
+    return ShardReduction([mesh.get_group(d) for d in dims])
 
 
 def local_grads(grads: list, params: list, name_of) -> list[torch.Tensor]:

@@ -40,8 +40,6 @@ class FP32GradAccumulator:
     """Owns the FP32 buffers and the hooks of the low-precision params that require grad."""
 
     def __init__(self, params):
-        params = list(params)
-        check_single_process(params)
         self.main_grads: dict = {}   # param -> FP32 buffer (kept across steps: no reallocation)
         self.pending: set = set()    # params whose buffer holds this accumulation's sum
         self.handles = []
@@ -52,6 +50,8 @@ class FP32GradAccumulator:
 
     def add(self, params) -> None:
         # FP32 params already accumulate in FP32: their .grad is left alone.
+        params = list(params)
+        check_single_process(params)
         params = [p for p in params if p.requires_grad and p.dtype != torch.float32]
         for p in params:
             owner = getattr(p, OWNER, None)

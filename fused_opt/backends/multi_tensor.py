@@ -162,10 +162,11 @@ class Plan:
         n = self.total_chunks
         if batch.reduce_stats is None:
             return n
-        stats = torch.zeros(2, dtype=torch.float32, device=self.device)
-        if n:  # a rank may hold only empty shards
+        if n:
             partials = self.partials[:n]
             stats = torch.stack([partials.amax() if norm_inf else partials.sum(), self.flags[:n].amax().float()])
+        else:  # a rank may hold only empty shards
+            stats = torch.zeros(2, dtype=torch.float32, device=self.device)
         batch.reduce_stats(stats, norm_inf)
         self.partials[:1].copy_(stats[:1])
         self.flags[:1].copy_(stats[1:])

@@ -18,22 +18,24 @@ def availability(device: torch.device) -> str | None:
     return None  # runs wherever torch runs
 
 
-def _global_norm(unscaled: list[torch.Tensor], norm_type: float) -> torch.Tensor:
-    # Per-tensor norms, then the norm of those: what clip_grad_norm_(foreach=True) does.
-    # Empty tensors add nothing and have no max-norm, so they are left out.
+def _per_tensor_norms(unscaled: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    # What clip_grad_norm_(foreach=True) does. Empty tensors add nothing and have no
+    # max-norm, so they are left out.
     nonempty = [u for u in unscaled if u.numel() > 0]
     if not nonempty:
-        return torch.zeros((), dtype=torch.float32, device=unscaled[0].device)
-    per_tensor = torch._foreach_norm(nonempty, norm_type)
-    return torch.linalg.vector_norm(torch.stack(per_tensor), norm_type)
+        return torch.zeros(1, dtype=torch.float32, device=unscaled[0].device)
+    return torch.stack(torch._foreach_norm(nonempty, norm_type))
+
+
+def _global_norm(unscaled: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    # Per-tensor norms, then the norm of those.
+    return torch.linalg.vector_norm(_per_tensor_norms(unscaled, norm_type), norm_type)
 
 
 def _global_stats(unscaled: list[torch.Tensor], found_inf: torch.Tensor, batch: StepBatch):
     """DTensor params: this rank's [sum of squares (or max), inf count], made global."""
     norm_inf = batch.norm_type == math.inf
-    device = found_inf.device
-    nonempty = [u for u in unscaled if u.numel() > 0]
-    per_tensor = torch.stack(torch._foreach_norm(nonempty, batch.norm_type)) if nonempty else torch.zeros(1, device=device)
+    per_tensor = _per_tensor_norms(unscaled, batch.norm_type)
     stat = per_tensor.amax() if norm_inf else per_tensor.square().sum()
     stats = torch.stack([stat, found_inf.float()])
     batch.reduce_stats(stats, norm_inf)
