@@ -23,9 +23,9 @@ FUSED_HD int64_t chunk_end(const TensorEntry& t, const Chunk& c, int64_t chunk_s
 }
 
 // Pass 1 over elements begin, begin+stride, ... < end of one chunk (64-bit indices).
-template <class G>
+template <class G, class Acc>
 FUSED_HD void partial_range(const TensorEntry& t, float inv_scale, bool norm_inf, int64_t begin,
-                            int64_t end, int64_t stride, float& acc, int& bad) {
+                            int64_t end, int64_t stride, Acc& acc, int& bad) {
   const auto* g = reinterpret_cast<const typename G::storage*>(t.grad);
   for (int64_t i = begin; i < end; i += stride) accumulate_norm(unscale<G>(g[i], inv_scale), norm_inf, acc, bad);
 }
@@ -40,7 +40,8 @@ FUSED_HD bool claim_first_step(const TensorEntry& t, int32_t applied_steps, bool
   return first_step == 0 || first_step == applied_steps;
 }
 
-// Pass 2 over elements of one chunk: read g, w, b; write w, b and the rounded param.
+// Pass 2 over elements of one chunk: read g, w, b and p (to keep edits made outside the
+// optimizer, see retake_if_edited); write w, b and the rounded param.
 template <class G, class P, bool HasBuf, bool HasParam, bool Nesterov>
 FUSED_HD void update_range(const TensorEntry& t, const StepCoefs& coefs, float inv_scale, int64_t begin,
                            int64_t end, int64_t stride) {
@@ -51,7 +52,8 @@ FUSED_HD void update_range(const TensorEntry& t, const StepCoefs& coefs, float i
   const StepCoefs k = coefs;  // a local: stores through w/b/p can't alias it, so loads hoist
   for (int64_t i = begin; i < end; i += stride) {
     float bi = HasBuf ? b[i] : 0.0f;
-    const float wi = sgd_element<HasBuf, Nesterov>(unscale<G>(g[i], inv_scale), w[i], bi, k);
+    const float w_old = HasParam ? retake_if_edited<P>(p[i], w[i]) : w[i];
+    const float wi = sgd_element<HasBuf, Nesterov>(unscale<G>(g[i], inv_scale), w_old, bi, k);
     w[i] = wi;
     if (HasBuf) b[i] = bi;
     if (HasParam) p[i] = P::store(wi);

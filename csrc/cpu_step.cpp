@@ -40,7 +40,7 @@ void parallel_chunks(const Chunk* chunks, const TensorEntry* table, int64_t num_
   for (auto& th : pool) th.join();
 }
 
-// Pass 1 over one chunk with kLanes independent accumulators, so the compiler can vectorize
+// Pass 1 over one chunk with kLanes independent (double) accumulators, so the compiler can vectorize
 // the loop without reassociating floats (no -ffast-math); lanes are then combined in a fixed
 // order, so the result does not depend on the vector width.
 constexpr int kLanes = 16;
@@ -71,6 +71,23 @@ void f32_to_f16(const float* src, uint16_t* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = F16::store(src[i]);
 }
 
+// retake_if_edited (sgd_math.h) over a block, 8 values at a time: the master rounded by F16C
+// (the same bits as F16::store) against the param; only a differing lane takes the param.
+void retake_edited_f16(const uint16_t* p, float* w, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX2__)
+  for (; i + 8 <= n; i += 8) {
+    const __m256 wv = _mm256_loadu_ps(w + i);
+    const __m128i pv = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i));
+    const __m128i same = _mm_cmpeq_epi16(_mm256_cvtps_ph(wv, _MM_FROUND_TO_NEAREST_INT), pv);
+    if (_mm_movemask_epi8(same) == 0xFFFF) continue;  // the usual case: nothing was edited
+    const __m256 keep = _mm256_castsi256_ps(_mm256_cvtepi16_epi32(same));
+    _mm256_storeu_ps(w + i, _mm256_blendv_ps(_mm256_cvtph_ps(pv), wv, keep));
+  }
+#endif
+  for (; i < n; ++i) w[i] = retake_if_edited<F16>(p[i], w[i]);
+}
+
 // The tensor entry of an FP32 staging block: element j of it is element begin + j of t.
 TensorEntry block_entry(const TensorEntry& t, const float* grads, int64_t begin, int64_t n) {
   return TensorEntry{reinterpret_cast<int64_t>(grads), t.master + begin * 4, t.buf ? t.buf + begin * 4 : 0, 0, n,
@@ -82,8 +99,9 @@ TensorEntry block_entry(const TensorEntry& t, const float* grads, int64_t begin,
 // The FP16 norm pass with F16C: lane k of the 16 accumulates elements begin + k + 16j, as in
 // the portable loop below, so both give the same bits.
 template <bool NormInf>
-void partial_chunk_f16c(const uint16_t* g, float inv_scale, int64_t begin, int64_t end, float& acc, int& bad) {
-  __m256 acc_lo = _mm256_setzero_ps(), acc_hi = _mm256_setzero_ps();
+void partial_chunk_f16c(const uint16_t* g, float inv_scale, int64_t begin, int64_t end, double& acc, int& bad) {
+  __m256 max_lo = _mm256_setzero_ps(), max_hi = _mm256_setzero_ps();
+  __m256d sum[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
   __m256i bad_lo = _mm256_setzero_si256(), bad_hi = _mm256_setzero_si256();
   const __m256 inv = _mm256_set1_ps(inv_scale);
   const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -95,21 +113,24 @@ void partial_chunk_f16c(const uint16_t* g, float inv_scale, int64_t begin, int64
     bad_lo = _mm256_or_si256(bad_lo, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(lo), exponent), exponent));
     bad_hi = _mm256_or_si256(bad_hi, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(hi), exponent), exponent));
     if (NormInf) {
-      acc_lo = _mm256_max_ps(acc_lo, _mm256_andnot_ps(sign, lo));
-      acc_hi = _mm256_max_ps(acc_hi, _mm256_andnot_ps(sign, hi));
-    } else {
-      acc_lo = _mm256_add_ps(acc_lo, _mm256_mul_ps(lo, lo));
-      acc_hi = _mm256_add_ps(acc_hi, _mm256_mul_ps(hi, hi));
+      max_lo = _mm256_max_ps(max_lo, _mm256_andnot_ps(sign, lo));
+      max_hi = _mm256_max_ps(max_hi, _mm256_andnot_ps(sign, hi));
+    } else {  // squares summed in double, lanes 4k..4k+3 in sum[k] (as the portable loop)
+      const __m256d q[4] = {_mm256_cvtps_pd(_mm256_castps256_ps128(lo)), _mm256_cvtps_pd(_mm256_extractf128_ps(lo, 1)),
+                            _mm256_cvtps_pd(_mm256_castps256_ps128(hi)), _mm256_cvtps_pd(_mm256_extractf128_ps(hi, 1))};
+      for (int k = 0; k < 4; ++k) sum[k] = _mm256_add_pd(sum[k], _mm256_mul_pd(q[k], q[k]));
     }
   }
-  alignas(32) float lanes[kLanes];
+  alignas(32) float maxima[kLanes];
+  alignas(32) double sums[kLanes];
   alignas(32) int32_t lane_bad[kLanes];
-  _mm256_store_ps(lanes, acc_lo);
-  _mm256_store_ps(lanes + 8, acc_hi);
+  _mm256_store_ps(maxima, max_lo);
+  _mm256_store_ps(maxima + 8, max_hi);
+  for (int k = 0; k < 4; ++k) _mm256_store_pd(sums + 4 * k, sum[k]);
   _mm256_store_si256(reinterpret_cast<__m256i*>(lane_bad), bad_lo);
   _mm256_store_si256(reinterpret_cast<__m256i*>(lane_bad + 8), bad_hi);
   for (int k = 0; k < kLanes; ++k) {
-    acc = NormInf ? std::max(acc, lanes[k]) : acc + lanes[k];
+    acc = NormInf ? std::max(acc, double(maxima[k])) : acc + sums[k];
     bad |= lane_bad[k] != 0;
   }
   TensorEntry tail{reinterpret_cast<int64_t>(g), 0, 0, 0, end, 0, 0};
@@ -118,7 +139,7 @@ void partial_chunk_f16c(const uint16_t* g, float inv_scale, int64_t begin, int64
 #endif
 
 template <class G, bool NormInf>
-void partial_chunk(const TensorEntry& t, float inv_scale, int64_t begin, int64_t end, float& acc, int& bad) {
+void partial_chunk(const TensorEntry& t, float inv_scale, int64_t begin, int64_t end, double& acc, int& bad) {
 #if defined(__F16C__) && defined(__AVX2__)
   if constexpr (std::is_same_v<G, F16>) {
     partial_chunk_f16c<NormInf>(reinterpret_cast<const uint16_t*>(t.grad), inv_scale, begin, end, acc, bad);
@@ -126,7 +147,7 @@ void partial_chunk(const TensorEntry& t, float inv_scale, int64_t begin, int64_t
   }
 #endif
   const auto* g = reinterpret_cast<const typename G::storage*>(t.grad);
-  float lane_acc[kLanes] = {};
+  double lane_acc[kLanes] = {};
   int lane_bad[kLanes] = {};
   int64_t i = begin;
   for (; i + kLanes <= end; i += kLanes) {
@@ -149,6 +170,9 @@ void update_chunk(const TensorEntry& t, const StepCoefs& coefs, float inv_scale,
     for (int64_t i = begin; i < end; i += kBlock) {
       const int64_t n = std::min(kBlock, end - i);
       f16_to_f32(reinterpret_cast<const uint16_t*>(t.grad) + i, block, n);
+      if (HasParam) {
+        retake_edited_f16(reinterpret_cast<const uint16_t*>(t.param) + i, reinterpret_cast<float*>(t.master) + i, n);
+      }
       update_range<F32, F32, HasBuf, false, Nesterov>(block_entry(t, block, i, n), coefs, inv_scale, 0, n, 1);
       if (HasParam) f32_to_f16(reinterpret_cast<const float*>(t.master) + i, reinterpret_cast<uint16_t*>(t.param) + i, n);
     }
@@ -166,7 +190,7 @@ void partials(const PartialsArgs& a, int64_t /*stream*/) {
     using G = decltype(g);
     parallel_chunks(chunks, table, a.num_chunks, a.chunk_size, [&](int64_t c) {
       const TensorEntry& t = table[chunks[c].row];
-      float acc = 0.0f;
+      double acc = 0.0;
       int bad = 0;
       const int64_t end = chunk_end(t, chunks[c], a.chunk_size);
       if (a.norm_inf) {
@@ -174,7 +198,7 @@ void partials(const PartialsArgs& a, int64_t /*stream*/) {
       } else {
         partial_chunk<G, false>(t, inv_scale, chunks[c].start, end, acc, bad);
       }
-      reinterpret_cast<float*>(a.partials)[c] = acc;
+      reinterpret_cast<float*>(a.partials)[c] = float(acc);
       reinterpret_cast<int32_t*>(a.flags)[c] = bad;
     });
   });
@@ -183,13 +207,13 @@ void partials(const PartialsArgs& a, int64_t /*stream*/) {
 void finalize_step(const ReduceArgs& r, const FinalizeArgs& a, int64_t /*stream*/) {
   const auto* partials = reinterpret_cast<const float*>(r.partials);
   const auto* flags = reinterpret_cast<const int32_t*>(r.flags);
-  float total = 0.0f;
+  double total = 0.0;  // in double: hundreds of partials summed in order (see accumulate_norm)
   int bad = 0;
   for (int64_t c = 0; c < r.num_chunks; ++c) {
-    total = a.norm_inf ? std::max(total, partials[c]) : total + partials[c];
+    total = a.norm_inf ? std::max(total, double(partials[c])) : total + partials[c];
     bad |= flags[c];
   }
-  finalize(a, total, bad != 0);
+  finalize(a, float(total), bad != 0);
 }
 
 void update(const UpdateArgs& a, int64_t /*stream*/) {

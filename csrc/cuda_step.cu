@@ -82,8 +82,10 @@ __device__ void update_chunk(const TensorEntry& t, const StepCoefs& coefs, float
       Vec4<float> w = w4[k], b;
       if (HasBuf) b = b4[k];
       Vec4<PS> p;
+      if (HasParam) p = p4[k];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
+        if (HasParam) w.v[e] = retake_if_edited<P>(p.v[e], w.v[e]);
         w.v[e] = sgd_element<HasBuf, Nesterov>(unscale<G>(g.v[e], inv_scale), w.v[e], b.v[e], coefs);
         if (HasParam) p.v[e] = P::store(w.v[e]);
       }

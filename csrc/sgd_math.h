@@ -103,14 +103,27 @@ FUSED_HD float unscale(typename G::storage g, float inv_scale) { return G::load(
 FUSED_HD bool is_finite(float x) { return (float_bits(x) & 0x7F800000u) != 0x7F800000u; }
 
 // Accumulates the norm of u (sum of squares, or max |u|) and flags inf/NaN.
-FUSED_HD void accumulate_norm(float u, bool norm_inf, float& acc, int& bad) {
+// Acc is float on the GPU (short per-thread runs, then a tree) and double on the CPU, where
+// one thread sums a whole chunk in 16 lanes: 4096 FP32 additions per lane drift by ~1e-5.
+template <class Acc>
+FUSED_HD void accumulate_norm(float u, bool norm_inf, Acc& acc, int& bad) {
   bad |= !is_finite(u);
   if (norm_inf) {
-    const float a = u < 0 ? -u : u;
+    const Acc a = u < 0 ? -u : u;
     acc = a > acc ? a : acc;
   } else {
-    acc += u * u;
+    acc += Acc(u) * Acc(u);
   }
+}
+
+// A param edited outside the optimizer (p.data.clamp_, pruning masks, EMA swaps: writes that
+// torch's version counter never sees) no longer equals the master rounded as we last wrote it.
+// The update reads the param (+2 B/param for FP16/BF16) and re-takes such an element's master
+// from it, so the edit is kept, as torch.optim.SGD keeps it. Bits are compared, not values:
+// -0 and +0 differ, and a NaN we wrote equals itself.
+template <class P>
+FUSED_HD float retake_if_edited(typename P::storage p, float w) {
+  return p == P::store(w) ? w : P::load(p);
 }
 
 // Per-chunk constants of the update, hoisted out of the element loop: GCC turns a ?: on a

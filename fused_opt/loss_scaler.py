@@ -59,5 +59,12 @@ def check_scaler_args(loss_scale, init_scale, growth_factor, backoff_factor, gro
                         ("backoff_factor", backoff_factor)):
         if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
             raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    if not (isinstance(growth_interval, int) and growth_interval > 0):
-        raise ValueError(f"growth_interval must be a positive int, got {growth_interval!r}")
+    for name, value in (("init_scale", init_scale), ("growth_factor", growth_factor),
+                        ("backoff_factor", backoff_factor)):
+        if not math.isfinite(float(torch.tensor(float(value), dtype=torch.float32))):
+            raise ValueError(f"{name} {value!r} overflows FP32, in which the scale is kept")
+    if loss_scale not in (None, "dynamic") and not math.isfinite(float(torch.tensor(float(loss_scale), dtype=torch.float32))):
+        raise ValueError(f"loss_scale {loss_scale!r} overflows FP32, in which the scale is kept")
+    # The clean-step counter is int32 on the device (as GradScaler's), compared in the kernels.
+    if not (isinstance(growth_interval, int) and not isinstance(growth_interval, bool) and 0 < growth_interval < 2**31):
+        raise ValueError(f"growth_interval must be a positive int32 (< 2**31), got {growth_interval!r}")

@@ -7,6 +7,9 @@ a device value on the host, so a step can be captured in a CUDA graph.
 from __future__ import annotations
 
 import itertools
+import math
+import signal
+import threading
 
 import torch
 
@@ -15,7 +18,9 @@ from .backends import Hyper, StepBatch
 from .distributed import local, local_grads, placed_like, shard_reduction
 from .grad_accumulation import FP32GradAccumulator
 from .loss_scaler import LossScaler, check_scaler_args
-from .validation import check_global, check_grads, check_group, check_params
+from .state_checks import check_param_memory, conform_buffer, usable_master, validated_state_dict
+from .tracked_state import Epoch, TrackedState
+from .validation import check_global, check_grads, check_group, check_params, check_tensor_lr
 
 
 # The key, in each saved param group, of the loss scaler's state and the applied-step count.
@@ -35,10 +40,13 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         check_scaler_args(loss_scale, init_scale, growth_factor, backoff_factor, growth_interval)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize)
+        self._epoch = Epoch()  # counts every write to self.state (tracked_state.py)
+        self._flat_ids = None
+        self._checked_lrs = {}  # group index -> the tensor lr last validated (read once)
         super().__init__(params, defaults)
         device = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else torch.device("cpu")
-        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
-        self.norm_type = float(norm_type)
+        self.max_grad_norm = max_grad_norm
+        self.norm_type = norm_type
         self.backend, self._backend = backends.resolve(backend, device)
         self._scaler = LossScaler(loss_scale, init_scale, growth_factor, backoff_factor,
                                   growth_interval, device)
@@ -50,19 +58,57 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         self._applied_steps = torch.zeros((), dtype=torch.int32, device=device)
         self._loss_scaled = False
         self._amp_scaler = None  # the scale torch.amp.GradScaler hands us, when it drives
-        # (param._version, data_ptr) right after our last write: anything else means the
-        # param was changed outside the optimizer and its master must be re-taken.
-        self._written = {}
         self._layout = None
         self._layout_ids = itertools.count(1)
         self._backend_cache = {}
-        self._flat_shape = None
+        # The scaler state and applied-step count before the launches: restored if a step is
+        # interrupted between them (see _launch).
+        self._rollback = None
         self._accumulator = FP32GradAccumulator(self._flat_params()) if fp32_grad_accumulation else None
 
     # -- public API ---------------------------------------------------------------------
     @property
     def loss_scale(self) -> torch.Tensor:
         return self._scaler.scale
+
+    # Validated on every assignment, so a later `opt.norm_type = 1.0` or `opt.max_grad_norm = -1`
+    # raises instead of running a step the backends would each read differently.
+    @property
+    def max_grad_norm(self) -> float | None:
+        return self._max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value) -> None:
+        check_global(value, getattr(self, "_norm_type", 2.0))
+        self._max_grad_norm = None if value is None else float(value)
+
+    @property
+    def norm_type(self) -> float:
+        return self._norm_type
+
+    @norm_type.setter
+    def norm_type(self, value) -> None:
+        check_global(None, value)
+        self._norm_type = float(value)
+
+    # torch.optim.Optimizer assigns self.state (in __init__ and load_state_dict); whatever it
+    # assigns becomes a TrackedState, so the step sees every later change to it.
+    @property
+    def state(self):
+        return self._state
+
+    @state.setter
+    def state(self, value) -> None:
+        if "_epoch" not in self.__dict__:  # unpickling: __init__ did not run
+            self._epoch = Epoch()
+        self._state = TrackedState(self._epoch, value)
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        value = state.pop("state", state.pop("_state", None))
+        super().__setstate__(state)
+        if value is not None:
+            self.state = value
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         self._loss_scaled = True
@@ -77,7 +123,9 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         index = len(self.param_groups)
         check_params(params, index)
         check_group({**self.defaults, **group}, index)
+        check_tensor_lr({**self.defaults, **group}, index)
         super().add_param_group({**group, "params": params})
+        self._checked_lrs[index] = self.param_groups[index]["lr"]
         if getattr(self, "_accumulator", None) is not None:
             self._accumulator.add(params)
 
@@ -87,11 +135,14 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        params = self._flat_params()
         for index, group in enumerate(self.param_groups):
             check_group(group, index)
+            if isinstance(group["lr"], torch.Tensor) and self._checked_lrs.get(index) is not group["lr"]:
+                check_tensor_lr(group, index)  # a new lr tensor: its value is read once, here
+                self._checked_lrs[index] = group["lr"]
         hypers = [Hyper(g["lr"], float(g["momentum"]), float(g["dampening"]), float(g["weight_decay"]),
                         bool(g["nesterov"]), bool(g["maximize"])) for g in self.param_groups]
-        params = self._flat_params()
         if self._accumulator is not None:
             self._accumulator.check()
             grads = self._accumulator.grads(params)
@@ -104,13 +155,8 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             return loss
         scaler = self._step_scaler()
         grads = [grads[i] for i in active]
-        check_grads(grads, lambda k: self._param_name(params[active[k]]))
-        if self._sharded:  # DTensor params: the kernels run on the local shards
-            grads = local_grads(grads, [params[i] for i in active], lambda k: self._param_name(params[active[k]]))
         batch = self._batch(params, active, grads, hypers, scaler)
-        if self._backend.step(batch):
-            # Our own writes bumped _version (torch ops do; raw kernels don't): record them.
-            self._layout.written = [(p._version, p.data_ptr()) for p in batch.params]
+        self._launch(batch)
         self._loss_scaled = False
         if self._accumulator is not None:
             self._accumulator.consume()  # the FP32 sums were this step's grads
@@ -186,80 +232,153 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         return "a param"
 
     def _batch(self, params, active, grads, hypers, scaler: LossScaler) -> StepBatch:
-        """The step's tensors. At thousands of tensors the host's per-tensor work decides the
-        speed, so the lists are cached in a _StepLayout and only rebuilt when the params that
-        step, their storage, their state or the use of momentum changed."""
-        signature = (id(self._flat), active, [h.momentum != 0 for h in hypers])
-        if self._sharded:
-            written = [(local(params[i])._version, local(params[i]).data_ptr()) for i in active]
-        else:  # at thousands of tensors this line is a visible part of the host's work
-            written = [(params[i]._version, params[i].data_ptr()) for i in active]
+        """The step's tensors, checked against each other before anything is written. At
+        thousands of tensors the host's per-tensor work decides the speed, so the lists are
+        cached in a _StepLayout and only rebuilt when the params that step, their storage or
+        layout, the state (any write to it: tracked_state.py) or the use of momentum changed;
+        the per-step checks are one tuple per tensor compared with the cached one."""
+        owners = [params[i] for i in active]
+        tensors = [local(p) for p in owners] if self._sharded else owners
+        # Storage, dtype, shape and strides: `p.data = p.data[:1]` keeps data_ptr and _version.
+        memory = [(p.data_ptr(), p.dtype, p.shape, p.stride()) for p in tensors]
+        signature = (self._flat_ids, active, [h.momentum != 0 for h in hypers])
         layout = self._layout
-        if layout is None or layout.signature != signature or layout.written != written:
+        if (layout is None or layout.signature != signature or layout.epoch != self._epoch.value
+                or layout.memory != memory):
             layout = self._new_layout(params, active, hypers, signature)
+            layout.memory = memory
+        grad_meta = [(g.shape, g.dtype, g.device, g.layout) for g in grads]
+        if grad_meta != layout.grad_meta:  # checked in full only when a grad's kind changed
+            check_grads(grads, owners, lambda k: self._param_name(owners[k]))
+            if [m[1] for m in grad_meta] != [m[1] for m in layout.grad_meta]:
+                layout.layout_id = next(self._layout_ids)  # the backends' tables pair by grad dtype
+            layout.grad_meta = grad_meta
+        if self._sharded:  # DTensor params: the kernels run on the local shards
+            grads = local_grads(grads, owners, lambda k: self._param_name(owners[k]))
         return StepBatch(layout.params, grads, layout.masters, layout.bufs, layout.firsts, layout.group_index,
                          hypers, self.max_grad_norm, self.norm_type, scaler, self._applied_steps,
                          self.last_grad_norm, self.last_step_skipped, self._backend_cache, layout.layout_id,
                          layout.reduce_stats)
 
-    def _flush_layout(self) -> None:
-        """Moves the fast path's record of our last writes into the per-param record."""
-        if self._layout is not None:
-            self._written.update(zip(self._layout.owners, self._layout.written))
-            self._layout = None
-
     def _new_layout(self, params, active, hypers, signature) -> "_StepLayout":
-        self._flush_layout()
-        devices = {params[i].device for i in active}
+        """Checks every param, master and buffer about to be touched, and re-takes or re-lays
+        out what no longer fits its param; raises (before any write) what cannot be fixed."""
+        self._layout = None
+        owners = [params[i] for i in active]
+        devices = {p.device for p in owners}
         if len(devices) > 1:
             raise RuntimeError(f"params with grads are on {sorted(map(str, devices))}; one step runs on one "
                                "device (use one optimizer per device)")
+        check_param_memory([local(p) for p in owners], lambda k: self._param_name(owners[k]))
         layout = _StepLayout(signature, next(self._layout_ids))
-        layout.reduce_stats = shard_reduction([params[i] for i in active])
-        for i in active:
+        layout.reduce_stats = shard_reduction(owners)
+        fixes = []
+        for i in active:  # first check all, then write: a raise leaves the state as it was
             p = params[i]
-            state = self.state[p]
-            master = state.get("master_param")
-            if p.dtype == torch.float32:
-                state["master_param"] = p  # an FP32 param is its own master
-            elif master is None or master.device != p.device:  # e.g. the model moved after construction
-                state["master_param"] = p.detach().to(torch.float32, copy=True)
-            elif self._written.get(p) != (local(p)._version, local(p).data_ptr()):
-                # Changed outside: don't silently revert it. Elements that still equal the master
-                # rounded keep the master (a model.load_state_dict of the same checkpoint after
-                # the optimizer's must not round the FP32 masters to the param's dtype).
-                master.copy_(torch.where(p == master.to(p.dtype), master, p.to(torch.float32)))
+            state = self.state[p] if p in self.state else {}
             gi = self._group_of[i]
             uses_momentum = hypers[gi].momentum != 0
-            if uses_momentum and "momentum_buffer" not in state:
-                # Allocated now, applied on the device: the first applied step sets b = d.
-                state["momentum_buffer"] = torch.zeros_like(state["master_param"])
-                state["momentum_first_step"] = torch.zeros((), dtype=torch.int32, device=p.device)
+            master = p if p.dtype == torch.float32 else state.get("master_param")
+            if master is not p and not usable_master(master, p):  # None, or stale (p.data = ... since)
+                master = None
+            buf = state.get("momentum_buffer") if uses_momentum else None
+            buf = conform_buffer(buf, p, master, self._param_name(p))
+            fixes.append((p, master, buf, uses_momentum, gi))
+        for p, master, buf, uses_momentum, gi in fixes:
+            state = self.state[p]
+            if master is None:  # an FP32 param is its own master; else a dense FP32 copy
+                master = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+            if state.get("master_param") is not master:
+                state["master_param"] = master
+            if uses_momentum:
+                if buf is None:  # allocated now, applied on the device: the first applied step sets b = d
+                    buf = torch.zeros_like(master)
+                    state["momentum_first_step"] = torch.zeros((), dtype=torch.int32, device=p.device)
+                elif not _is_first_step_flag(state.get("momentum_first_step"), p.device):
+                    # -1: applied before (a buffer put in the state by hand or by a loader).
+                    state["momentum_first_step"] = torch.full((), -1, dtype=torch.int32, device=p.device)
+                if state.get("momentum_buffer") is not buf:
+                    state["momentum_buffer"] = buf
             layout.owners.append(p)
             layout.params.append(local(p))  # a DTensor's state is a DTensor too; kernels get the shards
-            layout.masters.append(local(state["master_param"]))
-            layout.bufs.append(local(state["momentum_buffer"]) if uses_momentum else None)
+            layout.masters.append(local(master))
+            layout.bufs.append(local(buf) if uses_momentum else None)
             layout.firsts.append(state["momentum_first_step"] if uses_momentum else None)
             layout.group_index.append(gi)
-        layout.written = [(p._version, p.data_ptr()) for p in layout.params]
+        layout.epoch = self._epoch.value
         self._layout = layout
         return layout
+
+    def _launch(self, batch: StepBatch) -> None:
+        """Runs the backend's launches as one transaction. An interrupt (Ctrl-C) arriving
+        between them is held until they are all enqueued, and an exception before the first
+        write restores the loss scale, its counter and the applied-step count, so a step
+        either happens or leaves no trace, and a retry never double-counts."""
+        rollback = self._rollback_buffers(batch)
+        torch._foreach_copy_(rollback, [batch.scaler.scale, batch.scaler.growth_tracker, batch.applied_steps])
+        with _interrupts_held():
+            try:
+                self._backend.step(batch)
+            except BaseException:
+                torch._foreach_copy_([batch.scaler.scale, batch.scaler.growth_tracker, batch.applied_steps],
+                                     rollback)
+                raise
+
+    def _rollback_buffers(self, batch: StepBatch) -> list:
+        scaler = batch.scaler
+        if self._rollback is None or self._rollback[0] is not scaler:
+            self._rollback = (scaler, [torch.empty_like(scaler.scale), torch.empty_like(scaler.growth_tracker),
+                                       torch.empty_like(batch.applied_steps)])
+        return self._rollback[1]
 
     # -- state dict ---------------------------------------------------------------------
     def _flat_params(self) -> list[torch.Tensor]:
         """All params in group order (the order state_dict numbers them), and each one's
-        group in self._group_of."""
-        shape = [(id(g["params"]), len(g["params"])) for g in self.param_groups]
-        if shape != self._flat_shape:
-            self._flat = [p for g in self.param_groups for p in g["params"]]
-            self._group_of = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
-            self._sharded = shard_reduction(self._flat) is not None
-            self._flat_shape = shape
-        return self._flat
+        group in self._group_of. Rebuilt every call (a group's list may be edited in place,
+        `opt.param_groups[0]["params"][0] = q`); its ids are compared with the last ones."""
+        flat = [p for g in self.param_groups for p in g["params"]]
+        ids = list(map(id, flat))
+        if ids != self._flat_ids:
+            self._params_changed(flat)
+            self._flat_ids = ids
+        self._flat = flat
+        return flat
+
+    def _params_changed(self, flat: list) -> None:
+        for gi, group in enumerate(self.param_groups):
+            check_params(group["params"], gi)
+        if len(set(map(id, flat))) != len(flat):
+            raise ValueError("some parameters appear in more than one parameter group")
+        self._group_of = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
+        self._sharded = shard_reduction(flat) is not None
+        self._layout = None
+        # A param no longer in any group lets go of its master (torch.optim.SGD would hold no
+        # copy of it): else every replaced param and its FP32 copy stay alive for good.
+        present = set(map(id, flat))
+        for p in [k for k in self.state if isinstance(k, torch.Tensor) and id(k) not in present]:
+            entry = self.state[p]
+            entry.pop("master_param", None)
+            if "momentum_buffer" not in entry:
+                entry.pop("momentum_first_step", None)
+            if not entry:
+                del self.state[p]
+
+    def sync_from_params(self) -> None:
+        """Re-takes every FP16/BF16 param's FP32 master where the param no longer equals it
+        rounded (as every step does per element; see README "changes outside the optimizer")."""
+        with torch.no_grad():
+            for p in self._flat_params():
+                master = self.state[p].get("master_param") if p in self.state else None
+                if master is not None and master is not p and usable_master(master, p):
+                    same = master.to(p.dtype).view(torch.int16) == p.view(torch.int16)
+                    master.copy_(torch.where(same, master, p.to(torch.float32)))
 
     def state_dict(self) -> dict:
         """Off the hot path, so it may sync: buffers never applied are left out, as
-        torch.optim.SGD would have none; an FP32 param's master is the param itself."""
+        torch.optim.SGD would have none; an FP32 param's master is the param itself; a master
+        whose param was edited since our last write is taken from the param, as the next step
+        would take it."""
+        self.sync_from_params()
         sd = super().state_dict()
         params = self._flat_params()
         packed = {}
@@ -268,7 +387,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             first_step = entry.pop("momentum_first_step", None)
             if first_step is not None and int(first_step) == 0:
                 del entry["momentum_buffer"]
-            if entry.get("master_param") is params[index]:
+            if isinstance(index, int) and entry.get("master_param") is params[index]:
                 del entry["master_param"]
             if entry:
                 packed[index] = entry
@@ -280,30 +399,36 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             group[STATE_KEY] = extra
         return sd
 
+    @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
-        """Loads ours or a torch.optim.SGD state dict. torch's loader casts floating state to
-        the param's dtype, which would round FP32 masters and buffers to FP16, so the state
-        is put in place here, in FP32, and only the groups go through torch's loader."""
-        saved_ids = list(itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
-        groups = [dict(g) for g in state_dict["param_groups"]]
-        extras = [g.pop(STATE_KEY, None) for g in groups]
-        extra = extras[0] if extras else None
-        extra = state_dict.get(STATE_KEY, extra)  # where fused_opt 0.1 kept it
-        self._flush_layout()  # the loaded state replaces what the cached layout points to
+        """Loads ours or a torch.optim.SGD state dict, all or nothing: everything is checked
+        first (state_checks.validated_state_dict: groups, shapes, dtypes, finite values, the
+        scaler) and only then put in place. torch's loader casts floating state to the param's
+        dtype, which would round FP32 masters and buffers to FP16, so the state is placed
+        here, in FP32, and only the groups go through torch's loader. A loaded master is
+        written to its param (rounded), as an FP32 param's own master is."""
+        params = self._flat_params()
+        entries, groups, extra = validated_state_dict(self, state_dict, params, STATE_KEY)
+        self._layout = None
         super().load_state_dict({"state": {}, "param_groups": groups})
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-        params = dict(zip(saved_ids, self._flat_params()))
-        for saved_id, entry in state_dict["state"].items():
-            p = params[saved_id]
+        self._checked_lrs = {}
+        params = self._flat_params()
+        for index, entry in entries.items():
+            p = params[index]
             state = self.state[p]
+            for key, value in entry.items():
+                if key not in ("master_param", "momentum_buffer"):
+                    state[key] = value  # keys of other optimizers' wrappers ride along
             if "master_param" in entry:
                 master = placed_like(entry["master_param"], p)
                 if p.dtype == torch.float32:
                     p.copy_(master)
                 else:
                     state["master_param"] = torch.empty_like(p, dtype=torch.float32).copy_(master)
+                    p.copy_(state["master_param"])
             if p.dtype == torch.float32:
                 state["master_param"] = p
             if entry.get("momentum_buffer") is not None:
@@ -311,10 +436,36 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
                 state["momentum_buffer"] = torch.empty_like(p, dtype=torch.float32).copy_(buf)
                 # -1: applied before, never equal to an applied-step count, so never "first" again.
                 state["momentum_first_step"] = torch.full((), -1, dtype=torch.int32, device=p.device)
-            self._written[p] = (local(p)._version, local(p).data_ptr())
         if extra is not None:
             self._scaler.load_state_dict(extra["loss_scaler"])
             self._applied_steps.copy_(extra["applied_steps"])
+
+
+def _is_first_step_flag(flag, device) -> bool:
+    return (isinstance(flag, torch.Tensor) and flag.dtype == torch.int32 and flag.dim() == 0
+            and flag.device == device)
+
+
+class _interrupts_held:
+    """Holds SIGINT (KeyboardInterrupt) for the duration of the block and re-raises it after,
+    in the main thread (the only one Python delivers it to); elsewhere a no-op."""
+
+    def __enter__(self):
+        self._held = None
+        self._previous = None
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._hold)
+        return self
+
+    def _hold(self, signum, frame):
+        self._held = (signum, frame)
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            if self._held is not None and exc_type is None:
+                self._previous(*self._held)  # raises KeyboardInterrupt, after the whole step
+        return False
 
 
 class _StepLayout:
@@ -326,4 +477,6 @@ class _StepLayout:
         self.owners = []  # the params as the user sees them (DTensors stay DTensors)
         self.params, self.masters, self.bufs, self.firsts, self.group_index = [], [], [], [], []
         self.reduce_stats = None
-        self.written = []
+        self.memory = None     # (data_ptr, dtype, shape, stride) of each param when built
+        self.grad_meta = []    # (shape, dtype, device, layout) of each grad, last checked
+        self.epoch = None      # the state's write count when built

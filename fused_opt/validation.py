@@ -55,15 +55,40 @@ def check_params(params: list[torch.Tensor], index: int) -> None:
 
 
 def check_global(max_grad_norm, norm_type) -> None:
-    if max_grad_norm is not None and not (float(max_grad_norm) >= 0.0):
+    if max_grad_norm is not None and (isinstance(max_grad_norm, (bool, str)) or not (float(max_grad_norm) >= 0.0)):
         raise ValueError(f"max_grad_norm must be >= 0 or None, got {max_grad_norm!r}")
     if float(norm_type) not in NORM_TYPES:
         raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type!r}")
 
 
-def check_grads(grads: list[torch.Tensor], name_of) -> None:
-    """Grads about to be used in a step (torch itself refuses a .grad of another shape, dtype
-    or device than its param). `name_of(k)` names the k-th grad's param, for the message."""
-    for k, g in enumerate(grads):
+def check_tensor_lr(group: dict, index: int) -> None:
+    """A tensor lr's value, read once when the optimizer first sees that tensor (a sync on
+    the GPU, off the hot path): schedulers then change it in place, on the device."""
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        value = float(lr.detach().reshape(()).float().cpu())
+        if not (value >= 0.0 and math.isfinite(value)):
+            raise ValueError(f"param_groups[{index}]: invalid learning rate {value!r} (must be finite and >= 0)")
+
+
+def grad_dtypes(param_dtype: torch.dtype) -> tuple:
+    """The grad dtypes a param of this dtype can be stepped with: its own, and FP32 sums
+    (fp32_grad_accumulation) for FP16/BF16 params."""
+    return (param_dtype,) if param_dtype == torch.float32 else (param_dtype, torch.float32)
+
+
+def check_grads(grads: list[torch.Tensor], params: list[torch.Tensor], name_of) -> None:
+    """Grads about to be used in a step, against their params: torch refuses a .grad of
+    another shape, dtype or device when it is assigned, but `p.grad.data = ...` is not
+    checked, and a kernel would read past the grad's end. `name_of(k)` names the k-th
+    grad's param, for the message."""
+    for k, (g, p) in enumerate(zip(grads, params)):
         if g.layout is not torch.strided:
             raise RuntimeError(f"{name_of(k)}: sparse gradients are not supported")
+        if g.shape != p.shape:
+            raise RuntimeError(f"{name_of(k)}: the grad has shape {tuple(g.shape)}, the param {tuple(p.shape)}")
+        if g.device != p.device:
+            raise RuntimeError(f"{name_of(k)}: the grad is on {g.device}, the param on {p.device}")
+        if g.dtype not in grad_dtypes(p.dtype):
+            raise RuntimeError(f"{name_of(k)}: a {g.dtype} grad for a {p.dtype} param (expected "
+                               f"{' or '.join(map(str, grad_dtypes(p.dtype)))})")

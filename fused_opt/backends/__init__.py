@@ -1,5 +1,5 @@
 """Backend registry: each backend is a module with `availability(device)` and `step(batch)`.
-`step` returns whether it wrote params through torch ops (which bump their _version).
+`step` bumps the version counter of every param it may have written, as torch ops do.
 
 Adding a backend is adding a module and a line in BACKENDS; nothing else dispatches on names.
 """

@@ -122,6 +122,8 @@ class Plan:
             grads = [batch.grads[i] for i in pair.members]
             odd = [row for row, g in enumerate(grads) if not g.is_contiguous()] + pair.odd_rows
             pair.staged = []
+            for row in pair.odd_rows:  # a staged master's column points to last step's copy
+                pair.host_table[row, MASTER] = batch.masters[pair.members[row]].data_ptr()
             for row in sorted(set(odd)):
                 self._stage(batch, pair, row, grads)
             ptrs = [g.data_ptr() for g in grads]
@@ -134,13 +136,22 @@ class Plan:
 
     @staticmethod
     def _stage(batch: StepBatch, pair: "PairPlan", row: int, grads: list) -> None:
+        """The kernels pair element k of every tensor of a row by memory order, so all of them
+        must be dense and laid out alike: whatever is not goes through a dense copy. A master
+        that is not dense (an FP32 param that is a view with gaps is its own master) is staged
+        in and written back; otherwise the kernels would step the gaps instead of it."""
         i = pair.members[row]
         g, master, p = grads[row], batch.masters[i], batch.params[i]
-        if g.stride() != master.stride() and g.numel() > 1:
-            grads[row] = torch.empty_like(master, dtype=g.dtype).copy_(g)
+        target = master
+        if not is_dense(master):
+            target = torch.empty_like(master).copy_(master)  # dense (empty_like: contiguous)
+            pair.staged.append((master, target))
+            pair.host_table[row, MASTER] = target.data_ptr()
+        if g.stride() != target.stride() and g.numel() > 1:
+            grads[row] = torch.empty_like(target, dtype=g.dtype).copy_(g)
             pair.staged.append((None, grads[row]))  # keeps the staged grad alive for the launch
-        if p is not master and p.stride() != master.stride() and p.numel() > 1:
-            staged = torch.empty_like(master, dtype=p.dtype).copy_(p)
+        if p is not master and p.stride() != target.stride() and p.numel() > 1:
+            staged = torch.empty_like(target, dtype=p.dtype).copy_(p)
             pair.staged.append((p, staged))
             pair.host_table[row, PARAM] = staged.data_ptr()
 
@@ -172,16 +183,24 @@ class Plan:
         self.flags[:1].copy_(stats[1:])
         return 1
 
-    def write_back_staged(self) -> bool:
-        """Params laid out unlike their master get their update through a staging copy;
-        returns whether any param was written that way (a torch op: it bumps _version)."""
-        wrote = False
+    def write_back(self, batch: StepBatch) -> None:
+        """After the update launches: staged params and masters get their update from the
+        staging copy, and every param's version counter is bumped, as a torch op's write
+        would bump it (the kernels' raw writes don't), so autograd's "modified by an inplace
+        operation" check and other optimizers over the same params see the step."""
         for pair in self.pairs:
-            for p, staged in pair.staged:
-                if p is not None:
-                    p.copy_(staged)
-                    wrote = True
-        return wrote
+            for dst, staged in pair.staged:
+                if dst is not None:
+                    dst.copy_(staged)
+        increment_version(batch.params)
+
+
+def increment_version(tensors: list) -> None:
+    try:
+        torch.autograd.graph.increment_version(tensors)
+    except TypeError:  # torch < 2.6 takes one tensor at a time
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
 
 
 def plan_for(batch: StepBatch, chunk_size: int) -> Plan:

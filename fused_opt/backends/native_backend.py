@@ -103,7 +103,7 @@ def launch_update(module, *args):
     module.update(*args)
 
 
-def step(batch: StepBatch) -> bool:
+def step(batch: StepBatch) -> None:
     plan = plan_for(batch, CHUNK_SIZE)
     module, stream = _module_and_stream(plan.device)
     norm_inf = batch.norm_type == math.inf
@@ -123,4 +123,4 @@ def step(batch: StepBatch) -> bool:
         launch_update(module, pair.chunks.data_ptr(), pair.num_chunks, pair.table.data_ptr(),
                       plan.group_table.data_ptr(), plan.scalars.data_ptr(), batch.applied_steps.data_ptr(),
                       DTYPE_CODES[pair.grad_dtype], DTYPE_CODES[pair.param_dtype], plan.chunk_size, stream)
-    return plan.write_back_staged()
+    plan.write_back(batch)

@@ -19,17 +19,19 @@ def availability(device: torch.device) -> str | None:
 
 
 def _per_tensor_norms(unscaled: list[torch.Tensor], norm_type: float) -> torch.Tensor:
-    # What clip_grad_norm_(foreach=True) does. Empty tensors add nothing and have no
-    # max-norm, so they are left out.
+    # The oracle must be at least as accurate as what it judges: torch's FP32 norm drifts by
+    # ~1e-3 at 2^24 elements on the CPU, so the squares are summed in float64 (per tensor, to
+    # keep the float64 copy small); the max of the inf-norm is exact anyway. Empty tensors add
+    # nothing and have no max-norm, so they are left out.
     nonempty = [u for u in unscaled if u.numel() > 0]
     if not nonempty:
-        return torch.zeros(1, dtype=torch.float32, device=unscaled[0].device)
-    return torch.stack(torch._foreach_norm(nonempty, norm_type))
+        return torch.zeros(1, dtype=torch.float64, device=unscaled[0].device)
+    return torch.stack([torch.linalg.vector_norm(u, norm_type, dtype=torch.float64) for u in nonempty])
 
 
 def _global_norm(unscaled: list[torch.Tensor], norm_type: float) -> torch.Tensor:
-    # Per-tensor norms, then the norm of those.
-    return torch.linalg.vector_norm(_per_tensor_norms(unscaled, norm_type), norm_type)
+    # Per-tensor norms, then the norm of those, rounded once to FP32.
+    return torch.linalg.vector_norm(_per_tensor_norms(unscaled, norm_type), norm_type).float()
 
 
 def _global_stats(unscaled: list[torch.Tensor], found_inf: torch.Tensor, batch: StepBatch):
@@ -37,12 +39,16 @@ def _global_stats(unscaled: list[torch.Tensor], found_inf: torch.Tensor, batch: 
     norm_inf = batch.norm_type == math.inf
     per_tensor = _per_tensor_norms(unscaled, batch.norm_type)
     stat = per_tensor.amax() if norm_inf else per_tensor.square().sum()
-    stats = torch.stack([stat, found_inf.float()])
+    stats = torch.stack([stat, found_inf.double()])
     batch.reduce_stats(stats, norm_inf)
-    return (stats[0] if norm_inf else stats[0].sqrt()), stats[1] > 0
+    return (stats[0] if norm_inf else stats[0].sqrt()).float(), stats[1] > 0
 
 
-def step(batch: StepBatch) -> bool:
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16)  # FP16/BF16 storage as integers: -0 != +0, a NaN equals itself
+
+
+def step(batch: StepBatch) -> None:
     inv_scale = torch.reciprocal(batch.scaler.scale)                        # 1/S in FP32
 
     # 1. u_i = float32(g_i) * (1/S)
@@ -66,7 +72,13 @@ def step(batch: StepBatch) -> bool:
     applied_steps = batch.applied_steps + (~found_inf).to(torch.int32)
     for i, d in enumerate(unscaled):
         h = batch.groups[batch.group_index[i]]
-        w = batch.masters[i]
+        w, p = batch.masters[i], batch.params[i]
+        if p is not w:
+            # A param edited outside the optimizer (e.g. p.data.clamp_, which its version
+            # counter never sees) no longer equals its master rounded: keep the edit, as
+            # torch.optim.SGD does, by re-taking those elements' master. Bits, not values.
+            same = _bits(w.to(p.dtype)) == _bits(p)
+            w.copy_(torch.where(same | found_inf, w, p.float()))
         if h.maximize:
             d = -d
         if h.weight_decay != 0:
@@ -80,7 +92,6 @@ def step(batch: StepBatch) -> bool:
             first_step.copy_(torch.where((first_step == 0) & ~found_inf, applied_steps, first_step))
         new_w = w - h.lr * d
         w.copy_(torch.where(found_inf, w, new_w))
-        p = batch.params[i]
         if p is not w:
             p.copy_(w)  # round to nearest even in the param's dtype (unchanged master -> unchanged p)
 
@@ -89,5 +100,4 @@ def step(batch: StepBatch) -> bool:
     batch.grad_norm.copy_(norm)
     # 6. dynamic scale update
     batch.scaler.update_(found_inf)
-    return True
 

@@ -39,7 +39,7 @@ def _tl_dtype(dtype: torch.dtype):
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
 
 
-def step(batch: StepBatch) -> bool:
+def step(batch: StepBatch) -> None:
     from . import triton_kernels as k
     plan = plan_for(batch, CHUNK_SIZE)
     chunk = plan.chunk_size
@@ -66,4 +66,4 @@ def step(batch: StepBatch) -> bool:
                 pair.chunks, pair.table, plan.group_table, plan.scalars, batch.applied_steps,
                 GRAD_DTYPE=_tl_dtype(pair.grad_dtype), PARAM_DTYPE=_tl_dtype(pair.param_dtype),
                 ALIGNED=pair.aligned, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS)
-    return plan.write_back_staged()
+    plan.write_back(batch)

@@ -7,7 +7,8 @@
      float atomics), computes N, the clip coefficient and found_inf, and updates the loss
      scale. It runs on the device, so the host never waits.
   3. `update_kernel`, one launch per pair: reads grad, master, momentum buffer; writes master,
-     buffer and the FP16/BF16 param, or nothing at all when found_inf. 20 B/param.
+     buffer and the FP16/BF16 param, or nothing at all when found_inf. 22 B/param: 20, and the
+     param read back to keep edits made outside the optimizer.
 
 Every program handles one chunk of one tensor, found through the chunk table; addresses and
 hyperparameters come from device tables (see multi_tensor.py), so the number of tensors and
@@ -148,6 +149,13 @@ def _update_block(grad, master, buf, param, mask, inv_scale, coef, sign, weight_
     # u * c in this order, as the reference: unscale, then clip.
     d = (tl.load(grad, mask=mask, other=other).to(tl.float32) * inv_scale) * coef * sign
     w = tl.load(master, mask=mask, other=other)
+    if PARAM_DTYPE != tl.float32:
+        # A param edited outside the optimizer (p.data.clamp_ and the like, unseen by its
+        # version counter) no longer equals its master rounded: re-take the master from it,
+        # as torch.optim.SGD would keep the edit. Bits, not values (-0 vs +0, NaN); +2 B/param.
+        p_old = tl.load(param, mask=mask, other=other)
+        same = _round_to(w, PARAM_DTYPE).to(tl.uint16, bitcast=True) == p_old.to(tl.uint16, bitcast=True)
+        w = tl.where(same, w, p_old.to(tl.float32))
     if weight_decay != 0:
         d = d + weight_decay * w
     if HAS_BUF:
