@@ -279,8 +279,8 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             gi = self._group_of[i]
             uses_momentum = hypers[gi].momentum != 0
             master = p if p.dtype == torch.float32 else state.get("master_param")
-            if master is not p and not usable_master(master, p):  # None, or stale (p.data = ... since)
-                master = None
+            if p.dtype != torch.float32 and not usable_master(master, p):
+                master = None  # none yet, or stale: `p.data = ...` since, or an FP32 param cast
             buf = state.get("momentum_buffer") if uses_momentum else None
             buf = conform_buffer(buf, p, master, self._param_name(p))
             fixes.append((p, master, buf, uses_momentum, gi))

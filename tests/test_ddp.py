@@ -1,7 +1,7 @@
 """torch.distributed DDP (gloo, 2 processes on 127.0.0.1): the optimizer runs unchanged on
 DDP-averaged grads, and the result equals one process training on the whole batch."""
+import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -39,9 +39,8 @@ def make_opt(params, backend):
                                             backend=backend)
 
 
-def worker(rank, world, port, backend, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def worker(rank, world, init_method, backend, out):
+    init_group(init_method, rank, world, "gloo")
     try:
         ddp = torch.nn.parallel.DistributedDataParallel(make_model())
         opt = make_opt(ddp.parameters(), backend)
@@ -54,16 +53,22 @@ def worker(rank, world, port, backend, out):
         dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rendezvous(tmp_path) -> str:
+    """A file store in the test's own directory: unlike a port taken with bind(0) and let go,
+    no other test (or xdist worker) can take it before the ranks meet on it."""
+    return f"file://{tmp_path / 'rendezvous'}"
+
+
+def init_group(init_method: str, rank: int, world: int, backend: str = "gloo") -> None:
+    # A short timeout: a rendezvous or collective that breaks fails in seconds, not gloo's 30 minutes.
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_ddp_two_processes_equal_one_process(backend, tmp_path):
     out = str(tmp_path / "params.pt")
-    mp.spawn(worker, args=(2, free_port(), backend, out), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, rendezvous(tmp_path), backend, out), nprocs=2, join=True)
     ddp_params = torch.load(out)
     model = make_model()
     train(model, make_opt(model.parameters(), backend), *data())
@@ -71,14 +76,13 @@ def test_ddp_two_processes_equal_one_process(backend, tmp_path):
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
 
 
-def refusal_worker(rank, world, port, out):
+def refusal_worker(rank, world, init_method, out):
     """fp32_grad_accumulation frees .grad inside backward, before DDP's reduction reads it: it
     must refuse to run in a process group rather than let DDP reduce zeros."""
     model = make_model()
     early = fused_opt.FusedMixedPrecisionSGD(model.parameters(), lr=0.1, loss_scale=None,
                                              fp32_grad_accumulation=True)  # built before the group
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_group(init_method, rank, world, "gloo")
     messages = []
     try:
         ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -101,7 +105,7 @@ def refusal_worker(rank, world, port, out):
 
 def test_fp32_grad_accumulation_refuses_a_process_group(tmp_path):
     out = str(tmp_path / "messages.pt")
-    mp.spawn(refusal_worker, args=(2, free_port(), out), nprocs=2, join=True)
+    mp.spawn(refusal_worker, args=(2, rendezvous(tmp_path), out), nprocs=2, join=True)
     construct, step, unchanged = torch.load(out)
     for message in (construct, step):
         assert "single-process only" in message and "DDP" in message

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 import fused_opt
 from harness import BACKEND_DEVICES
-from test_ddp import free_port
+from test_ddp import init_group, rendezvous
 
 CPU_BACKENDS = [b for b, d in BACKEND_DEVICES if d == "cpu"]
 CUDA_BACKENDS = [b for b, d in BACKEND_DEVICES if d == "cuda"]
@@ -53,9 +53,8 @@ def shard(model, device="cpu", mesh_shape=None):
     return fully_shard(model, mesh=mesh)
 
 
-def worker(rank, world, port, backend, dtype, norm_type, device, out, mesh_shape=None):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world)
+def worker(rank, world, init_method, backend, dtype, norm_type, device, out, mesh_shape=None):
+    init_group(init_method, rank, world, "nccl" if device == "cuda" else "gloo")
     try:
         sharded, replica = shard(make_model(dtype).to(device), device, mesh_shape), make_model(dtype).to(device)
         shards = mesh_shape[-1] if mesh_shape else world
@@ -114,7 +113,7 @@ def check(out):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_fsdp2_two_processes_equal_unsharded(backend, dtype, norm_type, tmp_path):
     out = str(tmp_path / "result.pt")
-    mp.spawn(worker, args=(2, free_port(), backend, dtype, norm_type, "cpu", str(out)), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, rendezvous(tmp_path), backend, dtype, norm_type, "cpu", str(out)), nprocs=2, join=True)
     check(out)
 
 
@@ -123,7 +122,7 @@ def test_hsdp_reduces_over_the_shard_dim_only(backend, tmp_path):
     # 4 ranks as 2 replicas x 2 shards: counting the replicated dim too would double the sum
     # of squares (the norm off by sqrt(2)) and clip every step differently.
     out = str(tmp_path / "result.pt")
-    mp.spawn(worker, args=(4, free_port(), backend, torch.float16, 2.0, "cpu", str(out), (2, 2)), nprocs=4,
+    mp.spawn(worker, args=(4, rendezvous(tmp_path), backend, torch.float16, 2.0, "cpu", str(out), (2, 2)), nprocs=4,
              join=True)
     check(out)
 
@@ -134,19 +133,18 @@ def test_fsdp2_on_cuda_with_nccl(backend, tmp_path):
     # One GPU here, so one rank: the DTensor path, the kernels on local shards and the NCCL
     # all-reduce between the norm and the clip, on the device.
     out = str(tmp_path / "result.pt")
-    mp.spawn(worker, args=(1, free_port(), backend, torch.float16, 2.0, "cuda", str(out)), nprocs=1, join=True)
+    mp.spawn(worker, args=(1, rendezvous(tmp_path), backend, torch.float16, 2.0, "cuda", str(out)), nprocs=1, join=True)
     check(out)
 
 
 
 
-def checkpoint_worker(rank, world, port, backend, path, out):
+def checkpoint_worker(rank, world, init_method, backend, path, out):
     """A sharded DCP checkpoint (each rank writes its shards of masters and buffers, the scaler
     state rides in the param groups) resumes a fresh sharded model bit-identically."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_group(init_method, rank, world, "gloo")
     try:
         def train(model, opt, steps):
             for step in steps:
@@ -194,7 +192,7 @@ def checkpoint_worker(rank, world, port, backend, path, out):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_fsdp2_sharded_checkpoint_resumes_bit_identically(backend, tmp_path):
     out = str(tmp_path / "result.pt")
-    mp.spawn(checkpoint_worker, args=(2, free_port(), backend, str(tmp_path / "ckpt"), out), nprocs=2, join=True)
+    mp.spawn(checkpoint_worker, args=(2, rendezvous(tmp_path), backend, str(tmp_path / "ckpt"), out), nprocs=2, join=True)
     result = torch.load(out)
     assert all(result["same"]), result["same"]
     assert result["refused"]  # fp32_grad_accumulation on DTensor params
