@@ -55,8 +55,8 @@ def opt_for(params, backend, **kw):
 
 def snapshot(opt, params):
     """Everything a failed step or load must leave as it was."""
-    state = {id(p): {k: v.detach().clone() if isinstance(v, torch.Tensor) else v
-                     for k, v in opt.state[p].items()} for p in params if p in opt.state}
+    state = {i: {k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+                 for k, v in opt.state[p].items()} for i, p in enumerate(params) if p in opt.state}
     groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     return ([p.detach().clone() for p in params], state, groups, opt.loss_scale.clone(),
             opt._scaler.growth_tracker.clone(), opt._applied_steps.clone())
@@ -394,18 +394,23 @@ def _interrupting(target_module, name, how):
             raise KeyboardInterrupt
         os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, arriving between two launches
         return original(*args, **kwargs)
-    return wrapper
+
+    class Launcher:  # a Triton kernel is launched as kernel[grid](...)
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: (wrapper(*args, **kwargs) if how == "raise" else
+                                            (os.kill(os.getpid(), signal.SIGINT), original[grid](*args, **kwargs)))
+    return Launcher() if hasattr(original, "__getitem__") else wrapper
 
 
 def _interrupt_point(backend):
-    """(module, name) called between the finalize and the update of each backend."""
+    """(module, name) called after the finalize and before the update of each backend."""
     if backend == "native":
         return native_backend, "launch_update"
     if backend == "triton":
-        from fused_opt.backends import triton_backend
-        return triton_backend, "_tl_dtype"  # called for each update launch's dtypes
+        from fused_opt.backends import triton_kernels
+        return triton_kernels, "update_kernel"
     from fused_opt.backends import torch_backend
-    return torch_backend, "_bits"
+    return torch_backend, "_bits"  # called per param in the update loop, after the norm
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
