@@ -39,10 +39,14 @@ def check_single_process(params) -> None:
 class FP32GradAccumulator:
     """Owns the FP32 buffers and the hooks of the low-precision params that require grad."""
 
-    def __init__(self, params):
+    def __init__(self, params, adopt: bool = False):
         self.main_grads: dict = {}   # param -> FP32 buffer (kept across steps: no reallocation)
         self.pending: set = set()    # params whose buffer holds this accumulation's sum
         self.handles = []
+        self.hooked: dict = {}       # id(param) -> weakref to it, for the params this one hooks
+        # adopt: a copy of an optimizer (deepcopy, pickle), whose params may carry the
+        # original's owner attribute without its hook.
+        self._adopt = adopt
         # The hooks hold only a weak reference: dropping the optimizer removes them, rather
         # than leaving a dead optimizer's hooks taking the grads of the next one.
         weakref.finalize(self, _remove_hooks, self.handles)
@@ -55,7 +59,12 @@ class FP32GradAccumulator:
         params = [p for p in params if p.requires_grad and p.dtype != torch.float32]
         for p in params:
             owner = getattr(p, OWNER, None)
-            if owner is not None and owner() is not None and owner() is not self:
+            owner = owner() if owner is not None else None
+            if owner is not None and owner is not self and self._adopt:
+                ref = owner.hooked.get(id(p))
+                if ref is None or ref() is not p:
+                    continue  # a copied param: the attribute came along, the hook did not
+            if owner is not None and owner is not self:
                 raise ValueError("fp32_grad_accumulation: a param is already accumulated in FP32 by another "
                                  "live optimizer, whose hook would take its grads; drop that optimizer first")
         me = weakref.ref(self)
@@ -67,6 +76,7 @@ class FP32GradAccumulator:
 
         for p in params:
             setattr(p, OWNER, me)
+            self.hooked[id(p)] = weakref.ref(p)
             self.handles.append(p.register_post_accumulate_grad_hook(hook))
 
     @torch.no_grad()

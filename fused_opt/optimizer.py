@@ -6,6 +6,7 @@ a device value on the host, so a step can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import signal
@@ -35,7 +36,12 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, max_grad_norm=None, norm_type=2.0,
                  loss_scale="dynamic", init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5,
-                 growth_interval=2000, fp32_grad_accumulation=False, backend="auto"):
+                 growth_interval=2000, fp32_grad_accumulation=False, backend="auto",
+                 foreach=None, fused=None, differentiable=False):
+        # torch.optim.SGD's implementation switches: every step here is fused already.
+        if differentiable:
+            raise ValueError("FusedMixedPrecisionSGD: differentiable=True is not supported (the fused step is "
+                             "not differentiable; use torch.optim.SGD(differentiable=True))")
         check_global(max_grad_norm, norm_type)
         check_scaler_args(loss_scale, init_scale, growth_factor, backoff_factor, growth_interval)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
@@ -65,6 +71,21 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         # interrupted between them (see _launch).
         self._rollback = None
         self._accumulator = FP32GradAccumulator(self._flat_params()) if fp32_grad_accumulation else None
+
+    # -- copies: deepcopy, pickle, torch.save(opt) -----------------------------------------
+    # torch's Optimizer.__getstate__ keeps only defaults, state and groups; a copy must step
+    # exactly like the original, so everything but what is rebuilt from it travels.
+    _REBUILT = ("_backend", "_backend_cache", "_layout", "_rollback", "_accumulator", "_flat_ids", "_flat",
+                "_group_of", "_sharded", "_checked_lrs", "_epoch", "_state", "_amp_scaler")
+
+    def __getstate__(self) -> dict:
+        state = {k: v for k, v in self.__dict__.items() if k not in self._REBUILT}
+        state["state"] = self.state
+        if self._accumulator is not None:  # the FP32 sums of an accumulation in progress
+            params = self._flat_params()
+            state["_accumulated"] = {i: self._accumulator.main_grads[p] for i, p in enumerate(params)
+                                     if p in self._accumulator.pending}
+        return state
 
     # -- public API ---------------------------------------------------------------------
     @property
@@ -106,9 +127,29 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:
         state = dict(state)
         value = state.pop("state", state.pop("_state", None))
+        accumulated = state.pop("_accumulated", None)
+        defaults = state.get("defaults", {})
+        had_differentiable = "differentiable" in defaults
         super().__setstate__(state)
+        if not had_differentiable:
+            self.defaults.pop("differentiable", None)  # torch's __setstate__ adds it; not ours
         if value is not None:
             self.state = value
+        if "_scaler" not in self.__dict__:  # torch.optim.Optimizer.load_state_dict's __setstate__
+            return
+        # A copy (deepcopy, pickle): rebuild what refers to processes, modules or raw memory.
+        self._epoch = self._state._epoch
+        self._flat_ids, self._layout, self._backend_cache, self._rollback, self._amp_scaler = None, None, {}, None, None
+        self._checked_lrs = {}
+        params = self._flat_params()
+        device = params[0].device if params else torch.device("cpu")
+        self.backend, self._backend = backends.resolve(self.backend, device)
+        self._accumulator = None
+        if accumulated is not None:
+            self._accumulator = FP32GradAccumulator(params, adopt=True)
+            for i, total in accumulated.items():
+                self._accumulator.main_grads[params[i]] = total
+                self._accumulator.pending.add(params[i])
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         self._loss_scaled = True
@@ -121,11 +162,18 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         params = group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         index = len(self.param_groups)
+        # model.named_parameters(): (name, param) pairs, whose names go to "param_groups", as in torch >= 2.6
+        names = [p[0] for p in params if isinstance(p, tuple) and len(p) == 2]
+        if names:
+            if len(names) != len(params):
+                raise ValueError("all optimizer params should be with/without names. Some param names are missing")
+            params = [p[1] for p in params]
+            group["param_names"] = names
         check_params(params, index)
         check_group({**self.defaults, **group}, index)
         check_tensor_lr({**self.defaults, **group}, index)
         super().add_param_group({**group, "params": params})
-        self._checked_lrs[index] = self.param_groups[index]["lr"]
+        self._checked_lrs[index] = tuple(map(id, (self.param_groups[index]["lr"], self.param_groups[index]["momentum"])))
         if getattr(self, "_accumulator", None) is not None:
             self._accumulator.add(params)
 
@@ -138,10 +186,11 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         params = self._flat_params()
         for index, group in enumerate(self.param_groups):
             check_group(group, index)
-            if isinstance(group["lr"], torch.Tensor) and self._checked_lrs.get(index) is not group["lr"]:
-                check_tensor_lr(group, index)  # a new lr tensor: its value is read once, here
-                self._checked_lrs[index] = group["lr"]
-        hypers = [Hyper(g["lr"], float(g["momentum"]), float(g["dampening"]), float(g["weight_decay"]),
+            tensors = (group["lr"], group["momentum"])
+            if any(isinstance(t, torch.Tensor) for t in tensors) and self._checked_lrs.get(index) != tuple(map(id, tensors)):
+                check_tensor_lr(group, index)  # a new lr/momentum tensor: its value is read once, here
+                self._checked_lrs[index] = tuple(map(id, tensors))
+        hypers = [Hyper(g["lr"], _number_or_tensor(g["momentum"]), float(g["dampening"]), float(g["weight_decay"]),
                         bool(g["nesterov"]), bool(g["maximize"])) for g in self.param_groups]
         if self._accumulator is not None:
             self._accumulator.check()
@@ -212,9 +261,11 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
                                     and getattr(self, "found_inf", None) is None):
             return self._scaler
         scale = self.grad_scale if getattr(self, "grad_scale", None) is not None else 1.0
+        if isinstance(scale, torch.Tensor):
+            scale = scale.reshape(())  # GradScaler's are (1,)-shaped
         found_inf = self.found_inf if isinstance(getattr(self, "found_inf", None), torch.Tensor) else None
         if found_inf is not None:
-            scale = torch.where(found_inf.to(self.last_grad_norm.device) > 0, float("nan"), scale)
+            scale = torch.where(found_inf.reshape(()).to(self.last_grad_norm.device) > 0, float("nan"), scale)
         return self._fixed_scaler(scale)
 
     def _fixed_scaler(self, scale) -> LossScaler:
@@ -241,7 +292,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         tensors = [local(p) for p in owners] if self._sharded else owners
         # Storage, dtype, shape and strides: `p.data = p.data[:1]` keeps data_ptr and _version.
         memory = [(p.data_ptr(), p.dtype, p.shape, p.stride()) for p in tensors]
-        signature = (self._flat_ids, active, [h.momentum != 0 for h in hypers])
+        signature = (self._flat_ids, active, [h.uses_momentum for h in hypers])
         layout = self._layout
         if (layout is None or layout.signature != signature or layout.epoch != self._epoch.value
                 or layout.memory != memory):
@@ -277,7 +328,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             p = params[i]
             state = self.state[p] if p in self.state else {}
             gi = self._group_of[i]
-            uses_momentum = hypers[gi].momentum != 0
+            uses_momentum = hypers[gi].uses_momentum
             master = p if p.dtype == torch.float32 else state.get("master_param")
             if p.dtype != torch.float32 and not usable_master(master, p):
                 master = None  # none yet, or stale: `p.data = ...` since, or an FP32 param cast
@@ -374,46 +425,79 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
                     master.copy_(torch.where(same, master, p.to(torch.float32)))
 
     def state_dict(self) -> dict:
-        """Off the hot path, so it may sync: buffers never applied are left out, as
+        """As torch's (its pre- and post-hooks see and may replace exactly what torch's would),
+        off the hot path, so it may sync: buffers never applied are left out, as
         torch.optim.SGD would have none; an FP32 param's master is the param itself; a master
         whose param was edited since our last write is taken from the param, as the next step
-        would take it."""
+        would take it; state of a param no longer in any group is left out."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         self.sync_from_params()
-        sd = super().state_dict()
         params = self._flat_params()
+        index_of = {id(p): i for i, p in enumerate(params)}
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index_of[id(p)] for p in g["params"]]}
+                  for g in self.param_groups]
         packed = {}
-        for index, entry in sd["state"].items():
+        for key, entry in self.state.items():
+            if not isinstance(key, torch.Tensor):
+                packed[key] = entry  # other keys ride along, as in torch
+                continue
+            if id(key) not in index_of:
+                continue
+            index = index_of[id(key)]
             entry = dict(entry)
             first_step = entry.pop("momentum_first_step", None)
             if first_step is not None and int(first_step) == 0:
-                del entry["momentum_buffer"]
-            if isinstance(index, int) and entry.get("master_param") is params[index]:
+                entry.pop("momentum_buffer", None)
+            if entry.get("master_param") is key:
                 del entry["master_param"]
             if entry:
                 packed[index] = entry
-        sd["state"] = packed
         # In every group, as torch.distributed.checkpoint keeps only "state" and "param_groups"
         # (and may regroup the groups by param); load_state_dict takes it back out.
         extra = {"loss_scaler": self._scaler.state_dict(), "applied_steps": self._applied_steps.clone()}
-        for group in sd["param_groups"]:
+        for group in groups:
             group[STATE_KEY] = extra
+        sd = {"state": packed, "param_groups": groups}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
-    @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
-        """Loads ours or a torch.optim.SGD state dict, all or nothing: everything is checked
-        first (state_checks.validated_state_dict: groups, shapes, dtypes, finite values, the
-        scaler) and only then put in place. torch's loader casts floating state to the param's
-        dtype, which would round FP32 masters and buffers to FP16, so the state is placed
-        here, in FP32, and only the groups go through torch's loader. A loaded master is
-        written to its param (rounded), as an FP32 param's own master is."""
+        """Loads ours or a torch.optim.SGD state dict, all or nothing: after the pre-hooks
+        (which see and may replace the dict, as in torch), everything is checked
+        (state_checks.validated_state_dict: groups, shapes, dtypes, finite values, the scaler)
+        and only then put in place; the post-hooks run once it is. torch's loader casts
+        floating state to the param's dtype, which would round FP32 masters and buffers to
+        FP16, so the state is placed here, in FP32. A loaded master is written to its param
+        (rounded), as an FP32 param's own master is. Keys torch's SGD groups have and ours
+        lack (foreach, fused, differentiable) ride along untouched."""
+        state_dict = state_dict.copy() if isinstance(state_dict, dict) else state_dict
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        with torch.no_grad():
+            self._load(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load(self, state_dict: dict) -> None:
         params = self._flat_params()
-        entries, groups, extra = validated_state_dict(self, state_dict, params, STATE_KEY)
+        entries, saved_groups, others, extra = validated_state_dict(self, state_dict, params, STATE_KEY)
+        groups = []
+        for group, saved in zip(self.param_groups, copy.deepcopy(saved_groups)):
+            saved["params"] = group["params"]
+            if "param_names" in group and "param_names" not in saved:
+                saved["param_names"] = group["param_names"]
+            for key in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"):
+                saved.setdefault(key, self.defaults[key])
+            groups.append(saved)
         self._layout = None
-        super().load_state_dict({"state": {}, "param_groups": groups})
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
+        self.param_groups = groups
+        self.state = others  # as torch: a new state; keys that name no param are kept as they are
         self._checked_lrs = {}
         params = self._flat_params()
         for index, entry in entries.items():
@@ -439,6 +523,10 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         if extra is not None:
             self._scaler.load_state_dict(extra["loss_scaler"])
             self._applied_steps.copy_(extra["applied_steps"])
+
+
+def _number_or_tensor(value):
+    return value if isinstance(value, torch.Tensor) else float(value)
 
 
 def _is_first_step_flag(flag, device) -> bool:

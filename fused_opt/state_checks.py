@@ -121,7 +121,8 @@ def _check_scaler_state(opt, extra, key: str) -> None:
 
 def validated_state_dict(opt, state_dict, params: list, key: str):
     """Everything a load needs, checked before anything is modified. Returns (entries by flat
-    param index, groups for torch's loader, the scaler extra or None)."""
+    param index, the saved groups without our key, state under keys that name no param, the
+    scaler extra or None)."""
     if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
         raise ValueError("optimizer state dict must be a dict with 'state' and 'param_groups' keys")
     saved_groups = state_dict["param_groups"]
@@ -149,10 +150,11 @@ def validated_state_dict(opt, state_dict, params: list, key: str):
     state = state_dict["state"]
     if not isinstance(state, dict):
         raise ValueError(f"loaded state dict's 'state' must be a dict, got {type(state).__name__}")
-    entries = {}
+    entries, others = {}, {}
     for saved_id, entry in state.items():
         if saved_id not in index_of:
-            raise ValueError(f"loaded state dict has state for param id {saved_id!r}, which no group names")
+            others[saved_id] = entry  # kept as they are, as torch keeps them
+            continue
         k = index_of[saved_id]
         if not isinstance(entry, dict):
             raise ValueError(f"loaded state for param id {saved_id!r} must be a dict, got {type(entry).__name__}")
@@ -164,4 +166,4 @@ def validated_state_dict(opt, state_dict, params: list, key: str):
     extra = state_dict.get(key, next((e for e in extras if e is not None), None))  # 0.1 kept it at the top
     if extra is not None:
         _check_scaler_state(opt, extra, key)
-    return entries, groups, extra
+    return entries, groups, others, extra

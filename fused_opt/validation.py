@@ -27,13 +27,18 @@ def check_group(group: dict, index: int) -> None:
             raise ValueError(f"{where}: a tensor lr must be a 1-element floating-point tensor")
     elif not lr >= 0.0:
         raise ValueError(f"{where}: invalid learning rate {lr!r} (must be >= 0)")
-    for name in ("momentum", "weight_decay", "dampening"):
+    momentum = group["momentum"]
+    if isinstance(momentum, torch.Tensor):  # CyclicLR/OneCycleLR write tensor momenta: read on the device
+        if momentum.numel() != 1 or not momentum.is_floating_point():
+            raise ValueError(f"{where}: a tensor momentum must be a 1-element floating-point tensor")
+    for name in ("momentum", "weight_decay", "dampening") if not isinstance(momentum, torch.Tensor) else ("weight_decay", "dampening"):
         value = _number(group[name])
         if value is None:
             raise ValueError(f"{where}: {name} must be a number, not a tensor")
         if not value >= 0.0:
             raise ValueError(f"{where}: invalid {name} {value!r} (must be >= 0)")
-    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+    no_momentum = not isinstance(momentum, torch.Tensor) and momentum <= 0
+    if group["nesterov"] and (no_momentum or group["dampening"] != 0):
         raise ValueError(f"{where}: nesterov momentum requires momentum > 0 and dampening = 0")
 
 
@@ -62,13 +67,16 @@ def check_global(max_grad_norm, norm_type) -> None:
 
 
 def check_tensor_lr(group: dict, index: int) -> None:
-    """A tensor lr's value, read once when the optimizer first sees that tensor (a sync on
-    the GPU, off the hot path): schedulers then change it in place, on the device."""
-    lr = group["lr"]
-    if isinstance(lr, torch.Tensor):
-        value = float(lr.detach().reshape(()).float().cpu())
-        if not (value >= 0.0 and math.isfinite(value)):
-            raise ValueError(f"param_groups[{index}]: invalid learning rate {value!r} (must be finite and >= 0)")
+    """A tensor lr's (or momentum's) value, read once when the optimizer first sees that tensor
+    (a sync on the GPU, off the hot path): schedulers then change it in place, on the device."""
+    for name, what in (("lr", "learning rate"), ("momentum", "momentum")):
+        value = group.get(name)
+        if isinstance(value, torch.Tensor):
+            value = float(value.detach().reshape(()).float().cpu())
+            if not (value >= 0.0 and math.isfinite(value)):
+                raise ValueError(f"param_groups[{index}]: invalid {what} {value!r} (must be finite and >= 0)")
+            if name == "momentum" and group.get("nesterov") and value <= 0:
+                raise ValueError(f"param_groups[{index}]: nesterov momentum requires momentum > 0 and dampening = 0")
 
 
 def grad_dtypes(param_dtype: torch.dtype) -> tuple:

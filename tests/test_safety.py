@@ -339,7 +339,6 @@ def bad_state_dicts(opt, good):
     yield "NaN master", edited(lambda sd: sd["state"][1].update(master_param=torch.full((5, 3), math.nan)))
     yield "None entry", edited(lambda sd: sd["state"].update({1: None}))
     yield "garbage entry", edited(lambda sd: sd["state"][1].update(momentum_buffer="x"))
-    yield "unknown param id", edited(lambda sd: sd["state"].update({7: {}}))
     yield "negative lr", edited(lambda sd: sd["param_groups"][0].update(lr=-1.0))
 
     def scaler(**kw):

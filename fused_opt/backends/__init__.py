@@ -22,11 +22,17 @@ BACKENDS = {
 class Hyper:
     """One param group's hyperparameters for this step (lr may be a 0-dim tensor)."""
     lr: float | torch.Tensor
-    momentum: float
+    momentum: float | torch.Tensor  # a tensor (CyclicLR/OneCycleLR's tensor momenta) is read on the device
     dampening: float
     weight_decay: float
     nesterov: bool
     maximize: bool
+
+    @property
+    def uses_momentum(self) -> bool:
+        """Whether the group keeps a momentum buffer: a tensor momentum always does (its value
+        is not read on the host), and steps as torch's SGD would at that value."""
+        return isinstance(self.momentum, torch.Tensor) or self.momentum != 0
 
 
 @dataclass

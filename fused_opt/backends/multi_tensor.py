@@ -156,16 +156,25 @@ class Plan:
             pair.host_table[row, PARAM] = staged.data_ptr()
 
     def _refresh_groups(self, batch: StepBatch) -> None:
-        rows = [(0.0 if isinstance(h.lr, torch.Tensor) else float(h.lr), h.momentum, 1.0 - h.dampening,
+        rows = [(0.0 if isinstance(h.lr, torch.Tensor) else float(h.lr),
+                 0.0 if isinstance(h.momentum, torch.Tensor) else h.momentum, 1.0 - h.dampening,
                  h.weight_decay, float(h.nesterov), float(h.maximize), 0.0, 0.0) for h in batch.groups]
         if rows != self.group_rows:
             self.group_table = upload(torch.tensor(rows, dtype=torch.float32), self.device)
             self.group_rows = rows
-        tensor_lrs = [(gi, h.lr) for gi, h in enumerate(batch.groups) if isinstance(h.lr, torch.Tensor)]
-        if tensor_lrs:  # read on the device: one copy launch whatever the number of groups
-            torch._foreach_copy_([self.group_table[gi, LR] for gi, _ in tensor_lrs],
-                                 [lr.reshape(()).to(self.device, torch.float32, non_blocking=True)
-                                  for _, lr in tensor_lrs])
+        # Tensor lrs and momenta are read on the device: one copy launch whatever the number of
+        # groups. At a momentum of 0, torch's SGD ignores dampening: so does the table then.
+        slots, values = [], []
+        for gi, h in enumerate(batch.groups):
+            if isinstance(h.lr, torch.Tensor):
+                slots.append(self.group_table[gi, LR])
+                values.append(h.lr.reshape(()).to(self.device, torch.float32, non_blocking=True))
+            if isinstance(h.momentum, torch.Tensor):
+                m = h.momentum.reshape(()).to(self.device, torch.float32, non_blocking=True)
+                slots += [self.group_table[gi, MOMENTUM], self.group_table[gi, ONE_MINUS_DAMPENING]]
+                values += [m, torch.where(m != 0, 1.0 - h.dampening, 1.0)]
+        if slots:
+            torch._foreach_copy_(slots, values)
 
     def reduce_across_shards(self, batch: StepBatch, norm_inf: bool) -> int:
         """With DTensor params (distributed.py): this rank's partials and inf flags folded into

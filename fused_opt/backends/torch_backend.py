@@ -83,10 +83,13 @@ def step(batch: StepBatch) -> None:
             d = -d
         if h.weight_decay != 0:
             d = d + h.weight_decay * w
-        if h.momentum != 0:
+        if h.uses_momentum:
             b, first_step = batch.momentum_buffers[i], batch.momentum_first_step[i]
             first = (first_step == 0) | (first_step == applied_steps)
-            new_b = torch.where(first, d, b * h.momentum + (1 - h.dampening) * d)
+            keep_d = 1 - h.dampening
+            if isinstance(h.momentum, torch.Tensor):  # at a momentum of 0 torch's SGD ignores dampening
+                keep_d = torch.where(h.momentum != 0, keep_d, 1.0)
+            new_b = torch.where(first, d, b * h.momentum + keep_d * d)
             d = d + h.momentum * new_b if h.nesterov else new_b
             b.copy_(torch.where(found_inf, b, new_b))
             first_step.copy_(torch.where((first_step == 0) & ~found_inf, applied_steps, first_step))
