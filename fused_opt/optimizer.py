@@ -169,6 +169,9 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
                 raise ValueError("all optimizer params should be with/without names. Some param names are missing")
             params = [p[1] for p in params]
             group["param_names"] = names
+        if self.param_groups and ("param_names" in self.param_groups[0]) != bool(names):
+            raise ValueError("all optimizer param groups should be with/without names. cannot add param group "
+                             f"{'with' if names else 'without'} names to the optimizer")
         check_params(params, index)
         check_group({**self.defaults, **group}, index)
         check_tensor_lr({**self.defaults, **group}, index)
