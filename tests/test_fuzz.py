@@ -18,18 +18,36 @@ from test_safety import Arena
 
 EXAMPLES = int(os.environ.get("FUSED_OPT_FUZZ_EXAMPLES", "12"))
 
-LAYOUTS = ["contiguous", "offset", "permuted", "gaps"]
+LAYOUTS = ["contiguous", "offset", "permuted", "gaps", "channels_last", "0-dim"]
 
 
-def carve(arena: Arena, layout: str, n: int, values: torch.Tensor) -> torch.Tensor:
-    if layout == "permuted" and n > 1:
+def layout_of(kind: str, n: int):
+    """(shape, strides, extra offset) of a tensor of about n elements laid out as `kind`."""
+    if kind == "permuted" and n > 1:
         rows = 3 if n % 3 == 0 else 1
-        return arena.take((n // rows, rows), strides=(1, n // rows), value=values.reshape(n // rows, rows))
-    if layout == "gaps":
-        return arena.take((n,), strides=(2,), value=values)
-    if layout == "offset":
-        arena.next += 1
-    return arena.take((n,), value=values)
+        return (n // rows, rows), (1, n // rows), 0
+    if kind == "gaps":
+        return (n,), (2,), 0
+    if kind == "channels_last":
+        shape = (max(1, n // 12), 3, 2, 2)
+        return shape, torch.empty(shape, device="meta").to(memory_format=torch.channels_last).stride(), 0
+    if kind == "0-dim":
+        return (), (), 0
+    return (n,), (1,), 1 if kind == "offset" else 0
+
+
+def carve(arena: Arena, kind: str, n: int, gen) -> torch.Tensor:
+    shape, strides, offset = layout_of(kind, n)
+    arena.next += offset
+    return arena.take(shape, strides=strides, value=torch.randn(shape, generator=gen).to(arena.base.dtype))
+
+
+def carve_like(arena: Arena, kind: str, p: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A grad of p's shape in the arena: laid out like p, contiguous, or with gaps."""
+    if kind == "gaps" and p.dim() == 1:
+        return arena.take(tuple(p.shape), strides=(2,), value=values)
+    strides = p.stride() if kind == "like param" else None
+    return arena.take(tuple(p.shape), strides=strides, value=values)
 
 
 groups_st = st.fixed_dictionaries(dict(
@@ -49,7 +67,7 @@ def cases(draw):
         dtype=draw(st.sampled_from([torch.float16, torch.bfloat16, torch.float32])),
         sizes=draw(st.lists(st.sampled_from([0, 1, 6, 7, 33, 1025]), min_size=1, max_size=4)),
         layouts=draw(st.lists(st.sampled_from(LAYOUTS), min_size=4, max_size=4)),
-        grad_layouts=draw(st.lists(st.sampled_from(LAYOUTS), min_size=4, max_size=4)),
+        grad_layouts=draw(st.lists(st.sampled_from(["like param", "contiguous", "gaps"]), min_size=4, max_size=4)),
         groups=groups,
         max_grad_norm=draw(st.sampled_from([None, 0.05, 100.0])),
         norm_type=draw(st.sampled_from([2.0, math.inf])),
@@ -67,8 +85,7 @@ def test_fuzz_against_reference_inside_arenas(backend, device, case):
     dtype = case["dtype"]
     gen = torch.Generator().manual_seed(case["seed"])
     arena, grad_arena = Arena(16384, dtype, device), Arena(16384, dtype, device)
-    params = [torch.nn.Parameter(carve(arena, case["layouts"][i], n, torch.randn(n, generator=gen).to(dtype)))
-              for i, n in enumerate(case["sizes"])]
+    params = [torch.nn.Parameter(carve(arena, case["layouts"][i], n, gen)) for i, n in enumerate(case["sizes"])]
     group_of = [i % len(case["groups"]) for i in range(len(params))]
     groups = [dict(g, params=[p for i, p in enumerate(params) if group_of[i] == k]) for k, g in enumerate(case["groups"])]
     groups = [g for g in groups if g["params"]]
@@ -88,8 +105,7 @@ def test_fuzz_against_reference_inside_arenas(backend, device, case):
                 grads.append(None)
                 continue
             g_true = torch.randn(p.shape, generator=gen) * 1e-2
-            grads.append(carve(grad_arena, case["grad_layouts"][i], p.numel(), (g_true * scale).to(dtype).reshape(-1))
-                         .reshape(p.shape) if p.dim() == 1 else (g_true * scale).to(dtype).to(device))
+            grads.append(carve_like(grad_arena, case["grad_layouts"][i], p, (g_true * scale).to(dtype)))
         if inject and grads[0].numel():
             grads[0][(0,) * grads[0].dim()] = math.inf if inject == "inf" else math.nan
         for p, g in zip(params, grads):

@@ -33,7 +33,7 @@ class Arena:
         self.next = 16  # a margin before the first tensor
 
     def take(self, shape, strides=None, value=None) -> torch.Tensor:
-        strides = strides or torch.empty(shape, device="meta").stride()
+        strides = strides if strides is not None else torch.empty(shape, device="meta").stride()
         extent = sum((n - 1) * s for n, s in zip(shape, strides)) + 1 if all(shape) else 0
         view = self.base.as_strided(shape, strides, self.next)
         self.used.as_strided(shape, strides, self.next).fill_(True)
