@@ -3,7 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch 2.13.0 is a local CPU build here (an unpinned torch pulls GBs); triton 3.7.1 is what
 # torch 2.13's CUDA build requires, and on a CPU machine it runs kernels in its interpreter.
-DEPS := torch==2.13.0 triton==3.7.1 pytest pytest-xdist pytest-timeout hypothesis numpy pybind11 setuptools wheel matplotlib scikit-learn
+DEPS := torch==2.13.0 triton==3.7.1 pytest pytest-xdist pytest-timeout hypothesis expecttest numpy pybind11 setuptools wheel matplotlib scikit-learn
+# Test-only: the frameworks users train with (never dependencies of fused_opt itself).
+FRAMEWORKS := lightning transformers accelerate
 
 .PHONY: setup test bench
 setup: $(VENV)/.installed
@@ -14,7 +16,12 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $@
 
-test: setup
+# torch on the same line, so that no framework pulls another torch.
+$(VENV)/.frameworks: $(VENV)/.installed
+	$(PY) -m pip install -q torch==2.13.0 $(FRAMEWORKS)
+	touch $@
+
+test: setup $(VENV)/.frameworks
 	$(PY) -m pytest -q -n 2 tests
 
 bench: setup

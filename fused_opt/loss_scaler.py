@@ -23,6 +23,8 @@ class LossScaler:
         self.scale = torch.full((), start, dtype=torch.float32, device=device)
         # int32 like GradScaler's _growth_tracker, so the trajectories can be compared exactly.
         self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
+        # Host flag: scale_loss() was called since the last step (the drop-in check).
+        self.loss_scaled = False
 
     def update_(self, found_inf: torch.Tensor) -> None:
         """GradScaler.update's rule, written with torch.where so it never syncs."""

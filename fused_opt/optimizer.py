@@ -18,6 +18,7 @@ from . import backends
 from .backends import Hyper, StepBatch
 from .distributed import local, local_grads, placed_like, shard_reduction
 from .grad_accumulation import FP32GradAccumulator
+from .grad_guard import ScaledGradGuard, flat_params_of
 from .loss_scaler import LossScaler, check_scaler_args
 from .state_checks import check_param_memory, conform_buffer, usable_master, validated_state_dict
 from .tracked_state import Epoch, TrackedState
@@ -35,15 +36,16 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, max_grad_norm=None, norm_type=2.0,
-                 loss_scale="dynamic", init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5,
+                 loss_scale="auto", init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5,
                  growth_interval=2000, fp32_grad_accumulation=False, backend="auto",
-                 foreach=None, fused=None, differentiable=False):
+                 check_scaled_grads=True, foreach=None, fused=None, differentiable=False):
         # torch.optim.SGD's implementation switches: every step here is fused already.
         if differentiable:
             raise ValueError("FusedMixedPrecisionSGD: differentiable=True is not supported (the fused step is "
                              "not differentiable; use torch.optim.SGD(differentiable=True))")
         check_global(max_grad_norm, norm_type)
-        check_scaler_args(loss_scale, init_scale, growth_factor, backoff_factor, growth_interval)
+        check_scaler_args("dynamic" if loss_scale == "auto" else loss_scale, init_scale, growth_factor,
+                          backoff_factor, growth_interval)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize)
         self._epoch = Epoch()  # counts every write to self.state (tracked_state.py)
@@ -54,15 +56,17 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.norm_type = norm_type
         self.backend, self._backend = backends.resolve(backend, device)
+        if loss_scale == "auto":  # FP16 needs a scale to keep small grads from flushing; BF16/FP32 do not
+            loss_scale = "dynamic" if any(p.dtype == torch.float16 for p in self._flat_params()) else None
         self._scaler = LossScaler(loss_scale, init_scale, growth_factor, backoff_factor,
                                   growth_interval, device)
+        self._guard = ScaledGradGuard(flat_params_of(self)) if check_scaled_grads and self._scaler.enabled else None
         # Persistent outputs, updated in place every step (valid across CUDA-graph replays).
         self.last_grad_norm = torch.zeros((), dtype=torch.float32, device=device)
         self.last_step_skipped = torch.zeros((), dtype=torch.bool, device=device)
         # Count of applied (not skipped) steps, on the device: it tells each momentum buffer
         # whether this is its first applied step (see momentum_first_step in StepBatch).
         self._applied_steps = torch.zeros((), dtype=torch.int32, device=device)
-        self._loss_scaled = False
         self._amp_scaler = None  # the scale torch.amp.GradScaler hands us, when it drives
         self._layout = None
         self._layout_ids = itertools.count(1)
@@ -76,11 +80,12 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
     # torch's Optimizer.__getstate__ keeps only defaults, state and groups; a copy must step
     # exactly like the original, so everything but what is rebuilt from it travels.
     _REBUILT = ("_backend", "_backend_cache", "_layout", "_rollback", "_accumulator", "_flat_ids", "_flat",
-                "_group_of", "_sharded", "_checked_lrs", "_epoch", "_state", "_amp_scaler")
+                "_group_of", "_sharded", "_checked_lrs", "_epoch", "_state", "_amp_scaler", "_guard")
 
     def __getstate__(self) -> dict:
         state = {k: v for k, v in self.__dict__.items() if k not in self._REBUILT}
         state["state"] = self.state
+        state["_guarded"] = self._guard is not None
         if self._accumulator is not None:  # the FP32 sums of an accumulation in progress
             params = self._flat_params()
             state["_accumulated"] = {i: self._accumulator.main_grads[p] for i, p in enumerate(params)
@@ -128,6 +133,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         state = dict(state)
         value = state.pop("state", state.pop("_state", None))
         accumulated = state.pop("_accumulated", None)
+        guarded = state.pop("_guarded", False)
         defaults = state.get("defaults", {})
         had_differentiable = "differentiable" in defaults
         super().__setstate__(state)
@@ -141,6 +147,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         self._epoch = self._state._epoch
         self._flat_ids, self._layout, self._backend_cache, self._rollback, self._amp_scaler = None, None, {}, None, None
         self._checked_lrs = {}
+        self._guard = ScaledGradGuard(flat_params_of(self)) if guarded else None
         params = self._flat_params()
         device = params[0].device if params else torch.device("cpu")
         self.backend, self._backend = backends.resolve(self.backend, device)
@@ -152,10 +159,24 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
                 self._accumulator.pending.add(params[i])
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        self._loss_scaled = True
+        """loss * the current loss scale (a tensor op, no sync). The flag it sets lives on the
+        scaler object, which wrappers (LightningOptimizer, AcceleratedOptimizer) share."""
+        self._scaler.loss_scaled = True
         if not self._scaler.enabled:
             return loss
-        return loss * self._scaler.scale.to(loss.device, non_blocking=True)
+        scaled = loss * self._scaler.scale.to(loss.device, non_blocking=True)
+        if self._guard is not None and scaled.requires_grad:
+            scaled.register_hook(self._guard.on_backward)
+        return scaled
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                        foreach=None) -> torch.Tensor:
+        """Where a framework would call torch.nn.utils.clip_grad_norm_ on our (scaled) grads:
+        clip inside the coming step() instead, at max_norm on the unscaled norm. Returns
+        `last_grad_norm`, which holds that norm once step() has run (no sync here)."""
+        self.norm_type = norm_type
+        self.max_grad_norm = max_norm
+        return self.last_grad_norm
 
     def add_param_group(self, param_group: dict) -> None:
         group = dict(param_group)
@@ -180,6 +201,10 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         if getattr(self, "_accumulator", None) is not None:
             self._accumulator.add(params)
 
+    # Under torch.compile the step runs as eager code (a graph break in a compiled train step):
+    # its caches, flags and raw-pointer kernels are host state that dynamo would specialise on
+    # or drop; eager, the bits equal an uncompiled step's.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -206,10 +231,12 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             self.last_step_skipped.fill_(False)
             return loss
         scaler = self._step_scaler()
+        if self._guard is not None and scaler is self._scaler:
+            self._guard.check(params, self._param_name, scaler.scale)
         grads = [grads[i] for i in active]
         batch = self._batch(params, active, grads, hypers, scaler)
         self._launch(batch)
-        self._loss_scaled = False
+        self._scaler.loss_scaled = False
         if self._accumulator is not None:
             self._accumulator.consume()  # the FP32 sums were this step's grads
         return loss
@@ -233,7 +260,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         That step is let through, unscaled and leaving the loss scale alone, so the state (and
         with it a checkpoint template) gets its buffers, as torch.optim.SGD's does. A forgotten
         scale_loss in a real step is still caught: with any lr != 0 (or on the GPU) it raises."""
-        if not self._scaler.enabled or self._loss_scaled or self.state:
+        if not self._scaler.enabled or self._scaler.loss_scaled or self.state:
             return False
         for group in self.param_groups:
             lr = group["lr"]
@@ -250,7 +277,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             raise RuntimeError("FusedMixedPrecisionSGD: torch.amp.GradScaler is driving this optimizer "
                                "while its own loss scaling is on; the grads would be unscaled twice. "
                                "Build it with loss_scale=None to use GradScaler.")
-        if not self._loss_scaled:
+        if not self._scaler.loss_scaled:
             raise RuntimeError("FusedMixedPrecisionSGD: step() without scale_loss() since the last step "
                                "while loss scaling is on; the grads of an unscaled loss would be divided "
                                "by the loss scale. Call opt.scale_loss(loss).backward(), or build the "

@@ -58,7 +58,7 @@ def test_dynamic_scale_follows_grad_scaler_exactly(backend, device):
     scale and growth-tracker trajectories, growth and backoff both happening."""
     p = torch.nn.Parameter(torch.zeros(4, device=device))
     opt = fused_opt.FusedMixedPrecisionSGD([p], lr=0.1, init_scale=2.0**4, growth_interval=3,
-                                           backend=backend)
+                                           loss_scale="dynamic", backend=backend)
     q = torch.nn.Parameter(torch.zeros(4, device=device))
     sgd = torch.optim.SGD([q], lr=0.1)
     scaler = torch.amp.GradScaler(device, init_scale=2.0**4, growth_interval=3)

@@ -24,7 +24,7 @@ def make(seed, dtype, device, backend):
     biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
     opt = fused_opt.FusedMixedPrecisionSGD(
         [dict(params=weights, weight_decay=1e-2), dict(params=biases, dampening=0.1)], lr=0.1, momentum=0.9,
-        max_grad_norm=0.5, init_scale=2.0**8, growth_interval=3, backend=backend)
+        max_grad_norm=0.5, init_scale=2.0**8, growth_interval=3, loss_scale="dynamic", backend=backend)
     return model, opt
 
 
@@ -33,8 +33,10 @@ def train(model, opt, steps, dtype, device):
         x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step)).to(device, dtype)
         opt.zero_grad()
         opt.scale_loss(model(x).float().square().mean()).backward()
-        if step == INF_STEP:
-            next(model.parameters()).grad.view(-1)[0] = math.inf
+        if step == INF_STEP:  # a new grad tensor: an in-place edit of a scaled grad would raise (grad_guard.py)
+            p = next(model.parameters())
+            p.grad = p.grad.clone()
+            p.grad.view(-1)[0] = math.inf
         opt.step()
 
 

@@ -36,7 +36,7 @@ def train(model, opt, xs, ys):
 def make_opt(params, backend):
     # max_grad_norm small enough that clipping is active on every step
     return fused_opt.FusedMixedPrecisionSGD(params, lr=0.1, momentum=0.9, max_grad_norm=0.3, init_scale=2.0**8,
-                                            backend=backend)
+                                            loss_scale="dynamic", backend=backend)
 
 
 def worker(rank, world, init_method, backend, out):

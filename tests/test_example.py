@@ -19,3 +19,23 @@ def test_loss_curves_agree(tmp_path):
     assert max(abs(a - b) for a, b in zip(ours, theirs)) < 0.05 * max(theirs)
     assert sum(ours[-10:]) < 0.7 * sum(ours[:10])  # it learns
     assert (tmp_path / "loss.png").exists()
+
+
+@pytest.mark.parametrize("script,argv", [("lightning_digits", ["--steps", "40"]),
+                                         ("lightning_digits", ["--steps", "40", "--precision", "bf16-true"]),
+                                         ("accelerate_digits", ["--steps", "40"]),
+                                         ("accelerate_digits", ["--steps", "40", "--dtype", "bf16"]),
+                                         ("hf_trainer_gpt2", ["--steps", "30"])])
+def test_framework_examples_train_like_torch_sgd(script, argv):
+    """Each framework's example: ours (FP16/BF16 weights, built-in scale and clipping) against
+    torch.optim.SGD in the same framework; the mean of the last losses within 10 %."""
+    import importlib
+    module = importlib.import_module(script)
+    ours, theirs = module.main(argv)
+    if script == "hf_trainer_gpt2":
+        (ours, ours_norms), (theirs, theirs_norms) = ours, theirs
+        assert ours_norms[0] == pytest.approx(theirs_norms[0], rel=0.05)  # the unscaled norm is logged
+    last = min(10, len(ours))
+    a, b = sum(ours[-last:]) / last, sum(theirs[-last:]) / last
+    assert abs(a - b) / b < 0.1
+    assert sum(ours[-last:]) < 0.8 * sum(ours[:last])  # it learns

@@ -37,7 +37,7 @@ def make_opt(model, backend, norm_type):
     return fused_opt.FusedMixedPrecisionSGD(
         [dict(params=decay, weight_decay=0.01), dict(params=no_decay, nesterov=True)],
         lr=0.1, momentum=0.9, max_grad_norm=0.05, norm_type=norm_type, init_scale=2.0**8,
-        growth_interval=2, backend=backend)
+        growth_interval=2, loss_scale="dynamic", backend=backend)
 
 
 def shard(model, device="cpu", mesh_shape=None):

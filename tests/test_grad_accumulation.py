@@ -19,7 +19,8 @@ def make(dtype, device, backend, fp32_accumulation, seed=0, **kwargs):
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 8)).to(device, dtype)
     model[2].bias.requires_grad_(False)  # a param that never gets a grad: never stepped
     opt = fused_opt.FusedMixedPrecisionSGD(model.parameters(), lr=0.1, momentum=0.9, init_scale=2.0**10,
-                                           fp32_grad_accumulation=fp32_accumulation, backend=backend, **kwargs)
+                                           fp32_grad_accumulation=fp32_accumulation, backend=backend,
+                                           **{"loss_scale": "dynamic", **kwargs})
     return model, opt
 
 

@@ -77,7 +77,7 @@ def test_unscale_then_user_clipping_is_not_unscaled_twice(dtype, backend, device
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
 def test_grad_scaler_with_our_scale_on_raises_before_any_write(backend, device):
     p = torch.nn.Parameter(torch.ones(4, dtype=torch.float32, device=device))
-    opt = SGD([p], lr=0.1, backend=backend)
+    opt = SGD([p], lr=0.1, loss_scale="dynamic", backend=backend)
     scaler = torch.amp.GradScaler(device)
     scaler.scale(torch.zeros((), device=device))
     opt.scale_loss(torch.zeros((), device=device))

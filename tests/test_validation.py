@@ -80,7 +80,7 @@ BAD_STEPS = {
     "lr edited negative": (lambda opt, ps: opt.param_groups[0].update(lr=-1.0), "learning rate"),
     "momentum edited negative": (lambda opt, ps: opt.param_groups[0].update(momentum=-0.1), "momentum"),
     "nesterov with dampening": (lambda opt, ps: opt.param_groups[0].update(nesterov=True, dampening=0.5), "nesterov"),
-    "no scale_loss": (lambda opt, ps: setattr(opt, "_loss_scaled", False), "scale_loss"),
+    "no scale_loss": (lambda opt, ps: setattr(opt._scaler, "loss_scaled", False), "scale_loss"),
     "GradScaler attrs": (lambda opt, ps: setattr(opt, "found_inf", torch.zeros(())), "GradScaler"),
 }
 

@@ -1,0 +1,308 @@
+"""Where people train (issue 13): Lightning, transformers.Trainer, accelerate and
+torch.compile, with the built-in loss scale and clipping, against torch.optim.SGD in the same
+framework; the old silent failure (a framework's clipping on our scaled grads) now raises.
+
+Small models on the CPU: scikit-learn's digits (bundled, no download) and a tiny random GPT-2."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fused_opt
+from harness import BACKEND_DEVICE_IDS, BACKEND_DEVICES
+
+
+def digits(n=512):
+    from sklearn.datasets import load_digits
+    x, y = load_digits(return_X_y=True)
+    return torch.tensor(x[:n] / 16.0, dtype=torch.float32), torch.tensor(y[:n])
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+# -- the guard and the defaults, without a framework -----------------------------------------------
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+def test_clipping_scaled_grads_outside_the_optimizer_raises(backend, device):
+    model = mlp().to(device).half()
+    opt = fused_opt.FusedMixedPrecisionSGD(model.parameters(), lr=0.1, backend=backend)
+    x, y = digits(32)
+    loss = nn.functional.cross_entropy(model(x.to(device).half()).float(), y.to(device))
+    opt.scale_loss(loss).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # on grads 65536 times too large
+    with pytest.raises(RuntimeError, match="modified in place between backward and step"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_the_guard_allows_accumulation_and_can_be_turned_off():
+    x, y = digits(32)
+    for check in (True, False):
+        model = mlp().half()
+        opt = fused_opt.FusedMixedPrecisionSGD(model.parameters(), lr=0.1, check_scaled_grads=check)
+        for chunk in (slice(0, 16), slice(16, 32)):  # two micro-batches accumulate in place: fine
+            opt.scale_loss(nn.functional.cross_entropy(model(x[chunk].half()).float(), y[chunk])).backward()
+        if not check:
+            for p in model.parameters():
+                p.grad.mul_(0.5)  # scale-independent: allowed when asked
+        opt.step()
+        assert not bool(opt.last_step_skipped)
+
+
+def test_loss_scale_auto_fits_the_dtype():
+    def mode(dtype):
+        opt = fused_opt.FusedMixedPrecisionSGD(mlp().to(dtype).parameters(), lr=0.1)
+        return opt._scaler.dynamic, opt._scaler.enabled
+    assert mode(torch.float16) == (True, True)
+    assert mode(torch.bfloat16) == (False, False)
+    assert mode(torch.float32) == (False, False)
+    explicit = fused_opt.FusedMixedPrecisionSGD(mlp().to(torch.bfloat16).parameters(), loss_scale=128.0)
+    assert float(explicit.loss_scale) == 128.0
+
+
+def test_clip_grad_norm_routes_to_the_fused_clip():
+    model = mlp().half()
+    ref_model = mlp().half()
+    opt = fused_opt.FusedMixedPrecisionSGD(model.parameters(), lr=0.1)
+    ref = fused_opt.FusedMixedPrecisionSGD(ref_model.parameters(), lr=0.1, max_grad_norm=0.25)
+    x, y = digits(32)
+    for m, o in ((model, opt), (ref_model, ref)):
+        o.scale_loss(nn.functional.cross_entropy(m(x.half()).float(), y)).backward()
+    norm = opt.clip_grad_norm_(0.25)
+    opt.step()
+    ref.step()
+    assert norm is opt.last_grad_norm and float(norm) == float(ref.last_grad_norm)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref_model.parameters()))
+
+
+# -- torch.compile -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("what", ["train step", "opt.step"])
+def test_compiled_equals_eager_bit_for_bit(backend, device, dtype, what):
+    def run(compiled):
+        torch._dynamo.reset()
+        model = mlp().to(device=device, dtype=dtype)
+        opt = fused_opt.FusedMixedPrecisionSGD(model.parameters(), lr=0.1, momentum=0.9, max_grad_norm=0.5,
+                                               backend=backend)
+        x, y = digits(64)
+        x, y = x.to(device=device, dtype=dtype), y.to(device)
+        step = torch.compile(opt.step) if compiled and what == "opt.step" else opt.step
+
+        def train_step():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x).float(), y)
+            opt.scale_loss(loss).backward()
+            step()
+            return loss
+        fn = torch.compile(train_step) if compiled and what == "train step" else train_step
+        for _ in range(4):
+            fn()
+        return [t.detach().clone() for p in model.parameters() for t in (p, opt.state[p]["master_param"])]
+    assert all(torch.equal(a, b) for a, b in zip(run(False), run(True)))
+
+
+# -- Lightning ---------------------------------------------------------------------------------------
+
+def _lightning_run(optimizer_fn, precision=None, plugins=None, clip=1.0, steps=40, manual=False, backward_hook=None):
+    L = pytest.importorskip("lightning.pytorch")
+    x, y = digits()
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+            self.automatic_optimization = not manual
+            self.losses = []
+
+        def training_step(self, batch, _):
+            xb, yb = batch
+            loss = nn.functional.cross_entropy(self.net(xb).float(), yb)
+            self.losses.append(float(loss))
+            if manual:
+                opt = self.optimizers()
+                opt.zero_grad()
+                self.manual_backward(loss)
+                opt.step()
+                return None
+            return loss
+
+        def configure_optimizers(self):
+            return optimizer_fn(self.parameters())
+
+        if backward_hook is not None:
+            def backward(self, loss, *args, **kwargs):
+                backward_hook(self, loss)
+
+    module = Module()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64, shuffle=False)
+    kwargs = dict(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False)
+    if not manual:
+        kwargs["gradient_clip_val"] = clip
+    if plugins is not None:
+        kwargs["plugins"] = plugins
+    else:
+        kwargs["precision"] = precision
+    L.Trainer(**kwargs).fit(module, loader)
+    return module.losses
+
+
+@pytest.mark.parametrize("precision", ["16-true", "bf16-true"])
+@pytest.mark.parametrize("manual", [False, True], ids=["automatic", "manual"])
+def test_lightning_fused_precision_trains_like_torch_sgd(precision, manual):
+    from fused_opt.integrations.lightning import FusedPrecision
+    ours = _lightning_run(lambda ps: fused_opt.FusedMixedPrecisionSGD(ps, lr=0.05, momentum=0.9),
+                          plugins=[FusedPrecision(precision)], manual=manual)
+    theirs = _lightning_run(lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), precision="32-true", manual=manual)
+    assert ours[-1] < 0.5 * ours[0]
+    assert close_losses(ours, theirs)
+
+
+def close_losses(ours, theirs, last=10, rel=0.1) -> bool:
+    """The same run in FP16/BF16 against FP32: the mean of the last losses within 10 %."""
+    a, b = sum(ours[-last:]) / last, sum(theirs[-last:]) / last
+    return abs(a - b) / b < rel
+
+
+def test_lightning_clipping_on_scaled_grads_now_raises():
+    """The "obvious glue" of before: backward scaled by hand, Lightning's own clipping on it."""
+    def scaled_backward(module, loss):
+        module.trainer.optimizers[0].scale_loss(loss).backward()
+    with pytest.raises(RuntimeError, match="modified in place between backward and step"):
+        _lightning_run(lambda ps: fused_opt.FusedMixedPrecisionSGD(ps, lr=0.2), precision="16-true",
+                       backward_hook=scaled_backward, steps=3)
+
+
+# -- accelerate ---------------------------------------------------------------------------------------
+
+def _accelerate_run(make_opt, dtype, patch, clip=1.0, steps=40, inject_inf_at=None):
+    accelerate = pytest.importorskip("accelerate")
+    from fused_opt.integrations.accelerate import patch as fused_patch
+    accelerator = accelerate.Accelerator(cpu=True)
+    if patch:
+        fused_patch(accelerator)
+    model = mlp().to(dtype)
+    x, y = digits()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.to(dtype), y), batch_size=64)
+    model, opt, loader = accelerator.prepare(model, make_opt(model.parameters()), loader)
+    losses, skipped = [], []
+    step = 0
+    while step < steps:
+        for xb, yb in loader:
+            loss = nn.functional.cross_entropy(model(xb).float(), yb)
+            losses.append(float(loss))
+            opt.zero_grad()
+            accelerator.backward(loss)
+            if step == inject_inf_at:  # a new grad tensor: the guard refuses in-place edits of scaled grads
+                p = next(model.parameters())
+                p.grad = p.grad.clone()
+                p.grad.view(-1)[0] = math.inf
+            accelerator.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+            skipped.append(accelerator.optimizer_step_was_skipped)
+            step += 1
+            if step == steps:
+                break
+    return losses, skipped, opt
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_accelerate_patch_trains_like_torch_sgd(dtype):
+    ours, skipped, opt = _accelerate_run(lambda ps: fused_opt.FusedMixedPrecisionSGD(ps, lr=0.05, momentum=0.9),
+                                         dtype, patch=True)
+    theirs, _, _ = _accelerate_run(lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), torch.float32, patch=False)
+    assert not any(skipped) and close_losses(ours, theirs)
+    # through the AcceleratedOptimizer wrapper: our attributes, and a skipped step reported
+    assert float(opt.last_grad_norm) > 0 and opt.scale_loss is not None and opt.loss_scale is not None
+    _, skipped, _ = _accelerate_run(lambda ps: fused_opt.FusedMixedPrecisionSGD(ps, lr=0.05), dtype, patch=True,
+                                    steps=8, inject_inf_at=5)
+    assert skipped == [False] * 5 + [True] + [False] * 2
+
+
+def test_accelerate_without_the_patch_refuses_clipping_scaled_grads():
+    def glue(ps):
+        return fused_opt.FusedMixedPrecisionSGD(ps, lr=0.2)
+    accelerate = pytest.importorskip("accelerate")
+    accelerator = accelerate.Accelerator(cpu=True)
+    model = mlp().half()
+    model, opt = accelerator.prepare(model, glue(model.parameters()))
+    x, y = digits(64)
+    fused = opt.optimizer
+    accelerator.backward(fused.scale_loss(nn.functional.cross_entropy(model(x.half()).float(), y)))
+    accelerator.clip_grad_norm_(model.parameters(), 1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        opt.step()
+
+
+# -- transformers.Trainer ------------------------------------------------------------------------------
+
+def _gpt2(dtype):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
+    return transformers.GPT2LMHeadModel(config).to(dtype)
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, n=256, length=16):
+        gen = torch.Generator().manual_seed(0)
+        base = torch.randint(0, 16, (n, 1), generator=gen)
+        self.ids = (base + torch.arange(length)) % 64  # learnable: each token follows the last
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _hf_run(trainer_cls, model, opt, tmp_path, max_grad_norm=1.0, steps=30):
+    transformers = pytest.importorskip("transformers")
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=32,
+                                          use_cpu=True, logging_steps=1, report_to=[], save_strategy="no",
+                                          max_grad_norm=max_grad_norm, disable_tqdm=True, seed=0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    trainer = trainer_cls(model=model, args=args, train_dataset=_Tokens(), optimizers=(opt, sched))
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    return [entry["loss"] for entry in logs], [entry.get("grad_norm") for entry in logs]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_hf_fused_trainer_trains_like_torch_sgd(dtype, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from fused_opt.integrations.transformers import FusedTrainer
+    model = _gpt2(dtype)
+    ours, norms = _hf_run(FusedTrainer, model, fused_opt.FusedMixedPrecisionSGD(model.parameters(), lr=0.5,
+                                                                                 momentum=0.9), tmp_path / "a")
+    ref_model = _gpt2(torch.float32)
+    theirs, ref_norms = _hf_run(transformers.Trainer, ref_model, torch.optim.SGD(ref_model.parameters(), lr=0.5,
+                                                                                 momentum=0.9), tmp_path / "b")
+    assert ours[-1] < 0.8 * ours[0]
+    assert abs(ours[-1] - theirs[-1]) / theirs[-1] < 0.1
+    # the logged norm is the unscaled one: close to torch's, not 65536 times it
+    assert norms[0] == pytest.approx(ref_norms[0], rel=0.05)
+
+
+def test_hf_trainer_clipping_on_scaled_grads_now_raises(tmp_path):
+    """The obvious glue of before (scale in the accelerator's backward, Trainer's own clipping):
+    it trained nothing silently; now the step raises."""
+    transformers = pytest.importorskip("transformers")
+
+    class Glued(transformers.Trainer):
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            backward = self.accelerator.backward
+            self.accelerator.backward = lambda loss, **kw: backward(self.optimizer.optimizer.scale_loss(loss), **kw)
+    model = _gpt2(torch.float16)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        _hf_run(Glued, model, fused_opt.FusedMixedPrecisionSGD(model.parameters(), lr=0.5), tmp_path, steps=2)
