@@ -4,10 +4,11 @@ so one build serves every torch version and builds on a machine without a GPU.
 
   TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX"   GPU architectures (the default), as PyTorch spells them
   FUSED_OPT_NO_CUDA=1                  skip the CUDA module even when nvcc is there
-  FUSED_OPT_PORTABLE=1                 no CPU-specific flags (F16C/AVX) for the CPU module
+  FUSED_OPT_PORTABLE=1                 build only the portable CPU module (no AVX2/F16C variant)
   CUDA_HOME=/usr/local/cuda            where CUDA is (else /usr/local/cuda, else from nvcc)
 """
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -40,20 +41,21 @@ def cuda_home():
     return None
 
 
-def cpu_flags():
-    """F16C (and the AVX it needs) when the building machine has them: the FP16 CPU step is
-    then 8 hardware conversions per instruction instead of a dozen operations per value.
-    A from-source build runs where it was built; FUSED_OPT_PORTABLE=1 leaves them out."""
-    if os.environ.get("FUSED_OPT_PORTABLE") == "1":
-        return []
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next(line for line in f if line.startswith("flags")).split())
-    except (OSError, StopIteration):
-        return []
-    if {"avx2", "f16c"} <= flags:
-        return ["-mavx2", "-mf16c"]
-    return ["-mavx", "-mf16c"] if {"avx", "f16c"} <= flags else []
+def cpu_modules():
+    """The CPU module twice on x86-64: portable (runs anywhere) and with AVX2/F16C (FP16 then
+    converts 8 values per instruction instead of a dozen operations per value), whatever the
+    building machine has; the one the running CPU supports is loaded at import
+    (native_backend.py), so one wheel runs on every x86-64. No -mfma: contracting a*b+c
+    would change the bits, and both paths must give the same ones. Elsewhere (aarch64, ...)
+    the portable module alone."""
+    common = dict(include_dirs=[pybind11_include(), "csrc"], extra_link_args=["-pthread"], language="c++")
+    flags = ["-O3", "-std=c++17", "-pthread"]
+    modules = [Extension("fused_opt._native_cpu", ["csrc/cpu_step.cpp"], extra_compile_args=flags, **common)]
+    if platform.machine().lower() in ("x86_64", "amd64") and os.environ.get("FUSED_OPT_PORTABLE") != "1":
+        modules.append(Extension("fused_opt._native_cpu_avx2", ["csrc/cpu_step.cpp"],
+                                 extra_compile_args=[*flags, "-mavx2", "-mf16c",
+                                                     "-DFUSED_OPT_CPU_MODULE=_native_cpu_avx2"], **common))
+    return modules
 
 
 def gencode_flags(arch_list: str):
@@ -96,11 +98,6 @@ class BuildNative(build_ext):
 
 
 setup(
-    ext_modules=[
-        Extension("fused_opt._native_cpu", ["csrc/cpu_step.cpp"], include_dirs=[pybind11_include(), "csrc"],
-                  extra_compile_args=["-O3", "-std=c++17", "-pthread", *cpu_flags()], extra_link_args=["-pthread"],
-                  language="c++"),
-        Extension("fused_opt._native_cuda", ["csrc/cuda_step.cu"]),
-    ],
+    ext_modules=[*cpu_modules(), Extension("fused_opt._native_cuda", ["csrc/cuda_step.cu"])],
     cmdclass={"build_ext": BuildNative},
 )

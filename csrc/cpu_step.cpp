@@ -241,7 +241,19 @@ void update(const UpdateArgs& a, int64_t /*stream*/) {
 }  // namespace
 }  // namespace fused_opt
 
-PYBIND11_MODULE(_native_cpu, m) {
+// Built twice (setup.py): portable as _native_cpu, with AVX2/F16C as _native_cpu_avx2; the
+// Python side loads the fastest one the CPU it runs on supports (native_backend.py).
+#ifndef FUSED_OPT_CPU_MODULE
+#define FUSED_OPT_CPU_MODULE _native_cpu
+#endif
+#if defined(__F16C__) && defined(__AVX2__)
+#define FUSED_OPT_CPU_PATH "avx2"
+#else
+#define FUSED_OPT_CPU_PATH "portable"
+#endif
+
+PYBIND11_MODULE(FUSED_OPT_CPU_MODULE, m) {
   m.doc() = "fused_opt C++ CPU kernels";
+  m.attr("CPU_PATH") = FUSED_OPT_CPU_PATH;
   fused_opt::bind_step(m, fused_opt::partials, fused_opt::finalize_step, fused_opt::update);
 }

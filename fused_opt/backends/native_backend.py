@@ -4,6 +4,7 @@ the Triton backend (multi_tensor.py) and do the same three launches."""
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import torch
@@ -15,10 +16,63 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/di
 # Module-level names of the launches, so tests can count them.
 LAUNCH_ENTRY_POINTS = ["launch_partials", "launch_finalize", "launch_update"]
 
-try:
-    from .. import _native_cpu
-except ImportError as exc:  # package installed without building the extension
-    _native_cpu, _cpu_error = None, str(exc)
+def _load_cpu_modules() -> dict:
+    """The CPU modules that were built: "portable" and, on x86-64, "avx2" (setup.py)."""
+    import importlib
+    modules = {}
+    for path, name in (("portable", "_native_cpu"), ("avx2", "_native_cpu_avx2")):
+        try:
+            modules[path] = importlib.import_module(f"fused_opt.{name}")
+        except ImportError as exc:
+            modules.setdefault("_errors", []).append(f"{name}: {exc}")
+    return modules
+
+
+def _cpu_supports(path: str) -> bool:
+    """Whether the running CPU has the instructions of a CPU path; torch's own dispatch asks
+    the CPU when it loads, and we take its answer ("DEFAULT", "AVX2", "AVX512", ...)."""
+    if path == "portable":
+        return True
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return False
+    return capability in ("AVX2", "AVX512", "AVX512_BF16", "AMX") and _has_f16c()
+
+
+def _has_f16c() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "f16c" in next(line for line in f if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return True  # every AVX2 CPU has F16C; /proc/cpuinfo is only a second opinion
+
+
+def _choose_cpu_module(modules: dict, forced: str | None):
+    """The fastest CPU path both built and supported here; FUSED_OPT_CPU_PATH=portable|avx2
+    forces one (an unsupported or unbuilt choice raises at import)."""
+    if forced:
+        if forced not in modules or not _cpu_supports(forced):
+            raise ImportError(f"FUSED_OPT_CPU_PATH={forced!r}: not built or not supported by this CPU")
+        return modules[forced]
+    for path in ("avx2", "portable"):
+        if path in modules and _cpu_supports(path):
+            return modules[path]
+    return None
+
+
+CPU_MODULES = _load_cpu_modules()
+_native_cpu = _choose_cpu_module(CPU_MODULES, os.environ.get("FUSED_OPT_CPU_PATH"))
+_cpu_error = "; ".join(CPU_MODULES.get("_errors", [])) or "no CPU module loads on this CPU"
+
+
+def use_cpu_path(path: str):
+    """Switches the CPU kernels to another built path (tests run every path this CPU can);
+    returns the previous module."""
+    global _native_cpu
+    previous = _native_cpu
+    _native_cpu = _choose_cpu_module(CPU_MODULES, path)
+    return previous
 try:
     from .. import _native_cuda
 except ImportError as exc:  # built without nvcc
@@ -64,7 +118,9 @@ def build_info() -> dict:
     version = None
     if _native_cuda is not None:
         version = f"{_native_cuda.CUDA_VERSION // 1000}.{_native_cuda.CUDA_VERSION % 1000 // 10}"
-    return {"native_cpu": _native_cpu is not None, "native_cuda": _native_cuda is not None,
+    return {"native_cpu": _native_cpu is not None, "cpu_path": getattr(_native_cpu, "CPU_PATH", None),
+            "cpu_paths_built": sorted(k for k in CPU_MODULES if not k.startswith("_")),
+            "native_cuda": _native_cuda is not None,
             "cuda_version": version, "cuda_archs": compiled_archs(), "cuda_ptx_archs": _ptx_archs()}
 
 
