@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch 2.13.0 is a local CPU build here (an unpinned torch pulls GBs); triton 3.7.1 is what
 # torch 2.13's CUDA build requires, and on a CPU machine it runs kernels in its interpreter.
-DEPS := torch==2.13.0 triton==3.7.1 pytest pytest-xdist pytest-timeout hypothesis expecttest numpy pybind11 setuptools wheel build matplotlib scikit-learn
+DEPS := torch==2.13.0 triton==3.7.1 pytest pytest-xdist pytest-timeout hypothesis expecttest numpy pybind11 setuptools wheel build matplotlib scikit-learn tqdm
 # Test-only: the frameworks users train with (never dependencies of fused_opt itself).
 FRAMEWORKS := lightning transformers accelerate
 

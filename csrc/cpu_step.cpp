@@ -17,7 +17,7 @@ namespace {
 
 // Below this many elements per thread, starting a thread (tens of microseconds) costs more
 // than it saves.
-constexpr int64_t kMinElementsPerThread = int64_t(1) << 18;
+constexpr int64_t kMinElementsPerThread = int64_t(1) << 21;
 
 template <class Fn>
 void parallel_chunks(const Chunk* chunks, const TensorEntry* table, int64_t num_chunks, int64_t chunk_size,
@@ -30,13 +30,15 @@ void parallel_chunks(const Chunk* chunks, const TensorEntry* table, int64_t num_
     for (int64_t c = 0; c < num_chunks; ++c) fn(c);
     return;
   }
+  // Contiguous ranges of chunks: neighbouring chunks share tensors, and pages. The calling
+  // thread takes the first range itself: one thread fewer to start, and one fewer competing
+  // for a core with torch's OpenMP workers, which spin for a while after every torch op.
+  auto range = [&](int64_t t) {
+    for (int64_t c = num_chunks * t / threads; c < num_chunks * (t + 1) / threads; ++c) fn(c);
+  };
   std::vector<std::thread> pool;
-  for (int64_t t = 0; t < threads; ++t) {
-    // Contiguous ranges of chunks: neighbouring chunks share tensors, and pages.
-    pool.emplace_back([&, t] {
-      for (int64_t c = num_chunks * t / threads; c < num_chunks * (t + 1) / threads; ++c) fn(c);
-    });
-  }
+  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(range, t);
+  range(0);
   for (auto& th : pool) th.join();
 }
 

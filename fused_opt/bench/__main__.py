@@ -1,8 +1,11 @@
-"""python -m fused_opt.bench [--device cpu|cuda] [--quick] [--out bench/results]
+"""python -m fused_opt.bench [--device cpu|cuda] [--full] [--train] [--quick] [--out bench/results]
 
 Times one optimizer step of every available fused_opt backend and of the torch.optim
 pipelines of SPEC §5 on the same model, side by side in one run, and writes a table, a
-JSON record and (with matplotlib) a plot under --out."""
+JSON record and (with matplotlib) a plot under --out. The default is a representative
+subset (one large sweep point, ResNet-50, GPT-2 small, many small tensors): about 3 minutes
+on a 2-core CPU; --full runs the whole size sweep. --train times whole training iterations
+instead (fused_opt/bench/train.py)."""
 from __future__ import annotations
 
 import argparse
@@ -29,9 +32,13 @@ def device_name(device: torch.device) -> str:
     return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
-def plan(device: torch.device, quick: bool) -> list[tuple[str, list]]:
+def plan(device: torch.device, quick: bool, full: bool = False) -> list[tuple[str, list]]:
     if quick:
         return [("sweep 64K", workloads.sweep(2**16, 8)), ("many small x200", workloads.many_small(200, 64))]
+    if not full:  # the representative subset
+        large = 2**28 if device.type == "cuda" else 2**24
+        return [(f"sweep {large / 2**20:.0f}M", workloads.sweep(large)), ("ResNet-50", workloads.resnet50()),
+                ("GPT-2 small", workloads.gpt2()), ("10,000 x 8", workloads.many_small(10_000, 8))]
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         # about 120 B/param live at once: each contender's params and state (ours 10 B, a torch
@@ -42,7 +49,8 @@ def plan(device: torch.device, quick: bool) -> list[tuple[str, list]]:
                 + [("ResNet-50", workloads.resnet50()), ("GPT-2 small", workloads.gpt2()),
                    ("GPT-2 medium", workloads.gpt2(24, 1024)), ("10,000 small", workloads.many_small())])
     return ([(f"sweep {n / 2**20:.0f}M", workloads.sweep(n)) for n in (2**20, 2**22, 2**24)]
-            + [("ResNet-50", workloads.resnet50()), ("10,000 small", workloads.many_small())])
+            + [("ResNet-50", workloads.resnet50()), ("GPT-2 small", workloads.gpt2()),
+               ("10,000 small", workloads.many_small()), ("10,000 x 8", workloads.many_small(10_000, 8))])
 
 
 def run(args) -> dict:
@@ -50,15 +58,15 @@ def run(args) -> dict:
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
     copy_bps = copy_bandwidth(device, 2**28 if device.type == "cuda" and not args.quick else 2**25)
     rows = []
-    jobs = [(w, s, d) for w, s in plan(device, args.quick) for d in args.dtypes
+    jobs = [(w, s, d) for w, s in plan(device, args.quick, args.full) for d in args.dtypes
             if args.only is None or args.only in w]
     # torch.compile recompiles per shape list (tens of seconds each): it runs on the largest
     # sweep's FP16 row, where the bandwidth claim is made.
     compile_row = max(((workloads.numel(s), w) for w, s, _ in jobs if w.startswith("sweep")), default=(0, None))[1]
-    for index, (workload, shapes, dtype_name) in enumerate(jobs):
+    bar = progress(jobs)
+    for workload, shapes, dtype_name in bar:
         n = workloads.numel(shapes)
-        print(f"[{index + 1}/{len(jobs)}] {workload} {dtype_name}: {n / 1e6:.1f}M params in {len(shapes)} tensors",
-              file=sys.stderr, flush=True)
+        bar.set_description(f"{workload} {dtype_name} ({n / 1e6:.1f}M params, {len(shapes)} tensors)")
         model = Model(shapes, dtypes[dtype_name], device)
         contenders = build_all(model, device, include_compiled=args.compile and workload == compile_row
                                and dtype_name == "fp16")
@@ -86,6 +94,24 @@ def run(args) -> dict:
         "bytes_per_param": BYTES_PER_PARAM, "repeats": args.repeats, "steps_per_repeat": args.steps,
         "rows": rows,
     }
+
+
+def progress(jobs):
+    """A progress bar on stderr with elapsed and remaining time (tqdm; weighted by nothing
+    cleverer than the job count), or plain lines without tqdm."""
+    try:
+        from tqdm import tqdm
+        return tqdm(jobs, file=sys.stderr, unit="workload", dynamic_ncols=True,
+                    bar_format="{desc}: {n_fmt}/{total_fmt} |{bar}| {elapsed} elapsed, ~{remaining} left")
+    except ImportError:
+        class Lines(list):
+            def set_description(self, text):
+                print(f"[{self.i}/{len(self)}] {text}", file=sys.stderr, flush=True)
+
+            def __iter__(self):
+                for self.i, job in enumerate(list.__iter__(self), 1):
+                    yield job
+        return Lines(jobs)
 
 
 def _triton_version():
@@ -116,10 +142,15 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="calls per timed repeat")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (for tests)")
+    parser.add_argument("--full", action="store_true", help="the whole size sweep and every model")
+    parser.add_argument("--train", action="store_true", help="time whole training iterations (train.py)")
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd pipeline")
     parser.add_argument("--only", help="run only the workloads whose name contains this")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
+    if args.train:
+        from .train import main as train_main
+        return train_main(args)
     record = run(args)
     text = table(record)
     print(text)

@@ -17,21 +17,26 @@ def plot(record: dict, path: str) -> bool:
     rows = [r for r in record["rows"] if r["workload"].startswith("sweep")]
     if not rows:
         return False
+    # One colour per contender across every panel (a panel may lack some contenders), and
+    # one legend for the figure that names exactly the lines drawn.
+    names = list(dict.fromkeys(r["contender"] for r in rows))
+    colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}
     fig, axes = plt.subplots(1, len({r["dtype"] for r in rows}), figsize=(13, 5), squeeze=False)
+    drawn = {}
     for ax, dtype in zip(axes[0], sorted({r["dtype"] for r in rows})):
-        for name in dict.fromkeys(r["contender"] for r in rows):
+        for name in names:
             points = sorted((r["params"], r["gb_s"]) for r in rows if r["contender"] == name and r["dtype"] == dtype)
-            if len(points) > 1:
-                ax.plot(*zip(*points), marker="o", label=name)
-        ax.axhline(record["copy_gb_s"], color="black", linestyle="--", label="device copy (read+write)")
+            if points:
+                drawn[name], = ax.plot(*zip(*points), marker="o", color=colours[name], label=name)
+        drawn["device copy (read+write)"] = ax.axhline(record["copy_gb_s"], color="black", linestyle="--")
         ax.set_xscale("log")
         ax.set_xlabel("parameters")
         ax.set_ylabel("effective GB/s at 22 B/param")
         ax.set_title(f"{dtype} params")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
     fig.suptitle(f"One optimizer step, {record['device']} ({record['date'][:10]})")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.78, 1))
+    fig.legend(list(drawn.values()), list(drawn.keys()), loc="center right", fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

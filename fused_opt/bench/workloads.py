@@ -54,3 +54,9 @@ def numel(shapes) -> int:
             n *= k
         total += n
     return total
+
+
+# Whole models for the training-iteration benchmark (bench/train.py), small enough for a CPU:
+# a ResNet-style CNN (basic blocks, batch norm) on 32x32 images and a GPT-2-style decoder.
+RESNET_STYLE = dict(widths=(32, 64, 128), blocks_per_stage=2, classes=10, image=32)
+GPT2_STYLE = dict(layers=4, d=256, heads=4, vocab=8192, ctx=128)
