@@ -18,7 +18,7 @@ import torch
 
 class ScaledGradGuard:
     def __init__(self, params_of):
-        self.recorded = None        # [(id(grad), grad._version) or None] per flat param, after backward
+        self.recorded = None        # (ids, versions) of the flat params' grads, after backward
         self.params_of = params_of  # () -> the optimizer's flat params (None once it is gone)
 
     def on_backward(self, grad):
@@ -36,13 +36,13 @@ class ScaledGradGuard:
     def check(self, params: list, name_of, scale: torch.Tensor) -> None:
         """Raises if a grad recorded after backward was modified in place since."""
         recorded, self.recorded = self.recorded, None
-        if recorded is None or len(recorded) != len(params):
+        if recorded is None or len(recorded[0]) != len(params):
             return
         now = _versions(params)
         if now == recorded:
             return
-        for p, before, after in zip(params, recorded, now):
-            if before is not None and after is not None and before[0] == after[0] and before[1] != after[1]:
+        for p, id_before, before, id_after, after in zip(params, *recorded, *now):
+            if id_before != -1 and id_before == id_after and before != after:
                 raise RuntimeError(
                     f"FusedMixedPrecisionSGD: the grad of {name_of(p)} was modified in place between backward and "
                     "step() while it holds the loss-scaled gradient. A clipping or norm computed there (a "
@@ -54,8 +54,12 @@ class ScaledGradGuard:
                     "build the optimizer with check_scaled_grads=False.")
 
 
-def _versions(params: list) -> list:
-    return [None if g is None else (id(g), g._version) for g in [p.grad for p in params]]
+def _versions(params: list) -> tuple:
+    """(ids, versions) of the grads, -1 for none: two lists of ints, which Python's cyclic GC
+    does not track (a tuple per grad, kept from backward to step, made it run full
+    collections at thousands of params)."""
+    grads = [p.grad for p in params]
+    return [-1 if g is None else id(g) for g in grads], [-1 if g is None else g._version for g in grads]
 
 
 def flat_params_of(optimizer):

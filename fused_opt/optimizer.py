@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import operator
 import signal
 import threading
 
@@ -320,17 +321,19 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         the per-step checks are one tuple per tensor compared with the cached one."""
         owners = [params[i] for i in active]
         tensors = [local(p) for p in owners] if self._sharded else owners
-        # Storage, dtype, shape and strides: `p.data = p.data[:1]` keeps data_ptr and _version.
-        memory = [(p.data_ptr(), p.dtype, p.shape, p.stride()) for p in tensors]
         signature = (self._flat_ids, active, [h.uses_momentum for h in hypers])
         layout = self._layout
+        # Storage, dtype, shape and strides (`p.data = p.data[:1]` keeps data_ptr and _version),
+        # compared one tuple at a time: each is freed at once, so thousands of them per step
+        # never reach Python's cyclic GC (kept in a list, they made it run full collections:
+        # 10,000 tensors, 31 -> 86 ms/step).
         if (layout is None or layout.signature != signature or layout.epoch != self._epoch.value
-                or layout.memory != memory):
+                or not _same(map(_memory_of, tensors), layout.memory, len(tensors))):
             layout = self._new_layout(params, active, hypers, signature)
-            layout.memory = memory
-        grad_meta = [(g.shape, g.dtype, g.device, g.layout) for g in grads]
-        if grad_meta != layout.grad_meta:  # checked in full only when a grad's kind changed
+            layout.memory = list(map(_memory_of, tensors))
+        if not _same(map(_grad_meta_of, grads), layout.grad_meta, len(grads)):  # checked in full when a grad's kind changed
             check_grads(grads, owners, lambda k: self._param_name(owners[k]))
+            grad_meta = list(map(_grad_meta_of, grads))
             if [m[1] for m in grad_meta] != [m[1] for m in layout.grad_meta]:
                 layout.layout_id = next(self._layout_ids)  # the backends' tables pair by grad dtype
             layout.grad_meta = grad_meta
@@ -553,6 +556,19 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         if extra is not None:
             self._scaler.load_state_dict(extra["loss_scaler"])
             self._applied_steps.copy_(extra["applied_steps"])
+
+
+def _memory_of(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), t.dtype, t.shape, t.stride()
+
+
+def _grad_meta_of(g: torch.Tensor) -> tuple:
+    return g.shape, g.dtype, g.device, g.layout
+
+
+def _same(items, cached: list, count: int) -> bool:
+    """Whether `count` items from an iterator equal the cached ones (one at a time, nothing kept)."""
+    return count == len(cached) and all(map(operator.eq, items, cached))
 
 
 def _number_or_tensor(value):

@@ -34,8 +34,9 @@ class Ours:
     def __init__(self, model: Model, backend: str):
         self.name = f"fused_opt[{backend}]"
         self.model = model
+        # The shared grads are scaled by 2^16 (Model): the dynamic scale, for FP16 and BF16 alike.
         self.opt = fused_opt.FusedMixedPrecisionSGD(model.fresh_params(), max_grad_norm=MAX_NORM, backend=backend,
-                                                    **HYPER)
+                                                    loss_scale="dynamic", **HYPER)
 
     def step(self):
         self.opt.scale_loss(self.model.loss)
