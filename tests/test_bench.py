@@ -19,3 +19,17 @@ def test_quick_benchmark_writes_record(tmp_path, capsys):
         assert row["time_ms"] > 0 and row["gb_s"] > 0 and row["min_ms"] <= row["time_ms"] <= row["max_ms"]
     assert "| workload |" in capsys.readouterr().out
     assert (tmp_path / f"bench-{device}.md").exists()
+
+
+def test_quick_training_iteration_benchmark_writes_record(tmp_path):
+    """--train: whole iterations of both models, every contender, the step's share and the speedups."""
+    main(["--train", "--quick", "--out", str(tmp_path)])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    record = json.loads((tmp_path / f"train-{device}.json").read_text())
+    rows = record["rows"]
+    assert {r["model"] for r in rows} == {"ResNet-style CNN", "GPT-2-style decoder"}
+    assert {r["contender"] for r in rows} == {"fused_opt", "torch AMP", "torch masters"}
+    for r in rows:
+        assert 0 < r["optimizer_ms"] < r["iteration_ms"] and 0 < r["optimizer_share"] < 1
+    assert all(set(r["iteration_speedup_of_fused"]) == {"torch AMP", "torch masters"}
+               for r in rows if r["contender"] == "fused_opt")

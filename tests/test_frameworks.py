@@ -16,7 +16,7 @@ from harness import BACKEND_DEVICE_IDS, BACKEND_DEVICES
 
 
 def digits(n=512):
-    from sklearn.datasets import load_digits
+    load_digits = pytest.importorskip("sklearn.datasets").load_digits
     x, y = load_digits(return_X_y=True)
     return torch.tensor(x[:n] / 16.0, dtype=torch.float32), torch.tensor(y[:n])
 

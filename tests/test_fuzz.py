@@ -8,8 +8,10 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+
+pytest.importorskip("hypothesis")  # a test-only dependency (make test installs it)
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 import fused_opt
 from harness import BACKEND_DEVICE_IDS, BACKEND_DEVICES, check_against_reference

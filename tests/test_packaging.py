@@ -32,6 +32,7 @@ def run(cmd, **kwargs):
 
 @pytest.mark.timeout(1500)
 def test_sdist_and_wheel_install_into_a_fresh_venv(tmp_path):
+    pytest.importorskip("build")
     env = {**os.environ, "TORCH_CUDA_ARCH_LIST": "9.0"}
     dist = tmp_path / "dist"
     run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), ROOT], env=env)
