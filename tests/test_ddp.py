@@ -53,16 +53,32 @@ def worker(rank, world, init_method, backend, out):
         dist.destroy_process_group()
 
 
-def rendezvous(tmp_path) -> str:
-    """A file store in the test's own directory: unlike a port taken with bind(0) and let go,
-    no other test (or xdist worker) can take it before the ranks meet on it."""
-    return f"file://{tmp_path / 'rendezvous'}"
+# Stores the test process creates and keeps until it exits (see rendezvous).
+_STORES = []
 
 
-def init_group(init_method: str, rank: int, world: int, backend: str = "gloo") -> None:
-    # A short timeout: a rendezvous or collective that breaks fails in seconds, not gloo's 30 minutes.
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+def rendezvous(tmp_path=None) -> str:
+    """A TCPStore this process creates on port 0 and keeps listening: unlike a port taken with
+    bind(0) and let go, no other test (or xdist worker) can take it before the ranks meet on
+    it; unlike a file store, no rank's exit deletes it under the others (a FileStore's file
+    goes with the first rank to tear down, and the rest then wait minutes at exit)."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    _STORES.append(store)
+    return f"127.0.0.1:{store.port}"
+
+
+# Far below gloo's default 30 minutes, so a broken rendezvous or collective fails inside the
+# per-test timeout; far above a collective's worst wait here, with 2 cores shared by every
+# process of the suite (60 s was too short once nvcc ran beside the Triton interpreter).
+TIMEOUT_S = 300
+
+
+def init_group(address: str, rank: int, world: int, backend: str = "gloo", timeout_s: float = TIMEOUT_S) -> None:
+    host, port = address.rsplit(":", 1)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

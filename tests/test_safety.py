@@ -509,18 +509,18 @@ def test_grad_norm_is_accurate_on_large_tensors(backend, values, dtype, numel):
 # -- 14: the suite itself ----------------------------------------------------------------------
 
 def test_a_broken_rendezvous_fails_in_seconds(tmp_path):
-    """A rank whose peer never arrives gets an error from the process group's short timeout."""
+    """A rank whose peer never arrives gets an error from the process group's timeout."""
     code = (
-        "import datetime, sys, torch.distributed as dist\n"
-        "sys.path.insert(0, sys.argv[2])\n"
-        "from test_ddp import rendezvous\n"
-        "import pathlib\n"
+        "import sys, time\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from test_ddp import init_group, rendezvous\n"
+        "start = time.time()\n"
         "try:\n"
-        "    dist.init_process_group('gloo', init_method=rendezvous(pathlib.Path(sys.argv[1])), rank=0, world_size=2,\n"
-        "                            timeout=datetime.timedelta(seconds=2))\n"
+        "    init_group(rendezvous(), 0, 2, timeout_s=2)\n"
         "except Exception as exc:\n"
-        "    print('failed:', type(exc).__name__)\n"
+        "    print('failed:', type(exc).__name__, round(time.time() - start))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path), os.path.dirname(__file__)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__)],
+                         capture_output=True, text=True, timeout=120)
     assert "failed:" in out.stdout, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) < 60
