@@ -33,7 +33,7 @@ class ScaledGradGuard:
         if params is not None:
             self.recorded = _versions(params)
 
-    def check(self, params: list, name_of, scale: torch.Tensor) -> None:
+    def check(self, params: list, name_of) -> None:
         """Raises if a grad recorded after backward was modified in place since."""
         recorded, self.recorded = self.recorded, None
         if recorded is None or len(recorded[0]) != len(params):

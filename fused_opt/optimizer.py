@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 import operator
 import signal
 import threading
@@ -233,7 +232,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             return loss
         scaler = self._step_scaler()
         if self._guard is not None and scaler is self._scaler:
-            self._guard.check(params, self._param_name, scaler.scale)
+            self._guard.check(params, self._param_name)
         grads = [grads[i] for i in active]
         batch = self._batch(params, active, grads, hypers, scaler)
         self._launch(batch)

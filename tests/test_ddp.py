@@ -1,7 +1,6 @@
 """torch.distributed DDP (gloo, 2 processes on 127.0.0.1): the optimizer runs unchanged on
 DDP-averaged grads, and the result equals one process training on the whole batch."""
 import datetime
-import os
 
 import pytest
 import torch

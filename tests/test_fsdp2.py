@@ -7,7 +7,6 @@ Injecting the inf after the reduce-scatter, into one rank's shard, is what makes
 bite: without the cross-rank reduction of the inf flag the other rank would apply its step,
 and without the reduction of the norm each rank would clip by its own shards' norm."""
 import math
-import os
 
 import pytest
 import torch
