@@ -11,11 +11,10 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fused_opt
 from harness import BACKEND_DEVICES
-from test_ddp import init_group, rendezvous
+from test_ddp import init_group, rendezvous, run_ranks
 
 CPU_BACKENDS = [b for b, d in BACKEND_DEVICES if d == "cpu"]
 CUDA_BACKENDS = [b for b, d in BACKEND_DEVICES if d == "cuda"]
@@ -112,7 +111,7 @@ def check(out):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_fsdp2_two_processes_equal_unsharded(backend, dtype, norm_type, tmp_path):
     out = str(tmp_path / "result.pt")
-    mp.spawn(worker, args=(2, rendezvous(tmp_path), backend, dtype, norm_type, "cpu", str(out)), nprocs=2, join=True)
+    run_ranks(worker, (2, rendezvous(tmp_path), backend, dtype, norm_type, "cpu", str(out)), 2, str(out))
     check(out)
 
 
@@ -121,8 +120,7 @@ def test_hsdp_reduces_over_the_shard_dim_only(backend, tmp_path):
     # 4 ranks as 2 replicas x 2 shards: counting the replicated dim too would double the sum
     # of squares (the norm off by sqrt(2)) and clip every step differently.
     out = str(tmp_path / "result.pt")
-    mp.spawn(worker, args=(4, rendezvous(tmp_path), backend, torch.float16, 2.0, "cpu", str(out), (2, 2)), nprocs=4,
-             join=True)
+    run_ranks(worker, (4, rendezvous(tmp_path), backend, torch.float16, 2.0, "cpu", str(out), (2, 2)), 4, str(out))
     check(out)
 
 
@@ -132,7 +130,7 @@ def test_fsdp2_on_cuda_with_nccl(backend, tmp_path):
     # One GPU here, so one rank: the DTensor path, the kernels on local shards and the NCCL
     # all-reduce between the norm and the clip, on the device.
     out = str(tmp_path / "result.pt")
-    mp.spawn(worker, args=(1, rendezvous(tmp_path), backend, torch.float16, 2.0, "cuda", str(out)), nprocs=1, join=True)
+    run_ranks(worker, (1, rendezvous(tmp_path), backend, torch.float16, 2.0, "cuda", str(out)), 1, str(out))
     check(out)
 
 
@@ -191,7 +189,7 @@ def checkpoint_worker(rank, world, init_method, backend, path, out):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_fsdp2_sharded_checkpoint_resumes_bit_identically(backend, tmp_path):
     out = str(tmp_path / "result.pt")
-    mp.spawn(checkpoint_worker, args=(2, rendezvous(tmp_path), backend, str(tmp_path / "ckpt"), out), nprocs=2, join=True)
+    run_ranks(checkpoint_worker, (2, rendezvous(tmp_path), backend, str(tmp_path / "ckpt"), out), 2, str(out))
     result = torch.load(out)
     assert all(result["same"]), result["same"]
     assert result["refused"]  # fp32_grad_accumulation on DTensor params
