@@ -1,8 +1,7 @@
 // The C++ CPU path: the same chunk functions as the CUDA kernels (chunks.h), one chunk per
-// task, chunks spread over threads. Each chunk is reduced by one thread in element order and
+// task, chunks spread over a persistent pool of threads. Each chunk is reduced by one thread in element order and
 // the partials are summed in chunk order, so results never depend on the thread count.
 #include <algorithm>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -11,35 +10,29 @@
 #endif
 
 #include "bindings.h"
+#include "thread_pool.h"
 
 namespace fused_opt {
 namespace {
 
-// Below this many elements per thread, starting a thread (tens of microseconds) costs more
-// than it saves.
-constexpr int64_t kMinElementsPerThread = int64_t(1) << 21;
+// Below this many elements per thread, waking a parked worker (microseconds) and sharing
+// the pages costs more than it saves.
+constexpr int64_t kMinElementsPerThread = int64_t(1) << 16;
 
 template <class Fn>
 void parallel_chunks(const Chunk* chunks, const TensorEntry* table, int64_t num_chunks, int64_t chunk_size,
                      Fn&& fn) {
   int64_t elements = 0;
   for (int64_t c = 0; c < num_chunks; ++c) elements += chunk_end(table[chunks[c].row], chunks[c], chunk_size) - chunks[c].start;
-  const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
-  const int64_t threads = std::min({hw, num_chunks, elements / kMinElementsPerThread});
+  const int64_t threads = std::min({ThreadPool::hardware_threads(), num_chunks, elements / kMinElementsPerThread});
   if (threads <= 1) {
     for (int64_t c = 0; c < num_chunks; ++c) fn(c);
     return;
   }
-  // Contiguous ranges of chunks: neighbouring chunks share tensors, and pages. The calling
-  // thread takes the first range itself: one thread fewer to start, and one fewer competing
-  // for a core with torch's OpenMP workers, which spin for a while after every torch op.
-  auto range = [&](int64_t t) {
+  // Contiguous ranges of chunks, one per thread: neighbouring chunks share tensors and pages.
+  ThreadPool::instance().run(threads, [&](int64_t t) {
     for (int64_t c = num_chunks * t / threads; c < num_chunks * (t + 1) / threads; ++c) fn(c);
-  };
-  std::vector<std::thread> pool;
-  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(range, t);
-  range(0);
-  for (auto& th : pool) th.join();
+  });
 }
 
 // Pass 1 over one chunk with kLanes independent (double) accumulators, so the compiler can vectorize

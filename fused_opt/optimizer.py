@@ -16,12 +16,13 @@ import torch
 
 from . import backends
 from .backends import Hyper, StepBatch
-from .distributed import local, local_grads, placed_like, shard_reduction
+from .distributed import is_dtensor, local, local_grads, placed_like, shard_reduction
 from .grad_accumulation import FP32GradAccumulator
-from .grad_guard import ScaledGradGuard, flat_params_of
+from .flat_storage import FlatGrads
+from .grad_guard import ScaledGradGuard, grad_snapshot_of
 from .loss_scaler import LossScaler, check_scaler_args
 from .state_checks import check_param_memory, conform_buffer, usable_master, validated_state_dict
-from .tracked_state import Epoch, TrackedState
+from .tracked_state import Epoch, ParamList, TrackedState
 from .validation import check_global, check_grads, check_group, check_params, check_tensor_lr
 
 
@@ -37,18 +38,22 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, max_grad_norm=None, norm_type=2.0,
                  loss_scale="auto", init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5,
-                 growth_interval=2000, fp32_grad_accumulation=False, backend="auto",
+                 growth_interval=2000, fp32_grad_accumulation=False, flat_grads=False, backend="auto",
                  check_scaled_grads=True, foreach=None, fused=None, differentiable=False):
         # torch.optim.SGD's implementation switches: every step here is fused already.
         if differentiable:
             raise ValueError("FusedMixedPrecisionSGD: differentiable=True is not supported (the fused step is "
                              "not differentiable; use torch.optim.SGD(differentiable=True))")
         check_global(max_grad_norm, norm_type)
+        if flat_grads and fp32_grad_accumulation:
+            raise ValueError("FusedMixedPrecisionSGD: flat_grads=True and fp32_grad_accumulation=True cannot be "
+                             "combined: the FP32 accumulation frees .grad inside backward, which flat grads keep")
         check_scaler_args("dynamic" if loss_scale == "auto" else loss_scale, init_scale, growth_factor,
                           backoff_factor, growth_interval)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize)
-        self._epoch = Epoch()  # counts every write to self.state (tracked_state.py)
+        self._epoch = Epoch()  # counts every write to self.state and the groups' lists (tracked_state.py)
+        self._flat_grads = FlatGrads() if flat_grads else None
         self._flat_ids = None
         self._checked_lrs = {}  # group index -> the tensor lr last validated (read once)
         super().__init__(params, defaults)
@@ -60,7 +65,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             loss_scale = "dynamic" if any(p.dtype == torch.float16 for p in self._flat_params()) else None
         self._scaler = LossScaler(loss_scale, init_scale, growth_factor, backoff_factor,
                                   growth_interval, device)
-        self._guard = ScaledGradGuard(flat_params_of(self)) if check_scaled_grads and self._scaler.enabled else None
+        self._guard = ScaledGradGuard(grad_snapshot_of(self)) if check_scaled_grads and self._scaler.enabled else None
         # Persistent outputs, updated in place every step (valid across CUDA-graph replays).
         self.last_grad_norm = torch.zeros((), dtype=torch.float32, device=device)
         self.last_step_skipped = torch.zeros((), dtype=torch.bool, device=device)
@@ -79,13 +84,14 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
     # -- copies: deepcopy, pickle, torch.save(opt) -----------------------------------------
     # torch's Optimizer.__getstate__ keeps only defaults, state and groups; a copy must step
     # exactly like the original, so everything but what is rebuilt from it travels.
-    _REBUILT = ("_backend", "_backend_cache", "_layout", "_rollback", "_accumulator", "_flat_ids", "_flat",
+    _REBUILT = ("_backend", "_backend_cache", "_layout", "_flat_grads", "_rollback", "_accumulator", "_flat_ids", "_flat",
                 "_group_of", "_sharded", "_checked_lrs", "_epoch", "_state", "_amp_scaler", "_guard")
 
     def __getstate__(self) -> dict:
         state = {k: v for k, v in self.__dict__.items() if k not in self._REBUILT}
         state["state"] = self.state
         state["_guarded"] = self._guard is not None
+        state["_flat_mode"] = self._flat_grads is not None
         if self._accumulator is not None:  # the FP32 sums of an accumulation in progress
             params = self._flat_params()
             state["_accumulated"] = {i: self._accumulator.main_grads[p] for i, p in enumerate(params)
@@ -134,6 +140,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         value = state.pop("state", state.pop("_state", None))
         accumulated = state.pop("_accumulated", None)
         guarded = state.pop("_guarded", False)
+        flat_mode = state.pop("_flat_mode", False)
         defaults = state.get("defaults", {})
         had_differentiable = "differentiable" in defaults
         super().__setstate__(state)
@@ -147,7 +154,10 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         self._epoch = self._state._epoch
         self._flat_ids, self._layout, self._backend_cache, self._rollback, self._amp_scaler = None, None, {}, None, None
         self._checked_lrs = {}
-        self._guard = ScaledGradGuard(flat_params_of(self)) if guarded else None
+        self._guard = ScaledGradGuard(grad_snapshot_of(self)) if guarded else None
+        self._flat_grads = FlatGrads() if flat_mode else None  # the copy adopts grads of its own
+        for group in self.param_groups:
+            group["params"] = ParamList(self._epoch, group["params"])
         params = self._flat_params()
         device = params[0].device if params else torch.device("cpu")
         self.backend, self._backend = backends.resolve(self.backend, device)
@@ -167,6 +177,8 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         scaled = loss * self._scaler.scale.to(loss.device, non_blocking=True)
         if self._guard is not None and scaled.requires_grad:
             scaled.register_hook(self._guard.on_backward)
+        if self._flat_grads is not None and scaled.requires_grad:
+            self._flat_grads.expect_backward(scaled)
         return scaled
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
@@ -197,6 +209,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         check_group({**self.defaults, **group}, index)
         check_tensor_lr({**self.defaults, **group}, index)
         super().add_param_group({**group, "params": params})
+        self.param_groups[-1]["params"] = ParamList(self._epoch, self.param_groups[-1]["params"])
         self._checked_lrs[index] = tuple(map(id, (self.param_groups[index]["lr"], self.param_groups[index]["momentum"])))
         if getattr(self, "_accumulator", None) is not None:
             self._accumulator.add(params)
@@ -211,20 +224,17 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        hypers = self._hypers()
+        if self._flat_grads is not None and self._flat_grads.holds(self._epoch.value, self.param_groups, hypers):
+            self._step_flat(hypers)
+            return loss
         params = self._flat_params()
-        for index, group in enumerate(self.param_groups):
-            check_group(group, index)
-            tensors = (group["lr"], group["momentum"])
-            if any(isinstance(t, torch.Tensor) for t in tensors) and self._checked_lrs.get(index) != tuple(map(id, tensors)):
-                check_tensor_lr(group, index)  # a new lr/momentum tensor: its value is read once, here
-                self._checked_lrs[index] = tuple(map(id, tensors))
-        hypers = [Hyper(g["lr"], _number_or_tensor(g["momentum"]), float(g["dampening"]), float(g["weight_decay"]),
-                        bool(g["nesterov"]), bool(g["maximize"])) for g in self.param_groups]
         if self._accumulator is not None:
             self._accumulator.check()
             grads = self._accumulator.grads(params)
         else:
             grads = [p.grad for p in params]
+        grads_all = grads
         active = [i for i, g in enumerate(grads) if g is not None]
         if not active:  # SPEC §2: nothing changes, the scale and its counter included
             self.last_grad_norm.zero_()
@@ -239,9 +249,48 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         self._scaler.loss_scaled = False
         if self._accumulator is not None:
             self._accumulator.consume()  # the FP32 sums were this step's grads
+        if self._flat_grads is not None:
+            left_out = [p for p, g in zip(params, grads_all) if g is None]
+            if self._flat_grads.adopt(self._layout, batch.grads, left_out, self.state, self.param_groups, hypers,
+                                      self._epoch, next(self._layout_ids)):
+                self._layout = None  # its masters and buffers were copied; the state holds the flat views
         return loss
 
+    def _hypers(self) -> list:
+        for index, group in enumerate(self.param_groups):
+            check_group(group, index)
+            tensors = (group["lr"], group["momentum"])
+            if any(isinstance(t, torch.Tensor) for t in tensors) and self._checked_lrs.get(index) != tuple(map(id, tensors)):
+                check_tensor_lr(group, index)  # a new lr/momentum tensor: its value is read once, here
+                self._checked_lrs[index] = tuple(map(id, tensors))
+        return [Hyper(g["lr"], _number_or_tensor(g["momentum"]), float(g["dampening"]), float(g["weight_decay"]),
+                      bool(g["nesterov"]), bool(g["maximize"])) for g in self.param_groups]
+
+    def _step_flat(self, hypers: list) -> None:
+        """The step over flat storage (flat_storage.py): every list is cached, nothing is
+        read per tensor on the host; what could have changed was checked in holds()."""
+        scaler = self._step_scaler()
+        if self._guard is not None and scaler is self._scaler:
+            self._guard.check(None, self._param_name)
+        self._flat_grads.check_backward_ran()
+        flat = self._flat_grads
+        layout = flat.layout
+        self._launch(StepBatch(layout.params, layout.grads, layout.masters, layout.bufs, layout.firsts,
+                               layout.group_index, hypers, self.max_grad_norm, self.norm_type, scaler,
+                               self._applied_steps, self.last_grad_norm, self.last_step_skipped,
+                               self._backend_cache, layout.layout_id, None, flat.storage.grad_buffers))
+        self._scaler.loss_scaled = False
+        flat.stepped(self._epoch.value)
+
+    @property
+    def flat_grads_status(self) -> str | None:
+        """With flat_grads=True: "active" while the fast step runs on flat storage, else why
+        not (see README "flat grads"); None without flat_grads."""
+        return None if self._flat_grads is None else self._flat_grads.status
+
     def zero_grad(self, set_to_none: bool = True) -> None:
+        if self._flat_grads is not None and self._flat_grads.zero_():
+            return  # flat storage: the grads stay views, zeroed (set_to_none cannot be kept there)
         super().zero_grad(set_to_none)
         if self._accumulator is not None:
             self._accumulator.consume()
@@ -483,6 +532,9 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
                 entry.pop("momentum_buffer", None)
             if entry.get("master_param") is key:
                 del entry["master_param"]
+            # A view into flat storage (flat_grads) is copied out: torch.save writes a view's
+            # whole storage, which would put every param's state in every entry.
+            entry = {k: v.clone() if _is_view_into_more(v) else v for k, v in entry.items()}
             if entry:
                 packed[index] = entry
         # In every group, as torch.distributed.checkpoint keeps only "state" and "param_groups"
@@ -570,6 +622,11 @@ def _same(items, cached: list, count: int) -> bool:
     return count == len(cached) and all(map(operator.eq, items, cached))
 
 
+def _is_view_into_more(t) -> bool:
+    return (isinstance(t, torch.Tensor) and not is_dtensor(t)
+            and t.untyped_storage().nbytes() > t.numel() * t.element_size())
+
+
 def _number_or_tensor(value):
     return value if isinstance(value, torch.Tensor) else float(value)
 
@@ -579,6 +636,12 @@ def _is_first_step_flag(flag, device) -> bool:
             and flag.device == device)
 
 
+try:  # the C module: signal.signal's enum conversions cost more than the launches at small sizes
+    import _signal as _raw_signal
+except ImportError:  # not CPython
+    _raw_signal = signal
+
+
 class _interrupts_held:
     """Holds SIGINT (KeyboardInterrupt) for the duration of the block and re-raises it after,
     in the main thread (the only one Python delivers it to); elsewhere a no-op."""
@@ -586,8 +649,9 @@ class _interrupts_held:
     def __enter__(self):
         self._held = None
         self._previous = None
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self._previous = signal.signal(signal.SIGINT, self._hold)
+        if (threading.current_thread() is threading.main_thread()
+                and _raw_signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = _raw_signal.signal(signal.SIGINT, self._hold)
         return self
 
     def _hold(self, signum, frame):
@@ -595,7 +659,7 @@ class _interrupts_held:
 
     def __exit__(self, exc_type, exc, tb):
         if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+            _raw_signal.signal(signal.SIGINT, self._previous)
             if self._held is not None and exc_type is None:
                 self._previous(*self._held)  # raises KeyboardInterrupt, after the whole step
         return False

@@ -19,8 +19,8 @@ class Epoch:
         self.value = 0
 
 
-def _bumping(name):
-    method = getattr(dict, name)
+def _bumping(name, base=dict):
+    method = getattr(base, name)
 
     def wrapper(self, *args, **kwargs):
         self._epoch.value += 1
@@ -82,3 +82,21 @@ for _name in _MUTATORS:
     setattr(ParamState, _name, _bumping(_name))
     if _name not in ("__setitem__", "update", "setdefault", "__ior__"):
         setattr(TrackedState, _name, _bumping(_name))
+
+
+class ParamList(list):
+    """A param group's "params" list: in-place edits (`group["params"][0] = q`, append, ...)
+    bump the epoch too, so the flat-storage step (flat_storage.py) compares one integer and
+    each group's list identity instead of every param."""
+
+    def __init__(self, epoch: Epoch, items=()):
+        super().__init__(items)
+        self._epoch = epoch
+
+    def __reduce__(self):  # copies and pickles are plain lists; the optimizer re-wraps them
+        return (list, (list(self),))
+
+
+for _name in ("__setitem__", "__delitem__", "__iadd__", "__imul__", "append", "extend", "insert", "pop",
+              "remove", "clear", "sort", "reverse"):
+    setattr(ParamList, _name, _bumping(_name, list))

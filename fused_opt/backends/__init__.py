@@ -45,7 +45,8 @@ class StepBatch:
     `grad_norm` and `found_inf` are outputs written in place. `cache` is a dict the
     optimizer keeps for the backend across steps; `layout_id` changes whenever anything but
     the grads changed (params that step, their storage, state tensors, use of momentum), so a
-    backend can cache tables of their addresses under it. With DTensor params the lists hold
+    backend can cache tables of their addresses under it (and of the grads' too, when
+    `flat_grads` is set). With DTensor params the lists hold
     local shards, and `reduce_stats(stats, norm_inf)` makes a rank's fp32 [norm statistic
     (sum of squares, or max for the inf-norm), inf count] global in place, between the norm
     and the clip.
@@ -66,6 +67,9 @@ class StepBatch:
     cache: dict
     layout_id: int
     reduce_stats: object = None  # DTensor params: distributed.ShardReduction, else None
+    # flat_grads=True (flat_storage.py): {grad dtype: flat buffer} that every grad is a view of,
+    # fixed while the layout is; the norm pass then streams each buffer as one run.
+    flat_grads: dict | None = None
 
 
 def _module(name: str):

@@ -8,7 +8,9 @@ grad dtype), since a kernel is compiled per dtype pair.
 
 Only the grad addresses change from step to step (zero_grad(set_to_none=True) frees them),
 so everything else is built once per set of params and cached; a step costs one pass over
-the grads to collect addresses and, when they moved, one async host-to-device copy.
+the grads to collect addresses and, when they moved, one async host-to-device copy. With
+flat grads (flat_storage.py) not even that: the grads are views of buffers that stay put,
+and the norm pass reads each buffer as one run instead of tensor by tensor.
 """
 from __future__ import annotations
 
@@ -71,6 +73,16 @@ class PairPlan:
     staged: list = field(default_factory=list)    # (param or None, dense staging copy)
 
 
+@dataclass
+class NormRun:
+    """A flat grad buffer as one table row, for the norm pass (which reads grads only)."""
+    grad_dtype: torch.dtype
+    table: torch.Tensor
+    chunks: torch.Tensor
+    num_chunks: int
+    chunk_base: int
+
+
 class Plan:
     """Everything about a step that outlives the step: tables and scratch buffers."""
 
@@ -88,8 +100,12 @@ class Plan:
             base += pair.num_chunks
             self.pairs.append(pair)
         self.total_chunks = base
-        self.partials = torch.zeros(max(base, 1), dtype=torch.float32, device=device)
-        self.flags = torch.zeros(max(base, 1), dtype=torch.int32, device=device)
+        self.norm_runs = self._norm_runs(batch.flat_grads, device) if batch.flat_grads else None
+        # The norm pass's partials: one per update chunk, or one per chunk of the flat runs.
+        self.norm_chunks = base if self.norm_runs is None else sum(r.num_chunks for r in self.norm_runs)
+        slots = max(base, self.norm_chunks, 1)
+        self.partials = torch.zeros(slots, dtype=torch.float32, device=device)
+        self.flags = torch.zeros(slots, dtype=torch.int32, device=device)
         self.scalars = torch.zeros(SCALARS, dtype=torch.float32, device=device)
         self.group_rows = None
         self.group_table = None
@@ -115,9 +131,30 @@ class Plan:
         return PairPlan(param_dtype, grad_dtype, members, host, upload(chunk_table, self.device),
                         len(chunks), base, odd_rows=odd_rows, static_aligned=not any(a & 15 for a in addresses))
 
+    def norm_passes(self) -> list:
+        """What the norm pass launches over: (grad dtype, chunks, num_chunks, table, first
+        partial slot, aligned) per flat run, or else per pair."""
+        if self.norm_runs is not None:
+            return [(r.grad_dtype, r.chunks, r.num_chunks, r.table, r.chunk_base, True) for r in self.norm_runs]
+        return [(p.grad_dtype, p.chunks, p.num_chunks, p.table, p.chunk_base, p.aligned) for p in self.pairs]
+
+    def _norm_runs(self, flat_grads: dict, device) -> list:
+        runs, base = [], 0
+        for dtype, buffer in flat_grads.items():
+            host = torch.zeros(1, TABLE_COLUMNS, dtype=torch.int64)
+            host[0, GRAD], host[0, NUMEL] = buffer.data_ptr(), buffer.numel()
+            chunks = torch.tensor([(0, s) for s in range(0, buffer.numel(), self.chunk_size)], dtype=torch.int64)
+            runs.append(NormRun(dtype, upload(host, device), upload(chunks.reshape(-1, 2), device), chunks.shape[0], base))
+            base += chunks.shape[0]
+        return runs
+
     def refresh(self, batch: StepBatch) -> None:
         """Per step: the grad addresses (a grad laid out unlike its master is staged to the
-        master's layout), params that need a dense staging copy, and the group table."""
+        master's layout), params that need a dense staging copy, and the group table. Flat
+        grads stay put (dense, laid out as their params, nothing staged): once is enough."""
+        if batch.flat_grads is not None and all(pair.table is not None for pair in self.pairs):
+            self._refresh_groups(batch)
+            return
         for pair in self.pairs:
             grads = [batch.grads[i] for i in pair.members]
             odd = [row for row, g in enumerate(grads) if not g.is_contiguous()] + pair.odd_rows
@@ -179,7 +216,7 @@ class Plan:
     def reduce_across_shards(self, batch: StepBatch, norm_inf: bool) -> int:
         """With DTensor params (distributed.py): this rank's partials and inf flags folded into
         slot 0 and made global by batch.reduce_stats. Returns how many slots finalize reads."""
-        n = self.total_chunks
+        n = self.norm_chunks
         if batch.reduce_stats is None:
             return n
         if n:
@@ -201,7 +238,8 @@ class Plan:
             for dst, staged in pair.staged:
                 if dst is not None:
                     dst.copy_(staged)
-        increment_version(batch.params)
+        if batch.flat_grads is None:  # flat grads: not bumped (README "flat grads": ~100 ns of cache misses each)
+            increment_version(batch.params)
 
 
 def increment_version(tensors: list) -> None:

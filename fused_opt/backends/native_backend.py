@@ -164,11 +164,10 @@ def step(batch: StepBatch) -> None:
     module, stream = _module_and_stream(plan.device)
     norm_inf = batch.norm_type == math.inf
     scaler = batch.scaler
-    for pair in plan.pairs:
-        launch_partials(module, pair.chunks.data_ptr(), pair.num_chunks, pair.table.data_ptr(),
-                        scaler.scale.data_ptr(), plan.partials[pair.chunk_base:].data_ptr(),
-                        plan.flags[pair.chunk_base:].data_ptr(), DTYPE_CODES[pair.grad_dtype], norm_inf,
-                        plan.chunk_size, stream)
+    for grad_dtype, chunks, num_chunks, table, base, _ in plan.norm_passes():
+        launch_partials(module, chunks.data_ptr(), num_chunks, table.data_ptr(), scaler.scale.data_ptr(),
+                        plan.partials[base:].data_ptr(), plan.flags[base:].data_ptr(), DTYPE_CODES[grad_dtype],
+                        norm_inf, plan.chunk_size, stream)
     num_partials = plan.reduce_across_shards(batch, norm_inf)
     launch_finalize(module, plan.partials.data_ptr(), plan.flags.data_ptr(), num_partials,
                     scaler.scale.data_ptr(), scaler.growth_tracker.data_ptr(), batch.applied_steps.data_ptr(),

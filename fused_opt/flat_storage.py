@@ -1,0 +1,257 @@
+"""`flat_grads=True`: the grads, FP32 masters and momentum buffers in flat buffers the
+optimizer owns, so a step's host work does not grow with the number of tensors.
+
+Each param's `.grad` becomes a view into one flat buffer per grad dtype, kept across steps:
+autograd accumulates into it in place and `opt.zero_grad()` zeroes each buffer in one op, so
+no grad address ever changes and the step needs no pass over the grads (DDP's
+`gradient_as_bucket_view` and Megatron's grad buffer work this way). `state[p]` entries are
+views into flat FP32 master and momentum buffers (and one int32 buffer of first-step flags),
+so the kernels stream them in order.
+
+What the fast step must still notice costs O(1): a grad that is freed or replaced
+(`p.grad = None`, `model.zero_grad()`, DDP's bucket views) drops the last reference to our
+view, whose weakref callback marks the storage dead; `p.grad.data = ...` drops a reference
+to the flat buffer's storage (its use count is compared); `p.data = ...` frees the param's
+old storage (a weakref callback again); any write to `opt.state` bumps its epoch
+(tracked_state.py); group lists are compared by identity. A dead storage sends the step
+down the per-tensor path, which re-adopts the grads as they are. What those signals cannot
+see is a grad replaced while other code still holds the old one (README: flat grads).
+
+Params are left where they are (a flat copy would be an alias the user never asked for).
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from .backends.multi_tensor import is_dense
+from .distributed import is_dtensor
+from .tracked_state import Epoch, ParamList
+
+# Each tensor's slice starts on a multiple of this many elements: 16-byte-aligned rows for
+# FP16/BF16 grads and FP32 state, so the CUDA kernels keep their vector loads.
+ALIGN = 8
+
+
+def ineligible(params: list) -> str | None:
+    """Why these params cannot live in flat storage, or None."""
+    if not params:
+        return "no params"
+    if any(is_dtensor(p) for p in params):
+        return "DTensor (FSDP2) params: their grads are DTensors FSDP2 creates every step"
+    if len({p.device for p in params}) > 1:
+        return "params on more than one device"
+    if any(not is_dense(p) for p in params):
+        return "a param that is a view with gaps (not dense)"
+    return None
+
+
+def _storage_use_count(storage) -> int:
+    return torch._C._storage_Use_Count(storage._cdata)
+
+
+def _padded(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+class FlatStorage:
+    """Flat buffers for one optimizer's params, adopted after a per-tensor step whose layout
+    (a _StepLayout: masters, buffers, first-step flags) covers every param."""
+
+    def __init__(self, layout, grads: list):
+        self.alive = True
+        params = layout.params
+        device = params[0].device
+        self.offsets, self.total = [], 0
+        for p in params:
+            self.offsets.append(self.total)
+            self.total += _padded(p.numel())
+        # One buffer per grad dtype (FP16/BF16 grads, or FP32 ones), padding kept at zero.
+        self.grad_buffers = {g.dtype: None for g in grads}
+        for dtype in self.grad_buffers:
+            self.grad_buffers[dtype] = torch.zeros(self.total, dtype=dtype, device=device)
+        # The views the kernels' tables point at, held here; p.grad gets views of its own
+        # (attach), held only by the param, so that dropping one is seen (see intact).
+        self.grad_views = [self._view(self.grad_buffers[g.dtype], p, off).copy_(g)
+                           for p, g, off in zip(params, grads, self.offsets)]
+        self.masters, self.master_views = self._flat_copies(params, [m if m is not p else None for p, m in
+                                                                     zip(params, layout.masters)])
+        self.bufs, self.buf_views = self._flat_copies(params, layout.bufs)
+        self.first_steps = torch.zeros(max(len(params), 1), dtype=torch.int32, device=device)
+        self.first_views = [None if f is None else self.first_steps[k].copy_(f) for k, f in enumerate(layout.firsts)]
+        self.use_counts = None
+        self._refs = []
+
+    @staticmethod
+    def _view(buffer, like, offset):
+        """`like`'s shape and strides (dense: a permutation of one run) from `offset` on."""
+        return buffer.as_strided(like.shape, like.stride(), offset)
+
+    def _flat_copies(self, params, tensors):
+        """(flat FP32 buffer, views) holding a copy of each tensor that is not None."""
+        if all(t is None for t in tensors):
+            return None, list(tensors)
+        flat = torch.zeros(self.total, dtype=torch.float32, device=params[0].device)
+        return flat, [None if t is None else self._view(flat, p, off).copy_(t)
+                      for p, t, off in zip(params, tensors, self.offsets)]
+
+    def attach(self, owners: list, state) -> None:
+        """Points each param's .grad and state entries at the flat storage."""
+        me = weakref.ref(self)
+
+        def died(_ref):
+            storage = me()
+            if storage is not None:
+                storage.alive = False
+
+        for p, off in zip(owners, self.offsets):
+            view = self._view(self.grad_buffers[self.grad_views[len(self._refs)].dtype], p, off)
+            p.grad = view
+            self._refs.append(weakref.ref(view, died))
+        # `p.data = ...` frees the param's old storage (its PyObject is preserved while it lives).
+        self._refs += [weakref.ref(p.untyped_storage(), died) for p in owners]
+        for p, master, buf, flag in zip(owners, self.master_views, self.buf_views, self.first_views):
+            entry = state[p]
+            if master is not None:
+                entry["master_param"] = master
+            if buf is not None:
+                entry["momentum_buffer"] = buf
+                entry["momentum_first_step"] = flag
+        self.storages = [b.untyped_storage() for b in self.grad_buffers.values()]
+        self.use_counts = [_storage_use_count(s) for s in self.storages]
+
+    def intact(self) -> bool:
+        """O(number of grad dtypes): no attached view was dropped, no grad's storage swapped
+        (`p.grad.data = ...` drops a reference to the buffer's storage), no param's freed."""
+        if self.alive and all(_storage_use_count(s) == n for s, n in zip(self.storages, self.use_counts)):
+            return True
+        self.alive = False
+        return False
+
+    def zero_(self) -> None:
+        for buffer in self.grad_buffers.values():
+            buffer.zero_()
+
+    def versions(self) -> list:
+        """The grad buffers' version counters (a view shares its base's): what the scaled-grad
+        guard compares instead of one version per grad."""
+        return [b._version for b in self.grad_buffers.values()]
+
+
+@dataclass
+class FlatLayout:
+    """The lists the fast step hands the backend, every one fixed while the storage is."""
+    layout_id: int
+    params: list
+    grads: list
+    masters: list
+    bufs: list
+    firsts: list
+    group_index: list
+
+
+class FlatGrads:
+    """The optimizer's side of flat_grads=True: when to adopt flat storage, whether the fast
+    step may run on it, and when to give up (grads that someone else replaces every step)."""
+
+    # Storages dropped before a single fast step, in a row, before adopting stops: DDP's
+    # gradient_as_bucket_view and model.zero_grad() every step replace .grad each backward.
+    MAX_DEATHS = 2
+
+    def __init__(self):
+        self.storage = None
+        self.layout = None      # the _StepLayout the fast step launches over
+        self.off = None         # why flat storage is not used, once it never will be
+        self.deaths = 0
+        self.ran = 0
+        self.epoch = self.lists = self.momentum = None
+        self.left_out = []
+        self.backward_due = False  # scale_loss was called and its backward has not started
+
+    @property
+    def status(self) -> str:
+        if self.off is not None:
+            return f"off: {self.off}"
+        return "active" if self.storage is not None and self.storage.alive else "per-tensor until the next step"
+
+    def holds(self, epoch: int, groups: list, hypers: list) -> bool:
+        """Whether the fast step may run: O(groups + grad dtypes), nothing per tensor."""
+        storage = self.storage
+        if storage is None:
+            return False
+        if (storage.intact() and epoch == self.epoch and len(groups) == len(self.lists)
+                and all(g["params"] is lst for g, lst in zip(groups, self.lists))
+                and [h.uses_momentum for h in hypers] == self.momentum
+                and all(p.grad is None for p in self.left_out)):
+            return True
+        if not storage.alive:  # grads taken away from us, not a change of ours or the user's state
+            self.deaths = self.deaths + 1 if self.ran == 0 else 1
+        self.storage = self.layout = None
+        return False
+
+    def adopt(self, layout, grads: list, left_out: list, state, groups: list, hypers: list, epoch: Epoch,
+              layout_id: int) -> bool:
+        """After a per-tensor step: copy its grads and state into flat buffers and point .grad
+        and state[p] at them (a full copy, so only when something changed). Params that had no
+        grad in that step (frozen, unused) stay out, as torch would leave them: each step
+        checks that they still have none (the one per-tensor check left, on those only)."""
+        if self.off is not None:
+            return False
+        reason = ineligible(layout.owners)
+        if reason is None and self.deaths >= self.MAX_DEATHS:
+            reason = (".grad was replaced before every step (DDP's gradient_as_bucket_view, or "
+                      "model.zero_grad()/zero_grad(set_to_none=True) by other code): the grads are not ours to keep")
+        if reason is not None:
+            self.off = reason
+            return False
+        storage = FlatStorage(layout, grads)
+        storage.attach(layout.owners, state)
+        for g in groups:  # in-place edits of a group's list must bump the epoch
+            if not (isinstance(g["params"], ParamList) and g["params"]._epoch is epoch):
+                g["params"] = ParamList(epoch, g["params"])
+        masters = [p if m is None else m for p, m in zip(layout.params, storage.master_views)]
+        self.layout = FlatLayout(layout_id, layout.params, storage.grad_views, masters, storage.buf_views,
+                                 storage.first_views, layout.group_index)
+        self.storage, self.ran = storage, 0
+        self.lists = [g["params"] for g in groups]
+        self.left_out = left_out
+        self.momentum = [h.uses_momentum for h in hypers]
+        self.epoch = epoch.value
+        return True
+
+    def expect_backward(self, scaled_loss: torch.Tensor) -> None:
+        """The fast step does not bump the params' version counters (README "flat grads"), so
+        autograd would not catch a backward through a graph built before the step (the
+        classic forward, step, backward mistake); a step between scale_loss and its backward
+        raises here instead."""
+        self.backward_due = True
+        me = weakref.ref(self)
+
+        def started(grad):
+            flat = me()
+            if flat is not None:
+                flat.backward_due = False
+            return grad
+        scaled_loss.register_hook(started)
+
+    def check_backward_ran(self) -> None:
+        if self.backward_due:
+            self.backward_due = False
+            raise RuntimeError("FusedMixedPrecisionSGD: step() between scale_loss() and the backward of its loss. "
+                               "The step would change the weights that graph saved, and its backward would use "
+                               "them silently (flat_grads=True does not bump the params' version counters). "
+                               "Call backward() before step().")
+
+    def stepped(self, epoch: int) -> None:
+        self.ran += 1
+        self.deaths = 0
+        self.epoch = epoch
+
+    def zero_(self) -> bool:
+        """opt.zero_grad(): the flat buffers zeroed in one op each, the views kept."""
+        if self.storage is None or not self.storage.intact():
+            return False
+        self.storage.zero_()
+        return True
