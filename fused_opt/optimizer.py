@@ -174,7 +174,8 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         self._scaler.loss_scaled = True
         if not self._scaler.enabled:
             return loss
-        scaled = loss * self._scaler.scale.to(loss.device, non_blocking=True)
+        scale = self._scaler.scale
+        scaled = loss * (scale if scale.device == loss.device else scale.to(loss.device, non_blocking=True))
         if self._guard is not None and scaled.requires_grad:
             scaled.register_hook(self._guard.on_backward)
         if self._flat_grads is not None and scaled.requires_grad:
@@ -214,12 +215,21 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         if getattr(self, "_accumulator", None) is not None:
             self._accumulator.add(params)
 
-    # Under torch.compile the step runs as eager code (a graph break in a compiled train step):
-    # its caches, flags and raw-pointer kernels are host state that dynamo would specialise on
-    # or drop; eager, the bits equal an uncompiled step's.
-    @torch.compiler.disable
-    @torch.no_grad()
     def step(self, closure=None):
+        # Under torch.compile the step runs as eager code (a graph break in a compiled train
+        # step): its caches, flags and raw-pointer kernels are host state that dynamo would
+        # specialise on or drop; eager, the bits equal an uncompiled step's. Called eagerly, it
+        # skips torch.compiler.disable's wrapper, whose cost is most of a small step's host time.
+        if torch.compiler.is_compiling():
+            return self._step_outside_graph(closure)
+        return self._step(closure)
+
+    @torch.compiler.disable
+    def _step_outside_graph(self, closure):
+        return self._step(closure)
+
+    @torch.no_grad()
+    def _step(self, closure):
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -34,10 +34,10 @@ def train(model, opt, xs, ys):
         opt.step()
 
 
-def make_opt(params, backend):
+def make_opt(params, backend, **kw):
     # max_grad_norm small enough that clipping is active on every step
     return fused_opt.FusedMixedPrecisionSGD(params, lr=0.1, momentum=0.9, max_grad_norm=0.3, init_scale=2.0**8,
-                                            loss_scale="dynamic", backend=backend)
+                                            loss_scale="dynamic", backend=backend, **kw)
 
 
 def worker(rank, world, init_method, backend, out):
@@ -107,6 +107,41 @@ def test_ddp_two_processes_equal_one_process(backend, tmp_path):
     train(model, make_opt(model.parameters(), backend), *data())
     for a, b in zip(ddp_params, model.parameters()):
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+
+
+def flat_worker(rank, world, init_method, bucket_view, out):
+    """flat_grads=True under DDP: without gradient_as_bucket_view DDP copies the reduced grads
+    into .grad in place (our views stay: the fast step runs); with it, DDP points .grad at its
+    own bucket every backward, so adopting stops and the step stays per-tensor. Exact both ways."""
+    init_group(init_method, rank, world, "gloo")
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(make_model(), gradient_as_bucket_view=bucket_view)
+        opt = make_opt(ddp.parameters(), "native", flat_grads=True)
+        xs, ys = data()
+        half = 16 // world
+        statuses = []
+        for x, y in zip(xs[:, rank * half:(rank + 1) * half], ys[:, rank * half:(rank + 1) * half]):
+            train(ddp, opt, x[None], y[None])
+            statuses.append(opt.flat_grads_status)
+        if rank == 0:
+            torch.save(dict(params=[p.detach() for p in ddp.module.parameters()], statuses=statuses), out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("bucket_view", [False, True], ids=["copies", "gradient_as_bucket_view"])
+def test_ddp_with_flat_grads_equals_one_process(bucket_view, tmp_path):
+    out = str(tmp_path / "result.pt")
+    run_ranks(flat_worker, (2, rendezvous(tmp_path), bucket_view, out), 2, out)
+    result = torch.load(out)
+    model = make_model()
+    train(model, make_opt(model.parameters(), "native"), *data())
+    for a, b in zip(result["params"], model.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+    if bucket_view:
+        assert result["statuses"][-1].startswith("off: .grad was replaced"), result["statuses"]
+    else:
+        assert result["statuses"] == ["active"] * STEPS
 
 
 def refusal_worker(rank, world, init_method, out):

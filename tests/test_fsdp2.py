@@ -29,13 +29,13 @@ def make_model(dtype):
                                torch.nn.Linear(3, 1)).to(dtype)
 
 
-def make_opt(model, backend, norm_type):
+def make_opt(model, backend, norm_type, **kw):
     decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
     no_decay = [p for n, p in model.named_parameters() if n.endswith("bias")]
     return fused_opt.FusedMixedPrecisionSGD(
         [dict(params=decay, weight_decay=0.01), dict(params=no_decay, nesterov=True)],
         lr=0.1, momentum=0.9, max_grad_norm=0.05, norm_type=norm_type, init_scale=2.0**8,
-        growth_interval=2, loss_scale="dynamic", backend=backend)
+        growth_interval=2, loss_scale="dynamic", backend=backend, **kw)
 
 
 def shard(model, device="cpu", mesh_shape=None):
@@ -51,12 +51,12 @@ def shard(model, device="cpu", mesh_shape=None):
     return fully_shard(model, mesh=mesh)
 
 
-def worker(rank, world, init_method, backend, dtype, norm_type, device, out, mesh_shape=None):
+def worker(rank, world, init_method, backend, dtype, norm_type, device, out, mesh_shape=None, flat=False):
     init_group(init_method, rank, world, "nccl" if device == "cuda" else "gloo")
     try:
         sharded, replica = shard(make_model(dtype).to(device), device, mesh_shape), make_model(dtype).to(device)
         shards = mesh_shape[-1] if mesh_shape else world
-        opt, replica_opt = make_opt(sharded, backend, norm_type), make_opt(replica, backend, norm_type)
+        opt, replica_opt = make_opt(sharded, backend, norm_type, flat_grads=flat), make_opt(replica, backend, norm_type)
         gen = torch.Generator().manual_seed(1)
         records = []
         for step in range(STEPS):
@@ -84,7 +84,8 @@ def worker(rank, world, init_method, backend, dtype, norm_type, device, out, mes
                    for p, q in zip(sharded.parameters(), replica.parameters())]
         kinds = {type(opt.state[p][k]).__name__ for p in sharded.parameters() for k in ("master_param", "momentum_buffer")}
         if rank == 0:
-            torch.save(dict(records=records, params=params, masters=masters, kinds=kinds), out)
+            torch.save(dict(records=records, params=params, masters=masters, kinds=kinds,
+                            flat_status=opt.flat_grads_status), out)
     finally:
         dist.destroy_process_group()
 
@@ -113,6 +114,14 @@ def test_fsdp2_two_processes_equal_unsharded(backend, dtype, norm_type, tmp_path
     out = str(tmp_path / "result.pt")
     run_ranks(worker, (2, rendezvous(tmp_path), backend, dtype, norm_type, "cpu", str(out)), 2, str(out))
     check(out)
+
+
+def test_fsdp2_with_flat_grads_steps_per_tensor_exactly(tmp_path):
+    # FSDP2 makes a new DTensor .grad every step: flat_grads says so and keeps the exact path.
+    out = str(tmp_path / "result.pt")
+    run_ranks(worker, (2, rendezvous(tmp_path), "native", torch.float16, 2.0, "cpu", str(out), None, True), 2, str(out))
+    check(out)
+    assert torch.load(out)["flat_status"].startswith("off: DTensor")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

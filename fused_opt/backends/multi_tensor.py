@@ -81,6 +81,7 @@ class NormRun:
     chunks: torch.Tensor
     num_chunks: int
     chunk_base: int
+    aligned: bool = True  # a buffer's start is aligned; every slice in it starts on ALIGN elements
 
 
 class Plan:
@@ -109,6 +110,7 @@ class Plan:
         self.scalars = torch.zeros(SCALARS, dtype=torch.float32, device=device)
         self.group_rows = None
         self.group_table = None
+        self.cache = {}  # what a backend derives from the plan once (native_backend: addresses)
 
     def _pair_plan(self, batch, members, param_dtype, grad_dtype, base) -> PairPlan:
         host = torch.zeros(len(members), TABLE_COLUMNS, dtype=torch.int64)
@@ -132,11 +134,10 @@ class Plan:
                         len(chunks), base, odd_rows=odd_rows, static_aligned=not any(a & 15 for a in addresses))
 
     def norm_passes(self) -> list:
-        """What the norm pass launches over: (grad dtype, chunks, num_chunks, table, first
-        partial slot, aligned) per flat run, or else per pair."""
-        if self.norm_runs is not None:
-            return [(r.grad_dtype, r.chunks, r.num_chunks, r.table, r.chunk_base, True) for r in self.norm_runs]
-        return [(p.grad_dtype, p.chunks, p.num_chunks, p.table, p.chunk_base, p.aligned) for p in self.pairs]
+        """What the norm pass launches over: each flat run, or else each pair (both have
+        grad_dtype, chunks, num_chunks, table, chunk_base and aligned). A pair's table is
+        re-uploaded when grads move: read it at launch time."""
+        return self.norm_runs if self.norm_runs is not None else self.pairs
 
     def _norm_runs(self, flat_grads: dict, device) -> list:
         runs, base = [], 0

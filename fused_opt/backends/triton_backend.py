@@ -47,12 +47,12 @@ def step(batch: StepBatch) -> None:
     assert chunk % block == 0, "FUSED_OPT_CHUNK_SIZE must be a multiple of the block size"
     norm_inf = batch.norm_type == math.inf
     scaler = batch.scaler
-    for grad_dtype, chunks, num_chunks, table, base, aligned in plan.norm_passes():
-        if num_chunks:
-            k.partials_kernel[(num_chunks,)](
-                chunks, table, scaler.scale, plan.partials[base:], plan.flags[base:],
-                GRAD_DTYPE=_tl_dtype(grad_dtype), NORM_INF=norm_inf, ALIGNED=aligned, CHUNK=chunk, BLOCK=block,
-                num_warps=NUM_WARPS)
+    for run in plan.norm_passes():
+        if run.num_chunks:
+            k.partials_kernel[(run.num_chunks,)](
+                run.chunks, run.table, scaler.scale, plan.partials[run.chunk_base:], plan.flags[run.chunk_base:],
+                GRAD_DTYPE=_tl_dtype(run.grad_dtype), NORM_INF=norm_inf, ALIGNED=run.aligned, CHUNK=chunk,
+                BLOCK=block, num_warps=NUM_WARPS)
     num_partials = plan.reduce_across_shards(batch, norm_inf)
     k.finalize_kernel[(1,)](
         plan.partials, plan.flags, num_partials, scaler.scale, scaler.growth_tracker,

@@ -37,8 +37,9 @@ def plan(device: torch.device, quick: bool, full: bool = False) -> list[tuple[st
         return [("sweep 64K", workloads.sweep(2**16, 8)), ("many small x200", workloads.many_small(200, 64))]
     if not full:  # the representative subset
         large = 2**28 if device.type == "cuda" else 2**24
-        return [(f"sweep {large / 2**20:.0f}M", workloads.sweep(large)), ("ResNet-50", workloads.resnet50()),
-                ("GPT-2 small", workloads.gpt2()), ("10,000 x 8", workloads.many_small(10_000, 8))]
+        small = [] if device.type == "cuda" else [("sweep 1M", workloads.sweep(2**20))]
+        return small + [(f"sweep {large / 2**20:.0f}M", workloads.sweep(large)), ("ResNet-50", workloads.resnet50()),
+                        ("GPT-2 small", workloads.gpt2()), ("10,000 x 8", workloads.many_small(10_000, 8))]
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         # about 120 B/param live at once: each contender's params and state (ours 10 B, a torch
@@ -70,8 +71,9 @@ def run(args) -> dict:
         model = Model(shapes, dtypes[dtype_name], device)
         contenders = build_all(model, device, include_compiled=args.compile and workload == compile_row
                                and dtype_name == "fp16")
-        timings = time_interleaved({c.name: c.step for c in contenders}, device,
-                                   repeats=args.repeats, steps=args.steps)
+        timings = time_interleaved({c.name: c.step for c in contenders}, device, repeats=args.repeats,
+                                   steps=args.steps, clocks={c.name: getattr(c, "kernel_clock", None)
+                                                             for c in contenders})
         launches = {c.name: kernel_launches(c.step, device) for c in contenders}
         best_torch = min(t["median_s"] for c in contenders if isinstance(c, Baseline)
                          and " compiled" not in c.name for t in [timings[c.name]])
@@ -80,7 +82,8 @@ def run(args) -> dict:
             bandwidth = BYTES_PER_PARAM * n / t["median_s"]
             rows.append(dict(workload=workload, dtype=dtype_name, params=n, tensors=len(shapes),
                              contender=c.name, time_ms=t["median_s"] * 1e3, min_ms=t["min_s"] * 1e3,
-                             max_ms=t["max_s"] * 1e3, host_ms=t["host_s"] * 1e3, first_ms=t["first_s"] * 1e3,
+                             max_ms=t["max_s"] * 1e3, host_ms=None if t["host_s"] is None else t["host_s"] * 1e3,
+                             first_ms=t["first_s"] * 1e3,
                              gb_s=bandwidth / 1e9, copy_fraction=bandwidth / copy_bps,
                              speedup_vs_best_torch=best_torch / t["median_s"], launches=launches[c.name]))
         del contenders, model
@@ -130,9 +133,13 @@ def table(record: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
         lines.append(f"| {r['workload']} | {r['dtype']} | {r['params'] / 1e6:.1f}M | {r['tensors']} | {r['contender']} "
-                     f"| {r['time_ms']:.3f} | {r['host_ms']:.3f} | {r['first_ms']:.1f} | {r['gb_s']:.1f} "
+                     f"| {r['time_ms']:.3f} | {_ms(r['host_ms'])} | {r['first_ms']:.1f} | {r['gb_s']:.1f} "
                      f"| {100 * r['copy_fraction']:.0f}% | {r['speedup_vs_best_torch']:.2f}x | {r['launches'] if r['launches'] is not None else '-'} |")
     return "\n".join(lines)
+
+
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def main(argv=None) -> None:

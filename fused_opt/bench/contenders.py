@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 import fused_opt
+from fused_opt.backends import native_backend
 
 HYPER = dict(lr=0.01, momentum=0.9, weight_decay=1e-4)
 MAX_NORM = 1.0
@@ -31,16 +32,21 @@ class Model:
 
 
 class Ours:
-    def __init__(self, model: Model, backend: str):
-        self.name = f"fused_opt[{backend}]"
+    def __init__(self, model: Model, backend: str, flat_grads: bool = False):
+        self.name = f"fused_opt[{backend}]" + (" flat_grads" if flat_grads else "")
         self.model = model
         # The shared grads are scaled by 2^16 (Model): the dynamic scale, for FP16 and BF16 alike.
+        # With flat_grads the first step copies them into the optimizer's buffers, once.
         self.opt = fused_opt.FusedMixedPrecisionSGD(model.fresh_params(), max_grad_norm=MAX_NORM, backend=backend,
-                                                    loss_scale="dynamic", **HYPER)
+                                                    loss_scale="dynamic", flat_grads=flat_grads, **HYPER)
+        # On the CPU the kernels run on the host: the time outside them is the host time.
+        self.kernel_clock = [0.0] if backend == "native" and model.loss.device.type == "cpu" else None
 
     def step(self):
+        native_backend.kernel_clock = self.kernel_clock
         self.opt.scale_loss(self.model.loss)
         self.opt.step()
+        native_backend.kernel_clock = None
 
 
 class OursUnderGradScaler:
@@ -148,12 +154,13 @@ def build_all(model: Model, device: torch.device, include_compiled: bool) -> lis
     # Triton on CPU tensors is its interpreter: a test tool, not a contender. The torch oracle
     # loops over tensors in Python, so past 1,000 tensors it would dominate the run: left out.
     many = len(model.values) > 1000
-    contenders = [Ours(model, name) for name, reason in fused_opt.backend_availability(device).items()
-                  if reason is None and not (name == "triton" and device.type == "cpu")
-                  and not (name == "torch" and many)]
+    available = [name for name, reason in fused_opt.backend_availability(device).items()
+                 if reason is None and not (name == "triton" and device.type == "cpu") and not (name == "torch" and many)]
+    contenders = [Ours(model, name) for name in available]
+    contenders += [Ours(model, name, flat_grads=True) for name in available if name != "torch"]
     # GradScaler's CUDA inf check has no BF16 kernel: it can drive FP16 models only.
     if device.type == "cuda" and model.values[0].dtype == torch.float16:
-        contenders += [OursUnderGradScaler(model, c.opt.backend) for c in list(contenders) if c.opt.backend != "torch"]
+        contenders += [OursUnderGradScaler(model, name) for name in available if name != "torch"]
     for mode in ("for-loop", "foreach", "fused"):
         contenders.append(Baseline(model, mode))
     if include_compiled:

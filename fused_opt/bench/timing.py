@@ -13,10 +13,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn, device: torch.device, steps: int) -> tuple[float, float]:
+def time_call(fn, device: torch.device, steps: int, kernel_clock=None) -> tuple[float, float | None]:
     """(device seconds per call, host seconds per call) over `steps` back-to-back calls.
     On CUDA the device time comes from events; the host time is how long the CPU took to
-    issue the calls (what bounds the step when kernels are tiny)."""
+    issue the calls (what bounds the step when kernels are tiny). On the CPU, where kernels
+    run on the host too, the host time is the time outside the kernels when the contender
+    counts that (`kernel_clock`, a [seconds] list it adds to), else unknown (None)."""
     _sync(device)
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -28,16 +30,21 @@ def time_call(fn, device: torch.device, steps: int) -> tuple[float, float]:
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1e3 / steps, host / steps
+    if kernel_clock is not None:
+        kernel_clock[0] = 0.0
     t0 = time.perf_counter()
     for _ in range(steps):
         fn()
     elapsed = (time.perf_counter() - t0) / steps
-    return elapsed, elapsed
+    return elapsed, None if kernel_clock is None else elapsed - kernel_clock[0] / steps
 
 
-def time_interleaved(fns: dict, device, repeats: int, steps: int, warmup: int = 2, progress=None) -> dict:
+def time_interleaved(fns: dict, device, repeats: int, steps: int, warmup: int = 2, progress=None,
+                     clocks: dict | None = None) -> dict:
     """name -> {"first_s", "median_s", "min_s", "max_s", "host_s"}: the first call (state
-    allocation) timed alone, then `repeats` rounds over all contenders."""
+    allocation) timed alone, then `repeats` rounds over all contenders. `clocks`: name -> the
+    contender's kernel clock (see time_call)."""
+    clocks = clocks or {}
     results = {}
     for name, fn in fns.items():
         first, _ = time_call(fn, device, 1)
@@ -46,7 +53,7 @@ def time_interleaved(fns: dict, device, repeats: int, steps: int, warmup: int = 
         results[name] = {"first_s": first, "samples": [], "host": []}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t, h = time_call(fn, device, steps)
+            t, h = time_call(fn, device, steps, clocks.get(name))
             results[name]["samples"].append(t)
             results[name]["host"].append(h)
             if progress is not None:
@@ -54,7 +61,8 @@ def time_interleaved(fns: dict, device, repeats: int, steps: int, warmup: int = 
     for r in results.values():
         samples = r.pop("samples")
         r.update(median_s=statistics.median(samples), min_s=min(samples), max_s=max(samples),
-                 host_s=statistics.median(r.pop("host")))
+                 host_s=None if None in r["host"] else statistics.median(r["host"]))
+        r.pop("host")
     return results
 
 
