@@ -58,7 +58,7 @@ def _padded(n: int) -> int:
 
 class FlatStorage:
     """Flat buffers for one optimizer's params, adopted after a per-tensor step whose layout
-    (a _StepLayout: masters, buffers, first-step flags) covers every param."""
+    (a step_layout.StepLayout: masters, buffers, first-step flags) covers the params that stepped."""
 
     def __init__(self, layout, grads: list):
         self.alive = True
@@ -162,7 +162,7 @@ class FlatGrads:
 
     def __init__(self):
         self.storage = None
-        self.layout = None      # the _StepLayout the fast step launches over
+        self.layout = None      # the FlatLayout the fast step launches over
         self.off = None         # why flat storage is not used, once it never will be
         self.deaths = 0
         self.ran = 0

@@ -6,28 +6,21 @@ a device value on the host, so a step can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
-import copy
-import itertools
-import operator
-import signal
-import threading
-
 import torch
 
 from . import backends
+from . import state_dict as packing
 from .backends import Hyper, StepBatch
-from .distributed import is_dtensor, local, local_grads, placed_like, shard_reduction
-from .grad_accumulation import FP32GradAccumulator
+from .distributed import shard_reduction
 from .flat_storage import FlatGrads
+from .grad_accumulation import FP32GradAccumulator
 from .grad_guard import ScaledGradGuard, grad_snapshot_of
 from .loss_scaler import LossScaler, check_scaler_args
-from .state_checks import check_param_memory, conform_buffer, usable_master, validated_state_dict
+from .state_checks import usable_master
+from .step_layout import LayoutCache
 from .tracked_state import Epoch, ParamList, TrackedState
-from .validation import check_global, check_grads, check_group, check_params, check_tensor_lr
-
-
-# The key, in each saved param group, of the loss scaler's state and the applied-step count.
-STATE_KEY = "fused_opt"
+from .transaction import Transaction
+from .validation import check_global, check_group, check_params, check_tensor_lr
 
 
 class FusedMixedPrecisionSGD(torch.optim.Optimizer):
@@ -55,6 +48,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         self._epoch = Epoch()  # counts every write to self.state and the groups' lists (tracked_state.py)
         self._flat_grads = FlatGrads() if flat_grads else None
         self._flat_ids = None
+        self._layouts = LayoutCache()
         self._checked_lrs = {}  # group index -> the tensor lr last validated (read once)
         super().__init__(params, defaults)
         device = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else torch.device("cpu")
@@ -73,18 +67,14 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         # whether this is its first applied step (see momentum_first_step in StepBatch).
         self._applied_steps = torch.zeros((), dtype=torch.int32, device=device)
         self._amp_scaler = None  # the scale torch.amp.GradScaler hands us, when it drives
-        self._layout = None
-        self._layout_ids = itertools.count(1)
         self._backend_cache = {}
-        # The scaler state and applied-step count before the launches: restored if a step is
-        # interrupted between them (see _launch).
-        self._rollback = None
+        self._transaction = Transaction()
         self._accumulator = FP32GradAccumulator(self._flat_params()) if fp32_grad_accumulation else None
 
     # -- copies: deepcopy, pickle, torch.save(opt) -----------------------------------------
     # torch's Optimizer.__getstate__ keeps only defaults, state and groups; a copy must step
     # exactly like the original, so everything but what is rebuilt from it travels.
-    _REBUILT = ("_backend", "_backend_cache", "_layout", "_flat_grads", "_rollback", "_accumulator", "_flat_ids", "_flat",
+    _REBUILT = ("_backend", "_backend_cache", "_layouts", "_flat_grads", "_transaction", "_accumulator", "_flat_ids", "_flat",
                 "_group_of", "_sharded", "_checked_lrs", "_epoch", "_state", "_amp_scaler", "_guard")
 
     def __getstate__(self) -> dict:
@@ -152,7 +142,8 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             return
         # A copy (deepcopy, pickle): rebuild what refers to processes, modules or raw memory.
         self._epoch = self._state._epoch
-        self._flat_ids, self._layout, self._backend_cache, self._rollback, self._amp_scaler = None, None, {}, None, None
+        self._flat_ids, self._backend_cache, self._amp_scaler = None, {}, None
+        self._layouts, self._transaction = LayoutCache(), Transaction()
         self._checked_lrs = {}
         self._guard = ScaledGradGuard(grad_snapshot_of(self)) if guarded else None
         self._flat_grads = FlatGrads() if flat_mode else None  # the copy adopts grads of its own
@@ -254,16 +245,16 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         if self._guard is not None and scaler is self._scaler:
             self._guard.check(params, self._param_name)
         grads = [grads[i] for i in active]
-        batch = self._batch(params, active, grads, hypers, scaler)
+        batch = self._layouts.batch(self, params, active, grads, hypers, scaler)
         self._launch(batch)
         self._scaler.loss_scaled = False
         if self._accumulator is not None:
             self._accumulator.consume()  # the FP32 sums were this step's grads
         if self._flat_grads is not None:
             left_out = [p for p, g in zip(params, grads_all) if g is None]
-            if self._flat_grads.adopt(self._layout, batch.grads, left_out, self.state, self.param_groups, hypers,
-                                      self._epoch, next(self._layout_ids)):
-                self._layout = None  # its masters and buffers were copied; the state holds the flat views
+            if self._flat_grads.adopt(self._layouts.layout, batch.grads, left_out, self.state, self.param_groups,
+                                      hypers, self._epoch, self._layouts.next_id()):
+                self._layouts.invalidate()  # its masters and buffers were copied; the state holds flat views
         return loss
 
     def _hypers(self) -> list:
@@ -371,107 +362,8 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
                     return f"param_groups[{gi}]['params'][{j}]"
         return "a param"
 
-    def _batch(self, params, active, grads, hypers, scaler: LossScaler) -> StepBatch:
-        """The step's tensors, checked against each other before anything is written. At
-        thousands of tensors the host's per-tensor work decides the speed, so the lists are
-        cached in a _StepLayout and only rebuilt when the params that step, their storage or
-        layout, the state (any write to it: tracked_state.py) or the use of momentum changed;
-        the per-step checks are one tuple per tensor compared with the cached one."""
-        owners = [params[i] for i in active]
-        tensors = [local(p) for p in owners] if self._sharded else owners
-        signature = (self._flat_ids, active, [h.uses_momentum for h in hypers])
-        layout = self._layout
-        # Storage, dtype, shape and strides (`p.data = p.data[:1]` keeps data_ptr and _version),
-        # compared one tuple at a time: each is freed at once, so thousands of them per step
-        # never reach Python's cyclic GC (kept in a list, they made it run full collections:
-        # 10,000 tensors, 31 -> 86 ms/step).
-        if (layout is None or layout.signature != signature or layout.epoch != self._epoch.value
-                or not _same(map(_memory_of, tensors), layout.memory, len(tensors))):
-            layout = self._new_layout(params, active, hypers, signature)
-            layout.memory = list(map(_memory_of, tensors))
-        if not _same(map(_grad_meta_of, grads), layout.grad_meta, len(grads)):  # checked in full when a grad's kind changed
-            check_grads(grads, owners, lambda k: self._param_name(owners[k]))
-            grad_meta = list(map(_grad_meta_of, grads))
-            if [m[1] for m in grad_meta] != [m[1] for m in layout.grad_meta]:
-                layout.layout_id = next(self._layout_ids)  # the backends' tables pair by grad dtype
-            layout.grad_meta = grad_meta
-        if self._sharded:  # DTensor params: the kernels run on the local shards
-            grads = local_grads(grads, owners, lambda k: self._param_name(owners[k]))
-        return StepBatch(layout.params, grads, layout.masters, layout.bufs, layout.firsts, layout.group_index,
-                         hypers, self.max_grad_norm, self.norm_type, scaler, self._applied_steps,
-                         self.last_grad_norm, self.last_step_skipped, self._backend_cache, layout.layout_id,
-                         layout.reduce_stats)
-
-    def _new_layout(self, params, active, hypers, signature) -> "_StepLayout":
-        """Checks every param, master and buffer about to be touched, and re-takes or re-lays
-        out what no longer fits its param; raises (before any write) what cannot be fixed."""
-        self._layout = None
-        owners = [params[i] for i in active]
-        devices = {p.device for p in owners}
-        if len(devices) > 1:
-            raise RuntimeError(f"params with grads are on {sorted(map(str, devices))}; one step runs on one "
-                               "device (use one optimizer per device)")
-        check_param_memory([local(p) for p in owners], lambda k: self._param_name(owners[k]))
-        layout = _StepLayout(signature, next(self._layout_ids))
-        layout.reduce_stats = shard_reduction(owners)
-        fixes = []
-        for i in active:  # first check all, then write: a raise leaves the state as it was
-            p = params[i]
-            state = self.state[p] if p in self.state else {}
-            gi = self._group_of[i]
-            uses_momentum = hypers[gi].uses_momentum
-            master = p if p.dtype == torch.float32 else state.get("master_param")
-            if p.dtype != torch.float32 and not usable_master(master, p):
-                master = None  # none yet, or stale: `p.data = ...` since, or an FP32 param cast
-            buf = state.get("momentum_buffer") if uses_momentum else None
-            buf = conform_buffer(buf, p, master, self._param_name(p))
-            fixes.append((p, master, buf, uses_momentum, gi))
-        for p, master, buf, uses_momentum, gi in fixes:
-            state = self.state[p]
-            if master is None:  # an FP32 param is its own master; else a dense FP32 copy
-                master = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
-            if state.get("master_param") is not master:
-                state["master_param"] = master
-            if uses_momentum:
-                if buf is None:  # allocated now, applied on the device: the first applied step sets b = d
-                    buf = torch.zeros_like(master)
-                    state["momentum_first_step"] = torch.zeros((), dtype=torch.int32, device=p.device)
-                elif not _is_first_step_flag(state.get("momentum_first_step"), p.device):
-                    # -1: applied before (a buffer put in the state by hand or by a loader).
-                    state["momentum_first_step"] = torch.full((), -1, dtype=torch.int32, device=p.device)
-                if state.get("momentum_buffer") is not buf:
-                    state["momentum_buffer"] = buf
-            layout.owners.append(p)
-            layout.params.append(local(p))  # a DTensor's state is a DTensor too; kernels get the shards
-            layout.masters.append(local(master))
-            layout.bufs.append(local(buf) if uses_momentum else None)
-            layout.firsts.append(state["momentum_first_step"] if uses_momentum else None)
-            layout.group_index.append(gi)
-        layout.epoch = self._epoch.value
-        self._layout = layout
-        return layout
-
     def _launch(self, batch: StepBatch) -> None:
-        """Runs the backend's launches as one transaction. An interrupt (Ctrl-C) arriving
-        between them is held until they are all enqueued, and an exception before the first
-        write restores the loss scale, its counter and the applied-step count, so a step
-        either happens or leaves no trace, and a retry never double-counts."""
-        rollback = self._rollback_buffers(batch)
-        torch._foreach_copy_(rollback, [batch.scaler.scale, batch.scaler.growth_tracker, batch.applied_steps])
-        with _interrupts_held():
-            try:
-                self._backend.step(batch)
-            except BaseException:
-                torch._foreach_copy_([batch.scaler.scale, batch.scaler.growth_tracker, batch.applied_steps],
-                                     rollback)
-                raise
-
-    def _rollback_buffers(self, batch: StepBatch) -> list:
-        scaler = batch.scaler
-        if self._rollback is None or self._rollback[0] is not scaler:
-            self._rollback = (scaler, [torch.empty_like(scaler.scale), torch.empty_like(scaler.growth_tracker),
-                                       torch.empty_like(batch.applied_steps)])
-        return self._rollback[1]
+        self._transaction.run(self._backend, batch)
 
     # -- state dict ---------------------------------------------------------------------
     def _flat_params(self) -> list[torch.Tensor]:
@@ -493,7 +385,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             raise ValueError("some parameters appear in more than one parameter group")
         self._group_of = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
         self._sharded = shard_reduction(flat) is not None
-        self._layout = None
+        self._layouts.invalidate()
         # A param no longer in any group lets go of its master (torch.optim.SGD would hold no
         # copy of it): else every replaced param and its FP32 copy stay alive for good.
         present = set(map(id, flat))
@@ -517,173 +409,13 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """As torch's (its pre- and post-hooks see and may replace exactly what torch's would),
-        off the hot path, so it may sync: buffers never applied are left out, as
-        torch.optim.SGD would have none; an FP32 param's master is the param itself; a master
-        whose param was edited since our last write is taken from the param, as the next step
-        would take it; state of a param no longer in any group is left out."""
-        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-            pre_hook(self)
-        self.sync_from_params()
-        params = self._flat_params()
-        index_of = {id(p): i for i, p in enumerate(params)}
-        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index_of[id(p)] for p in g["params"]]}
-                  for g in self.param_groups]
-        packed = {}
-        for key, entry in self.state.items():
-            if not isinstance(key, torch.Tensor):
-                packed[key] = entry  # other keys ride along, as in torch
-                continue
-            if id(key) not in index_of:
-                continue
-            index = index_of[id(key)]
-            entry = dict(entry)
-            first_step = entry.pop("momentum_first_step", None)
-            if first_step is not None and int(first_step) == 0:
-                entry.pop("momentum_buffer", None)
-            if entry.get("master_param") is key:
-                del entry["master_param"]
-            # A view into flat storage (flat_grads) is copied out: torch.save writes a view's
-            # whole storage, which would put every param's state in every entry.
-            entry = {k: v.clone() if _is_view_into_more(v) else v for k, v in entry.items()}
-            if entry:
-                packed[index] = entry
-        # In every group, as torch.distributed.checkpoint keeps only "state" and "param_groups"
-        # (and may regroup the groups by param); load_state_dict takes it back out.
-        extra = {"loss_scaler": self._scaler.state_dict(), "applied_steps": self._applied_steps.clone()}
-        for group in groups:
-            group[STATE_KEY] = extra
-        sd = {"state": packed, "param_groups": groups}
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            result = post_hook(self, sd)
-            if result is not None:
-                sd = result
-        return sd
+        off the hot path, so it may sync; see state_dict.py for what it holds."""
+        return packing.pack(self)
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Loads ours or a torch.optim.SGD state dict, all or nothing: after the pre-hooks
-        (which see and may replace the dict, as in torch), everything is checked
-        (state_checks.validated_state_dict: groups, shapes, dtypes, finite values, the scaler)
-        and only then put in place; the post-hooks run once it is. torch's loader casts
-        floating state to the param's dtype, which would round FP32 masters and buffers to
-        FP16, so the state is placed here, in FP32. A loaded master is written to its param
-        (rounded), as an FP32 param's own master is. Keys torch's SGD groups have and ours
-        lack (foreach, fused, differentiable) ride along untouched."""
-        state_dict = state_dict.copy() if isinstance(state_dict, dict) else state_dict
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        with torch.no_grad():
-            self._load(state_dict)
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
-
-    def _load(self, state_dict: dict) -> None:
-        params = self._flat_params()
-        entries, saved_groups, others, extra = validated_state_dict(self, state_dict, params, STATE_KEY)
-        groups = []
-        for group, saved in zip(self.param_groups, copy.deepcopy(saved_groups)):
-            saved["params"] = group["params"]
-            if "param_names" in group and "param_names" not in saved:
-                saved["param_names"] = group["param_names"]
-            for key in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"):
-                saved.setdefault(key, self.defaults[key])
-            groups.append(saved)
-        self._layout = None
-        self.param_groups = groups
-        self.state = others  # as torch: a new state; keys that name no param are kept as they are
-        self._checked_lrs = {}
-        params = self._flat_params()
-        for index, entry in entries.items():
-            p = params[index]
-            state = self.state[p]
-            for key, value in entry.items():
-                if key not in ("master_param", "momentum_buffer"):
-                    state[key] = value  # keys of other optimizers' wrappers ride along
-            if "master_param" in entry:
-                master = placed_like(entry["master_param"], p)
-                if p.dtype == torch.float32:
-                    p.copy_(master)
-                else:
-                    state["master_param"] = torch.empty_like(p, dtype=torch.float32).copy_(master)
-                    p.copy_(state["master_param"])
-            if p.dtype == torch.float32:
-                state["master_param"] = p
-            if entry.get("momentum_buffer") is not None:
-                buf = placed_like(entry["momentum_buffer"], p)
-                state["momentum_buffer"] = torch.empty_like(p, dtype=torch.float32).copy_(buf)
-                # -1: applied before, never equal to an applied-step count, so never "first" again.
-                state["momentum_first_step"] = torch.full((), -1, dtype=torch.int32, device=p.device)
-        if extra is not None:
-            self._scaler.load_state_dict(extra["loss_scaler"])
-            self._applied_steps.copy_(extra["applied_steps"])
-
-
-def _memory_of(t: torch.Tensor) -> tuple:
-    return t.data_ptr(), t.dtype, t.shape, t.stride()
-
-
-def _grad_meta_of(g: torch.Tensor) -> tuple:
-    return g.shape, g.dtype, g.device, g.layout
-
-
-def _same(items, cached: list, count: int) -> bool:
-    """Whether `count` items from an iterator equal the cached ones (one at a time, nothing kept)."""
-    return count == len(cached) and all(map(operator.eq, items, cached))
-
-
-def _is_view_into_more(t) -> bool:
-    return (isinstance(t, torch.Tensor) and not is_dtensor(t)
-            and t.untyped_storage().nbytes() > t.numel() * t.element_size())
+    def load_state_dict(self, state_dict: dict) -> None:  # the name is torch's keyword (DCP passes it)
+        """Loads ours or a torch.optim.SGD state dict, all or nothing (state_dict.py)."""
+        packing.load(self, state_dict)
 
 
 def _number_or_tensor(value):
     return value if isinstance(value, torch.Tensor) else float(value)
-
-
-def _is_first_step_flag(flag, device) -> bool:
-    return (isinstance(flag, torch.Tensor) and flag.dtype == torch.int32 and flag.dim() == 0
-            and flag.device == device)
-
-
-try:  # the C module: signal.signal's enum conversions cost more than the launches at small sizes
-    import _signal as _raw_signal
-except ImportError:  # not CPython
-    _raw_signal = signal
-
-
-class _interrupts_held:
-    """Holds SIGINT (KeyboardInterrupt) for the duration of the block and re-raises it after,
-    in the main thread (the only one Python delivers it to); elsewhere a no-op."""
-
-    def __enter__(self):
-        self._held = None
-        self._previous = None
-        if (threading.current_thread() is threading.main_thread()
-                and _raw_signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-            self._previous = _raw_signal.signal(signal.SIGINT, self._hold)
-        return self
-
-    def _hold(self, signum, frame):
-        self._held = (signum, frame)
-
-    def __exit__(self, exc_type, exc, tb):
-        if self._previous is not None:
-            _raw_signal.signal(signal.SIGINT, self._previous)
-            if self._held is not None and exc_type is None:
-                self._previous(*self._held)  # raises KeyboardInterrupt, after the whole step
-        return False
-
-
-class _StepLayout:
-    """The cached per-tensor lists of a step (see FusedMixedPrecisionSGD._batch)."""
-
-    def __init__(self, signature, layout_id: int):
-        self.signature = signature
-        self.layout_id = layout_id
-        self.owners = []  # the params as the user sees them (DTensors stay DTensors)
-        self.params, self.masters, self.bufs, self.firsts, self.group_index = [], [], [], [], []
-        self.reduce_stats = None
-        self.memory = None     # (data_ptr, dtype, shape, stride) of each param when built
-        self.grad_meta = []    # (shape, dtype, device, layout) of each grad, last checked
-        self.epoch = None      # the state's write count when built

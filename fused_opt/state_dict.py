@@ -1,0 +1,131 @@
+"""`state_dict()` and `load_state_dict()` of FusedMixedPrecisionSGD, torch's protocol kept.
+
+What it holds: per param, as torch.optim.SGD numbers them, "master_param" (FP32; left out
+for FP32 params, which are their own) and "momentum_buffer" (left out while never applied,
+as torch's SGD would have none); in every param group, under STATE_KEY, the loss scaler's
+state and the applied-step count (torch.distributed.checkpoint keeps only "state" and
+"param_groups", and may regroup the groups by param). Tensors are never views into a larger
+storage (flat_grads keeps state in flat buffers): torch.save writes a view's whole storage.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .distributed import is_dtensor, placed_like
+from .state_checks import validated_state_dict
+
+# The key, in each saved param group, of the loss scaler's state and the applied-step count.
+STATE_KEY = "fused_opt"
+
+
+def pack(opt) -> dict:
+    """As torch's (its pre- and post-hooks see and may replace exactly what torch's would),
+    off the hot path, so it may sync: buffers never applied are left out, as
+    torch.optim.SGD would have none; an FP32 param's master is the param itself; a master
+    whose param was edited since our last write is taken from the param, as the next step
+    would take it; state of a param no longer in any group is left out."""
+    for pre_hook in opt._optimizer_state_dict_pre_hooks.values():
+        pre_hook(opt)
+    opt.sync_from_params()
+    params = opt._flat_params()
+    index_of = {id(p): i for i, p in enumerate(params)}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index_of[id(p)] for p in g["params"]]}
+              for g in opt.param_groups]
+    packed = {}
+    for key, entry in opt.state.items():
+        if not isinstance(key, torch.Tensor):
+            packed[key] = entry  # other keys ride along, as in torch
+            continue
+        if id(key) not in index_of:
+            continue
+        index = index_of[id(key)]
+        entry = dict(entry)
+        first_step = entry.pop("momentum_first_step", None)
+        if first_step is not None and int(first_step) == 0:
+            entry.pop("momentum_buffer", None)
+        if entry.get("master_param") is key:
+            del entry["master_param"]
+        # A view into flat storage (flat_grads) is copied out: torch.save writes a view's
+        # whole storage, which would put every param's state in every entry.
+        entry = {k: v.clone() if _is_view_into_more(v) else v for k, v in entry.items()}
+        if entry:
+            packed[index] = entry
+    # In every group, as torch.distributed.checkpoint keeps only "state" and "param_groups"
+    # (and may regroup the groups by param); load_state_dict takes it back out.
+    extra = {"loss_scaler": opt._scaler.state_dict(), "applied_steps": opt._applied_steps.clone()}
+    for group in groups:
+        group[STATE_KEY] = extra
+    sd = {"state": packed, "param_groups": groups}
+    for post_hook in opt._optimizer_state_dict_post_hooks.values():
+        result = post_hook(opt, sd)
+        if result is not None:
+            sd = result
+    return sd
+
+
+def load(opt, state_dict: dict) -> None:
+    """Loads ours or a torch.optim.SGD state dict, all or nothing: after the pre-hooks
+    (which see and may replace the dict, as in torch), everything is checked
+    (state_checks.validated_state_dict: groups, shapes, dtypes, finite values, the scaler)
+    and only then put in place; the post-hooks run once it is. torch's loader casts
+    floating state to the param's dtype, which would round FP32 masters and buffers to
+    FP16, so the state is placed here, in FP32. A loaded master is written to its param
+    (rounded), as an FP32 param's own master is. Keys torch's SGD groups have and ours
+    lack (foreach, fused, differentiable) ride along untouched."""
+    state_dict = state_dict.copy() if isinstance(state_dict, dict) else state_dict
+    for pre_hook in opt._optimizer_load_state_dict_pre_hooks.values():
+        result = pre_hook(opt, state_dict)
+        if result is not None:
+            state_dict = result
+    with torch.no_grad():
+        _load(opt, state_dict)
+    for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
+        post_hook(opt)
+
+
+def _load(opt, state_dict: dict) -> None:
+    params = opt._flat_params()
+    entries, saved_groups, others, extra = validated_state_dict(opt, state_dict, params, STATE_KEY)
+    groups = []
+    for group, saved in zip(opt.param_groups, copy.deepcopy(saved_groups)):
+        saved["params"] = group["params"]
+        if "param_names" in group and "param_names" not in saved:
+            saved["param_names"] = group["param_names"]
+        for key in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"):
+            saved.setdefault(key, opt.defaults[key])
+        groups.append(saved)
+    opt._layouts.invalidate()
+    opt.param_groups = groups
+    opt.state = others  # as torch: a new state; keys that name no param are kept as they are
+    opt._checked_lrs = {}
+    params = opt._flat_params()
+    for index, entry in entries.items():
+        p = params[index]
+        state = opt.state[p]
+        for key, value in entry.items():
+            if key not in ("master_param", "momentum_buffer"):
+                state[key] = value  # keys of other optimizers' wrappers ride along
+        if "master_param" in entry:
+            master = placed_like(entry["master_param"], p)
+            if p.dtype == torch.float32:
+                p.copy_(master)
+            else:
+                state["master_param"] = torch.empty_like(p, dtype=torch.float32).copy_(master)
+                p.copy_(state["master_param"])
+        if p.dtype == torch.float32:
+            state["master_param"] = p
+        if entry.get("momentum_buffer") is not None:
+            buf = placed_like(entry["momentum_buffer"], p)
+            state["momentum_buffer"] = torch.empty_like(p, dtype=torch.float32).copy_(buf)
+            # -1: applied before, never equal to an applied-step count, so never "first" again.
+            state["momentum_first_step"] = torch.full((), -1, dtype=torch.int32, device=p.device)
+    if extra is not None:
+        opt._scaler.load_state_dict(extra["loss_scaler"])
+        opt._applied_steps.copy_(extra["applied_steps"])
+
+
+def _is_view_into_more(t) -> bool:
+    return (isinstance(t, torch.Tensor) and not is_dtensor(t)
+            and t.untyped_storage().nbytes() > t.numel() * t.element_size())

@@ -1,0 +1,63 @@
+"""A step's launches as one transaction (see Transaction.run)."""
+from __future__ import annotations
+
+import signal
+import threading
+
+import torch
+
+try:  # the C module: signal.signal's enum conversions cost more than the launches at small sizes
+    import _signal as _raw_signal
+except ImportError:  # not CPython
+    _raw_signal = signal
+
+
+class Transaction:
+    """An interrupt (Ctrl-C) arriving between a step's launches is held until they are all
+    enqueued, and an exception before the first write restores the loss scale, its counter
+    and the applied-step count, so a step either happens or leaves no trace, and a retry
+    never double-counts."""
+
+    def __init__(self):
+        self._rollback = None  # (scaler, copies of its scale and counter and of the applied steps)
+
+    def run(self, backend, batch) -> None:
+        live = [batch.scaler.scale, batch.scaler.growth_tracker, batch.applied_steps]
+        saved = self._buffers(batch)
+        torch._foreach_copy_(saved, live)
+        with _interrupts_held():
+            try:
+                backend.step(batch)
+            except BaseException:
+                torch._foreach_copy_(live, saved)
+                raise
+
+    def _buffers(self, batch) -> list:
+        scaler = batch.scaler
+        if self._rollback is None or self._rollback[0] is not scaler:
+            self._rollback = (scaler, [torch.empty_like(scaler.scale), torch.empty_like(scaler.growth_tracker),
+                                       torch.empty_like(batch.applied_steps)])
+        return self._rollback[1]
+
+
+class _interrupts_held:
+    """Holds SIGINT (KeyboardInterrupt) for the duration of the block and re-raises it after,
+    in the main thread (the only one Python delivers it to); elsewhere a no-op."""
+
+    def __enter__(self):
+        self._held = None
+        self._previous = None
+        if (threading.current_thread() is threading.main_thread()
+                and _raw_signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = _raw_signal.signal(signal.SIGINT, self._hold)
+        return self
+
+    def _hold(self, signum, frame):
+        self._held = (signum, frame)
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._previous is not None:
+            _raw_signal.signal(signal.SIGINT, self._previous)
+            if self._held is not None and exc_type is None:
+                self._previous(*self._held)  # raises KeyboardInterrupt, after the whole step
+        return False
