@@ -266,9 +266,7 @@ def train_seq(model, opt, steps=3):
 
 
 def test_resume_from_flat_checkpoint_is_bit_identical():
-    model = mlp(torch.float16)
-    opt = fused_opt.FusedMixedPrecisionSGD(model.parameters(), flat_grads=True, **HYPER)
-    train(model, opt, 3, use_b=lambda s: True)
+    model, opt = trained_flat(3)
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     train(model, opt, 3, use_b=lambda s: True)
     again = mlp(torch.float16, seed=5)
@@ -279,10 +277,15 @@ def test_resume_from_flat_checkpoint_is_bit_identical():
     assert_same_params(model, again)
 
 
-def test_deepcopy_steps_like_the_original():
+def trained_flat(steps=2):
     model = mlp(torch.float16)
     opt = fused_opt.FusedMixedPrecisionSGD(model.parameters(), flat_grads=True, **HYPER)
-    train(model, opt, 2, use_b=lambda s: True)
+    train(model, opt, steps, use_b=lambda s: True)
+    return model, opt
+
+
+def test_deepcopy_steps_like_the_original():
+    model, opt = trained_flat()
     model2, opt2 = copy.deepcopy((model, opt))
     train(model, opt, 2, use_b=lambda s: True)
     train(model2, opt2, 2, use_b=lambda s: True)
@@ -290,9 +293,7 @@ def test_deepcopy_steps_like_the_original():
 
 
 def test_step_between_scale_loss_and_backward_raises():
-    model = mlp(torch.float16)
-    opt = fused_opt.FusedMixedPrecisionSGD(model.parameters(), flat_grads=True, **HYPER)
-    train(model, opt, 2, use_b=lambda s: True)
+    model, opt = trained_flat()
     before = [p.detach().clone() for p in model.parameters()]
     loss = opt.scale_loss(forward(model, torch.ones(2, 6).half(), True).float().sum())
     with pytest.raises(RuntimeError, match="between scale_loss"):
@@ -303,9 +304,7 @@ def test_step_between_scale_loss_and_backward_raises():
 
 
 def test_clipping_scaled_flat_grads_raises():
-    model = mlp(torch.float16)
-    opt = fused_opt.FusedMixedPrecisionSGD(model.parameters(), flat_grads=True, **HYPER)
-    train(model, opt, 2, use_b=lambda s: True)
+    model, opt = trained_flat()
     opt.zero_grad()
     opt.scale_loss(forward(model, torch.ones(2, 6).half(), True).float().sum()).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
