@@ -15,13 +15,16 @@ void bind_step(pybind11::module_& m, Partials partials, Finalize finalize, Updat
     partials(PartialsArgs{chunks, num_chunks, table, scale, out, flags, chunk_size, grad_dtype, norm_inf}, stream);
   });
   m.def("finalize", [finalize](int64_t partials, int64_t flags, int64_t num_chunks, int64_t scale, int64_t tracker,
-                               int64_t applied, int64_t scalars, int64_t grad_norm, int64_t found_inf, float max_norm,
-                               float growth, float backoff, int32_t interval, bool has_clip, bool norm_inf,
-                               bool dynamic, int64_t stream) {
+                               int64_t hysteresis_tracker, int64_t applied, int64_t skips, int64_t scalars,
+                               int64_t grad_norm, int64_t found_inf, float max_norm, float growth, float backoff,
+                               float min_scale, float max_scale, int32_t interval, int32_t hysteresis,
+                               bool has_clip, bool norm_inf, bool dynamic, int64_t stream) {
     FinalizeArgs a{reinterpret_cast<float*>(scale), reinterpret_cast<int32_t*>(tracker),
-                   reinterpret_cast<int32_t*>(applied), reinterpret_cast<StepScalars*>(scalars),
+                   reinterpret_cast<int32_t*>(hysteresis_tracker), reinterpret_cast<int32_t*>(applied),
+                   reinterpret_cast<int32_t*>(skips), reinterpret_cast<StepScalars*>(scalars),
                    reinterpret_cast<float*>(grad_norm), reinterpret_cast<bool*>(found_inf),
-                   max_norm, growth, backoff, interval, has_clip, norm_inf, dynamic};
+                   max_norm, growth, backoff, min_scale, max_scale, interval, hysteresis,
+                   has_clip, norm_inf, dynamic};
     finalize(ReduceArgs{partials, flags, num_chunks}, a, stream);
   });
   m.def("update", [update](int64_t chunks, int64_t num_chunks, int64_t table, int64_t groups, int64_t scalars,

@@ -40,11 +40,36 @@ FUSED_HD bool claim_first_step(const TensorEntry& t, int32_t applied_steps, bool
   return first_step == 0 || first_step == applied_steps;
 }
 
+// Pass 2 with BF16Remainder params: the master is rebuilt from p and its remainder (the
+// table's master column), updated, and split again: read g, p, r, b; write p, r, b.
+template <class G, bool HasBuf, bool Nesterov>
+FUSED_HD void update_range_remainder(const TensorEntry& t, const StepCoefs& coefs, float inv_scale,
+                                     int64_t begin, int64_t end, int64_t stride) {
+  const auto* g = reinterpret_cast<const typename G::storage*>(t.grad);
+  auto* r = reinterpret_cast<int16_t*>(t.master);
+  auto* b = reinterpret_cast<float*>(t.buf);
+  auto* p = reinterpret_cast<uint16_t*>(t.param);
+  const StepCoefs k = coefs;
+  for (int64_t i = begin; i < end; i += stride) {
+    float bi = HasBuf ? b[i] : 0.0f;
+    const float wi = sgd_element<HasBuf, Nesterov>(unscale<G>(g[i], inv_scale),
+                                                   BF16Remainder::rebuild(p[i], r[i]), bi, k);
+    const uint16_t pi = BF16Remainder::store(wi);
+    if (HasBuf) b[i] = bi;
+    p[i] = pi;
+    r[i] = BF16Remainder::remainder(wi, pi);
+  }
+}
+
 // Pass 2 over elements of one chunk: read g, w, b and p (to keep edits made outside the
 // optimizer, see retake_if_edited); write w, b and the rounded param.
 template <class G, class P, bool HasBuf, bool HasParam, bool Nesterov>
 FUSED_HD void update_range(const TensorEntry& t, const StepCoefs& coefs, float inv_scale, int64_t begin,
                            int64_t end, int64_t stride) {
+  if constexpr (P::kRemainder) {
+    update_range_remainder<G, HasBuf, Nesterov>(t, coefs, inv_scale, begin, end, stride);
+    return;
+  }
   const auto* g = reinterpret_cast<const typename G::storage*>(t.grad);
   auto* w = reinterpret_cast<float*>(t.master);
   auto* b = reinterpret_cast<float*>(t.buf);
@@ -77,14 +102,35 @@ FUSED_HD void dispatch_tensor(const TensorEntry& t, bool nesterov, Fn&& fn) {
   }
 }
 
-// Finalize: N, the clip coefficient, found_inf, the applied-step count and the dynamic loss
-// scale (GradScaler.update's rule), from the reduced partials. Runs once per step.
+// Finalize: N, the clip coefficient, found_inf, the applied-step count, the count of skipped
+// steps in a row and the dynamic loss scale, from the reduced partials. Runs once per step.
 struct FinalizeArgs {
-  float* scale; int32_t* growth_tracker; int32_t* applied_steps; StepScalars* scalars;
-  float* grad_norm; bool* found_inf_out;
-  float max_norm, growth_factor, backoff_factor; int32_t growth_interval;
+  float* scale; int32_t* growth_tracker; int32_t* hysteresis_tracker; int32_t* applied_steps;
+  int32_t* consecutive_skips; StepScalars* scalars; float* grad_norm; bool* found_inf_out;
+  float max_norm, growth_factor, backoff_factor, min_scale, max_scale; int32_t growth_interval, hysteresis;
   bool has_clip, norm_inf, dynamic;
 };
+
+// The dynamic scale's rule (loss_scaler.py states it): GradScaler's, except that a backoff
+// waits for `hysteresis` overflowing steps since the last backoff or growth, and the scale
+// stays within [min_scale, max_scale]. hysteresis = 1, no bounds: GradScaler.update exactly.
+FUSED_HD void update_scale(const FinalizeArgs& a, float scale, bool found_inf) {
+  const int32_t clean = found_inf ? 0 : *a.growth_tracker + 1;
+  const bool grow = clean == a.growth_interval;
+  const int32_t overflows = *a.hysteresis_tracker + (found_inf ? 1 : 0);
+  const bool back_off = found_inf && overflows >= a.hysteresis;
+  const float grown = scale * a.growth_factor;
+  float next = scale;
+  if (back_off) {
+    next = scale * a.backoff_factor;
+    next = next > a.min_scale ? next : a.min_scale;
+  } else if (grow && is_finite(grown)) {
+    next = grown < a.max_scale ? grown : a.max_scale;
+  }
+  *a.scale = next;
+  *a.growth_tracker = grow ? 0 : clean;
+  *a.hysteresis_tracker = back_off || grow ? 0 : overflows;
+}
 
 FUSED_HD float device_sqrt(float x) {
 #ifdef __CUDA_ARCH__
@@ -109,13 +155,8 @@ FUSED_HD void finalize(const FinalizeArgs& a, float total, bool found_inf) {
   *a.grad_norm = norm;
   *a.found_inf_out = found_inf;
   if (!found_inf) *a.applied_steps += 1;
-  if (a.dynamic) {
-    const int32_t clean = found_inf ? 0 : *a.growth_tracker + 1;
-    const bool grow = clean == a.growth_interval;
-    const float grown = scale * a.growth_factor;
-    *a.scale = found_inf ? scale * a.backoff_factor : (grow && is_finite(grown) ? grown : scale);
-    *a.growth_tracker = grow ? 0 : clean;
-  }
+  *a.consecutive_skips = found_inf ? *a.consecutive_skips + 1 : 0;
+  if (a.dynamic) update_scale(a, scale, found_inf);
 }
 
 // The inverse scale pass 1 uses: the same IEEE division finalize publishes for pass 2.

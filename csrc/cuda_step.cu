@@ -70,8 +70,9 @@ __device__ void update_chunk(const TensorEntry& t, const StepCoefs& coefs, float
   using GS = typename G::storage;
   using PS = typename P::storage;
   int64_t vec_end = start;
-  if (aligned4<GS>(t.grad, start) && aligned4<float>(t.master, start) && aligned4<float>(t.buf, start) &&
-      aligned4<PS>(t.param, start)) {
+  // BF16Remainder params take the scalar loop (update_range): their master column is int16.
+  if (!P::kRemainder && aligned4<GS>(t.grad, start) && aligned4<float>(t.master, start) &&
+      aligned4<float>(t.buf, start) && aligned4<PS>(t.param, start)) {
     const int64_t n4 = (end - start) / 4;
     const auto* g4 = reinterpret_cast<const Vec4<GS>*>(reinterpret_cast<const GS*>(t.grad) + start);
     auto* w4 = reinterpret_cast<Vec4<float>*>(reinterpret_cast<float*>(t.master) + start);

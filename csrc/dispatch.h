@@ -7,6 +7,8 @@
 namespace fused_opt {
 
 enum DtypeCode : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// A param dtype code only: BF16 params whose masters are int16 remainders (BF16Remainder).
+constexpr int kBFloat16Remainder = 3;
 
 // Calls fn(G{}) with the storage type for `code`.
 template <class Fn>
@@ -32,7 +34,15 @@ struct UpdateArgs {
 // (torch's .grad), or an FP32 grad for any param (fp32_grad_accumulation's sums).
 template <class Fn>
 void dispatch_update_dtypes(const UpdateArgs& a, Fn&& fn) {
-  if (a.grad_dtype == a.param_dtype) {
+  if (a.param_dtype == kBFloat16Remainder) {
+    if (a.grad_dtype == kBFloat16) {
+      fn(BF16{}, BF16Remainder{});
+    } else if (a.grad_dtype == kFloat32) {
+      fn(F32{}, BF16Remainder{});
+    } else {
+      throw std::invalid_argument("fused_opt native: a BF16 param's grad must be BF16 or FP32");
+    }
+  } else if (a.grad_dtype == a.param_dtype) {
     dispatch_dtype(a.grad_dtype, [&](auto g) { fn(g, g); });
   } else if (a.grad_dtype == kFloat32) {
     dispatch_dtype(a.param_dtype, [&](auto p) { fn(F32{}, p); });

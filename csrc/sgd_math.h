@@ -36,12 +36,14 @@ FUSED_HD float bits_float(uint32_t u) {
 // device with the _rn intrinsics).
 struct F32 {
   using storage = float;
+  static constexpr bool kRemainder = false;  // see BF16Remainder
   static FUSED_HD float load(float x) { return x; }
   static FUSED_HD float store(float x) { return x; }
 };
 
 struct F16 {
   using storage = uint16_t;
+  static constexpr bool kRemainder = false;
   static FUSED_HD float load(uint16_t h) {
 #ifdef __CUDA_ARCH__
     return __half2float(__ushort_as_half(h));
@@ -76,12 +78,33 @@ struct F16 {
 
 struct BF16 {
   using storage = uint16_t;
+  static constexpr bool kRemainder = false;
   static FUSED_HD float load(uint16_t h) { return bits_float(uint32_t(h) << 16); }
   static FUSED_HD uint16_t store(float f) {
     // Round to nearest even on the upper 16 bits; a NaN stays a (quiet) NaN.
     const uint32_t u = float_bits(f);
     const uint16_t rounded = uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
     return (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : rounded;
+  }
+};
+
+// master_weights="remainder": a BF16 param whose FP32 master is not stored, only the int16
+// r = bits(w) - (bits(p) << 16), the distance from the param, rounded to nearest even, back
+// to the master: w = p + r, exactly, in the bits. RNE puts r in [-0x8000, 0x8000]; int16
+// holds all of it but +0x8000 (w half an ulp above an even param: a tie RNE rounds down),
+// which is kept as 0x7FFF, so that master comes back 1 FP32 ulp lower and still rounds to the
+// same param. No 16 bits can do better: an even BF16 value is the RNE of 65,537 FP32 values.
+// (Transformer Engine's store_param_remainders keeps w's low 16 bits instead; its param then
+// rounds ties half up, not to nearest even.) Signed zeros, subnormals, infinities and
+// rounding across an exponent boundary need nothing special; a NaN master stays a NaN.
+struct BF16Remainder : BF16 {
+  static constexpr bool kRemainder = true;
+  static FUSED_HD float rebuild(uint16_t p, int16_t r) {
+    return bits_float((uint32_t(p) << 16) + uint32_t(int32_t(r)));
+  }
+  static FUSED_HD int16_t remainder(float w, uint16_t p) {
+    const int32_t d = int32_t(float_bits(w) - (uint32_t(p) << 16));
+    return int16_t(d > 0x7FFF ? 0x7FFF : (d < -0x8000 ? -0x8000 : d));
   }
 };
 

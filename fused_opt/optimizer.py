@@ -15,7 +15,7 @@ from .distributed import shard_reduction
 from .flat_storage import FlatGrads
 from .grad_accumulation import FP32GradAccumulator
 from .grad_guard import ScaledGradGuard, grad_snapshot_of
-from .loss_scaler import LossScaler, check_scaler_args
+from .loss_scaler import LossScaler, check_scale_bounds, check_scaler_args
 from .state_checks import usable_master
 from .step_layout import LayoutCache
 from .tracked_state import Epoch, ParamList, TrackedState
@@ -31,7 +31,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, max_grad_norm=None, norm_type=2.0,
                  loss_scale="auto", init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5,
-                 growth_interval=2000, fp32_grad_accumulation=False, flat_grads=False, backend="auto",
+                 growth_interval=2000, hysteresis=1, min_scale=None, max_scale=None, fp32_grad_accumulation=False, flat_grads=False, backend="auto",
                  check_scaled_grads=True, foreach=None, fused=None, differentiable=False):
         # torch.optim.SGD's implementation switches: every step here is fused already.
         if differentiable:
@@ -43,6 +43,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
                              "combined: the FP32 accumulation frees .grad inside backward, which flat grads keep")
         check_scaler_args("dynamic" if loss_scale == "auto" else loss_scale, init_scale, growth_factor,
                           backoff_factor, growth_interval)
+        check_scale_bounds(init_scale, hysteresis, min_scale, max_scale)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize)
         self._epoch = Epoch()  # counts every write to self.state and the groups' lists (tracked_state.py)
@@ -58,7 +59,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         if loss_scale == "auto":  # FP16 needs a scale to keep small grads from flushing; BF16/FP32 do not
             loss_scale = "dynamic" if any(p.dtype == torch.float16 for p in self._flat_params()) else None
         self._scaler = LossScaler(loss_scale, init_scale, growth_factor, backoff_factor,
-                                  growth_interval, device)
+                                  growth_interval, device, hysteresis, min_scale, max_scale)
         self._guard = ScaledGradGuard(grad_snapshot_of(self)) if check_scaled_grads and self._scaler.enabled else None
         # Persistent outputs, updated in place every step (valid across CUDA-graph replays).
         self.last_grad_norm = torch.zeros((), dtype=torch.float32, device=device)
@@ -66,6 +67,9 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         # Count of applied (not skipped) steps, on the device: it tells each momentum buffer
         # whether this is its first applied step (see momentum_first_step in StepBatch).
         self._applied_steps = torch.zeros((), dtype=torch.int32, device=device)
+        # Skipped steps in a row (0 after an applied one): one .item() at the user's logging
+        # interval tells a run whose every step overflows (README "Loss scale").
+        self.consecutive_skips = torch.zeros((), dtype=torch.int32, device=device)
         self._amp_scaler = None  # the scale torch.amp.GradScaler hands us, when it drives
         self._backend_cache = {}
         self._transaction = Transaction()
@@ -279,7 +283,8 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         self._launch(StepBatch(layout.params, layout.grads, layout.masters, layout.bufs, layout.firsts,
                                layout.group_index, hypers, self.max_grad_norm, self.norm_type, scaler,
                                self._applied_steps, self.last_grad_norm, self.last_step_skipped,
-                               self._backend_cache, layout.layout_id, None, flat.storage.grad_buffers))
+                               self._backend_cache, layout.layout_id, None, flat.storage.grad_buffers,
+                               self.consecutive_skips))
         self._scaler.loss_scaled = False
         flat.stepped(self._epoch.value)
 

@@ -113,7 +113,11 @@ def _check_scaler_state(opt, extra, key: str) -> None:
     scale = float(torch.as_tensor(scaler["scale"]).reshape(()))
     if not (scale > 0 and math.isfinite(scale)):
         raise ValueError(f"{where}: the loss scale must be a positive finite number, got {scale}")
-    for name, value in (("growth_tracker", scaler["growth_tracker"]), ("applied_steps", extra["applied_steps"])):
+    counts = [("growth_tracker", scaler["growth_tracker"]), ("applied_steps", extra["applied_steps"])]
+    # Saved before hysteresis and consecutive_skips existed: absent, and loaded as 0.
+    counts += [(name, where_[name]) for name, where_ in (("hysteresis_tracker", scaler),
+                                                       ("consecutive_skips", extra)) if name in where_]
+    for name, value in counts:
         value = torch.as_tensor(value)
         if value.numel() != 1 or value.is_floating_point() or value.is_complex() or int(value) < 0 or int(value) >= 2**31:
             raise ValueError(f"{where}: {name} must be a non-negative int32 count, got {value}")

@@ -54,7 +54,8 @@ def pack(opt) -> dict:
             packed[index] = entry
     # In every group, as torch.distributed.checkpoint keeps only "state" and "param_groups"
     # (and may regroup the groups by param); load_state_dict takes it back out.
-    extra = {"loss_scaler": opt._scaler.state_dict(), "applied_steps": opt._applied_steps.clone()}
+    extra = {"loss_scaler": opt._scaler.state_dict(), "applied_steps": opt._applied_steps.clone(),
+             "consecutive_skips": opt.consecutive_skips.clone()}
     for group in groups:
         group[STATE_KEY] = extra
     sd = {"state": packed, "param_groups": groups}
@@ -124,6 +125,7 @@ def _load(opt, state_dict: dict) -> None:
     if extra is not None:
         opt._scaler.load_state_dict(extra["loss_scaler"])
         opt._applied_steps.copy_(extra["applied_steps"])
+        opt.consecutive_skips.copy_(extra.get("consecutive_skips", 0))  # absent before it existed
 
 
 def _is_view_into_more(t) -> bool:

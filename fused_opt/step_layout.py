@@ -75,7 +75,7 @@ class LayoutCache:
         return StepBatch(layout.params, grads, layout.masters, layout.bufs, layout.firsts, layout.group_index,
                          hypers, opt.max_grad_norm, opt.norm_type, scaler, opt._applied_steps,
                          opt.last_grad_norm, opt.last_step_skipped, opt._backend_cache, layout.layout_id,
-                         layout.reduce_stats)
+                         layout.reduce_stats, consecutive_skips=opt.consecutive_skips)
 
     def _new_layout(self, opt, params, active, hypers, signature) -> StepLayout:
         """Checks every param, master and buffer about to be touched, and re-takes or re-lays

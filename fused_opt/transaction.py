@@ -14,15 +14,15 @@ except ImportError:  # not CPython
 
 class Transaction:
     """An interrupt (Ctrl-C) arriving between a step's launches is held until they are all
-    enqueued, and an exception before the first write restores the loss scale, its counter
-    and the applied-step count, so a step either happens or leaves no trace, and a retry
+    enqueued, and an exception before the first write restores the loss scale, its counters,
+    the applied-step count and the count of skipped steps, so a step either happens or leaves no trace, and a retry
     never double-counts."""
 
     def __init__(self):
         self._rollback = None  # (scaler, copies of its scale and counter and of the applied steps)
 
     def run(self, backend, batch) -> None:
-        live = [batch.scaler.scale, batch.scaler.growth_tracker, batch.applied_steps]
+        live = [*batch.scaler.counters, batch.applied_steps, batch.consecutive_skips]
         saved = self._buffers(batch)
         torch._foreach_copy_(saved, live)
         with _interrupts_held():
@@ -35,8 +35,8 @@ class Transaction:
     def _buffers(self, batch) -> list:
         scaler = batch.scaler
         if self._rollback is None or self._rollback[0] is not scaler:
-            self._rollback = (scaler, [torch.empty_like(scaler.scale), torch.empty_like(scaler.growth_tracker),
-                                       torch.empty_like(batch.applied_steps)])
+            self._rollback = (scaler, [torch.empty_like(t) for t in
+                                       (*scaler.counters, batch.applied_steps, batch.consecutive_skips)])
         return self._rollback[1]
 
 

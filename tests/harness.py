@@ -30,6 +30,9 @@ class Config:
     loss_scale: object = "dynamic"
     init_scale: float = 2.0**10
     growth_interval: int = 3
+    hysteresis: int = 1
+    min_scale: float | None = None
+    max_scale: float | None = None
     inject: dict = field(default_factory=dict)   # step -> "inf" | "nan"
     steps: int = 10
     sizes: tuple = SIZES
@@ -97,7 +100,8 @@ def build(config: Config, backend, device, seed=0):
     opt = fused_opt.FusedMixedPrecisionSGD(
         groups, max_grad_norm=config.max_grad_norm, norm_type=config.norm_type,
         loss_scale=config.loss_scale, init_scale=config.init_scale,
-        growth_interval=config.growth_interval, backend=backend)
+        growth_interval=config.growth_interval, hysteresis=config.hysteresis, min_scale=config.min_scale,
+        max_scale=config.max_scale, backend=backend)
     return params, opt, group_of
 
 
@@ -147,7 +151,8 @@ def check_against_reference(opt, params, ref: ReferenceSGD, what=""):
 def reference_for(config: Config, params, group_of):
     return ReferenceSGD(params, group_of, config.groups, max_grad_norm=config.max_grad_norm,
                         norm_type=config.norm_type, loss_scale=config.loss_scale,
-                        init_scale=config.init_scale, growth_interval=config.growth_interval)
+                        init_scale=config.init_scale, growth_interval=config.growth_interval,
+                        hysteresis=config.hysteresis, min_scale=config.min_scale, max_scale=config.max_scale)
 
 
 def run_against_reference(config: Config, backend, device):
@@ -160,6 +165,8 @@ def run_against_reference(config: Config, backend, device):
         run_step(opt, params, grads)
         norm, skipped = ref.step(grads)
         assert bool(opt.last_step_skipped) == skipped, f"step {step}: skipped flag"
+        assert int(opt.consecutive_skips) == ref.consecutive_skips, f"step {step}: consecutive skips"
+        assert int(opt._scaler.hysteresis_tracker) == ref.overflows, f"step {step}: overflows counted"
         if skipped:
             assert not math.isfinite(float(opt.last_grad_norm))
         else:

@@ -13,7 +13,7 @@ import torch
 class ReferenceSGD:
     def __init__(self, params, group_of, groups, *, max_grad_norm=None, norm_type=2.0,
                  loss_scale="dynamic", init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5,
-                 growth_interval=2000):
+                 growth_interval=2000, hysteresis=1, min_scale=None, max_scale=None):
         self.w = [p.detach().double().clone() for p in params]
         self.b = [None] * len(params)
         self.group_of = list(group_of)
@@ -25,6 +25,9 @@ class ReferenceSGD:
         self.growth_factor, self.backoff_factor = growth_factor, backoff_factor
         self.growth_interval = growth_interval
         self.growth_tracker = 0
+        self.hysteresis, self.min_scale, self.max_scale = hysteresis, min_scale, max_scale
+        self.overflows = 0          # overflowing steps since the last backoff or growth
+        self.consecutive_skips = 0
 
     def step(self, grads):
         """grads: one tensor (as stored, any dtype) or None per param. Returns (norm, skipped)."""
@@ -54,18 +57,29 @@ class ReferenceSGD:
                         self.b[i] = h["momentum"] * self.b[i] + (1 - h["dampening"]) * d
                     d = d + h["momentum"] * self.b[i] if h["nesterov"] else self.b[i]
                 self.w[i] = self.w[i] - float(h["lr"]) * d
+        self.consecutive_skips = self.consecutive_skips + 1 if found_inf else 0
         self._update_scale(found_inf)
         return norm, found_inf
 
     def _update_scale(self, found_inf):
+        """GradScaler's rule with a hysteresis of backoffs (after `hysteresis` overflowing
+        steps since the last backoff or growth) and the scale kept in [min_scale, max_scale]."""
         if not self.dynamic:
             return
         if found_inf:
-            self.scale *= self.backoff_factor
             self.growth_tracker = 0
+            self.overflows += 1
+            if self.overflows >= self.hysteresis:
+                self.scale *= self.backoff_factor
+                if self.min_scale is not None:
+                    self.scale = max(self.scale, self.min_scale)
+                self.overflows = 0
             return
         self.growth_tracker += 1
         if self.growth_tracker == self.growth_interval:
             if math.isfinite(self.scale * self.growth_factor):
                 self.scale *= self.growth_factor
+                if self.max_scale is not None:
+                    self.scale = min(self.scale, self.max_scale)
             self.growth_tracker = 0
+            self.overflows = 0

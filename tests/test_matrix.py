@@ -36,6 +36,14 @@ CONFIGS = {
     "no-scale-nan": Config(groups=[group(momentum=0.9)], loss_scale=None, inject={3: "nan"},
                            norm_type=math.inf, max_grad_norm=0.01),
     "growth-and-backoff": Config(groups=[group(momentum=0.9)], growth_interval=2, inject={5: "inf"}, steps=14),
+    # The loss scale's hysteresis and bounds (loss_scaler.py): backoffs wait for 2 or 3
+    # overflows, the scale floors at min_scale and stops growing at max_scale.
+    "hysteresis-2": Config(groups=[group(momentum=0.9)], hysteresis=2, growth_interval=2,
+                           inject={1: "inf", 2: "inf", 3: "nan", 6: "inf", 9: "inf"}, steps=12),
+    "hysteresis-3-floor": Config(groups=[group(momentum=0.9, weight_decay=1e-2)], hysteresis=3, min_scale=2.0**8,
+                                 inject={k: "inf" for k in range(1, 10)}, max_grad_norm=0.05, steps=12),
+    "max-scale-cap": Config(groups=[group(momentum=0.9)], growth_interval=1, max_scale=2.0**12,
+                            inject={4: "nan"}, steps=9),
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

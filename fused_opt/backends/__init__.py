@@ -70,6 +70,7 @@ class StepBatch:
     # flat_grads=True (flat_storage.py): {grad dtype: flat buffer} that every grad is a view of,
     # fixed while the layout is; the norm pass then streams each buffer as one run.
     flat_grads: dict | None = None
+    consecutive_skips: torch.Tensor | None = None  # int32: skipped steps in a row, written by finalize
 
 
 def _module(name: str):

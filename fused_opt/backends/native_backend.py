@@ -199,10 +199,11 @@ def step(batch: StepBatch) -> None:
                         norm_inf, plan.chunk_size, stream)
     num_partials = plan.reduce_across_shards(batch, norm_inf)
     launch_finalize(module, static["partials"], static["flags"], num_partials, scale,
-                    scaler.growth_tracker.data_ptr(), applied, static["scalars"], batch.grad_norm.data_ptr(),
+                    scaler.growth_tracker.data_ptr(), scaler.hysteresis_tracker.data_ptr(), applied,
+                    batch.consecutive_skips.data_ptr(), static["scalars"], batch.grad_norm.data_ptr(),
                     batch.found_inf.data_ptr(), batch.max_grad_norm or 0.0, scaler.growth_factor,
-                    scaler.backoff_factor, scaler.growth_interval, batch.max_grad_norm is not None, norm_inf,
-                    scaler.dynamic, stream)
+                    scaler.backoff_factor, scaler.min_scale, scaler.max_scale, scaler.growth_interval,
+                    scaler.hysteresis, batch.max_grad_norm is not None, norm_inf, scaler.dynamic, stream)
     groups = plan.group_table.data_ptr()
     for pair, chunks, grad_dtype, param_dtype in static["update"]:
         launch_update(module, chunks, pair.num_chunks, pair.table.data_ptr(), groups, static["scalars"], applied,

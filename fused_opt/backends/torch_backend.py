@@ -99,6 +99,8 @@ def step(batch: StepBatch) -> None:
             p.copy_(w)  # round to nearest even in the param's dtype (unchanged master -> unchanged p)
 
     batch.applied_steps.copy_(applied_steps)
+    skips = batch.consecutive_skips
+    skips.copy_(torch.where(found_inf, skips + 1, torch.zeros_like(skips)))
     batch.found_inf.copy_(found_inf)
     batch.grad_norm.copy_(norm)
     # 6. dynamic scale update

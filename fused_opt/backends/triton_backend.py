@@ -55,9 +55,10 @@ def step(batch: StepBatch) -> None:
                 BLOCK=block, num_warps=NUM_WARPS)
     num_partials = plan.reduce_across_shards(batch, norm_inf)
     k.finalize_kernel[(1,)](
-        plan.partials, plan.flags, num_partials, scaler.scale, scaler.growth_tracker,
-        batch.applied_steps, plan.scalars, batch.grad_norm, batch.found_inf,
-        batch.max_grad_norm or 0.0, scaler.growth_factor, scaler.backoff_factor, scaler.growth_interval,
+        plan.partials, plan.flags, num_partials, scaler.scale, scaler.growth_tracker, scaler.hysteresis_tracker,
+        batch.applied_steps, batch.consecutive_skips, plan.scalars, batch.grad_norm, batch.found_inf,
+        batch.max_grad_norm or 0.0, scaler.growth_factor, scaler.backoff_factor, scaler.min_scale,
+        scaler.max_scale, scaler.growth_interval, scaler.hysteresis,
         HAS_CLIP=batch.max_grad_norm is not None, NORM_INF=norm_inf, DYNAMIC=scaler.dynamic,
         BLOCK=FINALIZE_BLOCK, num_warps=4)
     for pair in plan.pairs:

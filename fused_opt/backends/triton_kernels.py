@@ -97,9 +97,9 @@ def partials_kernel(chunks_ptr, table_ptr, scale_ptr, partials_ptr, flags_ptr,
 
 
 @triton.jit
-def finalize_kernel(partials_ptr, flags_ptr, num_chunks, scale_ptr, tracker_ptr, applied_steps_ptr,
-                    scalars_ptr, grad_norm_ptr, found_inf_ptr, max_norm, growth_factor, backoff_factor,
-                    growth_interval, HAS_CLIP: tl.constexpr, NORM_INF: tl.constexpr,
+def finalize_kernel(partials_ptr, flags_ptr, num_chunks, scale_ptr, tracker_ptr, hysteresis_ptr, applied_steps_ptr,
+                    skips_ptr, scalars_ptr, grad_norm_ptr, found_inf_ptr, max_norm, growth_factor, backoff_factor,
+                    min_scale, max_scale, growth_interval, hysteresis, HAS_CLIP: tl.constexpr, NORM_INF: tl.constexpr,
                     DYNAMIC: tl.constexpr, BLOCK: tl.constexpr):
     # One program walks the partials in a fixed order: the same inputs give the same bits.
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -129,15 +129,20 @@ def finalize_kernel(partials_ptr, flags_ptr, num_chunks, scale_ptr, tracker_ptr,
     tl.store(found_inf_ptr, found_inf)
     applied = tl.load(applied_steps_ptr)
     tl.store(applied_steps_ptr, tl.where(found_inf, applied, applied + 1))
-    if DYNAMIC:  # GradScaler.update's rule
+    skips = tl.load(skips_ptr)
+    tl.store(skips_ptr, tl.where(found_inf, skips + 1, 0))
+    if DYNAMIC:  # loss_scaler.py's rule (csrc/chunks.h update_scale)
         tracker = tl.load(tracker_ptr)
         clean = tl.where(found_inf, 0, tracker + 1)
         grow = clean == growth_interval
+        overflows = tl.load(hysteresis_ptr) + found_inf.to(tl.int32)
+        back_off = found_inf & (overflows >= hysteresis)
         grown = scale * growth_factor
-        new_scale = tl.where(found_inf, scale * backoff_factor,
-                             tl.where(grow & _is_finite(grown), grown, scale))
+        new_scale = tl.where(back_off, tl.maximum(scale * backoff_factor, min_scale),
+                             tl.where(grow & _is_finite(grown), tl.minimum(grown, max_scale), scale))
         tl.store(scale_ptr, new_scale)
         tl.store(tracker_ptr, tl.where(grow, 0, clean))
+        tl.store(hysteresis_ptr, tl.where(back_off | grow, 0, overflows))
 
 
 @triton.jit
