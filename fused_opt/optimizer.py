@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import backends
+from . import backends, remainder
 from . import state_dict as packing
 from .backends import Hyper, StepBatch
 from .distributed import shard_reduction
@@ -31,13 +31,21 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, max_grad_norm=None, norm_type=2.0,
                  loss_scale="auto", init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5,
-                 growth_interval=2000, hysteresis=1, min_scale=None, max_scale=None, fp32_grad_accumulation=False, flat_grads=False, backend="auto",
-                 check_scaled_grads=True, foreach=None, fused=None, differentiable=False):
+                 growth_interval=2000, hysteresis=1, min_scale=None, max_scale=None, master_weights="fp32",
+                 fp32_grad_accumulation=False, flat_grads=False, backend="auto", check_scaled_grads=True,
+                 foreach=None, fused=None, differentiable=False):
         # torch.optim.SGD's implementation switches: every step here is fused already.
         if differentiable:
             raise ValueError("FusedMixedPrecisionSGD: differentiable=True is not supported (the fused step is "
                              "not differentiable; use torch.optim.SGD(differentiable=True))")
         check_global(max_grad_norm, norm_type)
+        if master_weights not in ("fp32", "remainder"):
+            raise ValueError(f'master_weights must be "fp32" or "remainder", got {master_weights!r}')
+        if master_weights == "remainder" and flat_grads:
+            raise ValueError("FusedMixedPrecisionSGD: master_weights='remainder' and flat_grads=True cannot be "
+                             "combined yet (flat storage holds FP32 masters)")
+        # BF16 params with int16 master remainders instead of FP32 masters (remainder.py).
+        self._remainders = master_weights == "remainder"
         if flat_grads and fp32_grad_accumulation:
             raise ValueError("FusedMixedPrecisionSGD: flat_grads=True and fp32_grad_accumulation=True cannot be "
                              "combined: the FP32 accumulation frees .grad inside backward, which flat grads keep")
@@ -202,6 +210,8 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             raise ValueError("all optimizer param groups should be with/without names. cannot add param group "
                              f"{'with' if names else 'without'} names to the optimizer")
         check_params(params, index)
+        if self._remainders:
+            remainder.check_params(params, index)
         check_group({**self.defaults, **group}, index)
         check_tensor_lr({**self.defaults, **group}, index)
         super().add_param_group({**group, "params": params})
@@ -250,7 +260,12 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             self._guard.check(params, self._param_name)
         grads = [grads[i] for i in active]
         batch = self._layouts.batch(self, params, active, grads, hypers, scaler)
+        if self._remainders:
+            owners = [params[i] for i in active]
+            self._layouts.retake_edited_remainders(self, owners)
         self._launch(batch)
+        if self._remainders:
+            self._layouts.mark_written(owners)
         self._scaler.loss_scaled = False
         if self._accumulator is not None:
             self._accumulator.consume()  # the FP32 sums were this step's grads
@@ -397,6 +412,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         for p in [k for k in self.state if isinstance(k, torch.Tensor) and id(k) not in present]:
             entry = self.state[p]
             entry.pop("master_param", None)
+            entry.pop("master_remainder", None)
             if "momentum_buffer" not in entry:
                 entry.pop("momentum_first_step", None)
             if not entry:

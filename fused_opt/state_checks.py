@@ -66,6 +66,13 @@ def usable_master(master, p: torch.Tensor) -> bool:
             and _dense(master))
 
 
+def usable_remainder(remainder, p: torch.Tensor) -> bool:
+    """Whether a cached int16 remainder (master_weights="remainder") still fits its param."""
+    return (isinstance(remainder, torch.Tensor) and remainder.dtype == torch.int16 and remainder.shape == p.shape
+            and remainder.device == p.device and _dense(remainder) and (remainder.stride() == p.stride()
+                                                                        or p.numel() <= 1))
+
+
 def conform_buffer(buf, p: torch.Tensor, master, name: str):
     """A momentum buffer as the kernels need it: FP32, p's shape and device, laid out like the
     master (elementwise by memory order). A buffer of another shape cannot be meant for this

@@ -14,6 +14,7 @@ import copy
 import torch
 
 from .distributed import is_dtensor, placed_like
+from .remainder import rebuild, split_
 from .state_checks import validated_state_dict
 
 # The key, in each saved param group, of the loss scaler's state and the applied-step count.
@@ -47,6 +48,9 @@ def pack(opt) -> dict:
             entry.pop("momentum_buffer", None)
         if entry.get("master_param") is key:
             del entry["master_param"]
+        remainder = entry.pop("master_remainder", None)
+        if remainder is not None:  # master_weights="remainder": the FP32 master, rebuilt
+            entry["master_param"] = rebuild(key.detach(), remainder)
         # A view into flat storage (flat_grads) is copied out: torch.save writes a view's
         # whole storage, which would put every param's state in every entry.
         entry = {k: v.clone() if _is_view_into_more(v) else v for k, v in entry.items()}
@@ -98,6 +102,7 @@ def _load(opt, state_dict: dict) -> None:
             saved.setdefault(key, opt.defaults[key])
         groups.append(saved)
     opt._layouts.invalidate()
+    opt._layouts.marks.clear()  # the params are written below: not edits made outside the optimizer
     opt.param_groups = groups
     opt.state = others  # as torch: a new state; keys that name no param are kept as they are
     opt._checked_lrs = {}
@@ -112,6 +117,9 @@ def _load(opt, state_dict: dict) -> None:
             master = placed_like(entry["master_param"], p)
             if p.dtype == torch.float32:
                 p.copy_(master)
+            elif opt._remainders:  # the param takes the top half, the remainder the rest
+                state["master_remainder"] = torch.empty_like(p, dtype=torch.int16)
+                split_(torch.empty_like(p, dtype=torch.float32).copy_(master), p, state["master_remainder"])
             else:
                 state["master_param"] = torch.empty_like(p, dtype=torch.float32).copy_(master)
                 p.copy_(state["master_param"])

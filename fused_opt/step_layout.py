@@ -15,7 +15,7 @@ import torch
 
 from .backends import StepBatch
 from .distributed import local, local_grads, shard_reduction
-from .state_checks import check_param_memory, conform_buffer, usable_master
+from .state_checks import check_param_memory, conform_buffer, usable_master, usable_remainder
 from .validation import check_grads
 
 
@@ -39,6 +39,23 @@ class LayoutCache:
     def __init__(self):
         self.layout = None
         self._ids = itertools.count(1)
+        # master_weights="remainder": id(param) -> (data_ptr, _version) after our last write.
+        # The kernels cannot see a BF16 param edited outside the optimizer (the param is the
+        # master's top half), so the host compares these: a changed one restarts its remainder
+        # at 0, the master then being the edited param itself.
+        self.marks = {}
+
+    def retake_edited_remainders(self, opt, owners) -> None:
+        marks = self.marks
+        for p in owners:
+            mark = marks.get(id(p))
+            if mark is not None and mark != (p.data_ptr(), p._version):
+                remainder = opt.state[p].get("master_remainder") if p in opt.state else None
+                if remainder is not None:
+                    remainder.zero_()
+
+    def mark_written(self, owners) -> None:
+        self.marks = {id(p): (p.data_ptr(), p._version) for p in owners}
 
     def next_id(self) -> int:
         return next(self._ids)
@@ -95,21 +112,29 @@ class LayoutCache:
             state = opt.state[p] if p in opt.state else {}
             gi = opt._group_of[i]
             uses_momentum = hypers[gi].uses_momentum
-            master = p if p.dtype == torch.float32 else state.get("master_param")
-            if p.dtype != torch.float32 and not usable_master(master, p):
-                master = None  # none yet, or stale: `p.data = ...` since, or an FP32 param cast
+            if opt._remainders:  # master_weights="remainder": the master is p and an int16 remainder
+                master = state.get("master_remainder")
+                if not usable_remainder(master, p):
+                    master = None
+            else:
+                master = p if p.dtype == torch.float32 else state.get("master_param")
+                if p.dtype != torch.float32 and not usable_master(master, p):
+                    master = None  # none yet, or stale: `p.data = ...` since, or an FP32 param cast
             buf = state.get("momentum_buffer") if uses_momentum else None
             buf = conform_buffer(buf, p, master, opt._param_name(p))
             fixes.append((p, master, buf, uses_momentum, gi))
         for p, master, buf, uses_momentum, gi in fixes:
             state = opt.state[p]
+            key = "master_remainder" if opt._remainders else "master_param"
+            if master is None and opt._remainders:  # 0: the master is the param itself
+                master = torch.zeros_like(p, dtype=torch.int16)
             if master is None:  # an FP32 param is its own master; else a dense FP32 copy
                 master = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
-            if state.get("master_param") is not master:
-                state["master_param"] = master
+            if state.get(key) is not master:
+                state[key] = master
             if uses_momentum:
                 if buf is None:  # allocated now, applied on the device: the first applied step sets b = d
-                    buf = torch.zeros_like(master)
+                    buf = torch.zeros_like(master, dtype=torch.float32)
                     state["momentum_first_step"] = torch.zeros((), dtype=torch.int32, device=p.device)
                 elif not _is_first_step_flag(state.get("momentum_first_step"), p.device):
                     # -1: applied before (a buffer put in the state by hand or by a loader).

@@ -71,6 +71,7 @@ class PairPlan:
     static_aligned: bool = False   # masters, buffers and params all 16-byte aligned
     aligned: bool = False          # ... and this step's grads too: vector loads are safe
     staged: list = field(default_factory=list)    # (param or None, dense staging copy)
+    remainder: bool = False        # BF16 params with int16 master remainders
 
 
 @dataclass
@@ -92,12 +93,14 @@ class Plan:
         self.device = device
         self.chunk_size = chunk_size
         by_pair: dict = {}
-        for i, (p, g) in enumerate(zip(batch.params, batch.grads)):
-            by_pair.setdefault((p.dtype, g.dtype), []).append(i)
+        for i, (p, g, m) in enumerate(zip(batch.params, batch.grads, batch.masters)):
+            # int16 masters are master_weights="remainder"'s (remainder.py): a kernel of their own
+            by_pair.setdefault((p.dtype, g.dtype, m.dtype == torch.int16), []).append(i)
         self.pairs = []
         base = 0
-        for (param_dtype, grad_dtype), members in by_pair.items():
+        for (param_dtype, grad_dtype, remainder), members in by_pair.items():
             pair = self._pair_plan(batch, members, param_dtype, grad_dtype, base)
+            pair.remainder = remainder
             base += pair.num_chunks
             self.pairs.append(pair)
         self.total_chunks = base

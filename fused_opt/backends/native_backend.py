@@ -14,6 +14,7 @@ from . import StepBatch
 from .multi_tensor import CHUNK_SIZE, plan_for
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/dispatch.h
+BF16_REMAINDER = 3  # a BF16 param code whose master column holds int16 remainders (kBFloat16Remainder)
 # Module-level names of the launches, so tests can count them.
 LAUNCH_ENTRY_POINTS = ["launch_partials", "launch_finalize", "launch_update"]
 
@@ -181,8 +182,8 @@ def _static_args(plan) -> dict:
     if args is None:
         norm = [(run, run.chunks.data_ptr(), plan.partials[run.chunk_base:].data_ptr(),
                  plan.flags[run.chunk_base:].data_ptr(), DTYPE_CODES[run.grad_dtype]) for run in plan.norm_passes()]
-        update = [(pair, pair.chunks.data_ptr(), DTYPE_CODES[pair.grad_dtype], DTYPE_CODES[pair.param_dtype])
-                  for pair in plan.pairs]
+        update = [(pair, pair.chunks.data_ptr(), DTYPE_CODES[pair.grad_dtype],
+                   BF16_REMAINDER if pair.remainder else DTYPE_CODES[pair.param_dtype]) for pair in plan.pairs]
         args = plan.cache["native"] = dict(norm=norm, update=update, partials=plan.partials.data_ptr(),
                                            flags=plan.flags.data_ptr(), scalars=plan.scalars.data_ptr())
     return args

@@ -12,6 +12,7 @@ import math
 import torch
 
 from . import StepBatch
+from ..remainder import is_remainder, rebuild, remainder_of
 
 
 def availability(device: torch.device) -> str | None:
@@ -73,7 +74,10 @@ def step(batch: StepBatch) -> None:
     for i, d in enumerate(unscaled):
         h = batch.groups[batch.group_index[i]]
         w, p = batch.masters[i], batch.params[i]
-        if p is not w:
+        remainder = None
+        if is_remainder(w):  # master_weights="remainder": the master is p and its int16 remainder
+            remainder, w = w, rebuild(p, w)
+        elif p is not w:
             # A param edited outside the optimizer (e.g. p.data.clamp_, which its version
             # counter never sees) no longer equals its master rounded: keep the edit, as
             # torch.optim.SGD does, by re-taking those elements' master. Bits, not values.
@@ -95,7 +99,12 @@ def step(batch: StepBatch) -> None:
             first_step.copy_(torch.where((first_step == 0) & ~found_inf, applied_steps, first_step))
         new_w = w - h.lr * d
         w.copy_(torch.where(found_inf, w, new_w))
-        if p is not w:
+        if remainder is not None:  # a skipped step writes nothing, as the kernels' return early
+            new_p = w.to(p.dtype)
+            new_r = remainder_of(w, new_p)
+            p.copy_(torch.where(found_inf, p, new_p))
+            remainder.copy_(torch.where(found_inf, remainder, new_r))
+        elif p is not w:
             p.copy_(w)  # round to nearest even in the param's dtype (unchanged master -> unchanged p)
 
     batch.applied_steps.copy_(applied_steps)

@@ -65,6 +65,6 @@ def step(batch: StepBatch) -> None:
         if pair.num_chunks:
             k.update_kernel[(pair.num_chunks,)](
                 pair.chunks, pair.table, plan.group_table, plan.scalars, batch.applied_steps,
-                GRAD_DTYPE=_tl_dtype(pair.grad_dtype), PARAM_DTYPE=_tl_dtype(pair.param_dtype),
+                GRAD_DTYPE=_tl_dtype(pair.grad_dtype), PARAM_DTYPE=_tl_dtype(pair.param_dtype), REMAINDER=pair.remainder,
                 ALIGNED=pair.aligned, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS)
     plan.write_back(batch)

@@ -148,13 +148,18 @@ def finalize_kernel(partials_ptr, flags_ptr, num_chunks, scale_ptr, tracker_ptr,
 @triton.jit
 def _update_block(grad, master, buf, param, mask, inv_scale, coef, sign, weight_decay, momentum,
                   one_minus_dampening, nesterov, lr, first, HAS_BUF, PARAM_DTYPE: tl.constexpr,
-                  MASKED: tl.constexpr):
+                  REMAINDER: tl.constexpr, MASKED: tl.constexpr):
     # grad, master, buf, param are this block's addresses (see _partials_block: hints, masks).
     other = 0.0 if MASKED else None
     # u * c in this order, as the reference: unscale, then clip.
     d = (tl.load(grad, mask=mask, other=other).to(tl.float32) * inv_scale) * coef * sign
-    w = tl.load(master, mask=mask, other=other)
-    if PARAM_DTYPE != tl.float32:
+    if REMAINDER:  # master_weights="remainder" (csrc/sgd_math.h BF16Remainder): w = p + r in the bits
+        r_old = tl.load(master, mask=mask, other=0 if MASKED else None).to(tl.int32)
+        p_bits = tl.load(param, mask=mask, other=other).to(tl.uint16, bitcast=True).to(tl.uint32)
+        w = ((p_bits << 16) + r_old.to(tl.uint32, bitcast=True)).to(tl.float32, bitcast=True)
+    else:
+        w = tl.load(master, mask=mask, other=other)
+    if PARAM_DTYPE != tl.float32 and not REMAINDER:
         # A param edited outside the optimizer (p.data.clamp_ and the like, unseen by its
         # version counter) no longer equals its master rounded: re-take the master from it,
         # as torch.optim.SGD would keep the edit. Bits, not values (-0 vs +0, NaN); +2 B/param.
@@ -172,14 +177,21 @@ def _update_block(grad, master, buf, param, mask, inv_scale, coef, sign, weight_
         else:
             d = b
     w = w - lr * d
-    tl.store(master, w, mask=mask)
-    if PARAM_DTYPE != tl.float32:
-        tl.store(param, _round_to(w, PARAM_DTYPE), mask=mask)
+    if REMAINDER:
+        p_new = _round_to(w, tl.bfloat16)
+        diff = (w.to(tl.uint32, bitcast=True) - (p_new.to(tl.uint16, bitcast=True).to(tl.uint32) << 16))
+        r_new = tl.minimum(tl.maximum(diff.to(tl.int32, bitcast=True), -32768), 32767)
+        tl.store(master, r_new.to(tl.int16), mask=mask)
+        tl.store(param, p_new, mask=mask)
+    else:
+        tl.store(master, w, mask=mask)
+        if PARAM_DTYPE != tl.float32:
+            tl.store(param, _round_to(w, PARAM_DTYPE), mask=mask)
 
 
 @triton.jit
 def update_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr, applied_steps_ptr,
-                  GRAD_DTYPE: tl.constexpr, PARAM_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+                  GRAD_DTYPE: tl.constexpr, PARAM_DTYPE: tl.constexpr, REMAINDER: tl.constexpr, ALIGNED: tl.constexpr,
                   CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     if tl.load(scalars_ptr + FOUND_INF) != 0:
         return  # a skipped step writes nothing
@@ -191,7 +203,10 @@ def update_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr, applied_steps_
     end = tl.minimum(start + CHUNK, tl.load(table_ptr + row * TABLE_COLUMNS + NUMEL))
     entry = table_ptr + row * TABLE_COLUMNS
     grad = tl.load(entry + GRAD).to(tl.pointer_type(GRAD_DTYPE))
-    master = tl.load(entry + MASTER).to(tl.pointer_type(tl.float32))
+    if REMAINDER:  # the master column holds the int16 remainders
+        master = tl.load(entry + MASTER).to(tl.pointer_type(tl.int16))
+    else:
+        master = tl.load(entry + MASTER).to(tl.pointer_type(tl.float32))
     buf_addr = tl.load(entry + BUF)
     buf = buf_addr.to(tl.pointer_type(tl.float32))
     param = tl.load(entry + PARAM).to(tl.pointer_type(PARAM_DTYPE))
@@ -224,8 +239,8 @@ def update_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr, applied_steps_
     for offset in range(start, full_end, BLOCK):
         idx = tl.multiple_of(offset, BLOCK) + tl.arange(0, BLOCK)
         _update_block(grad + idx, master + idx, buf + idx, param + idx, None, inv_scale, coef, sign, weight_decay,
-                      momentum, one_minus_dampening, nesterov, lr, first, has_buf, PARAM_DTYPE, False)
+                      momentum, one_minus_dampening, nesterov, lr, first, has_buf, PARAM_DTYPE, REMAINDER, False)
     if full_end < end:
         idx = full_end + tl.arange(0, BLOCK)
         _update_block(grad + idx, master + idx, buf + idx, param + idx, idx < end, inv_scale, coef, sign,
-                      weight_decay, momentum, one_minus_dampening, nesterov, lr, first, has_buf, PARAM_DTYPE, True)
+                      weight_decay, momentum, one_minus_dampening, nesterov, lr, first, has_buf, PARAM_DTYPE, REMAINDER, True)

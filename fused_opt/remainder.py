@@ -1,0 +1,51 @@
+"""master_weights="remainder": BF16 params whose FP32 masters are kept as int16 remainders.
+
+The master w and its param p = RNE(w) share their top bits; r = bits(w) - (bits(p) << 16),
+an int16, is all that is kept beside the param, and w is rebuilt as p + r, exactly, in the
+bits (csrc/sgd_math.h BF16Remainder states the encoding and its one inexact case: a master
+exactly half an ulp above an even param comes back 1 FP32 ulp lower, still rounding to the
+same param). Memory per param with momentum: 2 + 2 + 4 = 8 B instead of 10; traffic per step
+20 B instead of 22. These are the host's (torch ops) versions of the kernels' encoding: the
+oracle, state_dict() (which holds rebuilt FP32 masters) and load_state_dict() use them.
+"""
+from __future__ import annotations
+
+import torch
+
+from .distributed import is_dtensor
+
+
+def rebuild(p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """The FP32 master of BF16 param p with remainder r (p's shape and strides)."""
+    bits = (p.view(torch.int16).to(torch.int32) & 0xFFFF) << 16  # int32 wraps like uint32
+    return (bits + r.to(torch.int32)).view(torch.float32)
+
+
+def remainder_of(w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The int16 remainder that rebuilds FP32 master w from p = RNE(w) (see the module doc)."""
+    bits = (p.view(torch.int16).to(torch.int32) & 0xFFFF) << 16
+    return torch.clamp(w.view(torch.int32) - bits, -0x8000, 0x7FFF).to(torch.int16)
+
+
+def split_(w: torch.Tensor, p: torch.Tensor, r: torch.Tensor) -> None:
+    """Writes master w into param p (rounded to nearest even) and remainder r."""
+    p.copy_(w)
+    r.copy_(remainder_of(w, p))
+
+
+def check_params(params, index: int | None = None) -> None:
+    """Raises, naming why, for params this mode cannot hold exactly."""
+    where = "" if index is None else f" (param group {index})"
+    for p in params:
+        if is_dtensor(p):
+            raise ValueError("master_weights='remainder' does not support DTensor (FSDP2) params yet: the "
+                             "remainders would need sharding like the params and state dicts gathered; use "
+                             f"master_weights='fp32'{where}")
+        if p.dtype != torch.bfloat16:
+            raise ValueError(f"master_weights='remainder' needs BF16 params, got {p.dtype}{where}: the remainder "
+                             "is the low half of an FP32 master whose top half is the BF16 param (BF16 and FP32 "
+                             "share the exponent); FP16 does not, and FP32 params are their own masters")
+
+
+def is_remainder(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype == torch.int16
