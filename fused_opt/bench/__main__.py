@@ -81,13 +81,18 @@ def run(args) -> dict:
                          and " compiled" not in c.name for t in [timings[c.name]])
         for c in contenders:
             t = timings[c.name]
-            bandwidth = BYTES_PER_PARAM * n / t["median_s"]
+            bytes_per_param = getattr(c, "bytes_per_param", BYTES_PER_PARAM)
+            bandwidth = bytes_per_param * n / t["median_s"]
+            base = timings.get(getattr(c, "baseline_name", None))
             rows.append(dict(workload=workload, dtype=dtype_name, params=n, tensors=len(shapes),
                              contender=c.name, time_ms=t["median_s"] * 1e3, min_ms=t["min_s"] * 1e3,
                              max_ms=t["max_s"] * 1e3, host_ms=None if t["host_s"] is None else t["host_s"] * 1e3,
                              first_ms=t["first_s"] * 1e3,
                              gb_s=bandwidth / 1e9, copy_fraction=bandwidth / copy_bps,
-                             speedup_vs_best_torch=best_torch / t["median_s"], launches=launches[c.name]))
+                             speedup_vs_best_torch=best_torch / t["median_s"], launches=launches[c.name],
+                             bytes_per_param=bytes_per_param,
+                             speedup_vs_fused_opt=None if base is None else base["median_s"] / t["median_s"],
+                             memory_per_param=c.memory_per_param() if hasattr(c, "memory_per_param") else None))
         del contenders, model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -131,17 +136,23 @@ def table(record: dict) -> str:
     lines = [f"Device: {record['device']} | torch {record['torch']} | {record['date']} | "
              f"copy {record['copy_gb_s']:.1f} GB/s (read+write)",
              "",
-             "| workload | dtype | params | tensors | contender | ms/step | host ms | first ms | GB/s @22B | % copy | vs best torch | launches |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| workload | dtype | params | tensors | contender | ms/step | host ms | first ms | B/param moved | GB/s | % copy | vs best torch | vs fused_opt default | memory B/param | launches |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
         lines.append(f"| {r['workload']} | {r['dtype']} | {r['params'] / 1e6:.1f}M | {r['tensors']} | {r['contender']} "
-                     f"| {r['time_ms']:.3f} | {_ms(r['host_ms'])} | {r['first_ms']:.1f} | {r['gb_s']:.1f} "
-                     f"| {100 * r['copy_fraction']:.0f}% | {r['speedup_vs_best_torch']:.2f}x | {r['launches'] if r['launches'] is not None else '-'} |")
+                     f"| {r['time_ms']:.3f} | {_ms(r['host_ms'])} | {r['first_ms']:.1f} | {r['bytes_per_param']} "
+                     f"| {r['gb_s']:.1f} | {100 * r['copy_fraction']:.0f}% | {r['speedup_vs_best_torch']:.2f}x "
+                     f"| {_ratio(r['speedup_vs_fused_opt'])} | {_ratio(r['memory_per_param'], '')} "
+                     f"| {r['launches'] if r['launches'] is not None else '-'} |")
     return "\n".join(lines)
 
 
 def _ms(value) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+def _ratio(value, unit="x") -> str:
+    return "-" if value is None else f"{value:.2f}{unit}"
 
 
 def main(argv=None) -> None:
