@@ -31,20 +31,29 @@ for g in DT:
                 {"GRAD_DTYPE": DT[g], "NORM_INF": norm_inf, "ALIGNED": aligned, "CHUNK": 65536, "BLOCK": 4096})
         sizes[f"update-{g}-{aligned}"] = build(k.update_kernel, {"chunks_ptr": "*i64", "table_ptr": "*i64",
             "groups_ptr": "*fp32", "scalars_ptr": "*fp32", "applied_steps_ptr": "*i32"},
-            {"GRAD_DTYPE": DT[g], "PARAM_DTYPE": DT[g], "ALIGNED": aligned, "CHUNK": 65536, "BLOCK": 4096})
+            {"GRAD_DTYPE": DT[g], "PARAM_DTYPE": DT[g], "REMAINDER": False, "ALIGNED": aligned, "CHUNK": 65536,
+             "BLOCK": 4096})
+        if g != "fp16":  # master_weights="remainder": BF16 params, BF16 grads or FP32 sums
+            sizes[f"update-remainder-{g}-{aligned}"] = build(k.update_kernel, {"chunks_ptr": "*i64",
+                "table_ptr": "*i64", "groups_ptr": "*fp32", "scalars_ptr": "*fp32", "applied_steps_ptr": "*i32"},
+                {"GRAD_DTYPE": DT[g], "PARAM_DTYPE": tl.bfloat16, "REMAINDER": True, "ALIGNED": aligned,
+                 "CHUNK": 65536, "BLOCK": 4096})
         if aligned:  # the aligned variants must really use 16-byte vector loads
             ptx = triton.compile(triton.compiler.ASTSource(fn=k.update_kernel, signature={"chunks_ptr": "*i64",
                 "table_ptr": "*i64", "groups_ptr": "*fp32", "scalars_ptr": "*fp32", "applied_steps_ptr": "*i32",
-                "GRAD_DTYPE": "constexpr", "PARAM_DTYPE": "constexpr", "ALIGNED": "constexpr", "CHUNK": "constexpr",
-                "BLOCK": "constexpr"}, constexprs={"GRAD_DTYPE": DT[g], "PARAM_DTYPE": DT[g], "ALIGNED": True,
-                "CHUNK": 65536, "BLOCK": 4096}), target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+                "GRAD_DTYPE": "constexpr", "PARAM_DTYPE": "constexpr", "REMAINDER": "constexpr", "ALIGNED": "constexpr",
+                "CHUNK": "constexpr", "BLOCK": "constexpr"}, constexprs={"GRAD_DTYPE": DT[g], "PARAM_DTYPE": DT[g],
+                "REMAINDER": False, "ALIGNED": True, "CHUNK": 65536, "BLOCK": 4096}),
+                target=GPUTarget("cuda", 90, 32)).asm["ptx"]
             sizes[f"vector-loads-{g}"] = ptx.count("ld.global.v4")
 for dynamic in (False, True):
     for clip, norm_inf in ((False, False), (True, False), (True, True)):
         sizes[f"finalize-{dynamic}-{clip}-{norm_inf}"] = build(k.finalize_kernel, {"partials_ptr": "*fp32",
             "flags_ptr": "*i32", "num_chunks": "i32", "scale_ptr": "*fp32", "tracker_ptr": "*i32",
-            "applied_steps_ptr": "*i32", "scalars_ptr": "*fp32", "grad_norm_ptr": "*fp32", "found_inf_ptr": "*i1",
-            "max_norm": "fp32", "growth_factor": "fp32", "backoff_factor": "fp32", "growth_interval": "i32"},
+            "hysteresis_ptr": "*i32", "applied_steps_ptr": "*i32", "skips_ptr": "*i32", "scalars_ptr": "*fp32",
+            "grad_norm_ptr": "*fp32", "found_inf_ptr": "*i1", "max_norm": "fp32", "growth_factor": "fp32",
+            "backoff_factor": "fp32", "min_scale": "fp32", "max_scale": "fp32", "growth_interval": "i32",
+            "hysteresis": "i32"},
             {"HAS_CLIP": clip, "NORM_INF": norm_inf, "DYNAMIC": dynamic, "BLOCK": 1024})
 print(json.dumps(sizes))
 '''
@@ -57,5 +66,5 @@ def test_every_kernel_compiles_for_sm90():
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     sizes = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(sizes) == 3 * (2 * 2 + 2 + 1) + 6
+    assert len(sizes) == 3 * (2 * 2 + 2 + 1) + 2 * 2 + 6
     assert all(n > 0 for n in sizes.values()), sizes
