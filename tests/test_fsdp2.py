@@ -203,3 +203,28 @@ def test_fsdp2_sharded_checkpoint_resumes_bit_identically(backend, tmp_path):
     assert all(result["same"]), result["same"]
     assert result["refused"]  # fp32_grad_accumulation on DTensor params
     assert result["scale"] == 2.0**9  # 2**8 grew at step 1, backed off at the inf, grew again at step 4
+
+
+def remainder_refusal_worker(rank, world, init_method, out):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    init_group(init_method, rank, world, "gloo")
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        param = torch.nn.Parameter(distribute_tensor(torch.zeros(8, dtype=torch.bfloat16), mesh, [Shard(0)]))
+        try:
+            fused_opt.FusedMixedPrecisionSGD([param], lr=0.1, master_weights="remainder")
+            message = None
+        except ValueError as exc:
+            message = str(exc)
+        if rank == 0:
+            torch.save(message, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_remainder_mode_refuses_dtensor_params(tmp_path):
+    out = str(tmp_path / "message.pt")
+    run_ranks(remainder_refusal_worker, (2, rendezvous(tmp_path), out), 2, out)
+    message = torch.load(out)
+    assert message is not None and "DTensor" in message and "master_weights='fp32'" in message
