@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import backends, remainder
+from . import backends, drop_in, remainder
 from . import state_dict as packing
 from .backends import Hyper, StepBatch
 from .distributed import shard_reduction
@@ -319,61 +319,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
     # -- step preparation ---------------------------------------------------------------
     def _step_scaler(self) -> LossScaler:
         """The loss scaler this step unscales by (and updates), after the drop-in checks."""
-        if self._is_state_init_step():
-            return self._fixed_scaler(1.0)
-        self._check_drop_in()
-        return self._grad_scaler_scale()
-
-    def _is_state_init_step(self) -> bool:
-        """torch.distributed.checkpoint's get/set_optimizer_state_dict initialise an empty
-        optimizer state with a step on zero grads with every lr set to 0, and no scale_loss.
-        That step is let through, unscaled and leaving the loss scale alone, so the state (and
-        with it a checkpoint template) gets its buffers, as torch.optim.SGD's does. A forgotten
-        scale_loss in a real step is still caught: with any lr != 0 (or on the GPU) it raises."""
-        if not self._scaler.enabled or self._scaler.loss_scaled or self.state:
-            return False
-        for group in self.param_groups:
-            lr = group["lr"]
-            if isinstance(lr, torch.Tensor) and (lr.device.type != "cpu" or lr.item() != 0):
-                return False
-            if not isinstance(lr, torch.Tensor) and lr != 0:
-                return False
-        return True
-
-    def _check_drop_in(self) -> None:
-        if not self._scaler.enabled:
-            return
-        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
-            raise RuntimeError("FusedMixedPrecisionSGD: torch.amp.GradScaler is driving this optimizer "
-                               "while its own loss scaling is on; the grads would be unscaled twice. "
-                               "Build it with loss_scale=None to use GradScaler.")
-        if not self._scaler.loss_scaled:
-            raise RuntimeError("FusedMixedPrecisionSGD: step() without scale_loss() since the last step "
-                               "while loss scaling is on; the grads of an unscaled loss would be divided "
-                               "by the loss scale. Call opt.scale_loss(loss).backward(), or build the "
-                               "optimizer with loss_scale=None.")
-
-    def _grad_scaler_scale(self) -> LossScaler:
-        """The scale of this step: ours, or the one torch.amp.GradScaler set on us (None when
-        its unscale_ already ran). GradScaler's found_inf becomes a NaN scale, which the
-        kernels' own inf/NaN check turns into a skipped step: no new path through them."""
-        if self._scaler.enabled or (getattr(self, "grad_scale", None) is None
-                                    and getattr(self, "found_inf", None) is None):
-            return self._scaler
-        scale = self.grad_scale if getattr(self, "grad_scale", None) is not None else 1.0
-        if isinstance(scale, torch.Tensor):
-            scale = scale.reshape(())  # GradScaler's are (1,)-shaped
-        found_inf = self.found_inf if isinstance(getattr(self, "found_inf", None), torch.Tensor) else None
-        if found_inf is not None:
-            scale = torch.where(found_inf.reshape(()).to(self.last_grad_norm.device) > 0, float("nan"), scale)
-        return self._fixed_scaler(scale)
-
-    def _fixed_scaler(self, scale) -> LossScaler:
-        """A static scaler holding `scale` for this step (never updated by the step)."""
-        if self._amp_scaler is None:
-            self._amp_scaler = LossScaler(1.0, 1.0, 1.0, 1.0, 1, self.last_grad_norm.device)
-        self._amp_scaler.scale.copy_(scale)
-        return self._amp_scaler
+        return drop_in.step_scaler(self)
 
     def _param_name(self, p: torch.Tensor) -> str:
         for gi, group in enumerate(self.param_groups):
