@@ -306,3 +306,33 @@ def test_hf_trainer_clipping_on_scaled_grads_now_raises(tmp_path):
     model = _gpt2(torch.float16)
     with pytest.raises(RuntimeError, match="modified in place"):
         _hf_run(Glued, model, fused_opt.FusedMixedPrecisionSGD(model.parameters(), lr=0.5), tmp_path, steps=2)
+
+
+# -- flat_grads=True inside the frameworks ----------------------------------------------------------
+
+def test_flat_grads_in_lightning_accelerate_and_hf(tmp_path):
+    """Each framework's own zero_grad path: Lightning's and accelerate's call the optimizer's
+    (the fast step runs); HF Trainer's calls model.zero_grad() (the grads are freed every
+    step, so flat grads give up and every step is the exact per-tensor one). All train as
+    torch's SGD does."""
+    from fused_opt.integrations.lightning import FusedPrecision
+    made = []
+
+    def flat(ps, **kw):
+        made.append(fused_opt.FusedMixedPrecisionSGD(ps, flat_grads=True, **kw))
+        return made[-1]
+    ours = _lightning_run(lambda ps: flat(ps, lr=0.05, momentum=0.9), plugins=[FusedPrecision("bf16-true")])
+    theirs = _lightning_run(lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), precision="32-true")
+    assert close_losses(ours, theirs) and made[-1].flat_grads_status == "active"
+    ours, skipped, opt = _accelerate_run(lambda ps: flat(ps, lr=0.05, momentum=0.9), torch.float16, patch=True)
+    theirs, _, _ = _accelerate_run(lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), torch.float32, patch=False)
+    assert not any(skipped) and close_losses(ours, theirs) and made[-1].flat_grads_status == "active"
+    transformers = pytest.importorskip("transformers")
+    from fused_opt.integrations.transformers import FusedTrainer
+    model = _gpt2(torch.bfloat16)
+    ours, _ = _hf_run(FusedTrainer, model, flat(model.parameters(), lr=0.5, momentum=0.9), tmp_path / "a")
+    ref_model = _gpt2(torch.float32)
+    theirs, _ = _hf_run(transformers.Trainer, ref_model, torch.optim.SGD(ref_model.parameters(), lr=0.5, momentum=0.9),
+                        tmp_path / "b")
+    assert abs(ours[-1] - theirs[-1]) / theirs[-1] < 0.1
+    assert made[-1].flat_grads_status.startswith("off: .grad was replaced")
