@@ -249,9 +249,20 @@ class FlatGrads:
         self.deaths = 0
         self.epoch = epoch
 
-    def zero_(self) -> bool:
-        """opt.zero_grad(): the flat buffers zeroed in one op each, the views kept."""
-        if self.storage is None or not self.storage.intact():
+    def zero_(self, epoch: int, groups: list, set_to_none: bool) -> bool:
+        """opt.zero_grad(): the flat buffers zeroed in one op each, the views kept, when the
+        storage still covers the optimizer's params as adopted (else False: torch's
+        zero_grad then clears every .grad its way). The params left out get torch's
+        treatment (a grad set on a frozen param is cleared, as torch would)."""
+        storage = self.storage
+        if (storage is None or not storage.intact() or epoch != self.epoch or len(groups) != len(self.lists)
+                or not all(g["params"] is lst for g, lst in zip(groups, self.lists))):
             return False
-        self.storage.zero_()
+        storage.zero_()
+        for p in self.left_out:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_().requires_grad_(False).zero_()
         return True

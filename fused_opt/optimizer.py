@@ -310,7 +310,8 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         return None if self._flat_grads is None else self._flat_grads.status
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        if self._flat_grads is not None and self._flat_grads.zero_():
+        flat = self._flat_grads
+        if flat is not None and flat.zero_(self._epoch.value, self.param_groups, set_to_none):
             return  # flat storage: the grads stay views, zeroed (set_to_none cannot be kept there)
         super().zero_grad(set_to_none)
         if self._accumulator is not None:

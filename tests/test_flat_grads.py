@@ -334,3 +334,21 @@ def test_grads_are_zero_not_none_after_adoption_and_step_keeps_them():
     opt.step()  # adopts: the views hold the same values
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
     assert math.isfinite(float(opt.last_grad_norm))
+
+
+def test_zero_grad_clears_what_the_flat_storage_does_not_hold():
+    # A grad hand-set on a frozen (left-out) param, and the params of a group added after the
+    # storage was adopted, are cleared by opt.zero_grad() as torch would clear them.
+    model = mlp(torch.float16)
+    model["body"].requires_grad_(False)
+    opt = fused_opt.FusedMixedPrecisionSGD(model.parameters(), flat_grads=True, **HYPER)
+    train(model, opt, 2, use_b=lambda s: True)
+    frozen = model["body"].weight
+    frozen.grad = torch.ones_like(frozen)
+    opt.zero_grad()
+    assert frozen.grad is None and opt.flat_grads_status == "active"
+    extra = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
+    opt.add_param_group({"params": [extra]})
+    extra.grad = torch.ones_like(extra)
+    opt.zero_grad()
+    assert extra.grad is None
