@@ -2,6 +2,7 @@
 DDP-averaged grads, and the result equals one process training on the whole batch."""
 import datetime
 import os
+import sys
 import time
 
 import pytest
@@ -51,23 +52,42 @@ def worker(rank, world, init_method, backend, out):
         if rank == 0:
             torch.save([p.detach() for p in ddp.module.parameters()], out)
     finally:
-        dist.destroy_process_group()
+        finish_group()
 
 
 def run_ranks(fn, args, nprocs: int, result: str, timeout_s: float = 480) -> None:
-    """mp.spawn, but a rank that hangs in teardown after the result is written (seen under CI
-    load, in the process group's destructors) is terminated instead of hanging the test; a
-    rank that fails still fails the test, and no result is still an error."""
+    """mp.spawn, but a rank that hangs or aborts in teardown after the result is written (both
+    seen under CI load, in the process group's destructors: "terminate called without an
+    active exception") does not fail the test: the ranks meet in a barrier after the result
+    is written (finish_group), so by then every rank's work is done. A rank that raises still
+    fails the test, and no result is still an error."""
     context = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
     deadline = time.time() + timeout_s
-    while not context.join(timeout=5):
+    while True:
+        try:
+            if context.join(timeout=5):
+                break
+        except mp.ProcessExitedException:  # killed by a signal, not a Python exception
+            if not os.path.exists(result):
+                raise
+            break
         stuck_after_result = os.path.exists(result) and time.time() - os.path.getmtime(result) > 60
         if stuck_after_result or time.time() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.terminate()
             break
+    for process in context.processes:
+        if process.is_alive():
+            process.terminate()
     assert os.path.exists(result), f"no rank wrote {result} within {timeout_s} s"
+
+
+def finish_group() -> None:
+    """A worker's teardown: every rank waits until all are done (rank 0 has written the
+    result), then the group goes. A teardown crash after this cannot lose the result."""
+    try:
+        if sys.exc_info()[0] is None:  # a rank that raised leaves at once (the test fails fast)
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 # Stores the test process creates and keeps until it exits (see rendezvous).
@@ -126,7 +146,7 @@ def flat_worker(rank, world, init_method, bucket_view, out):
         if rank == 0:
             torch.save(dict(params=[p.detach() for p in ddp.module.parameters()], statuses=statuses), out)
     finally:
-        dist.destroy_process_group()
+        finish_group()
 
 
 @pytest.mark.parametrize("bucket_view", [False, True], ids=["copies", "gradient_as_bucket_view"])
@@ -169,7 +189,7 @@ def refusal_worker(rank, world, init_method, out):
         if rank == 0:
             torch.save(messages, out)
     finally:
-        dist.destroy_process_group()
+        finish_group()
 
 
 def test_fp32_grad_accumulation_refuses_a_process_group(tmp_path):

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 import fused_opt
 from harness import BACKEND_DEVICES
-from test_ddp import init_group, rendezvous, run_ranks
+from test_ddp import finish_group, init_group, rendezvous, run_ranks
 
 CPU_BACKENDS = [b for b, d in BACKEND_DEVICES if d == "cpu"]
 CUDA_BACKENDS = [b for b, d in BACKEND_DEVICES if d == "cuda"]
@@ -87,7 +87,7 @@ def worker(rank, world, init_method, backend, dtype, norm_type, device, out, mes
             torch.save(dict(records=records, params=params, masters=masters, kinds=kinds,
                             flat_status=opt.flat_grads_status), out)
     finally:
-        dist.destroy_process_group()
+        finish_group()
 
 
 def check(out):
@@ -192,7 +192,7 @@ def checkpoint_worker(rank, world, init_method, backend, path, out):
         if rank == 0:
             torch.save(dict(same=same, scale=float(opt.loss_scale), refused=refused), out)
     finally:
-        dist.destroy_process_group()
+        finish_group()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -220,7 +220,7 @@ def remainder_refusal_worker(rank, world, init_method, out):
         if rank == 0:
             torch.save(message, out)
     finally:
-        dist.destroy_process_group()
+        finish_group()
 
 
 def test_remainder_mode_refuses_dtensor_params(tmp_path):
