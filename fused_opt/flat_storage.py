@@ -106,8 +106,8 @@ class FlatStorage:
             if storage is not None:
                 storage.alive = False
 
-        for p, off in zip(owners, self.offsets):
-            view = self._view(self.grad_buffers[self.grad_views[len(self._refs)].dtype], p, off)
+        for p, kernel_view, off in zip(owners, self.grad_views, self.offsets):
+            view = self._view(self.grad_buffers[kernel_view.dtype], p, off)
             p.grad = view
             self._refs.append(weakref.ref(view, died))
         # `p.data = ...` frees the param's old storage (its PyObject is preserved while it lives).
@@ -244,10 +244,9 @@ class FlatGrads:
                                "them silently (flat_grads=True does not bump the params' version counters). "
                                "Call backward() before step().")
 
-    def stepped(self, epoch: int) -> None:
+    def stepped(self) -> None:
         self.ran += 1
         self.deaths = 0
-        self.epoch = epoch
 
     def zero_(self, epoch: int, groups: list, set_to_none: bool) -> bool:
         """opt.zero_grad(): the flat buffers zeroed in one op each, the views kept, when the

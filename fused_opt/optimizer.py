@@ -301,7 +301,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
                                self._backend_cache, layout.layout_id, None, flat.storage.grad_buffers,
                                self.consecutive_skips))
         self._scaler.loss_scaled = False
-        flat.stepped(self._epoch.value)
+        flat.stepped()
 
     @property
     def flat_grads_status(self) -> str | None:
