@@ -45,15 +45,16 @@ def cpu_modules():
     """The CPU module twice on x86-64: portable (runs anywhere) and with AVX2/F16C (FP16 then
     converts 8 values per instruction instead of a dozen operations per value), whatever the
     building machine has; the one the running CPU supports is loaded at import
-    (native_backend.py), so one wheel runs on every x86-64. No -mfma: contracting a*b+c
-    would change the bits, and both paths must give the same ones. Elsewhere (aarch64, ...)
-    the portable module alone."""
+    (native_backend.py), so one wheel runs on every x86-64. -mfma only with -ffp-contract=off:
+    contracting a*b+c would change the bits, and both paths must give the same ones; the one
+    FMA written by hand (the norm pass) rounds exactly as mul + add there. Elsewhere
+    (aarch64, ...) the portable module alone."""
     common = dict(include_dirs=[pybind11_include(), "csrc"], extra_link_args=["-pthread"], language="c++")
     flags = ["-O3", "-std=c++17", "-pthread"]
     modules = [Extension("fused_opt._native_cpu", ["csrc/cpu_step.cpp"], extra_compile_args=flags, **common)]
     if platform.machine().lower() in ("x86_64", "amd64") and os.environ.get("FUSED_OPT_PORTABLE") != "1":
         modules.append(Extension("fused_opt._native_cpu_avx2", ["csrc/cpu_step.cpp"],
-                                 extra_compile_args=[*flags, "-mavx2", "-mf16c",
+                                 extra_compile_args=[*flags, "-mavx2", "-mf16c", "-mfma", "-ffp-contract=off",
                                                      "-DFUSED_OPT_CPU_MODULE=_native_cpu_avx2"], **common))
     return modules
 

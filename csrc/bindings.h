@@ -1,11 +1,34 @@
 // The Python surface of a native module (CPU or CUDA): three launches that take addresses
-// from the host's tables (multi_tensor.py) and never read device memory on the host.
+// from the host's tables (multi_tensor.py) and never read device memory on the host, and
+// `step`, all of them in one call.
 #pragma once
 #include <pybind11/pybind11.h>
 #include "chunks.h"
 #include "dispatch.h"
 
 namespace fused_opt {
+
+// What `step` launches, packed by native_backend.py once per plan (int64 words): a norm pass
+// over one run of grads, and an update over one (grad, param) dtype pair.
+struct NormRecord {
+  int64_t chunks, num_chunks, table, partials, flags, grad_dtype;
+};
+struct UpdateRecord {
+  int64_t chunks, num_chunks, table, grad_dtype, param_dtype, unused;
+};
+
+// The finalize's arguments from the Python call's addresses and settings.
+inline FinalizeArgs finalize_args(int64_t scale, int64_t tracker, int64_t hysteresis_tracker, int64_t applied,
+                                  int64_t skips, int64_t scalars, int64_t grad_norm, int64_t found_inf, float max_norm,
+                                  float growth, float backoff, float min_scale, float max_scale, int32_t interval,
+                                  int32_t hysteresis, bool has_clip, bool norm_inf, bool dynamic) {
+  return FinalizeArgs{reinterpret_cast<float*>(scale), reinterpret_cast<int32_t*>(tracker),
+                      reinterpret_cast<int32_t*>(hysteresis_tracker), reinterpret_cast<int32_t*>(applied),
+                      reinterpret_cast<int32_t*>(skips), reinterpret_cast<StepScalars*>(scalars),
+                      reinterpret_cast<float*>(grad_norm), reinterpret_cast<bool*>(found_inf),
+                      max_norm, growth, backoff, min_scale, max_scale, interval, hysteresis,
+                      has_clip, norm_inf, dynamic};
+}
 
 template <class Partials, class Finalize, class Update>
 void bind_step(pybind11::module_& m, Partials partials, Finalize finalize, Update update) {
@@ -19,18 +42,45 @@ void bind_step(pybind11::module_& m, Partials partials, Finalize finalize, Updat
                                int64_t grad_norm, int64_t found_inf, float max_norm, float growth, float backoff,
                                float min_scale, float max_scale, int32_t interval, int32_t hysteresis,
                                bool has_clip, bool norm_inf, bool dynamic, int64_t stream) {
-    FinalizeArgs a{reinterpret_cast<float*>(scale), reinterpret_cast<int32_t*>(tracker),
-                   reinterpret_cast<int32_t*>(hysteresis_tracker), reinterpret_cast<int32_t*>(applied),
-                   reinterpret_cast<int32_t*>(skips), reinterpret_cast<StepScalars*>(scalars),
-                   reinterpret_cast<float*>(grad_norm), reinterpret_cast<bool*>(found_inf),
-                   max_norm, growth, backoff, min_scale, max_scale, interval, hysteresis,
-                   has_clip, norm_inf, dynamic};
+    const FinalizeArgs a = finalize_args(scale, tracker, hysteresis_tracker, applied, skips, scalars, grad_norm,
+                                         found_inf, max_norm, growth, backoff, min_scale, max_scale, interval,
+                                         hysteresis, has_clip, norm_inf, dynamic);
     finalize(ReduceArgs{partials, flags, num_chunks}, a, stream);
   });
   m.def("update", [update](int64_t chunks, int64_t num_chunks, int64_t table, int64_t groups, int64_t scalars,
                            int64_t applied, int grad_dtype, int param_dtype, int64_t chunk_size, int64_t stream) {
     update(UpdateArgs{chunks, num_chunks, table, groups, scalars, applied, chunk_size, grad_dtype, param_dtype},
            stream);
+  });
+  // A whole step where nothing runs between the passes (no reduction across ranks): one
+  // crossing from Python instead of three (the crossings, not the launches, were most of a
+  // small step's host time once a step's bytes had pushed them out of the caches), and no
+  // point between the launches where an exception or an interrupt could leave half a step.
+  // Every dtype code is checked before the first launch, so a bad record writes nothing.
+  m.def("step", [partials, finalize, update](
+                    int64_t norms, int64_t num_norms, int64_t updates, int64_t num_updates, int64_t groups,
+                    int64_t scalars, int64_t partial_slots, int64_t flag_slots, int64_t num_partials,
+                    int64_t scale, int64_t tracker, int64_t hysteresis_tracker, int64_t applied, int64_t skips,
+                    int64_t grad_norm, int64_t found_inf, float max_norm, float growth, float backoff,
+                    float min_scale, float max_scale, int32_t interval, int32_t hysteresis, bool has_clip,
+                    bool norm_inf, bool dynamic, int64_t chunk_size, int64_t stream) {
+    const auto* n = reinterpret_cast<const NormRecord*>(norms);
+    const auto* u = reinterpret_cast<const UpdateRecord*>(updates);
+    auto update_args = [&](const UpdateRecord& r) {
+      return UpdateArgs{r.chunks, r.num_chunks, r.table, groups, scalars, applied, chunk_size, int(r.grad_dtype),
+                        int(r.param_dtype)};
+    };
+    for (int64_t i = 0; i < num_norms; ++i) dispatch_dtype(int(n[i].grad_dtype), [](auto) {});
+    for (int64_t i = 0; i < num_updates; ++i) dispatch_update_dtypes(update_args(u[i]), [](auto, auto) {});
+    for (int64_t i = 0; i < num_norms; ++i) {
+      partials(PartialsArgs{n[i].chunks, n[i].num_chunks, n[i].table, scale, n[i].partials, n[i].flags, chunk_size,
+                            int(n[i].grad_dtype), norm_inf}, stream);
+    }
+    const FinalizeArgs a = finalize_args(scale, tracker, hysteresis_tracker, applied, skips, scalars, grad_norm,
+                                         found_inf, max_norm, growth, backoff, min_scale, max_scale, interval,
+                                         hysteresis, has_clip, norm_inf, dynamic);
+    finalize(ReduceArgs{partial_slots, flag_slots, num_partials}, a, stream);
+    for (int64_t i = 0; i < num_updates; ++i) update(update_args(u[i]), stream);
   });
 }
 

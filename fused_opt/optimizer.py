@@ -6,7 +6,11 @@ a device value on the host, so a step can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
+import inspect
+import operator
+
 import torch
+import torch.optim.optimizer as torch_optimizer
 
 from . import backends, drop_in, remainder
 from . import state_dict as packing
@@ -21,6 +25,12 @@ from .step_layout import LayoutCache
 from .tracked_state import Epoch, ParamList, TrackedState
 from .transaction import Transaction
 from .validation import check_global, check_group, check_params, check_tensor_lr
+
+# torch's global step hooks (torch.optim.optimizer.register_optimizer_step_pre_hook and _post_hook);
+# where a torch lacks the names, a non-empty stand-in sends every step through torch's wrapper.
+_GLOBAL_STEP_HOOKS = (getattr(torch_optimizer, "_global_optimizer_pre_hooks", (None,)),
+                      getattr(torch_optimizer, "_global_optimizer_post_hooks", (None,)))
+_profiler_enabled = torch._C._autograd._profiler_enabled
 
 
 class FusedMixedPrecisionSGD(torch.optim.Optimizer):
@@ -59,6 +69,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         self._flat_ids = None
         self._layouts = LayoutCache()
         self._checked_lrs = {}  # group index -> the tensor lr last validated (read once)
+        self._hyper_cache = None  # (each group's values, their Hypers) of the last step
         super().__init__(params, defaults)
         device = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else torch.device("cpu")
         self.max_grad_norm = max_grad_norm
@@ -87,7 +98,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
     # torch's Optimizer.__getstate__ keeps only defaults, state and groups; a copy must step
     # exactly like the original, so everything but what is rebuilt from it travels.
     _REBUILT = ("_backend", "_backend_cache", "_layouts", "_flat_grads", "_transaction", "_accumulator", "_flat_ids", "_flat",
-                "_group_of", "_sharded", "_checked_lrs", "_epoch", "_state", "_amp_scaler", "_guard")
+                "_group_of", "_sharded", "_checked_lrs", "_hyper_cache", "_epoch", "_state", "_amp_scaler", "_guard")
 
     def __getstate__(self) -> dict:
         state = {k: v for k, v in self.__dict__.items() if k not in self._REBUILT}
@@ -156,7 +167,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         self._epoch = self._state._epoch
         self._flat_ids, self._backend_cache, self._amp_scaler = None, {}, None
         self._layouts, self._transaction = LayoutCache(), Transaction()
-        self._checked_lrs = {}
+        self._checked_lrs, self._hyper_cache = {}, None
         self._guard = ScaledGradGuard(grad_snapshot_of(self)) if guarded else None
         self._flat_grads = FlatGrads() if flat_mode else None  # the copy adopts grads of its own
         for group in self.param_groups:
@@ -220,7 +231,21 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         if getattr(self, "_accumulator", None) is not None:
             self._accumulator.add(params)
 
-    def step(self, closure=None):
+    def step(self, *args, **kwargs):  # step(closure=None), as its __signature__ says
+        # torch.optim.Optimizer would wrap this in profile_hook_step: a record_function (two
+        # dispatcher ops) and the hook loops on every call, most of a small step's host time
+        # once a step's bytes have left the caches. Here they run only when there is something
+        # for them to do: a step hook (the optimizer's or a global one), a profiler, or dynamo
+        # tracing (which knows torch's wrapper); then torch's own wrapper runs, unchanged, and
+        # hooks see the call's args and kwargs as given (Lightning passes closure=...).
+        if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _GLOBAL_STEP_HOOKS[0]
+                or _GLOBAL_STEP_HOOKS[1] or _profiler_enabled() or torch.compiler.is_compiling()):
+            return self._hooked_step(*args, **kwargs)
+        return self._step(_closure_argument(*args, **kwargs))
+
+    step.hooked = True  # tells torch.optim.Optimizer._patch_step_function not to wrap it again
+
+    def _unhooked_step(self, closure=None):
         # Under torch.compile the step runs as eager code (a graph break in a compiled train
         # step): its caches, flags and raw-pointer kernels are host state that dynamo would
         # specialise on or drop; eager, the bits equal an uncompiled step's. Called eagerly, it
@@ -229,20 +254,31 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             return self._step_outside_graph(closure)
         return self._step(closure)
 
+    _hooked_step = torch.optim.Optimizer.profile_hook_step(_unhooked_step)
+
     @torch.compiler.disable
     def _step_outside_graph(self, closure):
         return self._step(closure)
 
-    @torch.no_grad()
     def _step(self, closure):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # torch.no_grad() by hand: the decorator builds a context manager object per call
+        grad_was_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            self._step_without_grad()
+        finally:
+            torch._C._set_grad_enabled(grad_was_enabled)
+        return loss
+
+    def _step_without_grad(self) -> None:
         hypers = self._hypers()
         if self._flat_grads is not None and self._flat_grads.holds(self._epoch.value, self.param_groups, hypers):
             self._step_flat(hypers)
-            return loss
+            return
         params = self._flat_params()
         if self._accumulator is not None:
             self._accumulator.check()
@@ -254,7 +290,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         if not active:  # SPEC §2: nothing changes, the scale and its counter included
             self.last_grad_norm.zero_()
             self.last_step_skipped.fill_(False)
-            return loss
+            return
         scaler = self._step_scaler()
         if self._guard is not None and scaler is self._scaler:
             self._guard.check(params, self._param_name)
@@ -274,17 +310,25 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             if self._flat_grads.adopt(self._layouts.layout, batch.grads, left_out, self.state, self.param_groups,
                                       hypers, self._epoch, self._layouts.next_id()):
                 self._layouts.invalidate()  # its masters and buffers were copied; the state holds flat views
-        return loss
 
     def _hypers(self) -> list:
+        """Each group's Hyper, validated. Validated again only when a value in a group is not
+        the object it was last step (a scheduler's new lr, an edited group): a tensor lr or
+        momentum is read on the device, so the same tensor object is the same setting."""
+        values = [tuple(map(group.__getitem__, HYPER_KEYS)) for group in self.param_groups]
+        cached = self._hyper_cache
+        if cached is not None and len(cached[0]) == len(values) and all(map(_same_objects, values, cached[0])):
+            return cached[1]
         for index, group in enumerate(self.param_groups):
             check_group(group, index)
             tensors = (group["lr"], group["momentum"])
             if any(isinstance(t, torch.Tensor) for t in tensors) and self._checked_lrs.get(index) != tuple(map(id, tensors)):
                 check_tensor_lr(group, index)  # a new lr/momentum tensor: its value is read once, here
                 self._checked_lrs[index] = tuple(map(id, tensors))
-        return [Hyper(g["lr"], _number_or_tensor(g["momentum"]), float(g["dampening"]), float(g["weight_decay"]),
-                      bool(g["nesterov"]), bool(g["maximize"])) for g in self.param_groups]
+        hypers = [Hyper(g["lr"], _number_or_tensor(g["momentum"]), float(g["dampening"]), float(g["weight_decay"]),
+                        bool(g["nesterov"]), bool(g["maximize"])) for g in self.param_groups]
+        self._hyper_cache = (values, hypers)  # holds the values: no id is reused while cached
+        return hypers
 
     def _step_flat(self, hypers: list) -> None:
         """The step over flat storage (flat_storage.py): every list is cached, nothing is
@@ -383,6 +427,20 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:  # the name is torch's keyword (DCP passes it)
         """Loads ours or a torch.optim.SGD state dict, all or nothing (state_dict.py)."""
         packing.load(self, state_dict)
+
+
+def _closure_argument(closure=None):
+    return closure
+
+
+# step's signature for inspect (it takes *args, **kwargs to hand them to hooks unchanged)
+FusedMixedPrecisionSGD.step.__signature__ = inspect.signature(lambda self, closure=None: None)
+
+HYPER_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+
+
+def _same_objects(a: tuple, b: tuple) -> bool:
+    return all(map(operator.is_, a, b))
 
 
 def _number_or_tensor(value):

@@ -16,12 +16,19 @@ class Transaction:
     """An interrupt (Ctrl-C) arriving between a step's launches is held until they are all
     enqueued, and an exception before the first write restores the loss scale, its counters,
     the applied-step count and the count of skipped steps, so a step either happens or leaves no trace, and a retry
-    never double-counts."""
+    never double-counts. A backend whose step is one call into compiled code (native_backend.one_call)
+    has nothing to roll back; the interrupt is still held until the step's writes after it.
+    """
 
     def __init__(self):
         self._rollback = None  # (scaler, copies of its scale and counter and of the applied steps)
 
     def run(self, backend, batch) -> None:
+        one_call = getattr(backend, "one_call", None)
+        if one_call is not None and one_call(batch):  # nothing is written before its one call
+            with _interrupts_held():
+                backend.step(batch)
+            return
         live = [*batch.scaler.counters, batch.applied_steps, batch.consecutive_skips]
         saved = self._buffers(batch)
         torch._foreach_copy_(saved, live)

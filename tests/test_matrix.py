@@ -55,3 +55,19 @@ def test_matches_float64_reference(name, dtype, backend, device):
     config = CONFIGS[name]
     config = Config(**{**config.__dict__, "dtype": dtype})
     run_against_reference(config, backend, device)
+
+
+NATIVE_DEVICES = [d for b, d in BACKEND_DEVICES if b == "native"]
+
+
+@pytest.mark.parametrize("device", NATIVE_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", CONFIGS.keys())
+def test_native_three_launch_path_matches_float64_reference(name, dtype, device, monkeypatch):
+    """The native backend's step is one call into the module unless a reduction across ranks
+    runs between its passes (DTensor params); the three separate launches of that path, here
+    without ranks, against the same reference."""
+    from fused_opt.backends import native_backend
+    monkeypatch.setattr(native_backend, "ONE_CALL", False)
+    config = Config(**{**CONFIGS[name].__dict__, "dtype": dtype})
+    run_against_reference(config, "native", device)

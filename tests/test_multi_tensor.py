@@ -122,6 +122,65 @@ def test_launches_do_not_grow_with_tensors(backend, device):
     assert counts[0] == counts[1] <= 4, counts
 
 
+@pytest.mark.parametrize("flat_grads", [False, True], ids=["per-tensor", "flat"])
+def test_native_one_call_step_equals_three_launches_bit_for_bit(flat_grads, monkeypatch):
+    """The native module's `step` (one crossing from Python) against its three separate
+    launches: every param, master, momentum buffer and scaler value bit-equal after steps
+    with clipping, two groups, a tensor lr, an overflow and a grad that moves (per-tensor)."""
+    from fused_opt.backends import native_backend
+
+    def run(one_call):
+        monkeypatch.setattr(native_backend, "ONE_CALL", one_call)
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(n).to(dt)) for n, dt in
+                  ((1, torch.float16), (7, torch.bfloat16), (1023, torch.float16), (4097, torch.bfloat16))]
+        groups = [{"params": params[:2], "lr": torch.tensor(0.05)}, {"params": params[2:], "nesterov": True}]
+        opt = fused_opt.FusedMixedPrecisionSGD(groups, lr=0.1, momentum=0.9, weight_decay=1e-3, max_grad_norm=0.5,
+                                               backend="native", flat_grads=flat_grads, growth_interval=2)
+        for step in range(6):
+            for i, p in enumerate(params):
+                g = torch.randn(p.shape) * 2.0**10
+                if step == 3 and i == 2:
+                    g[5] = float("inf")
+                if flat_grads and p.grad is not None:
+                    p.grad.copy_(g.to(p.dtype))
+                else:
+                    p.grad = g.to(p.dtype)
+            opt.scale_loss(torch.zeros(()))
+            opt.step()
+        if flat_grads:
+            assert opt.flat_grads_status == "active"
+        return [t.clone() for p in params for t in (p.detach(), *opt.state[p].values()) if isinstance(t, torch.Tensor)] + [
+            opt.loss_scale.clone(), opt._scaler.growth_tracker.clone(), opt._applied_steps.clone()]
+    for a, b in zip(run(True), run(False), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8) if a.dim() else a, b.view(torch.uint8) if b.dim() else b)
+
+
+def test_native_one_call_step_checks_every_record_before_writing():
+    """A record whose dtype code is unknown makes the module's `step` raise before its first
+    launch: the scale, its counters and the partial slots are untouched."""
+    from fused_opt.backends import native_backend
+    module = native_backend._native_cpu
+    scale = torch.tensor(8.0)
+    counters = torch.zeros(4, dtype=torch.int32)
+    slots = torch.full((2,), 7.0)
+    flags = torch.zeros(2, dtype=torch.int32)
+    scalars, norm, found = torch.zeros(4), torch.zeros(()), torch.zeros((), dtype=torch.bool)
+    grads = torch.ones(4, dtype=torch.float16)
+    table = torch.tensor([[grads.data_ptr(), 0, 0, 0, 4, 0, 0]], dtype=torch.int64)
+    chunks = torch.tensor([[0, 0]], dtype=torch.int64)
+    groups = torch.zeros(1, 8)
+    for norm_code, update_code in ((9, 1), (1, 9)):
+        norms = torch.tensor([[chunks.data_ptr(), 1, table.data_ptr(), slots.data_ptr(), flags.data_ptr(), norm_code]])
+        updates = torch.tensor([[chunks.data_ptr(), 1, table.data_ptr(), 1, update_code, 0]])
+        with pytest.raises((ValueError, RuntimeError), match="dtype"):
+            module.step(norms.data_ptr(), 1, updates.data_ptr(), 1, groups.data_ptr(), scalars.data_ptr(),
+                        slots.data_ptr(), flags.data_ptr(), 1, scale.data_ptr(), counters[0:].data_ptr(),
+                        counters[1:].data_ptr(), counters[2:].data_ptr(), counters[3:].data_ptr(), norm.data_ptr(),
+                        found.data_ptr(), 1.0, 2.0, 0.5, 0.0, float("inf"), 1, 1, True, False, True, 65536, 0)
+        assert scale.item() == 8.0 and not counters.any() and torch.equal(slots, torch.full((2,), 7.0))
+
+
 SPECIAL = [0.0, -0.0, 1.0, 65504.0, 65520.0, 70000.0, 1e-8, -6e-8, 5.96e-8, 2.98e-8, 1.0009765625,
            1.00048828125, 1.00146484375, 1.00390625, 1.005859375, 3.0e38, -3.3e38, 1.17e-38, 9e-41,
            float("inf"), float("-inf"), 0.1, -0.3, 1234.5678]

@@ -402,7 +402,10 @@ def _interrupting(target_module, name, how):
 
 
 def _interrupt_point(backend):
-    """(module, name) called after the finalize and before the update of each backend."""
+    """(module, name) called after the finalize and before the update of each backend (the
+    native backend's three-launch path; its one call is interrupted at its entry)."""
+    if backend == "native-one-call":
+        return native_backend, "launch_step"
     if backend == "native":
         return native_backend, "launch_update"
     if backend == "triton":
@@ -412,9 +415,17 @@ def _interrupt_point(backend):
     return torch_backend, "_bits"  # called per param in the update loop, after the norm
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+INTERRUPTED = BACKEND_DEVICES + [("native-one-call", d) for b, d in BACKEND_DEVICES if b == "native"]
+
+
+@pytest.mark.parametrize("backend,device", INTERRUPTED, ids=[f"{b}-{d}" for b, d in INTERRUPTED])
 @pytest.mark.parametrize("how", ["raise", "signal"])
 def test_an_interrupted_step_happens_whole_or_not_at_all(backend, device, how, monkeypatch):
+    point = _interrupt_point(backend)
+    if backend.startswith("native"):
+        monkeypatch.setattr(native_backend, "ONE_CALL", backend == "native-one-call")
+        backend = "native"
+
     def run(interrupt):
         p = nn.Parameter(torch.linspace(-1, 1, 9, device=device).half())
         opt = fused_opt.FusedMixedPrecisionSGD([p], lr=0.1, momentum=0.9, growth_interval=1, backend=backend)
@@ -424,7 +435,7 @@ def test_an_interrupted_step_happens_whole_or_not_at_all(backend, device, how, m
             if interrupt and step == 1:
                 before = snapshot(opt, [p])
                 with monkeypatch.context() as m:
-                    m.setattr(*_interrupt_point(backend), _interrupting(*_interrupt_point(backend), how))
+                    m.setattr(*point, _interrupting(*point, how))
                     with pytest.raises(KeyboardInterrupt):
                         opt.step()
                 if how == "raise":  # nothing happened: retry

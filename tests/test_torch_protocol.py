@@ -277,3 +277,49 @@ def test_torch_sgd_keywords_are_accepted():
         fused_opt.FusedMixedPrecisionSGD([p], loss_scale=None, **kwargs)
     with pytest.raises(ValueError, match="differentiable=True is not supported"):
         fused_opt.FusedMixedPrecisionSGD([p], differentiable=True)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+def test_step_hooks_and_the_profiler_see_what_torchs_would(backend, device):
+    """Our step skips torch's per-call wrapper when nothing needs it: each kind of step hook
+    alone (the optimizer's pre and post, the global pre and post) and all at once must run in
+    torch's order with the call's args and kwargs as given, a pre-hook's (args, kwargs) must
+    replace them, removed hooks must stop, and a profiler must see the step's record."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    def run(make):
+        calls = []
+        model = _model(device, torch.float32)
+        opt = make(model.parameters())
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        closure_calls = []
+
+        def closure():
+            closure_calls.append(1)
+            return torch.zeros(())
+        kinds = {"pre": opt.register_step_pre_hook, "post": opt.register_step_post_hook,
+                 "global pre": register_optimizer_step_pre_hook, "global post": register_optimizer_step_post_hook}
+        for chosen in [[k] for k in kinds] + [list(kinds)]:
+            handles = [kinds[k](lambda o, a, kw, k=k: calls.append((k, len(a), sorted(kw)))) for k in chosen]
+            try:
+                opt.step()
+                opt.step(closure)
+                opt.step(closure=closure)
+            finally:
+                for h in handles:
+                    h.remove()
+            opt.step()  # removed: nothing recorded
+        swap = opt.register_step_pre_hook(lambda o, a, kw: ((o,), {"closure": closure}))
+        opt.step()  # the hook hands the step a closure
+        swap.remove()
+        with torch.profiler.profile() as prof:
+            opt.step()
+        names = [e.name for e in prof.events() if e.name.startswith("Optimizer.step#")]
+        return calls, len(closure_calls), [n.split("#")[1] for n in names]
+
+    ours = run(lambda ps: fused_opt.FusedMixedPrecisionSGD(ps, lr=0.1, loss_scale=None, backend=backend))
+    torchs = run(lambda ps: torch.optim.SGD(ps, lr=0.1))
+    assert ours[0] == torchs[0] and len(ours[0]) == 4 * 3 + 4 * 3
+    assert ours[1] == torchs[1] == 2 * 5 + 1
+    assert ours[2] == ["FusedMixedPrecisionSGD.step"] and torchs[2] == ["SGD.step"]

@@ -113,6 +113,7 @@ class Plan:
         self.scalars = torch.zeros(SCALARS, dtype=torch.float32, device=device)
         self.group_rows = None
         self.group_table = None
+        self.tables_version = 0  # counts replaced chunk tables (what a backend caches addresses of)
         self.cache = {}  # what a backend derives from the plan once (native_backend: addresses)
 
     def _pair_plan(self, batch, members, param_dtype, grad_dtype, base) -> PairPlan:
@@ -172,6 +173,7 @@ class Plan:
             if ptrs != pair.grad_ptrs or pair.staged:
                 pair.host_table[:, GRAD] = torch.tensor(ptrs, dtype=torch.int64)
                 pair.table = upload(pair.host_table.clone(), self.device)
+                self.tables_version += 1
                 pair.grad_ptrs = ptrs
         self._refresh_groups(batch)
 

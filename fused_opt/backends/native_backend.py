@@ -16,7 +16,10 @@ from .multi_tensor import CHUNK_SIZE, plan_for
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/dispatch.h
 BF16_REMAINDER = 3  # a BF16 param code whose master column holds int16 remainders (kBFloat16Remainder)
 # Module-level names of the launches, so tests can count them.
-LAUNCH_ENTRY_POINTS = ["launch_partials", "launch_finalize", "launch_update"]
+LAUNCH_ENTRY_POINTS = ["launch_partials", "launch_finalize", "launch_update", "launch_step"]
+# A step with nothing to do between its passes goes to the module's one-call `step`; tests
+# turn this off to run the three launches that a step over DTensor shards takes.
+ONE_CALL = True
 
 def _load_cpu_modules() -> dict:
     """The CPU modules that were built: "portable" and, on x86-64, "avx2" (setup.py)."""
@@ -39,15 +42,16 @@ def _cpu_supports(path: str) -> bool:
         capability = torch.backends.cpu.get_cpu_capability()
     except (AttributeError, RuntimeError):
         return False
-    return capability in ("AVX2", "AVX512", "AVX512_BF16", "AMX") and _has_f16c()
+    return capability in ("AVX2", "AVX512", "AVX512_BF16", "AMX") and _has_flags("f16c", "fma")
 
 
-def _has_f16c() -> bool:
+def _has_flags(*flags: str) -> bool:
     try:
         with open("/proc/cpuinfo") as f:
-            return "f16c" in next(line for line in f if line.startswith("flags")).split()
+            present = next(line for line in f if line.startswith("flags")).split()
+        return all(flag in present for flag in flags)
     except (OSError, StopIteration):
-        return True  # every AVX2 CPU has F16C; /proc/cpuinfo is only a second opinion
+        return True  # every AVX2 CPU has F16C and FMA; /proc/cpuinfo is only a second opinion
 
 
 def _choose_cpu_module(modules: dict, forced: str | None):
@@ -175,6 +179,16 @@ def launch_update(module, *args):
     _call(module.update, args)
 
 
+def launch_step(module, *args):
+    _call(module.step, args)
+
+
+def one_call(batch: StepBatch) -> bool:
+    """Whether this step's launches are one call (Transaction then has nothing to roll back:
+    the module checks every record before its first write)."""
+    return ONE_CALL and batch.reduce_stats is None
+
+
 def _static_args(plan) -> dict:
     """The addresses a plan keeps for its lifetime (its chunk tables, partial slots, scalars),
     read once: tensor slicing and data_ptr calls were most of a small step's host time."""
@@ -189,23 +203,46 @@ def _static_args(plan) -> dict:
     return args
 
 
+def _records(plan, static) -> tuple:
+    """The one-call step's norm and update records (csrc/bindings.h: NormRecord,
+    UpdateRecord), host memory packed once per set of chunk tables."""
+    cached = plan.cache.get("records")
+    if cached is None or cached[0] != plan.tables_version:
+        norms = torch.tensor([[chunks, run.num_chunks, run.table.data_ptr(), partials, flags, dtype]
+                              for run, chunks, partials, flags, dtype in static["norm"]] or [[0] * 6],
+                             dtype=torch.int64)
+        updates = torch.tensor([[chunks, pair.num_chunks, pair.table.data_ptr(), grad_dtype, param_dtype, 0]
+                                for pair, chunks, grad_dtype, param_dtype in static["update"]] or [[0] * 6],
+                               dtype=torch.int64)
+        cached = plan.cache["records"] = (plan.tables_version, norms, len(static["norm"]), updates,
+                                          len(static["update"]))
+    return cached[1:]
+
+
 def step(batch: StepBatch) -> None:
     plan = plan_for(batch, CHUNK_SIZE)
     module, stream = _module_and_stream(plan.device)
     norm_inf = batch.norm_type == math.inf
     scaler = batch.scaler
     scale, applied, static = scaler.scale.data_ptr(), batch.applied_steps.data_ptr(), _static_args(plan)
+    finalize_args = (scale, scaler.growth_tracker.data_ptr(), scaler.hysteresis_tracker.data_ptr(), applied,
+                     batch.consecutive_skips.data_ptr(), batch.grad_norm.data_ptr(), batch.found_inf.data_ptr(),
+                     batch.max_grad_norm or 0.0, scaler.growth_factor, scaler.backoff_factor, scaler.min_scale,
+                     scaler.max_scale, scaler.growth_interval, scaler.hysteresis, batch.max_grad_norm is not None,
+                     norm_inf, scaler.dynamic)
+    groups = plan.group_table.data_ptr()
+    if one_call(batch):
+        norms, num_norms, updates, num_updates = _records(plan, static)
+        launch_step(module, norms.data_ptr(), num_norms, updates.data_ptr(), num_updates, groups, static["scalars"],
+                    static["partials"], static["flags"], plan.norm_chunks, *finalize_args, plan.chunk_size, stream)
+        plan.write_back(batch)
+        return
     for run, chunks, partials, flags, grad_dtype in static["norm"]:
         launch_partials(module, chunks, run.num_chunks, run.table.data_ptr(), scale, partials, flags, grad_dtype,
                         norm_inf, plan.chunk_size, stream)
     num_partials = plan.reduce_across_shards(batch, norm_inf)
-    launch_finalize(module, static["partials"], static["flags"], num_partials, scale,
-                    scaler.growth_tracker.data_ptr(), scaler.hysteresis_tracker.data_ptr(), applied,
-                    batch.consecutive_skips.data_ptr(), static["scalars"], batch.grad_norm.data_ptr(),
-                    batch.found_inf.data_ptr(), batch.max_grad_norm or 0.0, scaler.growth_factor,
-                    scaler.backoff_factor, scaler.min_scale, scaler.max_scale, scaler.growth_interval,
-                    scaler.hysteresis, batch.max_grad_norm is not None, norm_inf, scaler.dynamic, stream)
-    groups = plan.group_table.data_ptr()
+    launch_finalize(module, static["partials"], static["flags"], num_partials, *finalize_args[:5],
+                    static["scalars"], *finalize_args[5:], stream)
     for pair, chunks, grad_dtype, param_dtype in static["update"]:
         launch_update(module, chunks, pair.num_chunks, pair.table.data_ptr(), groups, static["scalars"], applied,
                       grad_dtype, param_dtype, plan.chunk_size, stream)

@@ -21,7 +21,7 @@ import fused_opt
 from . import workloads
 from .contenders import Baseline, Model, build_all
 from .plot import plot
-from .timing import copy_bandwidth, kernel_launches, time_interleaved
+from .timing import copy_bandwidth, kernel_launches, paired_ratio, time_interleaved
 
 BYTES_PER_PARAM = 22  # SPEC §5: the lower bound for a step with momentum, FP16 grads, FP32 masters
 
@@ -79,6 +79,8 @@ def run(args) -> dict:
         launches = {c.name: kernel_launches(c.step, device) for c in contenders}
         best_torch = min(t["median_s"] for c in contenders if isinstance(c, Baseline)
                          and " compiled" not in c.name for t in [timings[c.name]])
+        best_torch_timing = next(timings[c.name] for c in contenders if isinstance(c, Baseline)
+                                 and timings[c.name]["median_s"] == best_torch)
         for c in contenders:
             t = timings[c.name]
             bytes_per_param = getattr(c, "bytes_per_param", BYTES_PER_PARAM)
@@ -90,6 +92,8 @@ def run(args) -> dict:
                              first_ms=t["first_s"] * 1e3,
                              gb_s=bandwidth / 1e9, copy_fraction=bandwidth / copy_bps,
                              speedup_vs_best_torch=best_torch / t["median_s"], launches=launches[c.name],
+                             speedup_vs_best_torch_paired=paired_ratio(best_torch_timing, t),
+                             samples_ms=[x * 1e3 for x in t["samples"]],
                              bytes_per_param=bytes_per_param,
                              speedup_vs_fused_opt=None if base is None else base["median_s"] / t["median_s"],
                              memory_per_param=c.memory_per_param() if hasattr(c, "memory_per_param") else None))
@@ -136,12 +140,13 @@ def table(record: dict) -> str:
     lines = [f"Device: {record['device']} | torch {record['torch']} | {record['date']} | "
              f"copy {record['copy_gb_s']:.1f} GB/s (read+write)",
              "",
-             "| workload | dtype | params | tensors | contender | ms/step | host ms | first ms | B/param moved | GB/s | % copy | vs best torch | vs fused_opt default | memory B/param | launches |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| workload | dtype | params | tensors | contender | ms/step | host ms | first ms | B/param moved | GB/s | % copy | vs best torch | paired | vs fused_opt default | memory B/param | launches |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
         lines.append(f"| {r['workload']} | {r['dtype']} | {r['params'] / 1e6:.1f}M | {r['tensors']} | {r['contender']} "
                      f"| {r['time_ms']:.3f} | {_ms(r['host_ms'])} | {r['first_ms']:.1f} | {r['bytes_per_param']} "
                      f"| {r['gb_s']:.1f} | {100 * r['copy_fraction']:.0f}% | {r['speedup_vs_best_torch']:.2f}x "
+                     f"| {_ratio(r.get('speedup_vs_best_torch_paired'))} "
                      f"| {_ratio(r['speedup_vs_fused_opt'])} | {_ratio(r['memory_per_param'], '')} "
                      f"| {r['launches'] if r['launches'] is not None else '-'} |")
     return "\n".join(lines)

@@ -41,7 +41,7 @@ def time_call(fn, device: torch.device, steps: int, kernel_clock=None) -> tuple[
 
 def time_interleaved(fns: dict, device, repeats: int, steps: int, warmup: int = 2, progress=None,
                      clocks: dict | None = None) -> dict:
-    """name -> {"first_s", "median_s", "min_s", "max_s", "host_s"}: the first call (state
+    """name -> {"first_s", "median_s", "min_s", "max_s", "host_s", "samples"}: the first call (state
     allocation) timed alone, then `repeats` rounds over all contenders. `clocks`: name -> the
     contender's kernel clock (see time_call)."""
     clocks = clocks or {}
@@ -59,11 +59,18 @@ def time_interleaved(fns: dict, device, repeats: int, steps: int, warmup: int = 
             if progress is not None:
                 progress()
     for r in results.values():
-        samples = r.pop("samples")
+        samples = r["samples"]  # kept: sample k of every contender is from round k (paired_ratio)
         r.update(median_s=statistics.median(samples), min_s=min(samples), max_s=max(samples),
                  host_s=None if None in r["host"] else statistics.median(r["host"]))
         r.pop("host")
     return results
+
+
+def paired_ratio(baseline: dict, contender: dict) -> float:
+    """The median over rounds of baseline time / contender time, each ratio from one round,
+    where the two ran back to back: a machine that slows down for a round slows both (on a
+    shared machine the medians of each alone drift apart by more than the effect measured)."""
+    return statistics.median(b / c for b, c in zip(baseline["samples"], contender["samples"], strict=True))
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 5) -> float:
