@@ -44,9 +44,8 @@ constexpr int kLanes = 16;
 #if defined(__F16C__)
 // FP16 through the F16C instructions, 8 values at a time, in the update: the exact software
 // conversion (sgd_math.h, torch's own algorithm) costs a dozen operations per value and left
-// the FP16 update compute-bound (24 -> 8 ms at 16M params here; the norm pass, which only
-// loads, measured faster with the software conversion). Both round to nearest even, so
-// results are the same bits. Blocks of kBlock values go through an FP32 buffer that the
+// the FP16 update compute-bound (24 -> 8 ms at 16M params here). Both round to nearest
+// even, so results are the same bits. Blocks of kBlock values go through an FP32 buffer that the
 // shared FP32 loop then runs on.
 constexpr int64_t kBlock = 1024;
 
@@ -92,10 +91,24 @@ TensorEntry block_entry(const TensorEntry& t, const float* grads, int64_t begin,
 #endif
 
 #if defined(__F16C__) && defined(__AVX2__)
-// The FP16 norm pass with F16C: lane k of the 16 accumulates elements begin + k + 16j, as in
-// the portable loop below, so both give the same bits.
-template <bool NormInf>
-void partial_chunk_f16c(const uint16_t* g, float inv_scale, int64_t begin, int64_t end, double& acc, int& bad) {
+// 8 grads as FP32: exact conversions, as G::load (BF16 is the upper half of an FP32).
+template <class G>
+__m256 load8(const typename G::storage* g);
+template <>
+__m256 load8<F16>(const uint16_t* g) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g))); }
+template <>
+__m256 load8<BF16>(const uint16_t* g) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+template <>
+__m256 load8<F32>(const float* g) { return _mm256_loadu_ps(g); }
+
+// The norm pass with AVX2: lane k of the 16 accumulates elements begin + k + 16j, as in the
+// portable loop below, so both give the same bits.
+template <class G, bool NormInf>
+void partial_chunk_avx2(const typename G::storage* g, float inv_scale, int64_t begin, int64_t end, double& acc,
+                        int& bad) {
   __m256 max_lo = _mm256_setzero_ps(), max_hi = _mm256_setzero_ps();
   __m256d sum[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
   __m256i bad_lo = _mm256_setzero_si256(), bad_hi = _mm256_setzero_si256();
@@ -104,8 +117,8 @@ void partial_chunk_f16c(const uint16_t* g, float inv_scale, int64_t begin, int64
   const __m256i exponent = _mm256_set1_epi32(0x7F800000);
   int64_t i = begin;
   for (; i + kLanes <= end; i += kLanes) {
-    const __m256 lo = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + i))), inv);
-    const __m256 hi = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + i + 8))), inv);
+    const __m256 lo = _mm256_mul_ps(load8<G>(g + i), inv);
+    const __m256 hi = _mm256_mul_ps(load8<G>(g + i + 8), inv);
     if (NormInf) {
       bad_lo = _mm256_or_si256(bad_lo, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(lo), exponent), exponent));
       bad_hi = _mm256_or_si256(bad_hi, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(hi), exponent), exponent));
@@ -134,18 +147,15 @@ void partial_chunk_f16c(const uint16_t* g, float inv_scale, int64_t begin, int64
     bad |= NormInf ? lane_bad[k] != 0 : !std::isfinite(sums[k]);
   }
   TensorEntry tail{reinterpret_cast<int64_t>(g), 0, 0, 0, end, 0, 0};
-  partial_range<F16>(tail, inv_scale, NormInf, i, end, 1, acc, bad);
+  partial_range<G>(tail, inv_scale, NormInf, i, end, 1, acc, bad);
 }
 #endif
 
 template <class G, bool NormInf>
 void partial_chunk(const TensorEntry& t, float inv_scale, int64_t begin, int64_t end, double& acc, int& bad) {
 #if defined(__F16C__) && defined(__AVX2__)
-  if constexpr (std::is_same_v<G, F16>) {
-    partial_chunk_f16c<NormInf>(reinterpret_cast<const uint16_t*>(t.grad), inv_scale, begin, end, acc, bad);
-    return;
-  }
-#endif
+  partial_chunk_avx2<G, NormInf>(reinterpret_cast<const typename G::storage*>(t.grad), inv_scale, begin, end, acc, bad);
+#else
   const auto* g = reinterpret_cast<const typename G::storage*>(t.grad);
   double lane_acc[kLanes] = {};
   int lane_bad[kLanes] = {};
@@ -160,6 +170,7 @@ void partial_chunk(const TensorEntry& t, float inv_scale, int64_t begin, int64_t
     bad |= lane_bad[k];
   }
   partial_range<G>(t, inv_scale, NormInf, i, end, 1, acc, bad);
+#endif
 }
 
 template <class G, class P, bool HasBuf, bool HasParam, bool Nesterov>

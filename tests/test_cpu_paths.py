@@ -18,6 +18,10 @@ CONFIGS = {
     "bf16 nesterov clip inf": Config(dtype=torch.bfloat16, norm_type=math.inf, max_grad_norm=0.05,
                                      groups=[dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-2,
                                                   nesterov=True, maximize=True)]),
+    # the AVX2 norm pass loads FP16, BF16 and FP32 grads alike and finds inf/NaN from its lane sums
+    "bf16 clip l2 nan": Config(dtype=torch.bfloat16, max_grad_norm=0.05, inject={2: "nan", 5: "inf"}),
+    "fp32 clip l2 inf": Config(dtype=torch.float32, max_grad_norm=0.05, inject={3: "inf"}),
+    "fp16 clip inf nan": Config(dtype=torch.float16, norm_type=math.inf, max_grad_norm=0.05, inject={1: "nan"}),
     "fp32 dampening no clip": Config(dtype=torch.float32, loss_scale=None,
                                      groups=[dict(lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.0,
                                                   nesterov=False, maximize=False)]),
