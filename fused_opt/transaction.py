@@ -17,7 +17,7 @@ class Transaction:
     enqueued, and an exception before the first write restores the loss scale, its counters,
     the applied-step count and the count of skipped steps, so a step either happens or leaves no trace, and a retry
     never double-counts. A backend whose step is one call into compiled code (native_backend.one_call)
-    has nothing to roll back; the interrupt is still held until the step's writes after it.
+    has nothing to roll back, and holds interrupts itself where Python writes after that call.
     """
 
     def __init__(self):
@@ -26,8 +26,7 @@ class Transaction:
     def run(self, backend, batch) -> None:
         one_call = getattr(backend, "one_call", None)
         if one_call is not None and one_call(batch):  # nothing is written before its one call
-            with _interrupts_held():
-                backend.step(batch)
+            backend.step(batch)  # which holds interrupts itself over any write after that call
             return
         live = [*batch.scaler.counters, batch.applied_steps, batch.consecutive_skips]
         saved = self._buffers(batch)

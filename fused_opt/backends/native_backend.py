@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from ..transaction import _interrupts_held
 from . import StepBatch
 from .multi_tensor import CHUNK_SIZE, plan_for
 
@@ -233,9 +234,14 @@ def step(batch: StepBatch) -> None:
     groups = plan.group_table.data_ptr()
     if one_call(batch):
         norms, num_norms, updates, num_updates = _records(plan, static)
-        launch_step(module, norms.data_ptr(), num_norms, updates.data_ptr(), num_updates, groups, static["scalars"],
-                    static["partials"], static["flags"], plan.norm_chunks, *finalize_args, plan.chunk_size, stream)
-        plan.write_back(batch)
+        args = (norms.data_ptr(), num_norms, updates.data_ptr(), num_updates, groups, static["scalars"],
+                static["partials"], static["flags"], plan.norm_chunks, *finalize_args, plan.chunk_size, stream)
+        if batch.flat_grads is not None:  # nothing after the call: flat steps stage nothing, bump no versions
+            launch_step(module, *args)
+            return
+        with _interrupts_held():  # an interrupt must not fall between the call and the write-back
+            launch_step(module, *args)
+            plan.write_back(batch)
         return
     for run, chunks, partials, flags, grad_dtype in static["norm"]:
         launch_partials(module, chunks, run.num_chunks, run.table.data_ptr(), scale, partials, flags, grad_dtype,
