@@ -77,10 +77,9 @@ def run(args) -> dict:
                                    steps=args.steps, clocks={c.name: getattr(c, "kernel_clock", None)
                                                              for c in contenders})
         launches = {c.name: kernel_launches(c.step, device) for c in contenders}
-        best_torch = min(t["median_s"] for c in contenders if isinstance(c, Baseline)
-                         and " compiled" not in c.name for t in [timings[c.name]])
-        best_torch_timing = next(timings[c.name] for c in contenders if isinstance(c, Baseline)
-                                 and timings[c.name]["median_s"] == best_torch)
+        best_torch_timing = min((timings[c.name] for c in contenders if isinstance(c, Baseline)
+                                 and " compiled" not in c.name), key=lambda t: t["median_s"])
+        best_torch = best_torch_timing["median_s"]
         for c in contenders:
             t = timings[c.name]
             bytes_per_param = getattr(c, "bytes_per_param", BYTES_PER_PARAM)
