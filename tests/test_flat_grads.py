@@ -237,6 +237,38 @@ def test_state_and_group_edits_are_seen():
     assert flat.flat_grads_status == "active"
 
 
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "per-tensor"])
+def test_hyperparameter_edits_between_steps_take_effect_as_in_torch(flat):
+    """The step re-validates a group only when one of its values is a new object: every edit
+    a scheduler or a user makes is one (a new float, a new tensor, True/False), so each must
+    change the next step exactly as it changes torch.optim.SGD's, in the flat fast step too."""
+    edits = {1: dict(lr=0.05), 2: dict(weight_decay=1e-2), 3: dict(momentum=0.5), 4: dict(nesterov=True),
+             5: dict(maximize=True), 6: dict(dampening=0.0, nesterov=False), 7: dict(lr=torch.tensor(0.2))}
+
+    def run(make):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(n)) for n in (1, 7, 1023)]
+        opt = make(ps)
+        for step in range(9):
+            opt.param_groups[0].update(edits.get(step, {}))
+            for p in ps:
+                g = torch.randn(p.shape)
+                if flat and isinstance(opt, fused_opt.FusedMixedPrecisionSGD) and p.grad is not None:
+                    p.grad.copy_(g)  # flat grads stay views
+                else:
+                    p.grad = g
+            opt.step()
+        if flat and isinstance(opt, fused_opt.FusedMixedPrecisionSGD):
+            assert opt.flat_grads_status == "active"
+        return [p.detach().clone() for p in ps]
+
+    ours = run(lambda ps: fused_opt.FusedMixedPrecisionSGD(ps, lr=0.1, momentum=0.9, loss_scale=None,
+                                                           backend="native", flat_grads=flat))
+    theirs = run(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_checkpoint_holds_no_whole_flat_buffer():
     sizes = {}
     for flat in (False, True):
