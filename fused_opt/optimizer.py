@@ -238,6 +238,8 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         # for them to do: a step hook (the optimizer's or a global one), a profiler, or dynamo
         # tracing (which knows torch's wrapper); then torch's own wrapper runs, unchanged, and
         # hooks see the call's args and kwargs as given (Lightning passes closure=...).
+        if type(self).step is not _STEP:  # a subclass's step, which torch wraps, calling super().step()
+            return self._unhooked_step(*args, **kwargs)
         if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _GLOBAL_STEP_HOOKS[0]
                 or _GLOBAL_STEP_HOOKS[1] or _profiler_enabled() or torch.compiler.is_compiling()):
             return self._hooked_step(*args, **kwargs)
@@ -435,6 +437,7 @@ def _closure_argument(closure=None):
 
 # step's signature for inspect (it takes *args, **kwargs to hand them to hooks unchanged)
 FusedMixedPrecisionSGD.step.__signature__ = inspect.signature(lambda self, closure=None: None)
+_STEP = FusedMixedPrecisionSGD.step
 
 HYPER_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
 

@@ -323,3 +323,27 @@ def test_step_hooks_and_the_profiler_see_what_torchs_would(backend, device):
     assert ours[0] == torchs[0] and len(ours[0]) == 4 * 3 + 4 * 3
     assert ours[1] == torchs[1] == 2 * 5 + 1
     assert ours[2] == ["FusedMixedPrecisionSGD.step"] and torchs[2] == ["SGD.step"]
+
+
+def test_a_subclass_step_runs_its_hooks_once_as_torchs_would():
+    """A subclass overriding step() is wrapped by torch's own hook wrapper; its super().step()
+    must then not run the hooks a second time. (torch.optim.SGD's subclasses run them twice
+    once any plain SGD was built in the process, which wraps SGD.step too: not copied.)"""
+    def run(base):
+        class Sub(base):
+            def step(self, closure=None):
+                return super().step(closure)
+        calls = []
+        model = _model("cpu", torch.float32)
+        kwargs = dict(loss_scale=None) if base is fused_opt.FusedMixedPrecisionSGD else {}
+        opt = Sub(model.parameters(), lr=0.1, **kwargs)
+        opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+        opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+        return calls, [p.detach().clone() for p in model.parameters()]
+    ours, theirs = run(fused_opt.FusedMixedPrecisionSGD), run(torch.optim.SGD)
+    assert ours[0] == ["pre", "post"]
+    for a, b in zip(ours[1], theirs[1]):
+        torch.testing.assert_close(a, b)
