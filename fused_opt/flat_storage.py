@@ -97,8 +97,10 @@ class FlatStorage:
         return flat, [None if t is None else self._view(flat, p, off).copy_(t)
                       for p, t, off in zip(params, tensors, self.offsets)]
 
-    def attach(self, owners: list, state) -> None:
-        """Points each param's .grad and state entries at the flat storage."""
+    def attach(self, owners: list, state, summed: list, sums: dict | None) -> None:
+        """Points each param's .grad and state entries at the flat storage. `summed[k]`: the
+        k-th grad is an FP32 sum of fp32_grad_accumulation (`sums`, its accumulator's
+        buffers), whose buffer becomes the view; that param's .grad stays None."""
         me = weakref.ref(self)
 
         def died(_ref):
@@ -106,9 +108,12 @@ class FlatStorage:
             if storage is not None:
                 storage.alive = False
 
-        for p, kernel_view, off in zip(owners, self.grad_views, self.offsets):
+        for p, kernel_view, off, is_sum in zip(owners, self.grad_views, self.offsets, summed):
             view = self._view(self.grad_buffers[kernel_view.dtype], p, off)
-            p.grad = view
+            if is_sum:
+                sums[p] = view
+            else:
+                p.grad = view
             self._refs.append(weakref.ref(view, died))
         # `p.data = ...` frees the param's old storage (its PyObject is preserved while it lives).
         self._refs += [weakref.ref(p.untyped_storage(), died) for p in owners]
@@ -168,6 +173,8 @@ class FlatGrads:
         self.ran = 0
         self.epoch = self.lists = self.momentum = None
         self.left_out = []
+        self.accumulator = None  # fp32_grad_accumulation's FP32GradAccumulator, whose sums are flat views
+        self.summed = []         # the params whose grads are those sums
         self.backward_due = False  # scale_loss was called and its backward has not started
 
     @property
@@ -184,7 +191,8 @@ class FlatGrads:
         if (storage.intact() and epoch == self.epoch and len(groups) == len(self.lists)
                 and all(g["params"] is lst for g, lst in zip(groups, self.lists))
                 and [h.uses_momentum for h in hypers] == self.momentum
-                and all(p.grad is None for p in self.left_out)):
+                and all(p.grad is None for p in self.left_out)
+                and (self.accumulator is None or self.accumulator.complete(self.summed, self.left_out))):
             return True
         if not storage.alive:  # grads taken away from us, not a change of ours or the user's state
             self.deaths = self.deaths + 1 if self.ran == 0 else 1
@@ -192,11 +200,13 @@ class FlatGrads:
         return False
 
     def adopt(self, layout, grads: list, left_out: list, state, groups: list, hypers: list, epoch: Epoch,
-              layout_id: int) -> bool:
+              layout_id: int, accumulator=None) -> bool:
         """After a per-tensor step: copy its grads and state into flat buffers and point .grad
         and state[p] at them (a full copy, so only when something changed). Params that had no
         grad in that step (frozen, unused) stay out, as torch would leave them: each step
-        checks that they still have none (the one per-tensor check left, on those only)."""
+        checks that they still have none (the one per-tensor check left, on those only).
+        With fp32_grad_accumulation the FP32 sums become the flat views (one FP32 buffer, the
+        FP32 params' grads beside them), and each step checks the sums are complete."""
         if self.off is not None:
             return False
         reason = ineligible(layout.owners)
@@ -207,7 +217,10 @@ class FlatGrads:
             self.off = reason
             return False
         storage = FlatStorage(layout, grads)
-        storage.attach(layout.owners, state)
+        summed = [accumulator is not None and accumulator.holds_sum(p, g) for p, g in zip(layout.owners, grads)]
+        storage.attach(layout.owners, state, summed, None if accumulator is None else accumulator.main_grads)
+        self.accumulator = accumulator
+        self.summed = [p for p, is_sum in zip(layout.owners, summed) if is_sum]
         for g in groups:  # in-place edits of a group's list must bump the epoch
             if not (isinstance(g["params"], ParamList) and g["params"]._epoch is epoch):
                 g["params"] = ParamList(epoch, g["params"])

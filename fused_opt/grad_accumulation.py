@@ -6,7 +6,8 @@ micro-batch, and the sum can overflow where each part does not. Here a post-accu
 hook adds each micro-batch's FP16/BF16 grad into an FP32 buffer the moment backward produces
 it and frees the FP16 one, so the sum is rounded once per micro-batch to 24 bits and memory
 holds one low-precision grad at a time. The step reads the FP32 buffers (the kernels take FP32
-grads like any other) and consumes them: the next backward starts a new accumulation.
+grads like any other) and consumes them: the next backward starts a new accumulation. With
+flat_grads=True the buffers become views into the flat FP32 grad buffer (flat_storage.py).
 
 Freeing `.grad` inside backward is what DDP and FSDP2 cannot live with: they read `.grad`
 after this hook to reduce it across ranks, and would reduce zeros. The option therefore
@@ -14,9 +15,12 @@ refuses to run in a process group of more than one rank, and on DTensor params.
 """
 from __future__ import annotations
 
+import operator
 import weakref
+from itertools import repeat
 
 import torch
+import torch.distributed as dist
 
 from .distributed import is_dtensor
 
@@ -30,7 +34,6 @@ def check_single_process(params) -> None:
            "DDP's or FSDP2's gradient reduction reads it, which would then reduce zeros. ")
     if any(is_dtensor(p) for p in params):
         raise ValueError(why + "It cannot be used with DTensor (FSDP2) params.")
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         raise ValueError(why + f"It is single-process only (this process group has {dist.get_world_size()} "
                          "ranks); accumulate in .grad under DDP/FSDP2.")
@@ -107,12 +110,29 @@ class FP32GradAccumulator:
                 out.append(p.grad)
         return out
 
+    def holds_sum(self, p: torch.Tensor, grad: torch.Tensor) -> bool:
+        return self.main_grads.get(p) is grad
+
+    def complete(self, summed: list, others: list) -> bool:
+        """For a flat step (flat_grads=True), whose grads are the sums of `summed`: every one
+        of them got a grad in this accumulation, none of `others` (the optimizer's params
+        outside flat storage) did, and none has a .grad set after backward. That last one is
+        read per param (~0.1-0.2 us each): nothing else would tell a hand-set grad, which the
+        step would leave to be summed into the next accumulation."""
+        pending = self.pending
+        return (len(pending) == len(summed) and not any(p in pending for p in others)
+                and all(map(operator.is_, map(_GRAD, summed), repeat(None))))
+
     def consume(self) -> None:
         """After a step or zero_grad: the next backward starts a new sum."""
         self.pending.clear()
 
     def check(self) -> None:
-        check_single_process([])  # a process group may have been created after construction
+        if dist.is_available() and dist.is_initialized():  # a process group created after construction
+            check_single_process([])
+
+
+_GRAD = operator.attrgetter("grad")
 
 
 def _remove_hooks(handles: list) -> None:

@@ -56,9 +56,6 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
                              "combined yet (flat storage holds FP32 masters)")
         # BF16 params with int16 master remainders instead of FP32 masters (remainder.py).
         self._remainders = master_weights == "remainder"
-        if flat_grads and fp32_grad_accumulation:
-            raise ValueError("FusedMixedPrecisionSGD: flat_grads=True and fp32_grad_accumulation=True cannot be "
-                             "combined: the FP32 accumulation frees .grad inside backward, which flat grads keep")
         check_scaler_args("dynamic" if loss_scale == "auto" else loss_scale, init_scale, growth_factor,
                           backoff_factor, growth_interval)
         check_scale_bounds(init_scale, hysteresis, min_scale, max_scale)
@@ -310,7 +307,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         if self._flat_grads is not None:
             left_out = [p for p, g in zip(params, grads_all) if g is None]
             if self._flat_grads.adopt(self._layouts.layout, batch.grads, left_out, self.state, self.param_groups,
-                                      hypers, self._epoch, self._layouts.next_id()):
+                                      hypers, self._epoch, self._layouts.next_id(), self._accumulator):
                 self._layouts.invalidate()  # its masters and buffers were copied; the state holds flat views
 
     def _hypers(self) -> list:
@@ -339,6 +336,8 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         if self._guard is not None and scaler is self._scaler:
             self._guard.check(None, self._param_name)
         self._flat_grads.check_backward_ran()
+        if self._accumulator is not None:
+            self._accumulator.check()
         flat = self._flat_grads
         layout = flat.layout
         self._launch(StepBatch(layout.params, layout.grads, layout.masters, layout.bufs, layout.firsts,
@@ -347,6 +346,8 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
                                self._backend_cache, layout.layout_id, None, flat.storage.grad_buffers,
                                self.consecutive_skips))
         self._scaler.loss_scaled = False
+        if self._accumulator is not None:
+            self._accumulator.consume()
         flat.stepped()
 
     @property
@@ -357,9 +358,8 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         flat = self._flat_grads
-        if flat is not None and flat.zero_(self._epoch.value, self.param_groups, set_to_none):
-            return  # flat storage: the grads stay views, zeroed (set_to_none cannot be kept there)
-        super().zero_grad(set_to_none)
+        if flat is None or not flat.zero_(self._epoch.value, self.param_groups, set_to_none):
+            super().zero_grad(set_to_none)  # else flat storage: the grads stay views, zeroed
         if self._accumulator is not None:
             self._accumulator.consume()
 
