@@ -41,46 +41,72 @@ void parallel_chunks(const Chunk* chunks, const TensorEntry* table, int64_t num_
 // order, so the result does not depend on the vector width.
 constexpr int kLanes = 16;
 
-#if defined(__F16C__)
-// FP16 through the F16C instructions, 8 values at a time, in the update: the exact software
-// conversion (sgd_math.h, torch's own algorithm) costs a dozen operations per value and left
-// the FP16 update compute-bound (24 -> 8 ms at 16M params here). Both round to nearest
-// even, so results are the same bits. Blocks of kBlock values go through an FP32 buffer that the
-// shared FP32 loop then runs on.
+#if defined(__F16C__) && defined(__AVX2__)
+// 8 values of a storage type as FP32 and back, with AVX2/F16C: exact widening, and
+// narrowing that rounds to nearest even with the bits of P::store (FP16 by F16C; BF16 by
+// integer ops, a NaN kept as 0x7FC0).
+template <class T>
+__m256 load8(const typename T::storage* x);
+template <>
+__m256 load8<F16>(const uint16_t* x) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))); }
+template <>
+__m256 load8<BF16>(const uint16_t* x) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+template <>
+__m256 load8<F32>(const float* x) { return _mm256_loadu_ps(x); }
+
+template <class T>
+__m128i round8(__m256 w);
+template <>
+__m128i round8<F16>(__m256 w) { return _mm256_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT); }
+template <>
+__m128i round8<BF16>(__m256 w) {
+  const __m256i u = _mm256_castps_si256(w);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)), _mm256_set1_epi32(0x7F800000));
+  const __m256i bits = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+  // 8 x 32 -> 8 x 16 bits: packus works within 128-bit lanes, the permute joins the halves
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0x08));
+}
+
+// The update of FP16/BF16 tensors goes through FP32 blocks of kBlock values (in L1) that the
+// shared FP32 loop (chunks.h) runs on: compiled from the scalar conversions of sgd_math.h
+// (torch's own algorithms, a dozen operations per value, selects as masks) the loop was
+// compute-bound, FP16 at 24 ms per 16M params here (8 ms through F16C) and BF16 at 1.0
+// ns/value in cache (0.6 staged). The results are the same bits.
 constexpr int64_t kBlock = 1024;
 
-void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
+template <class T>
+void widen(const typename T::storage* src, float* dst, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-  }
-  for (; i < n; ++i) dst[i] = F16::load(src[i]);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8<T>(src + i));
+  for (; i < n; ++i) dst[i] = T::load(src[i]);
 }
 
-void f32_to_f16(const float* src, uint16_t* dst, int64_t n) {
+template <class T>
+void narrow(const float* src, uint16_t* dst, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-  }
-  for (; i < n; ++i) dst[i] = F16::store(src[i]);
+  for (; i + 8 <= n; i += 8) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), round8<T>(_mm256_loadu_ps(src + i)));
+  for (; i < n; ++i) dst[i] = T::store(src[i]);
 }
 
-// retake_if_edited (sgd_math.h) over a block, 8 values at a time: the master rounded by F16C
-// (the same bits as F16::store) against the param; only a differing lane takes the param.
-void retake_edited_f16(const uint16_t* p, float* w, int64_t n) {
+// retake_if_edited (sgd_math.h) over a block, 8 values at a time: the master rounded against
+// the param; only a differing lane takes the param.
+template <class P>
+void retake_edited(const uint16_t* p, float* w, int64_t n) {
   int64_t i = 0;
-#if defined(__AVX2__)
   for (; i + 8 <= n; i += 8) {
     const __m256 wv = _mm256_loadu_ps(w + i);
     const __m128i pv = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i));
-    const __m128i same = _mm_cmpeq_epi16(_mm256_cvtps_ph(wv, _MM_FROUND_TO_NEAREST_INT), pv);
+    const __m128i same = _mm_cmpeq_epi16(round8<P>(wv), pv);
     if (_mm_movemask_epi8(same) == 0xFFFF) continue;  // the usual case: nothing was edited
     const __m256 keep = _mm256_castsi256_ps(_mm256_cvtepi16_epi32(same));
-    _mm256_storeu_ps(w + i, _mm256_blendv_ps(_mm256_cvtph_ps(pv), wv, keep));
+    _mm256_storeu_ps(w + i, _mm256_blendv_ps(load8<P>(p + i), wv, keep));
   }
-#endif
-  for (; i < n; ++i) w[i] = retake_if_edited<F16>(p[i], w[i]);
+  for (; i < n; ++i) w[i] = retake_if_edited<P>(p[i], w[i]);
 }
 
 // The tensor entry of an FP32 staging block: element j of it is element begin + j of t.
@@ -88,21 +114,12 @@ TensorEntry block_entry(const TensorEntry& t, const float* grads, int64_t begin,
   return TensorEntry{reinterpret_cast<int64_t>(grads), t.master + begin * 4, t.buf ? t.buf + begin * 4 : 0, 0, n,
                      t.group, t.first_step};
 }
+
+template <class T>
+constexpr bool kHalf = std::is_same_v<T, F16> || std::is_same_v<T, BF16>;
 #endif
 
 #if defined(__F16C__) && defined(__AVX2__)
-// 8 grads as FP32: exact conversions, as G::load (BF16 is the upper half of an FP32).
-template <class G>
-__m256 load8(const typename G::storage* g);
-template <>
-__m256 load8<F16>(const uint16_t* g) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g))); }
-template <>
-__m256 load8<BF16>(const uint16_t* g) {
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-template <>
-__m256 load8<F32>(const float* g) { return _mm256_loadu_ps(g); }
 
 // The norm pass with AVX2: lane k of the 16 accumulates elements begin + k + 16j, as in the
 // portable loop below, so both give the same bits.
@@ -175,17 +192,23 @@ void partial_chunk(const TensorEntry& t, float inv_scale, int64_t begin, int64_t
 
 template <class G, class P, bool HasBuf, bool HasParam, bool Nesterov>
 void update_chunk(const TensorEntry& t, const StepCoefs& coefs, float inv_scale, int64_t begin, int64_t end) {
-#if defined(__F16C__)
-  if constexpr (std::is_same_v<G, F16> && std::is_same_v<P, F16>) {
+#if defined(__F16C__) && defined(__AVX2__)
+  // FP16/BF16 grads are widened into the block; FP32 ones (fp32_grad_accumulation) are read in
+  // place. Remainder params (BF16Remainder) keep their own loop (chunks.h).
+  if constexpr ((kHalf<G> || HasParam) && (!HasParam || kHalf<P>)) {
     alignas(32) float block[kBlock];
+    auto* master = reinterpret_cast<float*>(t.master);
+    auto* param = reinterpret_cast<uint16_t*>(t.param);
     for (int64_t i = begin; i < end; i += kBlock) {
       const int64_t n = std::min(kBlock, end - i);
-      f16_to_f32(reinterpret_cast<const uint16_t*>(t.grad) + i, block, n);
-      if (HasParam) {
-        retake_edited_f16(reinterpret_cast<const uint16_t*>(t.param) + i, reinterpret_cast<float*>(t.master) + i, n);
+      const float* grads = reinterpret_cast<const float*>(t.grad) + i;
+      if constexpr (kHalf<G>) {
+        widen<G>(reinterpret_cast<const typename G::storage*>(t.grad) + i, block, n);
+        grads = block;
       }
-      update_range<F32, F32, HasBuf, false, Nesterov>(block_entry(t, block, i, n), coefs, inv_scale, 0, n, 1);
-      if (HasParam) f32_to_f16(reinterpret_cast<const float*>(t.master) + i, reinterpret_cast<uint16_t*>(t.param) + i, n);
+      if constexpr (HasParam) retake_edited<P>(param + i, master + i, n);
+      update_range<F32, F32, HasBuf, false, Nesterov>(block_entry(t, grads, i, n), coefs, inv_scale, 0, n, 1);
+      if constexpr (HasParam) narrow<P>(master + i, param + i, n);
     }
     return;
   }
