@@ -7,18 +7,18 @@ a device value on the host, so a step can be captured in a CUDA graph.
 from __future__ import annotations
 
 import inspect
-import operator
 
 import torch
 import torch.optim.optimizer as torch_optimizer
 
-from . import backends, drop_in, remainder
+from . import backends, copies, drop_in, remainder
 from . import state_dict as packing
-from .backends import Hyper, StepBatch
+from .backends import StepBatch
 from .distributed import shard_reduction
 from .flat_storage import FlatGrads
 from .grad_accumulation import FP32GradAccumulator
 from .grad_guard import ScaledGradGuard, grad_snapshot_of
+from .hyperparams import GroupHypers
 from .loss_scaler import LossScaler, check_scale_bounds, check_scaler_args
 from .state_checks import usable_master
 from .step_layout import LayoutCache
@@ -65,8 +65,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         self._flat_grads = FlatGrads() if flat_grads else None
         self._flat_ids = None
         self._layouts = LayoutCache()
-        self._checked_lrs = {}  # group index -> the tensor lr last validated (read once)
-        self._hyper_cache = None  # (each group's values, their Hypers) of the last step
+        self._hypers = GroupHypers()
         super().__init__(params, defaults)
         device = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else torch.device("cpu")
         self.max_grad_norm = max_grad_norm
@@ -91,22 +90,9 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         self._transaction = Transaction()
         self._accumulator = FP32GradAccumulator(self._flat_params()) if fp32_grad_accumulation else None
 
-    # -- copies: deepcopy, pickle, torch.save(opt) -----------------------------------------
-    # torch's Optimizer.__getstate__ keeps only defaults, state and groups; a copy must step
-    # exactly like the original, so everything but what is rebuilt from it travels.
-    _REBUILT = ("_backend", "_backend_cache", "_layouts", "_flat_grads", "_transaction", "_accumulator", "_flat_ids", "_flat",
-                "_group_of", "_sharded", "_checked_lrs", "_hyper_cache", "_epoch", "_state", "_amp_scaler", "_guard")
-
+    # -- copies: deepcopy, pickle, torch.save(opt) (copies.py) ------------------------------
     def __getstate__(self) -> dict:
-        state = {k: v for k, v in self.__dict__.items() if k not in self._REBUILT}
-        state["state"] = self.state
-        state["_guarded"] = self._guard is not None
-        state["_flat_mode"] = self._flat_grads is not None
-        if self._accumulator is not None:  # the FP32 sums of an accumulation in progress
-            params = self._flat_params()
-            state["_accumulated"] = {i: self._accumulator.main_grads[p] for i, p in enumerate(params)
-                                     if p in self._accumulator.pending}
-        return state
+        return copies.getstate(self)
 
     # -- public API ---------------------------------------------------------------------
     @property
@@ -148,36 +134,15 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:
         state = dict(state)
         value = state.pop("state", state.pop("_state", None))
-        accumulated = state.pop("_accumulated", None)
-        guarded = state.pop("_guarded", False)
-        flat_mode = state.pop("_flat_mode", False)
-        defaults = state.get("defaults", {})
-        had_differentiable = "differentiable" in defaults
+        extras = {k.lstrip("_"): state.pop(k) for k in copies.EXTRAS if k in state}
+        had_differentiable = "differentiable" in state.get("defaults", {})
         super().__setstate__(state)
         if not had_differentiable:
             self.defaults.pop("differentiable", None)  # torch's __setstate__ adds it; not ours
         if value is not None:
             self.state = value
-        if "_scaler" not in self.__dict__:  # torch.optim.Optimizer.load_state_dict's __setstate__
-            return
-        # A copy (deepcopy, pickle): rebuild what refers to processes, modules or raw memory.
-        self._epoch = self._state._epoch
-        self._flat_ids, self._backend_cache, self._amp_scaler = None, {}, None
-        self._layouts, self._transaction = LayoutCache(), Transaction()
-        self._checked_lrs, self._hyper_cache = {}, None
-        self._guard = ScaledGradGuard(grad_snapshot_of(self)) if guarded else None
-        self._flat_grads = FlatGrads() if flat_mode else None  # the copy adopts grads of its own
-        for group in self.param_groups:
-            group["params"] = ParamList(self._epoch, group["params"])
-        params = self._flat_params()
-        device = params[0].device if params else torch.device("cpu")
-        self.backend, self._backend = backends.resolve(self.backend, device)
-        self._accumulator = None
-        if accumulated is not None:
-            self._accumulator = FP32GradAccumulator(params, adopt=True)
-            for i, total in accumulated.items():
-                self._accumulator.main_grads[params[i]] = total
-                self._accumulator.pending.add(params[i])
+        if "_scaler" in self.__dict__:  # a copy, not torch.optim.Optimizer.load_state_dict's __setstate__
+            copies.rebuild(self, **extras)
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """loss * the current loss scale (a tensor op, no sync). The flag it sets lives on the
@@ -224,7 +189,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         check_tensor_lr({**self.defaults, **group}, index)
         super().add_param_group({**group, "params": params})
         self.param_groups[-1]["params"] = ParamList(self._epoch, self.param_groups[-1]["params"])
-        self._checked_lrs[index] = tuple(map(id, (self.param_groups[index]["lr"], self.param_groups[index]["momentum"])))
+        self._hypers.checked(self.param_groups[index], index)
         if getattr(self, "_accumulator", None) is not None:
             self._accumulator.add(params)
 
@@ -274,7 +239,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         return loss
 
     def _step_without_grad(self) -> None:
-        hypers = self._hypers()
+        hypers = self._hypers.of(self.param_groups)
         if self._flat_grads is not None and self._flat_grads.holds(self._epoch.value, self.param_groups, hypers):
             self._step_flat(hypers)
             return
@@ -309,25 +274,6 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             if self._flat_grads.adopt(self._layouts.layout, batch.grads, left_out, self.state, self.param_groups,
                                       hypers, self._epoch, self._layouts.next_id(), self._accumulator):
                 self._layouts.invalidate()  # its masters and buffers were copied; the state holds flat views
-
-    def _hypers(self) -> list:
-        """Each group's Hyper, validated. Validated again only when a value in a group is not
-        the object it was last step (a scheduler's new lr, an edited group): a tensor lr or
-        momentum is read on the device, so the same tensor object is the same setting."""
-        values = [tuple(map(group.__getitem__, HYPER_KEYS)) for group in self.param_groups]
-        cached = self._hyper_cache
-        if cached is not None and len(cached[0]) == len(values) and all(map(_same_objects, values, cached[0])):
-            return cached[1]
-        for index, group in enumerate(self.param_groups):
-            check_group(group, index)
-            tensors = (group["lr"], group["momentum"])
-            if any(isinstance(t, torch.Tensor) for t in tensors) and self._checked_lrs.get(index) != tuple(map(id, tensors)):
-                check_tensor_lr(group, index)  # a new lr/momentum tensor: its value is read once, here
-                self._checked_lrs[index] = tuple(map(id, tensors))
-        hypers = [Hyper(g["lr"], _number_or_tensor(g["momentum"]), float(g["dampening"]), float(g["weight_decay"]),
-                        bool(g["nesterov"]), bool(g["maximize"])) for g in self.param_groups]
-        self._hyper_cache = (values, hypers)  # holds the values: no id is reused while cached
-        return hypers
 
     def _step_flat(self, hypers: list) -> None:
         """The step over flat storage (flat_storage.py): every list is cached, nothing is
@@ -438,13 +384,3 @@ def _closure_argument(closure=None):
 # step's signature for inspect (it takes *args, **kwargs to hand them to hooks unchanged)
 FusedMixedPrecisionSGD.step.__signature__ = inspect.signature(lambda self, closure=None: None)
 _STEP = FusedMixedPrecisionSGD.step
-
-HYPER_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
-
-
-def _same_objects(a: tuple, b: tuple) -> bool:
-    return all(map(operator.is_, a, b))
-
-
-def _number_or_tensor(value):
-    return value if isinstance(value, torch.Tensor) else float(value)

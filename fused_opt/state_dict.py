@@ -105,7 +105,7 @@ def _load(opt, state_dict: dict) -> None:
     opt._layouts.marks.clear()  # the params are written below: not edits made outside the optimizer
     opt.param_groups = groups
     opt.state = others  # as torch: a new state; keys that name no param are kept as they are
-    opt._checked_lrs, opt._hyper_cache = {}, None
+    opt._hypers.reset()
     params = opt._flat_params()
     for index, entry in entries.items():
         p = params[index]

@@ -52,6 +52,11 @@ def test_every_cpu_path_gives_the_same_bits(name):
                 t.clone() for p in params if p in opt.state for t in opt.state[p].values() if isinstance(t, torch.Tensor)]
         finally:
             native_backend._native_cpu = previous
+    _assert_same_bits(results)
+
+
+def _assert_same_bits(results: dict) -> None:
+    """results: path -> the tensors a run ended with; every path's must be the same bits."""
     first, *others = results.values()
     for other in others:
         assert len(first) == len(other)
@@ -110,11 +115,7 @@ def test_staged_update_gives_the_portable_bits_on_edge_values_and_edits(dtype, f
                 t.clone() for p in params for t in opt.state[p].values() if isinstance(t, torch.Tensor)]
         finally:
             native_backend._native_cpu = previous
-    first, *others = results.values()
-    for other in others:
-        assert len(first) == len(other)
-        for a, b in zip(first, other):
-            assert a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
+    _assert_same_bits(results)
 
 
 def _ties_below(p: torch.Tensor) -> torch.Tensor:
