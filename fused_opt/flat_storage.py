@@ -21,6 +21,7 @@ Params are left where they are (a flat copy would be an alias the user never ask
 """
 from __future__ import annotations
 
+import operator
 import weakref
 from dataclasses import dataclass
 
@@ -46,6 +47,9 @@ def ineligible(params: list) -> str | None:
     if any(not is_dense(p) for p in params):
         return "a param that is a view with gaps (not dense)"
     return None
+
+
+_VERSION = operator.attrgetter("_version")
 
 
 def _storage_use_count(storage) -> int:
@@ -90,10 +94,12 @@ class FlatStorage:
         return buffer.as_strided(like.shape, like.stride(), offset)
 
     def _flat_copies(self, params, tensors):
-        """(flat FP32 buffer, views) holding a copy of each tensor that is not None."""
-        if all(t is None for t in tensors):
+        """(flat buffer, views) holding a copy of each tensor that is not None: FP32 masters and
+        buffers, or master_weights="remainder"'s int16 remainders."""
+        present = [t for t in tensors if t is not None]
+        if not present:
             return None, list(tensors)
-        flat = torch.zeros(self.total, dtype=torch.float32, device=params[0].device)
+        flat = torch.zeros(self.total, dtype=present[0].dtype, device=params[0].device)
         return flat, [None if t is None else self._view(flat, p, off).copy_(t)
                       for p, t, off in zip(params, tensors, self.offsets)]
 
@@ -120,7 +126,7 @@ class FlatStorage:
         for p, master, buf, flag in zip(owners, self.master_views, self.buf_views, self.first_views):
             entry = state[p]
             if master is not None:
-                entry["master_param"] = master
+                entry["master_remainder" if master.dtype == torch.int16 else "master_param"] = master
             if buf is not None:
                 entry["momentum_buffer"] = buf
                 entry["momentum_first_step"] = flag
@@ -173,6 +179,7 @@ class FlatGrads:
         self.ran = 0
         self.epoch = self.lists = self.momentum = None
         self.left_out = []
+        self.versions = None     # master_weights="remainder": each param's version when adopted
         self.accumulator = None  # fp32_grad_accumulation's FP32GradAccumulator, whose sums are flat views
         self.summed = []         # the params whose grads are those sums
         self.backward_due = False  # scale_loss was called and its backward has not started
@@ -192,7 +199,8 @@ class FlatGrads:
                 and all(g["params"] is lst for g, lst in zip(groups, self.lists))
                 and [h.uses_momentum for h in hypers] == self.momentum
                 and all(p.grad is None for p in self.left_out)
-                and (self.accumulator is None or self.accumulator.complete(self.summed, self.left_out))):
+                and (self.accumulator is None or self.accumulator.complete(self.summed, self.left_out))
+                and (self.versions is None or list(map(_VERSION, self.layout.params)) == self.versions)):
             return True
         if not storage.alive:  # grads taken away from us, not a change of ours or the user's state
             self.deaths = self.deaths + 1 if self.ran == 0 else 1
@@ -200,13 +208,17 @@ class FlatGrads:
         return False
 
     def adopt(self, layout, grads: list, left_out: list, state, groups: list, hypers: list, epoch: Epoch,
-              layout_id: int, accumulator=None) -> bool:
+              layout_id: int, accumulator=None, remainders: bool = False) -> bool:
         """After a per-tensor step: copy its grads and state into flat buffers and point .grad
         and state[p] at them (a full copy, so only when something changed). Params that had no
         grad in that step (frozen, unused) stay out, as torch would leave them: each step
         checks that they still have none (the one per-tensor check left, on those only).
         With fp32_grad_accumulation the FP32 sums become the flat views (one FP32 buffer, the
-        FP32 params' grads beside them), and each step checks the sums are complete."""
+        FP32 params' grads beside them), and each step checks the sums are complete. With
+        master_weights="remainder" the int16 remainders are flat too; a param written outside
+        the optimizer is seen from its version counter (read per param, ~0.1 us each: the
+        kernels cannot see such a write, see step_layout.LayoutCache.marks), and that step
+        takes the per-tensor path, which restarts its remainder."""
         if self.off is not None:
             return False
         reason = ineligible(layout.owners)
@@ -232,7 +244,14 @@ class FlatGrads:
         self.left_out = left_out
         self.momentum = [h.uses_momentum for h in hypers]
         self.epoch = epoch.value
+        self.versions = None
+        if remainders:
+            self.watch_versions()
         return True
+
+    def watch_versions(self) -> None:
+        """Takes the params' version counters as written by us (master_weights="remainder")."""
+        self.versions = list(map(_VERSION, self.layout.params))
 
     def expect_backward(self, scaled_loss: torch.Tensor) -> None:
         """The fast step does not bump the params' version counters (README "flat grads"), so

@@ -51,9 +51,6 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         check_global(max_grad_norm, norm_type)
         if master_weights not in ("fp32", "remainder"):
             raise ValueError(f'master_weights must be "fp32" or "remainder", got {master_weights!r}')
-        if master_weights == "remainder" and flat_grads:
-            raise ValueError("FusedMixedPrecisionSGD: master_weights='remainder' and flat_grads=True cannot be "
-                             "combined yet (flat storage holds FP32 masters)")
         # BF16 params with int16 master remainders instead of FP32 masters (remainder.py).
         self._remainders = master_weights == "remainder"
         check_scaler_args("dynamic" if loss_scale == "auto" else loss_scale, init_scale, growth_factor,
@@ -272,7 +269,8 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         if self._flat_grads is not None:
             left_out = [p for p, g in zip(params, grads_all) if g is None]
             if self._flat_grads.adopt(self._layouts.layout, batch.grads, left_out, self.state, self.param_groups,
-                                      hypers, self._epoch, self._layouts.next_id(), self._accumulator):
+                                      hypers, self._epoch, self._layouts.next_id(), self._accumulator,
+                                      self._remainders):
                 self._layouts.invalidate()  # its masters and buffers were copied; the state holds flat views
 
     def _step_flat(self, hypers: list) -> None:
@@ -294,6 +292,10 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         self._scaler.loss_scaled = False
         if self._accumulator is not None:
             self._accumulator.consume()
+        if flat.versions is not None and getattr(self._backend, "WRITES_BUMP_VERSIONS", False):
+            flat.versions = None  # remainders: our own writes are not edits (flat_storage.py)
+            self._layouts.mark_written(layout.params)
+            flat.watch_versions()
         flat.stepped()
 
     @property

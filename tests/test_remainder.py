@@ -8,6 +8,7 @@ import torch
 import fused_opt
 from fused_opt.remainder import rebuild, remainder_of
 from harness import (BACKEND_DEVICE_IDS, BACKEND_DEVICES, Config, assign_groups, make_grads, make_params, run_step)
+from test_flat_grads import FLAT_CONFIGS, write_grads
 from test_matrix import CONFIGS
 
 
@@ -69,13 +70,14 @@ def test_kernels_encode_like_the_host(backend, device):
     assert torch.equal(p.detach().cpu().view(torch.int16), w.to(torch.bfloat16).view(torch.int16))
 
 
-def build(config, backend, device, mode):
+def build(config, backend, device, mode, flat=False):
     params = make_params(config, device)
     groups, _ = assign_groups(config, params)
     opt = fused_opt.FusedMixedPrecisionSGD(
         groups, max_grad_norm=config.max_grad_norm, norm_type=config.norm_type, loss_scale=config.loss_scale,
         init_scale=config.init_scale, growth_interval=config.growth_interval, hysteresis=config.hysteresis,
-        min_scale=config.min_scale, max_scale=config.max_scale, backend=backend, master_weights=mode)
+        min_scale=config.min_scale, max_scale=config.max_scale, backend=backend, master_weights=mode,
+        flat_grads=flat)
     return params, opt
 
 
@@ -94,20 +96,43 @@ def masters_of(opt, params, mode):
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
 @pytest.mark.parametrize("name", CONFIGS.keys())
 def test_bit_exact_against_fp32_masters(name, backend, device):
+    lockstep_against_fp32_masters(Config(**{**CONFIGS[name].__dict__, "dtype": torch.bfloat16}), backend, device)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+@pytest.mark.parametrize("name", FLAT_CONFIGS)
+def test_flat_grads_bit_exact_against_flat_fp32_masters(name, backend, device):
+    # flat_grads=True in both runs (the same flat norm pass): the remainders live in a flat
+    # int16 buffer, and the fast step runs from the second step on.
+    opts = lockstep_against_fp32_masters(Config(**{**CONFIGS[name].__dict__, "dtype": torch.bfloat16}), backend,
+                                         device, flat=True)
+    for opt in opts:
+        assert opt.flat_grads_status == "active" and opt._flat_grads.ran >= 5
+    views = [t for t in opts[1].state.values() if "master_remainder" in t]
+    assert views and all(e["master_remainder"].untyped_storage().data_ptr()
+                         == opts[1]._flat_grads.storage.masters.data_ptr() for e in views)
+
+
+def lockstep_against_fp32_masters(config, backend, device, flat=False):
     """Both modes in lockstep on the same grads (which do not depend on the params): params and
     rebuilt masters equal bit for bit, except where the FP32 run's master was the one tie the
     remainder cannot hold (rebuilt 1 ulp lower, checked); such an element is followed no
     further (its later steps start from another master)."""
-    config = Config(**{**CONFIGS[name].__dict__, "dtype": torch.bfloat16})
-    (params_a, opt_a), (params_b, opt_b) = build(config, backend, device, "fp32"), build(config, backend, device,
-                                                                                          "remainder")
+    (params_a, opt_a), (params_b, opt_b) = (build(config, backend, device, "fp32", flat),
+                                            build(config, backend, device, "remainder", flat))
     diverged = [torch.zeros(p.shape, dtype=torch.bool) for p in params_a]
     ties = 0
     for step in range(config.steps):
         assert float(opt_a.loss_scale) == float(opt_b.loss_scale)
         grads = make_grads(config, params_a, step, float(opt_a.loss_scale))
-        run_step(opt_a, params_a, grads)
-        run_step(opt_b, params_b, [None if g is None else g.clone() for g in grads])
+        for opt, params, gs in ((opt_a, params_a, grads), (opt_b, params_b, [None if g is None else g.clone()
+                                                                               for g in grads])):
+            if flat:
+                write_grads(opt, params, gs)
+                opt.scale_loss(torch.zeros((), device=device))
+                opt.step()
+            else:
+                run_step(opt, params, gs)
         assert bool(opt_a.last_step_skipped) == bool(opt_b.last_step_skipped)
         for i, (wa, wb, pa, pb) in enumerate(zip(masters_of(opt_a, params_a, "fp32"),
                                                   masters_of(opt_b, params_b, "remainder"), params_a, params_b)):
@@ -123,6 +148,7 @@ def test_bit_exact_against_fp32_masters(name, backend, device):
             assert torch.equal(wb.to(torch.bfloat16).view(torch.int16), pb.detach().cpu().view(torch.int16))
             diverged[i] |= tie
     assert sum(int(d.sum()) for d in diverged) <= max(2, ties)
+    return opt_a, opt_b
 
 
 def bf16_mlp(seed=0):
@@ -177,8 +203,9 @@ def test_resume_is_bit_identical():
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))
 
 
+@pytest.mark.parametrize("flat", [False, True], ids=["per-tensor", "flat"])
 @pytest.mark.parametrize("how", ["init", "copy", "new_storage", "load_state_dict"])
-def test_param_changed_outside_retakes_its_master(how):
+def test_param_changed_outside_retakes_its_master(how, flat):
     # A tracked write (version counter or storage) restarts the remainder at 0: the master is
     # the written param, as FP32-master mode re-takes it (elementwise, there: a write of every
     # element makes the two equal).
@@ -200,9 +227,10 @@ def test_param_changed_outside_retakes_its_master(how):
     runs = []
     for mode in ("fp32", "remainder"):
         model = bf16_mlp()
-        opt = fused_opt.FusedMixedPrecisionSGD(model.parameters(), master_weights=mode, **HYPER)
-        train(model, opt, steps=4, edit=edit)
+        opt = fused_opt.FusedMixedPrecisionSGD(model.parameters(), master_weights=mode, flat_grads=flat, **HYPER)
+        train(model, opt, steps=5, edit=edit)
         runs.append([p.detach().clone() for p in model.parameters()])
+        assert opt.flat_grads_status == ("active" if flat else None)
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
@@ -227,7 +255,5 @@ def test_refusals_name_why():
     opt = fused_opt.FusedMixedPrecisionSGD(bf16_mlp().parameters(), lr=0.1, master_weights="remainder")
     with pytest.raises(ValueError, match="needs BF16 params"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
-    with pytest.raises(ValueError, match="cannot be combined"):
-        fused_opt.FusedMixedPrecisionSGD(bf16_mlp().parameters(), lr=0.1, master_weights="remainder", flat_grads=True)
     with pytest.raises(ValueError, match="master_weights must be"):
         fused_opt.FusedMixedPrecisionSGD(bf16_mlp().parameters(), lr=0.1, master_weights="int16")

@@ -14,6 +14,10 @@ import torch
 from . import StepBatch
 from ..remainder import is_remainder, rebuild, remainder_of
 
+# Its writes are torch ops, which bump the params' version counters on every step, flat grads
+# too (the fused backends write through raw pointers and bump them only off the flat path).
+WRITES_BUMP_VERSIONS = True
+
 
 def availability(device: torch.device) -> str | None:
     return None  # runs wherever torch runs

@@ -174,7 +174,8 @@ def build_all(model: Model, device: torch.device, include_compiled: bool) -> lis
     contenders = [Ours(model, name) for name in available]
     contenders += [Ours(model, name, flat_grads=True) for name in available if name != "torch"]
     if model.values[0].dtype == torch.bfloat16:  # BF16 params with int16 master remainders
-        contenders += [Ours(model, name, master_weights="remainder") for name in available if name != "torch"]
+        contenders += [Ours(model, name, flat_grads=flat, master_weights="remainder")
+                       for flat in (False, True) for name in available if name != "torch"]
     # GradScaler's CUDA inf check has no BF16 kernel: it can drive FP16 models only.
     if device.type == "cuda" and model.values[0].dtype == torch.float16:
         contenders += [OursUnderGradScaler(model, name) for name in available if name != "torch"]
