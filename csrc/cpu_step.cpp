@@ -42,9 +42,8 @@ void parallel_chunks(const Chunk* chunks, const TensorEntry* table, int64_t num_
 constexpr int kLanes = 16;
 
 #if defined(__F16C__) && defined(__AVX2__)
-// 8 values of a storage type as FP32 and back, with AVX2/F16C: exact widening, and
-// narrowing that rounds to nearest even with the bits of P::store (FP16 by F16C; BF16 by
-// integer ops, a NaN kept as 0x7FC0).
+// 8 values of a storage type as FP32 (exact), and FP32 rounded to FP16 by F16C (to nearest
+// even, the bits of F16::store).
 template <class T>
 __m256 load8(const typename T::storage* x);
 template <>
@@ -61,22 +60,14 @@ template <class T>
 __m128i round8(__m256 w);
 template <>
 __m128i round8<F16>(__m256 w) { return _mm256_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT); }
-template <>
-__m128i round8<BF16>(__m256 w) {
-  const __m256i u = _mm256_castps_si256(w);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
-  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)), _mm256_set1_epi32(0x7F800000));
-  const __m256i bits = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
-  // 8 x 32 -> 8 x 16 bits: packus works within 128-bit lanes, the permute joins the halves
-  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0x08));
-}
 
-// The update of FP16/BF16 tensors goes through FP32 blocks of kBlock values (in L1) that the
-// shared FP32 loop (chunks.h) runs on: compiled from the scalar conversions of sgd_math.h
-// (torch's own algorithms, a dozen operations per value, selects as masks) the loop was
-// compute-bound, FP16 at 24 ms per 16M params here (8 ms through F16C) and BF16 at 1.0
-// ns/value in cache (0.6 staged). The results are the same bits.
+// The update of FP16 params (and of FP16 grads) goes through FP32 blocks of kBlock values (in
+// L1) that the shared FP32 loop (chunks.h) runs on: compiled from the scalar conversion of
+// sgd_math.h (torch's own algorithm, a dozen operations per value) the loop was
+// compute-bound: FP16 at 24 ms per 16M params here (8 ms staged), FP32 sums of
+// fp32_grad_accumulation with FP16 params 9.0 ns/value in cache (0.88 staged). BF16 stays
+// on the direct loop, which the compiler vectorizes: staged, it measured 0.72x as fast at
+// 16M params (the phases of a block stream fewer arrays at once). Same bits either way.
 constexpr int64_t kBlock = 1024;
 
 template <class T>
@@ -116,7 +107,7 @@ TensorEntry block_entry(const TensorEntry& t, const float* grads, int64_t begin,
 }
 
 template <class T>
-constexpr bool kHalf = std::is_same_v<T, F16> || std::is_same_v<T, BF16>;
+constexpr bool kF16 = std::is_same_v<T, F16>;
 #endif
 
 #if defined(__F16C__) && defined(__AVX2__)
@@ -193,16 +184,15 @@ void partial_chunk(const TensorEntry& t, float inv_scale, int64_t begin, int64_t
 template <class G, class P, bool HasBuf, bool HasParam, bool Nesterov>
 void update_chunk(const TensorEntry& t, const StepCoefs& coefs, float inv_scale, int64_t begin, int64_t end) {
 #if defined(__F16C__) && defined(__AVX2__)
-  // FP16/BF16 grads are widened into the block; FP32 ones (fp32_grad_accumulation) are read in
-  // place. Remainder params (BF16Remainder) keep their own loop (chunks.h).
-  if constexpr ((kHalf<G> || HasParam) && (!HasParam || kHalf<P>)) {
+  // FP16 grads are widened into the block; FP32 ones (fp32_grad_accumulation) are read in place.
+  if constexpr ((kF16<G> && (!HasParam || kF16<P>)) || (std::is_same_v<G, F32> && HasParam && kF16<P>)) {
     alignas(32) float block[kBlock];
     auto* master = reinterpret_cast<float*>(t.master);
     auto* param = reinterpret_cast<uint16_t*>(t.param);
     for (int64_t i = begin; i < end; i += kBlock) {
       const int64_t n = std::min(kBlock, end - i);
       const float* grads = reinterpret_cast<const float*>(t.grad) + i;
-      if constexpr (kHalf<G>) {
+      if constexpr (kF16<G>) {
         widen<G>(reinterpret_cast<const typename G::storage*>(t.grad) + i, block, n);
         grads = block;
       }
