@@ -293,8 +293,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         if self._accumulator is not None:
             self._accumulator.consume()
         if flat.versions is not None and getattr(self._backend, "WRITES_BUMP_VERSIONS", False):
-            flat.versions = None  # remainders: our own writes are not edits (flat_storage.py)
-            self._layouts.mark_written(layout.params)
+            self._layouts.mark_written(layout.params)  # remainders: our own writes are not edits
             flat.watch_versions()
         flat.stepped()
 
