@@ -61,56 +61,43 @@ __m128i round8(__m256 w);
 template <>
 __m128i round8<F16>(__m256 w) { return _mm256_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT); }
 
-// The update of FP16 params (and of FP16 grads) goes through FP32 blocks of kBlock values (in
-// L1) that the shared FP32 loop (chunks.h) runs on: compiled from the scalar conversion of
-// sgd_math.h (torch's own algorithm, a dozen operations per value) the loop was
-// compute-bound: FP16 at 24 ms per 16M params here (8 ms staged), FP32 sums of
-// fp32_grad_accumulation with FP16 params 9.0 ns/value in cache (0.88 staged). BF16 stays
-// on the direct loop, which the compiler vectorizes: staged, it measured 0.72x as fast at
-// 16M params (the phases of a block stream fewer arrays at once). Same bits either way.
-constexpr int64_t kBlock = 1024;
-
-template <class T>
-void widen(const typename T::storage* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8<T>(src + i));
-  for (; i < n; ++i) dst[i] = T::load(src[i]);
-}
-
-template <class T>
-void narrow(const float* src, uint16_t* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), round8<T>(_mm256_loadu_ps(src + i)));
-  for (; i < n; ++i) dst[i] = T::store(src[i]);
-}
-
-// retake_if_edited (sgd_math.h) over a block, 8 values at a time: the master rounded against
-// the param; only a differing lane takes the param.
+// retake_if_edited (sgd_math.h) on 8 masters: each rounded against its param; only a
+// differing lane (an edit made outside the optimizer) takes the param.
 template <class P>
-void retake_edited(const uint16_t* p, float* w, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 wv = _mm256_loadu_ps(w + i);
-    const __m128i pv = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i));
-    const __m128i same = _mm_cmpeq_epi16(round8<P>(wv), pv);
-    if (_mm_movemask_epi8(same) == 0xFFFF) continue;  // the usual case: nothing was edited
-    const __m256 keep = _mm256_castsi256_ps(_mm256_cvtepi16_epi32(same));
-    _mm256_storeu_ps(w + i, _mm256_blendv_ps(load8<P>(p + i), wv, keep));
-  }
-  for (; i < n; ++i) w[i] = retake_if_edited<P>(p[i], w[i]);
+__m256 retake8(const uint16_t* p, __m256 w) {
+  const __m128i pv = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i same = _mm_cmpeq_epi16(round8<P>(w), pv);
+  if (_mm_movemask_epi8(same) == 0xFFFF) return w;  // the usual case: nothing was edited
+  return _mm256_blendv_ps(load8<P>(p), w, _mm256_castsi256_ps(_mm256_cvtepi16_epi32(same)));
 }
 
-// The tensor entry of an FP32 staging block: element j of it is element begin + j of t.
-TensorEntry block_entry(const TensorEntry& t, const float* grads, int64_t begin, int64_t n) {
-  return TensorEntry{reinterpret_cast<int64_t>(grads), t.master + begin * 4, t.buf ? t.buf + begin * 4 : 0, 0, n,
-                     t.group, t.first_step};
+// The update with FP16 grads or params, 8 values at a time. Compiled from the scalar FP16
+// conversion of sgd_math.h (torch's own algorithm, a dozen operations per value) the loop
+// was compute-bound (24 ms per 16M params here); F16C converts 8 values in one instruction,
+// and the math is sgd_element itself on 8 lanes. One pass streams every array, as the
+// shared loop does for BF16 and FP32, which the compiler vectorizes by itself. Same bits as
+// the scalar loop: no FMA contraction (setup.py), lane-wise operators.
+template <class G, class P, bool HasBuf, bool HasParam, bool Nesterov>
+void update_chunk_f16c(const TensorEntry& t, const StepCoefs& k, float inv_scale, int64_t begin, int64_t end) {
+  const auto* g = reinterpret_cast<const typename G::storage*>(t.grad);
+  auto* w = reinterpret_cast<float*>(t.master);
+  auto* b = reinterpret_cast<float*>(t.buf);
+  auto* p = reinterpret_cast<uint16_t*>(t.param);
+  int64_t i = begin;
+  for (; i + 8 <= end; i += 8) {
+    __m256 wi = _mm256_loadu_ps(w + i);
+    if constexpr (HasParam) wi = retake8<P>(p + i, wi);
+    __m256 bi = HasBuf ? _mm256_loadu_ps(b + i) : _mm256_setzero_ps();
+    wi = sgd_element<HasBuf, Nesterov>(load8<G>(g + i) * inv_scale, wi, bi, k);
+    _mm256_storeu_ps(w + i, wi);
+    if constexpr (HasBuf) _mm256_storeu_ps(b + i, bi);
+    if constexpr (HasParam) _mm_storeu_si128(reinterpret_cast<__m128i*>(p + i), round8<P>(wi));
+  }
+  update_range<G, P, HasBuf, HasParam, Nesterov>(t, k, inv_scale, i, end, 1);
 }
 
 template <class T>
 constexpr bool kF16 = std::is_same_v<T, F16>;
-#endif
-
-#if defined(__F16C__) && defined(__AVX2__)
 
 // The norm pass with AVX2: lane k of the 16 accumulates elements begin + k + 16j, as in the
 // portable loop below, so both give the same bits.
@@ -184,22 +171,8 @@ void partial_chunk(const TensorEntry& t, float inv_scale, int64_t begin, int64_t
 template <class G, class P, bool HasBuf, bool HasParam, bool Nesterov>
 void update_chunk(const TensorEntry& t, const StepCoefs& coefs, float inv_scale, int64_t begin, int64_t end) {
 #if defined(__F16C__) && defined(__AVX2__)
-  // FP16 grads are widened into the block; FP32 ones (fp32_grad_accumulation) are read in place.
-  if constexpr ((kF16<G> && (!HasParam || kF16<P>)) || (std::is_same_v<G, F32> && HasParam && kF16<P>)) {
-    alignas(32) float block[kBlock];
-    auto* master = reinterpret_cast<float*>(t.master);
-    auto* param = reinterpret_cast<uint16_t*>(t.param);
-    for (int64_t i = begin; i < end; i += kBlock) {
-      const int64_t n = std::min(kBlock, end - i);
-      const float* grads = reinterpret_cast<const float*>(t.grad) + i;
-      if constexpr (kF16<G>) {
-        widen<G>(reinterpret_cast<const typename G::storage*>(t.grad) + i, block, n);
-        grads = block;
-      }
-      if constexpr (HasParam) retake_edited<P>(param + i, master + i, n);
-      update_range<F32, F32, HasBuf, false, Nesterov>(block_entry(t, grads, i, n), coefs, inv_scale, 0, n, 1);
-      if constexpr (HasParam) narrow<P>(master + i, param + i, n);
-    }
+  if constexpr (HasParam ? kF16<P> : kF16<G>) {
+    update_chunk_f16c<G, P, HasBuf, HasParam, Nesterov>(t, coefs, inv_scale, begin, end);
     return;
   }
 #endif

@@ -9,6 +9,9 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #else
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 // Always inlined on the host: the CPU calls the shared loops with stride 1, and only once the
 // constant is propagated does the compiler vectorize them.
 #define FUSED_HD inline __attribute__((always_inline))
@@ -167,15 +170,25 @@ FUSED_HD StepCoefs step_coefs(const Hyper& h, float clip_coef, bool first) {
                    h.weight_decay != 0.0f ? 0xFFFFFFFFu : 0u, h.nesterov != 0.0f};
 }
 
+// x where mask is all ones, +0 where it is 0: a term that is off adds nothing, not 0 * x.
+FUSED_HD float keep_bits(float x, uint32_t mask) { return bits_float(float_bits(x) & mask); }
+#if defined(__AVX2__) && !defined(__CUDACC__)
+inline __m256 keep_bits(__m256 x, uint32_t mask) {
+  return _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(int32_t(mask))));
+}
+#endif
+
 // SPEC §3 step 5 for one element: d = c*u (negated if maximize), weight decay, momentum,
 // then returns the new w. The operation order is the oracle's, so results differ from it
 // only by FMA contraction.
-template <bool HasBuf, bool Nesterov>
-FUSED_HD float sgd_element(float u, float w, float& b, const StepCoefs& k) {
-  float d = u * k.coef;
-  d = d + bits_float(float_bits(k.weight_decay * w) & k.decay_mask);
+// V is float, or on the host a GCC vector of floats (__m256: the CPU's FP16 loop), whose
+// operators work lane by lane, so every lane computes exactly what the float version does.
+template <bool HasBuf, bool Nesterov, class V>
+FUSED_HD V sgd_element(V u, V w, V& b, const StepCoefs& k) {
+  V d = u * k.coef;
+  d = d + keep_bits(k.weight_decay * w, k.decay_mask);
   if (HasBuf) {
-    const float nb = b * k.keep + k.add * d;
+    const V nb = b * k.keep + k.add * d;
     b = nb;
     d = Nesterov ? d + k.momentum * nb : nb;
   }

@@ -85,9 +85,9 @@ def _special_values(n: int, dtype, gen) -> torch.Tensor:
 @pytest.mark.skipif(len(PATHS) < 2, reason="this CPU runs only the portable path")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("fp32_grads", [False, True], ids=["own-grads", "fp32-grads"])
-def test_staged_update_gives_the_portable_bits_on_edge_values_and_edits(dtype, fp32_grads):
-    # The AVX2 update widens and rounds in 8-value vectors over 1024-value blocks; the portable
-    # one per value. Masters holding inf/NaN/subnormals/ties, params edited outside the
+def test_avx2_update_gives_the_portable_bits_on_edge_values_and_edits(dtype, fp32_grads):
+    # The AVX2 update converts and computes FP16 8 values at a time (sgd_element on __m256,
+    # the lane tails on the scalar loop); the portable one per value. Masters holding inf/NaN/subnormals/ties, params edited outside the
     # optimizer between steps (retaken per element), FP16/BF16 grads or FP32 ones
     # (fp32_grad_accumulation sums, read in place): the same bits.
     results = {}
