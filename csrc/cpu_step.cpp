@@ -42,8 +42,8 @@ void parallel_chunks(const Chunk* chunks, const TensorEntry* table, int64_t num_
 constexpr int kLanes = 16;
 
 #if defined(__F16C__) && defined(__AVX2__)
-// 8 values of a storage type as FP32 (exact), and FP32 rounded to FP16 by F16C (to nearest
-// even, the bits of F16::store).
+// 8 values of a storage type as FP32 (exact), and 8 FP32 values rounded to nearest even
+// (the bits of F16::store and BF16::store).
 template <class T>
 __m256 load8(const typename T::storage* x);
 template <>
@@ -60,6 +60,17 @@ template <class T>
 __m128i round8(__m256 w);
 template <>
 __m128i round8<F16>(__m256 w) { return _mm256_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT); }
+// BF16::store on 8 lanes (integer round to nearest even, a NaN kept quiet), then the 8 low
+// halves packed: packus packs within each 128-bit half, the permute joins the halves.
+template <>
+__m128i round8<BF16>(__m256 w) {
+  const __m256i u = _mm256_castps_si256(w);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
+  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)), _mm256_set1_epi32(0x7F800000));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
+}
 
 // retake_if_edited (sgd_math.h) on 8 masters: each rounded against its param; only a
 // differing lane (an edit made outside the optimizer) takes the param.
@@ -71,14 +82,14 @@ __m256 retake8(const uint16_t* p, __m256 w) {
   return _mm256_blendv_ps(load8<P>(p), w, _mm256_castsi256_ps(_mm256_cvtepi16_epi32(same)));
 }
 
-// The update with FP16 grads or params, 8 values at a time. Compiled from the scalar FP16
-// conversion of sgd_math.h (torch's own algorithm, a dozen operations per value) the loop
-// was compute-bound (24 ms per 16M params here); F16C converts 8 values in one instruction,
-// and the math is sgd_element itself on 8 lanes. One pass streams every array, as the
-// shared loop does for BF16 and FP32, which the compiler vectorizes by itself. Same bits as
-// the scalar loop: no FMA contraction (setup.py), lane-wise operators.
+// The update with FP16/BF16 params (or grads), 8 values at a time: one pass that streams
+// every array, converting 8 values per instruction (F16C, or integer ops for BF16), with
+// sgd_element itself as the math on 8 lanes. Compiled from the scalar FP16 conversion of
+// sgd_math.h (torch's own algorithm, a dozen operations per value) the loop was
+// compute-bound (24 ms per 16M params here). Same bits as the scalar loop: the operators
+// are lane-wise and FMA contraction is off (setup.py).
 template <class G, class P, bool HasBuf, bool HasParam, bool Nesterov>
-void update_chunk_f16c(const TensorEntry& t, const StepCoefs& k, float inv_scale, int64_t begin, int64_t end) {
+void update_chunk_8wide(const TensorEntry& t, const StepCoefs& k, float inv_scale, int64_t begin, int64_t end) {
   const auto* g = reinterpret_cast<const typename G::storage*>(t.grad);
   auto* w = reinterpret_cast<float*>(t.master);
   auto* b = reinterpret_cast<float*>(t.buf);
@@ -96,8 +107,9 @@ void update_chunk_f16c(const TensorEntry& t, const StepCoefs& k, float inv_scale
   update_range<G, P, HasBuf, HasParam, Nesterov>(t, k, inv_scale, i, end, 1);
 }
 
+// FP16 and BF16 (not BF16Remainder, whose update is its own loop).
 template <class T>
-constexpr bool kF16 = std::is_same_v<T, F16>;
+constexpr bool kHalf = std::is_same_v<T, F16> || std::is_same_v<T, BF16>;
 
 // The norm pass with AVX2: lane k of the 16 accumulates elements begin + k + 16j, as in the
 // portable loop below, so both give the same bits.
@@ -171,8 +183,8 @@ void partial_chunk(const TensorEntry& t, float inv_scale, int64_t begin, int64_t
 template <class G, class P, bool HasBuf, bool HasParam, bool Nesterov>
 void update_chunk(const TensorEntry& t, const StepCoefs& coefs, float inv_scale, int64_t begin, int64_t end) {
 #if defined(__F16C__) && defined(__AVX2__)
-  if constexpr (HasParam ? kF16<P> : kF16<G>) {
-    update_chunk_f16c<G, P, HasBuf, HasParam, Nesterov>(t, coefs, inv_scale, begin, end);
+  if constexpr (HasParam ? kHalf<P> : kHalf<G>) {
+    update_chunk_8wide<G, P, HasBuf, HasParam, Nesterov>(t, coefs, inv_scale, begin, end);
     return;
   }
 #endif
