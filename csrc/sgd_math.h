@@ -181,7 +181,7 @@ inline __m256 keep_bits(__m256 x, uint32_t mask) {
 // SPEC §3 step 5 for one element: d = c*u (negated if maximize), weight decay, momentum,
 // then returns the new w. The operation order is the oracle's, so results differ from it
 // only by FMA contraction.
-// V is float, or on the host a GCC vector of floats (__m256: the CPU's FP16 loop), whose
+// V is float, or on the host a GCC vector of floats (__m256: the CPU's FP16/BF16 loop), whose
 // operators work lane by lane, so every lane computes exactly what the float version does.
 template <bool HasBuf, bool Nesterov, class V>
 FUSED_HD V sgd_element(V u, V w, V& b, const StepCoefs& k) {
