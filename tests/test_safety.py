@@ -197,6 +197,30 @@ def test_non_contiguous_and_offset_grads_stay_inside_the_arena(backend, device):
     assert arena.untouched() and garena.untouched()
 
 
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_vector_loops_and_their_tails_stay_inside_each_tensor(backend, device, dtype):
+    # Sizes around the CPU update's 8-wide loop and the norm pass's 16 lanes (full vectors, a
+    # tail, a tail only), packed with 16-element gaps: no vector may reach into a neighbour.
+    sizes = (1, 7, 8, 9, 17, 1025)
+    arena, garena = Arena(2048, dtype, device), Arena(8192, dtype, device)  # grads: new ones each step
+    gen = torch.Generator().manual_seed(5)
+    params = [nn.Parameter(arena.take((n,), value=torch.randn(n, generator=gen))) for n in sizes]
+    refs = [nn.Parameter(p.detach().clone()) for p in params]
+    kw = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, max_grad_norm=1.0)
+    opt, ref = opt_for(params, backend, **kw), opt_for(refs, "torch", **kw)
+    for _ in range(3):
+        grads = [torch.randn(n, generator=gen) for n in sizes]
+        for p, r, g in zip(params, refs, grads):
+            p.grad = garena.take(g.shape, value=g)
+            r.grad = g.to(device, dtype)
+        opt.step()
+        ref.step()
+    for p, r in zip(params, refs):
+        assert torch.equal(p.detach(), r.detach())
+    assert arena.untouched() and garena.untouched()
+
+
 # -- 5-7: changes made outside the optimizer ---------------------------------------------------
 
 EDITS = {
