@@ -21,13 +21,14 @@ struct UpdateRecord {
 inline FinalizeArgs finalize_args(int64_t scale, int64_t tracker, int64_t hysteresis_tracker, int64_t applied,
                                   int64_t skips, int64_t scalars, int64_t grad_norm, int64_t found_inf, float max_norm,
                                   float growth, float backoff, float min_scale, float max_scale, int32_t interval,
-                                  int32_t hysteresis, bool has_clip, bool norm_inf, bool dynamic) {
+                                  int32_t hysteresis, bool has_clip, bool norm_inf, bool dynamic,
+                                  bool consecutive) {
   return FinalizeArgs{reinterpret_cast<float*>(scale), reinterpret_cast<int32_t*>(tracker),
                       reinterpret_cast<int32_t*>(hysteresis_tracker), reinterpret_cast<int32_t*>(applied),
                       reinterpret_cast<int32_t*>(skips), reinterpret_cast<StepScalars*>(scalars),
                       reinterpret_cast<float*>(grad_norm), reinterpret_cast<bool*>(found_inf),
                       max_norm, growth, backoff, min_scale, max_scale, interval, hysteresis,
-                      has_clip, norm_inf, dynamic};
+                      has_clip, norm_inf, dynamic, consecutive};
 }
 
 template <class Partials, class Finalize, class Update>
@@ -41,10 +42,10 @@ void bind_step(pybind11::module_& m, Partials partials, Finalize finalize, Updat
                                int64_t hysteresis_tracker, int64_t applied, int64_t skips, int64_t scalars,
                                int64_t grad_norm, int64_t found_inf, float max_norm, float growth, float backoff,
                                float min_scale, float max_scale, int32_t interval, int32_t hysteresis,
-                               bool has_clip, bool norm_inf, bool dynamic, int64_t stream) {
+                               bool has_clip, bool norm_inf, bool dynamic, bool consecutive, int64_t stream) {
     const FinalizeArgs a = finalize_args(scale, tracker, hysteresis_tracker, applied, skips, scalars, grad_norm,
                                          found_inf, max_norm, growth, backoff, min_scale, max_scale, interval,
-                                         hysteresis, has_clip, norm_inf, dynamic);
+                                         hysteresis, has_clip, norm_inf, dynamic, consecutive);
     finalize(ReduceArgs{partials, flags, num_chunks}, a, stream);
   });
   m.def("update", [update](int64_t chunks, int64_t num_chunks, int64_t table, int64_t groups, int64_t scalars,
@@ -63,7 +64,7 @@ void bind_step(pybind11::module_& m, Partials partials, Finalize finalize, Updat
                     int64_t scale, int64_t tracker, int64_t hysteresis_tracker, int64_t applied, int64_t skips,
                     int64_t grad_norm, int64_t found_inf, float max_norm, float growth, float backoff,
                     float min_scale, float max_scale, int32_t interval, int32_t hysteresis, bool has_clip,
-                    bool norm_inf, bool dynamic, int64_t chunk_size, int64_t stream) {
+                    bool norm_inf, bool dynamic, bool consecutive, int64_t chunk_size, int64_t stream) {
     const auto* n = reinterpret_cast<const NormRecord*>(norms);
     const auto* u = reinterpret_cast<const UpdateRecord*>(updates);
     auto update_args = [&](const UpdateRecord& r) {
@@ -78,7 +79,7 @@ void bind_step(pybind11::module_& m, Partials partials, Finalize finalize, Updat
     }
     const FinalizeArgs a = finalize_args(scale, tracker, hysteresis_tracker, applied, skips, scalars, grad_norm,
                                          found_inf, max_norm, growth, backoff, min_scale, max_scale, interval,
-                                         hysteresis, has_clip, norm_inf, dynamic);
+                                         hysteresis, has_clip, norm_inf, dynamic, consecutive);
     finalize(ReduceArgs{partial_slots, flag_slots, num_partials}, a, stream);
     for (int64_t i = 0; i < num_updates; ++i) update(update_args(u[i]), stream);
   });

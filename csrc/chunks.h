@@ -108,16 +108,23 @@ struct FinalizeArgs {
   float* scale; int32_t* growth_tracker; int32_t* hysteresis_tracker; int32_t* applied_steps;
   int32_t* consecutive_skips; StepScalars* scalars; float* grad_norm; bool* found_inf_out;
   float max_norm, growth_factor, backoff_factor, min_scale, max_scale; int32_t growth_interval, hysteresis;
-  bool has_clip, norm_inf, dynamic;
+  bool has_clip, norm_inf, dynamic, consecutive;
 };
 
-// The dynamic scale's rule (loss_scaler.py states it): GradScaler's, except that a backoff
-// waits for `hysteresis` overflowing steps since the last backoff or growth, and the scale
-// stays within [min_scale, max_scale]. hysteresis = 1, no bounds: GradScaler.update exactly.
+// The dynamic scale's rule (loss_scaler.py states it): Megatron-core's DynamicGradScaler.
+// `hysteresis_tracker` counts overflowing steps since the last growth, saturating at
+// `hysteresis` (H): once H of them happened, every overflow backs off until the scale grows
+// again (`consecutive`: DeepSpeed's variant, where any clean step restarts the count). Growth
+// on the growth_interval-th clean step in a row, as GradScaler. H = 1 is GradScaler.update.
+// Counters loaded from elsewhere are clamped into range first, so no arithmetic overflows.
 FUSED_HD void update_scale(const FinalizeArgs& a, float scale, bool found_inf) {
-  const int32_t clean = found_inf ? 0 : *a.growth_tracker + 1;
+  int32_t tracker = *a.growth_tracker, overflows = *a.hysteresis_tracker;
+  tracker = tracker < 0 ? 0 : (tracker >= a.growth_interval ? a.growth_interval - 1 : tracker);
+  overflows = overflows < 0 ? 0 : (overflows > a.hysteresis ? a.hysteresis : overflows);
+  const int32_t clean = found_inf ? 0 : tracker + 1;
   const bool grow = clean == a.growth_interval;
-  const int32_t overflows = *a.hysteresis_tracker + (found_inf ? 1 : 0);
+  if (found_inf && overflows < a.hysteresis) overflows += 1;
+  if (!found_inf && (grow || a.consecutive)) overflows = 0;
   const bool back_off = found_inf && overflows >= a.hysteresis;
   const float grown = scale * a.growth_factor;
   float next = scale;
@@ -129,7 +136,7 @@ FUSED_HD void update_scale(const FinalizeArgs& a, float scale, bool found_inf) {
   }
   *a.scale = next;
   *a.growth_tracker = grow ? 0 : clean;
-  *a.hysteresis_tracker = back_off || grow ? 0 : overflows;
+  *a.hysteresis_tracker = overflows;
 }
 
 FUSED_HD float device_sqrt(float x) {

@@ -100,10 +100,19 @@ struct BF16 {
 // (Transformer Engine's store_param_remainders keeps w's low 16 bits instead; its param then
 // rounds ties half up, not to nearest even.) Signed zeros, subnormals, infinities and
 // rounding across an exponent boundary need nothing special; a NaN master stays a NaN.
+// A param edited where no version counter sees it (`p.data.mul_(mask)`) meets the remainder
+// of its old value: p + r is then still a value that rounds to p, except where the sum
+// crosses into the other sign (p = ±0 and r < 0) or turns an infinite p into a NaN. No
+// consistent pair does either, so there the master is the param itself, as an FP32 master
+// would be re-taken from an edited param: a pruned weight is 0, not NaN.
 struct BF16Remainder : BF16 {
   static constexpr bool kRemainder = true;
   static FUSED_HD float rebuild(uint16_t p, int16_t r) {
-    return bits_float((uint32_t(p) << 16) + uint32_t(int32_t(r)));
+    const uint32_t top = uint32_t(p) << 16;
+    const uint32_t w = top + uint32_t(int32_t(r));
+    const bool crossed = ((w ^ top) & 0x80000000u) != 0;
+    const bool made_nan = (w & 0x7FFFFFFFu) > 0x7F800000u && (top & 0x7FFFFFFFu) <= 0x7F800000u;
+    return bits_float(crossed || made_nan ? top : w);
   }
   static FUSED_HD int16_t remainder(float w, uint16_t p) {
     const int32_t d = int32_t(float_bits(w) - (uint32_t(p) << 16));

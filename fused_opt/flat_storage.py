@@ -8,14 +8,20 @@ no grad address ever changes and the step needs no pass over the grads (DDP's
 views into flat FP32 master and momentum buffers (and one int32 buffer of first-step flags),
 so the kernels stream them in order.
 
-What the fast step must still notice costs O(1): a grad that is freed or replaced
-(`p.grad = None`, `model.zero_grad()`, DDP's bucket views) drops the last reference to our
-view, whose weakref callback marks the storage dead; `p.grad.data = ...` drops a reference
-to the flat buffer's storage (its use count is compared); `p.data = ...` frees the param's
-old storage (a weakref callback again); any write to `opt.state` bumps its epoch
-(tracked_state.py); group lists are compared by identity. A dead storage sends the step
-down the per-tensor path, which re-adopts the grads as they are. What those signals cannot
-see is a grad replaced while other code still holds the old one (README: flat grads).
+What the fast step must still notice costs O(number of flat buffers), but for one read per
+param: a grad that is freed or replaced (`p.grad = None`, `model.zero_grad()`, DDP's bucket
+views) drops the last reference to our view, whose weakref callback marks the storage dead;
+`p.grad.data = ...` or `state[p]["momentum_buffer"].data = ...` drops a reference to a flat
+buffer's storage (their use counts are compared); `share_memory_()` or a storage
+`resize_()` on a grad or a state entry moves a flat buffer's memory (their data pointers are
+compared); `p.data = ...` frees the param's old storage (a weakref callback again); any
+write to `opt.state` bumps its epoch (tracked_state.py); group lists are compared by
+identity. A param's own storage can also move in place (`p.share_memory_()`,
+`model.share_memory()`, `p.untyped_storage().resize_()` as FSDP1 and ZeRO-3 do), which no
+signal but its data pointer tells: that is the one read per param (~0.1 us each), and the
+price of never writing to freed memory. A dead storage sends the step down the per-tensor
+path, which re-adopts the grads as they are. What those signals cannot see is a grad
+replaced while other code still holds the old one (README: flat grads).
 
 Params are left where they are (a flat copy would be an alias the user never asked for).
 """
@@ -56,6 +62,10 @@ def _storage_use_count(storage) -> int:
     return torch._C._storage_Use_Count(storage._cdata)
 
 
+_STORAGE_PTR = torch._C.StorageBase.data_ptr
+_CALL = weakref.ref.__call__
+
+
 def _padded(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
@@ -86,7 +96,7 @@ class FlatStorage:
         self.first_steps = torch.zeros(max(len(params), 1), dtype=torch.int32, device=device)
         self.first_views = [None if f is None else self.first_steps[k].copy_(f) for k, f in enumerate(layout.firsts)]
         self.use_counts = None
-        self._refs = []
+        self._refs, self._param_storages = [], []
 
     @staticmethod
     def _view(buffer, like, offset):
@@ -122,7 +132,9 @@ class FlatStorage:
                 p.grad = view
             self._refs.append(weakref.ref(view, died))
         # `p.data = ...` frees the param's old storage (its PyObject is preserved while it lives).
-        self._refs += [weakref.ref(p.untyped_storage(), died) for p in owners]
+        self._param_storages = [weakref.ref(p.untyped_storage(), died) for p in owners]
+        self._refs += self._param_storages
+        self.param_ptrs = list(map(_STORAGE_PTR, map(_CALL, self._param_storages)))
         for p, master, buf, flag in zip(owners, self.master_views, self.buf_views, self.first_views):
             entry = state[p]
             if master is not None:
@@ -130,13 +142,18 @@ class FlatStorage:
             if buf is not None:
                 entry["momentum_buffer"] = buf
                 entry["momentum_first_step"] = flag
-        self.storages = [b.untyped_storage() for b in self.grad_buffers.values()]
+        buffers = [*self.grad_buffers.values(), self.masters, self.bufs, self.first_steps]
+        self.storages = [b.untyped_storage() for b in buffers if b is not None]
         self.use_counts = [_storage_use_count(s) for s in self.storages]
+        self.data_ptrs = list(map(_STORAGE_PTR, self.storages))
 
     def intact(self) -> bool:
-        """O(number of grad dtypes): no attached view was dropped, no grad's storage swapped
-        (`p.grad.data = ...` drops a reference to the buffer's storage), no param's freed."""
-        if self.alive and all(_storage_use_count(s) == n for s, n in zip(self.storages, self.use_counts)):
+        """No attached view was dropped, no view's storage swapped (`.data = ...` drops a
+        reference to a flat buffer's storage), no flat buffer's memory moved, no param's
+        storage freed or moved (see the module docstring)."""
+        if (self.alive and all(_storage_use_count(s) == n for s, n in zip(self.storages, self.use_counts))
+                and list(map(_STORAGE_PTR, self.storages)) == self.data_ptrs
+                and list(map(_STORAGE_PTR, map(_CALL, self._param_storages))) == self.param_ptrs):
             return True
         self.alive = False
         return False

@@ -41,7 +41,8 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, max_grad_norm=None, norm_type=2.0,
                  loss_scale="auto", init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5,
-                 growth_interval=2000, hysteresis=1, min_scale=None, max_scale=None, master_weights="fp32",
+                 growth_interval=2000, hysteresis=1, hysteresis_mode="megatron", min_scale=None, max_scale=None,
+                 master_weights="fp32",
                  fp32_grad_accumulation=False, flat_grads=False, backend="auto", check_scaled_grads=True,
                  foreach=None, fused=None, differentiable=False):
         # torch.optim.SGD's implementation switches: every step here is fused already.
@@ -55,7 +56,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         self._remainders = master_weights == "remainder"
         check_scaler_args("dynamic" if loss_scale == "auto" else loss_scale, init_scale, growth_factor,
                           backoff_factor, growth_interval)
-        check_scale_bounds(init_scale, hysteresis, min_scale, max_scale)
+        check_scale_bounds(init_scale, hysteresis, min_scale, max_scale, hysteresis_mode)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize)
         self._epoch = Epoch()  # counts every write to self.state and the groups' lists (tracked_state.py)
@@ -71,7 +72,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         if loss_scale == "auto":  # FP16 needs a scale to keep small grads from flushing; BF16/FP32 do not
             loss_scale = "dynamic" if any(p.dtype == torch.float16 for p in self._flat_params()) else None
         self._scaler = LossScaler(loss_scale, init_scale, growth_factor, backoff_factor,
-                                  growth_interval, device, hysteresis, min_scale, max_scale)
+                                  growth_interval, device, hysteresis, min_scale, max_scale, hysteresis_mode)
         self._guard = ScaledGradGuard(grad_snapshot_of(self)) if check_scaled_grads and self._scaler.enabled else None
         # Persistent outputs, updated in place every step (valid across CUDA-graph replays).
         self.last_grad_norm = torch.zeros((), dtype=torch.float32, device=device)
@@ -349,6 +350,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         # A param no longer in any group lets go of its master (torch.optim.SGD would hold no
         # copy of it): else every replaced param and its FP32 copy stay alive for good.
         present = set(map(id, flat))
+        self._layouts.forget_marks_except(present)
         for p in [k for k in self.state if isinstance(k, torch.Tensor) and id(k) not in present]:
             entry = self.state[p]
             entry.pop("master_param", None)
@@ -360,8 +362,13 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
 
     def sync_from_params(self) -> None:
         """Re-takes every FP16/BF16 param's FP32 master where the param no longer equals it
-        rounded (as every step does per element; see README "changes outside the optimizer")."""
+        rounded (as every step does per element; see README "changes outside the optimizer"),
+        and with master_weights="remainder" restarts the remainder of every param written
+        since (as the next step would), so that a state dict holds the masters the next step
+        would use."""
         with torch.no_grad():
+            if self._remainders:
+                self._layouts.retake_edited_remainders(self, self._flat_params())
             for p in self._flat_params():
                 master = self.state[p].get("master_param") if p in self.state else None
                 if master is not None and master is not p and usable_master(master, p):

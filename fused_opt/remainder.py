@@ -16,9 +16,14 @@ from .distributed import is_dtensor
 
 
 def rebuild(p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """The FP32 master of BF16 param p with remainder r (p's shape and strides)."""
-    bits = (p.view(torch.int16).to(torch.int32) & 0xFFFF) << 16  # int32 wraps like uint32
-    return (bits + r.to(torch.int32)).view(torch.float32)
+    """The FP32 master of BF16 param p with remainder r (p's shape and strides). Where the
+    pair cannot be one the step wrote (p edited unseen, e.g. `p.data.mul_(mask)`: p + r
+    crosses into the other sign, or makes a NaN of an infinite p), the master is p itself."""
+    top = (p.view(torch.int16).to(torch.int32) & 0xFFFF) << 16  # int32 wraps like uint32
+    w = top + r.to(torch.int32)
+    crossed = (w ^ top) < 0
+    made_nan = ((w & 0x7FFFFFFF) > 0x7F800000) & ((top & 0x7FFFFFFF) <= 0x7F800000)
+    return torch.where(crossed | made_nan, top, w).view(torch.float32)
 
 
 def remainder_of(w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import math
 import torch
 
 from .distributed import is_dtensor, local
+from .loss_scaler import MIN_SCALE
 from .validation import check_group, check_tensor_lr
 
 
@@ -118,8 +119,9 @@ def _check_scaler_state(opt, extra, key: str) -> None:
         raise ValueError("loss scaler state dict: saved with a different loss_scale mode "
                          f"(enabled={scaler['enabled']}, dynamic={scaler['dynamic']})")
     scale = float(torch.as_tensor(scaler["scale"]).reshape(()))
-    if not (scale > 0 and math.isfinite(scale)):
-        raise ValueError(f"{where}: the loss scale must be a positive finite number, got {scale}")
+    if not (MIN_SCALE <= scale and math.isfinite(scale)):
+        raise ValueError(f"{where}: the loss scale must be a finite number >= 2**-126 (its reciprocal must be "
+                         f"finite in FP32), got {scale}")
     counts = [("growth_tracker", scaler["growth_tracker"]), ("applied_steps", extra["applied_steps"])]
     # Saved before hysteresis and consecutive_skips existed: absent, and loaded as 0.
     counts += [(name, where_[name]) for name, where_ in (("hysteresis_tracker", scaler),

@@ -102,7 +102,6 @@ def _load(opt, state_dict: dict) -> None:
             saved.setdefault(key, opt.defaults[key])
         groups.append(saved)
     opt._layouts.invalidate()
-    opt._layouts.marks.clear()  # the params are written below: not edits made outside the optimizer
     opt.param_groups = groups
     opt.state = others  # as torch: a new state; keys that name no param are kept as they are
     opt._hypers.reset()
@@ -130,6 +129,8 @@ def _load(opt, state_dict: dict) -> None:
             state["momentum_buffer"] = torch.empty_like(p, dtype=torch.float32).copy_(buf)
             # -1: applied before, never equal to an applied-step count, so never "first" again.
             state["momentum_first_step"] = torch.full((), -1, dtype=torch.int32, device=p.device)
+    if opt._remainders:  # the params were written above: their remainders match them as they are now
+        opt._layouts.mark_written(params)
     if extra is not None:
         opt._scaler.load_state_dict(extra["loss_scaler"])
         opt._applied_steps.copy_(extra["applied_steps"])

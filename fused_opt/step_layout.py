@@ -29,6 +29,10 @@ class StepLayout:
         self.params, self.masters, self.bufs, self.firsts, self.group_index = [], [], [], [], []
         self.reduce_stats = None
         self.memory = None     # (data_ptr, dtype, shape, stride) of each param when built
+        # The masters (not the params themselves), buffers and first-step flags the kernels'
+        # tables point at, and their memory when built: `buf.data = t`, `.set_()` and
+        # `.share_memory_()` move a state tensor's storage without a write to opt.state.
+        self.state_tensors, self.state_memory = [], []
         self.grad_meta = []    # (shape, dtype, device, layout) of each grad, last checked
         self.epoch = None      # the state's write count when built
 
@@ -39,10 +43,12 @@ class LayoutCache:
     def __init__(self):
         self.layout = None
         self._ids = itertools.count(1)
-        # master_weights="remainder": id(param) -> (data_ptr, _version) after our last write.
-        # The kernels cannot see a BF16 param edited outside the optimizer (the param is the
-        # master's top half), so the host compares these: a changed one restarts its remainder
-        # at 0, the master then being the edited param itself.
+        # master_weights="remainder": id(param) -> (data_ptr, _version) when its remainder last
+        # matched it (made, loaded, or written by a step). The kernels cannot see a BF16 param
+        # written outside the optimizer (the param is the master's top half), so the host
+        # compares these: a changed one restarts its remainder at 0, the master then being the
+        # written param itself. Kept for every param, not only those of the last step (a param
+        # without a grad in one step may be written before the next); pruned when params leave.
         self.marks = {}
 
     def retake_edited_remainders(self, opt, owners) -> None:
@@ -53,9 +59,13 @@ class LayoutCache:
                 remainder = opt.state[p].get("master_remainder") if p in opt.state else None
                 if remainder is not None:
                     remainder.zero_()
+                marks[id(p)] = (p.data_ptr(), p._version)
 
     def mark_written(self, owners) -> None:
-        self.marks = {id(p): (p.data_ptr(), p._version) for p in owners}
+        self.marks.update({id(p): (p.data_ptr(), p._version) for p in owners})
+
+    def forget_marks_except(self, present: set) -> None:
+        self.marks = {k: v for k, v in self.marks.items() if k in present}
 
     def next_id(self) -> int:
         return next(self._ids)
@@ -78,7 +88,8 @@ class LayoutCache:
         # never reach Python's cyclic GC (kept in a list, they made it run full collections:
         # 10,000 tensors, 31 -> 86 ms/step).
         if (layout is None or layout.signature != signature or layout.epoch != opt._epoch.value
-                or not _same(map(_memory_of, tensors), layout.memory, len(tensors))):
+                or not _same(map(_memory_of, tensors), layout.memory, len(tensors))
+                or not _same(map(_memory_of, layout.state_tensors), layout.state_memory, len(layout.state_memory))):
             layout = self._new_layout(opt, params, active, hypers, signature)
             layout.memory = list(map(_memory_of, tensors))
         if not _same(map(_grad_meta_of, grads), layout.grad_meta, len(grads)):  # checked in full when a grad's kind changed
@@ -128,6 +139,8 @@ class LayoutCache:
             key = "master_remainder" if opt._remainders else "master_param"
             if master is None and opt._remainders:  # 0: the master is the param itself
                 master = torch.zeros_like(p, dtype=torch.int16)
+            if opt._remainders and id(p) not in self.marks:  # made now, or put in the state by hand
+                self.mark_written([p])
             if master is None:  # an FP32 param is its own master; else a dense FP32 copy
                 master = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
             if state.get(key) is not master:
@@ -148,6 +161,9 @@ class LayoutCache:
             layout.firsts.append(state["momentum_first_step"] if uses_momentum else None)
             layout.group_index.append(gi)
         layout.epoch = opt._epoch.value
+        layout.state_tensors = [t for p, m, b, f in zip(layout.params, layout.masters, layout.bufs, layout.firsts)
+                                for t in (m, b, f) if t is not None and t is not p]
+        layout.state_memory = list(map(_memory_of, layout.state_tensors))
         self.layout = layout
         return layout
 

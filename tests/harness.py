@@ -31,6 +31,7 @@ class Config:
     init_scale: float = 2.0**10
     growth_interval: int = 3
     hysteresis: int = 1
+    hysteresis_mode: str = "megatron"
     min_scale: float | None = None
     max_scale: float | None = None
     inject: dict = field(default_factory=dict)   # step -> "inf" | "nan"
@@ -101,7 +102,7 @@ def build(config: Config, backend, device, seed=0):
         groups, max_grad_norm=config.max_grad_norm, norm_type=config.norm_type,
         loss_scale=config.loss_scale, init_scale=config.init_scale,
         growth_interval=config.growth_interval, hysteresis=config.hysteresis, min_scale=config.min_scale,
-        max_scale=config.max_scale, backend=backend)
+        max_scale=config.max_scale, hysteresis_mode=config.hysteresis_mode, backend=backend)
     return params, opt, group_of
 
 
@@ -152,7 +153,8 @@ def reference_for(config: Config, params, group_of):
     return ReferenceSGD(params, group_of, config.groups, max_grad_norm=config.max_grad_norm,
                         norm_type=config.norm_type, loss_scale=config.loss_scale,
                         init_scale=config.init_scale, growth_interval=config.growth_interval,
-                        hysteresis=config.hysteresis, min_scale=config.min_scale, max_scale=config.max_scale)
+                        hysteresis=config.hysteresis, min_scale=config.min_scale, max_scale=config.max_scale,
+                        hysteresis_mode=config.hysteresis_mode)
 
 
 def run_against_reference(config: Config, backend, device):

@@ -13,7 +13,7 @@ import torch
 class ReferenceSGD:
     def __init__(self, params, group_of, groups, *, max_grad_norm=None, norm_type=2.0,
                  loss_scale="dynamic", init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5,
-                 growth_interval=2000, hysteresis=1, min_scale=None, max_scale=None):
+                 growth_interval=2000, hysteresis=1, min_scale=None, max_scale=None, hysteresis_mode="megatron"):
         self.w = [p.detach().double().clone() for p in params]
         self.b = [None] * len(params)
         self.group_of = list(group_of)
@@ -26,7 +26,8 @@ class ReferenceSGD:
         self.growth_interval = growth_interval
         self.growth_tracker = 0
         self.hysteresis, self.min_scale, self.max_scale = hysteresis, min_scale, max_scale
-        self.overflows = 0          # overflowing steps since the last backoff or growth
+        self.consecutive = hysteresis_mode == "consecutive"
+        self.budget = hysteresis    # Megatron's _hysteresis_tracker: overflows left before backing off
         self.consecutive_skips = 0
 
     def step(self, grads):
@@ -61,25 +62,31 @@ class ReferenceSGD:
         self._update_scale(found_inf)
         return norm, found_inf
 
+    @property
+    def overflows(self) -> int:
+        """The budget spent, as the optimizer keeps it (hysteresis_tracker, at most H)."""
+        return self.hysteresis - max(self.budget, 0)
+
     def _update_scale(self, found_inf):
-        """GradScaler's rule with a hysteresis of backoffs (after `hysteresis` overflowing
-        steps since the last backoff or growth) and the scale kept in [min_scale, max_scale]."""
+        """Megatron-core's DynamicGradScaler.update, transcribed (hysteresis budget refilled on
+        growth), with the optional [min_scale, max_scale] bounds, growth only to a finite
+        scale, and 2^-126 as the lowest scale; consecutive: DeepSpeed's consecutive_hysteresis
+        (refilled on every clean step)."""
         if not self.dynamic:
             return
         if found_inf:
             self.growth_tracker = 0
-            self.overflows += 1
-            if self.overflows >= self.hysteresis:
-                self.scale *= self.backoff_factor
-                if self.min_scale is not None:
-                    self.scale = max(self.scale, self.min_scale)
-                self.overflows = 0
+            self.budget -= 1
+            if self.budget <= 0:
+                self.scale = max(self.scale * self.backoff_factor, self.min_scale or 0.0, 2.0**-126)
             return
+        if self.consecutive:
+            self.budget = self.hysteresis
         self.growth_tracker += 1
         if self.growth_tracker == self.growth_interval:
+            self.growth_tracker = 0
+            self.budget = self.hysteresis
             if math.isfinite(self.scale * self.growth_factor):
                 self.scale *= self.growth_factor
                 if self.max_scale is not None:
                     self.scale = min(self.scale, self.max_scale)
-            self.growth_tracker = 0
-            self.overflows = 0

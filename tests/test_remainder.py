@@ -257,3 +257,118 @@ def test_refusals_name_why():
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
     with pytest.raises(ValueError, match="master_weights must be"):
         fused_opt.FusedMixedPrecisionSGD(bf16_mlp().parameters(), lr=0.1, master_weights="int16")
+
+
+# -- writes the step does not make: pruning, writes between steps, state dicts taken between --
+
+def side_by_side(backend, edit, flat=False, steps=5, between=None):
+    """FP32 masters and remainders on the same model, grads and edits; `edit(step, model,
+    opt)` runs after each backward, `between(step, model, opt)` after each step. Returns the
+    two (model, opt) pairs."""
+    runs = []
+    for mode in ("fp32", "remainder"):
+        model = bf16_mlp()
+        opt = fused_opt.FusedMixedPrecisionSGD(model.parameters(), master_weights=mode, flat_grads=flat,
+                                               backend=backend, **HYPER)
+        gen = torch.Generator().manual_seed(0)
+        for step in range(steps):
+            opt.zero_grad()
+            model(torch.randn(4, 6, generator=gen).bfloat16()).float().square().mean().backward()
+            edit(step, model, opt)
+            opt.step()
+            if between is not None:
+                between(step, model, opt)
+        runs.append((model, opt))
+    return runs
+
+
+def assert_same_params(runs):
+    (a, _), (b, _) = runs
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert not bool(torch.isnan(pb.detach().float()).any())
+        assert torch.equal(pa.detach().view(torch.int16), pb.detach().view(torch.int16))
+
+
+def assert_masters_close(runs):
+    (a, opt_a), (b, opt_b) = runs
+    sd_a, sd_b = opt_a.state_dict(), opt_b.state_dict()
+    for k in sd_a["state"]:
+        wa, wb = sd_a["state"][k]["master_param"], sd_b["state"][k]["master_param"]
+        assert bool(torch.isfinite(wb).all()), f"master {k}"
+        torch.testing.assert_close(wb, wa, rtol=0, atol=1e-30)  # equal up to the sub-BF16 residue of pruned zeros
+
+
+@pytest.mark.parametrize("backend,device", [bd for bd in BACKEND_DEVICES if bd[1] == "cpu"],
+                         ids=[i for i, bd in zip(BACKEND_DEVICE_IDS, BACKEND_DEVICES) if bd[1] == "cpu"])
+@pytest.mark.parametrize("flat", [False, True], ids=["per-tensor", "flat"])
+def test_pruning_through_data_gives_zeros_not_nans(backend, device, flat):
+    # p.data.mul_(mask) is seen by no version counter: the step pairs the pruned param with
+    # its old remainder. A negative remainder under +0 (or -0, from pruning a negative weight)
+    # used to wrap into a NaN master; now the master is the pruned 0, as with FP32 masters.
+    def prune(step, model, opt):
+        if step == 2:
+            for p in model.parameters():
+                mask = torch.arange(p.numel()).reshape(p.shape) % 2 == 0
+                p.data.mul_(mask)
+    runs = side_by_side(backend, prune, flat)
+    assert_same_params(runs)
+    assert_masters_close(runs)
+    if flat:
+        assert runs[1][1].flat_grads_status == "active"
+
+
+@pytest.mark.parametrize("backend,device", [bd for bd in BACKEND_DEVICES if bd[1] == "cpu"],
+                         ids=[i for i, bd in zip(BACKEND_DEVICE_IDS, BACKEND_DEVICES) if bd[1] == "cpu"])
+@pytest.mark.parametrize("write", ["zeros_", "copy_"])
+def test_write_to_a_param_that_had_no_grad_in_the_last_step_is_seen(backend, device, write):
+    def edit(step, model, opt):
+        w = model[0].weight
+        if step == 1:
+            w.grad = None  # no grad this step: the next write must still be seen
+        if step == 2:
+            with torch.no_grad():
+                torch.nn.init.zeros_(w) if write == "zeros_" else w.copy_(torch.full_like(w, -0.5))
+    runs = side_by_side(backend, edit)
+    assert_same_params(runs)
+    assert_masters_close(runs)
+
+
+@pytest.mark.parametrize("backend,device", [bd for bd in BACKEND_DEVICES if bd[1] == "cpu"],
+                         ids=[i for i, bd in zip(BACKEND_DEVICE_IDS, BACKEND_DEVICES) if bd[1] == "cpu"])
+@pytest.mark.parametrize("flat", [False, True], ids=["per-tensor", "flat"])
+def test_write_after_load_state_dict_is_seen(backend, device, flat):
+    def between(step, model, opt):
+        if step == 1:
+            opt.load_state_dict(opt.state_dict())
+            with torch.no_grad():
+                torch.nn.init.zeros_(model[0].weight)
+    runs = side_by_side(backend, lambda *a: None, flat, between=between)
+    assert_same_params(runs)
+    assert_masters_close(runs)
+
+
+@pytest.mark.parametrize("backend,device", [bd for bd in BACKEND_DEVICES if bd[1] == "cpu"],
+                         ids=[i for i, bd in zip(BACKEND_DEVICE_IDS, BACKEND_DEVICES) if bd[1] == "cpu"])
+def test_state_dict_between_a_write_and_the_next_step_holds_the_written_master(backend, device):
+    # nn.init.zeros_ after a step, then state_dict(): the masters are the zeros (what the next
+    # step would use), and the checkpoint loads, into either mode, and resumes like the original.
+    saved = {}
+
+    def between(step, model, opt):
+        if step == 2:
+            with torch.no_grad():
+                torch.nn.init.zeros_(model[0].weight)
+            saved[opt.defaults.get("_mode", len(saved))] = copy.deepcopy(opt.state_dict())
+    runs = side_by_side(backend, lambda *a: None, between=between)
+    assert_same_params(runs)
+    sd_fp32, sd_rem = saved[0], saved[1]
+    assert torch.equal(sd_rem["state"][0]["master_param"], torch.zeros_like(sd_rem["state"][0]["master_param"]))
+    for k in sd_fp32["state"]:
+        assert torch.equal(sd_rem["state"][k]["master_param"], sd_fp32["state"][k]["master_param"])
+    for mode in ("fp32", "remainder"):
+        model = bf16_mlp()
+        with torch.no_grad():
+            torch.nn.init.zeros_(model[0].weight)
+        opt = fused_opt.FusedMixedPrecisionSGD(model.parameters(), master_weights=mode, backend=backend, **HYPER)
+        opt.load_state_dict(sd_rem)  # refused before: NaN masters
+        assert torch.equal(opt.state_dict()["state"][0]["master_param"], sd_rem["state"][0]["master_param"])

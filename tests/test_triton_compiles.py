@@ -54,7 +54,7 @@ for dynamic in (False, True):
             "grad_norm_ptr": "*fp32", "found_inf_ptr": "*i1", "max_norm": "fp32", "growth_factor": "fp32",
             "backoff_factor": "fp32", "min_scale": "fp32", "max_scale": "fp32", "growth_interval": "i32",
             "hysteresis": "i32"},
-            {"HAS_CLIP": clip, "NORM_INF": norm_inf, "DYNAMIC": dynamic, "BLOCK": 1024})
+            {"HAS_CLIP": clip, "NORM_INF": norm_inf, "DYNAMIC": dynamic, "CONSECUTIVE": dynamic, "BLOCK": 1024})
 print(json.dumps(sizes))
 '''
 

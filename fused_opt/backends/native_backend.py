@@ -230,7 +230,7 @@ def step(batch: StepBatch) -> None:
                      batch.consecutive_skips.data_ptr(), batch.grad_norm.data_ptr(), batch.found_inf.data_ptr(),
                      batch.max_grad_norm or 0.0, scaler.growth_factor, scaler.backoff_factor, scaler.min_scale,
                      scaler.max_scale, scaler.growth_interval, scaler.hysteresis, batch.max_grad_norm is not None,
-                     norm_inf, scaler.dynamic)
+                     norm_inf, scaler.dynamic, scaler.consecutive)
     groups = plan.group_table.data_ptr()
     if one_call(batch):
         norms, num_norms, updates, num_updates = _records(plan, static)

@@ -60,6 +60,7 @@ def step(batch: StepBatch) -> None:
         batch.max_grad_norm or 0.0, scaler.growth_factor, scaler.backoff_factor, scaler.min_scale,
         scaler.max_scale, scaler.growth_interval, scaler.hysteresis,
         HAS_CLIP=batch.max_grad_norm is not None, NORM_INF=norm_inf, DYNAMIC=scaler.dynamic,
+        CONSECUTIVE=scaler.consecutive,
         BLOCK=FINALIZE_BLOCK, num_warps=4)
     for pair in plan.pairs:
         if pair.num_chunks:

@@ -100,7 +100,7 @@ def partials_kernel(chunks_ptr, table_ptr, scale_ptr, partials_ptr, flags_ptr,
 def finalize_kernel(partials_ptr, flags_ptr, num_chunks, scale_ptr, tracker_ptr, hysteresis_ptr, applied_steps_ptr,
                     skips_ptr, scalars_ptr, grad_norm_ptr, found_inf_ptr, max_norm, growth_factor, backoff_factor,
                     min_scale, max_scale, growth_interval, hysteresis, HAS_CLIP: tl.constexpr, NORM_INF: tl.constexpr,
-                    DYNAMIC: tl.constexpr, BLOCK: tl.constexpr):
+                    DYNAMIC: tl.constexpr, CONSECUTIVE: tl.constexpr, BLOCK: tl.constexpr):
     # One program walks the partials in a fixed order: the same inputs give the same bits.
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     bad = tl.zeros([BLOCK], dtype=tl.int32)
@@ -131,18 +131,23 @@ def finalize_kernel(partials_ptr, flags_ptr, num_chunks, scale_ptr, tracker_ptr,
     tl.store(applied_steps_ptr, tl.where(found_inf, applied, applied + 1))
     skips = tl.load(skips_ptr)
     tl.store(skips_ptr, tl.where(found_inf, skips + 1, 0))
-    if DYNAMIC:  # loss_scaler.py's rule (csrc/chunks.h update_scale)
-        tracker = tl.load(tracker_ptr)
+    if DYNAMIC:  # loss_scaler.py's rule (csrc/chunks.h update_scale), counters clamped into range first
+        tracker = tl.minimum(tl.maximum(tl.load(tracker_ptr), 0), growth_interval - 1)
+        overflows = tl.minimum(tl.maximum(tl.load(hysteresis_ptr), 0), hysteresis)
         clean = tl.where(found_inf, 0, tracker + 1)
         grow = clean == growth_interval
-        overflows = tl.load(hysteresis_ptr) + found_inf.to(tl.int32)
+        overflows = tl.where(found_inf & (overflows < hysteresis), overflows + 1, overflows)
+        if CONSECUTIVE:
+            overflows = tl.where(found_inf, overflows, 0)
+        else:
+            overflows = tl.where(grow, 0, overflows)
         back_off = found_inf & (overflows >= hysteresis)
         grown = scale * growth_factor
         new_scale = tl.where(back_off, tl.maximum(scale * backoff_factor, min_scale),
                              tl.where(grow & _is_finite(grown), tl.minimum(grown, max_scale), scale))
         tl.store(scale_ptr, new_scale)
         tl.store(tracker_ptr, tl.where(grow, 0, clean))
-        tl.store(hysteresis_ptr, tl.where(back_off | grow, 0, overflows))
+        tl.store(hysteresis_ptr, overflows)
 
 
 @triton.jit
@@ -156,7 +161,13 @@ def _update_block(grad, master, buf, param, mask, inv_scale, coef, sign, weight_
     if REMAINDER:  # master_weights="remainder" (csrc/sgd_math.h BF16Remainder): w = p + r in the bits
         r_old = tl.load(master, mask=mask, other=0 if MASKED else None).to(tl.int32)
         p_bits = tl.load(param, mask=mask, other=other).to(tl.uint16, bitcast=True).to(tl.uint32)
-        w = ((p_bits << 16) + r_old.to(tl.uint32, bitcast=True)).to(tl.float32, bitcast=True)
+        top = p_bits << 16
+        w_bits = top + r_old.to(tl.uint32, bitcast=True)
+        # an unseen edit (p.data.mul_(mask)): where p + r crosses the sign or makes a NaN of an
+        # infinite p, the master is p itself (BF16Remainder::rebuild)
+        crossed = ((w_bits ^ top) & 0x80000000) != 0
+        made_nan = ((w_bits & 0x7FFFFFFF) > 0x7F800000) & ((top & 0x7FFFFFFF) <= 0x7F800000)
+        w = tl.where(crossed | made_nan, top, w_bits).to(tl.float32, bitcast=True)
     else:
         w = tl.load(master, mask=mask, other=other)
     if PARAM_DTYPE != tl.float32 and not REMAINDER:
