@@ -7,7 +7,7 @@ DEPS := torch==2.13.0 triton==3.7.1 pytest pytest-xdist pytest-timeout hypothesi
 # Test-only: the frameworks users train with (never dependencies of fused_opt itself).
 FRAMEWORKS := lightning transformers accelerate
 
-.PHONY: setup test bench
+.PHONY: setup test asan bench
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
@@ -23,6 +23,22 @@ $(VENV)/.frameworks: $(VENV)/.installed
 
 test: setup $(VENV)/.frameworks
 	$(PY) -m pytest -q -n 2 tests
+	$(MAKE) asan
+
+# The memory-safety tests against the native CPU modules built with AddressSanitizer: a
+# use-after-free or a write outside a tensor aborts with a report instead of passing by luck.
+# The package is copied beside the instrumented modules (build/asan) and imported from there;
+# libasan (and libstdc++, which it must come before) is preloaded into the uninstrumented Python.
+ASAN_TESTS := tests/test_moved_storage.py tests/test_safety.py tests/test_remainder.py tests/test_flat_grads.py
+asan: setup
+	rm -rf build/asan build/asan-temp && mkdir -p build/asan
+	tar --exclude='*.so' --exclude=__pycache__ -cf - fused_opt | tar -xf - -C build/asan
+	CPPFLAGS="-fsanitize=address -fno-omit-frame-pointer -g" LDFLAGS="-fsanitize=address" FUSED_OPT_NO_CUDA=1 \
+		$(PY) setup.py -q build_ext --build-lib build/asan --build-temp build/asan-temp
+	cd build/asan && export LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+		ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 PYTHONPATH=. && \
+		../../$(PY) -c 'import fused_opt.backends.native_backend as n; assert "build/asan" in n._native_cpu.__file__, n._native_cpu.__file__' && \
+		../../$(VENV)/bin/pytest -q -p no:cacheprovider -k "native" $(addprefix ../../,$(ASAN_TESTS))
 
 bench: setup
 	$(PY) -m fused_opt.bench

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from .grad_accumulation import FP32GradAccumulator
+from .grad_accumulation import FP32GradAccumulator, low_precision_grad_is_fp32, set_grad
 from .grad_guard import ScaledGradGuard, grad_snapshot_of
 from .hyperparams import GroupHypers
 from .flat_storage import FlatGrads
@@ -29,16 +29,17 @@ def getstate(opt) -> dict:
     state["state"] = opt.state
     state["_guarded"] = opt._guard is not None
     state["_flat_mode"] = opt._flat_grads is not None
-    if opt._accumulator is not None:  # the FP32 sums of an accumulation in progress
+    if opt._accumulator is not None:  # the FP32 sums of an accumulation in progress (in .grad)
         params = opt._flat_params()
-        state["_accumulated"] = {i: opt._accumulator.main_grads[p] for i, p in enumerate(params)
-                                 if p in opt._accumulator.pending}
+        state["_accumulated"] = {i: p.grad for i, p in enumerate(params) if low_precision_grad_is_fp32(p, p.grad)}
     return state
 
 
 def rebuild(opt, guarded: bool = False, flat_mode: bool = False, accumulated: dict | None = None) -> None:
     """Everything REBUILT names, for a copy whose travelling state is set."""
     opt._epoch = opt._state._epoch
+    for name, default in (("_clip_request", None), ("_auto_scale", False), ("_check_scaled_grads", True)):
+        opt.__dict__.setdefault(name, default)  # copies made before these existed
     opt._flat_ids, opt._backend_cache, opt._amp_scaler = None, {}, None
     opt._layouts, opt._transaction = LayoutCache(), Transaction()
     opt._hypers = GroupHypers()
@@ -53,5 +54,5 @@ def rebuild(opt, guarded: bool = False, flat_mode: bool = False, accumulated: di
     if accumulated is not None:
         opt._accumulator = FP32GradAccumulator(params, adopt=True)
         for i, total in accumulated.items():
-            opt._accumulator.main_grads[params[i]] = total
-            opt._accumulator.pending.add(params[i])
+            if params[i].grad is None:  # torch's Parameter.__deepcopy__ leaves grads behind
+                set_grad(params[i], total)

@@ -8,6 +8,9 @@ import torch
 
 from .loss_scaler import LossScaler
 
+# Set on the tensor scale_loss returns: the framework integrations pass such a loss on as it is.
+SCALED_MARK = "_fused_opt_scaled"
+
 
 def step_scaler(opt) -> LossScaler:
     """The loss scaler this step unscales by (and updates), after the drop-in checks."""
@@ -42,10 +45,52 @@ def _check_drop_in(opt) -> None:
                            "while its own loss scaling is on; the grads would be unscaled twice. "
                            "Build it with loss_scale=None to use GradScaler.")
     if not opt._scaler.loss_scaled:
-        raise RuntimeError("FusedMixedPrecisionSGD: step() without scale_loss() since the last step "
-                           "while loss scaling is on; the grads of an unscaled loss would be divided "
-                           "by the loss scale. Call opt.scale_loss(loss).backward(), or build the "
-                           "optimizer with loss_scale=None.")
+        raise RuntimeError(_missing_scale_message(opt))
+
+
+# Where a framework's own loop calls backward, the integration that scales its loss.
+_INTEGRATIONS = (
+    ("lightning", "Lightning: Trainer(plugins=[fused_opt.integrations.lightning.FusedPrecision('16-true')]) "
+                  "in place of precision='16-true' (or '16-mixed')"),
+    ("pytorch_lightning", "Lightning: Trainer(plugins=[fused_opt.integrations.lightning.FusedPrecision('16-true')])"),
+    ("transformers", "transformers: fused_opt.integrations.transformers.FusedTrainer in place of Trainer"),
+    ("accelerate", "accelerate: fused_opt.integrations.accelerate.patch(accelerator) once, after creating it"),
+)
+
+
+def _framework_on_stack() -> str | None:
+    """The integration for the framework whose code called this step, if any: a frame of
+    lightning, transformers or accelerate on the stack (read only to word an error)."""
+    import sys
+    frame = sys._getframe(1)
+    found = set()
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        found.add(module.split(".", 1)[0])
+        frame = frame.f_back
+    return next((advice for name, advice in _INTEGRATIONS if name in found), None)
+
+
+def _missing_scale_message(opt) -> str:
+    name = type(opt).__name__
+    if getattr(opt._scaler, "scale_used", False):
+        return (f"{name}: step() again without a new backward through scale_loss(): the last scaled loss's "
+                "grads were stepped already (a second step() after one backward, or a retried step). Run "
+                "opt.scale_loss(loss).backward() before every step(), and opt.zero_grad() between steps.")
+    framework = _framework_on_stack()
+    fp16 = any(p.dtype == torch.float16 for p in opt._flat_params())
+    message = (f"{name}: step() without scale_loss() since the last step while loss scaling is on: the grads "
+               "of an unscaled loss would be divided by the loss scale. ")
+    if framework is not None:
+        message += f"The loss is computed by a framework: use its integration, {framework}. "
+    else:
+        message += "Call opt.scale_loss(loss).backward() in place of loss.backward(). "
+    if fp16:
+        message += ("(loss_scale=None is no equal fix for FP16 params: their small grads flush to zero "
+                    "without a scale; use it with torch.amp.GradScaler driving the optimizer, or for BF16.)")
+    else:
+        message += "For BF16/FP32 params, loss_scale=None turns scaling off."
+    return message
 
 
 def _grad_scaler_scale(opt) -> LossScaler:

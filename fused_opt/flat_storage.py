@@ -35,6 +35,7 @@ import torch
 
 from .backends.multi_tensor import is_dense
 from .distributed import is_dtensor
+from .grad_accumulation import set_grad
 from .tracked_state import Epoch, ParamList
 
 # Each tensor's slice starts on a multiple of this many elements: 16-byte-aligned rows for
@@ -113,10 +114,10 @@ class FlatStorage:
         return flat, [None if t is None else self._view(flat, p, off).copy_(t)
                       for p, t, off in zip(params, tensors, self.offsets)]
 
-    def attach(self, owners: list, state, summed: list, sums: dict | None) -> None:
-        """Points each param's .grad and state entries at the flat storage. `summed[k]`: the
-        k-th grad is an FP32 sum of fp32_grad_accumulation (`sums`, its accumulator's
-        buffers), whose buffer becomes the view; that param's .grad stays None."""
+    def attach(self, owners: list, state, accumulator=None) -> None:
+        """Points each param's .grad and state entries at the flat storage. An FP32 grad of
+        an FP16/BF16 param (fp32_grad_accumulation's sums, or Megatron-style main grads)
+        stays FP32: a view into the FP32 buffer."""
         me = weakref.ref(self)
 
         def died(_ref):
@@ -124,13 +125,12 @@ class FlatStorage:
             if storage is not None:
                 storage.alive = False
 
-        for p, kernel_view, off, is_sum in zip(owners, self.grad_views, self.offsets, summed):
-            view = self._view(self.grad_buffers[kernel_view.dtype], p, off)
-            if is_sum:
-                sums[p] = view
-            else:
-                p.grad = view
-            self._refs.append(weakref.ref(view, died))
+        for p, kernel_view, off in zip(owners, self.grad_views, self.offsets):
+            buffer = self.grad_buffers[kernel_view.dtype]
+            set_grad(p, self._view(buffer, p, off))
+            self._refs.append(weakref.ref(p.grad, died))  # held by the param only, so that dropping it is seen
+            if accumulator is not None:
+                accumulator.adopt_buffer(p, self._view(buffer, p, off))
         # `p.data = ...` frees the param's old storage (its PyObject is preserved while it lives).
         self._param_storages = [weakref.ref(p.untyped_storage(), died) for p in owners]
         self._refs += self._param_storages
@@ -197,8 +197,6 @@ class FlatGrads:
         self.epoch = self.lists = self.momentum = None
         self.left_out = []
         self.versions = None     # master_weights="remainder": each param's version when adopted
-        self.accumulator = None  # fp32_grad_accumulation's FP32GradAccumulator, whose sums are flat views
-        self.summed = []         # the params whose grads are those sums
         self.backward_due = False  # scale_loss was called and its backward has not started
 
     @property
@@ -216,7 +214,6 @@ class FlatGrads:
                 and all(g["params"] is lst for g, lst in zip(groups, self.lists))
                 and [h.uses_momentum for h in hypers] == self.momentum
                 and all(p.grad is None for p in self.left_out)
-                and (self.accumulator is None or self.accumulator.complete(self.summed, self.left_out))
                 and (self.versions is None or list(map(_VERSION, self.layout.params)) == self.versions)):
             return True
         if not storage.alive:  # grads taken away from us, not a change of ours or the user's state
@@ -230,12 +227,12 @@ class FlatGrads:
         and state[p] at them (a full copy, so only when something changed). Params that had no
         grad in that step (frozen, unused) stay out, as torch would leave them: each step
         checks that they still have none (the one per-tensor check left, on those only).
-        With fp32_grad_accumulation the FP32 sums become the flat views (one FP32 buffer, the
-        FP32 params' grads beside them), and each step checks the sums are complete. With
-        master_weights="remainder" the int16 remainders are flat too; a param written outside
-        the optimizer is seen from its version counter (read per param, ~0.1 us each: the
-        kernels cannot see such a write, see step_layout.LayoutCache.marks), and that step
-        takes the per-tensor path, which restarts its remainder."""
+        FP32 grads of FP16/BF16 params (fp32_grad_accumulation) become views into the FP32
+        buffer, beside the FP32 params' grads. With master_weights="remainder" the int16
+        remainders are flat too; a param written outside the optimizer is seen from its
+        version counter (read per param, ~0.1 us each: the kernels cannot see such a write,
+        see step_layout.LayoutCache.marks), and that step takes the per-tensor path, which
+        restarts its remainder."""
         if self.off is not None:
             return False
         reason = ineligible(layout.owners)
@@ -246,10 +243,7 @@ class FlatGrads:
             self.off = reason
             return False
         storage = FlatStorage(layout, grads)
-        summed = [accumulator is not None and accumulator.holds_sum(p, g) for p, g in zip(layout.owners, grads)]
-        storage.attach(layout.owners, state, summed, None if accumulator is None else accumulator.main_grads)
-        self.accumulator = accumulator
-        self.summed = [p for p, is_sum in zip(layout.owners, summed) if is_sum]
+        storage.attach(layout.owners, state, accumulator)
         for g in groups:  # in-place edits of a group's list must bump the epoch
             if not (isinstance(g["params"], ParamList) and g["params"]._epoch is epoch):
                 g["params"] = ParamList(epoch, g["params"])

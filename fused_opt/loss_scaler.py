@@ -31,6 +31,7 @@ class LossScaler:
     def __init__(self, mode, init_scale: float, growth_factor: float, backoff_factor: float,
                  growth_interval: int, device: torch.device, hysteresis: int = 1, min_scale=None,
                  max_scale=None, hysteresis_mode: str = "megatron"):
+        self.init_scale = float(init_scale)
         self.dynamic = mode == "dynamic"
         self.consecutive = hysteresis_mode == "consecutive"
         self.enabled = mode is not None
@@ -46,7 +47,17 @@ class LossScaler:
         self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
         # Overflowing steps since the last growth (consecutive mode: in a row), at most H.
         self.hysteresis_tracker = torch.zeros((), dtype=torch.int32, device=device)
-        # Host flag: scale_loss() was called since the last step (the drop-in check).
+        # Host flags: scale_loss() was called since the last step (the drop-in check), and a
+        # step has used the last scale_loss() (so a missing one is a second step, not a forgotten call).
+        self.loss_scaled = False
+        self.scale_used = False
+
+    def turn_on_dynamic(self) -> None:
+        """From no scale to the dynamic scale at init_scale (loss_scale="auto" deciding again)."""
+        self.enabled = self.dynamic = True
+        self.scale.fill_(self.init_scale)
+        self.growth_tracker.zero_()
+        self.hysteresis_tracker.zero_()
         self.loss_scaled = False
 
     @property

@@ -11,12 +11,13 @@ import inspect
 import torch
 import torch.optim.optimizer as torch_optimizer
 
-from . import backends, copies, drop_in, remainder
+from . import backends, clipping, copies, drop_in, remainder
 from . import state_dict as packing
 from .backends import StepBatch
 from .distributed import shard_reduction
 from .flat_storage import FlatGrads
 from .grad_accumulation import FP32GradAccumulator
+from .drop_in import SCALED_MARK
 from .grad_guard import ScaledGradGuard, grad_snapshot_of
 from .hyperparams import GroupHypers
 from .loss_scaler import LossScaler, check_scale_bounds, check_scaler_args
@@ -68,11 +69,16 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         device = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else torch.device("cpu")
         self.max_grad_norm = max_grad_norm
         self.norm_type = norm_type
+        self._clip_request = None  # (max_norm, norm_type) of a clip_grad_norm_ call, for the next step only
         self.backend, self._backend = backends.resolve(backend, device)
-        if loss_scale == "auto":  # FP16 needs a scale to keep small grads from flushing; BF16/FP32 do not
+        # "auto": FP16 needs a scale to keep small grads from flushing; BF16/FP32 do not. Decided
+        # again when the params turn FP16 later (model.half()): see _check_auto_scale.
+        self._auto_scale = loss_scale == "auto"
+        if self._auto_scale:
             loss_scale = "dynamic" if any(p.dtype == torch.float16 for p in self._flat_params()) else None
         self._scaler = LossScaler(loss_scale, init_scale, growth_factor, backoff_factor,
                                   growth_interval, device, hysteresis, min_scale, max_scale, hysteresis_mode)
+        self._check_scaled_grads = check_scaled_grads
         self._guard = ScaledGradGuard(grad_snapshot_of(self)) if check_scaled_grads and self._scaler.enabled else None
         # Persistent outputs, updated in place every step (valid across CUDA-graph replays).
         self.last_grad_norm = torch.zeros((), dtype=torch.float32, device=device)
@@ -146,7 +152,9 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         """loss * the current loss scale (a tensor op, no sync). The flag it sets lives on the
         scaler object, which wrappers (LightningOptimizer, AcceleratedOptimizer) share."""
         self._scaler.loss_scaled = True
+        self._scaler.scale_used = False
         if not self._scaler.enabled:
+            setattr(loss, SCALED_MARK, True)  # the integrations pass it on unscaled
             return loss
         scale = self._scaler.scale
         scaled = loss * (scale if scale.device == loss.device else scale.to(loss.device, non_blocking=True))
@@ -154,16 +162,38 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             scaled.register_hook(self._guard.on_backward)
         if self._flat_grads is not None and scaled.requires_grad:
             self._flat_grads.expect_backward(scaled)
+        setattr(scaled, SCALED_MARK, True)
         return scaled
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
-                        foreach=None) -> torch.Tensor:
+                        foreach=None, *, parameters=None) -> torch.Tensor:
         """Where a framework would call torch.nn.utils.clip_grad_norm_ on our (scaled) grads:
-        clip inside the coming step() instead, at max_norm on the unscaled norm. Returns
-        `last_grad_norm`, which holds that norm once step() has run (no sync here)."""
-        self.norm_type = norm_type
-        self.max_grad_norm = max_norm
+        clip the coming step(), and only that one, inside it, at max_norm on the unscaled
+        norm (with max_grad_norm set too, at the smaller of the two). Returns
+        `last_grad_norm`, which holds that norm once step() has run (no sync here).
+        `parameters`, when given and not the optimizer's own params (a sub-module's), are
+        clipped at once instead, by their own unscaled norm, which is returned (clipping.py)."""
+        check_global(max_norm, norm_type)
+        if parameters is not None:
+            subset = clipping.split_request(self, parameters)
+            if subset is not None:
+                return clipping.clip_scaled_(self, subset, float(max_norm), float(norm_type))
+        if self.max_grad_norm is not None and float(norm_type) != self.norm_type:
+            raise ValueError(f"clip_grad_norm_(norm_type={norm_type}) on an optimizer that clips by the "
+                             f"{self.norm_type}-norm (max_grad_norm={self.max_grad_norm}): one step clips by one norm")
+        self._clip_request = (float(max_norm), float(norm_type))
         return self.last_grad_norm
+
+    def _clip_of_step(self) -> tuple:
+        """(max_norm or None, norm_type) of the coming step: max_grad_norm, or a
+        clip_grad_norm_ call's for this step only (the smaller of the two when both)."""
+        request = self._clip_request
+        if request is None:
+            return self.max_grad_norm, self.norm_type
+        max_norm, norm_type = request
+        if self.max_grad_norm is not None:
+            max_norm = min(max_norm, self.max_grad_norm)
+        return max_norm, norm_type
 
     def add_param_group(self, param_group: dict) -> None:
         group = dict(param_group)
@@ -185,6 +215,8 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             remainder.check_params(params, index)
         check_group({**self.defaults, **group}, index)
         check_tensor_lr({**self.defaults, **group}, index)
+        if getattr(self, "_accumulator", None) is not None:
+            self._accumulator.check_add(params)  # refused before the group is appended
         super().add_param_group({**group, "params": params})
         self.param_groups[-1]["params"] = ParamList(self._epoch, self.param_groups[-1]["params"])
         self._hypers.checked(self.param_groups[index], index)
@@ -244,29 +276,27 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         params = self._flat_params()
         if self._accumulator is not None:
             self._accumulator.check()
-            grads = self._accumulator.grads(params)
-        else:
-            grads = [p.grad for p in params]
-        grads_all = grads
+        grads = grads_all = [p.grad for p in params]
         active = [i for i, g in enumerate(grads) if g is not None]
-        if not active:  # SPEC §2: nothing changes, the scale and its counter included
+        if not active:  # nothing changes, the scale and its counter included
             self.last_grad_norm.zero_()
             self.last_step_skipped.fill_(False)
+            self._clip_request = None
             return
+        if self._auto_scale and not self._scaler.enabled:
+            self._check_auto_scale(params)
         scaler = self._step_scaler()
         if self._guard is not None and scaler is self._scaler:
             self._guard.check(params, self._param_name)
         grads = [grads[i] for i in active]
-        batch = self._layouts.batch(self, params, active, grads, hypers, scaler)
+        batch = self._layouts.batch(self, params, active, grads, hypers, scaler, self._clip_of_step())
         if self._remainders:
             owners = [params[i] for i in active]
             self._layouts.retake_edited_remainders(self, owners)
         self._launch(batch)
         if self._remainders:
             self._layouts.mark_written(owners)
-        self._scaler.loss_scaled = False
-        if self._accumulator is not None:
-            self._accumulator.consume()  # the FP32 sums were this step's grads
+        self._stepped()
         if self._flat_grads is not None:
             left_out = [p for p, g in zip(params, grads_all) if g is None]
             if self._flat_grads.adopt(self._layouts.layout, batch.grads, left_out, self.state, self.param_groups,
@@ -285,18 +315,40 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             self._accumulator.check()
         flat = self._flat_grads
         layout = flat.layout
+        max_norm, norm_type = self._clip_of_step()
         self._launch(StepBatch(layout.params, layout.grads, layout.masters, layout.bufs, layout.firsts,
-                               layout.group_index, hypers, self.max_grad_norm, self.norm_type, scaler,
+                               layout.group_index, hypers, max_norm, norm_type, scaler,
                                self._applied_steps, self.last_grad_norm, self.last_step_skipped,
                                self._backend_cache, layout.layout_id, None, flat.storage.grad_buffers,
                                self.consecutive_skips))
-        self._scaler.loss_scaled = False
-        if self._accumulator is not None:
-            self._accumulator.consume()
+        self._stepped()
         if flat.versions is not None and getattr(self._backend, "WRITES_BUMP_VERSIONS", False):
             self._layouts.mark_written(layout.params)  # remainders: our own writes are not edits
             flat.watch_versions()
         flat.stepped()
+
+    def _check_auto_scale(self, params: list) -> None:
+        """loss_scale="auto" chose no scale for FP32/BF16 params; if some are FP16 now
+        (model.half() after construction), FP16 grads need one: it is turned on (dynamic,
+        from init_scale), and this step, whose grads come from an unscaled loss, raises."""
+        if not any(p.dtype == torch.float16 for p in params):
+            return
+        self._scaler.turn_on_dynamic()
+        if self._check_scaled_grads:
+            self._guard = ScaledGradGuard(grad_snapshot_of(self))
+        raise RuntimeError(
+            "FusedMixedPrecisionSGD: the params are FP16 now, but were FP32/BF16 when the optimizer was built "
+            "with loss_scale='auto', which then chose no loss scale. FP16 grads need one (small grads flush to "
+            f"zero): dynamic loss scaling is now on, from init_scale={float(self._scaler.init_scale)}. This "
+            "step's grads come from a loss that was not scaled, so nothing was stepped: compute them again "
+            "with opt.scale_loss(loss).backward() (the integrations in fused_opt.integrations do) and call "
+            "step(). Build the optimizer after model.half() to have this decided at once.")
+
+    def _stepped(self) -> None:
+        """After a step's launch: what was asked for this step only is used up."""
+        self._scaler.loss_scaled = False
+        self._scaler.scale_used = True  # a second step on the same backward is told apart
+        self._clip_request = None
 
     @property
     def flat_grads_status(self) -> str | None:
@@ -308,8 +360,6 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         flat = self._flat_grads
         if flat is None or not flat.zero_(self._epoch.value, self.param_groups, set_to_none):
             super().zero_grad(set_to_none)  # else flat storage: the grads stay views, zeroed
-        if self._accumulator is not None:
-            self._accumulator.consume()
 
     # -- step preparation ---------------------------------------------------------------
     def _step_scaler(self) -> LossScaler:

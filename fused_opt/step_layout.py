@@ -73,7 +73,7 @@ class LayoutCache:
     def invalidate(self) -> None:
         self.layout = None
 
-    def batch(self, opt, params, active, grads, hypers, scaler) -> StepBatch:
+    def batch(self, opt, params, active, grads, hypers, scaler, clip: tuple) -> StepBatch:
         """The step's tensors, checked against each other before anything is written. At
         thousands of tensors the host's per-tensor work decides the speed, so the lists are
         cached in a StepLayout and only rebuilt when the params that step, their storage or
@@ -101,7 +101,7 @@ class LayoutCache:
         if opt._sharded:  # DTensor params: the kernels run on the local shards
             grads = local_grads(grads, owners, lambda k: opt._param_name(owners[k]))
         return StepBatch(layout.params, grads, layout.masters, layout.bufs, layout.firsts, layout.group_index,
-                         hypers, opt.max_grad_norm, opt.norm_type, scaler, opt._applied_steps,
+                         hypers, *clip, scaler, opt._applied_steps,
                          opt.last_grad_norm, opt.last_step_skipped, opt._backend_cache, layout.layout_id,
                          layout.reduce_stats, consecutive_skips=opt.consecutive_skips)
 

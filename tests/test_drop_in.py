@@ -163,3 +163,35 @@ def test_zero_lr_step_without_scale_loss_raises_once_state_exists(backend, devic
     assert "momentum_buffer" in opt.state_dict()["state"][0]  # as torch.optim.SGD's would have
     with pytest.raises(RuntimeError, match="scale_loss"):
         opt.step()
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+@pytest.mark.parametrize("flat", [False, True], ids=["per-tensor", "flat"])
+@pytest.mark.parametrize("built_as", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_auto_scale_decides_again_when_the_model_turns_fp16(backend, device, flat, built_as):
+    # loss_scale="auto" on FP32/BF16 params: no scale. model.half() afterwards: FP16 grads
+    # of an unscaled loss would flush; the next step turns the dynamic scale on and raises
+    # (nothing stepped), and training goes on with the scale.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).to(device, built_as)
+    opt = fused_opt.FusedMixedPrecisionSGD(model.parameters(), lr=0.1, backend=backend, flat_grads=flat,
+                                           init_scale=2.0**8)
+    assert not opt._scaler.enabled
+    x = torch.ones(2, 4, device=device)
+    for _ in range(2):
+        opt.zero_grad()
+        opt.scale_loss(model(x.to(built_as)).float().sum()).backward()
+        opt.step()
+    model.half()
+    opt.zero_grad()
+    opt.scale_loss(model(x.half()).float().sum()).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="the params are FP16 now"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert opt._scaler.enabled and opt._scaler.dynamic and float(opt.loss_scale) == 2.0**8
+    opt.zero_grad()
+    opt.scale_loss(model(x.half()).float().sum()).backward()
+    opt.step()
+    assert not bool(opt.last_step_skipped)
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -382,3 +382,30 @@ def test_zero_grad_clears_what_the_flat_storage_does_not_hold():
     extra.grad = torch.ones_like(extra)
     opt.zero_grad()
     assert extra.grad is None
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+def test_fp32_grads_of_fp16_params_megatron_style(backend, device):
+    # p.grad.data = an FP32 buffer (Megatron's main_grad idiom): autograd then adds each
+    # FP16 grad into it. Flat storage keeps such a grad FP32 (a view into the FP32 buffer),
+    # and steps like the per-tensor path, bit for bit; every step is counted once.
+    def run(flat):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).to(device).half()
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+            p.grad.data = torch.zeros_like(p, dtype=torch.float32)
+        opt = fused_opt.FusedMixedPrecisionSGD(model.parameters(), lr=0.1, momentum=0.9, backend=backend,
+                                               flat_grads=flat, init_scale=2.0**8)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            opt.zero_grad(set_to_none=False)
+            x = torch.randn(8, 8, generator=gen).to(device, torch.float16)
+            opt.scale_loss(model(x).float().square().mean()).backward()
+            assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+            opt.step()
+        return model, opt
+
+    (flat_model, flat_opt), (model, opt) = run(True), run(False)
+    assert flat_opt.flat_grads_status == "active" and int(flat_opt._applied_steps) == 4
+    assert all(torch.equal(a, b) for a, b in zip(flat_model.parameters(), model.parameters()))

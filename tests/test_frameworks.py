@@ -336,3 +336,125 @@ def test_flat_grads_in_lightning_accelerate_and_hf(tmp_path):
                         tmp_path / "b")
     assert abs(ours[-1] - theirs[-1]) / theirs[-1] < 0.1
     assert made[-1].flat_grads_status.startswith("off: .grad was replaced")
+
+
+# -- several optimizers (a GAN) under the integrations; clipping a sub-module ---------------------
+
+def _gan_run(precision, make_opt, scale_each=False, steps=6):
+    """A two-optimizer module trained with manual optimization under FusedPrecision."""
+    L = pytest.importorskip("lightning.pytorch")
+    from fused_opt.integrations.lightning import FusedPrecision
+    x, y = digits(256)
+
+    class GAN(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.gen, self.disc = mlp(), mlp()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, _):
+            xb, yb = batch
+            for opt, net in zip(self.optimizers(), (self.gen, self.disc)):
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(net(xb).float(), yb)
+                self.manual_backward(opt.scale_loss(loss) if scale_each else loss)
+                opt.step()
+
+        def configure_optimizers(self):
+            return [make_opt(self.gen.parameters()), make_opt(self.disc.parameters())]
+
+    module = GAN()
+    before = [p.detach().clone() for p in module.parameters()]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
+    L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False,
+              plugins=[FusedPrecision(precision)]).fit(module, loader)
+    return before, [p.detach().clone() for p in module.parameters()]
+
+
+@pytest.mark.parametrize("precision", ["16-true", "bf16-true"])
+def test_lightning_two_optimizers_without_a_loss_scale_train(precision):
+    # Two torch.optim.SGD train under the plugin; so do two of ours built with loss_scale=None.
+    for make_opt in (lambda ps: torch.optim.SGD(ps, lr=0.05),
+                     lambda ps: fused_opt.FusedMixedPrecisionSGD(ps, lr=0.05, loss_scale=None)):
+        before, after = _gan_run(precision, make_opt)
+        assert all(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_lightning_two_optimizers_with_loss_scales_say_what_to_do():
+    def make_opt(ps):
+        return fused_opt.FusedMixedPrecisionSGD(ps, lr=0.05, init_scale=2.0**8)
+    with pytest.raises(RuntimeError, match=r"self.manual_backward\(opt.scale_loss\(loss\)\)"):
+        _gan_run("16-true", make_opt)
+    before, after = _gan_run("16-true", make_opt, scale_each=True)  # as the message says: trains
+    assert all(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_accelerate_two_optimizers_and_a_clipped_sub_module():
+    # Two of ours with loss_scale=None under the patch train like two torch.optim.SGD; the
+    # clip of one sub-module equals torch's clip_grad_norm_ on it (FP32 params, scaled loss).
+    accelerate = pytest.importorskip("accelerate")
+    from fused_opt.integrations.accelerate import patch
+    x, y = digits(64)
+
+    def run(ours):
+        accelerator = accelerate.Accelerator(cpu=True)
+        if ours:
+            patch(accelerator)
+        torch.manual_seed(0)
+        gen, disc = mlp(), mlp()
+        make = (lambda ps: fused_opt.FusedMixedPrecisionSGD(ps, lr=0.05, loss_scale=1024.0)) if ours else \
+            (lambda ps: torch.optim.SGD(ps, lr=0.05))
+        gen, disc, opt_g, opt_d = accelerator.prepare(gen, disc, make(gen.parameters()), make(disc.parameters()))
+        norms = []
+        for _ in range(3):
+            for opt, net in ((opt_g, gen), (opt_d, disc)):
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(net(x), y)
+                accelerator.backward(opt.scale_loss(loss) if ours else loss)
+                norms.append(accelerator.clip_grad_norm_(net[2].parameters(), 0.05))
+                opt.step()
+        return [p.detach().clone() for m in (gen, disc) for p in m.parameters()], torch.stack(norms)
+
+    (ours, our_norms), (theirs, their_norms) = run(True), run(False)
+    torch.testing.assert_close(our_norms, their_norms, rtol=1e-5, atol=0)
+    assert bool((their_norms > 0.05).all())
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# -- what a forgotten scale_loss says -----------------------------------------------------------------
+
+def test_a_second_step_after_one_backward_names_the_real_cause():
+    model = mlp().half()
+    opt = fused_opt.FusedMixedPrecisionSGD(model.parameters(), lr=0.1, init_scale=2.0**8)
+    x, y = digits(32)
+    opt.scale_loss(nn.functional.cross_entropy(model(x.half()).float(), y)).backward()
+    opt.step()
+    with pytest.raises(RuntimeError, match="step\\(\\) again without a new backward"):
+        opt.step()
+
+
+@pytest.mark.parametrize("caller", [None, "lightning.pytorch.loops.optimization", "transformers.trainer",
+                                    "accelerate.optimizer"])
+def test_a_missing_scale_loss_names_the_integration_to_use(caller):
+    model = mlp().half()
+    opt = fused_opt.FusedMixedPrecisionSGD(model.parameters(), lr=0.1)
+    x, y = digits(32)
+    nn.functional.cross_entropy(model(x.half()).float(), y).backward()
+    # the framework's frame on the stack, as when its loop calls step()
+    namespace = {"__name__": caller or "user_script", "opt": opt}
+    exec("def call_step():\n    opt.step()\n", namespace)
+    with pytest.raises(RuntimeError) as raised:
+        namespace["call_step"]()
+    message = str(raised.value)
+    expected = {None: "Call opt.scale_loss(loss).backward()", "lightning.pytorch.loops.optimization": "FusedPrecision",
+                "transformers.trainer": "FusedTrainer", "accelerate.optimizer": "patch(accelerator)"}[caller]
+    assert expected in message
+    assert "no equal fix for FP16 params" in message and "loss_scale=None turns scaling off" not in message
+
+
+def test_lightning_without_the_plugin_is_told_to_use_it():
+    with pytest.raises(RuntimeError, match="FusedPrecision"):
+        _lightning_run(lambda ps: fused_opt.FusedMixedPrecisionSGD(ps, lr=0.05), precision="16-true", steps=2)

@@ -113,35 +113,73 @@ def test_fp32_accumulation_overflowing_micro_batch_skips_the_step(backend, devic
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
-def test_fp32_accumulation_frees_low_precision_grads_and_restarts_after_a_step(backend, device):
+def test_fp32_accumulation_grad_is_the_fp32_sum_with_torchs_semantics(backend, device):
+    # After backward .grad is the FP32 sum (the FP16 grad's memory is gone); a step without
+    # zero_grad leaves it to be added to, as torch's .grad; its buffer is kept across steps.
     x, y = batch(device, torch.float16)
     model, opt = make(torch.float16, device, backend, True)
-    fresh, fresh_opt = make(torch.float16, device, backend, True)
-    xi, yi = x[:4], y[:4]
-    opt.scale_loss(torch.nn.functional.mse_loss(model(xi).float(), yi.float())).backward()
-    assert all(p.grad is None for p in model.parameters())  # moved into the FP32 buffers
-    opt.step()  # no zero_grad: the step itself consumed the sums ...
-    fresh_opt.scale_loss(torch.nn.functional.mse_loss(fresh(xi).float(), yi.float())).backward()
-    fresh_opt.step()
-    for _ in range(2):  # ... so a second step on new grads matches a run that zeroed them
-        opt.scale_loss(torch.nn.functional.mse_loss(model(x[4:8]).float(), y[4:8].float())).backward()
-        opt.step()
-        fresh_opt.zero_grad()
-        fresh_opt.scale_loss(torch.nn.functional.mse_loss(fresh(x[4:8]).float(), y[4:8].float())).backward()
-        fresh_opt.step()
-    for a, b in zip(masters(model, opt), masters(fresh, fresh_opt)):
-        assert torch.equal(a, b)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt.scale_loss(torch.nn.functional.mse_loss(model(x[:4]).float(), y[:4].float())).backward()
+    assert all(p.grad.dtype == torch.float32 for p in trainable)
+    first = [p.grad.clone() for p in trainable]
+    buffers = [p.grad.data_ptr() for p in trainable]
+    opt.step()
+    assert all(torch.equal(p.grad, f) for p, f in zip(trainable, first))  # not consumed by the step
+    opt.scale_loss(torch.nn.functional.mse_loss(model(x[4:8]).float(), y[4:8].float())).backward()
+    assert [p.grad.data_ptr() for p in trainable] == buffers  # added in place
+    assert all(not torch.equal(p.grad, f) for p, f in zip(trainable, first))
+    opt.zero_grad()
+    assert all(p.grad is None for p in trainable)
+    opt.scale_loss(torch.nn.functional.mse_loss(model(x[:4]).float(), y[:4].float())).backward()
+    assert [p.grad.data_ptr() for p in trainable] == buffers  # the same FP32 buffers again
 
 
-def test_fp32_accumulation_refuses_a_grad_set_after_backward():
-    model, opt = make(torch.float16, "cpu", "torch", True)
-    opt.scale_loss(model(torch.ones(2, 32, dtype=torch.float16)).float().sum()).backward()
-    p = next(model.parameters())
-    p.grad = torch.ones_like(p)
-    snapshot = [q.detach().clone() for q in model.parameters()]
-    with pytest.raises(RuntimeError, match="both an FP32-accumulated grad"):
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+@pytest.mark.parametrize("flat", [False, True], ids=["per-tensor", "flat"])
+@pytest.mark.parametrize("discard", ["model.zero_grad()", "p.grad = None", "opt.zero_grad()"])
+def test_a_discarded_micro_batch_is_not_applied(backend, device, flat, discard):
+    # A micro-batch thrown away before the step is not in the step, as with torch's .grad:
+    # equal, bit for bit, to a run that never computed it.
+    x, y = batch(device, torch.float16)
+
+    def run(with_discarded):
+        model, opt = make(torch.float16, device, backend, True, flat_grads=flat)
+        for step in range(4):
+            opt.zero_grad()
+            if with_discarded and step == 2:
+                opt.scale_loss(torch.nn.functional.mse_loss(model(x[8:12]).float(), y[8:12].float())).backward()
+                if discard == "model.zero_grad()":
+                    model.zero_grad()
+                elif discard == "p.grad = None":
+                    for p in model.parameters():
+                        p.grad = None
+                else:
+                    opt.zero_grad()
+            for k in (0, 4):
+                loss = torch.nn.functional.mse_loss(model(x[k:k + 4]).float(), y[k:k + 4].float())
+                opt.scale_loss(loss / 2).backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()], opt
+
+    (with_it, opt), (without, _) = run(True), run(False)
+    assert all(torch.equal(a, b) for a, b in zip(with_it, without))
+    if flat:
+        assert opt.flat_grads_status == "active"
+
+
+def test_fp32_accumulation_a_grad_set_after_backward_replaces_the_sum():
+    # As torch: p.grad = g after backward is the grad the step uses (here equal to a run
+    # without FP32 accumulation that sets the same grad after the same single backward).
+    x = torch.ones(2, 32, dtype=torch.float16)
+    runs = []
+    for accumulate_fp32 in (True, False):
+        model, opt = make(torch.float16, "cpu", "torch", accumulate_fp32)
+        opt.scale_loss(model(x).float().sum()).backward()
+        p = next(model.parameters())
+        p.grad = torch.ones_like(p)
         opt.step()
-    assert all(torch.equal(a, b) for a, b in zip(snapshot, model.parameters()))
+        runs.append([q.detach().clone() for q in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 def test_fp32_accumulation_hooks_belong_to_one_live_optimizer():
@@ -155,7 +193,7 @@ def test_fp32_accumulation_hooks_belong_to_one_live_optimizer():
                                               backend="torch")
     second.scale_loss(model(torch.ones(2, 32, dtype=torch.float16)).float().sum()).backward()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    assert all(p in second._accumulator.pending for p in trainable)
+    assert all(p.grad.dtype == torch.float32 for p in trainable)
     assert len(second._accumulator.handles) == len(trainable)
 
 
@@ -180,6 +218,8 @@ class Mixed(torch.nn.Module):
 
 
 def run_mixed(flat, backend, device, plan, hand_set_at=None):
+    """Per-tensor runs zero with set_to_none=False: what flat storage does (README "flat
+    grads": an unused param gets a zero grad and is stepped)."""
     """plan: per step, (micro-batches, whether they use `side`, zero_grad first, inf in micro-batch k)."""
     model = Mixed(device)
     opt = fused_opt.FusedMixedPrecisionSGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01,
@@ -189,7 +229,7 @@ def run_mixed(flat, backend, device, plan, hand_set_at=None):
     statuses = []
     for k, use_side, zero, inf_at in plan:
         if zero:
-            opt.zero_grad()
+            opt.zero_grad(set_to_none=False)
         for i in range(k):
             x = torch.randn(4, 32, generator=gen).to(device, torch.float16)
             loss = model(x, use_side).square().mean() / k
@@ -215,23 +255,26 @@ def test_flat_fp32_accumulation_equals_per_tensor_bit_for_bit(backend, device):
     # The fast step ran wherever the same params got grads as in the step before; the others
     # went down the per-tensor path (the head unused, then used again) and re-adopted.
     assert [s for s, _ in statuses] == ["active"] * len(PLAN)
-    assert [ran for _, ran in statuses] == [0, 1, 2, 0, 1, 0, 1, 2]
+    assert [ran for _, ran in statuses] == list(range(len(PLAN)))  # the fast step from the second step on
     buffers = opt._flat_grads.storage.grad_buffers
     assert list(buffers) == [torch.float32]  # the sums and the FP32 param's grads: one buffer
-    assert all(p.grad is None for p in model.parameters() if p.dtype == torch.float16)
-    assert model.fp32.weight.grad.untyped_storage().data_ptr() == buffers[torch.float32].data_ptr()
+    for p in model.parameters():
+        if p.requires_grad:
+            assert p.grad.dtype == torch.float32 and p.grad.untyped_storage().data_ptr() == buffers[torch.float32].data_ptr()
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
-def test_flat_fp32_accumulation_refuses_a_grad_set_after_backward(backend, device):
-    _, statuses, model, opt = run_mixed(True, backend, device, PLAN[:3])
-    assert statuses[-1] == ("active", 2)
-    opt.scale_loss(model(torch.ones(2, 32, dtype=torch.float16, device=device), True).square().mean()).backward()
-    model.body.weight.grad = torch.ones_like(model.body.weight)  # would be summed into the next accumulation
-    snapshot = [q.detach().clone() for q in model.parameters()]
-    with pytest.raises(RuntimeError, match="both an FP32-accumulated grad"):
+def test_flat_fp32_accumulation_a_grad_set_after_backward_replaces_the_sum(backend, device):
+    # The hand-set grad drops the flat view: that step is per-tensor, with the hand-set
+    # grad, as the per-tensor mode steps.
+    results = []
+    for flat in (True, False):
+        _, statuses, model, opt = run_mixed(flat, backend, device, PLAN[:3])
+        opt.scale_loss(model(torch.ones(2, 32, dtype=torch.float16, device=device), True).square().mean()).backward()
+        model.body.weight.grad = torch.ones_like(model.body.weight)
         opt.step()
-    assert all(torch.equal(a, b) for a, b in zip(snapshot, model.parameters()))
+        results.append([q.detach().clone() for q in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 def test_flat_fp32_accumulation_with_model_zero_grad_and_a_new_group():

@@ -2,7 +2,9 @@
 
 Then `accelerator.backward(loss)` multiplies the loss by our loss scale first,
 `accelerator.clip_grad_norm_(params, max_norm)` is routed to the clipping fused into the
-step (on the unscaled norm; it returns `opt.last_grad_norm`, filled in by the step), value
+next step (on the unscaled norm; it returns `opt.last_grad_norm`, filled in by the step), or,
+for params that are not the optimizer's own (a sub-module), clips those at once by their
+own unscaled norm, as torch would (fused_opt.clipping), value
 clipping on scaled grads raises, `accelerator.optimizer_step_was_skipped` reports our
 skipped steps (it reads one flag from the device when asked, as it does for GradScaler),
 and the prepared `AcceleratedOptimizer` forwards `scale_loss`, `loss_scale`,
@@ -12,7 +14,9 @@ from __future__ import annotations
 
 import math
 
-from . import the_fused_optimizer, unwrap
+import torch
+
+from . import fused_optimizers, scaled_loss, the_fused_optimizer, unwrap
 
 
 def _accelerated_class(cls):
@@ -38,6 +42,23 @@ def _patch_optimizers(accelerator) -> None:
             wrapped.__class__ = _accelerated_class(type(wrapped))
 
 
+def _owner(optimizers: list, parameters: list):
+    """The fused optimizer that holds every given param that has a grad (a GAN's generator
+    clipped apart from its discriminator); None when there is no fused optimizer. Among
+    several, params that no single one holds raise."""
+    if not optimizers:
+        return None
+    with_grads = {id(p) for p in parameters if p.grad is not None}
+    owners = [o for o in optimizers if with_grads <= {id(p) for p in o._flat_params()}]
+    if len(owners) == 1 or len(optimizers) == 1:
+        return owners[0] if owners else optimizers[0]
+    if not owners:
+        raise RuntimeError("fused_opt: clip_grad_norm_ over params of several FusedMixedPrecisionSGD optimizers "
+                           "at once: their grads come from differently scaled losses. Clip each optimizer's "
+                           "params apart.")
+    return next((o for o in owners if o._scaler.enabled), owners[0])
+
+
 def patch(accelerator):
     """Routes the accelerator's backward and clipping to the optimizer's loss scale and fused
     clipping (see the module docstring). Returns the accelerator."""
@@ -50,16 +71,19 @@ def patch(accelerator):
         return the_fused_optimizer(getattr(accelerator, "_optimizers", []))
 
     def patched_backward(loss, **kwargs):
-        opt = fused()
-        return backward(opt.scale_loss(loss) if opt is not None else loss, **kwargs)
+        optimizers = getattr(accelerator, "_optimizers", [])
+        return backward(scaled_loss(optimizers, loss, "accelerator.backward(opt.scale_loss(loss)), with opt the "
+                                                      "prepared optimizer the loss is for"), **kwargs)
 
     def patched_clip_grad_norm_(parameters, max_norm, norm_type=2):
-        opt = fused()
+        parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+        opt = _owner(fused_optimizers(getattr(accelerator, "_optimizers", [])), parameters)
         if opt is None:
             return clip_norm(parameters, max_norm, norm_type)
-        if not math.isinf(max_norm):
-            opt.clip_grad_norm_(max_norm, norm_type)
-        return opt.last_grad_norm  # inf: only the norm is asked for, clipping stays as configured
+        if math.isinf(max_norm):
+            return opt.last_grad_norm  # only the norm is asked for, clipping stays as configured
+        # the optimizer's params: fused into the step; a sub-module's: clipped now (clipping.py)
+        return opt.clip_grad_norm_(max_norm, norm_type, parameters=parameters)
 
     def patched_clip_grad_value_(parameters, clip_value_):
         if fused() is not None and fused()._scaler.enabled:

@@ -12,13 +12,16 @@ from __future__ import annotations
 from lightning.pytorch.plugins.precision.half import HalfPrecision
 from lightning.pytorch.utilities import GradClipAlgorithmType
 
-from . import the_fused_optimizer, unwrap
+from . import scaled_loss, unwrap
 
 
 class FusedPrecision(HalfPrecision):
     def backward(self, tensor, model, optimizer, *args, **kwargs):
-        fused = unwrap(optimizer) if optimizer is not None else the_fused_optimizer(model.trainer.optimizers)
-        model.backward(fused.scale_loss(tensor) if fused is not None else tensor, *args, **kwargs)
+        # automatic optimization names the optimizer; manual_backward(loss) does not
+        optimizers = [optimizer] if optimizer is not None else model.trainer.optimizers
+        loss = scaled_loss(optimizers, tensor, "self.manual_backward(opt.scale_loss(loss)), with opt one of "
+                           "self.optimizers()")
+        model.backward(loss, *args, **kwargs)
 
     def clip_gradients(self, optimizer, clip_val=0.0, gradient_clip_algorithm=GradClipAlgorithmType.NORM):
         fused = unwrap(optimizer)
