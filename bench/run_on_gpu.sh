@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What a GPU session runs (the device tool's machine has no network): build the native
+# What a GPU machine runs (one without network access): build the native
 # extension in place with the machine's nvcc, run the whole suite on the GPU, then the
 # benchmark. Results and logs go to ${OUT:-bench/results}.
 set -uo pipefail

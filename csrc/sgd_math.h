@@ -1,4 +1,4 @@
-// The per-element math of one step (SPEC §3), written once for the C++ CPU path and the
+// The per-element math of one step (docs/semantics.md), written once for the C++ CPU path and the
 // CUDA path: everything here is FUSED_HD, compiled for the host by g++ and for both by nvcc.
 #pragma once
 #include <cstdint>
@@ -130,7 +130,7 @@ struct StepScalars {
   float inv_scale, clip_coef, found_inf, pad;
 };
 
-// SPEC §3 step 1: u = float32(g) * (1/S).
+// Step 1: u = float32(g) * (1/S).
 template <class G>
 FUSED_HD float unscale(typename G::storage g, float inv_scale) { return G::load(g) * inv_scale; }
 
@@ -187,7 +187,7 @@ inline __m256 keep_bits(__m256 x, uint32_t mask) {
 }
 #endif
 
-// SPEC §3 step 5 for one element: d = c*u (negated if maximize), weight decay, momentum,
+// Step 5 for one element: d = c*u (negated if maximize), weight decay, momentum,
 // then returns the new w. The operation order is the oracle's, so results differ from it
 // only by FMA contraction.
 // V is float, or on the host a GCC vector of floats (__m256: the CPU's FP16/BF16 loop), whose

@@ -1,6 +1,6 @@
 """Train a small CNN on scikit-learn's handwritten digits (shipped with it, no download),
 once with FusedMixedPrecisionSGD and once with the torch.optim loop that does the same job
-(SPEC §5: FP32 masters, dynamic loss scaling, clip_grad_norm_, SGD). FP16 weights on a GPU,
+(FP32 masters, dynamic loss scaling, clip_grad_norm_, SGD). FP16 weights on a GPU,
 BF16 on the CPU. Prints both loss curves and the time per optimizer step, and plots them.
 
     python examples/train_digits.py [--steps 300] [--device cuda] [--plot digits.png]

@@ -1,4 +1,4 @@
-"""Which loss scale a step unscales by, and the drop-in checks that guard it (SPEC §2):
+"""Which loss scale a step unscales by, and the drop-in checks that guard it:
 our own scaler, or the scale torch.amp.GradScaler hands us, or 1 for the state-initialising
 step torch.distributed.checkpoint runs; a step without scale_loss(), or with GradScaler
 driving while our own scale is on, raises before anything is written."""

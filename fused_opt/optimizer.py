@@ -1,4 +1,4 @@
-"""FusedMixedPrecisionSGD: the torch.optim.Optimizer that users see (SPEC §1-2).
+"""FusedMixedPrecisionSGD: the torch.optim.Optimizer that users see.
 
 It owns the param groups, the per-param state and the loss scaler, validates input before
 anything is written, and hands one StepBatch per step to the chosen backend. It never reads

@@ -1,4 +1,4 @@
-"""SPEC §4: every bad input raises here, before the step modifies anything.
+"""Every bad input raises here, before the step modifies anything.
 
 Messages name the offending group or parameter and the rule it breaks.
 """

@@ -1,5 +1,5 @@
 """Shared test machinery: which backends/devices to run, how to build a model, how to drive
-our optimizer and the float64 reference side by side, and SPEC §6's comparisons."""
+our optimizer and the float64 reference side by side, and the comparisons."""
 from __future__ import annotations
 
 import math
@@ -127,7 +127,7 @@ def assert_close_fp32(actual, expected, what):
 
 
 def check_against_reference(opt, params, ref: ReferenceSGD, what=""):
-    """SPEC §6: masters and buffers to rtol 1e-5; FP16/BF16 params bit-equal to their own
+    """Masters and buffers to rtol 1e-5; FP16/BF16 params bit-equal to their own
     master rounded, and within 1 ulp of the reference's rounded master."""
     for i, p in enumerate(params):
         state = opt.state.get(p, {})

@@ -1,4 +1,4 @@
-"""An independent float64 reference of SPEC §3, written with plain loops.
+"""An independent float64 reference of one step (docs/semantics.md), written with plain loops.
 
 It imports nothing from fused_opt, so a shared mistake cannot hide in both. It keeps its
 own float64 masters, momentum buffers and loss scale on the host.

@@ -1,4 +1,4 @@
-"""Against the real thing (SPEC §6 tolerances): torch.optim.SGD, clip_grad_norm_, GradScaler."""
+"""Against the real thing (the tolerances of tests/harness.py): torch.optim.SGD, clip_grad_norm_, GradScaler."""
 import math
 
 import pytest

@@ -17,8 +17,29 @@ def test_quick_benchmark_writes_record(tmp_path, capsys):
     assert {"torch.optim.SGD(for-loop)", "torch.optim.SGD(foreach)", "torch.optim.SGD(fused)"} <= contenders
     for row in record["rows"]:
         assert row["time_ms"] > 0 and row["gb_s"] > 0 and row["min_ms"] <= row["time_ms"] <= row["max_ms"]
-    assert "| workload |" in capsys.readouterr().out
-    assert (tmp_path / f"bench-{device}.md").exists()
+    out = capsys.readouterr().out
+    # rows are printed as they finish, before the report, which starts with the summary
+    assert out.index("    fused_opt[torch]") < out.index("| workload | dtype | params / tensors | fastest fused_opt")
+    report = (tmp_path / f"bench-{device}.md").read_text().splitlines()
+    assert report[2].startswith("| workload | dtype | params / tensors | fastest fused_opt")
+    assert 0 < record["peak_rss_gb"] < 8
+    # every row of ours was timed paired with the fastest torch pipeline
+    assert all(r["speedup_vs_best_torch_paired"] is not None for r in record["rows"] if r["contender"].startswith("fused_opt"))
+
+
+def test_records_go_to_an_untracked_folder_unless_asked(monkeypatch, tmp_path):
+    import fused_opt.bench.__main__ as bench
+    seen = {}
+    monkeypatch.setattr(bench, "run", lambda args, emit=print: seen.setdefault("out", args.out) and {})
+    monkeypatch.setattr(bench, "table", lambda record: "")
+    monkeypatch.chdir(tmp_path)
+    for argv, expected in (([], "bench-out"), (["--record"], "bench/results")):
+        seen.clear()
+        try:
+            bench.main(["--quick", *argv])
+        except (KeyError, TypeError):
+            pass  # the stubbed record has nothing to write: only where it would go is checked
+        assert seen["out"] == expected
 
 
 def test_quick_training_iteration_benchmark_writes_record(tmp_path):

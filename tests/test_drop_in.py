@@ -1,4 +1,4 @@
-"""What a user swapping torch.optim.SGD for ours relies on: the safety checks of SPEC §2,
+"""What a user swapping torch.optim.SGD for ours relies on: the safety checks of a drop-in,
 schedulers, tensor lr, determinism, empty steps and backend choice."""
 import math
 

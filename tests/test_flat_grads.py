@@ -1,5 +1,5 @@
 """flat_grads=True (flat_storage.py): the reference matrix through the fast step, and each
-semantic the issue names: unused and frozen params, zero_grad(set_to_none=True),
+semantic of the mode: unused and frozen params, zero_grad(set_to_none=True),
 model.zero_grad(), replaced grads, `.data` swaps, state and group edits, checkpoints."""
 import copy
 import io
@@ -213,7 +213,9 @@ def test_params_changed_outside_are_seen(how):
             p.data = torch.full_like(p, 0.25)
         if how == "inplace":
             torch.nn.init.constant_(p, 0.5)
-    a, flat, b, default = per_tensor_twin(torch.float32 if how == "half_after" else torch.float16)
+    # half_after: no loss scale asked for (with "auto" the FP16 params would turn one on: test_drop_in)
+    a, flat, b, default = (per_tensor_twin(torch.float32, loss_scale=None) if how == "half_after"
+                           else per_tensor_twin(torch.float16))
     if how == "half_after":  # model.half() after the optimizer was built: p.data = p.data.half()
         def edit(step, model):  # noqa: F811
             if step == 2:

@@ -1,4 +1,4 @@
-"""Where people train (issue 13): Lightning, transformers.Trainer, accelerate and
+"""Where people train: Lightning, transformers.Trainer, accelerate and
 torch.compile, with the built-in loss scale and clipping, against torch.optim.SGD in the same
 framework; the old silent failure (a framework's clipping on our scaled grads) now raises.
 

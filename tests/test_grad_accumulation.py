@@ -313,3 +313,21 @@ def test_flat_fp32_accumulation_copy_mid_accumulation_steps_like_the_original():
     # with the model (torch's Parameter.__deepcopy__ drops grads), so it is left out here.
     pairs = [(a, b) for a, b in zip(model.parameters(), model2.parameters()) if a.dtype == torch.float16]
     assert len(pairs) == 6 and all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_add_param_group_refused_for_a_param_another_optimizer_accumulates_changes_nothing():
+    # The refusal comes before the group is appended: the param is not stepped by this one.
+    owner_model, owner = make(torch.float16, "cpu", "torch", True)
+    p = next(owner_model.parameters())
+    other = fused_opt.FusedMixedPrecisionSGD([torch.nn.Parameter(torch.zeros(3, dtype=torch.float16))], lr=0.1,
+                                             fp32_grad_accumulation=True, loss_scale=None)
+    groups_before = len(other.param_groups)
+    with pytest.raises(ValueError, match="another live optimizer"):
+        other.add_param_group({"params": [p]})
+    assert len(other.param_groups) == groups_before
+    before = p.detach().clone()
+    p.grad = torch.ones_like(p)
+    other.param_groups[0]["params"][0].grad = torch.ones(3, dtype=torch.float16)
+    other.step()
+    assert torch.equal(p.detach(), before)
+    assert other.param_groups[0]["params"] == [other.param_groups[0]["params"][0]]

@@ -1,4 +1,4 @@
-"""The configuration matrix of SPEC §3, run through every available backend against the
+"""The configuration matrix of a step, run through every available backend against the
 independent float64 reference (tests/reference.py), 10+ steps each."""
 import math
 

@@ -34,7 +34,7 @@ def mixed_model(device, seed=0):
 
 @pytest.mark.parametrize("backend,device", FUSED, ids=FUSED_IDS)
 def test_mixed_dtypes_agree_with_torch_backend(backend, device):
-    """FP16, BF16 and FP32 params in one model and two groups: SPEC §6 against the oracle."""
+    """FP16, BF16 and FP32 params in one model and two groups: against the oracle."""
     results = {}
     for name in ("torch", backend):
         params = mixed_model(device)
@@ -177,7 +177,7 @@ def test_native_one_call_step_checks_every_record_before_writing():
             module.step(norms.data_ptr(), 1, updates.data_ptr(), 1, groups.data_ptr(), scalars.data_ptr(),
                         slots.data_ptr(), flags.data_ptr(), 1, scale.data_ptr(), counters[0:].data_ptr(),
                         counters[1:].data_ptr(), counters[2:].data_ptr(), counters[3:].data_ptr(), norm.data_ptr(),
-                        found.data_ptr(), 1.0, 2.0, 0.5, 0.0, float("inf"), 1, 1, True, False, True, 65536, 0)
+                        found.data_ptr(), 1.0, 2.0, 0.5, 0.0, float("inf"), 1, 1, True, False, True, False, 65536, 0)
         assert scale.item() == 8.0 and not counters.any() and torch.equal(slots, torch.full((2,), 7.0))
 
 

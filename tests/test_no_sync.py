@@ -1,4 +1,4 @@
-"""No host sync in step(): nothing reads a device value on the host (SPEC §1), so a step can
+"""No host sync in step(): nothing reads a device value on the host, so a step can
 be captured in a CUDA graph. On CPU a sync is invisible, so the reads themselves are trapped."""
 import contextlib
 import math

@@ -1,4 +1,4 @@
-"""Never out of bounds, never silently wrong (issue 11): what the step touches is checked
+"""Never out of bounds, never silently wrong: what the step touches is checked
 against what it was built for, changes made outside the optimizer are kept, and a step or a
 load either happens whole or leaves no trace.
 

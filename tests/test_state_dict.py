@@ -1,5 +1,5 @@
 """state_dict / load_state_dict: exact resume, torch.optim.SGD dicts, FP32 state kept FP32,
-and no trace of skipped steps in the momentum (SPEC §2)."""
+and no trace of skipped steps in the momentum."""
 import io
 import math
 

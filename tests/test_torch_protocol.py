@@ -1,4 +1,4 @@
-"""The torch.optim protocol as torch's own tests define it (issue 12): torch's SGD inputs and
+"""The torch.optim protocol as torch's own tests define it: torch's SGD inputs and
 error inputs (torch.testing._internal.common_optimizers) through every backend, copies,
 named params, the four state-dict hooks, identity round trips, GradScaler's (1,)-shaped
 attributes, tensor momenta from schedulers, and torch.optim.SGD's own keywords."""

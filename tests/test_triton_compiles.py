@@ -1,7 +1,7 @@
 """The interpreter runs kernels as Python and forgives what the compiler refuses (a
 non-constexpr global, a type mismatch between branches), so every Triton kernel is also
 compiled for sm_90, to a cubin, without a GPU. The compile runs in a subprocess because
-this test session has the interpreter switched on."""
+this test process has the interpreter switched on."""
 import json
 import os
 import subprocess

@@ -1,4 +1,4 @@
-"""SPEC §4: every bad input raises a clear error, and nothing was modified before it."""
+"""Every bad input raises a clear error, and nothing was modified before it."""
 import math
 
 import pytest

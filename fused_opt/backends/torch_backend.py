@@ -1,4 +1,4 @@
-"""The pure-PyTorch backend: SPEC §3 line by line. It is the oracle the fused backends are
+"""The pure-PyTorch backend: the step of docs/semantics.md line by line. It is the oracle the fused backends are
 tested against, so it favours readability; it uses torch._foreach_* ops where they exist so
 that it is also a usable fallback on any device.
 

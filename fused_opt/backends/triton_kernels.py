@@ -1,4 +1,4 @@
-"""Triton kernels of one step (SPEC §3), three launches per step:
+"""Triton kernels of one step (docs/semantics.md), three launches per step:
 
   1. `partials_kernel`, one launch per (param dtype, grad dtype) pair: reads every grad once
      and writes, per chunk, the sum of squares (or max |u|) of the unscaled grad and an

@@ -1,35 +1,36 @@
-"""python -m fused_opt.bench [--device cpu|cuda] [--full] [--train] [--quick] [--out bench/results]
+"""python -m fused_opt.bench [--device cpu|cuda] [--full] [--train] [--quick] [--record]
 
-Times one optimizer step of every available fused_opt backend and of the torch.optim
-pipelines of SPEC §5 on the same model, side by side in one run, and writes a table, a
-JSON record and (with matplotlib) a plot under --out. The default is a representative
-subset (a small and a large sweep point, ResNet-50, GPT-2 small, and ResNet-50's and
-10,000 tensors of 8 elements, where only host time counts): about 4 minutes on a 2-core CPU; --full runs the whole size sweep. --train times whole training iterations
-instead (fused_opt/bench/train.py)."""
+Times one optimizer step of every available fused_opt backend and mode and of the torch.optim
+pipelines that do the same job, on the same model, in one run. Each torch pipeline is timed
+alone; then each of ours is timed paired with the fastest torch pipeline, round by round, so
+every ratio comes from two contenders that ran back to back. Contenders are built and freed
+one at a time (at most two hold state at once), so the default run fits a machine with 8 GB.
+
+Rows are printed as they finish; the report then starts with a summary (the best of ours per
+workload against the best torch pipeline) and is written with a JSON record and a plot to
+--out (default `bench-out/`, untracked); --record writes to bench/results/ instead, to commit.
+The default is a representative subset (a small and a large sweep point, ResNet-50, GPT-2
+small, 161 and 10,000 tensors of 8 elements); --full runs the whole size sweep. --train
+times whole training iterations instead (fused_opt/bench/train.py)."""
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
 import os
-import platform
+import resource
 import sys
 
 import torch
 
 import fused_opt
 from . import workloads
-from .contenders import Baseline, Model, build_all
+from .contenders import Model, factories
 from .plot import plot
-from .timing import copy_bandwidth, kernel_launches, paired_ratio, time_interleaved
+from .timing import copy_bandwidth, device_name, kernel_launches, paired_ratio, time_interleaved
 
-BYTES_PER_PARAM = 22  # SPEC §5: the lower bound for a step with momentum, FP16 grads, FP32 masters
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+BYTES_PER_PARAM = 22  # the least a step with momentum, FP16 grads and FP32 masters moves (docs/performance.md)
+RECORD_DIR = os.path.join("bench", "results")
 
 
 def plan(device: torch.device, quick: bool, full: bool = False) -> list[tuple[str, list]]:
@@ -55,7 +56,7 @@ def plan(device: torch.device, quick: bool, full: bool = False) -> list[tuple[st
                ("10,000 small", workloads.many_small()), ("10,000 x 8", workloads.many_small(10_000, 8))])
 
 
-def run(args) -> dict:
+def run(args, emit=print) -> dict:
     device = torch.device(args.device)
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
     # 256 MB: past every CPU cache too (a 32 MB copy ran partly in L3 and read low against the workloads)
@@ -66,65 +67,112 @@ def run(args) -> dict:
     # torch.compile recompiles per shape list (tens of seconds each): it runs on the largest
     # sweep's FP16 row, where the bandwidth claim is made.
     compile_row = max(((workloads.numel(s), w) for w, s, _ in jobs if w.startswith("sweep")), default=(0, None))[1]
-    bar = progress(jobs)
-    for workload, shapes, dtype_name in bar:
+    timing = dict(device=device, repeats=args.repeats, steps=args.steps)
+    for k, (workload, shapes, dtype_name) in enumerate(jobs, 1):
         n = workloads.numel(shapes)
-        bar.set_description(f"{workload} {dtype_name} ({n / 1e6:.1f}M params, {len(shapes)} tensors)")
+        emit(f"[{k}/{len(jobs)}] {workload} {dtype_name}: {n / 1e6:.1f}M params, {len(shapes)} tensors")
         model = Model(shapes, dtypes[dtype_name], device)
-        contenders = build_all(model, device, include_compiled=args.compile and workload == compile_row
-                               and dtype_name == "fp16")
-        timings = time_interleaved({c.name: c.step for c in contenders}, device, repeats=args.repeats,
-                                   steps=args.steps, clocks={c.name: getattr(c, "kernel_clock", None)
-                                                             for c in contenders})
-        launches = {c.name: kernel_launches(c.step, device) for c in contenders}
-        best_torch_timing = min((timings[c.name] for c in contenders if isinstance(c, Baseline)
-                                 and " compiled" not in c.name), key=lambda t: t["median_s"])
-        best_torch = best_torch_timing["median_s"]
-        for c in contenders:
-            t = timings[c.name]
-            bytes_per_param = getattr(c, "bytes_per_param", BYTES_PER_PARAM)
-            bandwidth = bytes_per_param * n / t["median_s"]
-            base = timings.get(getattr(c, "baseline_name", None))
-            rows.append(dict(workload=workload, dtype=dtype_name, params=n, tensors=len(shapes),
-                             contender=c.name, time_ms=t["median_s"] * 1e3, min_ms=t["min_s"] * 1e3,
-                             max_ms=t["max_s"] * 1e3, host_ms=None if t["host_s"] is None else t["host_s"] * 1e3,
-                             first_ms=t["first_s"] * 1e3,
-                             gb_s=bandwidth / 1e9, copy_fraction=bandwidth / copy_bps,
-                             speedup_vs_best_torch=best_torch / t["median_s"], launches=launches[c.name],
-                             speedup_vs_best_torch_paired=paired_ratio(best_torch_timing, t),
-                             samples_ms=[x * 1e3 for x in t["samples"]],
-                             bytes_per_param=bytes_per_param,
-                             speedup_vs_fused_opt=None if base is None else base["median_s"] / t["median_s"],
-                             memory_per_param=c.memory_per_param() if hasattr(c, "memory_per_param") else None))
-        del contenders, model
+        baselines, ours = factories(model, device, args.compile and workload == compile_row and dtype_name == "fp16")
+        base = dict(workload=workload, dtype=dtype_name, params=n, tensors=len(shapes))
+        # 1. each torch pipeline alone
+        solo = {}
+        for name, build in baselines.items():
+            contender = build()
+            solo[name] = _time(contender, name, **timing)
+            solo[name]["launches"] = kernel_launches(contender.step, device)
+            del contender
+        best_name = min((name for name in solo if " compiled" not in name), key=lambda name: solo[name]["median_s"])
+        for name, t in solo.items():
+            rows.append(_row(base, name, t, solo[best_name], None, copy_bps, BYTES_PER_PARAM, None))
+            emit(_line(rows[-1]))
+        # 2. each of ours, paired round by round with the best torch pipeline
+        best = baselines[best_name]()
+        default_ms = None
+        for name, build in ours.items():
+            contender = build()
+            pair = _time_pair(best, best_name, contender, name, **timing)
+            launches = kernel_launches(contender.step, device)
+            row = _row(base, name, pair[name], pair[best_name], default_ms, copy_bps,
+                       getattr(contender, "bytes_per_param", BYTES_PER_PARAM), launches,
+                       memory=contender.memory_per_param() if hasattr(contender, "memory_per_param") else None)
+            if default_ms is None and "[" in name and name.endswith("]") and "torch]" not in name:
+                default_ms = row["time_ms"]
+            rows.append(row)
+            emit(_line(row))
+            del contender
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        del best, model, baselines, ours
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return {
         "device": device_name(device), "device_type": device.type,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "cuda": torch.version.cuda, "triton": _triton_version(),
-        "fused_opt": fused_opt.build_info(), "copy_gb_s": copy_bps / 1e9,
+        "fused_opt": fused_opt.build_info(), "commit": _commit(), "copy_gb_s": copy_bps / 1e9,
         "bytes_per_param": BYTES_PER_PARAM, "repeats": args.repeats, "steps_per_repeat": args.steps,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "rows": rows,
     }
 
 
-def progress(jobs):
-    """A progress bar on stderr with elapsed and remaining time (tqdm; weighted by nothing
-    cleverer than the job count), or plain lines without tqdm."""
-    try:
-        from tqdm import tqdm
-        return tqdm(jobs, file=sys.stderr, unit="workload", dynamic_ncols=True,
-                    bar_format="{desc}: {n_fmt}/{total_fmt} |{bar}| {elapsed} elapsed, ~{remaining} left")
-    except ImportError:
-        class Lines(list):
-            def set_description(self, text):
-                print(f"[{self.i}/{len(self)}] {text}", file=sys.stderr, flush=True)
+def _time(contender, name, device, repeats, steps) -> dict:
+    clock = getattr(contender, "kernel_clock", None)
+    return time_interleaved({name: contender.step}, device, repeats=repeats, steps=steps, clocks={name: clock})[name]
 
-            def __iter__(self):
-                for self.i, job in enumerate(list.__iter__(self), 1):
-                    yield job
-        return Lines(jobs)
+
+def _time_pair(best, best_name, contender, name, device, repeats, steps) -> dict:
+    clocks = {best_name: getattr(best, "kernel_clock", None), name: getattr(contender, "kernel_clock", None)}
+    return time_interleaved({best_name: best.step, name: contender.step}, device, repeats=repeats, steps=steps,
+                            clocks=clocks)
+
+
+def _row(base, name, t, best, default_ms, copy_bps, bytes_per_param, launches, memory=None) -> dict:
+    n = base["params"]
+    bandwidth = bytes_per_param * n / t["median_s"]
+    paired = None if t is best else paired_ratio(best, t)
+    return dict(base, contender=name, time_ms=t["median_s"] * 1e3, min_ms=t["min_s"] * 1e3, max_ms=t["max_s"] * 1e3,
+                host_ms=None if t["host_s"] is None else t["host_s"] * 1e3, first_ms=t["first_s"] * 1e3,
+                gb_s=bandwidth / 1e9, copy_fraction=bandwidth / copy_bps,
+                speedup_vs_best_torch=best["median_s"] / t["median_s"], speedup_vs_best_torch_paired=paired,
+                launches=launches if launches is not None else t.get("launches"),
+                samples_ms=[x * 1e3 for x in t["samples"]], bytes_per_param=bytes_per_param,
+                speedup_vs_fused_opt=None if default_ms is None else default_ms / (t["median_s"] * 1e3),
+                memory_per_param=memory)
+
+
+def _line(r: dict) -> str:
+    host = "" if r["host_ms"] is None else f" (host {r['host_ms']:.3f})"
+    paired = "" if r["speedup_vs_best_torch_paired"] is None else f", paired {r['speedup_vs_best_torch_paired']:.2f}x"
+    return f"    {r['contender']:<48} {r['time_ms']:9.3f} ms{host}  {r['speedup_vs_best_torch']:.2f}x best torch{paired}"
+
+
+def summary(record: dict) -> str:
+    """Per workload and dtype: the fastest of ours against the fastest torch pipeline."""
+    lines = ["| workload | dtype | params / tensors | fastest fused_opt | ms/step | best torch | ms/step | speedup (paired) |",
+             "|---|---|---|---|---|---|---|---|"]
+    keys = list(dict.fromkeys((r["workload"], r["dtype"]) for r in record["rows"]))
+    for workload, dtype in keys:
+        rows = [r for r in record["rows"] if (r["workload"], r["dtype"]) == (workload, dtype)]
+        ours = [r for r in rows if r["contender"].startswith("fused_opt") and "torch]" not in r["contender"]]
+        theirs = [r for r in rows if not r["contender"].startswith("fused_opt") and " compiled" not in r["contender"]]
+        if not ours or not theirs:
+            continue
+        best_ours = min(ours, key=lambda r: r["time_ms"])
+        best_torch = min(theirs, key=lambda r: r["time_ms"])
+        lines.append(f"| {workload} | {dtype} | {best_ours['params'] / 1e6:.1f}M / {best_ours['tensors']} "
+                     f"| {best_ours['contender']} | {best_ours['time_ms']:.3f} | {best_torch['contender']} "
+                     f"| {best_torch['time_ms']:.3f} | {_ratio(best_ours['speedup_vs_best_torch_paired'])} |")
+    return "\n".join(lines)
+
+
+def _commit() -> str | None:
+    import subprocess
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _triton_version():
@@ -136,9 +184,8 @@ def _triton_version():
 
 
 def table(record: dict) -> str:
-    lines = [f"Device: {record['device']} | torch {record['torch']} | {record['date']} | "
-             f"copy {record['copy_gb_s']:.1f} GB/s (read+write)",
-             "",
+    lines = [f"Device: {record['device']} | torch {record['torch']} | {record['date']} | commit {record.get('commit')} | "
+             f"copy {record['copy_gb_s']:.1f} GB/s (read+write)", "", summary(record), "",
              "| workload | dtype | params | tensors | contender | ms/step | host ms | first ms | B/param moved | GB/s | % copy | vs best torch | paired | vs fused_opt default | memory B/param | launches |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
@@ -171,16 +218,21 @@ def main(argv=None) -> None:
     parser.add_argument("--train", action="store_true", help="time whole training iterations (train.py)")
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd pipeline")
     parser.add_argument("--only", help="run only the workloads whose name contains this")
-    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--out", default="bench-out", help="where the record goes (default: bench-out/, untracked)")
+    parser.add_argument("--record", action="store_true", help=f"write to {RECORD_DIR}/, to commit the record")
     args = parser.parse_args(argv)
-    if args.repeats is None:  # the default run stays near 3 minutes on a 2-core CPU
+    if args.record:
+        args.out = RECORD_DIR
+    if args.repeats is None:  # the default run stays near 5 minutes on a 2-core CPU
         args.repeats = 5 if args.full else 3
     if args.train:
         from .train import main as train_main
         return train_main(args)
-    record = run(args)
+    record = run(args, emit=lambda line: print(line, flush=True))
     text = table(record)
+    print()
     print(text)
+    print(f"\npeak memory (RSS) {record['peak_rss_gb']:.1f} GB")
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"bench-{record['device_type']}" + (f"-{args.only}".replace(" ", "_") if args.only else ""))
     with open(stem + ".json", "w") as f:

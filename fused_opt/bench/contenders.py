@@ -1,6 +1,6 @@
 """What is timed: each contender owns its optimizer state and does, per call, one whole
-optimizer step of SPEC §5 for a model of FP16/BF16 params whose grads are already there
-(scale the loss, unscale, inf check, clip, SGD update on FP32 masters, write-back)."""
+optimizer step for a model of FP16/BF16 params whose grads are already there (scale the
+loss, unscale, inf check, clip, SGD update on FP32 masters, write-back)."""
 from __future__ import annotations
 
 import torch
@@ -37,7 +37,7 @@ class Ours:
             " remainder" if master_weights == "remainder" else "")
         self.model = model
         self.baseline_name = f"fused_opt[{backend}]"  # what the mode's speedup is against
-        # SPEC §5's 22 B/param; the remainder mode moves 20 (remainder.py)
+        # 22 B/param with FP32 masters (docs/performance.md); the remainder mode moves 20
         self.bytes_per_param = 20 if master_weights == "remainder" else 22
         # The shared grads are scaled by 2^16 (Model): the dynamic scale, for FP16 and BF16 alike.
         # With flat_grads the first step copies them into the optimizer's buffers, once.
@@ -82,7 +82,7 @@ class OursUnderGradScaler:
 
 
 class TorchPipeline:
-    """SPEC §5's baseline, the job done with torch.optim today: FP32 masters, grads copied in,
+    """The baseline, the job done with torch.optim: FP32 masters, grads copied in,
     unscaled and inf-checked by torch's AMP kernel, clip_grad_norm_(foreach=True),
     torch.optim.SGD, masters copied back, GradScaler's scale update. The skip works as
     GradScaler does it: fused=True takes found_inf on the device, the others read it on the
@@ -141,7 +141,7 @@ class Baseline:
 
 
 class GradScalerFP32:
-    """What a user does today without master weights: FP32 params, GradScaler, fused SGD.
+    """What a user does without master weights: FP32 params, GradScaler, fused SGD.
     Its job is smaller (no FP16 copy, no masters) but its params are FP32 (4 B, not 2).
     Its grads are reused every call and GradScaler unscales (and clipping scales) them in
     place, so scale 1 and an unreachable max norm keep them from decaying into denormals:
@@ -165,26 +165,36 @@ class GradScalerFP32:
         self.scaler.update()
 
 
-def build_all(model: Model, device: torch.device, include_compiled: bool) -> list:
+def factories(model: Model, device: torch.device, include_compiled: bool) -> tuple[dict, dict]:
+    """(torch pipelines, ours): name -> a function that builds that contender. Contenders are
+    built one at a time and freed after timing, so a run holds at most two contenders' params
+    and state at once (the best torch pipeline and one of ours)."""
     # Triton on CPU tensors is its interpreter: a test tool, not a contender. The torch oracle
     # loops over tensors in Python, so past 1,000 tensors it would dominate the run: left out.
     many = len(model.values) > 1000
     available = [name for name, reason in fused_opt.backend_availability(device).items()
                  if reason is None and not (name == "triton" and device.type == "cpu") and not (name == "torch" and many)]
-    contenders = [Ours(model, name) for name in available]
-    contenders += [Ours(model, name, flat_grads=True) for name in available if name != "torch"]
+    ours = {}
+    for name in available:
+        ours[f"fused_opt[{name}]"] = lambda name=name: Ours(model, name)
+    for name in available:
+        if name != "torch":
+            ours[f"fused_opt[{name}] flat_grads"] = lambda name=name: Ours(model, name, flat_grads=True)
     if model.values[0].dtype == torch.bfloat16:  # BF16 params with int16 master remainders
-        # Every contender's params and state are held at once: at GPT-2 small the flat remainder
-        # one took a 24 GiB CPU machine past its memory (killed), so it runs up to 64M params.
-        flat_modes = (False, True) if sum(v.numel() for v in model.values) <= 2**26 else (False,)
-        contenders += [Ours(model, name, flat_grads=flat, master_weights="remainder")
-                       for flat in flat_modes for name in available if name != "torch"]
+        for flat in (False, True):
+            for name in available:
+                if name != "torch":
+                    label = f"fused_opt[{name}]" + (" flat_grads" if flat else "") + " remainder"
+                    ours[label] = lambda name=name, flat=flat: Ours(model, name, flat_grads=flat,
+                                                                   master_weights="remainder")
     # GradScaler's CUDA inf check has no BF16 kernel: it can drive FP16 models only.
     if device.type == "cuda" and model.values[0].dtype == torch.float16:
-        contenders += [OursUnderGradScaler(model, name) for name in available if name != "torch"]
-    for mode in ("for-loop", "foreach", "fused"):
-        contenders.append(Baseline(model, mode))
+        for name in available:
+            if name != "torch":
+                ours[f"fused_opt[{name}] driven by GradScaler"] = lambda name=name: OursUnderGradScaler(model, name)
+    baselines = {f"torch.optim.SGD({mode})": (lambda mode=mode: Baseline(model, mode))
+                 for mode in ("for-loop", "foreach", "fused")}
     if include_compiled:
-        contenders.append(Baseline(model, "fused", compiled=True))
-    contenders.append(GradScalerFP32(model))
-    return contenders
+        baselines["torch.optim.SGD(fused) compiled"] = lambda: Baseline(model, "fused", compiled=True)
+    baselines["GradScaler + SGD(fused) on FP32 params"] = lambda: GradScalerFP32(model)
+    return baselines, ours

@@ -1,5 +1,6 @@
-"""Bandwidth vs params for the size sweep, one line per contender, the copy as the ceiling.
-`python -m fused_opt.bench.plot bench/results/bench-cuda.json` redraws a saved record."""
+"""The speedup of each of our contenders over the fastest torch pipeline, per workload (every
+workload, the many-tensor ones included), one panel per dtype, on a log scale.
+`python -m fused_opt.bench.plot bench-out/bench-cpu.json` redraws a saved record."""
 from __future__ import annotations
 
 import json
@@ -7,35 +8,39 @@ import sys
 
 
 def plot(record: dict, path: str) -> bool:
-    """Writes the PNG; False (and nothing written) without matplotlib or sweep rows."""
+    """Writes the PNG; False (and nothing written) without matplotlib or rows of ours."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    rows = [r for r in record["rows"] if r["workload"].startswith("sweep")]
+    rows = [r for r in record["rows"] if r["contender"].startswith("fused_opt") and r["speedup_vs_best_torch_paired"]]
     if not rows:
         return False
-    # One colour per contender across every panel (a panel may lack some contenders), and
-    # one legend for the figure that names exactly the lines drawn.
+    dtypes = sorted({r["dtype"] for r in rows})
     names = list(dict.fromkeys(r["contender"] for r in rows))
     colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}
-    fig, axes = plt.subplots(1, len({r["dtype"] for r in rows}), figsize=(13, 5), squeeze=False)
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    fig, axes = plt.subplots(len(dtypes), 1, figsize=(max(8, 1.6 * len(workloads)), 4 * len(dtypes)), squeeze=False)
+    width = 0.8 / len(names)
     drawn = {}
-    for ax, dtype in zip(axes[0], sorted({r["dtype"] for r in rows})):
-        for name in names:
-            points = sorted((r["params"], r["gb_s"]) for r in rows if r["contender"] == name and r["dtype"] == dtype)
+    for ax, dtype in zip(axes[:, 0], dtypes):
+        for k, name in enumerate(names):
+            points = [(i, r["speedup_vs_best_torch_paired"]) for i, w in enumerate(workloads) for r in rows
+                      if r["workload"] == w and r["dtype"] == dtype and r["contender"] == name]
             if points:
-                drawn[name], = ax.plot(*zip(*points), marker="o", color=colours[name], label=name)
-        drawn["device copy (read+write)"] = ax.axhline(record["copy_gb_s"], color="black", linestyle="--")
-        ax.set_xscale("log")
-        ax.set_xlabel("parameters")
-        ax.set_ylabel("effective GB/s at 22 B/param")
+                xs, ys = zip(*points)
+                drawn[name] = ax.bar([x + (k - len(names) / 2 + 0.5) * width for x in xs], ys, width,
+                                     color=colours[name], label=name)
+        drawn["torch (1x)"] = ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(workloads)), workloads, fontsize=8)
+        ax.set_ylabel("speedup vs best torch (paired)")
         ax.set_title(f"{dtype} params")
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"One optimizer step, {record['device']} ({record['date'][:10]})")
-    fig.tight_layout(rect=(0, 0, 0.78, 1))
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"One optimizer step, {record['device']} ({record['date'][:10]}, torch {record['torch']})")
+    fig.tight_layout(rect=(0, 0, 0.75, 1))
     fig.legend(list(drawn.values()), list(drawn.keys()), loc="center right", fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -2,10 +2,18 @@
 interleaved repeat by repeat so that clocks and caches drift equally for all of them."""
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 
 import torch
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
 def _sync(device: torch.device) -> None:

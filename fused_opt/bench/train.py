@@ -25,6 +25,7 @@ from torch import nn
 
 import fused_opt
 from . import workloads
+from .timing import device_name
 
 
 class Block(nn.Module):
@@ -166,10 +167,8 @@ def run(device, batches=(8, 32), repeats=5):
     low = torch.float16 if device.type == "cuda" else torch.bfloat16
     rows = []
     jobs = [(k, b) for k in ("ResNet-style CNN", "GPT-2-style decoder") for b in batches]
-    from .__main__ import progress
-    bar = progress(jobs)
-    for kind, n in bar:
-        bar.set_description(f"{kind}, batch {n}")
+    for k, (kind, n) in enumerate(jobs, 1):
+        print(f"[{k}/{len(jobs)}] {kind}, batch {n}", file=sys.stderr, flush=True)
         _, batch, _ = make(kind, device)
         x, y = batch(n)
         contenders = [Contender(name, kind, device, low) for name in ("fused_opt", "torch AMP", "torch masters")]
@@ -210,7 +209,6 @@ def table(record) -> str:
 
 def main(args) -> None:
     import datetime
-    from .__main__ import device_name
     device = torch.device(args.device)
     record = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
