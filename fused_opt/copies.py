@@ -13,6 +13,7 @@ from . import backends
 from .grad_accumulation import FP32GradAccumulator, low_precision_grad_is_fp32, set_grad
 from .grad_guard import ScaledGradGuard, grad_snapshot_of
 from .hyperparams import GroupHypers
+from .master_format import master_format
 from .flat_storage import FlatGrads
 from .step_layout import LayoutCache
 from .tracked_state import ParamList
@@ -40,6 +41,9 @@ def rebuild(opt, guarded: bool = False, flat_mode: bool = False, accumulated: di
     opt._epoch = opt._state._epoch
     for name, default in (("_clip_request", None), ("_auto_scale", False), ("_check_scaled_grads", True)):
         opt.__dict__.setdefault(name, default)  # copies made before these existed
+    if "_masters" not in opt.__dict__:
+        opt._masters = master_format("remainder" if opt.__dict__.pop("_remainders", False) else "fp32")
+    opt._masters.forget_except(set())  # marks name the original's params
     opt._flat_ids, opt._backend_cache, opt._amp_scaler = None, {}, None
     opt._layouts, opt._transaction = LayoutCache(), Transaction()
     opt._hypers = GroupHypers()

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .backends.multi_tensor import is_dense
 from .distributed import is_dtensor
 from .grad_accumulation import set_grad
+from .memory import is_dense
 from .tracked_state import Epoch, ParamList
 
 # Each tensor's slice starts on a multiple of this many elements: 16-byte-aligned rows for

@@ -11,7 +11,7 @@ import inspect
 import torch
 import torch.optim.optimizer as torch_optimizer
 
-from . import backends, clipping, copies, drop_in, remainder
+from . import backends, clipping, copies, drop_in
 from . import state_dict as packing
 from .backends import StepBatch
 from .distributed import shard_reduction
@@ -21,7 +21,7 @@ from .drop_in import SCALED_MARK
 from .grad_guard import ScaledGradGuard, grad_snapshot_of
 from .hyperparams import GroupHypers
 from .loss_scaler import LossScaler, check_scale_bounds, check_scaler_args
-from .state_checks import usable_master
+from .master_format import master_format
 from .step_layout import LayoutCache
 from .tracked_state import Epoch, ParamList, TrackedState
 from .transaction import Transaction
@@ -51,10 +51,8 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             raise ValueError("FusedMixedPrecisionSGD: differentiable=True is not supported (the fused step is "
                              "not differentiable; use torch.optim.SGD(differentiable=True))")
         check_global(max_grad_norm, norm_type)
-        if master_weights not in ("fp32", "remainder"):
-            raise ValueError(f'master_weights must be "fp32" or "remainder", got {master_weights!r}')
-        # BF16 params with int16 master remainders instead of FP32 masters (remainder.py).
-        self._remainders = master_weights == "remainder"
+        # How masters are kept: FP32 copies, or BF16 params' int16 remainders (master_format.py).
+        self._masters = master_format(master_weights)
         check_scaler_args("dynamic" if loss_scale == "auto" else loss_scale, init_scale, growth_factor,
                           backoff_factor, growth_interval)
         check_scale_bounds(init_scale, hysteresis, min_scale, max_scale, hysteresis_mode)
@@ -211,8 +209,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             raise ValueError("all optimizer param groups should be with/without names. cannot add param group "
                              f"{'with' if names else 'without'} names to the optimizer")
         check_params(params, index)
-        if self._remainders:
-            remainder.check_params(params, index)
+        self._masters.check_params(params, index)
         check_group({**self.defaults, **group}, index)
         check_tensor_lr({**self.defaults, **group}, index)
         if getattr(self, "_accumulator", None) is not None:
@@ -290,18 +287,16 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             self._guard.check(params, self._param_name)
         grads = [grads[i] for i in active]
         batch = self._layouts.batch(self, params, active, grads, hypers, scaler, self._clip_of_step())
-        if self._remainders:
-            owners = [params[i] for i in active]
-            self._layouts.retake_edited_remainders(self, owners)
+        owners = [params[i] for i in active]
+        self._masters.before_step(self, owners)
         self._launch(batch)
-        if self._remainders:
-            self._layouts.mark_written(owners)
+        self._masters.after_step(owners)
         self._stepped()
         if self._flat_grads is not None:
             left_out = [p for p, g in zip(params, grads_all) if g is None]
             if self._flat_grads.adopt(self._layouts.layout, batch.grads, left_out, self.state, self.param_groups,
                                       hypers, self._epoch, self._layouts.next_id(), self._accumulator,
-                                      self._remainders):
+                                      self._masters.watches_versions):
                 self._layouts.invalidate()  # its masters and buffers were copied; the state holds flat views
 
     def _step_flat(self, hypers: list) -> None:
@@ -323,7 +318,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
                                self.consecutive_skips))
         self._stepped()
         if flat.versions is not None and getattr(self._backend, "WRITES_BUMP_VERSIONS", False):
-            self._layouts.mark_written(layout.params)  # remainders: our own writes are not edits
+            self._masters.after_step(layout.params)  # remainders: our own writes are not edits
             flat.watch_versions()
         flat.stepped()
 
@@ -400,7 +395,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         # A param no longer in any group lets go of its master (torch.optim.SGD would hold no
         # copy of it): else every replaced param and its FP32 copy stay alive for good.
         present = set(map(id, flat))
-        self._layouts.forget_marks_except(present)
+        self._masters.forget_except(present)
         for p in [k for k in self.state if isinstance(k, torch.Tensor) and id(k) not in present]:
             entry = self.state[p]
             entry.pop("master_param", None)
@@ -417,13 +412,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         since (as the next step would), so that a state dict holds the masters the next step
         would use."""
         with torch.no_grad():
-            if self._remainders:
-                self._layouts.retake_edited_remainders(self, self._flat_params())
-            for p in self._flat_params():
-                master = self.state[p].get("master_param") if p in self.state else None
-                if master is not None and master is not p and usable_master(master, p):
-                    same = master.to(p.dtype).view(torch.int16) == p.view(torch.int16)
-                    master.copy_(torch.where(same, master, p.to(torch.float32)))
+            self._masters.sync_from_params(self, self._flat_params())
 
     def state_dict(self) -> dict:
         """As torch's (its pre- and post-hooks see and may replace exactly what torch's would),

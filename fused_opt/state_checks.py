@@ -14,25 +14,8 @@ import torch
 
 from .distributed import is_dtensor, local
 from .loss_scaler import MIN_SCALE
+from .memory import byte_span, has_internal_overlap, is_dense
 from .validation import check_group, check_tensor_lr
-
-
-def has_internal_overlap(t: torch.Tensor) -> bool:
-    """Whether two indices of t may share an element (stride 0, expand(), as_strided).
-    Sufficient for "no": each dimension, by increasing stride, steps past all the smaller ones."""
-    extent = 0
-    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1):
-        if stride <= extent:
-            return True
-        extent += (size - 1) * stride
-    return False
-
-
-def _span(t: torch.Tensor) -> tuple[int, int]:
-    """The bytes [start, end) that t's elements lie in."""
-    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
-    start = t.data_ptr()
-    return start, start + (last + 1) * t.element_size()
 
 
 def check_param_memory(tensors: list[torch.Tensor], name_of) -> None:
@@ -45,7 +28,7 @@ def check_param_memory(tensors: list[torch.Tensor], name_of) -> None:
         if has_internal_overlap(t):
             raise ValueError(f"{name_of(k)}: the param overlaps itself (shape {tuple(t.shape)}, strides "
                              f"{t.stride()}, e.g. an expand()ed view): SGD needs memory of its own per element")
-        spans.append((*_span(t), k))
+        spans.append((*byte_span(t), k))
     spans.sort()
     for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
         if start < end:
@@ -54,7 +37,6 @@ def check_param_memory(tensors: list[torch.Tensor], name_of) -> None:
 
 
 def _dense(t: torch.Tensor) -> bool:
-    from .backends.multi_tensor import is_dense
     return is_dense(local(t))
 
 

@@ -14,7 +14,6 @@ import copy
 import torch
 
 from .distributed import is_dtensor, placed_like
-from .remainder import rebuild, split_
 from .state_checks import validated_state_dict
 
 # The key, in each saved param group, of the loss scaler's state and the applied-step count.
@@ -48,9 +47,8 @@ def pack(opt) -> dict:
             entry.pop("momentum_buffer", None)
         if entry.get("master_param") is key:
             del entry["master_param"]
-        remainder = entry.pop("master_remainder", None)
-        if remainder is not None:  # master_weights="remainder": the FP32 master, rebuilt
-            entry["master_param"] = rebuild(key.detach(), remainder)
+        if opt._masters.key in entry:  # an FP32 master, as every state dict holds (rebuilt from a remainder)
+            entry["master_param"] = opt._masters.master_of(key, entry.pop(opt._masters.key))
         # A view into flat storage (flat_grads) is copied out: torch.save writes a view's
         # whole storage, which would put every param's state in every entry.
         entry = {k: v.clone() if _is_view_into_more(v) else v for k, v in entry.items()}
@@ -116,12 +114,8 @@ def _load(opt, state_dict: dict) -> None:
             master = placed_like(entry["master_param"], p)
             if p.dtype == torch.float32:
                 p.copy_(master)
-            elif opt._remainders:  # the param takes the top half, the remainder the rest
-                state["master_remainder"] = torch.empty_like(p, dtype=torch.int16)
-                split_(torch.empty_like(p, dtype=torch.float32).copy_(master), p, state["master_remainder"])
             else:
-                state["master_param"] = torch.empty_like(p, dtype=torch.float32).copy_(master)
-                p.copy_(state["master_param"])
+                opt._masters.load(state, p, master)
         if p.dtype == torch.float32:
             state["master_param"] = p
         if entry.get("momentum_buffer") is not None:
@@ -129,8 +123,6 @@ def _load(opt, state_dict: dict) -> None:
             state["momentum_buffer"] = torch.empty_like(p, dtype=torch.float32).copy_(buf)
             # -1: applied before, never equal to an applied-step count, so never "first" again.
             state["momentum_first_step"] = torch.full((), -1, dtype=torch.int32, device=p.device)
-    if opt._remainders:  # the params were written above: their remainders match them as they are now
-        opt._layouts.mark_written(params)
     if extra is not None:
         opt._scaler.load_state_dict(extra["loss_scaler"])
         opt._applied_steps.copy_(extra["applied_steps"])

@@ -15,7 +15,7 @@ import torch
 
 from .backends import StepBatch
 from .distributed import local, local_grads, shard_reduction
-from .state_checks import check_param_memory, conform_buffer, usable_master, usable_remainder
+from .state_checks import check_param_memory, conform_buffer
 from .validation import check_grads
 
 
@@ -43,30 +43,6 @@ class LayoutCache:
     def __init__(self):
         self.layout = None
         self._ids = itertools.count(1)
-        # master_weights="remainder": id(param) -> (data_ptr, _version) when its remainder last
-        # matched it (made, loaded, or written by a step). The kernels cannot see a BF16 param
-        # written outside the optimizer (the param is the master's top half), so the host
-        # compares these: a changed one restarts its remainder at 0, the master then being the
-        # written param itself. Kept for every param, not only those of the last step (a param
-        # without a grad in one step may be written before the next); pruned when params leave.
-        self.marks = {}
-
-    def retake_edited_remainders(self, opt, owners) -> None:
-        marks = self.marks
-        for p in owners:
-            mark = marks.get(id(p))
-            if mark is not None and mark != (p.data_ptr(), p._version):
-                remainder = opt.state[p].get("master_remainder") if p in opt.state else None
-                if remainder is not None:
-                    remainder.zero_()
-                marks[id(p)] = (p.data_ptr(), p._version)
-
-    def mark_written(self, owners) -> None:
-        self.marks.update({id(p): (p.data_ptr(), p._version) for p in owners})
-
-    def forget_marks_except(self, present: set) -> None:
-        self.marks = {k: v for k, v in self.marks.items() if k in present}
-
     def next_id(self) -> int:
         return next(self._ids)
 
@@ -123,26 +99,15 @@ class LayoutCache:
             state = opt.state[p] if p in opt.state else {}
             gi = opt._group_of[i]
             uses_momentum = hypers[gi].uses_momentum
-            if opt._remainders:  # master_weights="remainder": the master is p and an int16 remainder
-                master = state.get("master_remainder")
-                if not usable_remainder(master, p):
-                    master = None
-            else:
-                master = p if p.dtype == torch.float32 else state.get("master_param")
-                if p.dtype != torch.float32 and not usable_master(master, p):
-                    master = None  # none yet, or stale: `p.data = ...` since, or an FP32 param cast
+            master = opt._masters.cached(state, p)  # None: none yet, or no longer fits p
             buf = state.get("momentum_buffer") if uses_momentum else None
             buf = conform_buffer(buf, p, master, opt._param_name(p))
             fixes.append((p, master, buf, uses_momentum, gi))
         for p, master, buf, uses_momentum, gi in fixes:
             state = opt.state[p]
-            key = "master_remainder" if opt._remainders else "master_param"
-            if master is None and opt._remainders:  # 0: the master is the param itself
-                master = torch.zeros_like(p, dtype=torch.int16)
-            if opt._remainders and id(p) not in self.marks:  # made now, or put in the state by hand
-                self.mark_written([p])
-            if master is None:  # an FP32 param is its own master; else a dense FP32 copy
-                master = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+            if master is None:
+                master = opt._masters.make(p)
+            key = opt._masters.key
             if state.get(key) is not master:
                 state[key] = master
             if uses_momentum:

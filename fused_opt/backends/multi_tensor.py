@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..memory import is_dense
 from . import StepBatch
 
 # Elements per chunk: large enough that a program streams a long run of memory, small enough
@@ -33,18 +34,6 @@ LR, MOMENTUM, ONE_MINUS_DAMPENING, WEIGHT_DECAY, NESTEROV, MAXIMIZE = range(6)
 GROUP_COLUMNS = 8  # padded for alignment
 # Per-step scalars written by the finalize stage and read by the update (float32).
 INV_SCALE, CLIP_COEF, FOUND_INF, SCALARS = 0, 1, 2, 4
-
-
-def is_dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense: its elements fill one run of memory in some order."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,131 @@
+"""How a param's FP32 master is kept: the `master_weights` policy, chosen once per optimizer.
+
+The step asks the policy, never the option: which state key holds the master, whether a
+cached one still fits its param, how to make a new one, what to do around a step, and how to
+load and report one. Two policies:
+
+- `FP32Masters` ("fp32"): an FP32 copy per FP16/BF16 param (an FP32 param is its own). A
+  param edited outside the optimizer is seen per element by the kernels (the param no longer
+  equals its master rounded), so nothing happens around a step.
+- `RemainderMasters` ("remainder"): BF16 params keep an int16 remainder (remainder.py). The
+  kernels cannot see a write to the param (it is the master's top half), so the host keeps,
+  per param, the (data_ptr, version) with which its remainder last matched it, and a step
+  restarts the remainder of a param written since.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import remainder
+from .state_checks import usable_master, usable_remainder
+
+
+class FP32Masters:
+    key = "master_param"
+    watches_versions = False  # flat storage need not read version counters
+
+    def check_params(self, params, index=None) -> None:
+        pass
+
+    def cached(self, state: dict, p: torch.Tensor):
+        """The master in `state` if it still fits p (an FP32 param is its own), else None."""
+        if p.dtype == torch.float32:
+            return p
+        master = state.get(self.key)
+        return master if usable_master(master, p) else None  # none yet, or stale: p.data = ... since
+
+    def make(self, p: torch.Tensor) -> torch.Tensor:
+        return p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+
+    def before_step(self, opt, owners) -> None:
+        pass
+
+    def after_step(self, owners) -> None:
+        pass
+
+    def forget_except(self, present: set) -> None:
+        pass
+
+    def sync_from_params(self, opt, params) -> None:
+        """Each FP16/BF16 master re-taken where its param no longer equals it rounded (what
+        every step does per element)."""
+        for p in params:
+            master = opt.state[p].get(self.key) if p in opt.state else None
+            if master is not None and master is not p and usable_master(master, p):
+                same = master.to(p.dtype).view(torch.int16) == p.view(torch.int16)
+                master.copy_(torch.where(same, master, p.to(torch.float32)))
+
+    def master_of(self, p: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+        """The FP32 master a state dict holds."""
+        return stored
+
+    def load(self, state: dict, p: torch.Tensor, master: torch.Tensor) -> None:
+        """A loaded FP32 master put in place, its param written from it (rounded)."""
+        state[self.key] = torch.empty_like(p, dtype=torch.float32).copy_(master)
+        p.copy_(state[self.key])
+
+
+class RemainderMasters:
+    key = "master_remainder"
+    watches_versions = True
+
+    def __init__(self):
+        # id(param) -> (data_ptr, _version) when its remainder last matched it (made, loaded,
+        # or written by a step). Kept for every param, not only those of the last step (a
+        # param without a grad in one step may be written before the next); pruned when
+        # params leave the optimizer.
+        self.marks = {}
+
+    def check_params(self, params, index=None) -> None:
+        remainder.check_params(params, index)
+
+    def cached(self, state: dict, p: torch.Tensor):
+        stored = state.get(self.key)
+        if not usable_remainder(stored, p):
+            return None
+        if id(p) not in self.marks:  # put in the state by hand or by a copy: taken as it is
+            self.after_step([p])
+        return stored
+
+    def make(self, p: torch.Tensor) -> torch.Tensor:
+        self.after_step([p])
+        return torch.zeros_like(p, dtype=torch.int16)  # 0: the master is the param itself
+
+    def before_step(self, opt, owners) -> None:
+        """Restarts the remainder of every param written since its mark (the master is then
+        the written param itself, as an FP32 master would be re-taken)."""
+        marks = self.marks
+        for p in owners:
+            mark = marks.get(id(p))
+            if mark is not None and mark != (p.data_ptr(), p._version):
+                stored = opt.state[p].get(self.key) if p in opt.state else None
+                if stored is not None:
+                    stored.zero_()
+                marks[id(p)] = (p.data_ptr(), p._version)
+
+    def after_step(self, owners) -> None:
+        self.marks.update({id(p): (p.data_ptr(), p._version) for p in owners})
+
+    def forget_except(self, present: set) -> None:
+        self.marks = {k: v for k, v in self.marks.items() if k in present}
+
+    def sync_from_params(self, opt, params) -> None:
+        self.before_step(opt, params)
+
+    def master_of(self, p: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+        return remainder.rebuild(p.detach(), stored)
+
+    def load(self, state: dict, p: torch.Tensor, master: torch.Tensor) -> None:
+        """The param takes the master's top half, the remainder the rest."""
+        state[self.key] = torch.empty_like(p, dtype=torch.int16)
+        remainder.split_(torch.empty_like(p, dtype=torch.float32).copy_(master), p, state[self.key])
+        self.after_step([p])
+
+
+MASTER_FORMATS = {"fp32": FP32Masters, "remainder": RemainderMasters}
+
+
+def master_format(master_weights: str):
+    if master_weights not in MASTER_FORMATS:
+        raise ValueError(f'master_weights must be "fp32" or "remainder", got {master_weights!r}')
+    return MASTER_FORMATS[master_weights]()
