@@ -15,7 +15,7 @@ from .grad_guard import ScaledGradGuard, grad_snapshot_of
 from .hyperparams import GroupHypers
 from .master_format import master_format
 from .flat_storage import FlatGrads
-from .step_layout import LayoutCache
+from .step_layout import PerTensorStorage
 from .tracked_state import ParamList
 from .transaction import Transaction
 
@@ -45,7 +45,7 @@ def rebuild(opt, guarded: bool = False, flat_mode: bool = False, accumulated: di
         opt._masters = master_format("remainder" if opt.__dict__.pop("_remainders", False) else "fp32")
     opt._masters.forget_except(set())  # marks name the original's params
     opt._flat_ids, opt._backend_cache, opt._amp_scaler = None, {}, None
-    opt._layouts, opt._transaction = LayoutCache(), Transaction()
+    opt._layouts, opt._transaction = PerTensorStorage(), Transaction()
     opt._hypers = GroupHypers()
     opt._guard = ScaledGradGuard(grad_snapshot_of(opt)) if guarded else None
     opt._flat_grads = FlatGrads() if flat_mode else None  # the copy adopts grads of its own

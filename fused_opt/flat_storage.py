@@ -33,9 +33,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .backends import StepBatch
 from .distributed import is_dtensor
 from .grad_accumulation import set_grad
 from .memory import is_dense
+from .step_layout import StepPlan
 from .tracked_state import Epoch, ParamList
 
 # Each tensor's slice starts on a multiple of this many elements: 16-byte-aligned rows for
@@ -231,7 +233,7 @@ class FlatGrads:
         buffer, beside the FP32 params' grads. With master_weights="remainder" the int16
         remainders are flat too; a param written outside the optimizer is seen from its
         version counter (read per param, ~0.1 us each: the kernels cannot see such a write,
-        see step_layout.LayoutCache.marks), and that step takes the per-tensor path, which
+        see master_format.RemainderMasters.marks), and that step takes the per-tensor path, which
         restarts its remainder."""
         if self.off is not None:
             return False
@@ -259,6 +261,25 @@ class FlatGrads:
         if remainders:
             self.watch_versions()
         return True
+
+    def prepare(self, opt, hypers) -> StepPlan:
+        return StepPlan(None, self.layout.params)
+
+    def batch_of(self, opt, plan, hypers, scaler, clip: tuple) -> StepBatch:
+        """The step over flat storage: every list is cached, nothing is read per tensor; what
+        could have changed was checked in holds()."""
+        self.check_backward_ran()
+        layout = self.layout
+        return StepBatch(layout.params, layout.grads, layout.masters, layout.bufs, layout.firsts,
+                         layout.group_index, hypers, *clip, scaler, opt._applied_steps, opt.last_grad_norm,
+                         opt.last_step_skipped, opt._backend_cache, layout.layout_id, None,
+                         self.storage.grad_buffers, opt.consecutive_skips)
+
+    def after_step(self, opt, plan, batch, hypers) -> None:
+        if self.versions is not None and getattr(opt._backend, "WRITES_BUMP_VERSIONS", False):
+            opt._masters.after_step(self.layout.params)  # remainders: our own writes are not edits
+            self.watch_versions()
+        self.stepped()
 
     def watch_versions(self) -> None:
         """Takes the params' version counters as written by us (master_weights="remainder")."""

@@ -22,7 +22,7 @@ from .grad_guard import ScaledGradGuard, grad_snapshot_of
 from .hyperparams import GroupHypers
 from .loss_scaler import LossScaler, check_scale_bounds, check_scaler_args
 from .master_format import master_format
-from .step_layout import LayoutCache
+from .step_layout import PerTensorStorage
 from .tracked_state import Epoch, ParamList, TrackedState
 from .transaction import Transaction
 from .validation import check_global, check_group, check_params, check_tensor_lr
@@ -61,7 +61,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         self._epoch = Epoch()  # counts every write to self.state and the groups' lists (tracked_state.py)
         self._flat_grads = FlatGrads() if flat_grads else None
         self._flat_ids = None
-        self._layouts = LayoutCache()
+        self._layouts = PerTensorStorage()
         self._hypers = GroupHypers()
         super().__init__(params, defaults)
         device = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else torch.device("cpu")
@@ -266,61 +266,37 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         return loss
 
     def _step_without_grad(self) -> None:
+        """One path for every mode: the storage says what this step touches, the optimizer
+        checks the drop-in rules, the backend runs unscale, inf check, norm and clip, update
+        and write-back, and the storage takes note of what was written."""
         hypers = self._hypers.of(self.param_groups)
-        if self._flat_grads is not None and self._flat_grads.holds(self._epoch.value, self.param_groups, hypers):
-            self._step_flat(hypers)
-            return
-        params = self._flat_params()
-        if self._accumulator is not None:
-            self._accumulator.check()
-        grads = grads_all = [p.grad for p in params]
-        active = [i for i, g in enumerate(grads) if g is not None]
-        if not active:  # nothing changes, the scale and its counter included
+        storage = self._storage(hypers)
+        plan = storage.prepare(self, hypers)
+        if plan is None:  # no param has a grad: nothing changes, the scale and its counter included
             self.last_grad_norm.zero_()
             self.last_step_skipped.fill_(False)
             self._clip_request = None
             return
-        if self._auto_scale and not self._scaler.enabled:
-            self._check_auto_scale(params)
+        if self._auto_scale and not self._scaler.enabled and plan.params is not None:
+            self._check_auto_scale(plan.params)
         scaler = self._step_scaler()
         if self._guard is not None and scaler is self._scaler:
-            self._guard.check(params, self._param_name)
-        grads = [grads[i] for i in active]
-        batch = self._layouts.batch(self, params, active, grads, hypers, scaler, self._clip_of_step())
-        owners = [params[i] for i in active]
-        self._masters.before_step(self, owners)
-        self._launch(batch)
-        self._masters.after_step(owners)
-        self._stepped()
-        if self._flat_grads is not None:
-            left_out = [p for p, g in zip(params, grads_all) if g is None]
-            if self._flat_grads.adopt(self._layouts.layout, batch.grads, left_out, self.state, self.param_groups,
-                                      hypers, self._epoch, self._layouts.next_id(), self._accumulator,
-                                      self._masters.watches_versions):
-                self._layouts.invalidate()  # its masters and buffers were copied; the state holds flat views
-
-    def _step_flat(self, hypers: list) -> None:
-        """The step over flat storage (flat_storage.py): every list is cached, nothing is
-        read per tensor on the host; what could have changed was checked in holds()."""
-        scaler = self._step_scaler()
-        if self._guard is not None and scaler is self._scaler:
-            self._guard.check(None, self._param_name)
-        self._flat_grads.check_backward_ran()
+            self._guard.check(plan.params, self._param_name)
         if self._accumulator is not None:
             self._accumulator.check()
-        flat = self._flat_grads
-        layout = flat.layout
-        max_norm, norm_type = self._clip_of_step()
-        self._launch(StepBatch(layout.params, layout.grads, layout.masters, layout.bufs, layout.firsts,
-                               layout.group_index, hypers, max_norm, norm_type, scaler,
-                               self._applied_steps, self.last_grad_norm, self.last_step_skipped,
-                               self._backend_cache, layout.layout_id, None, flat.storage.grad_buffers,
-                               self.consecutive_skips))
+        batch = storage.batch_of(self, plan, hypers, scaler, self._clip_of_step())
+        self._launch(batch)
         self._stepped()
-        if flat.versions is not None and getattr(self._backend, "WRITES_BUMP_VERSIONS", False):
-            self._masters.after_step(layout.params)  # remainders: our own writes are not edits
-            flat.watch_versions()
-        flat.stepped()
+        storage.after_step(self, plan, batch, hypers)
+
+    def _storage(self, hypers):
+        """Where this step's tensors live, chosen here and nowhere else: flat storage
+        (flat_storage.py) while it holds everything the step touches, an O(1) check; else the
+        params' own (step_layout.py), checked per tensor."""
+        flat = self._flat_grads
+        if flat is not None and flat.holds(self._epoch.value, self.param_groups, hypers):
+            return flat
+        return self._layouts
 
     def _check_auto_scale(self, params: list) -> None:
         """loss_scale="auto" chose no scale for FP32/BF16 params; if some are FP16 now

@@ -3,7 +3,7 @@
 The fused backends hand raw addresses to kernels that trust them: a master of the wrong
 size, a param that overlaps itself or another param, a buffer laid out unlike its master
 would be read or written outside its tensor. Everything here runs when the step's cached
-layout is rebuilt (step_layout.LayoutCache._new_layout) or at load time, never per element, and raises
+layout is rebuilt (step_layout.PerTensorStorage._new_layout) or at load time, never per element, and raises
 before anything is modified.
 """
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+from dataclasses import dataclass
 
 import torch
 
@@ -20,7 +21,7 @@ from .validation import check_grads
 
 
 class StepLayout:
-    """The cached per-tensor lists of a step (see LayoutCache.batch)."""
+    """The cached per-tensor lists of a step (see PerTensorStorage.batch)."""
 
     def __init__(self, signature, layout_id: int):
         self.signature = signature
@@ -37,12 +38,49 @@ class StepLayout:
         self.epoch = None      # the state's write count when built
 
 
-class LayoutCache:
-    """The optimizer's current StepLayout, and the ids that tell backends when it changed."""
+@dataclass
+class StepPlan:
+    """What one step touches, as a storage prepared it. `params`: every param, to name one in
+    an error (None on flat storage, which reads nothing per param); `owners`: those stepped."""
+    params: list | None
+    owners: list
+    active: list = None
+    grads: list = None
+    grads_all: list = None
+
+
+class PerTensorStorage:
+    """Storage as the user has it: each param's own grad, master and buffer. A step reads
+    every `.grad`, compares every tensor's memory with the cached StepLayout's (O(n)), and
+    rebuilds the layout when anything changed. Also hands the step's tensors to flat storage
+    (flat_storage.py) when flat_grads asks for it."""
 
     def __init__(self):
         self.layout = None
         self._ids = itertools.count(1)
+
+    def prepare(self, opt, hypers) -> StepPlan | None:
+        """The params that have a grad, or None when none has one."""
+        params = opt._flat_params()
+        grads = [p.grad for p in params]
+        active = [i for i, g in enumerate(grads) if g is not None]
+        if not active:
+            return None
+        return StepPlan(params, [params[i] for i in active], active, [grads[i] for i in active], grads)
+
+    def batch_of(self, opt, plan: StepPlan, hypers, scaler, clip: tuple) -> StepBatch:
+        batch = self.batch(opt, plan.params, plan.active, plan.grads, hypers, scaler, clip)
+        opt._masters.before_step(opt, plan.owners)
+        return batch
+
+    def after_step(self, opt, plan: StepPlan, batch: StepBatch, hypers) -> None:
+        opt._masters.after_step(plan.owners)
+        flat = opt._flat_grads
+        if flat is not None:
+            left_out = [p for p, g in zip(plan.params, plan.grads_all) if g is None]
+            if flat.adopt(self.layout, batch.grads, left_out, opt.state, opt.param_groups, hypers, opt._epoch,
+                          self.next_id(), opt._accumulator, opt._masters.watches_versions):
+                self.invalidate()  # its masters and buffers were copied; the state holds flat views
     def next_id(self) -> int:
         return next(self._ids)
 
