@@ -149,13 +149,20 @@ class FlatStorage:
         self.use_counts = [_storage_use_count(s) for s in self.storages]
         self.data_ptrs = list(map(_STORAGE_PTR, self.storages))
 
-    def intact(self) -> bool:
-        """No attached view was dropped, no view's storage swapped (`.data = ...` drops a
-        reference to a flat buffer's storage), no flat buffer's memory moved, no param's
-        storage freed or moved (see the module docstring)."""
+    def buffers_intact(self) -> bool:
+        """O(flat buffers): no attached view was dropped, no view's storage swapped (`.data =
+        ...` drops a reference to a flat buffer's storage), no flat buffer's memory moved, no
+        param's storage freed. Enough for what touches only our buffers (zeroing grads)."""
         if (self.alive and all(_storage_use_count(s) == n for s, n in zip(self.storages, self.use_counts))
-                and list(map(_STORAGE_PTR, self.storages)) == self.data_ptrs
-                and list(map(_STORAGE_PTR, map(_CALL, self._param_storages))) == self.param_ptrs):
+                and list(map(_STORAGE_PTR, self.storages)) == self.data_ptrs):
+            return True
+        self.alive = False
+        return False
+
+    def intact(self) -> bool:
+        """buffers_intact(), and no param's storage moved (`share_memory_()`, a storage
+        `resize_()`): one data pointer per param, what a step needs before it writes params."""
+        if self.buffers_intact() and list(map(_STORAGE_PTR, map(_CALL, self._param_storages))) == self.param_ptrs:
             return True
         self.alive = False
         return False
@@ -318,7 +325,7 @@ class FlatGrads:
         zero_grad then clears every .grad its way). The params left out get torch's
         treatment (a grad set on a frozen param is cleared, as torch would)."""
         storage = self.storage
-        if (storage is None or not storage.intact() or epoch != self.epoch or len(groups) != len(self.lists)
+        if (storage is None or not storage.buffers_intact() or epoch != self.epoch or len(groups) != len(self.lists)
                 or not all(g["params"] is lst for g, lst in zip(groups, self.lists))):
             return False
         storage.zero_()

@@ -83,7 +83,7 @@ def grad_snapshot_of(optimizer):
         if opt is None:
             return None
         flat = opt._flat_grads.storage if opt._flat_grads is not None else None
-        if flat is not None and flat.intact():
+        if flat is not None and flat.buffers_intact():
             return "flat", flat.versions()
         return _versions(opt._flat_params())
     return snapshot

@@ -31,8 +31,10 @@ class StepLayout:
         self.reduce_stats = None
         self.memory = None     # (data_ptr, dtype, shape, stride) of each param when built
         # The masters (not the params themselves), buffers and first-step flags the kernels'
-        # tables point at, and their memory when built: `buf.data = t`, `.set_()` and
-        # `.share_memory_()` move a state tensor's storage without a write to opt.state.
+        # tables point at, and their data pointers when built: `buf.data = t`, `.set_()` and
+        # `.share_memory_()` move a state tensor's storage without a write to opt.state. (The
+        # pointer alone: new memory has a new address while the old is alive, and a view of
+        # the same storage stays inside it.)
         self.state_tensors, self.state_memory = [], []
         self.grad_meta = []    # (shape, dtype, device, layout) of each grad, last checked
         self.epoch = None      # the state's write count when built
@@ -103,7 +105,7 @@ class PerTensorStorage:
         # 10,000 tensors, 31 -> 86 ms/step).
         if (layout is None or layout.signature != signature or layout.epoch != opt._epoch.value
                 or not _same(map(_memory_of, tensors), layout.memory, len(tensors))
-                or not _same(map(_memory_of, layout.state_tensors), layout.state_memory, len(layout.state_memory))):
+                or not _same(map(_DATA_PTR, layout.state_tensors), layout.state_memory, len(layout.state_memory))):
             layout = self._new_layout(opt, params, active, hypers, signature)
             layout.memory = list(map(_memory_of, tensors))
         if not _same(map(_grad_meta_of, grads), layout.grad_meta, len(grads)):  # checked in full when a grad's kind changed
@@ -166,9 +168,12 @@ class PerTensorStorage:
         layout.epoch = opt._epoch.value
         layout.state_tensors = [t for p, m, b, f in zip(layout.params, layout.masters, layout.bufs, layout.firsts)
                                 for t in (m, b, f) if t is not None and t is not p]
-        layout.state_memory = list(map(_memory_of, layout.state_tensors))
+        layout.state_memory = list(map(_DATA_PTR, layout.state_tensors))
         self.layout = layout
         return layout
+
+
+_DATA_PTR = torch.Tensor.data_ptr
 
 
 def _memory_of(t: torch.Tensor) -> tuple:
