@@ -265,4 +265,15 @@ PYBIND11_MODULE(FUSED_OPT_CPU_MODULE, m) {
   m.doc() = "fused_opt C++ CPU kernels";
   m.attr("CPU_PATH") = FUSED_OPT_CPU_PATH;
   fused_opt::bind_step(m, fused_opt::partials, fused_opt::finalize_step, fused_opt::update);
+  // Whether each of n host words (at the addresses in `addrs`) still holds the value in
+  // `values`: the flat step's check that no param's storage moved (flat_storage.py), which
+  // reads one word per param instead of a Python call per param.
+  m.def("words_equal", [](int64_t addrs, int64_t values, int64_t n) {
+    const auto* a = reinterpret_cast<const int64_t* const*>(addrs);
+    const auto* v = reinterpret_cast<const int64_t*>(values);
+    for (int64_t i = 0; i < n; ++i) {
+      if (*a[i] != v[i]) return false;
+    }
+    return true;
+  });
 }

@@ -18,8 +18,8 @@ compared); `p.data = ...` frees the param's old storage (a weakref callback agai
 write to `opt.state` bumps its epoch (tracked_state.py); group lists are compared by
 identity. A param's own storage can also move in place (`p.share_memory_()`,
 `model.share_memory()`, `p.untyped_storage().resize_()` as FSDP1 and ZeRO-3 do), which no
-signal but its data pointer tells: that is the one read per param (~0.1 us each), and the
-price of never writing to freed memory. A dead storage sends the step down the per-tensor
+signal but its data pointer tells: that is the one read per param, a word compared in C++
+(storage_watch.py), the price of never writing to freed memory. A dead storage sends the step down the per-tensor
 path, which re-adopts the grads as they are. What those signals cannot see is a grad
 replaced while other code still holds the old one (README: flat grads).
 
@@ -37,6 +37,7 @@ from .backends import StepBatch
 from .distributed import is_dtensor
 from .grad_accumulation import set_grad
 from .memory import is_dense
+from .storage_watch import PointerWatch
 from .step_layout import StepPlan
 from .tracked_state import Epoch, ParamList
 
@@ -99,7 +100,7 @@ class FlatStorage:
         self.first_steps = torch.zeros(max(len(params), 1), dtype=torch.int32, device=device)
         self.first_views = [None if f is None else self.first_steps[k].copy_(f) for k, f in enumerate(layout.firsts)]
         self.use_counts = None
-        self._refs, self._param_storages = [], []
+        self._refs, self._param_storages, self._param_pointers = [], [], None
 
     @staticmethod
     def _view(buffer, like, offset):
@@ -136,7 +137,7 @@ class FlatStorage:
         # `p.data = ...` frees the param's old storage (its PyObject is preserved while it lives).
         self._param_storages = [weakref.ref(p.untyped_storage(), died) for p in owners]
         self._refs += self._param_storages
-        self.param_ptrs = list(map(_STORAGE_PTR, map(_CALL, self._param_storages)))
+        self._param_pointers = PointerWatch(list(map(_CALL, self._param_storages)))
         for p, master, buf, flag in zip(owners, self.master_views, self.buf_views, self.first_views):
             entry = state[p]
             if master is not None:
@@ -162,7 +163,7 @@ class FlatStorage:
     def intact(self) -> bool:
         """buffers_intact(), and no param's storage moved (`share_memory_()`, a storage
         `resize_()`): one data pointer per param, what a step needs before it writes params."""
-        if self.buffers_intact() and list(map(_STORAGE_PTR, map(_CALL, self._param_storages))) == self.param_ptrs:
+        if self.buffers_intact() and self._param_pointers.unmoved(lambda: map(_CALL, self._param_storages)):
             return True
         self.alive = False
         return False

@@ -124,3 +124,26 @@ def test_the_oracle_takes_the_edits_as_torch_sgd_does():
         sgd.step()
     assert torch.equal(model.a.detach().float(), reference.detach())
     assert torch.equal(sd["state"][0]["momentum_buffer"], sgd.state[reference]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["native-words", "python-fallback"])
+def test_pointer_watch_sees_every_move(fast, monkeypatch):
+    # The flat step's per-param check: one host word per storage, compared in C++ where the
+    # word's offset in the StorageImpl was verified; else data_ptr() in Python. Both see moves.
+    from fused_opt import storage_watch
+    if not fast:
+        monkeypatch.setattr(storage_watch, "_native_words_equal", lambda: None)
+    params = [nn.Parameter(torch.randn(n)) for n in (1, 7, 1023)]
+    storages = [p.untyped_storage() for p in params]
+    watch = storage_watch.PointerWatch(storages)
+    assert (watch._fast is not None) == (fast and storage_watch._data_ptr_offset() >= 0)
+    if fast:
+        assert watch._fast is not None, "the StorageImpl layout of this torch was not recognised"
+    live = lambda: iter(storages)  # noqa: E731
+    assert watch.unmoved(live)
+    # (a resize to a larger size: a new block while the old one is alive, so a new address)
+    for k, move in ((1, lambda p: p.share_memory_()), (2, lambda p: p.untyped_storage().resize_(1 << 16))):
+        move(params[k])
+        assert not watch.unmoved(live)
+        watch = storage_watch.PointerWatch(storages)
+        assert watch.unmoved(live)
