@@ -25,6 +25,8 @@ def test_quick_benchmark_writes_record(tmp_path, capsys):
     assert 0 < record["peak_rss_gb"] < 8
     # every row of ours was timed paired with the fastest torch pipeline
     assert all(r["speedup_vs_best_torch_paired"] is not None for r in record["rows"] if r["contender"].startswith("fused_opt"))
+    # the torch pipelines were each timed alone: they report no paired ratio
+    assert all(r["speedup_vs_best_torch_paired"] is None for r in record["rows"] if not r["contender"].startswith("fused_opt"))
 
 
 def test_records_go_to_an_untracked_folder_unless_asked(monkeypatch, tmp_path):

@@ -87,8 +87,8 @@ def run(args, emit=print) -> dict:
         # does a smaller job with other params)
         best_name = min((name for name in solo if name.startswith("torch.optim") and " compiled" not in name),
                         key=lambda name: solo[name]["median_s"])
-        for name, t in solo.items():
-            rows.append(_row(base, name, t, solo[best_name], None, copy_bps, BYTES_PER_PARAM, None))
+        for name, t in solo.items():  # timed alone: no paired ratio
+            rows.append(_row(base, name, t, solo[best_name], None, copy_bps, BYTES_PER_PARAM, None, paired=False))
             emit(_line(rows[-1]))
         # 2. each of ours, paired round by round with the best torch pipeline
         best = baselines[best_name]()
@@ -146,10 +146,10 @@ def _time_pair(best, best_name, contender, name, device, repeats, steps) -> dict
                             clocks=clocks)
 
 
-def _row(base, name, t, best, default_ms, copy_bps, bytes_per_param, launches, memory=None) -> dict:
+def _row(base, name, t, best, default_ms, copy_bps, bytes_per_param, launches, memory=None, paired=True) -> dict:
     n = base["params"]
     bandwidth = bytes_per_param * n / t["median_s"]
-    paired = None if t is best else paired_ratio(best, t)
+    paired = paired_ratio(best, t) if paired else None
     return dict(base, contender=name, time_ms=t["median_s"] * 1e3, min_ms=t["min_s"] * 1e3, max_ms=t["max_s"] * 1e3,
                 host_ms=None if t["host_s"] is None else t["host_s"] * 1e3, first_ms=t["first_s"] * 1e3,
                 gb_s=bandwidth / 1e9, copy_fraction=bandwidth / copy_bps,
