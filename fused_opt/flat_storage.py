@@ -37,7 +37,7 @@ from .backends import StepBatch
 from .distributed import is_dtensor
 from .grad_accumulation import set_grad
 from .memory import is_dense
-from .storage_watch import PointerWatch
+from .storage_watch import _STORAGE_PTR, PointerWatch
 from .step_layout import StepPlan
 from .tracked_state import Epoch, ParamList
 
@@ -66,7 +66,6 @@ def _storage_use_count(storage) -> int:
     return torch._C._storage_Use_Count(storage._cdata)
 
 
-_STORAGE_PTR = torch._C.StorageBase.data_ptr
 _CALL = weakref.ref.__call__
 
 

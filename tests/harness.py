@@ -16,6 +16,9 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BACKEND_DEVICES = [(b, d) for d in DEVICES for b in BACKENDS
                    if fused_opt.backend_availability(d)[b] is None]
 BACKEND_DEVICE_IDS = [f"{b}-{d}" for b, d in BACKEND_DEVICES]
+# The same, on CPU tensors only (for tests of host-side behaviour that CUDA adds nothing to).
+CPU_BACKEND_DEVICES = [(b, d) for b, d in BACKEND_DEVICES if d == "cpu"]
+CPU_BACKEND_DEVICE_IDS = [f"{b}-{d}" for b, d in CPU_BACKEND_DEVICES]
 
 SIZES = (1, 7, 1023, 4097)
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import fused_opt
-from harness import BACKEND_DEVICE_IDS, BACKEND_DEVICES
+from harness import CPU_BACKEND_DEVICE_IDS, CPU_BACKEND_DEVICES
 
 NEAR = -2.5 - 2.0**-11  # rounds to the FP16 param's -2.5: kept as the master, not re-taken
 
@@ -92,8 +92,7 @@ def _assert_same_bits(a, b, what):
         f"{what}: {a.detach().cpu().tolist()} != {b.detach().cpu().tolist()}"
 
 
-@pytest.mark.parametrize("backend,device", [bd for bd in BACKEND_DEVICES if bd[1] == "cpu"],
-                         ids=[i for i, bd in zip(BACKEND_DEVICE_IDS, BACKEND_DEVICES) if bd[1] == "cpu"])
+@pytest.mark.parametrize("backend,device", CPU_BACKEND_DEVICES, ids=CPU_BACKEND_DEVICE_IDS)
 @pytest.mark.parametrize("flat", [False, True], ids=["per-tensor", "flat"])
 @pytest.mark.parametrize("edit", list(EDITS))
 def test_moved_storage_is_used_not_the_old_address(backend, device, flat, edit):

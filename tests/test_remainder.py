@@ -7,7 +7,8 @@ import torch
 
 import fused_opt
 from fused_opt.remainder import rebuild, remainder_of
-from harness import (BACKEND_DEVICE_IDS, BACKEND_DEVICES, Config, assign_groups, make_grads, make_params, run_step)
+from harness import (BACKEND_DEVICE_IDS, BACKEND_DEVICES, CPU_BACKEND_DEVICE_IDS, CPU_BACKEND_DEVICES, Config,
+                     assign_groups, make_grads, make_params, run_step)
 from test_flat_grads import FLAT_CONFIGS, write_grads
 from test_matrix import CONFIGS
 
@@ -298,8 +299,7 @@ def assert_masters_close(runs):
         torch.testing.assert_close(wb, wa, rtol=0, atol=1e-30)  # equal up to the sub-BF16 residue of pruned zeros
 
 
-@pytest.mark.parametrize("backend,device", [bd for bd in BACKEND_DEVICES if bd[1] == "cpu"],
-                         ids=[i for i, bd in zip(BACKEND_DEVICE_IDS, BACKEND_DEVICES) if bd[1] == "cpu"])
+@pytest.mark.parametrize("backend,device", CPU_BACKEND_DEVICES, ids=CPU_BACKEND_DEVICE_IDS)
 @pytest.mark.parametrize("flat", [False, True], ids=["per-tensor", "flat"])
 def test_pruning_through_data_gives_zeros_not_nans(backend, device, flat):
     # p.data.mul_(mask) is seen by no version counter: the step pairs the pruned param with
@@ -317,8 +317,7 @@ def test_pruning_through_data_gives_zeros_not_nans(backend, device, flat):
         assert runs[1][1].flat_grads_status == "active"
 
 
-@pytest.mark.parametrize("backend,device", [bd for bd in BACKEND_DEVICES if bd[1] == "cpu"],
-                         ids=[i for i, bd in zip(BACKEND_DEVICE_IDS, BACKEND_DEVICES) if bd[1] == "cpu"])
+@pytest.mark.parametrize("backend,device", CPU_BACKEND_DEVICES, ids=CPU_BACKEND_DEVICE_IDS)
 @pytest.mark.parametrize("write", ["zeros_", "copy_"])
 def test_write_to_a_param_that_had_no_grad_in_the_last_step_is_seen(backend, device, write):
     def edit(step, model, opt):
@@ -333,8 +332,7 @@ def test_write_to_a_param_that_had_no_grad_in_the_last_step_is_seen(backend, dev
     assert_masters_close(runs)
 
 
-@pytest.mark.parametrize("backend,device", [bd for bd in BACKEND_DEVICES if bd[1] == "cpu"],
-                         ids=[i for i, bd in zip(BACKEND_DEVICE_IDS, BACKEND_DEVICES) if bd[1] == "cpu"])
+@pytest.mark.parametrize("backend,device", CPU_BACKEND_DEVICES, ids=CPU_BACKEND_DEVICE_IDS)
 @pytest.mark.parametrize("flat", [False, True], ids=["per-tensor", "flat"])
 def test_write_after_load_state_dict_is_seen(backend, device, flat):
     def between(step, model, opt):
@@ -347,8 +345,7 @@ def test_write_after_load_state_dict_is_seen(backend, device, flat):
     assert_masters_close(runs)
 
 
-@pytest.mark.parametrize("backend,device", [bd for bd in BACKEND_DEVICES if bd[1] == "cpu"],
-                         ids=[i for i, bd in zip(BACKEND_DEVICE_IDS, BACKEND_DEVICES) if bd[1] == "cpu"])
+@pytest.mark.parametrize("backend,device", CPU_BACKEND_DEVICES, ids=CPU_BACKEND_DEVICE_IDS)
 def test_state_dict_between_a_write_and_the_next_step_holds_the_written_master(backend, device):
     # nn.init.zeros_ after a step, then state_dict(): the masters are the zeros (what the next
     # step would use), and the checkpoint loads, into either mode, and resumes like the original.
