@@ -4,13 +4,16 @@
 #pragma once
 #include <type_traits>
 
-#include "sgd_math.h"
+#include "adamw_math.h"
 
 namespace fused_opt {
 
-// One row of the host's tensor table (multi_tensor.py, int64 columns): raw addresses.
+// One row of the host's tensor table (multi_tensor.py, int64 columns): raw addresses. The
+// update rule's state buffers are buf, buf2, buf3 (SGD: the momentum buffer; AdamW: exp_avg,
+// exp_avg_sq, max_exp_avg_sq) and its per-param count is `count` (SGD: the buffer's
+// first-step flag; AdamW: the param's step); 0 where absent.
 struct TensorEntry {
-  int64_t grad, master, buf, param, numel, group, first_step;
+  int64_t grad, master, buf, param, numel, group, count, buf2, buf3;
 };
 
 // A chunk: (tensor row, first element). Elements [start, min(start + chunk, numel)).
@@ -34,7 +37,7 @@ FUSED_HD void partial_range(const TensorEntry& t, float inv_scale, bool norm_inf
 // the tensor writes the same value, so the chunks never race on the flag).
 FUSED_HD bool claim_first_step(const TensorEntry& t, int32_t applied_steps, bool writer) {
   if (t.buf == 0) return false;
-  auto* flag = reinterpret_cast<int32_t*>(t.first_step);
+  auto* flag = reinterpret_cast<int32_t*>(t.count);
   const int32_t first_step = *flag;
   if (writer && first_step == 0) *flag = applied_steps;
   return first_step == 0 || first_step == applied_steps;
@@ -100,6 +103,58 @@ FUSED_HD void dispatch_tensor(const TensorEntry& t, bool nesterov, Fn&& fn) {
   } else {
     if (t.param != 0) fn(No{}, Yes{}, No{}); else fn(No{}, No{}, No{});
   }
+}
+
+// AdamW's pass 2 over elements of one chunk: read g, w (or p and its remainder), m, v (vmax)
+// and p; write w (or p and r), m, v (vmax) and the rounded param. The param's step is read
+// here and advanced after the pass (advance_count): chunks of one tensor run in any order.
+template <class G, class P, bool HasParam, bool AmsGrad>
+FUSED_HD void adamw_range(const TensorEntry& t, const AdamWCoefs& coefs, float inv_scale, int64_t begin,
+                          int64_t end, int64_t stride) {
+  const auto* g = reinterpret_cast<const typename G::storage*>(t.grad);
+  auto* m = reinterpret_cast<float*>(t.buf);
+  auto* v = reinterpret_cast<float*>(t.buf2);
+  auto* vmax = reinterpret_cast<float*>(t.buf3);
+  auto* p = reinterpret_cast<typename P::storage*>(t.param);
+  const AdamWCoefs k = coefs;  // a local: stores through the arrays can't alias it
+  for (int64_t i = begin; i < end; i += stride) {
+    float mi = m[i], vi = v[i], vmaxi = AmsGrad ? vmax[i] : 0.0f;
+    if constexpr (P::kRemainder) {
+      auto* r = reinterpret_cast<int16_t*>(t.master);
+      const float wi = adamw_element<AmsGrad>(unscale<G>(g[i], inv_scale), BF16Remainder::rebuild(p[i], r[i]),
+                                              mi, vi, vmaxi, k);
+      const uint16_t pi = BF16Remainder::store(wi);
+      p[i] = pi;
+      r[i] = BF16Remainder::remainder(wi, pi);
+    } else {
+      auto* w = reinterpret_cast<float*>(t.master);
+      const float w_old = HasParam ? retake_if_edited<P>(p[i], w[i]) : w[i];
+      const float wi = adamw_element<AmsGrad>(unscale<G>(g[i], inv_scale), w_old, mi, vi, vmaxi, k);
+      w[i] = wi;
+      if (HasParam) p[i] = P::store(wi);
+    }
+    m[i] = mi;
+    v[i] = vi;
+    if (AmsGrad) vmax[i] = vmaxi;
+  }
+}
+
+// AdamW's per-tensor choices as compile-time ones (as dispatch_tensor for SGD).
+template <class Fn>
+FUSED_HD void dispatch_adamw_tensor(const TensorEntry& t, Fn&& fn) {
+  using Yes = std::true_type;
+  using No = std::false_type;
+  if (t.param != 0) {
+    if (t.buf3 != 0) fn(Yes{}, Yes{}); else fn(Yes{}, No{});
+  } else {
+    if (t.buf3 != 0) fn(No{}, Yes{}); else fn(No{}, No{});
+  }
+}
+
+// After an applied AdamW update: the param's step += 1, once per tensor (by the caller of
+// its first chunk, start 0: every tensor has one, an empty tensor an empty one).
+FUSED_HD void advance_count(const TensorEntry& t, const Chunk& c) {
+  if (c.start == 0 && t.count != 0) *reinterpret_cast<float*>(t.count) += 1.0f;
 }
 
 // Finalize: N, the clip coefficient, found_inf, the applied-step count, the count of skipped

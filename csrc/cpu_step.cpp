@@ -225,19 +225,82 @@ void finalize_step(const ReduceArgs& r, const FinalizeArgs& a, int64_t /*stream*
   finalize(a, float(total), bad != 0);
 }
 
+#if defined(__F16C__) && defined(__AVX2__)
+// AdamW 8 values at a time (as update_chunk_8wide), adamw_element on 8 lanes.
+template <class G, class P, bool HasParam, bool AmsGrad>
+void adamw_chunk_8wide(const TensorEntry& t, const AdamWCoefs& k, float inv_scale, int64_t begin, int64_t end) {
+  const auto* g = reinterpret_cast<const typename G::storage*>(t.grad);
+  auto* w = reinterpret_cast<float*>(t.master);
+  auto* m = reinterpret_cast<float*>(t.buf);
+  auto* v = reinterpret_cast<float*>(t.buf2);
+  auto* vmax = reinterpret_cast<float*>(t.buf3);
+  auto* p = reinterpret_cast<uint16_t*>(t.param);
+  int64_t i = begin;
+  for (; i + 8 <= end; i += 8) {
+    __m256 wi = _mm256_loadu_ps(w + i);
+    if constexpr (HasParam) wi = retake8<P>(p + i, wi);
+    __m256 mi = _mm256_loadu_ps(m + i), vi = _mm256_loadu_ps(v + i);
+    __m256 vmaxi = AmsGrad ? _mm256_loadu_ps(vmax + i) : _mm256_setzero_ps();
+    wi = adamw_element<AmsGrad>(load8<G>(g + i) * inv_scale, wi, mi, vi, vmaxi, k);
+    _mm256_storeu_ps(w + i, wi);
+    _mm256_storeu_ps(m + i, mi);
+    _mm256_storeu_ps(v + i, vi);
+    if constexpr (AmsGrad) _mm256_storeu_ps(vmax + i, vmaxi);
+    if constexpr (HasParam) _mm_storeu_si128(reinterpret_cast<__m128i*>(p + i), round8<P>(wi));
+  }
+  adamw_range<G, P, HasParam, AmsGrad>(t, k, inv_scale, i, end, 1);
+}
+#endif
+
+template <class G, class P, bool HasParam, bool AmsGrad>
+void adamw_chunk(const TensorEntry& t, const AdamWCoefs& k, float inv_scale, int64_t begin, int64_t end) {
+#if defined(__F16C__) && defined(__AVX2__)
+  // BF16 remainders take the scalar loop (their master column is int16).
+  if constexpr (!P::kRemainder && (!HasParam || kHalf<P>)) {
+    adamw_chunk_8wide<G, P, HasParam, AmsGrad>(t, k, inv_scale, begin, end);
+    return;
+  }
+#endif
+  adamw_range<G, P, HasParam, AmsGrad>(t, k, inv_scale, begin, end, 1);
+}
+
+void update_adamw(const UpdateArgs& a, const StepScalars& s) {
+  const auto* chunks = reinterpret_cast<const Chunk*>(a.chunks);
+  const auto* table = reinterpret_cast<const TensorEntry*>(a.table);
+  const auto* groups = reinterpret_cast<const AdamWHyper*>(a.groups);
+  dispatch_update_dtypes(a, [&](auto g, auto p) {
+    using G = decltype(g);
+    using P = decltype(p);
+    parallel_chunks(chunks, table, a.num_chunks, a.chunk_size, [&](int64_t c) {
+      const TensorEntry& t = table[chunks[c].row];
+      const float step = t.count != 0 ? *reinterpret_cast<const float*>(t.count) : 0.0f;
+      const AdamWCoefs k = adamw_coefs(groups[t.group], s.clip_coef, step);
+      dispatch_adamw_tensor(t, [&](auto has_param, auto amsgrad) {
+        adamw_chunk<G, P, decltype(has_param)::value, decltype(amsgrad)::value>(
+            t, k, s.inv_scale, chunks[c].start, chunk_end(t, chunks[c], a.chunk_size));
+      });
+    });
+  });
+  for (int64_t c = 0; c < a.num_chunks; ++c) advance_count(table[chunks[c].row], chunks[c]);
+}
+
 void update(const UpdateArgs& a, int64_t /*stream*/) {
   const auto* scalars = reinterpret_cast<const StepScalars*>(a.scalars);
   if (scalars->found_inf != 0.0f) return;  // a skipped step writes nothing
+  if (a.rule == kAdamW) {
+    update_adamw(a, *scalars);
+    return;
+  }
   const auto* chunks = reinterpret_cast<const Chunk*>(a.chunks);
   const auto* table = reinterpret_cast<const TensorEntry*>(a.table);
-  const auto* groups = reinterpret_cast<const Hyper*>(a.groups);
+  const auto* groups = reinterpret_cast<const SGDHyper*>(a.groups);
   const int32_t applied = *reinterpret_cast<const int32_t*>(a.applied_steps);
   dispatch_update_dtypes(a, [&](auto g, auto p) {
     using G = decltype(g);
     using P = decltype(p);
     parallel_chunks(chunks, table, a.num_chunks, a.chunk_size, [&](int64_t c) {
       const TensorEntry& t = table[chunks[c].row];
-      const Hyper& h = groups[t.group];
+      const SGDHyper& h = groups[t.group];
       const StepCoefs coefs = step_coefs(h, scalars->clip_coef, claim_first_step(t, applied, true));
       dispatch_tensor(t, coefs.nesterov, [&](auto has_buf, auto has_param, auto nesterov) {
         update_chunk<G, P, decltype(has_buf)::value, decltype(has_param)::value, decltype(nesterov)::value>(

@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(UpdateArgs a) {
   if (s.found_inf != 0.0f) return;  // a skipped step writes nothing
   const Chunk c = reinterpret_cast<const Chunk*>(a.chunks)[blockIdx.x];
   const TensorEntry t = reinterpret_cast<const TensorEntry*>(a.table)[c.row];
-  const Hyper h = reinterpret_cast<const Hyper*>(a.groups)[t.group];
+  const SGDHyper h = reinterpret_cast<const SGDHyper*>(a.groups)[t.group];
   const int32_t applied = *reinterpret_cast<const int32_t*>(a.applied_steps);
   __shared__ bool first;
   if (threadIdx.x == 0) first = claim_first_step(t, applied, true);
@@ -153,6 +153,68 @@ __global__ void __launch_bounds__(kThreads) update_kernel(UpdateArgs a) {
   });
 }
 
+// AdamW: the param's step is read by every block of the tensor (its t and bias corrections
+// are per chunk constants) and advanced by advance_kernel after the whole pass.
+template <class G, class P, bool HasParam, bool AmsGrad>
+__device__ void adamw_chunk(const TensorEntry& t, const AdamWCoefs& k, float inv_scale, int64_t start, int64_t end) {
+  using GS = typename G::storage;
+  using PS = typename P::storage;
+  int64_t vec_end = start;
+  if (!P::kRemainder && aligned4<GS>(t.grad, start) && aligned4<float>(t.master, start) &&
+      aligned4<float>(t.buf, start) && aligned4<float>(t.buf2, start) && aligned4<float>(t.buf3, start) &&
+      aligned4<PS>(t.param, start)) {
+    const int64_t n4 = (end - start) / 4;
+    const auto* g4 = reinterpret_cast<const Vec4<GS>*>(reinterpret_cast<const GS*>(t.grad) + start);
+    auto* w4 = reinterpret_cast<Vec4<float>*>(reinterpret_cast<float*>(t.master) + start);
+    auto* m4 = reinterpret_cast<Vec4<float>*>(reinterpret_cast<float*>(t.buf) + start);
+    auto* v4 = reinterpret_cast<Vec4<float>*>(reinterpret_cast<float*>(t.buf2) + start);
+    auto* x4 = reinterpret_cast<Vec4<float>*>(reinterpret_cast<float*>(t.buf3) + start);
+    auto* p4 = reinterpret_cast<Vec4<PS>*>(reinterpret_cast<PS*>(t.param) + start);
+    for (int64_t q = threadIdx.x; q < n4; q += kThreads) {
+      const Vec4<GS> g = g4[q];
+      Vec4<float> w = w4[q], m = m4[q], v = v4[q], x;
+      if (AmsGrad) x = x4[q];
+      Vec4<PS> p;
+      if (HasParam) p = p4[q];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        if (HasParam) w.v[e] = retake_if_edited<P>(p.v[e], w.v[e]);
+        w.v[e] = adamw_element<AmsGrad>(unscale<G>(g.v[e], inv_scale), w.v[e], m.v[e], v.v[e], x.v[e], k);
+        if (HasParam) p.v[e] = P::store(w.v[e]);
+      }
+      w4[q] = w;
+      m4[q] = m;
+      v4[q] = v;
+      if (AmsGrad) x4[q] = x;
+      if (HasParam) p4[q] = p;
+    }
+    vec_end = start + 4 * n4;
+  }
+  adamw_range<G, P, HasParam, AmsGrad>(t, k, inv_scale, vec_end + threadIdx.x, end, kThreads);
+}
+
+template <class G, class P>
+__global__ void __launch_bounds__(kThreads) adamw_kernel(UpdateArgs a) {
+  const StepScalars s = *reinterpret_cast<const StepScalars*>(a.scalars);
+  if (s.found_inf != 0.0f) return;  // a skipped step writes nothing
+  const Chunk c = reinterpret_cast<const Chunk*>(a.chunks)[blockIdx.x];
+  const TensorEntry t = reinterpret_cast<const TensorEntry*>(a.table)[c.row];
+  const AdamWHyper h = reinterpret_cast<const AdamWHyper*>(a.groups)[t.group];
+  const float step = t.count != 0 ? *reinterpret_cast<const float*>(t.count) : 0.0f;
+  const AdamWCoefs k = adamw_coefs(h, s.clip_coef, step);
+  dispatch_adamw_tensor(t, [&](auto has_param, auto amsgrad) {
+    adamw_chunk<G, P, decltype(has_param)::value, decltype(amsgrad)::value>(t, k, s.inv_scale, c.start,
+                                                                            chunk_end(t, c, a.chunk_size));
+  });
+}
+
+// One thread per chunk: the first chunk of each tensor advances its step (after the pass).
+__global__ void advance_kernel(UpdateArgs a) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= a.num_chunks || reinterpret_cast<const StepScalars*>(a.scalars)->found_inf != 0.0f) return;
+  const Chunk chunk = reinterpret_cast<const Chunk*>(a.chunks)[c];
+  advance_count(reinterpret_cast<const TensorEntry*>(a.table)[chunk.row], chunk);
+}
 
 void partials(const PartialsArgs& a, int64_t stream) {
   if (a.num_chunks == 0) return;
@@ -169,10 +231,19 @@ void finalize_step(const ReduceArgs& r, const FinalizeArgs& a, int64_t stream) {
 
 void update(const UpdateArgs& a, int64_t stream) {
   if (a.num_chunks == 0) return;
+  const auto s = cudaStream_t(stream);
   dispatch_update_dtypes(a, [&](auto g, auto p) {
-    update_kernel<decltype(g), decltype(p)><<<unsigned(a.num_chunks), kThreads, 0, cudaStream_t(stream)>>>(a);
+    if (a.rule == kAdamW) {
+      adamw_kernel<decltype(g), decltype(p)><<<unsigned(a.num_chunks), kThreads, 0, s>>>(a);
+    } else {
+      update_kernel<decltype(g), decltype(p)><<<unsigned(a.num_chunks), kThreads, 0, s>>>(a);
+    }
   });
   check(cudaGetLastError(), "update launch");
+  if (a.rule == kAdamW) {
+    advance_kernel<<<unsigned((a.num_chunks + 255) / 256), 256, 0, s>>>(a);
+    check(cudaGetLastError(), "step count launch");
+  }
 }
 
 }  // namespace

@@ -7,6 +7,8 @@
 namespace fused_opt {
 
 enum DtypeCode : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// The update rule (update_rules.py: SGD_CODE, ADAMW_CODE).
+enum RuleCode : int { kSGD = 0, kAdamW = 1 };
 // A param dtype code only: BF16 params whose masters are int16 remainders (BF16Remainder).
 constexpr int kBFloat16Remainder = 3;
 
@@ -28,12 +30,13 @@ struct PartialsArgs {
 };
 struct UpdateArgs {
   int64_t chunks, num_chunks, table, groups, scalars, applied_steps, chunk_size;
-  int grad_dtype, param_dtype;
+  int grad_dtype, param_dtype, rule;
 };
 // Calls fn(G{}, P{}) for the update's (grad, param) storage types: a grad in its param's dtype
 // (torch's .grad), or an FP32 grad for any param (fp32_grad_accumulation's sums).
 template <class Fn>
 void dispatch_update_dtypes(const UpdateArgs& a, Fn&& fn) {
+  if (a.rule != kSGD && a.rule != kAdamW) throw std::invalid_argument("fused_opt native: unknown update rule");
   if (a.param_dtype == kBFloat16Remainder) {
     if (a.grad_dtype == kBFloat16) {
       fn(BF16{}, BF16Remainder{});

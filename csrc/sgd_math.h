@@ -120,8 +120,8 @@ struct BF16Remainder : BF16 {
   }
 };
 
-// One group's hyperparameters, as laid out in the host's group table (multi_tensor.py).
-struct Hyper {
+// One SGD group's hyperparameters, as laid out in the host's group table (update_rules.SGDHyper.row).
+struct SGDHyper {
   float lr, momentum, one_minus_dampening, weight_decay, nesterov, maximize, pad0, pad1;
 };
 
@@ -173,7 +173,7 @@ struct StepCoefs {
   bool nesterov;
 };
 
-FUSED_HD StepCoefs step_coefs(const Hyper& h, float clip_coef, bool first) {
+FUSED_HD StepCoefs step_coefs(const SGDHyper& h, float clip_coef, bool first) {
   return StepCoefs{h.maximize != 0.0f ? -clip_coef : clip_coef, h.weight_decay, first ? 0.0f : h.momentum,
                    first ? 1.0f : h.one_minus_dampening, h.momentum, h.lr,
                    h.weight_decay != 0.0f ? 0xFFFFFFFFu : 0u, h.nesterov != 0.0f};

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from .optimizer import FusedMixedPrecisionSGD
+from .optimizer import FusedMixedPrecisionAdamW, FusedMixedPrecisionOptimizer, FusedMixedPrecisionSGD
 
 __version__ = "0.1.0"
-__all__ = ["FusedMixedPrecisionSGD", "backend_availability", "build_info", "__version__"]
+__all__ = ["FusedMixedPrecisionSGD", "FusedMixedPrecisionAdamW", "FusedMixedPrecisionOptimizer", "backend_availability", "build_info", "__version__"]
 
 
 def backend_availability(device) -> dict[str, str | None]:

@@ -46,7 +46,7 @@ def rebuild(opt, guarded: bool = False, flat_mode: bool = False, accumulated: di
     opt._masters.forget_except(set())  # marks name the original's params
     opt._flat_ids, opt._backend_cache, opt._amp_scaler = None, {}, None
     opt._layouts, opt._transaction = PerTensorStorage(), Transaction()
-    opt._hypers = GroupHypers()
+    opt._hypers = GroupHypers(opt.RULE)
     opt._guard = ScaledGradGuard(grad_snapshot_of(opt)) if guarded else None
     opt._flat_grads = FlatGrads() if flat_mode else None  # the copy adopts grads of its own
     for group in opt.param_groups:

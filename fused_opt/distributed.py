@@ -48,18 +48,18 @@ def shard_reduction(params: list[torch.Tensor]) -> ShardReduction | None:
     if not dtensors:
         return None
     if len(dtensors) != len(params):
-        raise RuntimeError("FusedMixedPrecisionSGD: some params are DTensors (FSDP2 / tensor parallel) and "
+        raise RuntimeError("fused_opt: some params are DTensors (FSDP2 / tensor parallel) and "
                            "some are plain tensors; the global grad norm cannot tell which ranks hold copies. "
                            "Shard every param (e.g. fully_shard the root module) or use one optimizer per kind.")
     layouts = set()
     for p in dtensors:
         if any(placement.is_partial() for placement in p.placements):
-            raise RuntimeError(f"FusedMixedPrecisionSGD: a param has a Partial placement {p.placements}; "
+            raise RuntimeError(f"fused_opt: a param has a Partial placement {p.placements}; "
                                "params must be Shard or Replicate")
         sharded_dims = tuple(d for d, placement in enumerate(p.placements) if placement.is_shard())
         layouts.add((p.device_mesh, sharded_dims))
     if len(layouts) > 1:
-        raise RuntimeError("FusedMixedPrecisionSGD: params are sharded over different device meshes or mesh "
+        raise RuntimeError("fused_opt: params are sharded over different device meshes or mesh "
                            f"dimensions ({sorted(str(dims) for _, dims in layouts)}); the grad norm needs one "
                            "reduction for all of them. Use one optimizer per sharding layout.")
     (mesh, dims), = layouts

@@ -41,7 +41,7 @@ def _check_drop_in(opt) -> None:
     if not opt._scaler.enabled:
         return
     if getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is not None:
-        raise RuntimeError("FusedMixedPrecisionSGD: torch.amp.GradScaler is driving this optimizer "
+        raise RuntimeError(f"{type(opt).__name__}: torch.amp.GradScaler is driving this optimizer "
                            "while its own loss scaling is on; the grads would be unscaled twice. "
                            "Build it with loss_scale=None to use GradScaler.")
     if not opt._scaler.loss_scaled:

@@ -1,12 +1,13 @@
-"""`flat_grads=True`: the grads, FP32 masters and momentum buffers in flat buffers the
+"""`flat_grads=True`: the grads, FP32 masters and state buffers in flat buffers the
 optimizer owns, so a step's host work does not grow with the number of tensors.
 
 Each param's `.grad` becomes a view into one flat buffer per grad dtype, kept across steps:
 autograd accumulates into it in place and `opt.zero_grad()` zeroes each buffer in one op, so
 no grad address ever changes and the step needs no pass over the grads (DDP's
 `gradient_as_bucket_view` and Megatron's grad buffer work this way). `state[p]` entries are
-views into flat FP32 master and momentum buffers (and one int32 buffer of first-step flags),
-so the kernels stream them in order.
+views into flat FP32 master and state buffers (one per buffer the update rule keeps: the
+momentum buffer, or Adam's moments; and one buffer of the per-param counts), so the kernels
+stream them in order.
 
 What the fast step must still notice costs O(number of flat buffers), but for one read per
 param: a grad that is freed or replaced (`p.grad = None`, `model.zero_grad()`, DDP's bucket
@@ -75,7 +76,7 @@ def _padded(n: int) -> int:
 
 class FlatStorage:
     """Flat buffers for one optimizer's params, adopted after a per-tensor step whose layout
-    (a step_layout.StepLayout: masters, buffers, first-step flags) covers the params that stepped."""
+    (a step_layout.StepLayout: masters, state buffers, counts) covers the params that stepped."""
 
     def __init__(self, layout, grads: list):
         self.alive = True
@@ -95,9 +96,19 @@ class FlatStorage:
                            for p, g, off in zip(params, grads, self.offsets)]
         self.masters, self.master_views = self._flat_copies(params, [m if m is not p else None for p, m in
                                                                      zip(params, layout.masters)])
-        self.bufs, self.buf_views = self._flat_copies(params, layout.bufs)
-        self.first_steps = torch.zeros(max(len(params), 1), dtype=torch.int32, device=device)
-        self.first_views = [None if f is None else self.first_steps[k].copy_(f) for k, f in enumerate(layout.firsts)]
+        # The k-th state buffer of every param (SGD: momentum; AdamW: exp_avg, exp_avg_sq,
+        # max_exp_avg_sq) in one flat buffer per k; params that keep fewer have None there.
+        width = max(map(len, layout.buffers), default=0)
+        self.state_buffers, columns = [], []
+        for k in range(width):
+            flat, views = self._flat_copies(params, [b[k] if k < len(b) else None for b in layout.buffers])
+            self.state_buffers.append(flat)
+            columns.append(views)
+        self.buffer_views = [tuple(column[i] for column in columns if column[i] is not None)
+                             for i in range(len(params))]
+        counts = [c for c in layout.counts if c is not None]
+        self.counts = torch.zeros(max(len(params), 1), dtype=counts[0].dtype if counts else torch.int32, device=device)
+        self.count_views = [None if c is None else self.counts[k].copy_(c) for k, c in enumerate(layout.counts)]
         self.use_counts = None
         self._refs, self._param_storages, self._param_pointers = [], [], None
 
@@ -137,14 +148,15 @@ class FlatStorage:
         self._param_storages = [weakref.ref(p.untyped_storage(), died) for p in owners]
         self._refs += self._param_storages
         self._param_pointers = PointerWatch(list(map(_CALL, self._param_storages)))
-        for p, master, buf, flag in zip(owners, self.master_views, self.buf_views, self.first_views):
+        for p, master, bufs, count, keys in zip(owners, self.master_views, self.buffer_views, self.count_views,
+                                                self.keys):
             entry = state[p]
             if master is not None:
                 entry["master_remainder" if master.dtype == torch.int16 else "master_param"] = master
-            if buf is not None:
-                entry["momentum_buffer"] = buf
-                entry["momentum_first_step"] = flag
-        buffers = [*self.grad_buffers.values(), self.masters, self.bufs, self.first_steps]
+            entry.update(zip(keys, bufs))
+            if count is not None:
+                entry[self.count_key] = count
+        buffers = [*self.grad_buffers.values(), self.masters, *self.state_buffers, self.counts]
         self.storages = [b.untyped_storage() for b in buffers if b is not None]
         self.use_counts = [_storage_use_count(s) for s in self.storages]
         self.data_ptrs = list(map(_STORAGE_PTR, self.storages))
@@ -184,8 +196,8 @@ class FlatLayout:
     params: list
     grads: list
     masters: list
-    bufs: list
-    firsts: list
+    buffers: list
+    counts: list
     group_index: list
 
 
@@ -203,7 +215,7 @@ class FlatGrads:
         self.off = None         # why flat storage is not used, once it never will be
         self.deaths = 0
         self.ran = 0
-        self.epoch = self.lists = self.momentum = None
+        self.epoch = self.lists = self.buffer_keys = None
         self.left_out = []
         self.versions = None     # master_weights="remainder": each param's version when adopted
         self.backward_due = False  # scale_loss was called and its backward has not started
@@ -221,7 +233,7 @@ class FlatGrads:
             return False
         if (storage.intact() and epoch == self.epoch and len(groups) == len(self.lists)
                 and all(g["params"] is lst for g, lst in zip(groups, self.lists))
-                and [h.uses_momentum for h in hypers] == self.momentum
+                and [h.buffers for h in hypers] == self.buffer_keys
                 and all(p.grad is None for p in self.left_out)
                 and (self.versions is None or list(map(_VERSION, self.layout.params)) == self.versions)):
             return True
@@ -231,7 +243,7 @@ class FlatGrads:
         return False
 
     def adopt(self, layout, grads: list, left_out: list, state, groups: list, hypers: list, epoch: Epoch,
-              layout_id: int, accumulator=None, remainders: bool = False) -> bool:
+              layout_id: int, rule, accumulator=None, remainders: bool = False) -> bool:
         """After a per-tensor step: copy its grads and state into flat buffers and point .grad
         and state[p] at them (a full copy, so only when something changed). Params that had no
         grad in that step (frozen, unused) stay out, as torch would leave them: each step
@@ -252,17 +264,19 @@ class FlatGrads:
             self.off = reason
             return False
         storage = FlatStorage(layout, grads)
+        storage.keys = [hypers[gi].buffers for gi in layout.group_index]
+        storage.count_key = rule.count_key
         storage.attach(layout.owners, state, accumulator)
         for g in groups:  # in-place edits of a group's list must bump the epoch
             if not (isinstance(g["params"], ParamList) and g["params"]._epoch is epoch):
                 g["params"] = ParamList(epoch, g["params"])
         masters = [p if m is None else m for p, m in zip(layout.params, storage.master_views)]
-        self.layout = FlatLayout(layout_id, layout.params, storage.grad_views, masters, storage.buf_views,
-                                 storage.first_views, layout.group_index)
+        self.layout = FlatLayout(layout_id, layout.params, storage.grad_views, masters, storage.buffer_views,
+                                 storage.count_views, layout.group_index)
         self.storage, self.ran = storage, 0
         self.lists = [g["params"] for g in groups]
         self.left_out = left_out
-        self.momentum = [h.uses_momentum for h in hypers]
+        self.buffer_keys = [h.buffers for h in hypers]
         self.epoch = epoch.value
         self.versions = None
         if remainders:
@@ -277,10 +291,14 @@ class FlatGrads:
         could have changed was checked in holds()."""
         self.check_backward_ran()
         layout = self.layout
-        return StepBatch(layout.params, layout.grads, layout.masters, layout.bufs, layout.firsts,
-                         layout.group_index, hypers, *clip, scaler, opt._applied_steps, opt.last_grad_norm,
-                         opt.last_step_skipped, opt._backend_cache, layout.layout_id, None,
-                         self.storage.grad_buffers, opt.consecutive_skips)
+        max_norm, norm_type = clip
+        return StepBatch(params=layout.params, grads=layout.grads, masters=layout.masters, buffers=layout.buffers,
+                         counts=layout.counts, group_index=layout.group_index, groups=hypers,
+                         max_grad_norm=max_norm, norm_type=norm_type, scaler=scaler,
+                         applied_steps=opt._applied_steps, grad_norm=opt.last_grad_norm,
+                         found_inf=opt.last_step_skipped, cache=opt._backend_cache, layout_id=layout.layout_id,
+                         flat_grads=self.storage.grad_buffers, consecutive_skips=opt.consecutive_skips,
+                         rule=opt.RULE)
 
     def after_step(self, opt, plan, batch, hypers) -> None:
         if self.versions is not None and getattr(opt._backend, "WRITES_BUMP_VERSIONS", False):
@@ -310,7 +328,7 @@ class FlatGrads:
     def check_backward_ran(self) -> None:
         if self.backward_due:
             self.backward_due = False
-            raise RuntimeError("FusedMixedPrecisionSGD: step() between scale_loss() and the backward of its loss. "
+            raise RuntimeError("fused_opt: step() between scale_loss() and the backward of its loss. "
                                "The step would change the weights that graph saved, and its backward would use "
                                "them silently (flat_grads=True does not bump the params' version counters). "
                                "Call backward() before step().")

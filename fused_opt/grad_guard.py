@@ -53,10 +53,10 @@ class ScaledGradGuard:
 
 def _edited(name: str) -> RuntimeError:
     return RuntimeError(
-        f"FusedMixedPrecisionSGD: the grad of {name} was modified in place between backward and "
+        f"fused_opt: the grad of {name} was modified in place between backward and "
         "step() while it holds the loss-scaled gradient. A clipping or norm computed there (a "
         "framework's gradient clipping, torch.nn.utils.clip_grad_norm_) acts on the scaled values and "
-        "silently trains nothing. Clip inside the step instead: FusedMixedPrecisionSGD(..., "
+        "silently trains nothing. Clip inside the step instead: FusedMixedPrecisionSGD/AdamW(..., "
         "max_grad_norm=...), or route the framework's clipping to opt.clip_grad_norm_ (the "
         "integrations in fused_opt.integrations do); read the unscaled norm from opt.last_grad_norm. "
         "For BF16 use loss_scale=None. If the edit does not depend on the scale (a constant factor), "

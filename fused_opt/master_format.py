@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import remainder
-from .state_checks import usable_master, usable_remainder
+from .memory import usable_master, usable_remainder
 
 
 class FP32Masters:

@@ -1,8 +1,9 @@
-"""FusedMixedPrecisionSGD: the torch.optim.Optimizer that users see.
+"""FusedMixedPrecisionSGD and FusedMixedPrecisionAdamW: the torch.optim.Optimizers users see.
 
-It owns the param groups, the per-param state and the loss scaler, validates input before
-anything is written, and hands one StepBatch per step to the chosen backend. It never reads
-a device value on the host, so a step can be captured in a CUDA graph.
+Both are one class, FusedMixedPrecisionOptimizer, with an update rule (update_rules.py) as
+their only difference. It owns the param groups, the per-param state and the loss scaler,
+validates input before anything is written, and hands one StepBatch per step to the chosen
+backend. It never reads a device value on the host, so a step can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from .master_format import master_format
 from .step_layout import PerTensorStorage
 from .tracked_state import Epoch, ParamList, TrackedState
 from .transaction import Transaction
-from .validation import check_global, check_group, check_params, check_tensor_lr
+from .update_rules import SGD, AdamW
+from .validation import check_global, check_params
 
 # torch's global step hooks (torch.optim.optimizer.register_optimizer_step_pre_hook and _post_hook);
 # where a torch lacks the names, a non-empty stand-in sends every step through torch's wrapper.
@@ -34,35 +36,29 @@ _GLOBAL_STEP_HOOKS = (getattr(torch_optimizer, "_global_optimizer_pre_hooks", (N
 _profiler_enabled = torch._C._autograd._profiler_enabled
 
 
-class FusedMixedPrecisionSGD(torch.optim.Optimizer):
+class FusedMixedPrecisionOptimizer(torch.optim.Optimizer):
+    """The pipeline shared by every fused optimizer; a subclass sets RULE and its signature."""
+    RULE = None  # the per-element update rule (update_rules.py)
     # torch.amp.GradScaler then hands us its scale and found_inf (as attributes) instead of
     # unscaling the grads itself: the unscale and the skip stay inside the fused step.
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, *, maximize=False, max_grad_norm=None, norm_type=2.0,
+    def __init__(self, params, defaults: dict, *, max_grad_norm=None, norm_type=2.0,
                  loss_scale="auto", init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5,
                  growth_interval=2000, hysteresis=1, hysteresis_mode="megatron", min_scale=None, max_scale=None,
                  master_weights="fp32",
-                 fp32_grad_accumulation=False, flat_grads=False, backend="auto", check_scaled_grads=True,
-                 foreach=None, fused=None, differentiable=False):
-        # torch.optim.SGD's implementation switches: every step here is fused already.
-        if differentiable:
-            raise ValueError("FusedMixedPrecisionSGD: differentiable=True is not supported (the fused step is "
-                             "not differentiable; use torch.optim.SGD(differentiable=True))")
+                 fp32_grad_accumulation=False, flat_grads=False, backend="auto", check_scaled_grads=True):
         check_global(max_grad_norm, norm_type)
         # How masters are kept: FP32 copies, or BF16 params' int16 remainders (master_format.py).
         self._masters = master_format(master_weights)
         check_scaler_args("dynamic" if loss_scale == "auto" else loss_scale, init_scale, growth_factor,
                           backoff_factor, growth_interval)
         check_scale_bounds(init_scale, hysteresis, min_scale, max_scale, hysteresis_mode)
-        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, maximize=maximize)
         self._epoch = Epoch()  # counts every write to self.state and the groups' lists (tracked_state.py)
         self._flat_grads = FlatGrads() if flat_grads else None
         self._flat_ids = None
         self._layouts = PerTensorStorage()
-        self._hypers = GroupHypers()
+        self._hypers = GroupHypers(self.RULE)
         super().__init__(params, defaults)
         device = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else torch.device("cpu")
         self.max_grad_norm = max_grad_norm
@@ -81,8 +77,8 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         # Persistent outputs, updated in place every step (valid across CUDA-graph replays).
         self.last_grad_norm = torch.zeros((), dtype=torch.float32, device=device)
         self.last_step_skipped = torch.zeros((), dtype=torch.bool, device=device)
-        # Count of applied (not skipped) steps, on the device: it tells each momentum buffer
-        # whether this is its first applied step (see momentum_first_step in StepBatch).
+        # Count of applied (not skipped) steps, on the device: it tells each SGD momentum buffer
+        # whether this is its first applied step (update_rules.SGD.count).
         self._applied_steps = torch.zeros((), dtype=torch.int32, device=device)
         # Skipped steps in a row (0 after an applied one): one .item() at the user's logging
         # interval tells a run whose every step overflows (README "Loss scale").
@@ -210,8 +206,8 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
                              f"{'with' if names else 'without'} names to the optimizer")
         check_params(params, index)
         self._masters.check_params(params, index)
-        check_group({**self.defaults, **group}, index)
-        check_tensor_lr({**self.defaults, **group}, index)
+        self.RULE.check_group({**self.defaults, **group}, index)
+        self.RULE.check_tensor_values({**self.defaults, **group}, index)
         if getattr(self, "_accumulator", None) is not None:
             self._accumulator.check_add(params)  # refused before the group is appended
         super().add_param_group({**group, "params": params})
@@ -308,7 +304,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         if self._check_scaled_grads:
             self._guard = ScaledGradGuard(grad_snapshot_of(self))
         raise RuntimeError(
-            "FusedMixedPrecisionSGD: the params are FP16 now, but were FP32/BF16 when the optimizer was built "
+            f"{type(self).__name__}: the params are FP16 now, but were FP32/BF16 when the optimizer was built "
             "with loss_scale='auto', which then chose no loss scale. FP16 grads need one (small grads flush to "
             f"zero): dynamic loss scaling is now on, from init_scale={float(self._scaler.init_scale)}. This "
             "step's grads come from a loss that was not scaled, so nothing was stepped: compute them again "
@@ -376,7 +372,7 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
             entry = self.state[p]
             entry.pop("master_param", None)
             entry.pop("master_remainder", None)
-            if "momentum_buffer" not in entry:
+            if self.RULE is SGD and "momentum_buffer" not in entry:
                 entry.pop("momentum_first_step", None)
             if not entry:
                 del self.state[p]
@@ -396,8 +392,40 @@ class FusedMixedPrecisionSGD(torch.optim.Optimizer):
         return packing.pack(self)
 
     def load_state_dict(self, state_dict: dict) -> None:  # the name is torch's keyword (DCP passes it)
-        """Loads ours or a torch.optim.SGD state dict, all or nothing (state_dict.py)."""
+        """Loads ours or torch's (torch.optim.SGD's or AdamW's) state dict, all or nothing (state_dict.py)."""
         packing.load(self, state_dict)
+
+
+def _refuse_differentiable(name: str, differentiable: bool) -> None:
+    # torch.optim's implementation switches (foreach, fused, capturable) are accepted and
+    # ignored: every step here is fused, and capturable already (no host sync).
+    if differentiable:
+        raise ValueError(f"FusedMixedPrecision{name}: differentiable=True is not supported (the fused step is "
+                         f"not differentiable; use torch.optim.{name}(differentiable=True))")
+
+
+class FusedMixedPrecisionSGD(FusedMixedPrecisionOptimizer):
+    """torch.optim.SGD's update (momentum, dampening, nesterov, weight decay, maximize) inside
+    the fused mixed-precision step. See README.md and docs/semantics.md."""
+    RULE = SGD
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov=False, *, maximize=False, foreach=None, fused=None, differentiable=False, **pipeline):
+        _refuse_differentiable("SGD", differentiable)
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                      nesterov=nesterov, maximize=maximize), **pipeline)
+
+
+class FusedMixedPrecisionAdamW(FusedMixedPrecisionOptimizer):
+    """torch.optim.AdamW's update (decoupled weight decay, bias correction by each param's
+    own step, amsgrad, maximize) inside the fused mixed-precision step. See docs/semantics.md."""
+    RULE = AdamW
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, foreach=None, fused=None, capturable=None, differentiable=False, **pipeline):
+        _refuse_differentiable("AdamW", differentiable)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+                                      weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize), **pipeline)
 
 
 def _closure_argument(closure=None):
@@ -405,5 +433,5 @@ def _closure_argument(closure=None):
 
 
 # step's signature for inspect (it takes *args, **kwargs to hand them to hooks unchanged)
-FusedMixedPrecisionSGD.step.__signature__ = inspect.signature(lambda self, closure=None: None)
-_STEP = FusedMixedPrecisionSGD.step
+FusedMixedPrecisionOptimizer.step.__signature__ = inspect.signature(lambda self, closure=None: None)
+_STEP = FusedMixedPrecisionOptimizer.step

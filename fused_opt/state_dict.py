@@ -1,8 +1,9 @@
-"""`state_dict()` and `load_state_dict()` of FusedMixedPrecisionSGD, torch's protocol kept.
+"""`state_dict()` and `load_state_dict()` of the fused optimizers, torch's protocol kept.
 
-What it holds: per param, as torch.optim.SGD numbers them, "master_param" (FP32; left out
-for FP32 params, which are their own) and "momentum_buffer" (left out while never applied,
-as torch's SGD would have none); in every param group, under STATE_KEY, the loss scaler's
+What it holds: per param, as torch.optim.SGD/AdamW number them, "master_param" (FP32; left
+out for FP32 params, which are their own) and the update rule's state under torch's names
+(SGD: "momentum_buffer", left out while never applied, as torch's SGD would have none;
+AdamW: "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"); in every param group, under STATE_KEY, the loss scaler's
 state and the applied-step count (torch.distributed.checkpoint keeps only "state" and
 "param_groups", and may regroup the groups by param). Tensors are never views into a larger
 storage (flat_grads keeps state in flat buffers): torch.save writes a view's whole storage.
@@ -14,7 +15,7 @@ import copy
 import torch
 
 from .distributed import is_dtensor, placed_like
-from .state_checks import validated_state_dict
+from .validation import validated_state_dict
 
 # The key, in each saved param group, of the loss scaler's state and the applied-step count.
 STATE_KEY = "fused_opt"
@@ -41,10 +42,7 @@ def pack(opt) -> dict:
         if id(key) not in index_of:
             continue
         index = index_of[id(key)]
-        entry = dict(entry)
-        first_step = entry.pop("momentum_first_step", None)
-        if first_step is not None and int(first_step) == 0:
-            entry.pop("momentum_buffer", None)
+        entry = opt.RULE.saved(dict(entry))
         if entry.get("master_param") is key:
             del entry["master_param"]
         if opt._masters.key in entry:  # an FP32 master, as every state dict holds (rebuilt from a remainder)
@@ -69,14 +67,14 @@ def pack(opt) -> dict:
 
 
 def load(opt, state_dict: dict) -> None:
-    """Loads ours or a torch.optim.SGD state dict, all or nothing: after the pre-hooks
+    """Loads ours or torch's (torch.optim.SGD's, AdamW's) state dict, all or nothing: after the pre-hooks
     (which see and may replace the dict, as in torch), everything is checked
-    (state_checks.validated_state_dict: groups, shapes, dtypes, finite values, the scaler)
+    (validation.validated_state_dict: groups, shapes, dtypes, finite values, the scaler)
     and only then put in place; the post-hooks run once it is. torch's loader casts
     floating state to the param's dtype, which would round FP32 masters and buffers to
     FP16, so the state is placed here, in FP32. A loaded master is written to its param
-    (rounded), as an FP32 param's own master is. Keys torch's SGD groups have and ours
-    lack (foreach, fused, differentiable) ride along untouched."""
+    (rounded), as an FP32 param's own master is. Keys torch's groups have and ours lack
+    (foreach, fused, differentiable, capturable) ride along untouched."""
     state_dict = state_dict.copy() if isinstance(state_dict, dict) else state_dict
     for pre_hook in opt._optimizer_load_state_dict_pre_hooks.values():
         result = pre_hook(opt, state_dict)
@@ -96,7 +94,7 @@ def _load(opt, state_dict: dict) -> None:
         saved["params"] = group["params"]
         if "param_names" in group and "param_names" not in saved:
             saved["param_names"] = group["param_names"]
-        for key in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"):
+        for key in opt.RULE.keys:
             saved.setdefault(key, opt.defaults[key])
         groups.append(saved)
     opt._layouts.invalidate()
@@ -104,11 +102,12 @@ def _load(opt, state_dict: dict) -> None:
     opt.state = others  # as torch: a new state; keys that name no param are kept as they are
     opt._hypers.reset()
     params = opt._flat_params()
+    rule = opt.RULE
     for index, entry in entries.items():
         p = params[index]
         state = opt.state[p]
         for key, value in entry.items():
-            if key not in ("master_param", "momentum_buffer"):
+            if key not in ("master_param", rule.count_key, *rule.all_buffers):
                 state[key] = value  # keys of other optimizers' wrappers ride along
         if "master_param" in entry:
             master = placed_like(entry["master_param"], p)
@@ -118,11 +117,12 @@ def _load(opt, state_dict: dict) -> None:
                 opt._masters.load(state, p, master)
         if p.dtype == torch.float32:
             state["master_param"] = p
-        if entry.get("momentum_buffer") is not None:
-            buf = placed_like(entry["momentum_buffer"], p)
-            state["momentum_buffer"] = torch.empty_like(p, dtype=torch.float32).copy_(buf)
-            # -1: applied before, never equal to an applied-step count, so never "first" again.
-            state["momentum_first_step"] = torch.full((), -1, dtype=torch.int32, device=p.device)
+        for key in rule.all_buffers:
+            if entry.get(key) is not None:
+                state[key] = torch.empty_like(p, dtype=torch.float32).copy_(placed_like(entry[key], p))
+        count = rule.loaded_count(entry, p)
+        if count is not None:
+            state[rule.count_key] = count
     if extra is not None:
         opt._scaler.load_state_dict(extra["loss_scaler"])
         opt._applied_steps.copy_(extra["applied_steps"])

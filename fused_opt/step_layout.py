@@ -3,7 +3,7 @@ checked against each other before anything is written, and cached across steps.
 
 At thousands of tensors the host's per-tensor work decides the speed, so the lists are kept
 in a StepLayout and rebuilt only when the params that step, their storage or layout, the
-state (any write to it: tracked_state.py) or the use of momentum changed. (flat_grads=True
+state (any write to it: tracked_state.py) or the state buffers kept changed. (flat_grads=True
 skips even the per-step comparisons: flat_storage.py.)
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from .backends import StepBatch
 from .distributed import local, local_grads, shard_reduction
-from .state_checks import check_param_memory, conform_buffer
+from .memory import check_param_memory, conform_buffer
 from .validation import check_grads
 
 
@@ -27,11 +27,11 @@ class StepLayout:
         self.signature = signature
         self.layout_id = layout_id
         self.owners = []  # the params as the user sees them (DTensors stay DTensors)
-        self.params, self.masters, self.bufs, self.firsts, self.group_index = [], [], [], [], []
+        self.params, self.masters, self.buffers, self.counts, self.group_index = [], [], [], [], []
         self.reduce_stats = None
         self.memory = None     # (data_ptr, dtype, shape, stride) of each param when built
-        # The masters (not the params themselves), buffers and first-step flags the kernels'
-        # tables point at, and their data pointers when built: `buf.data = t`, `.set_()` and
+        # The masters (not the params themselves), buffers and counts the kernels' tables
+        # point at, and their data pointers when built: `buf.data = t`, `.set_()` and
         # `.share_memory_()` move a state tensor's storage without a write to opt.state. (The
         # pointer alone: new memory has a new address while the old is alive, and a view of
         # the same storage stays inside it.)
@@ -81,7 +81,7 @@ class PerTensorStorage:
         if flat is not None:
             left_out = [p for p, g in zip(plan.params, plan.grads_all) if g is None]
             if flat.adopt(self.layout, batch.grads, left_out, opt.state, opt.param_groups, hypers, opt._epoch,
-                          self.next_id(), opt._accumulator, opt._masters.watches_versions):
+                          self.next_id(), opt.RULE, opt._accumulator, opt._masters.watches_versions):
                 self.invalidate()  # its masters and buffers were copied; the state holds flat views
     def next_id(self) -> int:
         return next(self._ids)
@@ -93,11 +93,11 @@ class PerTensorStorage:
         """The step's tensors, checked against each other before anything is written. At
         thousands of tensors the host's per-tensor work decides the speed, so the lists are
         cached in a StepLayout and only rebuilt when the params that step, their storage or
-        layout, the state (any write to it: tracked_state.py) or the use of momentum changed;
+        layout, the state (any write to it: tracked_state.py) or the state buffers kept changed;
         the per-step checks are one tuple per tensor compared with the cached one."""
         owners = [params[i] for i in active]
         tensors = [local(p) for p in owners] if opt._sharded else owners
-        signature = (opt._flat_ids, active, [h.uses_momentum for h in hypers])
+        signature = (opt._flat_ids, active, [h.buffers for h in hypers])
         layout = self.layout
         # Storage, dtype, shape and strides (`p.data = p.data[:1]` keeps data_ptr and _version),
         # compared one tuple at a time: each is freed at once, so thousands of them per step
@@ -116,10 +116,13 @@ class PerTensorStorage:
             layout.grad_meta = grad_meta
         if opt._sharded:  # DTensor params: the kernels run on the local shards
             grads = local_grads(grads, owners, lambda k: opt._param_name(owners[k]))
-        return StepBatch(layout.params, grads, layout.masters, layout.bufs, layout.firsts, layout.group_index,
-                         hypers, *clip, scaler, opt._applied_steps,
-                         opt.last_grad_norm, opt.last_step_skipped, opt._backend_cache, layout.layout_id,
-                         layout.reduce_stats, consecutive_skips=opt.consecutive_skips)
+        max_norm, norm_type = clip
+        return StepBatch(params=layout.params, grads=grads, masters=layout.masters, buffers=layout.buffers,
+                         counts=layout.counts, group_index=layout.group_index, groups=hypers,
+                         max_grad_norm=max_norm, norm_type=norm_type, scaler=scaler,
+                         applied_steps=opt._applied_steps, grad_norm=opt.last_grad_norm,
+                         found_inf=opt.last_step_skipped, cache=opt._backend_cache, layout_id=layout.layout_id,
+                         reduce_stats=layout.reduce_stats, consecutive_skips=opt.consecutive_skips, rule=opt.RULE)
 
     def _new_layout(self, opt, params, active, hypers, signature) -> StepLayout:
         """Checks every param, master and buffer about to be touched, and re-takes or re-lays
@@ -133,41 +136,46 @@ class PerTensorStorage:
         check_param_memory([local(p) for p in owners], lambda k: opt._param_name(owners[k]))
         layout = StepLayout(signature, next(self._ids))
         layout.reduce_stats = shard_reduction(owners)
+        rule = opt.RULE
         fixes = []
         for i in active:  # first check all, then write: a raise leaves the state as it was
             p = params[i]
             state = opt.state[p] if p in opt.state else {}
             gi = opt._group_of[i]
-            uses_momentum = hypers[gi].uses_momentum
+            keys = hypers[gi].buffers
             master = opt._masters.cached(state, p)  # None: none yet, or no longer fits p
-            buf = state.get("momentum_buffer") if uses_momentum else None
-            buf = conform_buffer(buf, p, master, opt._param_name(p))
-            fixes.append((p, master, buf, uses_momentum, gi))
-        for p, master, buf, uses_momentum, gi in fixes:
+            name = opt._param_name(p)
+            bufs = [conform_buffer(state.get(key), p, master, name, key) for key in keys]
+            fixes.append((p, master, keys, bufs, gi))
+        for p, master, keys, bufs, gi in fixes:
             state = opt.state[p]
             if master is None:
                 master = opt._masters.make(p)
             key = opt._masters.key
             if state.get(key) is not master:
                 state[key] = master
-            if uses_momentum:
-                if buf is None:  # allocated now, applied on the device: the first applied step sets b = d
-                    buf = torch.zeros_like(master, dtype=torch.float32)
-                    state["momentum_first_step"] = torch.zeros((), dtype=torch.int32, device=p.device)
-                elif not _is_first_step_flag(state.get("momentum_first_step"), p.device):
-                    # -1: applied before (a buffer put in the state by hand or by a loader).
-                    state["momentum_first_step"] = torch.full((), -1, dtype=torch.int32, device=p.device)
-                if state.get("momentum_buffer") is not buf:
-                    state["momentum_buffer"] = buf
+            count = None
+            if keys:
+                # Buffers allocated now are zeros, applied on the device (SGD: the first applied
+                # step sets b = d; AdamW: the moments start at 0 with step 0).
+                new = all(b is None for b in bufs)
+                bufs = [torch.zeros_like(master, dtype=torch.float32) if b is None else b for b in bufs]
+                count = rule.count(state, p.device, new)
+                for k, b in zip(keys, bufs):
+                    if state.get(k) is not b:
+                        state[k] = b
+                if state.get(rule.count_key) is not count:
+                    state[rule.count_key] = count
             layout.owners.append(p)
             layout.params.append(local(p))  # a DTensor's state is a DTensor too; kernels get the shards
             layout.masters.append(local(master))
-            layout.bufs.append(local(buf) if uses_momentum else None)
-            layout.firsts.append(state["momentum_first_step"] if uses_momentum else None)
+            layout.buffers.append(tuple(map(local, bufs)))
+            layout.counts.append(count)
             layout.group_index.append(gi)
         layout.epoch = opt._epoch.value
-        layout.state_tensors = [t for p, m, b, f in zip(layout.params, layout.masters, layout.bufs, layout.firsts)
-                                for t in (m, b, f) if t is not None and t is not p]
+        layout.state_tensors = [t for p, m, bufs, count in zip(layout.params, layout.masters, layout.buffers,
+                                                               layout.counts)
+                                for t in (m, *bufs, count) if t is not None and t is not p]
         layout.state_memory = list(map(_DATA_PTR, layout.state_tensors))
         self.layout = layout
         return layout
@@ -187,8 +195,3 @@ def _grad_meta_of(g: torch.Tensor) -> tuple:
 def _same(items, cached: list, count: int) -> bool:
     """Whether `count` items from an iterator equal the cached ones (one at a time, nothing kept)."""
     return count == len(cached) and all(map(operator.eq, items, cached))
-
-
-def _is_first_step_flag(flag, device) -> bool:
-    return (isinstance(flag, torch.Tensor) and flag.dtype == torch.int32 and flag.dim() == 0
-            and flag.device == device)

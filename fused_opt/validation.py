@@ -1,6 +1,7 @@
-"""Every bad input raises here, before the step modifies anything.
-
-Messages name the offending group or parameter and the rule it breaks.
+"""Every bad input raises here, before the step modifies anything: the optimizer's
+arguments, params as they are added, grads, and a state dict before it is loaded. (A group's
+hyperparameters are its update rule's to check, update_rules.py; the memory a step touches,
+memory.py.) Messages name the offending group or parameter and the rule it breaks.
 """
 from __future__ import annotations
 
@@ -8,38 +9,11 @@ import math
 
 import torch
 
+from .distributed import local
+from .loss_scaler import MIN_SCALE
+from .update_rules import check_loaded_count
+
 NORM_TYPES = (2.0, math.inf)
-
-
-def _number(value) -> float | None:
-    if isinstance(value, torch.Tensor):
-        return None  # a tensor hyperparameter is read on the device, never here
-    return float(value)
-
-
-def check_group(group: dict, index: int) -> None:
-    """Hyperparameters of one param group (run at construction and at every step:
-    schedulers and users edit param_groups in between)."""
-    where = f"param_groups[{index}]"
-    lr = group["lr"]
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1 or not lr.is_floating_point():
-            raise ValueError(f"{where}: a tensor lr must be a 1-element floating-point tensor")
-    elif not lr >= 0.0:
-        raise ValueError(f"{where}: invalid learning rate {lr!r} (must be >= 0)")
-    momentum = group["momentum"]
-    if isinstance(momentum, torch.Tensor):  # CyclicLR/OneCycleLR write tensor momenta: read on the device
-        if momentum.numel() != 1 or not momentum.is_floating_point():
-            raise ValueError(f"{where}: a tensor momentum must be a 1-element floating-point tensor")
-    for name in ("momentum", "weight_decay", "dampening") if not isinstance(momentum, torch.Tensor) else ("weight_decay", "dampening"):
-        value = _number(group[name])
-        if value is None:
-            raise ValueError(f"{where}: {name} must be a number, not a tensor")
-        if not value >= 0.0:
-            raise ValueError(f"{where}: invalid {name} {value!r} (must be >= 0)")
-    no_momentum = not isinstance(momentum, torch.Tensor) and momentum <= 0
-    if group["nesterov"] and (no_momentum or group["dampening"] != 0):
-        raise ValueError(f"{where}: nesterov momentum requires momentum > 0 and dampening = 0")
 
 
 def check_params(params: list[torch.Tensor], index: int) -> None:
@@ -51,7 +25,7 @@ def check_params(params: list[torch.Tensor], index: int) -> None:
             raise TypeError(f"{where}: optimizer params must be tensors, got {type(p).__name__}")
         if not p.is_floating_point() or p.is_complex():
             raise TypeError(f"{where}: dtype {p.dtype} is not supported (integer and complex params "
-                            "cannot be trained by SGD on FP32 masters)")
+                            "cannot be trained on FP32 masters)")
         if p.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"{where}: dtype {p.dtype} is not supported (FP16, BF16 or FP32)")
         if id(p) in seen:
@@ -64,19 +38,6 @@ def check_global(max_grad_norm, norm_type) -> None:
         raise ValueError(f"max_grad_norm must be >= 0 or None, got {max_grad_norm!r}")
     if float(norm_type) not in NORM_TYPES:
         raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type!r}")
-
-
-def check_tensor_lr(group: dict, index: int) -> None:
-    """A tensor lr's (or momentum's) value, read once when the optimizer first sees that tensor
-    (a sync on the GPU, off the hot path): schedulers then change it in place, on the device."""
-    for name, what in (("lr", "learning rate"), ("momentum", "momentum")):
-        value = group.get(name)
-        if isinstance(value, torch.Tensor):
-            value = float(value.detach().reshape(()).float().cpu())
-            if not (value >= 0.0 and math.isfinite(value)):
-                raise ValueError(f"param_groups[{index}]: invalid {what} {value!r} (must be finite and >= 0)")
-            if name == "momentum" and group.get("nesterov") and value <= 0:
-                raise ValueError(f"param_groups[{index}]: nesterov momentum requires momentum > 0 and dampening = 0")
 
 
 def grad_dtypes(param_dtype: torch.dtype) -> tuple:
@@ -100,3 +61,89 @@ def check_grads(grads: list[torch.Tensor], params: list[torch.Tensor], name_of) 
         if g.dtype not in grad_dtypes(p.dtype):
             raise RuntimeError(f"{name_of(k)}: a {g.dtype} grad for a {p.dtype} param (expected "
                                f"{' or '.join(map(str, grad_dtypes(p.dtype)))})")
+
+
+def _check_state_tensor(value, p: torch.Tensor, where: str) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{where} must be a tensor, got {type(value).__name__}")
+    if not value.is_floating_point() or value.is_complex():
+        raise ValueError(f"{where} must be a real floating-point tensor, got {value.dtype}")
+    if value.shape != p.shape:
+        raise ValueError(f"{where} has shape {tuple(value.shape)}, the param has {tuple(p.shape)} "
+                         "(a state dict of another model, or params in another order?)")
+    if not bool(torch.isfinite(local(value)).all()):
+        raise ValueError(f"{where} holds inf or NaN")
+
+
+def _check_scaler_state(opt, extra, key: str) -> None:
+    where = f"state dict {key!r}"
+    if not isinstance(extra, dict) or not isinstance(extra.get("loss_scaler"), dict) or "applied_steps" not in extra:
+        raise ValueError(f"{where}: expected {{'loss_scaler': {{...}}, 'applied_steps': ...}}")
+    scaler = extra["loss_scaler"]
+    if any(k not in scaler for k in ("scale", "growth_tracker", "enabled", "dynamic")):
+        raise ValueError(f"{where}: the loss scaler state lacks one of scale, growth_tracker, enabled, dynamic")
+    if bool(scaler["enabled"]) != opt._scaler.enabled or bool(scaler["dynamic"]) != opt._scaler.dynamic:
+        raise ValueError("loss scaler state dict: saved with a different loss_scale mode "
+                         f"(enabled={scaler['enabled']}, dynamic={scaler['dynamic']})")
+    scale = float(torch.as_tensor(scaler["scale"]).reshape(()))
+    if not (MIN_SCALE <= scale and math.isfinite(scale)):
+        raise ValueError(f"{where}: the loss scale must be a finite number >= 2**-126 (its reciprocal must be "
+                         f"finite in FP32), got {scale}")
+    counts = [("growth_tracker", scaler["growth_tracker"]), ("applied_steps", extra["applied_steps"])]
+    # Saved before hysteresis and consecutive_skips existed: absent, and loaded as 0.
+    counts += [(name, where_[name]) for name, where_ in (("hysteresis_tracker", scaler),
+                                                       ("consecutive_skips", extra)) if name in where_]
+    for name, value in counts:
+        value = torch.as_tensor(value)
+        if value.numel() != 1 or value.is_floating_point() or value.is_complex() or int(value) < 0 or int(value) >= 2**31:
+            raise ValueError(f"{where}: {name} must be a non-negative int32 count, got {value}")
+
+
+def validated_state_dict(opt, state_dict, params: list, key: str):
+    """Everything a load needs, checked before anything is modified. Returns (entries by flat
+    param index, the saved groups without our key, state under keys that name no param, the
+    scaler extra or None)."""
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError("optimizer state dict must be a dict with 'state' and 'param_groups' keys")
+    saved_groups = state_dict["param_groups"]
+    if not isinstance(saved_groups, (list, tuple)) or len(saved_groups) != len(opt.param_groups):
+        raise ValueError(f"loaded state dict has {len(saved_groups) if isinstance(saved_groups, (list, tuple)) else '?'} "
+                         f"parameter groups, this optimizer has {len(opt.param_groups)}")
+    groups, extras, saved_ids = [], [], []
+    for gi, (saved, ours) in enumerate(zip(saved_groups, opt.param_groups)):
+        if not isinstance(saved, dict) or not isinstance(saved.get("params"), (list, tuple)):
+            raise ValueError(f"loaded param_groups[{gi}] must be a dict with a 'params' list")
+        if len(saved["params"]) != len(ours["params"]):
+            raise ValueError(f"loaded param_groups[{gi}] has {len(saved['params'])} params, this optimizer's has "
+                             f"{len(ours['params'])}")
+        group = dict(saved)
+        extras.append(group.pop(key, None))
+        merged = {**opt.defaults, **group}
+        opt.RULE.check_group(merged, gi)
+        opt.RULE.check_tensor_values(merged, gi)
+        groups.append(group)
+        saved_ids.extend(saved["params"])
+    if len(set(saved_ids)) != len(saved_ids):
+        raise ValueError("loaded state dict names a param id twice in its param_groups")
+    index_of = {saved_id: k for k, saved_id in enumerate(saved_ids)}
+    state = state_dict["state"]
+    if not isinstance(state, dict):
+        raise ValueError(f"loaded state dict's 'state' must be a dict, got {type(state).__name__}")
+    entries, others = {}, {}
+    for saved_id, entry in state.items():
+        if saved_id not in index_of:
+            others[saved_id] = entry  # kept as they are, as torch keeps them
+            continue
+        k = index_of[saved_id]
+        if not isinstance(entry, dict):
+            raise ValueError(f"loaded state for param id {saved_id!r} must be a dict, got {type(entry).__name__}")
+        p = params[k]
+        for name in ("master_param", *opt.RULE.all_buffers):
+            if entry.get(name) is not None or (name == "master_param" and name in entry):
+                _check_state_tensor(entry[name], p, f"loaded state[{saved_id!r}][{name!r}]")
+        check_loaded_count(opt.RULE, entry, f"loaded state[{saved_id!r}]")
+        entries[k] = entry
+    extra = state_dict.get(key, next((e for e in extras if e is not None), None))  # 0.1 kept it at the top
+    if extra is not None:
+        _check_scaler_state(opt, extra, key)
+    return entries, groups, others, extra

@@ -9,7 +9,7 @@ import torch
 
 import fused_opt
 from fused_opt.backends import BACKENDS
-from reference import ReferenceSGD
+from reference import ReferenceAdamW, ReferenceSGD
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # Every (backend, device) that can run here: the same matrix runs through all of them.
@@ -40,6 +40,7 @@ class Config:
     inject: dict = field(default_factory=dict)   # step -> "inf" | "nan"
     steps: int = 10
     sizes: tuple = SIZES
+    optimizer: str = "sgd"  # or "adamw" (groups then hold AdamW's hyperparameters)
 
 
 def make_params(config: Config, device, seed=0):
@@ -101,7 +102,8 @@ def assign_groups(config: Config, params):
 def build(config: Config, backend, device, seed=0):
     params = make_params(config, device, seed)
     groups, group_of = assign_groups(config, params)
-    opt = fused_opt.FusedMixedPrecisionSGD(
+    cls = fused_opt.FusedMixedPrecisionAdamW if config.optimizer == "adamw" else fused_opt.FusedMixedPrecisionSGD
+    opt = cls(
         groups, max_grad_norm=config.max_grad_norm, norm_type=config.norm_type,
         loss_scale=config.loss_scale, init_scale=config.init_scale,
         growth_interval=config.growth_interval, hysteresis=config.hysteresis, min_scale=config.min_scale,
@@ -150,10 +152,17 @@ def check_against_reference(opt, params, ref: ReferenceSGD, what=""):
             assert not bool(bad.any()), f"{what} param {i}: {int(ulps[bad].max())} ulps off"
         if ref.b[i] is not None:
             assert_close_fp32(state["momentum_buffer"], ref.b[i], f"{what} momentum buffer {i}")
+        if isinstance(ref, ReferenceAdamW) and ref.m[i] is not None:
+            assert float(state["step"]) == ref.t[i], f"{what} step {i}: {float(state['step'])} != {ref.t[i]}"
+            assert_close_fp32(state["exp_avg"], ref.m[i], f"{what} exp_avg {i}")
+            assert_close_fp32(state["exp_avg_sq"], ref.v[i], f"{what} exp_avg_sq {i}")
+            if "max_exp_avg_sq" in state:
+                assert_close_fp32(state["max_exp_avg_sq"], ref.vmax[i], f"{what} max_exp_avg_sq {i}")
 
 
 def reference_for(config: Config, params, group_of):
-    return ReferenceSGD(params, group_of, config.groups, max_grad_norm=config.max_grad_norm,
+    cls = ReferenceAdamW if config.optimizer == "adamw" else ReferenceSGD
+    return cls(params, group_of, config.groups, max_grad_norm=config.max_grad_norm,
                         norm_type=config.norm_type, loss_scale=config.loss_scale,
                         init_scale=config.init_scale, growth_interval=config.growth_interval,
                         hysteresis=config.hysteresis, min_scale=config.min_scale, max_scale=config.max_scale,

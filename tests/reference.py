@@ -46,21 +46,23 @@ class ReferenceSGD:
         clip = 1.0 if self.max_grad_norm is None else min(1.0, self.max_grad_norm / (norm + 1e-6))
         if not found_inf:
             for i in live:
-                h = self.groups[self.group_of[i]]
-                d = u[i] * clip
-                if h["maximize"]:
-                    d = -d
-                d = d + h["weight_decay"] * self.w[i]
-                if h["momentum"] != 0:
-                    if self.b[i] is None:
-                        self.b[i] = d.clone()
-                    else:
-                        self.b[i] = h["momentum"] * self.b[i] + (1 - h["dampening"]) * d
-                    d = d + h["momentum"] * self.b[i] if h["nesterov"] else self.b[i]
-                self.w[i] = self.w[i] - float(h["lr"]) * d
+                self.update(i, u[i] * clip, self.groups[self.group_of[i]])
         self.consecutive_skips = self.consecutive_skips + 1 if found_inf else 0
         self._update_scale(found_inf)
         return norm, found_inf
+
+    def update(self, i, d, h):
+        """torch.optim.SGD's update of param i by its unscaled, clipped grad d."""
+        if h["maximize"]:
+            d = -d
+        d = d + h["weight_decay"] * self.w[i]
+        if h["momentum"] != 0:
+            if self.b[i] is None:
+                self.b[i] = d.clone()
+            else:
+                self.b[i] = h["momentum"] * self.b[i] + (1 - h["dampening"]) * d
+            d = d + h["momentum"] * self.b[i] if h["nesterov"] else self.b[i]
+        self.w[i] = self.w[i] - float(h["lr"]) * d
 
     @property
     def overflows(self) -> int:
@@ -90,3 +92,34 @@ class ReferenceSGD:
                 self.scale *= self.growth_factor
                 if self.max_scale is not None:
                     self.scale = min(self.scale, self.max_scale)
+
+
+class ReferenceAdamW(ReferenceSGD):
+    """The same pipeline with torch.optim.AdamW's update: t counts the param's applied steps
+    (skipped steps and steps without a grad do not count)."""
+
+    def __init__(self, params, group_of, groups, **kwargs):
+        super().__init__(params, group_of, groups, **kwargs)
+        self.m = [None] * len(params)
+        self.v = [None] * len(params)
+        self.vmax = [None] * len(params)
+        self.t = [0] * len(params)
+
+    def update(self, i, u, h):
+        if h["maximize"]:
+            u = -u
+        beta1, beta2 = h["betas"]
+        lr = float(h["lr"])
+        if self.m[i] is None:
+            self.m[i], self.v[i], self.vmax[i] = (torch.zeros_like(u) for _ in range(3))
+        self.t[i] += 1
+        t = self.t[i]
+        self.w[i] = self.w[i] * (1 - lr * h["weight_decay"])
+        self.m[i] = beta1 * self.m[i] + (1 - beta1) * u
+        self.v[i] = beta2 * self.v[i] + (1 - beta2) * u * u
+        second = self.v[i]
+        if h["amsgrad"]:
+            self.vmax[i] = torch.maximum(self.vmax[i], self.v[i])
+            second = self.vmax[i]
+        denom = second.sqrt() / math.sqrt(1 - beta2**t) + h["eps"]
+        self.w[i] = self.w[i] - lr / (1 - beta1**t) * self.m[i] / denom

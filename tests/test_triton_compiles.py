@@ -38,6 +38,11 @@ for g in DT:
                 "table_ptr": "*i64", "groups_ptr": "*fp32", "scalars_ptr": "*fp32", "applied_steps_ptr": "*i32"},
                 {"GRAD_DTYPE": DT[g], "PARAM_DTYPE": tl.bfloat16, "REMAINDER": True, "ALIGNED": aligned,
                  "CHUNK": 65536, "BLOCK": 4096})
+        for remainder in ((False, True) if g != "fp16" else (False,)):
+            sizes[f"adamw-{g}-{remainder}-{aligned}"] = build(k.adamw_kernel, {"chunks_ptr": "*i64",
+                "table_ptr": "*i64", "groups_ptr": "*fp32", "scalars_ptr": "*fp32"},
+                {"GRAD_DTYPE": DT[g], "PARAM_DTYPE": tl.bfloat16 if remainder else DT[g], "REMAINDER": remainder,
+                 "ALIGNED": aligned, "CHUNK": 65536, "BLOCK": 4096})
         if aligned:  # the aligned variants must really use 16-byte vector loads
             ptx = triton.compile(triton.compiler.ASTSource(fn=k.update_kernel, signature={"chunks_ptr": "*i64",
                 "table_ptr": "*i64", "groups_ptr": "*fp32", "scalars_ptr": "*fp32", "applied_steps_ptr": "*i32",
@@ -55,6 +60,8 @@ for dynamic in (False, True):
             "backoff_factor": "fp32", "min_scale": "fp32", "max_scale": "fp32", "growth_interval": "i32",
             "hysteresis": "i32"},
             {"HAS_CLIP": clip, "NORM_INF": norm_inf, "DYNAMIC": dynamic, "CONSECUTIVE": dynamic, "BLOCK": 1024})
+sizes["advance"] = build(k.advance_kernel, {"chunks_ptr": "*i64", "table_ptr": "*i64", "scalars_ptr": "*fp32",
+                                            "num_chunks": "i32"}, {"BLOCK": 1024})
 print(json.dumps(sizes))
 '''
 
@@ -66,5 +73,5 @@ def test_every_kernel_compiles_for_sm90():
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     sizes = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(sizes) == 3 * (2 * 2 + 2 + 1) + 2 * 2 + 6
+    assert len(sizes) == 3 * (2 * 2 + 2 + 1) + 2 * 2 + 6 + 2 * (1 + 2 + 2) + 1
     assert all(n > 0 for n in sizes.values()), sizes

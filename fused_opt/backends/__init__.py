@@ -19,29 +19,14 @@ BACKENDS = {
 
 
 @dataclass
-class Hyper:
-    """One param group's hyperparameters for this step (lr may be a 0-dim tensor)."""
-    lr: float | torch.Tensor
-    momentum: float | torch.Tensor  # a tensor (CyclicLR/OneCycleLR's tensor momenta) is read on the device
-    dampening: float
-    weight_decay: float
-    nesterov: bool
-    maximize: bool
-
-    @property
-    def uses_momentum(self) -> bool:
-        """Whether the group keeps a momentum buffer: a tensor momentum always does (its value
-        is not read on the host), and steps as torch's SGD would at that value."""
-        return isinstance(self.momentum, torch.Tensor) or self.momentum != 0
-
-
-@dataclass
 class StepBatch:
     """Everything one step touches, for the params that have a grad.
 
-    `momentum_buffers[i]`/`momentum_first_step[i]` are None when the param's group has no
-    momentum. `momentum_first_step[i]` is an int32 0-dim tensor: 0 while the buffer was never
-    applied, else the applied-step count at which it was first applied (see optimizer.py).
+    `rule` is the per-element update rule (update_rules.py: SGD or AdamW), `groups` each
+    group's hyperparameters as that rule reads them. `buffers[i]` holds the FP32 state
+    tensors the rule keeps for param i (SGD: the momentum buffer, or none without momentum;
+    AdamW: exp_avg, exp_avg_sq and with amsgrad max_exp_avg_sq), `counts[i]` its 0-dim
+    count (SGD: the buffer's first-step flag, AdamW: the param's step), None without buffers.
     `grad_norm` and `found_inf` are outputs written in place. `cache` is a dict the
     optimizer keeps for the backend across steps; `layout_id` changes whenever anything but
     the grads changed (params that step, their storage, state tensors, use of momentum), so a
@@ -54,8 +39,8 @@ class StepBatch:
     params: list
     grads: list
     masters: list
-    momentum_buffers: list
-    momentum_first_step: list
+    buffers: list
+    counts: list
     group_index: list
     groups: list
     max_grad_norm: float | None
@@ -71,6 +56,7 @@ class StepBatch:
     # fixed while the layout is; the norm pass then streams each buffer as one run.
     flat_grads: dict | None = None
     consecutive_skips: torch.Tensor | None = None  # int32: skipped steps in a row, written by finalize
+    rule: type | None = None
 
 
 def _module(name: str):

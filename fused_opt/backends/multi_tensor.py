@@ -27,11 +27,13 @@ from . import StepBatch
 CHUNK_SIZE = int(os.environ.get("FUSED_OPT_CHUNK_SIZE", 65536))
 
 # Columns of the per-tensor table (int64): addresses are raw device pointers, 0 when absent.
-GRAD, MASTER, BUF, PARAM, NUMEL, GROUP, FIRST_STEP = range(7)
-TABLE_COLUMNS = 7
-# Columns of the per-group hyperparameter table (float32).
-LR, MOMENTUM, ONE_MINUS_DAMPENING, WEIGHT_DECAY, NESTEROV, MAXIMIZE = range(6)
-GROUP_COLUMNS = 8  # padded for alignment
+# BUF, BUF2, BUF3 are the update rule's state buffers in its order (SGD: the momentum buffer;
+# AdamW: exp_avg, exp_avg_sq, max_exp_avg_sq), COUNT its per-param count (update_rules.py).
+GRAD, MASTER, BUF, PARAM, NUMEL, GROUP, COUNT, BUF2, BUF3 = range(9)
+TABLE_COLUMNS = 9
+BUFFER_COLUMNS = (BUF, BUF2, BUF3)
+# The per-group hyperparameter table (float32): each rule's row of GROUP_COLUMNS (Hyper.row).
+GROUP_COLUMNS = 8
 # Per-step scalars written by the finalize stage and read by the update (float32).
 INV_SCALE, CLIP_COEF, FOUND_INF, SCALARS = 0, 1, 2, 4
 
@@ -81,6 +83,7 @@ class Plan:
         device = batch.masters[0].device if batch.masters else batch.grads[0].device
         self.device = device
         self.chunk_size = chunk_size
+        self.rule = batch.rule.code  # update_rules.py: which per-element function the update runs
         by_pair: dict = {}
         for i, (p, g, m) in enumerate(zip(batch.params, batch.grads, batch.masters)):
             # int16 masters are master_weights="remainder"'s (remainder.py): a kernel of their own
@@ -109,17 +112,18 @@ class Plan:
         host = torch.zeros(len(members), TABLE_COLUMNS, dtype=torch.int64)
         chunks, odd_rows, addresses = [], [], []
         for row, i in enumerate(members):
-            p, master, buf, first = batch.params[i], batch.masters[i], batch.momentum_buffers[i], batch.momentum_first_step[i]
+            p, master, bufs, count = batch.params[i], batch.masters[i], batch.buffers[i], batch.counts[i]
             n = master.numel()
             host[row, MASTER] = master.data_ptr()
-            host[row, BUF] = buf.data_ptr() if buf is not None else 0
-            host[row, FIRST_STEP] = first.data_ptr() if first is not None else 0
+            for column, buf in zip(BUFFER_COLUMNS, bufs):
+                host[row, column] = buf.data_ptr()
+            host[row, COUNT] = count.data_ptr() if count is not None else 0
             host[row, PARAM] = 0 if p is master else p.data_ptr()
-            addresses += [master.data_ptr(), buf.data_ptr() if buf is not None else 0,
-                          0 if p is master else p.data_ptr()]
+            addresses += [master.data_ptr(), *(b.data_ptr() for b in bufs), 0 if p is master else p.data_ptr()]
             host[row, NUMEL] = n
             host[row, GROUP] = batch.group_index[i]
-            chunks.extend((row, start) for start in range(0, n, self.chunk_size))
+            # An empty tensor gets one empty chunk: its count still advances (AdamW's step).
+            chunks.extend((row, start) for start in range(0, max(n, 1), self.chunk_size))
             if not master.is_contiguous() or (p is not master and p.stride() != master.stride() and n > 1):
                 odd_rows.append(row)  # staged every step (see refresh)
         chunk_table = torch.tensor(chunks, dtype=torch.int64).reshape(-1, 2)
@@ -188,23 +192,17 @@ class Plan:
             pair.host_table[row, PARAM] = staged.data_ptr()
 
     def _refresh_groups(self, batch: StepBatch) -> None:
-        rows = [(0.0 if isinstance(h.lr, torch.Tensor) else float(h.lr),
-                 0.0 if isinstance(h.momentum, torch.Tensor) else h.momentum, 1.0 - h.dampening,
-                 h.weight_decay, float(h.nesterov), float(h.maximize), 0.0, 0.0) for h in batch.groups]
+        rows = [h.row() for h in batch.groups]
         if rows != self.group_rows:
             self.group_table = upload(torch.tensor(rows, dtype=torch.float32), self.device)
             self.group_rows = rows
-        # Tensor lrs and momenta are read on the device: one copy launch whatever the number of
-        # groups. At a momentum of 0, torch's SGD ignores dampening: so does the table then.
+        # Tensor hyperparameters (a scheduler's lr) are read on the device: one copy launch
+        # whatever the number of groups.
         slots, values = [], []
         for gi, h in enumerate(batch.groups):
-            if isinstance(h.lr, torch.Tensor):
-                slots.append(self.group_table[gi, LR])
-                values.append(h.lr.reshape(()).to(self.device, torch.float32, non_blocking=True))
-            if isinstance(h.momentum, torch.Tensor):
-                m = h.momentum.reshape(()).to(self.device, torch.float32, non_blocking=True)
-                slots += [self.group_table[gi, MOMENTUM], self.group_table[gi, ONE_MINUS_DAMPENING]]
-                values += [m, torch.where(m != 0, 1.0 - h.dampening, 1.0)]
+            for column, value in h.device_values(self.device):
+                slots.append(self.group_table[gi, column])
+                values.append(value)
         if slots:
             torch._foreach_copy_(slots, values)
 

@@ -212,7 +212,7 @@ def _records(plan, static) -> tuple:
         norms = torch.tensor([[chunks, run.num_chunks, run.table.data_ptr(), partials, flags, dtype]
                               for run, chunks, partials, flags, dtype in static["norm"]] or [[0] * 6],
                              dtype=torch.int64)
-        updates = torch.tensor([[chunks, pair.num_chunks, pair.table.data_ptr(), grad_dtype, param_dtype, 0]
+        updates = torch.tensor([[chunks, pair.num_chunks, pair.table.data_ptr(), grad_dtype, param_dtype, plan.rule]
                                 for pair, chunks, grad_dtype, param_dtype in static["update"]] or [[0] * 6],
                                dtype=torch.int64)
         cached = plan.cache["records"] = (plan.tables_version, norms, len(static["norm"]), updates,
@@ -251,5 +251,5 @@ def step(batch: StepBatch) -> None:
                     static["scalars"], *finalize_args[5:], stream)
     for pair, chunks, grad_dtype, param_dtype in static["update"]:
         launch_update(module, chunks, pair.num_chunks, pair.table.data_ptr(), groups, static["scalars"], applied,
-                      grad_dtype, param_dtype, plan.chunk_size, stream)
+                      grad_dtype, param_dtype, batch.rule.code, plan.chunk_size, stream)
     plan.write_back(batch)

@@ -73,7 +73,7 @@ def step(batch: StepBatch) -> None:
         clip = torch.clamp(batch.max_grad_norm / (norm + 1e-6), max=1.0)
         torch._foreach_mul_(unscaled, clip)
 
-    # 5. the SGD update, per param with its group's hyperparameters, kept only if finite
+    # 5. the update rule (update_rules.py), per param with its group's hyperparameters, kept only if finite
     applied_steps = batch.applied_steps + (~found_inf).to(torch.int32)
     for i, d in enumerate(unscaled):
         h = batch.groups[batch.group_index[i]]
@@ -84,24 +84,10 @@ def step(batch: StepBatch) -> None:
         elif p is not w:
             # A param edited outside the optimizer (e.g. p.data.clamp_, which its version
             # counter never sees) no longer equals its master rounded: keep the edit, as
-            # torch.optim.SGD does, by re-taking those elements' master. Bits, not values.
+            # torch.optim does, by re-taking those elements' master. Bits, not values.
             same = _bits(w.to(p.dtype)) == _bits(p)
             w.copy_(torch.where(same | found_inf, w, p.float()))
-        if h.maximize:
-            d = -d
-        if h.weight_decay != 0:
-            d = d + h.weight_decay * w
-        if h.uses_momentum:
-            b, first_step = batch.momentum_buffers[i], batch.momentum_first_step[i]
-            first = (first_step == 0) | (first_step == applied_steps)
-            keep_d = 1 - h.dampening
-            if isinstance(h.momentum, torch.Tensor):  # at a momentum of 0 torch's SGD ignores dampening
-                keep_d = torch.where(h.momentum != 0, keep_d, 1.0)
-            new_b = torch.where(first, d, b * h.momentum + keep_d * d)
-            d = d + h.momentum * new_b if h.nesterov else new_b
-            b.copy_(torch.where(found_inf, b, new_b))
-            first_step.copy_(torch.where((first_step == 0) & ~found_inf, applied_steps, first_step))
-        new_w = w - h.lr * d
+        new_w = batch.rule.update(w, d, batch.buffers[i], batch.counts[i], h, applied_steps, found_inf)
         w.copy_(torch.where(found_inf, w, new_w))
         if remainder is not None:  # a skipped step writes nothing, as the kernels' return early
             new_p = w.to(p.dtype)

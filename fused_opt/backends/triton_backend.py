@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from ..update_rules import ADAMW_CODE
 from . import StepBatch
 from .multi_tensor import CHUNK_SIZE, plan_for
 
@@ -15,6 +16,7 @@ from .multi_tensor import CHUNK_SIZE, plan_for
 # SM to stream memory at full speed; the interpreter runs a block as one numpy op.
 BLOCK = 1024 if os.environ.get("TRITON_INTERPRET") == "1" else 4096
 FINALIZE_BLOCK = 1024
+ADVANCE_BLOCK = 1024
 NUM_WARPS = 8
 
 
@@ -40,6 +42,8 @@ def _tl_dtype(dtype: torch.dtype):
 
 
 def step(batch: StepBatch) -> None:
+    import triton
+
     from . import triton_kernels as k
     plan = plan_for(batch, CHUNK_SIZE)
     chunk = plan.chunk_size
@@ -62,10 +66,17 @@ def step(batch: StepBatch) -> None:
         HAS_CLIP=batch.max_grad_norm is not None, NORM_INF=norm_inf, DYNAMIC=scaler.dynamic,
         CONSECUTIVE=scaler.consecutive,
         BLOCK=FINALIZE_BLOCK, num_warps=4)
+    adamw = batch.rule.code == ADAMW_CODE
     for pair in plan.pairs:
-        if pair.num_chunks:
-            k.update_kernel[(pair.num_chunks,)](
-                pair.chunks, pair.table, plan.group_table, plan.scalars, batch.applied_steps,
-                GRAD_DTYPE=_tl_dtype(pair.grad_dtype), PARAM_DTYPE=_tl_dtype(pair.param_dtype), REMAINDER=pair.remainder,
-                ALIGNED=pair.aligned, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS)
+        if not pair.num_chunks:
+            continue
+        dtypes = dict(GRAD_DTYPE=_tl_dtype(pair.grad_dtype), PARAM_DTYPE=_tl_dtype(pair.param_dtype),
+                      REMAINDER=pair.remainder, ALIGNED=pair.aligned, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS)
+        if adamw:
+            k.adamw_kernel[(pair.num_chunks,)](pair.chunks, pair.table, plan.group_table, plan.scalars, **dtypes)
+            k.advance_kernel[(triton.cdiv(pair.num_chunks, ADVANCE_BLOCK),)](
+                pair.chunks, pair.table, plan.scalars, pair.num_chunks, BLOCK=ADVANCE_BLOCK)
+        else:
+            k.update_kernel[(pair.num_chunks,)](pair.chunks, pair.table, plan.group_table, plan.scalars,
+                                                batch.applied_steps, **dtypes)
     plan.write_back(batch)

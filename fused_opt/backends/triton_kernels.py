@@ -6,9 +6,11 @@
   2. `finalize_kernel`, one program: reduces the partials in a fixed order (deterministic, no
      float atomics), computes N, the clip coefficient and found_inf, and updates the loss
      scale. It runs on the device, so the host never waits.
-  3. `update_kernel`, one launch per pair: reads grad, master, momentum buffer; writes master,
-     buffer and the FP16/BF16 param, or nothing at all when found_inf. 22 B/param: 20, and the
-     param read back to keep edits made outside the optimizer.
+  3. `update_kernel` (SGD) or `adamw_kernel` (AdamW), one launch per pair: reads grad, master
+     and the rule's state; writes master, state and the FP16/BF16 param, or nothing at all when
+     found_inf. SGD with momentum moves 22 B/param (20, and the param read back to keep edits
+     made outside the optimizer), AdamW 30 B/param; AdamW then advances each param's step
+     (`advance_kernel`, a few bytes per tensor).
 
 Every program handles one chunk of one tensor, found through the chunk table; addresses and
 hyperparameters come from device tables (see multi_tensor.py), so the number of tensors and
@@ -21,10 +23,13 @@ from . import multi_tensor as mt
 
 # Table layouts shared with the host (multi_tensor.py); kernels see globals only as constexpr.
 GRAD, MASTER, BUF, PARAM = tl.constexpr(mt.GRAD), tl.constexpr(mt.MASTER), tl.constexpr(mt.BUF), tl.constexpr(mt.PARAM)
-NUMEL, GROUP, FIRST_STEP = tl.constexpr(mt.NUMEL), tl.constexpr(mt.GROUP), tl.constexpr(mt.FIRST_STEP)
+NUMEL, GROUP, COUNT = tl.constexpr(mt.NUMEL), tl.constexpr(mt.GROUP), tl.constexpr(mt.COUNT)
+BUF2, BUF3 = tl.constexpr(mt.BUF2), tl.constexpr(mt.BUF3)
 TABLE_COLUMNS, GROUP_COLUMNS = tl.constexpr(mt.TABLE_COLUMNS), tl.constexpr(mt.GROUP_COLUMNS)
-LR, MOMENTUM, ONE_MINUS_DAMPENING = tl.constexpr(mt.LR), tl.constexpr(mt.MOMENTUM), tl.constexpr(mt.ONE_MINUS_DAMPENING)
-WEIGHT_DECAY, NESTEROV, MAXIMIZE = tl.constexpr(mt.WEIGHT_DECAY), tl.constexpr(mt.NESTEROV), tl.constexpr(mt.MAXIMIZE)
+# A group's row (update_rules.py: SGDHyper.row, AdamWHyper.row).
+LR, MOMENTUM, ONE_MINUS_DAMPENING, WEIGHT_DECAY, NESTEROV, MAXIMIZE = (tl.constexpr(i) for i in range(6))
+BETA1, ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2, ADAMW_WEIGHT_DECAY, EPS, ADAMW_MAXIMIZE = (
+    tl.constexpr(i) for i in range(1, 8))
 INV_SCALE, CLIP_COEF, FOUND_INF = tl.constexpr(mt.INV_SCALE), tl.constexpr(mt.CLIP_COEF), tl.constexpr(mt.FOUND_INF)
 
 
@@ -240,7 +245,7 @@ def update_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr, applied_steps_
     if has_buf:
         # The flag is the applied-step count of the buffer's first applied step (0: never),
         # written identically by every chunk of the tensor, so chunks never race on it.
-        first_step_ptr = tl.load(entry + FIRST_STEP).to(tl.pointer_type(tl.int32))
+        first_step_ptr = tl.load(entry + COUNT).to(tl.pointer_type(tl.int32))
         first_step = tl.load(first_step_ptr)
         applied = tl.load(applied_steps_ptr)
         first = (first_step == 0) | (first_step == applied)
@@ -255,3 +260,140 @@ def update_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr, applied_steps_
         idx = full_end + tl.arange(0, BLOCK)
         _update_block(grad + idx, master + idx, buf + idx, param + idx, idx < end, inv_scale, coef, sign,
                       weight_decay, momentum, one_minus_dampening, nesterov, lr, first, has_buf, PARAM_DTYPE, REMAINDER, True)
+
+
+@triton.jit
+def _master_of(master, param, mask, PARAM_DTYPE: tl.constexpr, REMAINDER: tl.constexpr, MASKED: tl.constexpr):
+    """The FP32 master of this block: loaded, re-taken from an edited param, or rebuilt from a
+    BF16 param and its remainder (as _update_block does for SGD)."""
+    other = 0.0 if MASKED else None
+    if REMAINDER:
+        r_old = tl.load(master, mask=mask, other=0 if MASKED else None).to(tl.int32)
+        top = tl.load(param, mask=mask, other=other).to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        w_bits = top + r_old.to(tl.uint32, bitcast=True)
+        crossed = ((w_bits ^ top) & 0x80000000) != 0
+        made_nan = ((w_bits & 0x7FFFFFFF) > 0x7F800000) & ((top & 0x7FFFFFFF) <= 0x7F800000)
+        return tl.where(crossed | made_nan, top, w_bits).to(tl.float32, bitcast=True)
+    w = tl.load(master, mask=mask, other=other)
+    if PARAM_DTYPE != tl.float32:
+        p_old = tl.load(param, mask=mask, other=other)
+        same = _round_to(w, PARAM_DTYPE).to(tl.uint16, bitcast=True) == p_old.to(tl.uint16, bitcast=True)
+        w = tl.where(same, w, p_old.to(tl.float32))
+    return w
+
+
+@triton.jit
+def _store_master(w, master, param, mask, PARAM_DTYPE: tl.constexpr, REMAINDER: tl.constexpr):
+    if REMAINDER:
+        p_new = _round_to(w, tl.bfloat16)
+        diff = (w.to(tl.uint32, bitcast=True) - (p_new.to(tl.uint16, bitcast=True).to(tl.uint32) << 16))
+        r_new = tl.minimum(tl.maximum(diff.to(tl.int32, bitcast=True), -32768), 32767)
+        tl.store(master, r_new.to(tl.int16), mask=mask)
+        tl.store(param, p_new, mask=mask)
+    else:
+        tl.store(master, w, mask=mask)
+        if PARAM_DTYPE != tl.float32:
+            tl.store(param, _round_to(w, PARAM_DTYPE), mask=mask)
+
+
+@triton.jit
+def _adamw_block(grad, master, m_ptr, v_ptr, vmax_ptr, param, mask, inv_scale, coef, beta1, one_minus_beta1, beta2,
+                 one_minus_beta2, eps, decay, step_size, bias2_sqrt, amsgrad,
+                 PARAM_DTYPE: tl.constexpr, REMAINDER: tl.constexpr, MASKED: tl.constexpr):
+    # csrc/adamw_math.h adamw_element, in the same order.
+    other = 0.0 if MASKED else None
+    u = (tl.load(grad, mask=mask, other=other).to(tl.float32) * inv_scale) * coef
+    w = _master_of(master, param, mask, PARAM_DTYPE, REMAINDER, MASKED)
+    m = beta1 * tl.load(m_ptr, mask=mask, other=other) + one_minus_beta1 * u
+    v = beta2 * tl.load(v_ptr, mask=mask, other=other) + one_minus_beta2 * (u * u)
+    tl.store(m_ptr, m, mask=mask)
+    tl.store(v_ptr, v, mask=mask)
+    if amsgrad:  # a runtime flag (groups may differ), uniform over the program
+        v = tl.maximum(tl.load(vmax_ptr, mask=mask, other=other), v)
+        tl.store(vmax_ptr, v, mask=mask)
+    denom = tl.math.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps
+    w = w * decay - step_size * tl.math.div_rn(m, denom)
+    _store_master(w, master, param, mask, PARAM_DTYPE, REMAINDER)
+
+
+@triton.jit
+def _power(base, n):
+    """base^n by squaring (csrc/adamw_math.h power): float64, loop-carried, any backend."""
+    result = base * 0.0 + 1.0
+    while n > 0:
+        result = tl.where((n & 1) != 0, result * base, result)
+        base = base * base
+        n = n >> 1
+    return result
+
+
+@triton.jit
+def adamw_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr,
+                 GRAD_DTYPE: tl.constexpr, PARAM_DTYPE: tl.constexpr, REMAINDER: tl.constexpr,
+                 ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    if tl.load(scalars_ptr + FOUND_INF) != 0:
+        return  # a skipped step writes nothing
+    c = tl.program_id(0).to(tl.int64)
+    row = tl.load(chunks_ptr + 2 * c)
+    start = tl.multiple_of(tl.load(chunks_ptr + 2 * c + 1), CHUNK)
+    entry = table_ptr + row * TABLE_COLUMNS
+    end = tl.minimum(start + CHUNK, tl.load(entry + NUMEL))
+    grad = tl.load(entry + GRAD).to(tl.pointer_type(GRAD_DTYPE))
+    if REMAINDER:
+        master = tl.load(entry + MASTER).to(tl.pointer_type(tl.int16))
+    else:
+        master = tl.load(entry + MASTER).to(tl.pointer_type(tl.float32))
+    m_ptr = tl.load(entry + BUF).to(tl.pointer_type(tl.float32))
+    v_ptr = tl.load(entry + BUF2).to(tl.pointer_type(tl.float32))
+    vmax_addr = tl.load(entry + BUF3)
+    amsgrad = vmax_addr != 0
+    vmax_ptr = vmax_addr.to(tl.pointer_type(tl.float32))
+    param = tl.load(entry + PARAM).to(tl.pointer_type(PARAM_DTYPE))
+    if ALIGNED:
+        grad = tl.multiple_of(grad, 16)
+        master = tl.multiple_of(master, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
+        param = tl.multiple_of(param, 16)
+    hyper = groups_ptr + tl.load(entry + GROUP) * GROUP_COLUMNS
+    lr = tl.load(hyper + LR)
+    beta1 = tl.load(hyper + BETA1)
+    beta2 = tl.load(hyper + BETA2)
+    # The param's t-th applied step (t = its step + 1): bias corrections in float64, rounded once.
+    t = tl.load(tl.load(entry + COUNT).to(tl.pointer_type(tl.float32))).to(tl.int64) + 1
+    bias1 = 1.0 - _power(beta1.to(tl.float64), t)
+    bias2 = 1.0 - _power(beta2.to(tl.float64), t)
+    step_size = (lr.to(tl.float64) / bias1).to(tl.float32)
+    bias2_sqrt = tl.sqrt(bias2).to(tl.float32)
+    decay = (1.0 - lr.to(tl.float64) * tl.load(hyper + ADAMW_WEIGHT_DECAY).to(tl.float64)).to(tl.float32)
+    coef = tl.load(scalars_ptr + CLIP_COEF)
+    coef = tl.where(tl.load(hyper + ADAMW_MAXIMIZE) != 0, -coef, coef)
+    inv_scale = tl.load(scalars_ptr + INV_SCALE)
+    one_minus_beta1 = tl.load(hyper + ONE_MINUS_BETA1)
+    one_minus_beta2 = tl.load(hyper + ONE_MINUS_BETA2)
+    eps = tl.load(hyper + EPS)
+    full_end = start + (end - start) // BLOCK * BLOCK
+    for offset in range(start, full_end, BLOCK):
+        idx = tl.multiple_of(offset, BLOCK) + tl.arange(0, BLOCK)
+        _adamw_block(grad + idx, master + idx, m_ptr + idx, v_ptr + idx, vmax_ptr + idx, param + idx, None,
+                     inv_scale, coef, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size,
+                     bias2_sqrt, amsgrad, PARAM_DTYPE, REMAINDER, False)
+    if full_end < end:
+        idx = full_end + tl.arange(0, BLOCK)
+        _adamw_block(grad + idx, master + idx, m_ptr + idx, v_ptr + idx, vmax_ptr + idx, param + idx, idx < end,
+                     inv_scale, coef, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size,
+                     bias2_sqrt, amsgrad, PARAM_DTYPE, REMAINDER, True)
+
+
+@triton.jit
+def advance_kernel(chunks_ptr, table_ptr, scalars_ptr, num_chunks, BLOCK: tl.constexpr):
+    """After an applied AdamW pass: each tensor's step += 1, by its first chunk (start 0)."""
+    if tl.load(scalars_ptr + FOUND_INF) != 0:
+        return
+    c = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = c < num_chunks
+    rows = tl.load(chunks_ptr + 2 * c, mask=live, other=0)
+    first = live & (tl.load(chunks_ptr + 2 * c + 1, mask=live, other=1) == 0)
+    counts = tl.load(table_ptr + rows * TABLE_COLUMNS + COUNT, mask=first, other=0).to(tl.pointer_type(tl.float32))
+    first = first & (tl.load(table_ptr + rows * TABLE_COLUMNS + COUNT, mask=first, other=0) != 0)
+    tl.store(counts, tl.load(counts, mask=first, other=0.0) + 1.0, mask=first)

@@ -14,14 +14,14 @@ from ..drop_in import SCALED_MARK
 
 
 def unwrap(optimizer):
-    """The FusedMixedPrecisionSGD behind framework wrappers (LightningOptimizer's `_optimizer`,
+    """The fused optimizer (FusedMixedPrecisionSGD/AdamW) behind framework wrappers (LightningOptimizer's `_optimizer`,
     AcceleratedOptimizer's `optimizer`), or None if there is none."""
-    from ..optimizer import FusedMixedPrecisionSGD
+    from ..optimizer import FusedMixedPrecisionOptimizer
     seen = 0
-    while optimizer is not None and not isinstance(optimizer, FusedMixedPrecisionSGD) and seen < 8:
+    while optimizer is not None and not isinstance(optimizer, FusedMixedPrecisionOptimizer) and seen < 8:
         optimizer = getattr(optimizer, "_optimizer", None) or getattr(optimizer, "optimizer", None)
         seen += 1
-    return optimizer if isinstance(optimizer, FusedMixedPrecisionSGD) else None
+    return optimizer if isinstance(optimizer, FusedMixedPrecisionOptimizer) else None
 
 
 def already_scaled(loss) -> bool:
@@ -40,7 +40,7 @@ def scaled_loss(optimizers, loss, how_to_scale: str):
     if not scaling:
         return loss
     if len(scaling) > 1:
-        raise RuntimeError(f"fused_opt integrations: {len(scaling)} FusedMixedPrecisionSGD optimizers keep a loss "
+        raise RuntimeError(f"fused_opt integrations: {len(scaling)} fused optimizers keep a loss "
                            "scale, and this backward does not say which one its loss is for (their scales differ). "
                            f"Scale each loss with its own optimizer first: {how_to_scale}; a loss that "
                            "scale_loss returned is passed on as it is. Or use one optimizer over all params "
@@ -53,7 +53,7 @@ def fused_optimizers(optimizers) -> list:
 
 
 def the_fused_optimizer(optimizers):
-    """The one FusedMixedPrecisionSGD among a framework's optimizers that keeps a loss scale
+    """The one fused optimizer among a framework's optimizers that keeps a loss scale
     (else the one without, else None): what clipping and step reporting refer to."""
     found = [o for o in map(unwrap, optimizers) if o is not None]
     scaling = [o for o in found if o._scaler.enabled]

@@ -53,7 +53,7 @@ def _owner(optimizers: list, parameters: list):
     if len(owners) == 1 or len(optimizers) == 1:
         return owners[0] if owners else optimizers[0]
     if not owners:
-        raise RuntimeError("fused_opt: clip_grad_norm_ over params of several FusedMixedPrecisionSGD optimizers "
+        raise RuntimeError("fused_opt: clip_grad_norm_ over params of several fused optimizers "
                            "at once: their grads come from differently scaled losses. Clip each optimizer's "
                            "params apart.")
     return next((o for o in owners if o._scaler.enabled), owners[0])
