@@ -15,13 +15,18 @@ def test_quick_benchmark_writes_record(tmp_path, capsys):
     contenders = {r["contender"] for r in record["rows"]}
     assert "fused_opt[torch]" in contenders
     assert {"torch.optim.SGD(for-loop)", "torch.optim.SGD(foreach)", "torch.optim.SGD(fused)"} <= contenders
+    # AdamW rows beside SGD's, against torch's AdamW pipelines and torch AMP with fused AdamW
+    assert {"torch.optim.AdamW(for-loop)", "torch.optim.AdamW(foreach)", "torch.optim.AdamW(fused)",
+            "GradScaler + AdamW(fused) on FP32 params"} <= contenders
+    assert {r["optimizer"] for r in record["rows"]} == {"sgd", "adamw"}
+    assert {r["bytes_per_param"] for r in record["rows"] if r["contender"] == "fused_opt[torch]"} == {22, 30}
     for row in record["rows"]:
         assert row["time_ms"] > 0 and row["gb_s"] > 0 and row["min_ms"] <= row["time_ms"] <= row["max_ms"]
     out = capsys.readouterr().out
     # rows are printed as they finish, before the report, which starts with the summary
-    assert out.index("    fused_opt[torch]") < out.index("| workload | dtype | params / tensors | fastest fused_opt")
+    assert out.index("    fused_opt[torch]") < out.index("| optimizer | workload | dtype | params / tensors | fastest")
     report = (tmp_path / f"bench-{device}.md").read_text().splitlines()
-    assert report[2].startswith("| workload | dtype | params / tensors | fastest fused_opt")
+    assert report[2].startswith("| optimizer | workload | dtype | params / tensors | fastest fused_opt")
     assert 0 < record["peak_rss_gb"] < 8
     # every row of ours was timed paired with the fastest torch pipeline
     assert all(r["speedup_vs_best_torch_paired"] is not None for r in record["rows"] if r["contender"].startswith("fused_opt"))

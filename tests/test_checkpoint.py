@@ -17,11 +17,16 @@ from harness import BACKEND_DEVICE_IDS, BACKEND_DEVICES
 INF_STEP = 1
 
 
-def make(seed, dtype, device, backend):
+def make(seed, dtype, device, backend, optimizer="sgd"):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).to(device, dtype)
     weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
     biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    if optimizer == "adamw":
+        opt = fused_opt.FusedMixedPrecisionAdamW(
+            [dict(params=weights, weight_decay=1e-2), dict(params=biases, amsgrad=True)], lr=1e-2,
+            max_grad_norm=0.5, init_scale=2.0**8, growth_interval=3, loss_scale="dynamic", backend=backend)
+        return model, opt
     opt = fused_opt.FusedMixedPrecisionSGD(
         [dict(params=weights, weight_decay=1e-2), dict(params=biases, dampening=0.1)], lr=0.1, momentum=0.9,
         max_grad_norm=0.5, init_scale=2.0**8, growth_interval=3, loss_scale="dynamic", backend=backend)
@@ -43,7 +48,10 @@ def train(model, opt, steps, dtype, device):
 def assert_same_run(model, opt, model2, opt2):
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
-        for key in ("master_param", "momentum_buffer"):
+        keys = [k for k in ("master_param", "momentum_buffer", "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+                if k in opt.state[p]]
+        assert len(keys) > 1 and keys == [k for k in keys if k in opt2.state[q]]
+        for key in keys:
             assert opt2.state[q][key].dtype == torch.float32
             assert torch.equal(opt.state[p][key], opt2.state[q][key]), key
     assert torch.equal(opt.loss_scale, opt2.loss_scale)
@@ -54,17 +62,18 @@ def assert_same_run(model, opt, model2, opt2):
 DTYPES = [torch.float16, torch.bfloat16]
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
-def test_dcp_save_load_resumes_bit_identically(backend, device, dtype, tmp_path):
-    model, opt = make(0, dtype, device, backend)
+def test_dcp_save_load_resumes_bit_identically(backend, device, dtype, optimizer, tmp_path):
+    model, opt = make(0, dtype, device, backend, optimizer)
     train(model, opt, range(0, 4), dtype, device)
     saved_scale = opt.loss_scale.clone()
     dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
              checkpoint_id=str(tmp_path))
     train(model, opt, range(4, 8), dtype, device)
 
-    model2, opt2 = make(99, dtype, device, backend)  # different values: all must come from the checkpoint
+    model2, opt2 = make(99, dtype, device, backend, optimizer)  # different values: all must come from the checkpoint
     # The template a fresh optimizer gives DCP must name every state tensor, or DCP loads none of it.
     template = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2)}
     assert float(opt2.loss_scale) == 2.0**8  # DCP's state-initialising step left the scale alone

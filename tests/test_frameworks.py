@@ -86,13 +86,16 @@ def test_clip_grad_norm_routes_to_the_fused_clip():
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("what", ["train step", "opt.step"])
+@pytest.mark.parametrize("what", ["train step", "opt.step", "adamw train step"])
 def test_compiled_equals_eager_bit_for_bit(backend, device, dtype, what):
     def run(compiled):
         torch._dynamo.reset()
         model = mlp().to(device=device, dtype=dtype)
-        opt = fused_opt.FusedMixedPrecisionSGD(model.parameters(), lr=0.1, momentum=0.9, max_grad_norm=0.5,
-                                               backend=backend)
+        if what.startswith("adamw"):
+            opt = fused_opt.FusedMixedPrecisionAdamW(model.parameters(), lr=1e-2, max_grad_norm=0.5, backend=backend)
+        else:
+            opt = fused_opt.FusedMixedPrecisionSGD(model.parameters(), lr=0.1, momentum=0.9, max_grad_norm=0.5,
+                                                   backend=backend)
         x, y = digits(64)
         x, y = x.to(device=device, dtype=dtype), y.to(device)
         step = torch.compile(opt.step) if compiled and what == "opt.step" else opt.step
@@ -103,7 +106,7 @@ def test_compiled_equals_eager_bit_for_bit(backend, device, dtype, what):
             opt.scale_loss(loss).backward()
             step()
             return loss
-        fn = torch.compile(train_step) if compiled and what == "train step" else train_step
+        fn = torch.compile(train_step) if compiled and what.endswith("train step") else train_step
         for _ in range(4):
             fn()
         return [t.detach().clone() for p in model.parameters() for t in (p, opt.state[p]["master_param"])]
@@ -163,6 +166,15 @@ def test_lightning_fused_precision_trains_like_torch_sgd(precision, manual):
     ours = _lightning_run(lambda ps: fused_opt.FusedMixedPrecisionSGD(ps, lr=0.05, momentum=0.9),
                           plugins=[FusedPrecision(precision)], manual=manual)
     theirs = _lightning_run(lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), precision="32-true", manual=manual)
+    assert ours[-1] < 0.5 * ours[0]
+    assert close_losses(ours, theirs)
+
+
+def test_lightning_fused_precision_trains_adamw_like_torch_adamw():
+    from fused_opt.integrations.lightning import FusedPrecision
+    ours = _lightning_run(lambda ps: fused_opt.FusedMixedPrecisionAdamW(ps, lr=3e-3),
+                          plugins=[FusedPrecision("bf16-true")])
+    theirs = _lightning_run(lambda ps: torch.optim.AdamW(ps, lr=3e-3), precision="32-true")
     assert ours[-1] < 0.5 * ours[0]
     assert close_losses(ours, theirs)
 
@@ -228,6 +240,13 @@ def test_accelerate_patch_trains_like_torch_sgd(dtype):
     assert skipped == [False] * 5 + [True] + [False] * 2
 
 
+def test_accelerate_patch_trains_adamw_like_torch_adamw():
+    ours, skipped, _ = _accelerate_run(lambda ps: fused_opt.FusedMixedPrecisionAdamW(ps, lr=3e-3), torch.float16,
+                                       patch=True)
+    theirs, _, _ = _accelerate_run(lambda ps: torch.optim.AdamW(ps, lr=3e-3), torch.float32, patch=False)
+    assert not any(skipped) and close_losses(ours, theirs)
+
+
 def test_accelerate_without_the_patch_refuses_clipping_scaled_grads():
     def glue(ps):
         return fused_opt.FusedMixedPrecisionSGD(ps, lr=0.2)
@@ -291,6 +310,19 @@ def test_hf_fused_trainer_trains_like_torch_sgd(dtype, tmp_path):
     assert abs(ours[-1] - theirs[-1]) / theirs[-1] < 0.1
     # the logged norm is the unscaled one: close to torch's, not 65536 times it
     assert norms[0] == pytest.approx(ref_norms[0], rel=0.05)
+
+
+def test_hf_fused_trainer_trains_adamw_like_torch_adamw(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from fused_opt.integrations.transformers import FusedTrainer
+    model = _gpt2(torch.bfloat16)
+    ours, _ = _hf_run(FusedTrainer, model, fused_opt.FusedMixedPrecisionAdamW(model.parameters(), lr=3e-3),
+                      tmp_path / "a")
+    ref_model = _gpt2(torch.float32)
+    theirs, _ = _hf_run(transformers.Trainer, ref_model, torch.optim.AdamW(ref_model.parameters(), lr=3e-3),
+                        tmp_path / "b")
+    assert ours[-1] < 0.8 * ours[0]
+    assert abs(ours[-1] - theirs[-1]) / theirs[-1] < 0.1
 
 
 def test_hf_trainer_clipping_on_scaled_grads_now_raises(tmp_path):

@@ -29,9 +29,14 @@ def make_model(dtype):
                                torch.nn.Linear(3, 1)).to(dtype)
 
 
-def make_opt(model, backend, norm_type, **kw):
+def make_opt(model, backend, norm_type, optimizer="sgd", **kw):
     decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
     no_decay = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    if optimizer == "adamw":
+        return fused_opt.FusedMixedPrecisionAdamW(
+            [dict(params=decay, weight_decay=0.01), dict(params=no_decay, weight_decay=0.0, amsgrad=True)],
+            lr=1e-2, max_grad_norm=0.05, norm_type=norm_type, init_scale=2.0**8, growth_interval=2,
+            loss_scale="dynamic", backend=backend, **kw)
     return fused_opt.FusedMixedPrecisionSGD(
         [dict(params=decay, weight_decay=0.01), dict(params=no_decay, nesterov=True)],
         lr=0.1, momentum=0.9, max_grad_norm=0.05, norm_type=norm_type, init_scale=2.0**8,
@@ -51,12 +56,14 @@ def shard(model, device="cpu", mesh_shape=None):
     return fully_shard(model, mesh=mesh)
 
 
-def worker(rank, world, init_method, backend, dtype, norm_type, device, out, mesh_shape=None, flat=False):
+def worker(rank, world, init_method, backend, dtype, norm_type, device, out, mesh_shape=None, flat=False,
+           optimizer="sgd"):
     init_group(init_method, rank, world, "nccl" if device == "cuda" else "gloo")
     try:
         sharded, replica = shard(make_model(dtype).to(device), device, mesh_shape), make_model(dtype).to(device)
         shards = mesh_shape[-1] if mesh_shape else world
-        opt, replica_opt = make_opt(sharded, backend, norm_type, flat_grads=flat), make_opt(replica, backend, norm_type)
+        opt = make_opt(sharded, backend, norm_type, optimizer, flat_grads=flat)
+        replica_opt = make_opt(replica, backend, norm_type, optimizer)
         gen = torch.Generator().manual_seed(1)
         records = []
         for step in range(STEPS):
@@ -82,7 +89,8 @@ def worker(rank, world, init_method, backend, dtype, norm_type, device, out, mes
         params = [(p.full_tensor(), q.detach().clone()) for p, q in zip(sharded.parameters(), replica.parameters())]
         masters = [(opt.state[p]["master_param"].full_tensor(), replica_opt.state[q]["master_param"])
                    for p, q in zip(sharded.parameters(), replica.parameters())]
-        kinds = {type(opt.state[p][k]).__name__ for p in sharded.parameters() for k in ("master_param", "momentum_buffer")}
+        keys = ("master_param", "exp_avg", "exp_avg_sq") if optimizer == "adamw" else ("master_param", "momentum_buffer")
+        kinds = {type(opt.state[p][k]).__name__ for p in sharded.parameters() for k in keys}
         if rank == 0:
             torch.save(dict(records=records, params=params, masters=masters, kinds=kinds,
                             flat_status=opt.flat_grads_status), out)
@@ -113,6 +121,15 @@ def check(out):
 def test_fsdp2_two_processes_equal_unsharded(backend, dtype, norm_type, tmp_path):
     out = str(tmp_path / "result.pt")
     run_ranks(worker, (2, rendezvous(tmp_path), backend, dtype, norm_type, "cpu", str(out)), 2, str(out))
+    check(out)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fsdp2_adamw_two_processes_equal_unsharded(backend, tmp_path):
+    # AdamW's moments as DTensors; the empty bias shard on rank 1 counts its steps too.
+    out = str(tmp_path / "result.pt")
+    run_ranks(worker, (2, rendezvous(tmp_path), backend, torch.bfloat16, 2.0, "cpu", str(out), None, False, "adamw"),
+              2, str(out))
     check(out)
 
 

@@ -273,12 +273,13 @@ def _master_of(master, param, mask, PARAM_DTYPE: tl.constexpr, REMAINDER: tl.con
         w_bits = top + r_old.to(tl.uint32, bitcast=True)
         crossed = ((w_bits ^ top) & 0x80000000) != 0
         made_nan = ((w_bits & 0x7FFFFFFF) > 0x7F800000) & ((top & 0x7FFFFFFF) <= 0x7F800000)
-        return tl.where(crossed | made_nan, top, w_bits).to(tl.float32, bitcast=True)
-    w = tl.load(master, mask=mask, other=other)
-    if PARAM_DTYPE != tl.float32:
-        p_old = tl.load(param, mask=mask, other=other)
-        same = _round_to(w, PARAM_DTYPE).to(tl.uint16, bitcast=True) == p_old.to(tl.uint16, bitcast=True)
-        w = tl.where(same, w, p_old.to(tl.float32))
+        w = tl.where(crossed | made_nan, top, w_bits).to(tl.float32, bitcast=True)
+    else:  # (no early return: the compiler would still build what follows it)
+        w = tl.load(master, mask=mask, other=other)
+        if PARAM_DTYPE != tl.float32:
+            p_old = tl.load(param, mask=mask, other=other)
+            same = _round_to(w, PARAM_DTYPE).to(tl.uint16, bitcast=True) == p_old.to(tl.uint16, bitcast=True)
+            w = tl.where(same, w, p_old.to(tl.float32))
     return w
 
 

@@ -1,7 +1,7 @@
-"""python -m fused_opt.bench [--device cpu|cuda] [--full] [--train] [--quick] [--record]
+"""python -m fused_opt.bench [--device cpu|cuda] [--optimizers sgd adamw] [--full] [--train] [--quick] [--record]
 
-Times one optimizer step of every available fused_opt backend and mode and of the torch.optim
-pipelines that do the same job, on the same model, in one run. Each torch pipeline is timed
+Times one optimizer step (SGD with momentum, and AdamW) of every available fused_opt backend
+and mode and of the torch.optim pipelines that do the same job, on the same model, in one run. Each torch pipeline is timed
 alone; then each of ours is timed paired with the fastest torch pipeline, round by round, so
 every ratio comes from two contenders that ran back to back. Contenders are built and freed
 one at a time (at most two hold state at once), so the default run fits a machine with 8 GB.
@@ -25,11 +25,10 @@ import torch
 
 import fused_opt
 from . import workloads
-from .contenders import Model, factories
+from .contenders import BOUND, Model, factories
 from .plot import plot
 from .timing import copy_bandwidth, device_name, kernel_launches, paired_ratio, time_interleaved
 
-BYTES_PER_PARAM = 22  # the least a step with momentum, FP16 grads and FP32 masters moves (docs/performance.md)
 RECORD_DIR = os.path.join("bench", "results")
 
 
@@ -62,18 +61,20 @@ def run(args, emit=print) -> dict:
     # 256 MB: past every CPU cache too (a 32 MB copy ran partly in L3 and read low against the workloads)
     copy_bps = copy_bandwidth(device, 2**25 if args.quick else 2**28)
     rows = []
-    jobs = [(w, s, d) for w, s in plan(device, args.quick, args.full) for d in args.dtypes
+    jobs = [(w, s, d, o) for o in args.optimizers for w, s in plan(device, args.quick, args.full) for d in args.dtypes
             if args.only is None or args.only in w]
     # torch.compile recompiles per shape list (tens of seconds each): it runs on the largest
     # sweep's FP16 row, where the bandwidth claim is made.
-    compile_row = max(((workloads.numel(s), w) for w, s, _ in jobs if w.startswith("sweep")), default=(0, None))[1]
+    compile_row = max(((workloads.numel(s), w) for w, s, _, _ in jobs if w.startswith("sweep")), default=(0, None))[1]
     timing = dict(device=device, repeats=args.repeats, steps=args.steps)
-    for k, (workload, shapes, dtype_name) in enumerate(jobs, 1):
+    for k, (workload, shapes, dtype_name, optimizer) in enumerate(jobs, 1):
         n = workloads.numel(shapes)
-        emit(f"[{k}/{len(jobs)}] {workload} {dtype_name}: {n / 1e6:.1f}M params, {len(shapes)} tensors")
+        emit(f"[{k}/{len(jobs)}] {optimizer} {workload} {dtype_name}: {n / 1e6:.1f}M params, {len(shapes)} tensors")
         model = Model(shapes, dtypes[dtype_name], device)
-        baselines, ours = factories(model, device, args.compile and workload == compile_row and dtype_name == "fp16")
-        base = dict(workload=workload, dtype=dtype_name, params=n, tensors=len(shapes))
+        compiled = args.compile and workload == compile_row and dtype_name == "fp16"
+        baselines, ours = factories(model, device, compiled, optimizer)
+        bound = BOUND[optimizer]
+        base = dict(workload=workload, optimizer=optimizer, dtype=dtype_name, params=n, tensors=len(shapes))
         # 1. each torch pipeline alone
         solo = {}
         for name, build in baselines.items():
@@ -88,7 +89,7 @@ def run(args, emit=print) -> dict:
         best_name = min((name for name in solo if name.startswith("torch.optim") and " compiled" not in name),
                         key=lambda name: solo[name]["median_s"])
         for name, t in solo.items():  # timed alone: no paired ratio
-            rows.append(_row(base, name, t, solo[best_name], None, copy_bps, BYTES_PER_PARAM, None, paired=False))
+            rows.append(_row(base, name, t, solo[best_name], None, copy_bps, bound, None, paired=False))
             emit(_line(rows[-1]))
         # 2. each of ours, paired round by round with the best torch pipeline
         best = baselines[best_name]()
@@ -98,7 +99,7 @@ def run(args, emit=print) -> dict:
             pair = _time_pair(best, best_name, contender, name, **timing)
             launches = kernel_launches(contender.step, device)
             row = _row(base, name, pair[name], pair[best_name], default_ms, copy_bps,
-                       getattr(contender, "bytes_per_param", BYTES_PER_PARAM), launches,
+                       getattr(contender, "bytes_per_param", bound), launches,
                        memory=contender.memory_per_param() if hasattr(contender, "memory_per_param") else None)
             if default_ms is None and "[" in name and name.endswith("]") and "torch]" not in name:
                 default_ms = row["time_ms"]
@@ -113,7 +114,7 @@ def run(args, emit=print) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "cuda": torch.version.cuda, "triton": _triton_version(),
         "fused_opt": fused_opt.build_info(), "commit": _commit(), "copy_gb_s": copy_bps / 1e9,
-        "bytes_per_param": BYTES_PER_PARAM, "repeats": args.repeats, "steps_per_repeat": args.steps,
+        "bytes_per_param": BOUND, "repeats": args.repeats, "steps_per_repeat": args.steps,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "rows": rows,
     }
@@ -167,19 +168,19 @@ def _line(r: dict) -> str:
 
 
 def summary(record: dict) -> str:
-    """Per workload and dtype: the fastest of ours against the fastest torch pipeline."""
-    lines = ["| workload | dtype | params / tensors | fastest fused_opt | ms/step | best torch | ms/step | speedup (paired) |",
-             "|---|---|---|---|---|---|---|---|"]
-    keys = list(dict.fromkeys((r["workload"], r["dtype"]) for r in record["rows"]))
-    for workload, dtype in keys:
-        rows = [r for r in record["rows"] if (r["workload"], r["dtype"]) == (workload, dtype)]
+    """Per optimizer, workload and dtype: the fastest of ours against the fastest torch pipeline."""
+    lines = ["| optimizer | workload | dtype | params / tensors | fastest fused_opt | ms/step | best torch | ms/step | speedup (paired) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    keys = list(dict.fromkeys((r.get("optimizer", "sgd"), r["workload"], r["dtype"]) for r in record["rows"]))
+    for optimizer, workload, dtype in keys:
+        rows = [r for r in record["rows"] if (r.get("optimizer", "sgd"), r["workload"], r["dtype"]) == (optimizer, workload, dtype)]
         ours = [r for r in rows if r["contender"].startswith("fused_opt") and "torch]" not in r["contender"]]
         theirs = [r for r in rows if r["contender"].startswith("torch.optim") and " compiled" not in r["contender"]]
         if not ours or not theirs:
             continue
         best_ours = min(ours, key=lambda r: r["time_ms"])
         best_torch = min(theirs, key=lambda r: r["time_ms"])
-        lines.append(f"| {workload} | {dtype} | {best_ours['params'] / 1e6:.1f}M / {best_ours['tensors']} "
+        lines.append(f"| {optimizer} | {workload} | {dtype} | {best_ours['params'] / 1e6:.1f}M / {best_ours['tensors']} "
                      f"| {best_ours['contender']} | {best_ours['time_ms']:.3f} | {best_torch['contender']} "
                      f"| {best_torch['time_ms']:.3f} | {_ratio(best_ours['speedup_vs_best_torch_paired'])} |")
     return "\n".join(lines)
@@ -205,10 +206,10 @@ def _triton_version():
 def table(record: dict) -> str:
     lines = [f"Device: {record['device']} | torch {record['torch']} | {record['date']} | commit {record.get('commit')} | "
              f"copy {record['copy_gb_s']:.1f} GB/s (read+write)", "", summary(record), "",
-             "| workload | dtype | params | tensors | contender | ms/step | host ms | first ms | B/param moved | GB/s | % copy | vs best torch | paired | vs fused_opt default | memory B/param | launches |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| optimizer | workload | dtype | params | tensors | contender | ms/step | host ms | first ms | B/param moved | GB/s | % copy | vs best torch | paired | vs fused_opt default | memory B/param | launches |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
-        lines.append(f"| {r['workload']} | {r['dtype']} | {r['params'] / 1e6:.1f}M | {r['tensors']} | {r['contender']} "
+        lines.append(f"| {r.get('optimizer', 'sgd')} | {r['workload']} | {r['dtype']} | {r['params'] / 1e6:.1f}M | {r['tensors']} | {r['contender']} "
                      f"| {r['time_ms']:.3f} | {_ms(r['host_ms'])} | {r['first_ms']:.1f} | {r['bytes_per_param']} "
                      f"| {r['gb_s']:.1f} | {100 * r['copy_fraction']:.0f}% | {r['speedup_vs_best_torch']:.2f}x "
                      f"| {_ratio(r.get('speedup_vs_best_torch_paired'))} "
@@ -229,6 +230,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fused_opt.bench", description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=["fp16", "bf16"])
+    parser.add_argument("--optimizers", nargs="+", default=["sgd", "adamw"], choices=["sgd", "adamw"])
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed repeats per contender (default 3, or 5 with --full)")
     parser.add_argument("--steps", type=int, default=3, help="calls per timed repeat")

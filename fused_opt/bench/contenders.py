@@ -1,6 +1,6 @@
 """What is timed: each contender owns its optimizer state and does, per call, one whole
 optimizer step for a model of FP16/BF16 params whose grads are already there (scale the
-loss, unscale, inf check, clip, SGD update on FP32 masters, write-back)."""
+loss, unscale, inf check, clip, SGD or AdamW update on FP32 masters, write-back)."""
 from __future__ import annotations
 
 import torch
@@ -8,7 +8,14 @@ import torch
 import fused_opt
 from fused_opt.backends import native_backend
 
-HYPER = dict(lr=0.01, momentum=0.9, weight_decay=1e-4)
+HYPER = {"sgd": dict(lr=0.01, momentum=0.9, weight_decay=1e-4), "adamw": dict(lr=1e-3, weight_decay=1e-2)}
+OURS = {"sgd": fused_opt.FusedMixedPrecisionSGD, "adamw": fused_opt.FusedMixedPrecisionAdamW}
+TORCH = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
+# The least a step moves per param with FP16/BF16 grads and FP32 masters (docs/performance.md):
+# one pass over grad, master and state writing the param, plus the grad read again for the
+# norm and the inf check. Ours also reads the param back (+2); remainders replace the 8 B of
+# a master read and written by 4 B of remainder and 2 B of param read.
+BOUND = {"sgd": 22, "adamw": 30}
 MAX_NORM = 1.0
 
 
@@ -32,18 +39,19 @@ class Model:
 
 
 class Ours:
-    def __init__(self, model: Model, backend: str, flat_grads: bool = False, master_weights: str = "fp32"):
+    def __init__(self, model: Model, backend: str, optimizer: str, flat_grads: bool = False,
+                 master_weights: str = "fp32"):
         self.name = f"fused_opt[{backend}]" + (" flat_grads" if flat_grads else "") + (
             " remainder" if master_weights == "remainder" else "")
         self.model = model
         self.baseline_name = f"fused_opt[{backend}]"  # what the mode's speedup is against
-        # 22 B/param with FP32 masters (docs/performance.md); the remainder mode moves 20
-        self.bytes_per_param = 20 if master_weights == "remainder" else 22
+        # The bound with FP32 masters (docs/performance.md); the remainder mode moves 2 B less
+        self.bytes_per_param = BOUND[optimizer] - (2 if master_weights == "remainder" else 0)
         # The shared grads are scaled by 2^16 (Model): the dynamic scale, for FP16 and BF16 alike.
         # With flat_grads the first step copies them into the optimizer's buffers, once.
-        self.opt = fused_opt.FusedMixedPrecisionSGD(model.fresh_params(), max_grad_norm=MAX_NORM, backend=backend,
-                                                    loss_scale="dynamic", flat_grads=flat_grads,
-                                                    master_weights=master_weights, **HYPER)
+        self.opt = OURS[optimizer](model.fresh_params(), max_grad_norm=MAX_NORM, backend=backend,
+                                   loss_scale="dynamic", flat_grads=flat_grads, master_weights=master_weights,
+                                   **HYPER[optimizer])
         # On the CPU the kernels run on the host: the time outside them is the host time.
         self.kernel_clock = [0.0] if backend == "native" and model.loss.device.type == "cpu" else None
 
@@ -68,11 +76,11 @@ class OursUnderGradScaler:
     """Ours with loss_scale=None, driven by torch.amp.GradScaler as an existing loop would:
     GradScaler runs its own inf-check pass over the grads before handing over the scale."""
 
-    def __init__(self, model: Model, backend: str):
+    def __init__(self, model: Model, backend: str, optimizer: str):
         self.name = f"fused_opt[{backend}] driven by GradScaler"
         self.model = model
-        self.opt = fused_opt.FusedMixedPrecisionSGD(model.fresh_params(), max_grad_norm=MAX_NORM, backend=backend,
-                                                    loss_scale=None, **HYPER)
+        self.opt = OURS[optimizer](model.fresh_params(), max_grad_norm=MAX_NORM, backend=backend, loss_scale=None,
+                                   **HYPER[optimizer])
         self.scaler = torch.amp.GradScaler(model.loss.device.type, init_scale=2.0**16)
 
     def step(self):
@@ -84,20 +92,20 @@ class OursUnderGradScaler:
 class TorchPipeline:
     """The baseline, the job done with torch.optim: FP32 masters, grads copied in,
     unscaled and inf-checked by torch's AMP kernel, clip_grad_norm_(foreach=True),
-    torch.optim.SGD, masters copied back, GradScaler's scale update. The skip works as
-    GradScaler does it: fused=True takes found_inf on the device, the others read it on the
-    host (GradScaler's .item()). Also the baseline of examples/train_digits.py."""
+    torch.optim.SGD or AdamW, masters copied back, GradScaler's scale update. The skip works
+    as GradScaler does it: fused=True takes found_inf on the device, the others read it on
+    the host (GradScaler's .item()). Also the baseline of examples/train_digits.py."""
 
     def __init__(self, params, mode: str, compiled: bool = False, max_norm: float = MAX_NORM,
-                 init_scale: float = 2.0**16, growth_interval: int = 2000, **hyper):
-        self.name = f"torch.optim.SGD({mode})" + (" compiled" if compiled else "")
+                 init_scale: float = 2.0**16, growth_interval: int = 2000, optimizer: str = "sgd", **hyper):
+        self.name = f"torch.optim.{TORCH[optimizer].__name__}({mode})" + (" compiled" if compiled else "")
         self.params = list(params)
         self.max_norm = max_norm
         self.masters = [p.detach().float() for p in self.params]
         for m in self.masters:
             m.grad = torch.zeros_like(m)
         kwargs = {"foreach": False} if mode == "for-loop" else {mode: True}
-        self.sgd = torch.optim.SGD(self.masters, **{**HYPER, **hyper}, **kwargs)
+        self.sgd = TORCH[optimizer](self.masters, **{**HYPER[optimizer], **hyper}, **kwargs)
         self.fused = mode == "fused"
         device = self.params[0].device
         self.scale = torch.full((), init_scale, device=device)
@@ -130,9 +138,9 @@ class TorchPipeline:
 class Baseline:
     """A torch pipeline as a benchmark contender: its own params, the model's shared grads."""
 
-    def __init__(self, model: Model, mode: str, compiled: bool = False):
+    def __init__(self, model: Model, mode: str, optimizer: str, compiled: bool = False):
         self.model = model
-        self.pipeline = TorchPipeline(model.fresh_params(), mode, compiled)
+        self.pipeline = TorchPipeline(model.fresh_params(), mode, compiled, optimizer=optimizer)
         self.name = self.pipeline.name
 
     def step(self):
@@ -141,19 +149,20 @@ class Baseline:
 
 
 class GradScalerFP32:
-    """What a user does without master weights: FP32 params, GradScaler, fused SGD.
-    Its job is smaller (no FP16 copy, no masters) but its params are FP32 (4 B, not 2).
+    """What a user does without master weights (torch AMP: FP32 params under autocast):
+    GradScaler and the fused SGD or AdamW. Its job is smaller (no FP16 copy, no masters) but
+    its params are FP32 (4 B, not 2).
     Its grads are reused every call and GradScaler unscales (and clipping scales) them in
     place, so scale 1 and an unreachable max norm keep them from decaying into denormals:
     the kernels and the bytes they move are the same."""
 
-    def __init__(self, model: Model):
-        self.name = "GradScaler + SGD(fused) on FP32 params"
+    def __init__(self, model: Model, optimizer: str):
+        self.name = f"GradScaler + {TORCH[optimizer].__name__}(fused) on FP32 params"
         self.params = [torch.nn.Parameter(v.float()) for v in model.values]
         for p, g in zip(self.params, model.grads):
             p.grad = g.float()
         device = self.params[0].device
-        self.sgd = torch.optim.SGD(self.params, fused=True, **HYPER)
+        self.sgd = TORCH[optimizer](self.params, fused=True, **HYPER[optimizer])
         self.scaler = torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**30)
         self.loss = torch.zeros((), device=device)
 
@@ -165,7 +174,7 @@ class GradScalerFP32:
         self.scaler.update()
 
 
-def factories(model: Model, device: torch.device, include_compiled: bool) -> tuple[dict, dict]:
+def factories(model: Model, device: torch.device, include_compiled: bool, optimizer: str = "sgd") -> tuple[dict, dict]:
     """(torch pipelines, ours): name -> a function that builds that contender. Contenders are
     built one at a time and freed after timing, so a run holds at most two contenders' params
     and state at once (the best torch pipeline and one of ours)."""
@@ -176,25 +185,27 @@ def factories(model: Model, device: torch.device, include_compiled: bool) -> tup
                  if reason is None and not (name == "triton" and device.type == "cpu") and not (name == "torch" and many)]
     ours = {}
     for name in available:
-        ours[f"fused_opt[{name}]"] = lambda name=name: Ours(model, name)
+        ours[f"fused_opt[{name}]"] = lambda name=name: Ours(model, name, optimizer)
     for name in available:
         if name != "torch":
-            ours[f"fused_opt[{name}] flat_grads"] = lambda name=name: Ours(model, name, flat_grads=True)
+            ours[f"fused_opt[{name}] flat_grads"] = lambda name=name: Ours(model, name, optimizer, flat_grads=True)
     if model.values[0].dtype == torch.bfloat16:  # BF16 params with int16 master remainders
         for flat in (False, True):
             for name in available:
                 if name != "torch":
                     label = f"fused_opt[{name}]" + (" flat_grads" if flat else "") + " remainder"
-                    ours[label] = lambda name=name, flat=flat: Ours(model, name, flat_grads=flat,
+                    ours[label] = lambda name=name, flat=flat: Ours(model, name, optimizer, flat_grads=flat,
                                                                    master_weights="remainder")
     # GradScaler's CUDA inf check has no BF16 kernel: it can drive FP16 models only.
     if device.type == "cuda" and model.values[0].dtype == torch.float16:
         for name in available:
             if name != "torch":
-                ours[f"fused_opt[{name}] driven by GradScaler"] = lambda name=name: OursUnderGradScaler(model, name)
-    baselines = {f"torch.optim.SGD({mode})": (lambda mode=mode: Baseline(model, mode))
+                ours[f"fused_opt[{name}] driven by GradScaler"] = lambda name=name: OursUnderGradScaler(model, name,
+                                                                                                       optimizer)
+    torch_name = TORCH[optimizer].__name__
+    baselines = {f"torch.optim.{torch_name}({mode})": (lambda mode=mode: Baseline(model, mode, optimizer))
                  for mode in ("for-loop", "foreach", "fused")}
     if include_compiled:
-        baselines["torch.optim.SGD(fused) compiled"] = lambda: Baseline(model, "fused", compiled=True)
-    baselines["GradScaler + SGD(fused) on FP32 params"] = lambda: GradScalerFP32(model)
+        baselines[f"torch.optim.{torch_name}(fused) compiled"] = lambda: Baseline(model, "fused", optimizer, compiled=True)
+    baselines[f"GradScaler + {torch_name}(fused) on FP32 params"] = lambda: GradScalerFP32(model, optimizer)
     return baselines, ours

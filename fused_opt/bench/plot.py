@@ -21,14 +21,15 @@ def plot(record: dict, path: str) -> bool:
     dtypes = sorted({r["dtype"] for r in rows})
     names = list(dict.fromkeys(r["contender"] for r in rows))
     colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}
-    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    label = _label_of(rows)
+    workloads = list(dict.fromkeys(map(label, rows)))
     fig, axes = plt.subplots(len(dtypes), 1, figsize=(max(8, 1.6 * len(workloads)), 4 * len(dtypes)), squeeze=False)
     width = 0.8 / len(names)
     drawn = {}
     for ax, dtype in zip(axes[:, 0], dtypes):
         for k, name in enumerate(names):
             points = [(i, r["speedup_vs_best_torch_paired"]) for i, w in enumerate(workloads) for r in rows
-                      if r["workload"] == w and r["dtype"] == dtype and r["contender"] == name]
+                      if label(r) == w and r["dtype"] == dtype and r["contender"] == name]
             if points:
                 xs, ys = zip(*points)
                 drawn[name] = ax.bar([x + (k - len(names) / 2 + 0.5) * width for x in xs], ys, width,
@@ -45,6 +46,13 @@ def plot(record: dict, path: str) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _label_of(rows):
+    """A workload's tick label: with both optimizers in the record, which one ("SGD"/"AdamW")."""
+    both = len({r.get("optimizer", "sgd") for r in rows}) > 1
+    names = {"sgd": "SGD", "adamw": "AdamW"}
+    return lambda r: f"{r['workload']}\n{names[r.get('optimizer', 'sgd')]}" if both else r["workload"]
 
 
 if __name__ == "__main__":
