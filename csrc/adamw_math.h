@@ -24,9 +24,18 @@ FUSED_HD double power(double base, int64_t n) {
   return result;
 }
 
-FUSED_HD double host_or_device_sqrt(double x) {
+// Correctly rounded sqrt, of a float (the norm, the denominator) and of a double (the bias
+// correction), on the host and the device.
+FUSED_HD float lane_sqrt(float x) {
 #ifdef __CUDA_ARCH__
-  return sqrt(x);
+  return __fsqrt_rn(x);
+#else
+  return __builtin_sqrtf(x);
+#endif
+}
+FUSED_HD double lane_sqrt(double x) {
+#ifdef __CUDA_ARCH__
+  return __dsqrt_rn(x);
 #else
   return __builtin_sqrt(x);
 #endif
@@ -46,17 +55,10 @@ FUSED_HD AdamWCoefs adamw_coefs(const AdamWHyper& h, float clip_coef, float step
   const double lr = h.lr;
   return AdamWCoefs{h.maximize != 0.0f ? -clip_coef : clip_coef, h.beta1, h.one_minus_beta1, h.beta2,
                     h.one_minus_beta2, h.eps, float(1.0 - lr * double(h.weight_decay)), float(lr / bias1),
-                    float(host_or_device_sqrt(bias2))};
+                    float(lane_sqrt(bias2))};
 }
 
-// sqrt and max on a float or, on the host, on 8 lanes (V as in sgd_element).
-FUSED_HD float lane_sqrt(float x) {
-#ifdef __CUDA_ARCH__
-  return __fsqrt_rn(x);
-#else
-  return __builtin_sqrtf(x);
-#endif
-}
+// amsgrad's running max, and sqrt on 8 lanes for the host's 8-wide loop.
 FUSED_HD float lane_max(float a, float b) { return a > b ? a : b; }
 #if defined(__AVX2__) && !defined(__CUDACC__)
 inline __m256 lane_sqrt(__m256 x) { return _mm256_sqrt_ps(x); }

@@ -194,16 +194,8 @@ FUSED_HD void update_scale(const FinalizeArgs& a, float scale, bool found_inf) {
   *a.hysteresis_tracker = overflows;
 }
 
-FUSED_HD float device_sqrt(float x) {
-#ifdef __CUDA_ARCH__
-  return __fsqrt_rn(x);
-#else
-  return __builtin_sqrtf(x);
-#endif
-}
-
 FUSED_HD void finalize(const FinalizeArgs& a, float total, bool found_inf) {
-  float norm = a.norm_inf ? total : device_sqrt(total);
+  float norm = a.norm_inf ? total : lane_sqrt(total);
   if (found_inf && is_finite(norm)) norm = __builtin_inff();  // a skipped step's N is not finite
   float coef = 1.0f;
   if (a.has_clip) {

@@ -189,3 +189,22 @@ def run_against_reference(config: Config, backend, device):
     assert float(opt.loss_scale) == ref.scale
     assert int(opt._scaler.growth_tracker) == ref.growth_tracker
     return opt, params
+
+
+# torch's own optimizer inputs (torch.testing._internal.common_optimizers), as our tests take them
+TORCH_ONLY = ("foreach", "fused", "differentiable", "capturable")  # torch's implementation switches
+
+
+def torch_input_kwargs(optim_input, device):
+    """An OptimizerInput's kwargs without torch's implementation switches, a tensor lr on `device`."""
+    kwargs = {k: v for k, v in optim_input.kwargs.items() if k not in TORCH_ONLY}
+    if isinstance(kwargs.get("lr"), torch.Tensor):
+        kwargs["lr"] = kwargs["lr"].to(device)
+    return kwargs
+
+
+def tiny_model(device, dtype, seed=0):
+    """The small MLP torch's optimizer inputs are run on."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(device=device,
+                                                                                               dtype=dtype)

@@ -17,7 +17,7 @@ from torch import nn
 
 import fused_opt
 from harness import (BACKEND_DEVICE_IDS, BACKEND_DEVICES, CPU_BACKEND_DEVICE_IDS, CPU_BACKEND_DEVICES, Config,
-                     check_against_reference, run_against_reference)
+                     check_against_reference, run_against_reference, tiny_model, torch_input_kwargs)
 from reference import ReferenceAdamW
 
 
@@ -78,26 +78,13 @@ common_optimizers = pytest.importorskip("torch.testing._internal.common_optimize
 ADAMW_INFO = next(o for o in common_optimizers.optim_db if o.optim_cls is torch.optim.AdamW)
 ADAMW_INPUTS = ADAMW_INFO.optim_inputs_func(device="cpu")
 ADAMW_ERRORS = ADAMW_INFO.optim_error_inputs_func(device="cpu", dtype=torch.float32)
-TORCH_ONLY = ("foreach", "fused", "differentiable", "capturable")
-
-
-def _kwargs(optim_input, device):
-    kwargs = {k: v for k, v in optim_input.kwargs.items() if k not in TORCH_ONLY}
-    if isinstance(kwargs.get("lr"), torch.Tensor):
-        kwargs["lr"] = kwargs["lr"].to(device)
-    return kwargs
-
-
-def _model(device, dtype, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(device=device, dtype=dtype)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
 @pytest.mark.parametrize("optim_input", ADAMW_INPUTS, ids=[i.desc for i in ADAMW_INPUTS])
 def test_torch_adamw_inputs_fp32_match_torch_optim_adamw(backend, device, optim_input):
-    ours, theirs = _model(device, torch.float32), _model(device, torch.float32)
-    kwargs = _kwargs(optim_input, device)
+    ours, theirs = tiny_model(device, torch.float32), tiny_model(device, torch.float32)
+    kwargs = torch_input_kwargs(optim_input, device)
     opt = fused_opt.FusedMixedPrecisionAdamW(ours.parameters(), loss_scale=None, backend=backend, **kwargs)
     ref = torch.optim.AdamW(theirs.parameters(), **kwargs)
     x = torch.randn(4, 5, device=device)
@@ -118,9 +105,9 @@ def test_torch_adamw_inputs_fp32_match_torch_optim_adamw(backend, device, optim_
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("optim_input", ADAMW_INPUTS, ids=[i.desc for i in ADAMW_INPUTS])
 def test_torch_adamw_inputs_low_precision_match_the_reference(backend, device, dtype, optim_input):
-    model = _model(device, dtype)
+    model = tiny_model(device, dtype)
     params = list(model.parameters())
-    opt = fused_opt.FusedMixedPrecisionAdamW(params, loss_scale=None, backend=backend, **_kwargs(optim_input, device))
+    opt = fused_opt.FusedMixedPrecisionAdamW(params, loss_scale=None, backend=backend, **torch_input_kwargs(optim_input, device))
     group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
     ref = ReferenceAdamW(params, [0] * len(params), [group], loss_scale=None)
     x = torch.randn(4, 5, device=device, dtype=dtype)
@@ -146,13 +133,13 @@ def test_torch_adamw_error_inputs(error):
     inp = error.optimizer_error_input
     if any(text in str(error.error_regex) for text in NOT_OURS) and "betas" not in str(inp.kwargs):
         opt = fused_opt.FusedMixedPrecisionAdamW([nn.Parameter(torch.randn(2))], backend="torch", loss_scale=None,
-                                                 **_kwargs(inp, "cpu"))
+                                                 **torch_input_kwargs(inp, "cpu"))
         assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
         return
     params = inp.params if inp.params is not None else [nn.Parameter(torch.randn(1, 1))]
     expected = ValueError if error.error_type is UserWarning else error.error_type
     with pytest.raises(expected) as info:
-        fused_opt.FusedMixedPrecisionAdamW(params, backend="torch", loss_scale=None, **_kwargs(inp, "cpu"))
+        fused_opt.FusedMixedPrecisionAdamW(params, backend="torch", loss_scale=None, **torch_input_kwargs(inp, "cpu"))
     if error.error_type is not UserWarning and "betas" not in str(inp.kwargs) or "Invalid beta" in str(error.error_regex):
         assert re.search(error.error_regex, str(info.value))
 
@@ -177,7 +164,7 @@ def test_bad_hyperparameters_raise_before_anything_is_written():
 def test_state_dicts_load_both_ways_with_torch_optim_adamw(backend, device):
     """torch's AdamW state dict continues in ours and ours in torch's: the same trajectory."""
     x = torch.randn(4, 5)
-    models = [_model(device, torch.float32) for _ in range(3)]
+    models = [tiny_model(device, torch.float32) for _ in range(3)]
 
     def train(model, opt, steps):
         for _ in range(steps):
@@ -270,7 +257,7 @@ def test_grad_scaler_drives_it_as_torch_optim_adamw(backend, device):
     results = []
     for make in (lambda ps: fused_opt.FusedMixedPrecisionAdamW(ps, lr=1e-2, loss_scale=None, backend=backend),
                  lambda ps: torch.optim.AdamW(ps, lr=1e-2)):
-        model = _model(device, torch.float32)
+        model = tiny_model(device, torch.float32)
         opt = make(model.parameters())
         scaler = torch.amp.GradScaler(device, init_scale=2.0**8, growth_interval=2)
         for step in range(5):

@@ -12,12 +12,13 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 CUDA_BACKENDS = [b for b, d in BACKEND_DEVICES if d == "cuda"]
 
 
-def make(backend, lr):
+def make(backend, lr, optimizer="sgd"):
     gen = torch.Generator(device="cuda").manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(n, device="cuda", generator=gen).half()) for n in (7, 4097, 70000)]
-    opt = fused_opt.FusedMixedPrecisionSGD(params, lr=lr, momentum=0.9, weight_decay=1e-4, max_grad_norm=1.0,
-                                           init_scale=2.0**10, growth_interval=3, backend=backend)
-    return params, opt
+    scale = dict(max_grad_norm=1.0, init_scale=2.0**10, growth_interval=3, backend=backend)
+    if optimizer == "adamw":
+        return params, fused_opt.FusedMixedPrecisionAdamW(params, lr=lr, weight_decay=1e-2, **scale)
+    return params, fused_opt.FusedMixedPrecisionSGD(params, lr=lr, momentum=0.9, weight_decay=1e-4, **scale)
 
 
 def grads_at(step, params):
@@ -28,11 +29,12 @@ def grads_at(step, params):
     return grads
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
-def test_step_replays_in_a_cuda_graph(backend):
+def test_step_replays_in_a_cuda_graph(backend, optimizer):
     lr = torch.tensor(0.05, device="cuda")
-    params, opt = make(backend, lr)
-    ref_params, ref = make("torch", 0.05)
+    params, opt = make(backend, lr, optimizer)
+    ref_params, ref = make("torch", 0.05, optimizer)
     static_grads = [torch.zeros_like(p) for p in params]
     for p, g in zip(params, static_grads):
         p.grad = g

@@ -88,7 +88,7 @@ def run(backend, flat, edit):
 
 def _assert_same_bits(a, b, what):
     assert a.dtype == b.dtype and a.shape == b.shape, what
-    assert torch.equal(a.detach().cpu().view(torch.uint8), b.detach().cpu().view(torch.uint8)), \
+    assert torch.equal(a.detach().cpu().reshape(-1).view(torch.uint8), b.detach().cpu().reshape(-1).view(torch.uint8)), \
         f"{what}: {a.detach().cpu().tolist()} != {b.detach().cpu().tolist()}"
 
 
@@ -146,3 +146,51 @@ def test_pointer_watch_sees_every_move(fast, monkeypatch):
         assert not watch.unmoved(live)
         watch = storage_watch.PointerWatch(storages)
         assert watch.unmoved(live)
+
+
+# AdamW's state (moments, amsgrad's max, the step count) moved in place: the step must use the
+# new memory exactly as it would a tensor put in the state in its place.
+ADAMW_EDITS = {
+    "exp_avg_sq.data = zeros": ("exp_avg_sq", lambda t: setattr(t, "data", torch.zeros_like(t))),
+    "exp_avg.set_(halves)": ("exp_avg", lambda t: t.set_(torch.full_like(t, 0.5))),
+    "max_exp_avg_sq.share_memory_()": ("max_exp_avg_sq", _shared),
+    "exp_avg_sq storage reallocated": ("exp_avg_sq", _storage_reallocated),
+    "step.data = 0": ("step", lambda t: setattr(t, "data", torch.zeros_like(t))),
+}
+
+
+def run_adamw(backend, flat, edit, replace):
+    model = Pair()
+    opt = fused_opt.FusedMixedPrecisionAdamW(model.parameters(), lr=0.1, amsgrad=True, loss_scale=None,
+                                             backend=backend, flat_grads=flat)
+    statuses = []
+    for step in range(4):
+        opt.zero_grad()
+        _backward(model)
+        statuses.append(opt.flat_grads_status)
+        if step == 2:
+            key, how = ADAMW_EDITS[edit]
+            state = opt.state[model.a]
+            if replace:  # the same values in a new tensor, put in the state: a write the step sees
+                fresh = state[key].detach().clone()
+                how(fresh)
+                state[key] = fresh
+            else:
+                how(state[key])
+        opt.step()
+    return model, opt, statuses
+
+
+@pytest.mark.parametrize("backend,device", CPU_BACKEND_DEVICES, ids=CPU_BACKEND_DEVICE_IDS)
+@pytest.mark.parametrize("flat", [False, True], ids=["per-tensor", "flat"])
+@pytest.mark.parametrize("edit", list(ADAMW_EDITS))
+def test_moved_adamw_state_is_used_not_the_old_address(backend, device, flat, edit):
+    model, opt, statuses = run_adamw(backend, flat, edit, replace=False)
+    expected, expected_opt, _ = run_adamw(backend, False, edit, replace=True)
+    if flat:
+        assert statuses[2] == "active"
+    for name in ("a", "b"):
+        _assert_same_bits(getattr(model, name), getattr(expected, name), f"param {name}")
+        p, q = getattr(model, name), getattr(expected, name)
+        for key in ("master_param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"):
+            _assert_same_bits(opt.state[p][key], expected_opt.state[q][key], f"{key} of param {name}")

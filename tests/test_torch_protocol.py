@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import fused_opt
-from harness import BACKEND_DEVICE_IDS, BACKEND_DEVICES, check_against_reference
+from harness import BACKEND_DEVICE_IDS, BACKEND_DEVICES, check_against_reference, tiny_model, torch_input_kwargs
 from reference import ReferenceSGD
 
 common_optimizers = pytest.importorskip("torch.testing._internal.common_optimizers")
@@ -22,27 +22,13 @@ SGD_INFO = next(o for o in common_optimizers.optim_db if o.optim_cls is torch.op
 SGD_INPUTS = SGD_INFO.optim_inputs_func(device="cpu")
 SGD_ERRORS = SGD_INFO.optim_error_inputs_func(device="cpu", dtype=torch.float32)
 
-# torch's inputs run with foreach/fused/differentiable unset; drop those keys if present.
-TORCH_ONLY = ("foreach", "fused", "differentiable", "capturable")
-
-
-def _kwargs(optim_input, device):
-    kwargs = {k: v for k, v in optim_input.kwargs.items() if k not in TORCH_ONLY}
-    if isinstance(kwargs.get("lr"), torch.Tensor):
-        kwargs["lr"] = kwargs["lr"].to(device)
-    return kwargs
-
-
-def _model(device, dtype, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(device=device, dtype=dtype)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
 @pytest.mark.parametrize("optim_input", SGD_INPUTS, ids=[i.desc for i in SGD_INPUTS])
 def test_torch_sgd_inputs_fp32_match_torch_optim_sgd(backend, device, optim_input):
-    ours, theirs = _model(device, torch.float32), _model(device, torch.float32)
-    kwargs = _kwargs(optim_input, device)
+    ours, theirs = tiny_model(device, torch.float32), tiny_model(device, torch.float32)
+    kwargs = torch_input_kwargs(optim_input, device)
     opt = fused_opt.FusedMixedPrecisionSGD(ours.parameters(), loss_scale=None, backend=backend, **kwargs)
     ref = torch.optim.SGD(theirs.parameters(), **{k: (v.clone() if isinstance(v, torch.Tensor) else v)
                                                   for k, v in kwargs.items()})
@@ -60,8 +46,8 @@ def test_torch_sgd_inputs_fp32_match_torch_optim_sgd(backend, device, optim_inpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("optim_input", SGD_INPUTS, ids=[i.desc for i in SGD_INPUTS])
 def test_torch_sgd_inputs_low_precision_match_the_reference(backend, device, dtype, optim_input):
-    kwargs = _kwargs(optim_input, device)
-    model = _model(device, dtype)
+    kwargs = torch_input_kwargs(optim_input, device)
+    model = tiny_model(device, dtype)
     params = list(model.parameters())
     opt = fused_opt.FusedMixedPrecisionSGD(params, loss_scale=None, backend=backend, **kwargs)
     group = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in opt.param_groups[0].items() if k != "params"}
@@ -84,7 +70,7 @@ def test_torch_sgd_error_inputs(error):
     params = inp.params if inp.params is not None else [nn.Parameter(torch.randn(1, 1))]  # as torch's test
     expected = ValueError if error.error_type is UserWarning else error.error_type
     with pytest.raises(expected) as info:
-        fused_opt.FusedMixedPrecisionSGD(params, backend="torch", loss_scale=None, **_kwargs(inp, "cpu"))
+        fused_opt.FusedMixedPrecisionSGD(params, backend="torch", loss_scale=None, **torch_input_kwargs(inp, "cpu"))
     if error.error_type is not UserWarning and "momentum" not in str(error.error_regex) and "1-element" not in str(error.error_regex):
         assert re.search(error.error_regex, str(info.value))
 
@@ -117,7 +103,7 @@ def _saved(obj):
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
 @pytest.mark.parametrize("how", COPIES.keys())
 def test_a_copy_steps_exactly_like_the_original(backend, device, how):
-    model = _model(device, torch.float16)
+    model = tiny_model(device, torch.float16)
     opt = fused_opt.FusedMixedPrecisionSGD(model.parameters(), lr=0.05, momentum=0.9, max_grad_norm=0.5,
                                            init_scale=2.0**20, growth_interval=2, backend=backend)
     _train(model, opt, 3, seed=0)  # the scale backs off from 2^20 and grows again
@@ -134,7 +120,7 @@ def test_a_copy_steps_exactly_like_the_original(backend, device, how):
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
 def test_a_copy_mid_fp32_accumulation_continues_it(backend, device):
-    model = _model(device, torch.float16)
+    model = tiny_model(device, torch.float16)
     opt = fused_opt.FusedMixedPrecisionSGD(model.parameters(), lr=0.05, loss_scale=None,
                                            fp32_grad_accumulation=True, backend=backend)
     x = torch.randn(4, 5, device=device, dtype=torch.float16)
@@ -150,14 +136,14 @@ def test_a_copy_mid_fp32_accumulation_continues_it(backend, device):
 # -- named params, hooks, round trips -------------------------------------------------------------
 
 def test_named_parameters_and_state_dicts_load_across():
-    model = _model("cpu", torch.float16)
+    model = tiny_model("cpu", torch.float16)
     named = fused_opt.FusedMixedPrecisionSGD(model.named_parameters(), lr=0.1, momentum=0.9, loss_scale=None)
     assert named.param_groups[0]["param_names"] == [n for n, _ in model.named_parameters()]
     _train(model, named, 2, seed=0)
     unnamed = fused_opt.FusedMixedPrecisionSGD(model.parameters(), lr=0.1, momentum=0.9, loss_scale=None)
     unnamed.load_state_dict(named.state_dict())
     assert unnamed.param_groups[0]["param_names"] == named.param_groups[0]["param_names"]
-    other = fused_opt.FusedMixedPrecisionSGD(_model("cpu", torch.float16).named_parameters(), lr=0.1, loss_scale=None)
+    other = fused_opt.FusedMixedPrecisionSGD(tiny_model("cpu", torch.float16).named_parameters(), lr=0.1, loss_scale=None)
     sd = unnamed.state_dict()
     for group in sd["param_groups"]:
         group.pop("param_names")
@@ -201,7 +187,7 @@ def test_the_four_state_dict_hooks_see_and_transform_what_torchs_would():
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
 def test_state_dict_round_trip_is_the_identity(backend, device):
-    model = _model(device, torch.float16)
+    model = tiny_model(device, torch.float16)
     opt = fused_opt.FusedMixedPrecisionSGD(model.parameters(), lr=0.05, momentum=0.9, backend=backend)
     _train(model, opt, 2, seed=0)
     first = opt.state_dict()
@@ -240,7 +226,7 @@ def test_grad_scaler_attributes_of_shape_one(backend, device, found):
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
 @pytest.mark.parametrize("scheduler", ["OneCycleLR", "CyclicLR", "set by hand"])
 def test_tensor_momenta_match_torch_optim_sgd(backend, device, scheduler):
-    ours, theirs = _model(device, torch.float32), _model(device, torch.float32)
+    ours, theirs = tiny_model(device, torch.float32), tiny_model(device, torch.float32)
     opt = fused_opt.FusedMixedPrecisionSGD(ours.parameters(), lr=0.1, momentum=0.9, dampening=0.1,
                                            loss_scale=None, backend=backend)
     ref = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9, dampening=0.1)
@@ -289,7 +275,7 @@ def test_step_hooks_and_the_profiler_see_what_torchs_would(backend, device):
 
     def run(make):
         calls = []
-        model = _model(device, torch.float32)
+        model = tiny_model(device, torch.float32)
         opt = make(model.parameters())
         for p in model.parameters():
             p.grad = torch.ones_like(p)
@@ -334,7 +320,7 @@ def test_a_subclass_step_runs_its_hooks_once_as_torchs_would():
             def step(self, closure=None):
                 return super().step(closure)
         calls = []
-        model = _model("cpu", torch.float32)
+        model = tiny_model("cpu", torch.float32)
         kwargs = dict(loss_scale=None) if base is fused_opt.FusedMixedPrecisionSGD else {}
         opt = Sub(model.parameters(), lr=0.1, **kwargs)
         opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))

@@ -156,43 +156,34 @@ def finalize_kernel(partials_ptr, flags_ptr, num_chunks, scale_ptr, tracker_ptr,
 
 
 @triton.jit
-def _update_block(grad, master, buf, param, mask, inv_scale, coef, sign, weight_decay, momentum,
-                  one_minus_dampening, nesterov, lr, first, HAS_BUF, PARAM_DTYPE: tl.constexpr,
-                  REMAINDER: tl.constexpr, MASKED: tl.constexpr):
-    # grad, master, buf, param are this block's addresses (see _partials_block: hints, masks).
+def _master_of(master, param, mask, PARAM_DTYPE: tl.constexpr, REMAINDER: tl.constexpr, MASKED: tl.constexpr):
+    """The FP32 master of this block: loaded, or rebuilt from a BF16 param and its remainder
+    (master_weights="remainder", csrc/sgd_math.h BF16Remainder: w = p + r in the bits)."""
     other = 0.0 if MASKED else None
-    # u * c in this order, as the reference: unscale, then clip.
-    d = (tl.load(grad, mask=mask, other=other).to(tl.float32) * inv_scale) * coef * sign
-    if REMAINDER:  # master_weights="remainder" (csrc/sgd_math.h BF16Remainder): w = p + r in the bits
+    if REMAINDER:
         r_old = tl.load(master, mask=mask, other=0 if MASKED else None).to(tl.int32)
-        p_bits = tl.load(param, mask=mask, other=other).to(tl.uint16, bitcast=True).to(tl.uint32)
-        top = p_bits << 16
+        top = tl.load(param, mask=mask, other=other).to(tl.uint16, bitcast=True).to(tl.uint32) << 16
         w_bits = top + r_old.to(tl.uint32, bitcast=True)
         # an unseen edit (p.data.mul_(mask)): where p + r crosses the sign or makes a NaN of an
         # infinite p, the master is p itself (BF16Remainder::rebuild)
         crossed = ((w_bits ^ top) & 0x80000000) != 0
         made_nan = ((w_bits & 0x7FFFFFFF) > 0x7F800000) & ((top & 0x7FFFFFFF) <= 0x7F800000)
         w = tl.where(crossed | made_nan, top, w_bits).to(tl.float32, bitcast=True)
-    else:
+    else:  # (no early return: the compiler would still build what follows it)
         w = tl.load(master, mask=mask, other=other)
-    if PARAM_DTYPE != tl.float32 and not REMAINDER:
-        # A param edited outside the optimizer (p.data.clamp_ and the like, unseen by its
-        # version counter) no longer equals its master rounded: re-take the master from it,
-        # as torch.optim.SGD would keep the edit. Bits, not values (-0 vs +0, NaN); +2 B/param.
-        p_old = tl.load(param, mask=mask, other=other)
-        same = _round_to(w, PARAM_DTYPE).to(tl.uint16, bitcast=True) == p_old.to(tl.uint16, bitcast=True)
-        w = tl.where(same, w, p_old.to(tl.float32))
-    if weight_decay != 0:
-        d = d + weight_decay * w
-    if HAS_BUF:
-        b = tl.load(buf, mask=mask, other=other)
-        b = tl.where(first, d, b * momentum + one_minus_dampening * d)
-        tl.store(buf, b, mask=mask)
-        if nesterov:
-            d = d + momentum * b
-        else:
-            d = b
-    w = w - lr * d
+        if PARAM_DTYPE != tl.float32:
+            # A param edited outside the optimizer (p.data.clamp_ and the like, unseen by its
+            # version counter) no longer equals its master rounded: re-take the master from it,
+            # as torch.optim would keep the edit. Bits, not values (-0 vs +0, NaN); +2 B/param.
+            p_old = tl.load(param, mask=mask, other=other)
+            same = _round_to(w, PARAM_DTYPE).to(tl.uint16, bitcast=True) == p_old.to(tl.uint16, bitcast=True)
+            w = tl.where(same, w, p_old.to(tl.float32))
+    return w
+
+
+@triton.jit
+def _store_master(w, master, param, mask, PARAM_DTYPE: tl.constexpr, REMAINDER: tl.constexpr):
+    """The new master, and the param as it rounded to nearest even (or the param and its remainder)."""
     if REMAINDER:
         p_new = _round_to(w, tl.bfloat16)
         diff = (w.to(tl.uint32, bitcast=True) - (p_new.to(tl.uint16, bitcast=True).to(tl.uint32) << 16))
@@ -203,6 +194,28 @@ def _update_block(grad, master, buf, param, mask, inv_scale, coef, sign, weight_
         tl.store(master, w, mask=mask)
         if PARAM_DTYPE != tl.float32:
             tl.store(param, _round_to(w, PARAM_DTYPE), mask=mask)
+
+
+@triton.jit
+def _update_block(grad, master, buf, param, mask, inv_scale, coef, sign, weight_decay, momentum,
+                  one_minus_dampening, nesterov, lr, first, HAS_BUF, PARAM_DTYPE: tl.constexpr,
+                  REMAINDER: tl.constexpr, MASKED: tl.constexpr):
+    # grad, master, buf, param are this block's addresses (see _partials_block: hints, masks).
+    other = 0.0 if MASKED else None
+    # u * c in this order, as the reference: unscale, then clip.
+    d = (tl.load(grad, mask=mask, other=other).to(tl.float32) * inv_scale) * coef * sign
+    w = _master_of(master, param, mask, PARAM_DTYPE, REMAINDER, MASKED)
+    if weight_decay != 0:
+        d = d + weight_decay * w
+    if HAS_BUF:
+        b = tl.load(buf, mask=mask, other=other)
+        b = tl.where(first, d, b * momentum + one_minus_dampening * d)
+        tl.store(buf, b, mask=mask)
+        if nesterov:
+            d = d + momentum * b
+        else:
+            d = b
+    _store_master(w - lr * d, master, param, mask, PARAM_DTYPE, REMAINDER)
 
 
 @triton.jit
@@ -260,41 +273,6 @@ def update_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr, applied_steps_
         idx = full_end + tl.arange(0, BLOCK)
         _update_block(grad + idx, master + idx, buf + idx, param + idx, idx < end, inv_scale, coef, sign,
                       weight_decay, momentum, one_minus_dampening, nesterov, lr, first, has_buf, PARAM_DTYPE, REMAINDER, True)
-
-
-@triton.jit
-def _master_of(master, param, mask, PARAM_DTYPE: tl.constexpr, REMAINDER: tl.constexpr, MASKED: tl.constexpr):
-    """The FP32 master of this block: loaded, re-taken from an edited param, or rebuilt from a
-    BF16 param and its remainder (as _update_block does for SGD)."""
-    other = 0.0 if MASKED else None
-    if REMAINDER:
-        r_old = tl.load(master, mask=mask, other=0 if MASKED else None).to(tl.int32)
-        top = tl.load(param, mask=mask, other=other).to(tl.uint16, bitcast=True).to(tl.uint32) << 16
-        w_bits = top + r_old.to(tl.uint32, bitcast=True)
-        crossed = ((w_bits ^ top) & 0x80000000) != 0
-        made_nan = ((w_bits & 0x7FFFFFFF) > 0x7F800000) & ((top & 0x7FFFFFFF) <= 0x7F800000)
-        w = tl.where(crossed | made_nan, top, w_bits).to(tl.float32, bitcast=True)
-    else:  # (no early return: the compiler would still build what follows it)
-        w = tl.load(master, mask=mask, other=other)
-        if PARAM_DTYPE != tl.float32:
-            p_old = tl.load(param, mask=mask, other=other)
-            same = _round_to(w, PARAM_DTYPE).to(tl.uint16, bitcast=True) == p_old.to(tl.uint16, bitcast=True)
-            w = tl.where(same, w, p_old.to(tl.float32))
-    return w
-
-
-@triton.jit
-def _store_master(w, master, param, mask, PARAM_DTYPE: tl.constexpr, REMAINDER: tl.constexpr):
-    if REMAINDER:
-        p_new = _round_to(w, tl.bfloat16)
-        diff = (w.to(tl.uint32, bitcast=True) - (p_new.to(tl.uint16, bitcast=True).to(tl.uint32) << 16))
-        r_new = tl.minimum(tl.maximum(diff.to(tl.int32, bitcast=True), -32768), 32767)
-        tl.store(master, r_new.to(tl.int16), mask=mask)
-        tl.store(param, p_new, mask=mask)
-    else:
-        tl.store(master, w, mask=mask)
-        if PARAM_DTYPE != tl.float32:
-            tl.store(param, _round_to(w, PARAM_DTYPE), mask=mask)
 
 
 @triton.jit
