@@ -272,3 +272,25 @@ def test_grad_scaler_drives_it_as_torch_optim_adamw(backend, device):
     assert our_scale == their_scale
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", CPU_BACKEND_DEVICES, ids=CPU_BACKEND_DEVICE_IDS)
+def test_a_tensor_lr_under_a_scheduler_matches_torch_optim_adamw(backend, device):
+    """A tensor lr is read on the device each step; the scheduler changes it in place."""
+    ours, theirs = tiny_model(device, torch.float32), tiny_model(device, torch.float32)
+    opt = fused_opt.FusedMixedPrecisionAdamW(ours.parameters(), lr=torch.tensor(0.02), loss_scale=None,
+                                             backend=backend)
+    ref = torch.optim.AdamW(theirs.parameters(), lr=torch.tensor(0.02), foreach=False)
+    schedulers = [torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.7) for o in (opt, ref)]
+    x = torch.randn(4, 5)
+    for _ in range(5):
+        for model, o in ((ours, opt), (theirs, ref)):
+            o.zero_grad()
+            model(x).square().sum().backward()
+            o.step()
+        for s in schedulers:
+            s.step()
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.02 * 0.7**5)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -35,17 +35,20 @@ def train(model, opt, xs, ys):
         opt.step()
 
 
-def make_opt(params, backend, **kw):
+def make_opt(params, backend, optimizer="sgd", **kw):
     # max_grad_norm small enough that clipping is active on every step
+    if optimizer == "adamw":
+        return fused_opt.FusedMixedPrecisionAdamW(params, lr=1e-2, max_grad_norm=0.3, init_scale=2.0**8,
+                                                  loss_scale="dynamic", backend=backend, **kw)
     return fused_opt.FusedMixedPrecisionSGD(params, lr=0.1, momentum=0.9, max_grad_norm=0.3, init_scale=2.0**8,
                                             loss_scale="dynamic", backend=backend, **kw)
 
 
-def worker(rank, world, init_method, backend, out):
+def worker(rank, world, init_method, backend, out, optimizer="sgd"):
     init_group(init_method, rank, world, "gloo")
     try:
         ddp = torch.nn.parallel.DistributedDataParallel(make_model())
-        opt = make_opt(ddp.parameters(), backend)
+        opt = make_opt(ddp.parameters(), backend, optimizer)
         xs, ys = data()
         half = 16 // world
         train(ddp, opt, xs[:, rank * half:(rank + 1) * half], ys[:, rank * half:(rank + 1) * half])
@@ -118,13 +121,13 @@ def init_group(address: str, rank: int, world: int, backend: str = "gloo", timeo
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_ddp_two_processes_equal_one_process(backend, tmp_path):
+@pytest.mark.parametrize("backend,optimizer", [(b, "sgd") for b in CPU_BACKENDS] + [("native", "adamw")])
+def test_ddp_two_processes_equal_one_process(backend, optimizer, tmp_path):
     out = str(tmp_path / "params.pt")
-    run_ranks(worker, (2, rendezvous(tmp_path), backend, out), 2, out)
+    run_ranks(worker, (2, rendezvous(tmp_path), backend, out, optimizer), 2, out)
     ddp_params = torch.load(out)
     model = make_model()
-    train(model, make_opt(model.parameters(), backend), *data())
+    train(model, make_opt(model.parameters(), backend, optimizer), *data())
     for a, b in zip(ddp_params, model.parameters()):
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
 
