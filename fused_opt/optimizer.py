@@ -372,8 +372,8 @@ class FusedMixedPrecisionOptimizer(torch.optim.Optimizer):
             entry = self.state[p]
             entry.pop("master_param", None)
             entry.pop("master_remainder", None)
-            if self.RULE is SGD and "momentum_buffer" not in entry:
-                entry.pop("momentum_first_step", None)
+            if not any(key in entry for key in self.RULE.all_buffers):  # a count without its buffers
+                entry.pop(self.RULE.count_key, None)
             if not entry:
                 del self.state[p]
 

@@ -90,10 +90,9 @@ class SGD:
     code = SGD_CODE
     defaults = dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False)
     keys = tuple(defaults)
+    tensor_keys = ("lr", "momentum")  # may be 0-dim tensors, read on the device
     all_buffers = ("momentum_buffer",)
     count_key = "momentum_first_step"
-    # Bytes a step moves per element beyond the grad, master and param: the momentum buffer.
-    state_bytes = 8
 
     @staticmethod
     def check_group(group: dict, index: int) -> None:
@@ -112,8 +111,6 @@ class SGD:
         no_momentum = not isinstance(momentum, torch.Tensor) and momentum <= 0
         if group["nesterov"] and (no_momentum or group["dampening"] != 0):
             raise ValueError(f"{where}: nesterov momentum requires momentum > 0 and dampening = 0")
-
-    tensor_keys = ("lr", "momentum")
 
     @staticmethod
     def check_tensor_values(group: dict, index: int) -> None:
@@ -176,6 +173,10 @@ class SGD:
         return entry
 
     @staticmethod
+    def check_loaded(entry: dict, where: str) -> None:
+        """A loaded entry's rule-specific parts (the buffer is checked as every state tensor)."""
+
+    @staticmethod
     def loaded_count(entry: dict, p: torch.Tensor):
         """The count for a loaded buffer: applied before (-1)."""
         if entry.get("momentum_buffer") is None:
@@ -213,9 +214,9 @@ class AdamW:
     code = ADAMW_CODE
     defaults = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False)
     keys = tuple(defaults)
+    tensor_keys = ("lr",)
     all_buffers = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     count_key = "step"
-    state_bytes = 16  # exp_avg and exp_avg_sq, read and written
 
     @staticmethod
     def check_group(group: dict, index: int) -> None:
@@ -236,8 +237,6 @@ class AdamW:
                 raise ValueError(f"{where}: {name} must be a number, not a tensor")
             if not (value >= 0.0 and math.isfinite(value)):
                 raise ValueError(f"{where}: Invalid {name} value: {group[name]!r} (must be finite and >= 0)")
-
-    tensor_keys = ("lr",)
 
     @staticmethod
     def check_tensor_values(group: dict, index: int) -> None:
@@ -298,17 +297,10 @@ class AdamW:
         return entry
 
     @staticmethod
-    def loaded_count(entry: dict, p: torch.Tensor):
-        step = entry.get("step")
-        if step is None:
-            return None
-        value = float(torch.as_tensor(step).reshape(()))
-        return torch.tensor(value, dtype=torch.float32, device=p.device)
-
-
-def check_loaded_count(rule, entry: dict, where: str) -> None:
-    """A loaded AdamW "step": a non-negative whole number, as torch counts."""
-    if rule is AdamW and "step" in entry:
+    def check_loaded(entry: dict, where: str) -> None:
+        """A loaded "step": a non-negative whole number, as torch counts, beside its moments."""
+        if "step" not in entry:
+            return
         step = torch.as_tensor(entry["step"])
         if step.numel() != 1 or step.is_complex():
             raise ValueError(f"{where}['step'] must be a number, got {entry['step']!r}")
@@ -317,3 +309,12 @@ def check_loaded_count(rule, entry: dict, where: str) -> None:
             raise ValueError(f"{where}['step'] must be a whole number of steps in [0, 2**24), got {value}")
         if entry.get("exp_avg") is None or entry.get("exp_avg_sq") is None:
             raise ValueError(f"{where} has a 'step' but lacks 'exp_avg' or 'exp_avg_sq'")
+
+    @staticmethod
+    def loaded_count(entry: dict, p: torch.Tensor):
+        step = entry.get("step")
+        if step is None:
+            return None
+        value = float(torch.as_tensor(step).reshape(()))
+        return torch.tensor(value, dtype=torch.float32, device=p.device)
+

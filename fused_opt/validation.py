@@ -11,7 +11,6 @@ import torch
 
 from .distributed import local
 from .loss_scaler import MIN_SCALE
-from .update_rules import check_loaded_count
 
 NORM_TYPES = (2.0, math.inf)
 
@@ -141,7 +140,7 @@ def validated_state_dict(opt, state_dict, params: list, key: str):
         for name in ("master_param", *opt.RULE.all_buffers):
             if entry.get(name) is not None or (name == "master_param" and name in entry):
                 _check_state_tensor(entry[name], p, f"loaded state[{saved_id!r}][{name!r}]")
-        check_loaded_count(opt.RULE, entry, f"loaded state[{saved_id!r}]")
+        opt.RULE.check_loaded(entry, f"loaded state[{saved_id!r}]")
         entries[k] = entry
     extra = state_dict.get(key, next((e for e in extras if e is not None), None))  # 0.1 kept it at the top
     if extra is not None:
