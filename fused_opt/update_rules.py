@@ -237,6 +237,12 @@ class AdamW:
                 raise ValueError(f"{where}: {name} must be a number, not a tensor")
             if not (value >= 0.0 and math.isfinite(value)):
                 raise ValueError(f"{where}: Invalid {name} value: {group[name]!r} (must be finite and >= 0)")
+        # torch.optim.Adam's groups say decoupled_weight_decay=False (L2 added to the grad): loaded
+        # here they would be stepped as AdamW, a different optimizer, without a word.
+        if group.get("decoupled_weight_decay", True) is False and group["weight_decay"] != 0:
+            raise ValueError(f"{where}: decoupled_weight_decay=False with weight_decay={group['weight_decay']} is "
+                             "torch.optim.Adam's update (L2 weight decay); FusedMixedPrecisionAdamW steps AdamW "
+                             "(decoupled weight decay). Set the group's weight_decay to 0 or drop the key.")
 
     @staticmethod
     def check_tensor_values(group: dict, index: int) -> None:

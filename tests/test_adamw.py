@@ -294,3 +294,21 @@ def test_a_tensor_lr_under_a_scheduler_matches_torch_optim_adamw(backend, device
     assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.02 * 0.7**5)
     for a, b in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_an_adam_state_dict_with_l2_weight_decay_is_refused_not_stepped_as_adamw():
+    """torch.optim.Adam's groups carry decoupled_weight_decay=False: loading one would silently
+    change the optimizer's math, so it raises, before anything is loaded."""
+    ours_model, their_model = tiny_model("cpu", torch.float32), tiny_model("cpu", torch.float32)
+    adam = torch.optim.Adam(their_model.parameters(), lr=1e-2, weight_decay=0.1)
+    their_model(torch.randn(2, 5)).sum().backward()
+    adam.step()
+    opt = fused_opt.FusedMixedPrecisionAdamW(ours_model.parameters(), loss_scale=None)
+    with pytest.raises(ValueError, match="decoupled_weight_decay=False"):
+        opt.load_state_dict(adam.state_dict())
+    assert not opt.state and opt.param_groups[0]["weight_decay"] == 1e-2
+    # without weight decay Adam and AdamW are the same update: that loads
+    plain = torch.optim.Adam(their_model.parameters(), lr=1e-2)
+    plain.step()
+    opt.load_state_dict(plain.state_dict())
+    assert float(opt.state[next(ours_model.parameters())]["step"]) == 1
