@@ -24,8 +24,12 @@ import torch
 SGD_CODE, ADAMW_CODE = 0, 1
 
 
-def _number(value) -> float | None:
-    return None if isinstance(value, torch.Tensor) else float(value)
+def _number(group: dict, name: str, where: str) -> float:
+    """A hyperparameter that must be a plain number (read on the host)."""
+    value = group[name]
+    if isinstance(value, torch.Tensor):
+        raise ValueError(f"{where}: {name} must be a number, not a tensor")
+    return float(value)
 
 
 def _check_scalar_tensor(value, where: str, name: str) -> None:
@@ -103,9 +107,7 @@ class SGD:
             _check_scalar_tensor(momentum, where, "momentum")
         names = ("weight_decay", "dampening") if isinstance(momentum, torch.Tensor) else ("momentum", "weight_decay", "dampening")
         for name in names:
-            value = _number(group[name])
-            if value is None:
-                raise ValueError(f"{where}: {name} must be a number, not a tensor")
+            value = _number(group, name, where)
             if not value >= 0.0:
                 raise ValueError(f"{where}: invalid {name} {value!r} (must be >= 0)")
         no_momentum = not isinstance(momentum, torch.Tensor) and momentum <= 0
@@ -232,9 +234,7 @@ class AdamW:
             if isinstance(beta, (bool, str)) or not 0.0 <= float(beta) < 1.0:
                 raise ValueError(f"{where}: Invalid beta parameter at index {k}: {beta!r} (must be in [0, 1))")
         for name in ("eps", "weight_decay"):
-            value = _number(group[name])
-            if value is None:
-                raise ValueError(f"{where}: {name} must be a number, not a tensor")
+            value = _number(group, name, where)
             if not (value >= 0.0 and math.isfinite(value)):
                 raise ValueError(f"{where}: Invalid {name} value: {group[name]!r} (must be finite and >= 0)")
         # torch.optim.Adam's groups say decoupled_weight_decay=False (L2 added to the grad): loaded

@@ -42,8 +42,6 @@ def _tl_dtype(dtype: torch.dtype):
 
 
 def step(batch: StepBatch) -> None:
-    import triton
-
     from . import triton_kernels as k
     plan = plan_for(batch, CHUNK_SIZE)
     chunk = plan.chunk_size
@@ -74,7 +72,7 @@ def step(batch: StepBatch) -> None:
                       REMAINDER=pair.remainder, ALIGNED=pair.aligned, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS)
         if adamw:
             k.adamw_kernel[(pair.num_chunks,)](pair.chunks, pair.table, plan.group_table, plan.scalars, **dtypes)
-            k.advance_kernel[(triton.cdiv(pair.num_chunks, ADVANCE_BLOCK),)](
+            k.advance_kernel[(-(-pair.num_chunks // ADVANCE_BLOCK),)](
                 pair.chunks, pair.table, plan.scalars, pair.num_chunks, BLOCK=ADVANCE_BLOCK)
         else:
             k.update_kernel[(pair.num_chunks,)](pair.chunks, pair.table, plan.group_table, plan.scalars,
