@@ -5,15 +5,16 @@
 #include <type_traits>
 
 #include "adamw_math.h"
+#include "ema_math.h"
 
 namespace fused_opt {
 
 // One row of the host's tensor table (multi_tensor.py, int64 columns): raw addresses. The
 // update rule's state buffers are buf, buf2, buf3 (SGD: the momentum buffer; AdamW: exp_avg,
 // exp_avg_sq, max_exp_avg_sq) and its per-param count is `count` (SGD: the buffer's
-// first-step flag; AdamW: the param's step); 0 where absent.
+// first-step flag; AdamW: the param's step); `ema` the param's model EMA; 0 where absent.
 struct TensorEntry {
-  int64_t grad, master, buf, param, numel, group, count, buf2, buf3;
+  int64_t grad, master, buf, param, numel, group, count, buf2, buf3, ema;
 };
 
 // A chunk: (tensor row, first element). Elements [start, min(start + chunk, numel)).
@@ -151,6 +152,35 @@ FUSED_HD void dispatch_adamw_tensor(const TensorEntry& t, Fn&& fn) {
   }
 }
 
+// The EMA over elements of one chunk, after the update of the same elements: it reads back the
+// master just written (from cache: this thread streamed it a moment ago), or rebuilds it from a
+// BF16 param and its remainder. A pass of its own keeps the update loops (vectorized, one per
+// rule and layout) free of an EMA variant each.
+template <class P, class E>
+FUSED_HD void ema_range(const TensorEntry& t, float a, int64_t begin, int64_t end, int64_t stride) {
+  auto* e = reinterpret_cast<typename E::storage*>(t.ema);
+  for (int64_t i = begin; i < end; i += stride) {
+    float w;
+    if constexpr (P::kRemainder) {
+      w = BF16Remainder::rebuild(reinterpret_cast<const uint16_t*>(t.param)[i],
+                                 reinterpret_cast<const int16_t*>(t.master)[i]);
+    } else {
+      w = reinterpret_cast<const float*>(t.master)[i];  // an FP32 param is its own master
+    }
+    e[i] = ema_element<E>(e[i], w, a);
+  }
+}
+
+template <class P>
+FUSED_HD void ema_chunk(const TensorEntry& t, bool bf16, float a, int64_t begin, int64_t end, int64_t stride) {
+  if (t.ema == 0) return;
+  if (bf16) {
+    ema_range<P, BF16>(t, a, begin, end, stride);
+  } else {
+    ema_range<P, F32>(t, a, begin, end, stride);
+  }
+}
+
 // After an applied AdamW update: the param's step += 1, once per tensor (by the caller of
 // its first chunk, start 0: every tensor has one, an empty tensor an empty one).
 FUSED_HD void advance_count(const TensorEntry& t, const Chunk& c) {
@@ -209,6 +239,8 @@ FUSED_HD void finalize(const FinalizeArgs& a, float total, bool found_inf) {
   *a.grad_norm = norm;
   *a.found_inf_out = found_inf;
   if (!found_inf) *a.applied_steps += 1;
+  a.scalars->ema_weight = ema_weight(a.scalars->ema_one_minus_decay, a.scalars->ema_decay, a.scalars->ema_inv_tau,
+                                     *a.applied_steps);
   *a.consecutive_skips = found_inf ? *a.consecutive_skips + 1 : 0;
   if (a.dynamic) update_scale(a, scale, found_inf);
 }

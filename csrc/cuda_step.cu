@@ -99,6 +99,16 @@ __device__ void update_chunk(const TensorEntry& t, const StepCoefs& coefs, float
   update_range<G, P, HasBuf, HasParam, Nesterov>(t, coefs, inv_scale, vec_end + threadIdx.x, end, kThreads);
 }
 
+// The EMA of a chunk after its update (chunks.h ema_chunk). The barrier makes the block's
+// writes of the masters visible to every thread of it, whichever thread wrote them.
+template <class P>
+__device__ void ema_block(const UpdateArgs& a, const StepScalars& s, const TensorEntry& t, const Chunk& c) {
+  if (t.ema == 0) return;  // uniform over the block
+  __syncthreads();
+  ema_chunk<P>(t, a.ema_dtype == kBFloat16, s.ema_weight, c.start + threadIdx.x, chunk_end(t, c, a.chunk_size),
+               kThreads);
+}
+
 template <class G>
 __global__ void __launch_bounds__(kThreads) partials_kernel(PartialsArgs a) {
   __shared__ float acc[kThreads];
@@ -151,6 +161,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(UpdateArgs a) {
     update_chunk<G, P, decltype(has_buf)::value, decltype(has_param)::value, decltype(nesterov)::value>(
         t, k, s.inv_scale, c.start, chunk_end(t, c, a.chunk_size));
   });
+  ema_block<P>(a, s, t, c);
 }
 
 // AdamW: the param's step is read by every block of the tensor (its t and bias corrections
@@ -206,6 +217,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(UpdateArgs a) {
     adamw_chunk<G, P, decltype(has_param)::value, decltype(amsgrad)::value>(t, k, s.inv_scale, c.start,
                                                                             chunk_end(t, c, a.chunk_size));
   });
+  ema_block<P>(a, s, t, c);
 }
 
 // One thread per chunk: the first chunk of each tensor advances its step (after the pass).

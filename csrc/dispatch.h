@@ -30,7 +30,7 @@ struct PartialsArgs {
 };
 struct UpdateArgs {
   int64_t chunks, num_chunks, table, groups, scalars, applied_steps, chunk_size;
-  int grad_dtype, param_dtype, rule;
+  int grad_dtype, param_dtype, rule, ema_dtype;  // ema_dtype: kFloat32 or kBFloat16 (rows without an EMA: any)
 };
 // Calls fn(G{}, P{}) for the update's (grad, param) storage types: a grad in its param's dtype
 // (torch's .grad), or an FP32 grad for any param (fp32_grad_accumulation's sums).

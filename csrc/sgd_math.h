@@ -125,9 +125,10 @@ struct SGDHyper {
   float lr, momentum, one_minus_dampening, weight_decay, nesterov, maximize, pad0, pad1;
 };
 
-// Per-step scalars, written by finalize and read by the update.
+// Per-step scalars, written by finalize and read by the update (multi_tensor.py: INV_SCALE..),
+// then the EMA's settings finalize reads to write ema_weight (ema.ModelEMA.scalars).
 struct StepScalars {
-  float inv_scale, clip_coef, found_inf, pad;
+  float inv_scale, clip_coef, found_inf, ema_weight, ema_one_minus_decay, ema_decay, ema_inv_tau, pad;
 };
 
 // Step 1: u = float32(g) * (1/S).

@@ -26,6 +26,9 @@ EXTRAS = ("_guarded", "_flat_mode", "_accumulated")
 
 
 def getstate(opt) -> dict:
+    if opt.__dict__.get("_ema_swapped"):
+        raise RuntimeError("copying an optimizer inside swap_ema(): its params hold the EMA; copy it after the "
+                           "`with` block")
     state = {k: v for k, v in opt.__dict__.items() if k not in REBUILT}
     state["state"] = opt.state
     state["_guarded"] = opt._guard is not None
@@ -39,7 +42,8 @@ def getstate(opt) -> dict:
 def rebuild(opt, guarded: bool = False, flat_mode: bool = False, accumulated: dict | None = None) -> None:
     """Everything REBUILT names, for a copy whose travelling state is set."""
     opt._epoch = opt._state._epoch
-    for name, default in (("_clip_request", None), ("_auto_scale", False), ("_check_scaled_grads", True)):
+    for name, default in (("_clip_request", None), ("_auto_scale", False), ("_check_scaled_grads", True),
+                          ("_ema", None), ("_ema_swapped", False)):
         opt.__dict__.setdefault(name, default)  # copies made before these existed
     if "_masters" not in opt.__dict__:
         opt._masters = master_format("remainder" if opt.__dict__.pop("_remainders", False) else "fp32")

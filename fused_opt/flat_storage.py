@@ -6,7 +6,7 @@ autograd accumulates into it in place and `opt.zero_grad()` zeroes each buffer i
 no grad address ever changes and the step needs no pass over the grads (DDP's
 `gradient_as_bucket_view` and Megatron's grad buffer work this way). `state[p]` entries are
 views into flat FP32 master and state buffers (one per buffer the update rule keeps: the
-momentum buffer, or Adam's moments; and one buffer of the per-param counts), so the kernels
+momentum buffer, or Adam's moments; one of the per-param counts; one of the EMAs), so the kernels
 stream them in order.
 
 What the fast step must still notice costs O(number of flat buffers), but for one read per
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import ema
 from .backends import StepBatch
 from .distributed import is_dtensor
 from .grad_accumulation import set_grad
@@ -106,6 +107,8 @@ class FlatStorage:
             columns.append(views)
         self.buffer_views = [tuple(column[i] for column in columns if column[i] is not None)
                              for i in range(len(params))]
+        # With ema_decay: the EMAs in one flat buffer of their own (FP32 or BF16).
+        self.emas, self.ema_views = self._flat_copies(params, layout.emas) if layout.emas else (None, None)
         counts = [c for c in layout.counts if c is not None]
         self.counts = torch.zeros(max(len(params), 1), dtype=counts[0].dtype if counts else torch.int32, device=device)
         self.count_views = [None if c is None else self.counts[k].copy_(c) for k, c in enumerate(layout.counts)]
@@ -156,7 +159,10 @@ class FlatStorage:
             entry.update(zip(keys, bufs))
             if count is not None:
                 entry[self.count_key] = count
-        buffers = [*self.grad_buffers.values(), self.masters, *self.state_buffers, self.counts]
+        if self.ema_views is not None:
+            for p, view in zip(owners, self.ema_views):
+                state[p][ema.KEY] = view
+        buffers = [*self.grad_buffers.values(), self.masters, *self.state_buffers, self.counts, self.emas]
         self.storages = [b.untyped_storage() for b in buffers if b is not None]
         self.use_counts = [_storage_use_count(s) for s in self.storages]
         self.data_ptrs = list(map(_STORAGE_PTR, self.storages))
@@ -199,6 +205,7 @@ class FlatLayout:
     buffers: list
     counts: list
     group_index: list
+    emas: list | None = None
 
 
 class FlatGrads:
@@ -272,7 +279,7 @@ class FlatGrads:
                 g["params"] = ParamList(epoch, g["params"])
         masters = [p if m is None else m for p, m in zip(layout.params, storage.master_views)]
         self.layout = FlatLayout(layout_id, layout.params, storage.grad_views, masters, storage.buffer_views,
-                                 storage.count_views, layout.group_index)
+                                 storage.count_views, layout.group_index, storage.ema_views)
         self.storage, self.ran = storage, 0
         self.lists = [g["params"] for g in groups]
         self.left_out = left_out
@@ -298,7 +305,7 @@ class FlatGrads:
                          applied_steps=opt._applied_steps, grad_norm=opt.last_grad_norm,
                          found_inf=opt.last_step_skipped, cache=opt._backend_cache, layout_id=layout.layout_id,
                          flat_grads=self.storage.grad_buffers, consecutive_skips=opt.consecutive_skips,
-                         rule=opt.RULE)
+                         rule=opt.RULE, emas=layout.emas, ema=opt._ema)
 
     def after_step(self, opt, plan, batch, hypers) -> None:
         if self.versions is not None and getattr(opt._backend, "WRITES_BUMP_VERSIONS", False):

@@ -37,6 +37,11 @@ class FP32Masters:
     def make(self, p: torch.Tensor) -> torch.Tensor:
         return p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
 
+    def current_master(self, state: dict, p: torch.Tensor) -> torch.Tensor:
+        """The FP32 values the next step would start from (where a master exists)."""
+        master = self.cached(state, p)
+        return master if master is not None else p.detach().float()
+
     def before_step(self, opt, owners) -> None:
         pass
 
@@ -90,6 +95,10 @@ class RemainderMasters:
     def make(self, p: torch.Tensor) -> torch.Tensor:
         self.after_step([p])
         return torch.zeros_like(p, dtype=torch.int16)  # 0: the master is the param itself
+
+    def current_master(self, state: dict, p: torch.Tensor) -> torch.Tensor:
+        stored = state.get(self.key)
+        return remainder.rebuild(p.detach(), stored) if usable_remainder(stored, p) else p.detach().float()
 
     def before_step(self, opt, owners) -> None:
         """Restarts the remainder of every param written since its mark (the master is then

@@ -79,9 +79,9 @@ def usable_remainder(remainder, p: torch.Tensor) -> bool:
                                                                         or p.numel() <= 1))
 
 
-def conform_buffer(buf, p: torch.Tensor, master, name: str, key: str):
-    """A state buffer (state[p][key]: a momentum buffer, Adam's moments) as the kernels need
-    it: FP32, p's shape and device, laid out like the master (elementwise by memory order).
+def conform_buffer(buf, p: torch.Tensor, master, name: str, key: str, dtype=torch.float32):
+    """A state buffer (state[p][key]: a momentum buffer, Adam's moments, the EMA) as the kernels
+    need it: `dtype`, p's shape and device, laid out like the master (elementwise by memory order).
     A buffer of another shape cannot be meant for this param (e.g. `p.data` replaced by a
     smaller tensor after steps): that raises."""
     if buf is None:
@@ -94,9 +94,9 @@ def conform_buffer(buf, p: torch.Tensor, master, name: str, key: str):
                          f"param has shape {tuple(p.shape)} on {p.device} (was the param replaced after the "
                          "optimizer stepped? clear its state: del opt.state[p])")
     if is_dtensor(p):
-        return buf if buf.dtype == torch.float32 else buf.to(torch.float32)
+        return buf if buf.dtype == dtype else buf.to(dtype)
     like = master if master is not None else p
-    strides = torch.empty_like(like, dtype=torch.float32, device="meta").stride()
-    if buf.dtype == torch.float32 and _dense(buf) and (buf.stride() == strides or buf.numel() <= 1):
+    strides = torch.empty_like(like, dtype=dtype, device="meta").stride()
+    if buf.dtype == dtype and _dense(buf) and (buf.stride() == strides or buf.numel() <= 1):
         return buf
-    return torch.empty_like(like, dtype=torch.float32).copy_(buf)
+    return torch.empty_like(like, dtype=dtype).copy_(buf)

@@ -8,11 +8,12 @@ backend. It never reads a device value on the host, so a step can be captured in
 from __future__ import annotations
 
 import inspect
+from contextlib import AbstractContextManager
 
 import torch
 import torch.optim.optimizer as torch_optimizer
 
-from . import backends, clipping, copies, drop_in
+from . import backends, clipping, copies, drop_in, ema
 from . import state_dict as packing
 from .backends import StepBatch
 from .distributed import shard_reduction
@@ -46,9 +47,12 @@ class FusedMixedPrecisionOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults: dict, *, max_grad_norm=None, norm_type=2.0,
                  loss_scale="auto", init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5,
                  growth_interval=2000, hysteresis=1, hysteresis_mode="megatron", min_scale=None, max_scale=None,
-                 master_weights="fp32",
+                 master_weights="fp32", ema_decay=None, ema_dtype=torch.float32, ema_warmup=None,
                  fp32_grad_accumulation=False, flat_grads=False, backend="auto", check_scaled_grads=True):
         check_global(max_grad_norm, norm_type)
+        # A model EMA of the masters, updated inside the step (ema.py); None without ema_decay.
+        self._ema = None if ema_decay is None else ema.ModelEMA(ema_decay, ema_dtype, ema_warmup)
+        self._ema_swapped = False
         # How masters are kept: FP32 copies, or BF16 params' int16 remainders (master_format.py).
         self._masters = master_format(master_weights)
         check_scaler_args("dynamic" if loss_scale == "auto" else loss_scale, init_scale, growth_factor,
@@ -142,6 +146,21 @@ class FusedMixedPrecisionOptimizer(torch.optim.Optimizer):
         if "_scaler" in self.__dict__:  # a copy, not torch.optim.Optimizer.load_state_dict's __setstate__
             copies.rebuild(self, **extras)
 
+    def ema_params(self) -> list[torch.Tensor]:
+        """The EMA of every param (ema_decay=...), in param order (the order of
+        state_dict's numbering): the tensors the step updates, FP32 or ema_dtype."""
+        if self._ema is None:
+            raise RuntimeError(f"{type(self).__name__}.ema_params(): the optimizer keeps no EMA "
+                               "(build it with ema_decay=...)")
+        with torch.no_grad():
+            return [ema.ema_of(self, p) for p in self._flat_params()]
+
+    def swap_ema(self) -> AbstractContextManager:
+        """`with opt.swap_ema(): evaluate(model)`: inside, every param holds its EMA (rounded to
+        its dtype); on exit each gets its own value back, bit for bit. The model's buffers
+        (BatchNorm statistics) are left as they are. step() inside raises."""
+        return ema.swap(self)
+
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """loss * the current loss scale (a tensor op, no sync). The flag it sets lives on the
         scaler object, which wrappers (LightningOptimizer, AcceleratedOptimizer) share."""
@@ -206,6 +225,8 @@ class FusedMixedPrecisionOptimizer(torch.optim.Optimizer):
                              f"{'with' if names else 'without'} names to the optimizer")
         check_params(params, index)
         self._masters.check_params(params, index)
+        if getattr(self, "_ema_swapped", False):
+            raise RuntimeError("add_param_group inside swap_ema(): leave the swap first")
         self.RULE.check_group({**self.defaults, **group}, index)
         self.RULE.check_tensor_values({**self.defaults, **group}, index)
         if getattr(self, "_accumulator", None) is not None:
@@ -215,6 +236,10 @@ class FusedMixedPrecisionOptimizer(torch.optim.Optimizer):
         self._hypers.checked(self.param_groups[index], index)
         if getattr(self, "_accumulator", None) is not None:
             self._accumulator.add(params)
+        if getattr(self, "_ema", None) is not None:  # the EMA starts as the weights are now
+            with torch.no_grad():
+                for p in params:
+                    ema.ema_of(self, p)
 
     def step(self, *args, **kwargs):  # step(closure=None), as its __signature__ says
         # torch.optim.Optimizer would wrap this in profile_hook_step: a record_function (two
@@ -265,6 +290,9 @@ class FusedMixedPrecisionOptimizer(torch.optim.Optimizer):
         """One path for every mode: the storage says what this step touches, the optimizer
         checks the drop-in rules, the backend runs unscale, inf check, norm and clip, update
         and write-back, and the storage takes note of what was written."""
+        if self._ema_swapped:
+            raise RuntimeError("step() inside swap_ema(): the params hold the EMA, not the weights being trained; "
+                               "step after the `with` block")
         hypers = self._hypers.of(self.param_groups)
         storage = self._storage(hypers)
         plan = storage.prepare(self, hypers)
@@ -372,6 +400,7 @@ class FusedMixedPrecisionOptimizer(torch.optim.Optimizer):
             entry = self.state[p]
             entry.pop("master_param", None)
             entry.pop("master_remainder", None)
+            entry.pop(ema.KEY, None)
             if not any(key in entry for key in self.RULE.all_buffers):  # a count without its buffers
                 entry.pop(self.RULE.count_key, None)
             if not entry:
@@ -383,6 +412,9 @@ class FusedMixedPrecisionOptimizer(torch.optim.Optimizer):
         and with master_weights="remainder" restarts the remainder of every param written
         since (as the next step would), so that a state dict holds the masters the next step
         would use."""
+        if self._ema_swapped:
+            raise RuntimeError("state_dict()/sync_from_params() inside swap_ema(): the params hold the EMA, "
+                               "not the weights being trained; call it after the `with` block")
         with torch.no_grad():
             self._masters.sync_from_params(self, self._flat_params())
 

@@ -3,7 +3,8 @@
 What it holds: per param, as torch.optim.SGD/AdamW number them, "master_param" (FP32; left
 out for FP32 params, which are their own) and the update rule's state under torch's names
 (SGD: "momentum_buffer", left out while never applied, as torch's SGD would have none;
-AdamW: "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"); in every param group, under STATE_KEY, the loss scaler's
+AdamW: "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"), and with ema_decay the EMA
+("ema_param", in ema_dtype); in every param group, under STATE_KEY, the loss scaler's
 state and the applied-step count (torch.distributed.checkpoint keeps only "state" and
 "param_groups", and may regroup the groups by param). Tensors are never views into a larger
 storage (flat_grads keeps state in flat buffers): torch.save writes a view's whole storage.
@@ -14,6 +15,7 @@ import copy
 
 import torch
 
+from . import ema
 from .distributed import is_dtensor, placed_like
 from .validation import validated_state_dict
 
@@ -87,6 +89,8 @@ def load(opt, state_dict: dict) -> None:
 
 
 def _load(opt, state_dict: dict) -> None:
+    if opt._ema_swapped:
+        raise RuntimeError("load_state_dict() inside swap_ema(): load after the `with` block")
     params = opt._flat_params()
     entries, saved_groups, others, extra = validated_state_dict(opt, state_dict, params, STATE_KEY)
     groups = []
@@ -107,7 +111,7 @@ def _load(opt, state_dict: dict) -> None:
         p = params[index]
         state = opt.state[p]
         for key, value in entry.items():
-            if key not in ("master_param", rule.count_key, *rule.all_buffers):
+            if key not in ("master_param", rule.count_key, ema.KEY, *rule.all_buffers):
                 state[key] = value  # keys of other optimizers' wrappers ride along
         if "master_param" in entry:
             master = placed_like(entry["master_param"], p)
@@ -123,6 +127,15 @@ def _load(opt, state_dict: dict) -> None:
         count = rule.loaded_count(entry, p)
         if count is not None:
             state[rule.count_key] = count
+        if opt._ema is not None:  # a saved EMA, else one restarted from the loaded weights
+            saved = entry.get(ema.KEY)
+            if saved is not None:
+                state[ema.KEY] = torch.empty_like(p, dtype=opt._ema.dtype).copy_(placed_like(saved, p))
+            else:
+                ema.ema_of(opt, p)
+    if opt._ema is not None:  # params the dict holds no state for: their EMA restarts too
+        for p in params:
+            ema.ema_of(opt, p)
     if extra is not None:
         opt._scaler.load_state_dict(extra["loss_scaler"])
         opt._applied_steps.copy_(extra["applied_steps"])

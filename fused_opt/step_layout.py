@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import ema
 from .backends import StepBatch
 from .distributed import local, local_grads, shard_reduction
 from .memory import check_param_memory, conform_buffer
@@ -28,6 +29,7 @@ class StepLayout:
         self.layout_id = layout_id
         self.owners = []  # the params as the user sees them (DTensors stay DTensors)
         self.params, self.masters, self.buffers, self.counts, self.group_index = [], [], [], [], []
+        self.emas = None       # with ema_decay: each param's EMA (ema.py)
         self.reduce_stats = None
         self.memory = None     # (data_ptr, dtype, shape, stride) of each param when built
         # The masters (not the params themselves), buffers and counts the kernels' tables
@@ -122,7 +124,8 @@ class PerTensorStorage:
                          max_grad_norm=max_norm, norm_type=norm_type, scaler=scaler,
                          applied_steps=opt._applied_steps, grad_norm=opt.last_grad_norm,
                          found_inf=opt.last_step_skipped, cache=opt._backend_cache, layout_id=layout.layout_id,
-                         reduce_stats=layout.reduce_stats, consecutive_skips=opt.consecutive_skips, rule=opt.RULE)
+                         reduce_stats=layout.reduce_stats, consecutive_skips=opt.consecutive_skips, rule=opt.RULE,
+                         emas=layout.emas, ema=opt._ema)
 
     def _new_layout(self, opt, params, active, hypers, signature) -> StepLayout:
         """Checks every param, master and buffer about to be touched, and re-takes or re-lays
@@ -146,8 +149,11 @@ class PerTensorStorage:
             master = opt._masters.cached(state, p)  # None: none yet, or no longer fits p
             name = opt._param_name(p)
             bufs = [conform_buffer(state.get(key), p, master, name, key) for key in keys]
-            fixes.append((p, master, keys, bufs, gi))
-        for p, master, keys, bufs, gi in fixes:
+            average = None if opt._ema is None else opt._ema.conform(state.get(ema.KEY), p, master, name)
+            fixes.append((p, master, keys, bufs, gi, average))
+        if opt._ema is not None:
+            layout.emas = []
+        for p, master, keys, bufs, gi, average in fixes:
             state = opt.state[p]
             if master is None:
                 master = opt._masters.make(p)
@@ -166,6 +172,12 @@ class PerTensorStorage:
                         state[k] = b
                 if state.get(rule.count_key) is not count:
                     state[rule.count_key] = count
+            if opt._ema is not None:  # none yet (its state was cleared): it restarts from the master
+                if average is None:
+                    average = opt._ema.make(opt._masters.current_master(state, p), master)
+                if state.get(ema.KEY) is not average:
+                    state[ema.KEY] = average
+                layout.emas.append(local(average))
             layout.owners.append(p)
             layout.params.append(local(p))  # a DTensor's state is a DTensor too; kernels get the shards
             layout.masters.append(local(master))
@@ -173,9 +185,10 @@ class PerTensorStorage:
             layout.counts.append(count)
             layout.group_index.append(gi)
         layout.epoch = opt._epoch.value
-        layout.state_tensors = [t for p, m, bufs, count in zip(layout.params, layout.masters, layout.buffers,
-                                                               layout.counts)
-                                for t in (m, *bufs, count) if t is not None and t is not p]
+        emas = layout.emas or [None] * len(layout.params)
+        layout.state_tensors = [t for p, m, bufs, count, e in zip(layout.params, layout.masters, layout.buffers,
+                                                                  layout.counts, emas)
+                                for t in (m, *bufs, count, e) if t is not None and t is not p]
         layout.state_memory = list(map(_DATA_PTR, layout.state_tensors))
         self.layout = layout
         return layout

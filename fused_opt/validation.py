@@ -137,7 +137,7 @@ def validated_state_dict(opt, state_dict, params: list, key: str):
         if not isinstance(entry, dict):
             raise ValueError(f"loaded state for param id {saved_id!r} must be a dict, got {type(entry).__name__}")
         p = params[k]
-        for name in ("master_param", *opt.RULE.all_buffers):
+        for name in ("master_param", "ema_param", *opt.RULE.all_buffers):
             if entry.get(name) is not None or (name == "master_param" and name in entry):
                 _check_state_tensor(entry[name], p, f"loaded state[{saved_id!r}][{name!r}]")
         opt.RULE.check_loaded(entry, f"loaded state[{saved_id!r}]")

@@ -9,6 +9,7 @@ import torch
 
 import fused_opt
 from fused_opt.backends import BACKENDS
+from fused_opt.remainder import rebuild
 from reference import ReferenceAdamW, ReferenceSGD
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -41,6 +42,9 @@ class Config:
     steps: int = 10
     sizes: tuple = SIZES
     optimizer: str = "sgd"  # or "adamw" (groups then hold AdamW's hyperparameters)
+    ema_decay: float | None = None  # the optimizer's model EMA (ema_dtype FP32)
+    ema_warmup: float | None = None
+    master_weights: str = "fp32"
 
 
 def make_params(config: Config, device, seed=0):
@@ -107,7 +111,8 @@ def build(config: Config, backend, device, seed=0):
         groups, max_grad_norm=config.max_grad_norm, norm_type=config.norm_type,
         loss_scale=config.loss_scale, init_scale=config.init_scale,
         growth_interval=config.growth_interval, hysteresis=config.hysteresis, min_scale=config.min_scale,
-        max_scale=config.max_scale, hysteresis_mode=config.hysteresis_mode, backend=backend)
+        max_scale=config.max_scale, hysteresis_mode=config.hysteresis_mode, backend=backend,
+        ema_decay=config.ema_decay, ema_warmup=config.ema_warmup, master_weights=config.master_weights)
     return params, opt, group_of
 
 
@@ -136,10 +141,15 @@ def check_against_reference(opt, params, ref: ReferenceSGD, what=""):
     master rounded, and within 1 ulp of the reference's rounded master."""
     for i, p in enumerate(params):
         state = opt.state.get(p, {})
-        if p.grad is None and "master_param" not in state:
+        if ref.e is not None:  # the EMA, as FP32 state
+            assert_close_fp32(state["ema_param"], ref.e[i], f"{what} EMA {i}")
+        if p.grad is None and "master_param" not in state and "master_remainder" not in state:
             torch.testing.assert_close(p.detach().double().cpu(), ref.w[i].cpu(), rtol=0, atol=0)
             continue
-        master = state["master_param"]
+        if "master_remainder" in state:  # a BF16 param and its remainder rebuild the master
+            master = rebuild(p.detach(), state["master_remainder"])
+        else:
+            master = state["master_param"]
         assert master.dtype == torch.float32
         assert_close_fp32(master, ref.w[i], f"{what} master {i}")
         if p.dtype != torch.float32:
@@ -166,7 +176,8 @@ def reference_for(config: Config, params, group_of):
                         norm_type=config.norm_type, loss_scale=config.loss_scale,
                         init_scale=config.init_scale, growth_interval=config.growth_interval,
                         hysteresis=config.hysteresis, min_scale=config.min_scale, max_scale=config.max_scale,
-                        hysteresis_mode=config.hysteresis_mode)
+                        hysteresis_mode=config.hysteresis_mode, ema_decay=config.ema_decay,
+                        ema_warmup=config.ema_warmup)
 
 
 def run_against_reference(config: Config, backend, device):

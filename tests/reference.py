@@ -13,8 +13,13 @@ import torch
 class ReferenceSGD:
     def __init__(self, params, group_of, groups, *, max_grad_norm=None, norm_type=2.0,
                  loss_scale="dynamic", init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5,
-                 growth_interval=2000, hysteresis=1, min_scale=None, max_scale=None, hysteresis_mode="megatron"):
+                 growth_interval=2000, hysteresis=1, min_scale=None, max_scale=None, hysteresis_mode="megatron",
+                 ema_decay=None, ema_warmup=None):
         self.w = [p.detach().double().clone() for p in params]
+        # The model EMA: from the weights at construction, toward w after each applied update,
+        # e + (1 - d_t)(w - e), d_t = d (1 - exp(-t / tau)) with a warm-up (t: applied steps).
+        self.ema_decay, self.ema_warmup, self.applied = ema_decay, ema_warmup, 0
+        self.e = [w.clone() for w in self.w] if ema_decay is not None else None
         self.b = [None] * len(params)
         self.group_of = list(group_of)
         self.groups = [dict(g) for g in groups]
@@ -45,8 +50,11 @@ class ReferenceSGD:
             norm = math.inf if not any(bool(torch.isnan(u[i]).any()) for i in live) else math.nan
         clip = 1.0 if self.max_grad_norm is None else min(1.0, self.max_grad_norm / (norm + 1e-6))
         if not found_inf:
+            self.applied += 1
             for i in live:
                 self.update(i, u[i] * clip, self.groups[self.group_of[i]])
+                if self.e is not None:
+                    self.e[i] = self.e[i] + self.ema_weight() * (self.w[i] - self.e[i])
         self.consecutive_skips = self.consecutive_skips + 1 if found_inf else 0
         self._update_scale(found_inf)
         return norm, found_inf
@@ -63,6 +71,12 @@ class ReferenceSGD:
                 self.b[i] = h["momentum"] * self.b[i] + (1 - h["dampening"]) * d
             d = d + h["momentum"] * self.b[i] if h["nesterov"] else self.b[i]
         self.w[i] = self.w[i] - float(h["lr"]) * d
+
+    def ema_weight(self) -> float:
+        d = self.ema_decay
+        if self.ema_warmup is not None:
+            d = d * (1 - math.exp(-self.applied / self.ema_warmup))
+        return 1 - d
 
     @property
     def overflows(self) -> int:

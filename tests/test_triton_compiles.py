@@ -17,6 +17,7 @@ from triton.backends.compiler import GPUTarget
 from fused_opt.backends import triton_kernels as k
 
 DT = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}
+EMA = {False: tl.float32, True: tl.bfloat16}  # both EMA dtypes compiled, alternating with alignment
 def build(fn, signature, constexprs):
     signature = dict(signature, **{name: "constexpr" for name in constexprs})
     out = triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs),
@@ -32,23 +33,24 @@ for g in DT:
         sizes[f"update-{g}-{aligned}"] = build(k.update_kernel, {"chunks_ptr": "*i64", "table_ptr": "*i64",
             "groups_ptr": "*fp32", "scalars_ptr": "*fp32", "applied_steps_ptr": "*i32"},
             {"GRAD_DTYPE": DT[g], "PARAM_DTYPE": DT[g], "REMAINDER": False, "ALIGNED": aligned, "CHUNK": 65536,
-             "BLOCK": 4096})
+             "BLOCK": 4096, "EMA_DTYPE": EMA[aligned]})
         if g != "fp16":  # master_weights="remainder": BF16 params, BF16 grads or FP32 sums
             sizes[f"update-remainder-{g}-{aligned}"] = build(k.update_kernel, {"chunks_ptr": "*i64",
                 "table_ptr": "*i64", "groups_ptr": "*fp32", "scalars_ptr": "*fp32", "applied_steps_ptr": "*i32"},
                 {"GRAD_DTYPE": DT[g], "PARAM_DTYPE": tl.bfloat16, "REMAINDER": True, "ALIGNED": aligned,
-                 "CHUNK": 65536, "BLOCK": 4096})
+                 "CHUNK": 65536, "BLOCK": 4096, "EMA_DTYPE": EMA[aligned]})
         for remainder in ((False, True) if g != "fp16" else (False,)):
             sizes[f"adamw-{g}-{remainder}-{aligned}"] = build(k.adamw_kernel, {"chunks_ptr": "*i64",
                 "table_ptr": "*i64", "groups_ptr": "*fp32", "scalars_ptr": "*fp32"},
                 {"GRAD_DTYPE": DT[g], "PARAM_DTYPE": tl.bfloat16 if remainder else DT[g], "REMAINDER": remainder,
-                 "ALIGNED": aligned, "CHUNK": 65536, "BLOCK": 4096})
+                 "ALIGNED": aligned, "CHUNK": 65536, "BLOCK": 4096, "EMA_DTYPE": EMA[not aligned]})
         if aligned:  # the aligned variants must really use 16-byte vector loads
             ptx = triton.compile(triton.compiler.ASTSource(fn=k.update_kernel, signature={"chunks_ptr": "*i64",
                 "table_ptr": "*i64", "groups_ptr": "*fp32", "scalars_ptr": "*fp32", "applied_steps_ptr": "*i32",
                 "GRAD_DTYPE": "constexpr", "PARAM_DTYPE": "constexpr", "REMAINDER": "constexpr", "ALIGNED": "constexpr",
-                "CHUNK": "constexpr", "BLOCK": "constexpr"}, constexprs={"GRAD_DTYPE": DT[g], "PARAM_DTYPE": DT[g],
-                "REMAINDER": False, "ALIGNED": True, "CHUNK": 65536, "BLOCK": 4096}),
+                "CHUNK": "constexpr", "BLOCK": "constexpr", "EMA_DTYPE": "constexpr"}, constexprs={"GRAD_DTYPE": DT[g],
+                "PARAM_DTYPE": DT[g], "REMAINDER": False, "ALIGNED": True, "CHUNK": 65536, "BLOCK": 4096,
+                "EMA_DTYPE": tl.float32}),
                 target=GPUTarget("cuda", 90, 32)).asm["ptx"]
             sizes[f"vector-loads-{g}"] = ptx.count("ld.global.v4")
 for dynamic in (False, True):

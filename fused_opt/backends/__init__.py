@@ -57,6 +57,10 @@ class StepBatch:
     flat_grads: dict | None = None
     consecutive_skips: torch.Tensor | None = None  # int32: skipped steps in a row, written by finalize
     rule: type | None = None
+    # With ema_decay (ema.py): `emas[i]` is param i's EMA (FP32 or BF16), updated after its
+    # master on applied steps, and `ema` the policy (decay, warm-up, dtype); else None.
+    emas: list | None = None
+    ema: object = None
 
 
 def _module(name: str):

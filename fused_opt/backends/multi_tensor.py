@@ -28,14 +28,16 @@ CHUNK_SIZE = int(os.environ.get("FUSED_OPT_CHUNK_SIZE", 65536))
 
 # Columns of the per-tensor table (int64): addresses are raw device pointers, 0 when absent.
 # BUF, BUF2, BUF3 are the update rule's state buffers in its order (SGD: the momentum buffer;
-# AdamW: exp_avg, exp_avg_sq, max_exp_avg_sq), COUNT its per-param count (update_rules.py).
-GRAD, MASTER, BUF, PARAM, NUMEL, GROUP, COUNT, BUF2, BUF3 = range(9)
-TABLE_COLUMNS = 9
+# AdamW: exp_avg, exp_avg_sq, max_exp_avg_sq), COUNT its per-param count (update_rules.py),
+# EMA the param's model EMA (ema.py).
+GRAD, MASTER, BUF, PARAM, NUMEL, GROUP, COUNT, BUF2, BUF3, EMA = range(10)
+TABLE_COLUMNS = 10
 BUFFER_COLUMNS = (BUF, BUF2, BUF3)
 # The per-group hyperparameter table (float32): each rule's row of GROUP_COLUMNS (Hyper.row).
 GROUP_COLUMNS = 8
-# Per-step scalars written by the finalize stage and read by the update (float32).
-INV_SCALE, CLIP_COEF, FOUND_INF, SCALARS = 0, 1, 2, 4
+# Per-step scalars (float32): written by the finalize stage and read by the update, then the
+# EMA's settings finalize reads to write EMA_WEIGHT (ema.ModelEMA.scalars: 1 - d, d, 1/tau).
+INV_SCALE, CLIP_COEF, FOUND_INF, EMA_WEIGHT, EMA_ONE_MINUS_DECAY, EMA_DECAY, EMA_INV_TAU, SCALARS = range(8)
 
 
 def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -84,6 +86,7 @@ class Plan:
         self.device = device
         self.chunk_size = chunk_size
         self.rule = batch.rule.code  # update_rules.py: which per-element function the update runs
+        self.ema_dtype = batch.ema.dtype if batch.emas is not None else None
         by_pair: dict = {}
         for i, (p, g, m) in enumerate(zip(batch.params, batch.grads, batch.masters)):
             # int16 masters are master_weights="remainder"'s (remainder.py): a kernel of their own
@@ -103,6 +106,10 @@ class Plan:
         self.partials = torch.zeros(slots, dtype=torch.float32, device=device)
         self.flags = torch.zeros(slots, dtype=torch.int32, device=device)
         self.scalars = torch.zeros(SCALARS, dtype=torch.float32, device=device)
+        if batch.emas is not None:
+            settings = torch.zeros(SCALARS, dtype=torch.float32)
+            settings[EMA_ONE_MINUS_DECAY:EMA_INV_TAU + 1] = torch.tensor(batch.ema.scalars)
+            self.scalars.copy_(upload(settings, device))
         self.group_rows = None
         self.group_table = None
         self.tables_version = 0  # counts replaced chunk tables (what a backend caches addresses of)
@@ -113,13 +120,16 @@ class Plan:
         chunks, odd_rows, addresses = [], [], []
         for row, i in enumerate(members):
             p, master, bufs, count = batch.params[i], batch.masters[i], batch.buffers[i], batch.counts[i]
+            ema = batch.emas[i] if batch.emas is not None else None
             n = master.numel()
             host[row, MASTER] = master.data_ptr()
             for column, buf in zip(BUFFER_COLUMNS, bufs):
                 host[row, column] = buf.data_ptr()
             host[row, COUNT] = count.data_ptr() if count is not None else 0
             host[row, PARAM] = 0 if p is master else p.data_ptr()
-            addresses += [master.data_ptr(), *(b.data_ptr() for b in bufs), 0 if p is master else p.data_ptr()]
+            host[row, EMA] = 0 if ema is None else ema.data_ptr()
+            addresses += [master.data_ptr(), *(b.data_ptr() for b in bufs), 0 if p is master else p.data_ptr(),
+                          0 if ema is None else ema.data_ptr()]
             host[row, NUMEL] = n
             host[row, GROUP] = batch.group_index[i]
             # An empty tensor gets one empty chunk: its count still advances (AdamW's step).

@@ -200,7 +200,8 @@ def _static_args(plan) -> dict:
         update = [(pair, pair.chunks.data_ptr(), DTYPE_CODES[pair.grad_dtype],
                    BF16_REMAINDER if pair.remainder else DTYPE_CODES[pair.param_dtype]) for pair in plan.pairs]
         args = plan.cache["native"] = dict(norm=norm, update=update, partials=plan.partials.data_ptr(),
-                                           flags=plan.flags.data_ptr(), scalars=plan.scalars.data_ptr())
+                                           flags=plan.flags.data_ptr(), scalars=plan.scalars.data_ptr(),
+                                           ema_dtype=DTYPE_CODES[plan.ema_dtype or torch.float32])
     return args
 
 
@@ -212,8 +213,9 @@ def _records(plan, static) -> tuple:
         norms = torch.tensor([[chunks, run.num_chunks, run.table.data_ptr(), partials, flags, dtype]
                               for run, chunks, partials, flags, dtype in static["norm"]] or [[0] * 6],
                              dtype=torch.int64)
-        updates = torch.tensor([[chunks, pair.num_chunks, pair.table.data_ptr(), grad_dtype, param_dtype, plan.rule]
-                                for pair, chunks, grad_dtype, param_dtype in static["update"]] or [[0] * 6],
+        updates = torch.tensor([[chunks, pair.num_chunks, pair.table.data_ptr(), grad_dtype, param_dtype, plan.rule,
+                                 static["ema_dtype"]]
+                                for pair, chunks, grad_dtype, param_dtype in static["update"]] or [[0] * 7],
                                dtype=torch.int64)
         cached = plan.cache["records"] = (plan.tables_version, norms, len(static["norm"]), updates,
                                           len(static["update"]))
@@ -251,5 +253,5 @@ def step(batch: StepBatch) -> None:
                     static["scalars"], *finalize_args[5:], stream)
     for pair, chunks, grad_dtype, param_dtype in static["update"]:
         launch_update(module, chunks, pair.num_chunks, pair.table.data_ptr(), groups, static["scalars"], applied,
-                      grad_dtype, param_dtype, batch.rule.code, plan.chunk_size, stream)
+                      grad_dtype, param_dtype, batch.rule.code, static["ema_dtype"], plan.chunk_size, stream)
     plan.write_back(batch)

@@ -75,6 +75,8 @@ def step(batch: StepBatch) -> None:
 
     # 5. the update rule (update_rules.py), per param with its group's hyperparameters, kept only if finite
     applied_steps = batch.applied_steps + (~found_inf).to(torch.int32)
+    # the EMA's weight a = 1 - d_t for this step (ema.py)
+    ema_weight = batch.ema.weight(applied_steps) if batch.emas is not None else None
     for i, d in enumerate(unscaled):
         h = batch.groups[batch.group_index[i]]
         w, p = batch.masters[i], batch.params[i]
@@ -96,12 +98,16 @@ def step(batch: StepBatch) -> None:
             remainder.copy_(torch.where(found_inf, remainder, new_r))
         elif p is not w:
             p.copy_(w)  # round to nearest even in the param's dtype (unchanged master -> unchanged p)
+        if ema_weight is not None:  # 6. the EMA of the master, on applied steps: e + a * (w - e)
+            e = batch.emas[i]
+            e32 = e.float()
+            e.copy_(torch.where(found_inf, e32, e32 + ema_weight * (w - e32)))
 
     batch.applied_steps.copy_(applied_steps)
     skips = batch.consecutive_skips
     skips.copy_(torch.where(found_inf, skips + 1, torch.zeros_like(skips)))
     batch.found_inf.copy_(found_inf)
     batch.grad_norm.copy_(norm)
-    # 6. dynamic scale update
+    # 7. dynamic scale update
     batch.scaler.update_(found_inf)
 

@@ -24,13 +24,15 @@ from . import multi_tensor as mt
 # Table layouts shared with the host (multi_tensor.py); kernels see globals only as constexpr.
 GRAD, MASTER, BUF, PARAM = tl.constexpr(mt.GRAD), tl.constexpr(mt.MASTER), tl.constexpr(mt.BUF), tl.constexpr(mt.PARAM)
 NUMEL, GROUP, COUNT = tl.constexpr(mt.NUMEL), tl.constexpr(mt.GROUP), tl.constexpr(mt.COUNT)
-BUF2, BUF3 = tl.constexpr(mt.BUF2), tl.constexpr(mt.BUF3)
+BUF2, BUF3, EMA = tl.constexpr(mt.BUF2), tl.constexpr(mt.BUF3), tl.constexpr(mt.EMA)
 TABLE_COLUMNS, GROUP_COLUMNS = tl.constexpr(mt.TABLE_COLUMNS), tl.constexpr(mt.GROUP_COLUMNS)
 # A group's row (update_rules.py: SGDHyper.row, AdamWHyper.row).
 LR, MOMENTUM, ONE_MINUS_DAMPENING, WEIGHT_DECAY, NESTEROV, MAXIMIZE = (tl.constexpr(i) for i in range(6))
 BETA1, ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2, ADAMW_WEIGHT_DECAY, EPS, ADAMW_MAXIMIZE = (
     tl.constexpr(i) for i in range(1, 8))
 INV_SCALE, CLIP_COEF, FOUND_INF = tl.constexpr(mt.INV_SCALE), tl.constexpr(mt.CLIP_COEF), tl.constexpr(mt.FOUND_INF)
+EMA_WEIGHT, EMA_ONE_MINUS_DECAY = tl.constexpr(mt.EMA_WEIGHT), tl.constexpr(mt.EMA_ONE_MINUS_DECAY)
+EMA_DECAY, EMA_INV_TAU = tl.constexpr(mt.EMA_DECAY), tl.constexpr(mt.EMA_INV_TAU)
 
 
 @triton.jit
@@ -132,8 +134,14 @@ def finalize_kernel(partials_ptr, flags_ptr, num_chunks, scale_ptr, tracker_ptr,
     tl.store(scalars_ptr + FOUND_INF, found_inf.to(tl.float32))
     tl.store(grad_norm_ptr, norm)
     tl.store(found_inf_ptr, found_inf)
-    applied = tl.load(applied_steps_ptr)
-    tl.store(applied_steps_ptr, tl.where(found_inf, applied, applied + 1))
+    applied = tl.where(found_inf, tl.load(applied_steps_ptr), tl.load(applied_steps_ptr) + 1)
+    tl.store(applied_steps_ptr, applied)
+    # The EMA's a = 1 - d_t for t = the applied steps so far (ema.py), in float64, rounded once.
+    weight = tl.load(scalars_ptr + EMA_ONE_MINUS_DECAY).to(tl.float64)
+    inv_tau = tl.load(scalars_ptr + EMA_INV_TAU).to(tl.float64)
+    if inv_tau > 0:
+        weight += tl.load(scalars_ptr + EMA_DECAY).to(tl.float64) * tl.exp(-applied.to(tl.float64) * inv_tau)
+    tl.store(scalars_ptr + EMA_WEIGHT, weight.to(tl.float32))
     skips = tl.load(skips_ptr)
     tl.store(skips_ptr, tl.where(found_inf, skips + 1, 0))
     if DYNAMIC:  # loss_scaler.py's rule (csrc/chunks.h update_scale), counters clamped into range first
@@ -182,8 +190,13 @@ def _master_of(master, param, mask, PARAM_DTYPE: tl.constexpr, REMAINDER: tl.con
 
 
 @triton.jit
-def _store_master(w, master, param, mask, PARAM_DTYPE: tl.constexpr, REMAINDER: tl.constexpr):
-    """The new master, and the param as it rounded to nearest even (or the param and its remainder)."""
+def _store_master(w, master, param, ema, ema_weight, has_ema, mask, PARAM_DTYPE: tl.constexpr,
+                  REMAINDER: tl.constexpr, EMA_DTYPE: tl.constexpr):
+    """The new master, and the param as it rounded to nearest even (or the param and its
+    remainder); then the EMA moves toward the new master, e + a * (w - e) (csrc/ema_math.h)."""
+    if has_ema:  # a runtime flag, uniform over the program
+        e = tl.load(ema, mask=mask).to(tl.float32)  # masked-off lanes are never stored
+        tl.store(ema, _round_to(e + ema_weight * (w - e), EMA_DTYPE), mask=mask)
     if REMAINDER:
         p_new = _round_to(w, tl.bfloat16)
         diff = (w.to(tl.uint32, bitcast=True) - (p_new.to(tl.uint16, bitcast=True).to(tl.uint32) << 16))
@@ -197,9 +210,9 @@ def _store_master(w, master, param, mask, PARAM_DTYPE: tl.constexpr, REMAINDER: 
 
 
 @triton.jit
-def _update_block(grad, master, buf, param, mask, inv_scale, coef, sign, weight_decay, momentum,
-                  one_minus_dampening, nesterov, lr, first, HAS_BUF, PARAM_DTYPE: tl.constexpr,
-                  REMAINDER: tl.constexpr, MASKED: tl.constexpr):
+def _update_block(grad, master, buf, param, ema, mask, inv_scale, coef, sign, weight_decay, momentum,
+                  one_minus_dampening, nesterov, lr, first, HAS_BUF, ema_weight, has_ema, PARAM_DTYPE: tl.constexpr,
+                  REMAINDER: tl.constexpr, EMA_DTYPE: tl.constexpr, MASKED: tl.constexpr):
     # grad, master, buf, param are this block's addresses (see _partials_block: hints, masks).
     other = 0.0 if MASKED else None
     # u * c in this order, as the reference: unscale, then clip.
@@ -215,13 +228,13 @@ def _update_block(grad, master, buf, param, mask, inv_scale, coef, sign, weight_
             d = d + momentum * b
         else:
             d = b
-    _store_master(w - lr * d, master, param, mask, PARAM_DTYPE, REMAINDER)
+    _store_master(w - lr * d, master, param, ema, ema_weight, has_ema, mask, PARAM_DTYPE, REMAINDER, EMA_DTYPE)
 
 
 @triton.jit
 def update_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr, applied_steps_ptr,
-                  GRAD_DTYPE: tl.constexpr, PARAM_DTYPE: tl.constexpr, REMAINDER: tl.constexpr, ALIGNED: tl.constexpr,
-                  CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                  GRAD_DTYPE: tl.constexpr, PARAM_DTYPE: tl.constexpr, REMAINDER: tl.constexpr,
+                  EMA_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     if tl.load(scalars_ptr + FOUND_INF) != 0:
         return  # a skipped step writes nothing
     # This program's chunk: a tensor row and a start, 64-bit (a tensor or the chunk table may
@@ -239,11 +252,16 @@ def update_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr, applied_steps_
     buf_addr = tl.load(entry + BUF)
     buf = buf_addr.to(tl.pointer_type(tl.float32))
     param = tl.load(entry + PARAM).to(tl.pointer_type(PARAM_DTYPE))
+    ema_addr = tl.load(entry + EMA)
+    has_ema = ema_addr != 0
+    ema = ema_addr.to(tl.pointer_type(EMA_DTYPE))
     if ALIGNED:  # every address 16-byte aligned (checked on the host): 16-byte vector accesses
         grad = tl.multiple_of(grad, 16)
         master = tl.multiple_of(master, 16)
         buf = tl.multiple_of(buf, 16)
         param = tl.multiple_of(param, 16)
+        ema = tl.multiple_of(ema, 16)
+    ema_weight = tl.load(scalars_ptr + EMA_WEIGHT)
     hyper = groups_ptr + tl.load(entry + GROUP) * GROUP_COLUMNS
     lr = tl.load(hyper + LR)
     momentum = tl.load(hyper + MOMENTUM)
@@ -267,18 +285,20 @@ def update_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr, applied_steps_
     full_end = start + (end - start) // BLOCK * BLOCK
     for offset in range(start, full_end, BLOCK):
         idx = tl.multiple_of(offset, BLOCK) + tl.arange(0, BLOCK)
-        _update_block(grad + idx, master + idx, buf + idx, param + idx, None, inv_scale, coef, sign, weight_decay,
-                      momentum, one_minus_dampening, nesterov, lr, first, has_buf, PARAM_DTYPE, REMAINDER, False)
+        _update_block(grad + idx, master + idx, buf + idx, param + idx, ema + idx, None, inv_scale, coef, sign,
+                      weight_decay, momentum, one_minus_dampening, nesterov, lr, first, has_buf, ema_weight, has_ema,
+                      PARAM_DTYPE, REMAINDER, EMA_DTYPE, False)
     if full_end < end:
         idx = full_end + tl.arange(0, BLOCK)
-        _update_block(grad + idx, master + idx, buf + idx, param + idx, idx < end, inv_scale, coef, sign,
-                      weight_decay, momentum, one_minus_dampening, nesterov, lr, first, has_buf, PARAM_DTYPE, REMAINDER, True)
+        _update_block(grad + idx, master + idx, buf + idx, param + idx, ema + idx, idx < end, inv_scale, coef, sign,
+                      weight_decay, momentum, one_minus_dampening, nesterov, lr, first, has_buf, ema_weight, has_ema,
+                      PARAM_DTYPE, REMAINDER, EMA_DTYPE, True)
 
 
 @triton.jit
-def _adamw_block(grad, master, m_ptr, v_ptr, vmax_ptr, param, mask, inv_scale, coef, beta1, one_minus_beta1, beta2,
-                 one_minus_beta2, eps, decay, step_size, bias2_sqrt, amsgrad,
-                 PARAM_DTYPE: tl.constexpr, REMAINDER: tl.constexpr, MASKED: tl.constexpr):
+def _adamw_block(grad, master, m_ptr, v_ptr, vmax_ptr, param, ema, mask, inv_scale, coef, beta1, one_minus_beta1,
+                 beta2, one_minus_beta2, eps, decay, step_size, bias2_sqrt, amsgrad, ema_weight, has_ema,
+                 PARAM_DTYPE: tl.constexpr, REMAINDER: tl.constexpr, EMA_DTYPE: tl.constexpr, MASKED: tl.constexpr):
     # csrc/adamw_math.h adamw_element, in the same order.
     other = 0.0 if MASKED else None
     u = (tl.load(grad, mask=mask, other=other).to(tl.float32) * inv_scale) * coef
@@ -292,7 +312,7 @@ def _adamw_block(grad, master, m_ptr, v_ptr, vmax_ptr, param, mask, inv_scale, c
         tl.store(vmax_ptr, v, mask=mask)
     denom = tl.math.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps
     w = w * decay - step_size * tl.math.div_rn(m, denom)
-    _store_master(w, master, param, mask, PARAM_DTYPE, REMAINDER)
+    _store_master(w, master, param, ema, ema_weight, has_ema, mask, PARAM_DTYPE, REMAINDER, EMA_DTYPE)
 
 
 @triton.jit
@@ -309,7 +329,7 @@ def _power(base, n):
 @triton.jit
 def adamw_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr,
                  GRAD_DTYPE: tl.constexpr, PARAM_DTYPE: tl.constexpr, REMAINDER: tl.constexpr,
-                 ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                 EMA_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     if tl.load(scalars_ptr + FOUND_INF) != 0:
         return  # a skipped step writes nothing
     c = tl.program_id(0).to(tl.int64)
@@ -328,12 +348,17 @@ def adamw_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr,
     amsgrad = vmax_addr != 0
     vmax_ptr = vmax_addr.to(tl.pointer_type(tl.float32))
     param = tl.load(entry + PARAM).to(tl.pointer_type(PARAM_DTYPE))
+    ema_addr = tl.load(entry + EMA)
+    has_ema = ema_addr != 0
+    ema = ema_addr.to(tl.pointer_type(EMA_DTYPE))
     if ALIGNED:
         grad = tl.multiple_of(grad, 16)
         master = tl.multiple_of(master, 16)
         m_ptr = tl.multiple_of(m_ptr, 16)
         v_ptr = tl.multiple_of(v_ptr, 16)
         param = tl.multiple_of(param, 16)
+        ema = tl.multiple_of(ema, 16)
+    ema_weight = tl.load(scalars_ptr + EMA_WEIGHT)
     hyper = groups_ptr + tl.load(entry + GROUP) * GROUP_COLUMNS
     lr = tl.load(hyper + LR)
     beta1 = tl.load(hyper + BETA1)
@@ -354,14 +379,14 @@ def adamw_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr,
     full_end = start + (end - start) // BLOCK * BLOCK
     for offset in range(start, full_end, BLOCK):
         idx = tl.multiple_of(offset, BLOCK) + tl.arange(0, BLOCK)
-        _adamw_block(grad + idx, master + idx, m_ptr + idx, v_ptr + idx, vmax_ptr + idx, param + idx, None,
-                     inv_scale, coef, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size,
-                     bias2_sqrt, amsgrad, PARAM_DTYPE, REMAINDER, False)
+        _adamw_block(grad + idx, master + idx, m_ptr + idx, v_ptr + idx, vmax_ptr + idx, param + idx, ema + idx,
+                     None, inv_scale, coef, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size,
+                     bias2_sqrt, amsgrad, ema_weight, has_ema, PARAM_DTYPE, REMAINDER, EMA_DTYPE, False)
     if full_end < end:
         idx = full_end + tl.arange(0, BLOCK)
-        _adamw_block(grad + idx, master + idx, m_ptr + idx, v_ptr + idx, vmax_ptr + idx, param + idx, idx < end,
-                     inv_scale, coef, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size,
-                     bias2_sqrt, amsgrad, PARAM_DTYPE, REMAINDER, True)
+        _adamw_block(grad + idx, master + idx, m_ptr + idx, v_ptr + idx, vmax_ptr + idx, param + idx, ema + idx,
+                     idx < end, inv_scale, coef, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay,
+                     step_size, bias2_sqrt, amsgrad, ema_weight, has_ema, PARAM_DTYPE, REMAINDER, EMA_DTYPE, True)
 
 
 @triton.jit

@@ -1,0 +1,111 @@
+"""The model EMA the optimizer keeps when built with `ema_decay=d` (docs/ema.md).
+
+Per param, `state[p]["ema_param"]` (FP32, or BF16 with `ema_dtype=torch.bfloat16`) starts as
+the weights at construction, as timm's ModelEma copies the model, and on every applied step
+moves toward the param's master w (the param itself when it is FP32):
+
+    ema = ema + a * (w - ema),   a = 1 - d_t
+
+inside the update pass, right after w is written: no launch of its own. A skipped step (inf/NaN
+grads) leaves it, as it leaves w. With `ema_warmup=tau` the decay ramps up as Ultralytics' ModelEMA
+does, d_t = d * (1 - exp(-t / tau)), t the optimizer's count of applied steps including this one,
+so that early weights (far from where training goes) fade fast; a = (1 - d) + d * exp(-t / tau).
+The kernels compute a once per step on the device (in finalize, from the applied-step count),
+in float64, rounded once to FP32.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from .distributed import local
+
+KEY = "ema_param"
+EMA_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _f32(x: float) -> float:
+    """x rounded to FP32, as the kernels' scalar table holds it."""
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+class ModelEMA:
+    """The EMA policy of one optimizer: its decay, warm-up and storage dtype."""
+
+    def __init__(self, decay, dtype=torch.float32, warmup=None):
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not (0.0 <= float(decay) < 1.0):
+            raise ValueError(f"ema_decay must be a number in [0, 1) or None, got {decay!r}")
+        if dtype not in EMA_DTYPES:
+            raise ValueError(f"ema_dtype must be torch.float32 or torch.bfloat16, got {dtype!r}")
+        if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, (int, float))
+                                   or not (0.0 < float(warmup) < math.inf)):
+            raise ValueError(f"ema_warmup must be a positive number of steps (tau) or None, got {warmup!r}")
+        self.decay = float(decay)
+        self.dtype = dtype
+        self.warmup = None if warmup is None else float(warmup)
+        # What the kernels read (multi_tensor.EMA_* slots), FP32 as they hold it: 1 - d (from
+        # float64, so d = 0.9999 gives a = 1e-4 to FP32 precision), d, and 1/tau (0: no warm-up).
+        self.scalars = (_f32(1.0 - self.decay), _f32(self.decay), 0.0 if warmup is None else _f32(1.0 / self.warmup))
+
+    def weight(self, applied_steps: torch.Tensor) -> torch.Tensor:
+        """a = 1 - d_t (FP32, on the device) for t = applied_steps: the kernels' formula in torch ops."""
+        one_minus, decay, inv_tau = self.scalars
+        if inv_tau == 0.0:
+            return torch.full((), one_minus, dtype=torch.float32, device=applied_steps.device)
+        t = applied_steps.to(torch.float64)
+        return (one_minus + decay * torch.exp(-t * inv_tau)).to(torch.float32)
+
+    def make(self, weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A new EMA holding `weights` (FP32 values), laid out like `like` (the master)."""
+        return torch.empty_like(like, dtype=self.dtype).copy_(weights)
+
+    def conform(self, ema, p: torch.Tensor, like: torch.Tensor, name: str):
+        """state[p]["ema_param"] as the kernels need it (self.dtype, p's shape, laid out like
+        the master), or None when there is none; another shape raises."""
+        from .memory import conform_buffer
+        return conform_buffer(ema, p, like, name, KEY, dtype=self.dtype)
+
+
+def ema_of(opt, p: torch.Tensor) -> torch.Tensor:
+    """p's EMA tensor, made from its current master (or p) if it has none yet."""
+    state = opt.state[p]
+    ema = state.get(KEY)
+    if isinstance(ema, torch.Tensor) and ema.shape == p.shape and ema.dtype == opt._ema.dtype:
+        return ema
+    master = opt._masters.current_master(state, p)
+    state[KEY] = ema = opt._ema.make(master, master if master.dtype == torch.float32 else p)
+    return ema
+
+
+def swap(opt):
+    """opt.swap_ema(): the params take their EMA (rounded to their dtype) and get their own
+    values back, bit for bit, on exit. Masters are untouched; a step inside raises."""
+    if opt._ema is None:
+        raise RuntimeError(f"{type(opt).__name__}.swap_ema(): the optimizer keeps no EMA (build it with ema_decay=...)")
+    if opt._ema_swapped:
+        raise RuntimeError("swap_ema(): the EMA is already swapped in (swaps do not nest)")
+    return _swapped(opt)
+
+
+@contextlib.contextmanager
+def _swapped(opt):
+    params = opt._flat_params()
+    with torch.no_grad():
+        # Edits made before the swap are taken in now (master_weights="remainder" sees them by
+        # version counter, which the swap itself bumps), so the restore below is no edit.
+        opt._masters.sync_from_params(opt, params)
+        emas = [ema_of(opt, p) for p in params]
+        saved = [local(p).detach().clone() for p in params]
+        for p, e in zip(params, emas):
+            local(p).copy_(local(e))
+    opt._ema_swapped = True
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                local(p).copy_(s)
+        opt._masters.after_step(params)  # the params are as the masters last matched them
+        opt._ema_swapped = False
