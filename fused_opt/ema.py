@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import torch
 
@@ -42,6 +43,10 @@ class ModelEMA:
         if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, (int, float))
                                    or not (0.0 < float(warmup) < math.inf)):
             raise ValueError(f"ema_warmup must be a positive number of steps (tau) or None, got {warmup!r}")
+        if dtype == torch.bfloat16 and float(decay) > 0.99:
+            warnings.warn(f"ema_dtype=torch.bfloat16 with ema_decay={decay}: a BF16 average moves only toward "
+                          f"weights at least 2^-9 / (1 - decay) = {2**-9 / (1 - float(decay)):.0%} of it away, so it "
+                          "will barely move; keep this EMA in FP32 (docs/semantics.md, Model EMA)", stacklevel=4)
         self.decay = float(decay)
         self.dtype = dtype
         self.warmup = None if warmup is None else float(warmup)

@@ -277,6 +277,12 @@ def test_bad_ema_arguments_raise(kwargs, match):
         fused_opt.FusedMixedPrecisionSGD([p], lr=0.1, **kwargs)
 
 
+def test_bf16_ema_with_a_decay_it_cannot_follow_warns():
+    p = nn.Parameter(torch.randn(3))
+    with pytest.warns(UserWarning, match="barely move"):
+        fused_opt.FusedMixedPrecisionSGD([p], lr=0.1, ema_decay=0.9999, ema_dtype=torch.bfloat16)
+
+
 def test_ema_api_without_ema_raises_and_bad_loaded_ema_is_refused():
     p = nn.Parameter(torch.randn(3))
     opt = fused_opt.FusedMixedPrecisionSGD([p], lr=0.1, backend="torch")

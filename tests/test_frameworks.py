@@ -179,6 +179,75 @@ def test_lightning_fused_precision_trains_adamw_like_torch_adamw():
     assert close_losses(ours, theirs)
 
 
+def test_lightning_fused_mixed_precision_fp32_weights_clip_and_ema():
+    """FP32 weights under bf16 autocast (precision="bf16-mixed"): FusedMixedPrecision routes
+    gradient_clip_val into the step (Lightning's own MixedPrecision refuses clipping with an
+    optimizer that unscales in its step), and the optimizer's EMA follows the weights."""
+    from fused_opt.integrations.lightning import FusedMixedPrecision
+    made = []
+
+    clips = []
+
+    def make(ps):
+        opt = fused_opt.FusedMixedPrecisionSGD(ps, lr=0.05, momentum=0.9, ema_decay=0.9)
+        fused_clip = opt.clip_grad_norm_
+        opt.clip_grad_norm_ = lambda *a, **k: clips.append(a) or fused_clip(*a, **k)
+        made.append(opt)
+        return opt
+    ours = _lightning_run(make, plugins=[FusedMixedPrecision("bf16-mixed", "cpu")])
+    theirs = _lightning_run(lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), precision="bf16-mixed")
+    assert ours[-1] < 0.5 * ours[0]
+    assert close_losses(ours, theirs)
+    opt = made[0]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    assert all(p.dtype == torch.float32 for p in params)
+    assert clips == [(1.0,)] * 40  # gradient_clip_val, every step, into the fused step
+    emas = opt.ema_params()
+    assert all(not torch.equal(e, p.detach()) for e, p in zip(emas, params) if p.numel() > 1)
+    with opt.swap_ema():
+        assert all(torch.equal(e, p.detach()) for e, p in zip(emas, params))
+
+
+def test_lightning_swap_ema_validates_on_the_ema_and_checkpoints_the_weights(tmp_path):
+    """SwapEMA: validation steps see the EMA in the params; checkpoints written after
+    validation hold the trained weights, and the EMA in the optimizer's state."""
+    L = pytest.importorskip("lightning.pytorch")
+    from fused_opt.integrations.lightning import FusedMixedPrecision, SwapEMA
+    x, y = digits()
+    seen = []
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+
+        def training_step(self, batch, _):
+            return nn.functional.cross_entropy(self.net(batch[0]).float(), batch[1])
+
+        def validation_step(self, batch, _):
+            opt = self.trainer.optimizers[0].optimizer if hasattr(self.trainer.optimizers[0], "optimizer") \
+                else self.trainer.optimizers[0]
+            seen.append(all(torch.equal(p, e) for p, e in zip(self.parameters(), opt.ema_params())))
+            self.log("val_loss", nn.functional.cross_entropy(self.net(batch[0]).float(), batch[1]))
+
+        def configure_optimizers(self):
+            return fused_opt.FusedMixedPrecisionSGD(self.parameters(), lr=0.05, momentum=0.9, ema_decay=0.9)
+
+    module = Module()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
+    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:128], y[:128]), batch_size=64)
+    trainer = L.Trainer(max_steps=20, val_check_interval=5, accelerator="cpu", devices=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
+                        default_root_dir=tmp_path, plugins=[FusedMixedPrecision("bf16-mixed", "cpu")],
+                        callbacks=[SwapEMA(), L.callbacks.ModelCheckpoint(dirpath=tmp_path, monitor="val_loss")])
+    trainer.fit(module, loader, val)
+    assert seen and all(seen)
+    opt = trainer.optimizers[0]
+    assert not all(torch.equal(p, e) for p, e in zip(module.parameters(), opt.ema_params()))
+    saved = torch.load(trainer.checkpoint_callback.best_model_path, weights_only=False)
+    assert "ema_param" in saved["optimizer_states"][0]["state"][0]
+
+
 def close_losses(ours, theirs, last=10, rel=0.1) -> bool:
     """The same run in FP16/BF16 against FP32: the mean of the last losses within 10 %."""
     a, b = sum(ours[-last:]) / last, sum(theirs[-last:]) / last

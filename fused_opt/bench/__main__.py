@@ -25,11 +25,21 @@ import torch
 
 import fused_opt
 from . import workloads
-from .contenders import BOUND, Model, factories
+from .contenders import BOUND, BOUND_FP32, Model, factories, job_bytes
 from .plot import plot
 from .timing import copy_bandwidth, device_name, kernel_launches, paired_ratio, time_interleaved
 
 RECORD_DIR = os.path.join("bench", "results")
+
+
+def fp32_plan(device: torch.device, quick: bool) -> list[tuple[str, list]]:
+    """FP32 params (the autocast loop, with and without an EMA): a large sweep point and the
+    models SGD and AdamW users train with FP32 weights."""
+    if quick:
+        return [("sweep 64K", workloads.sweep(2**16, 8))]
+    large = 2**28 if device.type == "cuda" else 2**24
+    return [(f"sweep {large / 2**20:.0f}M", workloads.sweep(large)), ("ResNet-50", workloads.resnet50()),
+            ("detector 68M", workloads.detector()), ("GPT-2 small", workloads.gpt2())]
 
 
 def plan(device: torch.device, quick: bool, full: bool = False) -> list[tuple[str, list]]:
@@ -57,12 +67,15 @@ def plan(device: torch.device, quick: bool, full: bool = False) -> list[tuple[st
 
 def run(args, emit=print) -> dict:
     device = torch.device(args.device)
-    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     # 256 MB: past every CPU cache too (a 32 MB copy ran partly in L3 and read low against the workloads)
     copy_bps = copy_bandwidth(device, 2**25 if args.quick else 2**28)
     rows = []
     jobs = [(w, s, d, o) for o in args.optimizers for w, s in plan(device, args.quick, args.full) for d in args.dtypes
-            if args.only is None or args.only in w]
+            if d != "fp32" and (args.only is None or args.only in w)]
+    if "fp32" in args.dtypes:
+        jobs += [(w, s, "fp32", o) for o in args.optimizers for w, s in fp32_plan(device, args.quick)
+                 if args.only is None or args.only in w]
     # torch.compile recompiles per shape list (tens of seconds each): it runs on the largest
     # sweep's FP16 row, where the bandwidth claim is made.
     compile_row = max(((workloads.numel(s), w) for w, s, _, _ in jobs if w.startswith("sweep")), default=(0, None))[1]
@@ -73,33 +86,44 @@ def run(args, emit=print) -> dict:
         model = Model(shapes, dtypes[dtype_name], device)
         compiled = args.compile and workload == compile_row and dtype_name == "fp16"
         baselines, ours = factories(model, device, compiled, optimizer)
-        bound = BOUND[optimizer]
         base = dict(workload=workload, optimizer=optimizer, dtype=dtype_name, params=n, tensors=len(shapes))
         # 1. each torch pipeline alone
-        solo = {}
+        solo, jobs_of = {}, {}
         for name, build in baselines.items():
             contender = build()
             solo[name] = _time(contender, name, **timing)
             solo[name]["launches"] = kernel_launches(contender.step, device)
+            solo[name]["memory"] = contender.memory_per_param() if hasattr(contender, "memory_per_param") else None
+            jobs_of[name] = contender.job
             del contender
             release(device)
-        # the fastest torch pipeline that does the same job (FP32 masters of the same 16-bit
-        # params; the compiled one pays its compile time elsewhere, GradScaler on FP32 params
-        # does a smaller job with other params)
-        best_name = min((name for name in solo if name.startswith("torch.optim") and " compiled" not in name),
-                        key=lambda name: solo[name]["median_s"])
+        # per job, the fastest torch pipeline that does it (the compiled one pays its compile
+        # time elsewhere; GradScaler on FP32 params beside 16-bit ones does another job)
+        best_of = {}
+        for name in solo:
+            if " compiled" not in name and jobs_of[name] != "FP32 params":
+                best = best_of.get(jobs_of[name])
+                if best is None or solo[name]["median_s"] < solo[best]["median_s"]:
+                    best_of[jobs_of[name]] = name
         for name, t in solo.items():  # timed alone: no paired ratio
-            rows.append(_row(base, name, t, solo[best_name], None, copy_bps, bound, None, paired=False))
+            job = jobs_of[name]
+            best_name = best_of.get(job, best_of["step"])
+            rows.append(_row(dict(base, job=job), name, t, solo[best_name], None, copy_bps,
+                             _job_bytes(optimizer, dtypes[dtype_name], name), None, paired=False, memory=t["memory"]))
             emit(_line(rows[-1]))
-        # 2. each of ours, paired round by round with the best torch pipeline
-        best = baselines[best_name]()
-        default_ms = None
+        # 2. each of ours, paired round by round with the best torch pipeline of its job
+        default_ms, held = None, (None, None)
         for name, build in ours.items():
             contender = build()
-            pair = _time_pair(best, best_name, contender, name, **timing)
+            best_name = best_of[contender.job]
+            if held[0] != best_name:
+                held = (None, None)
+                release(device)
+                held = (best_name, baselines[best_name]())
+            pair = _time_pair(held[1], best_name, contender, name, **timing)
             launches = kernel_launches(contender.step, device)
-            row = _row(base, name, pair[name], pair[best_name], default_ms, copy_bps,
-                       getattr(contender, "bytes_per_param", bound), launches,
+            row = _row(dict(base, job=contender.job), name, pair[name], pair[best_name], default_ms, copy_bps,
+                       getattr(contender, "bytes_per_param", BOUND[optimizer]), launches,
                        memory=contender.memory_per_param() if hasattr(contender, "memory_per_param") else None)
             if default_ms is None and "[" in name and name.endswith("]") and "torch]" not in name:
                 default_ms = row["time_ms"]
@@ -107,14 +131,14 @@ def run(args, emit=print) -> dict:
             emit(_line(row))
             del contender
             release(device)
-        del best, model, baselines, ours
+        del held, model, baselines, ours
         release(device)
     return {
         "device": device_name(device), "device_type": device.type,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "cuda": torch.version.cuda, "triton": _triton_version(),
         "fused_opt": fused_opt.build_info(), "commit": _commit(), "copy_gb_s": copy_bps / 1e9,
-        "bytes_per_param": BOUND, "repeats": args.repeats, "steps_per_repeat": args.steps,
+        "bytes_per_param": BOUND, "bytes_per_param_fp32": BOUND_FP32, "repeats": args.repeats, "steps_per_repeat": args.steps,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "rows": rows,
     }
@@ -147,6 +171,11 @@ def _time_pair(best, best_name, contender, name, device, repeats, steps) -> dict
                             clocks=clocks)
 
 
+def _job_bytes(optimizer: str, dtype: torch.dtype, name: str) -> int:
+    """A torch pipeline's B/param moved, counted as the job's least (what ours moves for it)."""
+    return job_bytes(optimizer, dtype, torch.float32 if name.endswith("+ EMA") else None)
+
+
 def _row(base, name, t, best, default_ms, copy_bps, bytes_per_param, launches, memory=None, paired=True) -> dict:
     n = base["params"]
     bandwidth = bytes_per_param * n / t["median_s"]
@@ -168,19 +197,22 @@ def _line(r: dict) -> str:
 
 
 def summary(record: dict) -> str:
-    """Per optimizer, workload and dtype: the fastest of ours against the fastest torch pipeline."""
-    lines = ["| optimizer | workload | dtype | params / tensors | fastest fused_opt | ms/step | best torch | ms/step | speedup (paired) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    keys = list(dict.fromkeys((r.get("optimizer", "sgd"), r["workload"], r["dtype"]) for r in record["rows"]))
-    for optimizer, workload, dtype in keys:
-        rows = [r for r in record["rows"] if (r.get("optimizer", "sgd"), r["workload"], r["dtype"]) == (optimizer, workload, dtype)]
+    """Per optimizer, workload, dtype and job: the fastest of ours against the fastest torch pipeline."""
+    lines = ["| optimizer | workload | dtype | job | params / tensors | fastest fused_opt | ms/step | best torch | ms/step | speedup (paired) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def key(r):
+        return r.get("optimizer", "sgd"), r["workload"], r["dtype"], r.get("job", "step")
+    for k in dict.fromkeys(map(key, record["rows"])):
+        optimizer, workload, dtype, job = k
+        rows = [r for r in record["rows"] if key(r) == k]
         ours = [r for r in rows if r["contender"].startswith("fused_opt") and "torch]" not in r["contender"]]
-        theirs = [r for r in rows if r["contender"].startswith("torch.optim") and " compiled" not in r["contender"]]
+        theirs = [r for r in rows if not r["contender"].startswith("fused_opt") and " compiled" not in r["contender"]]
         if not ours or not theirs:
             continue
         best_ours = min(ours, key=lambda r: r["time_ms"])
         best_torch = min(theirs, key=lambda r: r["time_ms"])
-        lines.append(f"| {optimizer} | {workload} | {dtype} | {best_ours['params'] / 1e6:.1f}M / {best_ours['tensors']} "
+        lines.append(f"| {optimizer} | {workload} | {dtype} | {job} | {best_ours['params'] / 1e6:.1f}M / {best_ours['tensors']} "
                      f"| {best_ours['contender']} | {best_ours['time_ms']:.3f} | {best_torch['contender']} "
                      f"| {best_torch['time_ms']:.3f} | {_ratio(best_ours['speedup_vs_best_torch_paired'])} |")
     return "\n".join(lines)
@@ -229,7 +261,8 @@ def _ratio(value, unit="x") -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fused_opt.bench", description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=["fp16", "bf16"])
+    parser.add_argument("--dtypes", nargs="+", default=["fp16", "bf16", "fp32"], choices=["fp16", "bf16", "fp32"],
+                        help="param dtypes; fp32 is the autocast loop (its own workloads, with and without an EMA)")
     parser.add_argument("--optimizers", nargs="+", default=["sgd", "adamw"], choices=["sgd", "adamw"])
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed repeats per contender (default 3, or 5 with --full)")

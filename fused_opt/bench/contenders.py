@@ -1,6 +1,13 @@
 """What is timed: each contender owns its optimizer state and does, per call, one whole
-optimizer step for a model of FP16/BF16 params whose grads are already there (scale the
-loss, unscale, inf check, clip, SGD or AdamW update on FP32 masters, write-back)."""
+optimizer step for a model whose grads are already there. Two jobs per model:
+
+- FP16/BF16 params: scale the loss, unscale, inf check, clip, SGD or AdamW update on FP32
+  masters, write-back.
+- FP32 params (the autocast loop): GradScaler's unscale and inf check, clip, the update, and
+  with `+ EMA` a model EMA after it (timm ModelEmaV3's / swa_utils' foreach lerp for torch).
+
+Each contender says which job it does (`job`), and ours are paired with the fastest torch
+pipeline of the same job."""
 from __future__ import annotations
 
 import torch
@@ -16,7 +23,28 @@ TORCH = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
 # norm and the inf check. Ours also reads the param back (+2); remainders replace the 8 B of
 # a master read and written by 4 B of remainder and 2 B of param read.
 BOUND = {"sgd": 22, "adamw": 30}
+# FP32 params are their own masters: grad read twice (norm, update), param and state read and
+# written: SGD 4 + 4 + 8 + 8, AdamW 4 + 4 + 8 + 16. An EMA reads and writes its own (+8, or +4 in BF16).
+BOUND_FP32 = {"sgd": 24, "adamw": 32}
+EMA_DECAY = 0.9999
+EMA_DECAY_BF16 = 0.99  # a BF16 average needs a = 1 - d large enough to move (docs/semantics.md)
 MAX_NORM = 1.0
+
+
+def job_bytes(optimizer: str, dtype: torch.dtype, ema_dtype=None) -> int:
+    """The least bytes per param a job moves (docs/performance.md)."""
+    moved = BOUND_FP32[optimizer] if dtype == torch.float32 else BOUND[optimizer]
+    return moved + {None: 0, torch.float32: 8, torch.bfloat16: 4}[ema_dtype]
+
+
+def storage_bytes_per_param(params, tensors) -> float:
+    """Bytes per param of the params and the given state tensors, measured from their storages
+    (each storage once: flat buffers hold many entries)."""
+    storages = {}
+    for t in list(params) + list(tensors):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values()) / sum(p.numel() for p in params)
 
 
 class Model:
@@ -40,18 +68,21 @@ class Model:
 
 class Ours:
     def __init__(self, model: Model, backend: str, optimizer: str, flat_grads: bool = False,
-                 master_weights: str = "fp32"):
+                 master_weights: str = "fp32", ema_dtype=None):
         self.name = f"fused_opt[{backend}]" + (" flat_grads" if flat_grads else "") + (
-            " remainder" if master_weights == "remainder" else "")
+            " remainder" if master_weights == "remainder" else "") + _ema_label(ema_dtype)
+        self.job = "step + EMA" if ema_dtype is not None else "step"
         self.model = model
-        self.baseline_name = f"fused_opt[{backend}]"  # what the mode's speedup is against
         # The bound with FP32 masters (docs/performance.md); the remainder mode moves 2 B less
-        self.bytes_per_param = BOUND[optimizer] - (2 if master_weights == "remainder" else 0)
+        self.bytes_per_param = job_bytes(optimizer, model.values[0].dtype, ema_dtype) - (
+            2 if master_weights == "remainder" else 0)
         # The shared grads are scaled by 2^16 (Model): the dynamic scale, for FP16 and BF16 alike.
         # With flat_grads the first step copies them into the optimizer's buffers, once.
+        ema = {} if ema_dtype is None else dict(ema_dtype=ema_dtype, ema_decay=EMA_DECAY_BF16 if ema_dtype ==
+                                                torch.bfloat16 else EMA_DECAY)
         self.opt = OURS[optimizer](model.fresh_params(), max_grad_norm=MAX_NORM, backend=backend,
                                    loss_scale="dynamic", flat_grads=flat_grads, master_weights=master_weights,
-                                   **HYPER[optimizer])
+                                   **ema, **HYPER[optimizer])
         # On the CPU the kernels run on the host: the time outside them is the host time.
         self.kernel_clock = [0.0] if backend == "native" and model.loss.device.type == "cpu" else None
 
@@ -62,14 +93,14 @@ class Ours:
         native_backend.kernel_clock = None
 
     def memory_per_param(self) -> float:
-        """Bytes per param of the params and every tensor in the optimizer's state, measured
-        from their storages (each storage once: flat buffers hold many entries)."""
+        """Bytes per param of the params and every tensor in the optimizer's state (the EMA included)."""
         params = [p for g in self.opt.param_groups for p in g["params"]]
-        storages = {}
-        for t in params + [t for s in self.opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]:
-            storage = t.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-        return sum(storages.values()) / sum(p.numel() for p in params)
+        return storage_bytes_per_param(params, [t for s in self.opt.state.values() for t in s.values()
+                                                if isinstance(t, torch.Tensor)])
+
+
+def _ema_label(ema_dtype) -> str:
+    return {None: "", torch.float32: " + EMA", torch.bfloat16: " + EMA(bf16)"}[ema_dtype]
 
 
 class OursUnderGradScaler:
@@ -78,6 +109,7 @@ class OursUnderGradScaler:
 
     def __init__(self, model: Model, backend: str, optimizer: str):
         self.name = f"fused_opt[{backend}] driven by GradScaler"
+        self.job = "step"
         self.model = model
         self.opt = OURS[optimizer](model.fresh_params(), max_grad_norm=MAX_NORM, backend=backend, loss_scale=None,
                                    **HYPER[optimizer])
@@ -142,6 +174,7 @@ class Baseline:
         self.model = model
         self.pipeline = TorchPipeline(model.fresh_params(), mode, compiled, optimizer=optimizer)
         self.name = self.pipeline.name
+        self.job = "step"
 
     def step(self):
         self.pipeline.scale_loss(self.model.loss)
@@ -158,6 +191,7 @@ class GradScalerFP32:
 
     def __init__(self, model: Model, optimizer: str):
         self.name = f"GradScaler + {TORCH[optimizer].__name__}(fused) on FP32 params"
+        self.job = "FP32 params"  # another job (no masters, FP32 params): never a pairing baseline
         self.params = [torch.nn.Parameter(v.float()) for v in model.values]
         for p, g in zip(self.params, model.grads):
             p.grad = g.float()
@@ -174,10 +208,68 @@ class GradScalerFP32:
         self.scaler.update()
 
 
+class TorchFP32:
+    """The loop SGD and AdamW users run on FP32 weights under autocast (timm, Ultralytics,
+    torchvision recipes): GradScaler.unscale_ (its inf check), clip_grad_norm_(foreach),
+    GradScaler.step of torch.optim.SGD/AdamW (foreach or fused), update, and with an EMA
+    timm ModelEmaV3's update, `torch._foreach_lerp_(ema, params, 1 - decay)` (two kernels
+    per tensor on the CPU, one multi-tensor launch on CUDA).
+    The grads are reused every call and GradScaler unscales (and clipping scales) them in
+    place, so scale 1 and an unreachable max norm keep them from decaying into denormals:
+    the kernels and the bytes they move are the same."""
+
+    def __init__(self, model: Model, optimizer: str, mode: str, ema: bool):
+        self.name = f"GradScaler + clip + {TORCH[optimizer].__name__}({mode})" + (" + EMA" if ema else "")
+        self.job = "step + EMA" if ema else "step"
+        self.params = [torch.nn.Parameter(v.clone()) for v in model.values]
+        for p, g in zip(self.params, model.grads):
+            p.grad = g
+        device = self.params[0].device
+        self.opt = TORCH[optimizer](self.params, **{mode: True}, **HYPER[optimizer])
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**30)
+        self.loss = torch.zeros((), device=device)
+        self.ema = [p.detach().clone() for p in self.params] if ema else None
+
+    def step(self):
+        self.scaler.scale(self.loss)
+        self.scaler.unscale_(self.opt)
+        torch.nn.utils.clip_grad_norm_(self.params, 1e30, foreach=True)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        if self.ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1.0 - EMA_DECAY)
+
+    def memory_per_param(self) -> float:
+        state = [t for s in self.opt.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.dim()]
+        return storage_bytes_per_param(self.params, state + (self.ema or []))
+
+
+def fp32_factories(model: Model, device: torch.device, optimizer: str) -> tuple[dict, dict]:
+    """(torch pipelines, ours) for FP32 params: each job without and with an EMA."""
+    baselines = {}
+    for ema in (False, True):
+        for mode in ("foreach", "fused"):
+            contender = lambda mode=mode, ema=ema: TorchFP32(model, optimizer, mode, ema)
+            baselines[f"GradScaler + clip + {TORCH[optimizer].__name__}({mode})" + (" + EMA" if ema else "")] = contender
+    available = [name for name, reason in fused_opt.backend_availability(device).items()
+                 if reason is None and name != "torch" and not (name == "triton" and device.type == "cpu")]
+    ours = {}
+    for ema_dtype in (None, torch.float32, torch.bfloat16):
+        for name in available:
+            for flat in (False, True):
+                label = f"fused_opt[{name}]" + (" flat_grads" if flat else "") + _ema_label(ema_dtype)
+                ours[label] = lambda name=name, flat=flat, e=ema_dtype: Ours(model, name, optimizer, flat_grads=flat,
+                                                                            ema_dtype=e)
+    return baselines, ours
+
+
 def factories(model: Model, device: torch.device, include_compiled: bool, optimizer: str = "sgd") -> tuple[dict, dict]:
     """(torch pipelines, ours): name -> a function that builds that contender. Contenders are
     built one at a time and freed after timing, so a run holds at most two contenders' params
     and state at once (the best torch pipeline and one of ours)."""
+    if model.values[0].dtype == torch.float32:
+        return fp32_factories(model, device, optimizer)
     # Triton on CPU tensors is its interpreter: a test tool, not a contender. The torch oracle
     # loops over tensors in Python, so past 1,000 tensors it would dominate the run: left out.
     many = len(model.values) > 1000

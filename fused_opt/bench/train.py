@@ -9,8 +9,14 @@ GPT2_STYLE), at two batch sizes. Contenders, each on the same model and data:
                        SGD(fused=True)
   torch masters        low-precision weights, FP32 masters by hand: grads copied to the
                        masters, clip_grad_norm_(foreach), SGD(fused=True), copy back
-All clip at 1.0 with momentum 0.9. Reported: ms per iteration, the optimizer's share of it,
-and the iteration speedup against each torch pipeline.
+  fused_opt AMP        FP32 weights under autocast, as torch AMP, our step instead of
+                       unscale_ + clip_grad_norm_ + step
+  torch AMP + EMA      torch AMP, then a model EMA as timm's ModelEmaV3 updates it
+                       (torch._foreach_lerp_ over the params)
+  fused_opt AMP + EMA  fused_opt AMP with ema_decay: the EMA inside the step
+All clip at 1.0 with momentum 0.9; the EMAs decay at 0.9998. Reported: ms per iteration, the
+optimizer's share of it (the EMA included), and each fused_opt setup's iteration speedup
+against the torch pipelines that do its job.
 """
 from __future__ import annotations
 
@@ -96,16 +102,31 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+EMA_DECAY = 0.9998
+# Each fused_opt setup against the torch pipelines that do the same job.
+COMPARED = {"fused_opt": ("torch AMP", "torch masters"), "fused_opt AMP": ("torch AMP",),
+            "fused_opt AMP + EMA": ("torch AMP + EMA",)}
+CONTENDERS = ("fused_opt", "torch AMP", "torch masters", "fused_opt AMP", "torch AMP + EMA", "fused_opt AMP + EMA")
+
+
 class Contender:
     """One training setup: `iteration(x, y)` returns the seconds its optimizer part took."""
 
     def __init__(self, name, kind, device, low):
         self.name, self.device = name, device
         model, _, self.loss_fn = make(kind, device)
-        if name == "torch AMP":
+        self.ema = None
+        if name.startswith("torch AMP"):
             self.model = model
             self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
             self.scaler = torch.amp.GradScaler(device.type) if low == torch.float16 else None
+            if name.endswith("+ EMA"):  # timm ModelEmaV3 (exclude_buffers=True): a copy of the weights
+                self.ema = [p.detach().clone() for p in model.parameters()]
+        elif name.startswith("fused_opt AMP"):
+            self.model = model
+            ema = dict(ema_decay=EMA_DECAY) if name.endswith("+ EMA") else {}
+            self.opt = fused_opt.FusedMixedPrecisionSGD(model.parameters(), lr=0.01, momentum=0.9, max_grad_norm=1.0,
+                                                        loss_scale="dynamic" if low == torch.float16 else None, **ema)
         else:
             self.model = model.to(low)
             params = list(self.model.parameters())
@@ -119,7 +140,7 @@ class Contender:
         self.low = low
 
     def iteration(self, x, y) -> float:
-        if self.name == "torch AMP":
+        if self.name.startswith("torch AMP"):
             with torch.autocast(self.device.type, dtype=self.low):
                 loss = self.loss_fn(self.model, x, y)
             self.opt.zero_grad()
@@ -134,6 +155,17 @@ class Contender:
                 self.scaler.update()
             else:
                 self.opt.step()
+            if self.ema is not None:
+                with torch.no_grad():
+                    torch._foreach_lerp_(self.ema, [p.detach() for p in self.model.parameters()], 1.0 - EMA_DECAY)
+        elif self.name.startswith("fused_opt AMP"):
+            with torch.autocast(self.device.type, dtype=self.low):
+                loss = self.loss_fn(self.model, x, y)
+            self.opt.zero_grad()
+            self.opt.scale_loss(loss).backward()
+            _sync(self.device)
+            start = time.perf_counter()
+            self.opt.step()
         elif self.name == "fused_opt":
             loss = self.loss_fn(self.model, x.to(self.low) if x.is_floating_point() else x, y)
             self.opt.zero_grad()
@@ -171,7 +203,7 @@ def run(device, batches=(8, 32), repeats=5):
         print(f"[{k}/{len(jobs)}] {kind}, batch {n}", file=sys.stderr, flush=True)
         _, batch, _ = make(kind, device)
         x, y = batch(n)
-        contenders = [Contender(name, kind, device, low) for name in ("fused_opt", "torch AMP", "torch masters")]
+        contenders = [Contender(name, kind, device, low) for name in CONTENDERS]
         params = sum(p.numel() for p in contenders[0].model.parameters())
         tensors = len(list(contenders[0].model.parameters()))
         times = {c.name: [] for c in contenders}
@@ -188,9 +220,9 @@ def run(device, batches=(8, 32), repeats=5):
             rows.append(dict(model=kind, batch=n, params=params, tensors=tensors, contender=name,
                              dtype=str(low).replace("torch.", ""), iteration_ms=total * 1e3, optimizer_ms=opt_s * 1e3,
                              optimizer_share=opt_s / total,
-                             iteration_speedup_of_fused={other: medians[other][0] / medians["fused_opt"][0]
-                                                         for other in medians if other != "fused_opt"}
-                             if name == "fused_opt" else None))
+                             iteration_speedup_of_fused={other: medians[other][0] / total
+                                                         for other in COMPARED[name]}
+                             if name in COMPARED else None))
     return rows
 
 

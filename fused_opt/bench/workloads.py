@@ -42,6 +42,45 @@ def gpt2(layers: int = 12, d: int = 768, vocab: int = 50257, ctx: int = 1024) ->
     return shapes + [(d,), (d,)]
 
 
+def detector() -> list[tuple]:
+    """A YOLOv8x-style detector (68.2M params, 303 tensors): convs with BatchNorm weight and
+    bias, C2f blocks in a CSP backbone, an FPN/PAN neck and a decoupled head at three scales."""
+    shapes = []
+
+    def conv(cout, cin, k):
+        shapes.extend([(cout, cin, k, k), (cout,), (cout,)])
+
+    def c2f(cin, cout, n):
+        half = cout // 2
+        conv(cout, cin, 1)
+        for _ in range(n):
+            conv(half, half, 3)
+            conv(half, half, 3)
+        conv(cout, (2 + n) * half, 1)
+
+    widths, depths = (80, 160, 320, 640, 640), (3, 6, 6, 3)
+    conv(widths[0], 3, 3)
+    for cin, cout, n in zip(widths, widths[1:], depths):
+        conv(cout, cin, 3)
+        c2f(cout, cout, n)
+    conv(320, 640, 1)
+    conv(640, 1280, 1)  # SPPF
+    c2f(1280, 640, 3)
+    c2f(960, 320, 3)  # top-down
+    conv(320, 320, 3)
+    c2f(960, 640, 3)
+    conv(640, 640, 3)
+    c2f(1280, 640, 3)  # bottom-up
+    for c in (320, 640, 640):  # per scale: a box branch and an 80-class branch
+        conv(80, c, 3)
+        conv(80, 80, 3)
+        shapes.extend([(64, 80, 1, 1), (64,)])
+        conv(320, c, 3)
+        conv(320, 320, 3)
+        shapes.extend([(80, 320, 1, 1), (80,)])
+    return shapes
+
+
 def many_small(count: int = 10_000, size: int = 256) -> list[tuple]:
     return [(size,)] * count
 
