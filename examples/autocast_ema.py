@@ -2,7 +2,8 @@
 train: the torch loop (GradScaler, unscale_, clip_grad_norm_, SGD, update, an EMA update over
 the params) next to the same loop with one fused step (`ema_decay=...`). Trains a small
 BatchNorm CNN on scikit-learn's digits both ways from the same weights and data, prints each
-loop's ms per iteration, and the accuracy of each loop's EMA weights.
+loop's ms per iteration (the loops alternate batch by batch, so both see the same machine),
+and the accuracy of each loop's EMA weights.
 
     python examples/autocast_ema.py [--steps 300] [--device cpu|cuda]
 """
@@ -38,16 +39,17 @@ def batches(x, y, steps, size=64):
         yield x[idx], y[idx]
 
 
-def torch_loop(model, x, y, steps, dtype):
+def torch_loop(model, device, dtype):
     """GradScaler (FP16) + unscale_ + clip_grad_norm_ + SGD(fused) + an EMA of the params with
-    Ultralytics' warm-up, updated on steps GradScaler applied."""
+    Ultralytics' warm-up, updated on steps GradScaler applied. Returns (iteration, EMA)."""
     opt = torch.optim.SGD(model.parameters(), **HYPER, fused=True)
-    scaler = torch.amp.GradScaler(x.device.type, enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ema = [p.detach().clone() for p in model.parameters()]
-    updates, times = 0, []
-    for xb, yb in batches(x, y, steps):
-        start = time.perf_counter()
-        with torch.autocast(x.device.type, dtype=dtype):
+    updates = 0
+
+    def iteration(xb, yb):
+        nonlocal updates
+        with torch.autocast(device.type, dtype=dtype):
             loss = nn.functional.cross_entropy(model(xb), yb)
         opt.zero_grad()
         scaler.scale(loss).backward()
@@ -61,25 +63,21 @@ def torch_loop(model, x, y, steps, dtype):
             d = DECAY * (1 - math.exp(-updates / TAU))
             with torch.no_grad():
                 torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - d)
-        _sync(x.device)
-        times.append(time.perf_counter() - start)
-    return ema, times
+    return iteration, ema
 
 
-def fused_loop(model, x, y, steps, dtype):
+def fused_loop(model, device, dtype):
+    """The same loop with the clip and the EMA inside the step. Returns (iteration, optimizer)."""
     opt = FusedMixedPrecisionSGD(model.parameters(), **HYPER, max_grad_norm=CLIP, ema_decay=DECAY, ema_warmup=TAU,
                                  loss_scale="dynamic" if dtype == torch.float16 else None)
-    times = []
-    for xb, yb in batches(x, y, steps):
-        start = time.perf_counter()
-        with torch.autocast(x.device.type, dtype=dtype):
+
+    def iteration(xb, yb):
+        with torch.autocast(device.type, dtype=dtype):
             loss = nn.functional.cross_entropy(model(xb), yb)
         opt.zero_grad()
         opt.scale_loss(loss).backward()
         opt.step()
-        _sync(x.device)
-        times.append(time.perf_counter() - start)
-    return opt, times
+    return iteration, opt
 
 
 def _sync(device):
@@ -104,8 +102,15 @@ def main(argv=None):
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     model, x, y = model_and_data(device)
     ours_model = copy.deepcopy(model)
-    ema, torch_times = torch_loop(model, x, y, args.steps, dtype)
-    opt, fused_times = fused_loop(ours_model, x, y, args.steps, dtype)
+    loops = {"torch": torch_loop(model, device, dtype), "fused": fused_loop(ours_model, device, dtype)}
+    times = {name: [] for name in loops}
+    for xb, yb in batches(x, y, args.steps):  # the two loops alternate, batch by batch
+        for name, (iteration, _) in loops.items():
+            start = time.perf_counter()
+            iteration(xb, yb)
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    ema, opt = loops["torch"][1], loops["fused"][1]
     with torch.no_grad():
         for p, e in zip(model.parameters(), ema):
             p.copy_(e)  # the torch loop's EMA weights, with the live BatchNorm statistics
@@ -113,8 +118,7 @@ def main(argv=None):
     with opt.swap_ema():
         fused_acc = accuracy(ours_model, x, y)
     half = args.steps // 2  # the second half: past warm-up and allocation
-    ms = {name: 1e3 * sorted(t[half:])[len(t[half:]) // 2] for name, t in (("torch", torch_times),
-                                                                         ("fused", fused_times))}
+    ms = {name: 1e3 * sorted(t[half:])[len(t[half:]) // 2] for name, t in times.items()}
     print(f"{device.type}, {str(dtype).replace('torch.', '')} autocast, {args.steps} steps: "
           f"torch loop {ms['torch']:.2f} ms/iteration, EMA accuracy {torch_acc:.3f}; "
           f"fused_opt {ms['fused']:.2f} ms/iteration, EMA accuracy {fused_acc:.3f}")

@@ -1,8 +1,12 @@
 """The model EMA the optimizer keeps when built with `ema_decay=d` (docs/ema.md).
 
 Per param, `state[p]["ema_param"]` (FP32, or BF16 with `ema_dtype=torch.bfloat16`) starts as
-the weights at construction, as timm's ModelEma copies the model, and on every applied step
-moves toward the param's master w (the param itself when it is FP32):
+the param's weights when it first steps (or when `ema_params()` is first asked): in a plain
+loop the weights at construction, as timm's ModelEma copies the model; weights loaded after
+the optimizer was built (a resumed or pretrained model) are where it starts then. Made
+lazily, like the masters, so that an optimizer that never stepped has no state
+(`torch.distributed.checkpoint` initializes the state of such an optimizer with one step).
+On every applied step it moves toward the param's master w (the param itself when it is FP32):
 
     ema = ema + a * (w - ema),   a = 1 - d_t
 

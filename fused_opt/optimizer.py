@@ -236,10 +236,6 @@ class FusedMixedPrecisionOptimizer(torch.optim.Optimizer):
         self._hypers.checked(self.param_groups[index], index)
         if getattr(self, "_accumulator", None) is not None:
             self._accumulator.add(params)
-        if getattr(self, "_ema", None) is not None:  # the EMA starts as the weights are now
-            with torch.no_grad():
-                for p in params:
-                    ema.ema_of(self, p)
 
     def step(self, *args, **kwargs):  # step(closure=None), as its __signature__ says
         # torch.optim.Optimizer would wrap this in profile_hook_step: a record_function (two

@@ -127,15 +127,10 @@ def _load(opt, state_dict: dict) -> None:
         count = rule.loaded_count(entry, p)
         if count is not None:
             state[rule.count_key] = count
-        if opt._ema is not None:  # a saved EMA, else one restarted from the loaded weights
-            saved = entry.get(ema.KEY)
-            if saved is not None:
-                state[ema.KEY] = torch.empty_like(p, dtype=opt._ema.dtype).copy_(placed_like(saved, p))
-            else:
-                ema.ema_of(opt, p)
-    if opt._ema is not None:  # params the dict holds no state for: their EMA restarts too
-        for p in params:
-            ema.ema_of(opt, p)
+        # A saved EMA; without one (torch's state dict) the param's EMA restarts from its loaded
+        # weights when it next steps (ema.py).
+        if opt._ema is not None and entry.get(ema.KEY) is not None:
+            state[ema.KEY] = torch.empty_like(p, dtype=opt._ema.dtype).copy_(placed_like(entry[ema.KEY], p))
     if extra is not None:
         opt._scaler.load_state_dict(extra["loss_scaler"])
         opt._applied_steps.copy_(extra["applied_steps"])

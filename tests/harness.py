@@ -141,8 +141,10 @@ def check_against_reference(opt, params, ref: ReferenceSGD, what=""):
     master rounded, and within 1 ulp of the reference's rounded master."""
     for i, p in enumerate(params):
         state = opt.state.get(p, {})
-        if ref.e is not None:  # the EMA, as FP32 state
+        if ref.e is not None and "ema_param" in state:  # the EMA, as FP32 state
             assert_close_fp32(state["ema_param"], ref.e[i], f"{what} EMA {i}")
+        elif ref.e is not None:  # made when the param first steps: this one never did
+            assert torch.equal(ref.e[i], ref.w[i]), f"{what} EMA {i} absent, but the reference's moved"
         if p.grad is None and "master_param" not in state and "master_remainder" not in state:
             torch.testing.assert_close(p.detach().double().cpu(), ref.w[i].cpu(), rtol=0, atol=0)
             continue

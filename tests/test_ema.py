@@ -291,6 +291,8 @@ def test_ema_api_without_ema_raises_and_bad_loaded_ema_is_refused():
     with pytest.raises(RuntimeError, match="no EMA"):
         opt.swap_ema()
     opt = fused_opt.FusedMixedPrecisionSGD([p], lr=0.1, ema_decay=0.9, backend="torch")
+    assert opt.state_dict()["state"] == {}  # made lazily: an optimizer that never stepped holds no state
+    opt.ema_params()
     sd = opt.state_dict()
     sd["state"][0]["ema_param"] = torch.randn(4)
     before = opt.ema_params()[0].clone()
@@ -323,3 +325,24 @@ def test_moved_ema_storage_is_followed(backend, device):
         opt.step()
     assert torch.equal(old_storage, kept)  # never written after the move
     assert not torch.equal(opt.state[p0]["ema_param"], kept)
+
+
+@pytest.mark.parametrize("backend,device", CPU_BACKEND_DEVICES, ids=CPU_BACKEND_DEVICE_IDS)
+def test_grad_scaler_driven_skip_leaves_ema(backend, device):
+    """FP32 weights with torch.amp.GradScaler driving the step (loss_scale=None): an overflow
+    GradScaler finds skips the step inside ours, and the EMA with it."""
+    model = tiny_model(device, torch.float32)
+    opt = fused_opt.FusedMixedPrecisionSGD(model.parameters(), lr=0.1, momentum=0.9, ema_decay=0.5, loss_scale=None,
+                                           backend=backend)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**8)
+    x = torch.randn(4, 5, device=device)
+    for step in range(3):
+        opt.zero_grad()
+        scaler.scale(model(x).square().mean()).backward()
+        if step == 1:
+            next(model.parameters()).grad.view(-1)[0] = math.inf
+        before = [e.clone() for e in opt.ema_params()]
+        scaler.step(opt)
+        scaler.update()
+        moved = [not torch.equal(a, b) for a, b in zip(opt.ema_params(), before)]
+        assert (not any(moved)) if step == 1 else all(moved), (step, moved)

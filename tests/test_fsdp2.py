@@ -30,6 +30,7 @@ def make_model(dtype):
 
 
 def make_opt(model, backend, norm_type, optimizer="sgd", **kw):
+    kw.setdefault("ema_decay", 0.8)  # the EMA of sharded masters: a DTensor per param, stepped on the local shard
     decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
     no_decay = [p for n, p in model.named_parameters() if n.endswith("bias")]
     if optimizer == "adamw":
@@ -89,11 +90,15 @@ def worker(rank, world, init_method, backend, dtype, norm_type, device, out, mes
         params = [(p.full_tensor(), q.detach().clone()) for p, q in zip(sharded.parameters(), replica.parameters())]
         masters = [(opt.state[p]["master_param"].full_tensor(), replica_opt.state[q]["master_param"])
                    for p, q in zip(sharded.parameters(), replica.parameters())]
+        emas = [(e.full_tensor(), r) for e, r in zip(opt.ema_params(), replica_opt.ema_params())]
+        with opt.swap_ema():  # each rank puts its EMA shards into its param shards
+            swapped = [p.full_tensor() for g in opt.param_groups for p in g["params"]]  # ema_params' order
+        swapped_back = all(torch.equal(p.full_tensor(), q) for p, (q, _) in zip(sharded.parameters(), params))
         keys = ("master_param", "exp_avg", "exp_avg_sq") if optimizer == "adamw" else ("master_param", "momentum_buffer")
-        kinds = {type(opt.state[p][k]).__name__ for p in sharded.parameters() for k in keys}
+        kinds = {type(opt.state[p][k]).__name__ for p in sharded.parameters() for k in (*keys, "ema_param")}
         if rank == 0:
-            torch.save(dict(records=records, params=params, masters=masters, kinds=kinds,
-                            flat_status=opt.flat_grads_status), out)
+            torch.save(dict(records=records, params=params, masters=masters, kinds=kinds, emas=emas,
+                            swapped=swapped, swapped_back=swapped_back, flat_status=opt.flat_grads_status), out)
     finally:
         finish_group()
 
@@ -113,6 +118,10 @@ def check(out):
         torch.testing.assert_close(master.cpu(), replica_master.cpu(), rtol=1e-6, atol=1e-7)
     for param, replica_param in result["params"]:
         torch.testing.assert_close(param.cpu(), replica_param.cpu(), rtol=1e-3, atol=1e-5)
+    for (ema, replica_ema), swapped in zip(result["emas"], result["swapped"]):
+        torch.testing.assert_close(ema.cpu(), replica_ema.cpu(), rtol=1e-6, atol=1e-7)
+        assert torch.equal(swapped, ema.to(swapped.dtype))
+    assert result["swapped_back"]
 
 
 @pytest.mark.parametrize("dtype,norm_type", [(torch.float16, 2.0), (torch.bfloat16, math.inf)],
@@ -203,7 +212,7 @@ def checkpoint_worker(rank, world, init_method, backend, path, out):
         train(model2, opt2, range(3, 5))
         same = [torch.equal(p.full_tensor(), q.full_tensor()) for p, q in zip(model.parameters(), model2.parameters())]
         for p, q in zip(model.parameters(), model2.parameters()):
-            for key in ("master_param", "momentum_buffer"):
+            for key in ("master_param", "momentum_buffer", "ema_param"):
                 same.append(torch.equal(opt.state[p][key].full_tensor(), opt2.state[q][key].full_tensor()))
         same.append(torch.equal(opt.loss_scale, opt2.loss_scale))
         if rank == 0:
