@@ -152,9 +152,9 @@ FUSED_HD void dispatch_adamw_tensor(const TensorEntry& t, Fn&& fn) {
   }
 }
 
-// The EMA over elements of one chunk, after the update of the same elements: it reads back the
-// master just written (from cache: this thread streamed it a moment ago), or rebuilds it from a
-// BF16 param and its remainder. A pass of its own keeps the update loops (vectorized, one per
+// The EMA over elements of one slice of a chunk, after the update of the same elements: it
+// reads back the masters just written (still in cache: see for_slices), or rebuilds them from a
+// BF16 param and its remainder. A loop of its own keeps the update loops (vectorized, one per
 // rule and layout) free of an EMA variant each.
 template <class P, class E>
 FUSED_HD void ema_range(const TensorEntry& t, float a, int64_t begin, int64_t end, int64_t stride) {
@@ -169,6 +169,19 @@ FUSED_HD void ema_range(const TensorEntry& t, float a, int64_t begin, int64_t en
     }
     e[i] = ema_element<E>(e[i], w, a);
   }
+}
+
+// Calls fn(begin, end) over a chunk's range [begin, end): at once, or with an EMA in slices of
+// `slice` elements, so that the EMA of a slice reads the masters its update wrote from cache
+// (a whole chunk's arrays outgrow a CPU core's L2; on a GPU, a block's chunk is long gone
+// from L2 by its end), and the EMA costs its own bytes only.
+template <class Fn>
+FUSED_HD void for_slices(const TensorEntry& t, int64_t begin, int64_t end, int64_t slice, Fn&& fn) {
+  if (t.ema == 0) {
+    fn(begin, end);
+    return;
+  }
+  for (int64_t b = begin; b < end; b += slice) fn(b, b + slice < end ? b + slice : end);
 }
 
 template <class P>

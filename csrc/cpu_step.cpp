@@ -19,6 +19,9 @@ namespace {
 // Below this many elements per thread, waking a parked worker (microseconds) and sharing
 // the pages costs more than it saves.
 constexpr int64_t kMinElementsPerThread = int64_t(1) << 16;
+// With an EMA, a chunk is updated 4,096 elements at a time (16 KB per FP32 array), each slice's
+// EMA right after it: the masters it reads back are still in L1/L2 (chunks.h for_slices).
+constexpr int64_t kEmaSlice = 4096;
 
 template <class Fn>
 void parallel_chunks(const Chunk* chunks, const TensorEntry* table, int64_t num_chunks, int64_t chunk_size,
@@ -275,12 +278,12 @@ void update_adamw(const UpdateArgs& a, const StepScalars& s) {
       const TensorEntry& t = table[chunks[c].row];
       const float step = t.count != 0 ? *reinterpret_cast<const float*>(t.count) : 0.0f;
       const AdamWCoefs k = adamw_coefs(groups[t.group], s.clip_coef, step);
-      const int64_t end = chunk_end(t, chunks[c], a.chunk_size);
-      dispatch_adamw_tensor(t, [&](auto has_param, auto amsgrad) {
-        adamw_chunk<G, P, decltype(has_param)::value, decltype(amsgrad)::value>(t, k, s.inv_scale, chunks[c].start,
-                                                                                end);
+      for_slices(t, chunks[c].start, chunk_end(t, chunks[c], a.chunk_size), kEmaSlice, [&](int64_t b, int64_t e) {
+        dispatch_adamw_tensor(t, [&](auto has_param, auto amsgrad) {
+          adamw_chunk<G, P, decltype(has_param)::value, decltype(amsgrad)::value>(t, k, s.inv_scale, b, e);
+        });
+        ema_chunk<P>(t, a.ema_dtype == kBFloat16, s.ema_weight, b, e, 1);
       });
-      ema_chunk<P>(t, a.ema_dtype == kBFloat16, s.ema_weight, chunks[c].start, end, 1);
     });
   });
   for (int64_t c = 0; c < a.num_chunks; ++c) advance_count(table[chunks[c].row], chunks[c]);
@@ -304,12 +307,13 @@ void update(const UpdateArgs& a, int64_t /*stream*/) {
       const TensorEntry& t = table[chunks[c].row];
       const SGDHyper& h = groups[t.group];
       const StepCoefs coefs = step_coefs(h, scalars->clip_coef, claim_first_step(t, applied, true));
-      const int64_t end = chunk_end(t, chunks[c], a.chunk_size);
-      dispatch_tensor(t, coefs.nesterov, [&](auto has_buf, auto has_param, auto nesterov) {
-        update_chunk<G, P, decltype(has_buf)::value, decltype(has_param)::value, decltype(nesterov)::value>(
-            t, coefs, scalars->inv_scale, chunks[c].start, end);
+      for_slices(t, chunks[c].start, chunk_end(t, chunks[c], a.chunk_size), kEmaSlice, [&](int64_t b, int64_t e) {
+        dispatch_tensor(t, coefs.nesterov, [&](auto has_buf, auto has_param, auto nesterov) {
+          update_chunk<G, P, decltype(has_buf)::value, decltype(has_param)::value, decltype(nesterov)::value>(
+              t, coefs, scalars->inv_scale, b, e);
+        });
+        ema_chunk<P>(t, a.ema_dtype == kBFloat16, scalars->ema_weight, b, e, 1);
       });
-      ema_chunk<P>(t, a.ema_dtype == kBFloat16, scalars->ema_weight, chunks[c].start, end, 1);
     });
   });
 }

@@ -99,14 +99,17 @@ __device__ void update_chunk(const TensorEntry& t, const StepCoefs& coefs, float
   update_range<G, P, HasBuf, HasParam, Nesterov>(t, coefs, inv_scale, vec_end + threadIdx.x, end, kThreads);
 }
 
-// The EMA of a chunk after its update (chunks.h ema_chunk). The barrier makes the block's
-// writes of the masters visible to every thread of it, whichever thread wrote them.
+// With an EMA, a block updates its chunk 8,192 elements at a time and runs each slice's EMA
+// right after it (chunks.h for_slices), while the slice's masters are in L1/L2; the barrier
+// makes the block's writes visible to every thread of it, whichever thread wrote them.
+constexpr int64_t kEmaSlice = 8192;
+
 template <class P>
-__device__ void ema_block(const UpdateArgs& a, const StepScalars& s, const TensorEntry& t, const Chunk& c) {
+__device__ void ema_slice(const UpdateArgs& a, const StepScalars& s, const TensorEntry& t, int64_t begin,
+                          int64_t end) {
   if (t.ema == 0) return;  // uniform over the block
   __syncthreads();
-  ema_chunk<P>(t, a.ema_dtype == kBFloat16, s.ema_weight, c.start + threadIdx.x, chunk_end(t, c, a.chunk_size),
-               kThreads);
+  ema_chunk<P>(t, a.ema_dtype == kBFloat16, s.ema_weight, begin + threadIdx.x, end, kThreads);
 }
 
 template <class G>
@@ -157,11 +160,13 @@ __global__ void __launch_bounds__(kThreads) update_kernel(UpdateArgs a) {
   if (threadIdx.x == 0) first = claim_first_step(t, applied, true);
   __syncthreads();
   const StepCoefs k = step_coefs(h, s.clip_coef, first);
-  dispatch_tensor(t, k.nesterov, [&](auto has_buf, auto has_param, auto nesterov) {
-    update_chunk<G, P, decltype(has_buf)::value, decltype(has_param)::value, decltype(nesterov)::value>(
-        t, k, s.inv_scale, c.start, chunk_end(t, c, a.chunk_size));
+  for_slices(t, c.start, chunk_end(t, c, a.chunk_size), kEmaSlice, [&](int64_t b, int64_t e) {
+    dispatch_tensor(t, k.nesterov, [&](auto has_buf, auto has_param, auto nesterov) {
+      update_chunk<G, P, decltype(has_buf)::value, decltype(has_param)::value, decltype(nesterov)::value>(
+          t, k, s.inv_scale, b, e);
+    });
+    ema_slice<P>(a, s, t, b, e);
   });
-  ema_block<P>(a, s, t, c);
 }
 
 // AdamW: the param's step is read by every block of the tensor (its t and bias corrections
@@ -213,11 +218,12 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(UpdateArgs a) {
   const AdamWHyper h = reinterpret_cast<const AdamWHyper*>(a.groups)[t.group];
   const float step = t.count != 0 ? *reinterpret_cast<const float*>(t.count) : 0.0f;
   const AdamWCoefs k = adamw_coefs(h, s.clip_coef, step);
-  dispatch_adamw_tensor(t, [&](auto has_param, auto amsgrad) {
-    adamw_chunk<G, P, decltype(has_param)::value, decltype(amsgrad)::value>(t, k, s.inv_scale, c.start,
-                                                                            chunk_end(t, c, a.chunk_size));
+  for_slices(t, c.start, chunk_end(t, c, a.chunk_size), kEmaSlice, [&](int64_t b, int64_t e) {
+    dispatch_adamw_tensor(t, [&](auto has_param, auto amsgrad) {
+      adamw_chunk<G, P, decltype(has_param)::value, decltype(amsgrad)::value>(t, k, s.inv_scale, b, e);
+    });
+    ema_slice<P>(a, s, t, b, e);
   });
-  ema_block<P>(a, s, t, c);
 }
 
 // One thread per chunk: the first chunk of each tensor advances its step (after the pass).

@@ -346,3 +346,31 @@ def test_grad_scaler_driven_skip_leaves_ema(backend, device):
         scaler.update()
         moved = [not torch.equal(a, b) for a, b in zip(opt.ema_params(), before)]
         assert (not any(moved)) if step == 1 else all(moved), (step, moved)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("ema_dtype", [torch.float32, torch.bfloat16], ids=["ema-fp32", "ema-bf16"])
+def test_native_ema_across_slices_of_a_full_size_chunk(monkeypatch, optimizer, ema_dtype):
+    """With the production chunk size (65,536; tests run with 1,024) the native update runs a
+    chunk in slices, each slice's EMA right after it: 200,003 elements cross chunks, slices and
+    a ragged tail, against the torch backend."""
+    from fused_opt.backends import native_backend
+    monkeypatch.setattr(native_backend, "CHUNK_SIZE", 65536)
+    results = {}
+    for backend in ("torch", "native"):
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(200_003).to(torch.bfloat16)), nn.Parameter(torch.randn(4100))]
+        cls = fused_opt.FusedMixedPrecisionAdamW if optimizer == "adamw" else fused_opt.FusedMixedPrecisionSGD
+        kwargs = dict(lr=1e-2) if optimizer == "adamw" else dict(lr=0.1, momentum=0.9)
+        opt = cls(params, ema_decay=0.5, ema_dtype=ema_dtype, backend=backend, loss_scale=None, **kwargs)
+        for step in range(3):
+            gen = torch.Generator().manual_seed(step)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+            opt.step()
+        results[backend] = opt.ema_params()
+    for ours, ref in zip(results["native"], results["torch"]):
+        if ema_dtype == torch.float32:
+            torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+        else:
+            assert int((ordered_bits(ours) - ordered_bits(ref)).abs().max()) <= 1
