@@ -27,8 +27,10 @@ def plot(record: dict, path: str) -> bool:
     width = 0.8 / len(names)
     drawn = {}
     for ax, dtype in zip(axes[:, 0], dtypes):
+        # each panel its own workloads (FP32 params have a plan of their own)
+        panel = [w for w in workloads if any(label(r) == w and r["dtype"] == dtype for r in rows)]
         for k, name in enumerate(names):
-            points = [(i, r["speedup_vs_best_torch_paired"]) for i, w in enumerate(workloads) for r in rows
+            points = [(i, r["speedup_vs_best_torch_paired"]) for i, w in enumerate(panel) for r in rows
                       if label(r) == w and r["dtype"] == dtype and r["contender"] == name]
             if points:
                 xs, ys = zip(*points)
@@ -36,7 +38,7 @@ def plot(record: dict, path: str) -> bool:
                                      color=colours[name], label=name)
         drawn["torch (1x)"] = ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
         ax.set_yscale("log")
-        ax.set_xticks(range(len(workloads)), workloads, fontsize=8)
+        ax.set_xticks(range(len(panel)), panel, fontsize=8)
         ax.set_ylabel("speedup vs best torch (paired)")
         ax.set_title(f"{dtype} params")
         ax.grid(alpha=0.3, axis="y")
