@@ -374,3 +374,38 @@ def test_native_ema_across_slices_of_a_full_size_chunk(monkeypatch, optimizer, e
             torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
         else:
             assert int((ordered_bits(ours) - ordered_bits(ref)).abs().max()) <= 1
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("backend,device", CPU_BACKEND_DEVICES, ids=CPU_BACKEND_DEVICE_IDS)
+def test_fp32_loop_equals_grad_scaler_unscale_clip_step(backend, device, optimizer):
+    """FP32 weights, the loop people run (GradScaler.scale, unscale_, clip_grad_norm_,
+    scaler.step, update, an EMA lerp) against `opt.scale_loss(loss).backward(); opt.step()`
+    with the same scale, clip and EMA: the same weights and EMA to FP32 rounding."""
+    torch_cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD
+    ours_cls = fused_opt.FusedMixedPrecisionAdamW if optimizer == "adamw" else fused_opt.FusedMixedPrecisionSGD
+    kwargs = dict(lr=1e-2, weight_decay=1e-2) if optimizer == "adamw" else dict(lr=0.1, momentum=0.9, nesterov=True)
+    model = tiny_model(device, torch.float32)
+    ours_model = copy.deepcopy(model)
+    opt_ref = torch_cls(model.parameters(), **kwargs)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
+    ema = [p.detach().clone() for p in model.parameters()]
+    opt = ours_cls(ours_model.parameters(), max_grad_norm=0.1, loss_scale="dynamic", init_scale=2.0**10,
+                   ema_decay=0.7, backend=backend, **kwargs)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x = torch.randn(8, 5, generator=gen).to(device)
+        opt_ref.zero_grad()
+        scaler.scale(model(x).square().mean()).backward()
+        scaler.unscale_(opt_ref)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        scaler.step(opt_ref)
+        scaler.update()
+        torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 0.3)
+        opt.zero_grad()
+        opt.scale_loss(ours_model(x).square().mean()).backward()
+        opt.step()
+        torch.testing.assert_close(opt.last_grad_norm, norm, rtol=1e-5, atol=0)
+    for p, q, e, f in zip(model.parameters(), ours_model.parameters(), ema, opt.ema_params()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(f, e, rtol=1e-5, atol=1e-6)

@@ -195,10 +195,10 @@ class Contender:
         return time.perf_counter() - start
 
 
-def run(device, batches=(8, 32), repeats=5):
+def run(device, batches=(8, 32), repeats=5, only=None):
     low = torch.float16 if device.type == "cuda" else torch.bfloat16
     rows = []
-    jobs = [(k, b) for k in ("ResNet-style CNN", "GPT-2-style decoder") for b in batches]
+    jobs = [(k, b) for k in ("ResNet-style CNN", "GPT-2-style decoder") for b in batches if only is None or only in k]
     for k, (kind, n) in enumerate(jobs, 1):
         print(f"[{k}/{len(jobs)}] {kind}, batch {n}", file=sys.stderr, flush=True)
         _, batch, _ = make(kind, device)
@@ -245,7 +245,8 @@ def main(args) -> None:
     record = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "fused_opt": fused_opt.build_info(),
-              "rows": run(device, batches=(2, 4) if args.quick else (8, 32), repeats=2 if args.quick else args.repeats)}
+              "rows": run(device, batches=(2, 4) if args.quick else (8, 32), repeats=2 if args.quick else args.repeats,
+                          only=args.only)}
     text = table(record)
     print(text)
     os.makedirs(args.out, exist_ok=True)
