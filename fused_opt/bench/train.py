@@ -227,7 +227,7 @@ def run(device, batches=(8, 32), repeats=5, only=None):
 
 
 def table(record) -> str:
-    lines = [f"Device: {record['device']} | torch {record['torch']} | {record['date']}", "",
+    lines = [f"Device: {record['device']} | torch {record['torch']} | {record['date']} | commit {record.get('commit')}", "",
              "| model | params / tensors | batch | contender | ms/iteration | optimizer ms | optimizer share | fused_opt iteration speedup |",
              "|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
@@ -241,16 +241,17 @@ def table(record) -> str:
 
 def main(args) -> None:
     import datetime
+    from .__main__ import _commit
     device = torch.device(args.device)
     record = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "fused_opt": fused_opt.build_info(),
+              "fused_opt": fused_opt.build_info(), "commit": _commit(),
               "rows": run(device, batches=(2, 4) if args.quick else (8, 32), repeats=2 if args.quick else args.repeats,
                           only=args.only)}
     text = table(record)
     print(text)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"train-{record['device_type']}")
+    stem = os.path.join(args.out, f"train-{record['device_type']}" + (f"-{args.only}".replace(" ", "_") if args.only else ""))
     with open(stem + ".json", "w") as f:
         json.dump(record, f, indent=1)
     with open(stem + ".md", "w") as f:
