@@ -24,14 +24,37 @@ def test_quick_benchmark_writes_record(tmp_path, capsys):
         assert row["time_ms"] > 0 and row["gb_s"] > 0 and row["min_ms"] <= row["time_ms"] <= row["max_ms"]
     out = capsys.readouterr().out
     # rows are printed as they finish, before the report, which starts with the summary
-    assert out.index("    fused_opt[torch]") < out.index("| optimizer | workload | dtype | params / tensors | fastest")
+    assert out.index("    fused_opt[torch]") < out.index("| optimizer | workload | dtype | job | params / tensors | fastest")
     report = (tmp_path / f"bench-{device}.md").read_text().splitlines()
-    assert report[2].startswith("| optimizer | workload | dtype | params / tensors | fastest fused_opt")
+    assert report[2].startswith("| optimizer | workload | dtype | job | params / tensors | fastest fused_opt")
     assert 0 < record["peak_rss_gb"] < 8
     # every row of ours was timed paired with the fastest torch pipeline
     assert all(r["speedup_vs_best_torch_paired"] is not None for r in record["rows"] if r["contender"].startswith("fused_opt"))
     # the torch pipelines were each timed alone: they report no paired ratio
     assert all(r["speedup_vs_best_torch_paired"] is None for r in record["rows"] if not r["contender"].startswith("fused_opt"))
+
+
+def test_quick_fp32_benchmark_pairs_each_job_with_its_own_torch_pipeline(tmp_path):
+    """FP32 params (the autocast loop): with and without an EMA, against GradScaler + clip +
+    SGD/AdamW (+ timm's foreach-lerp EMA); memory measured for both sides."""
+    main(["--quick", "--repeats", "2", "--steps", "1", "--dtypes", "fp32", "--optimizers", "sgd", "--out",
+          str(tmp_path)])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = json.loads((tmp_path / f"bench-{device}.json").read_text())["rows"]
+    assert {r["dtype"] for r in rows} == {"fp32"} and {r["job"] for r in rows} == {"step", "step + EMA"}
+    theirs = {r["contender"]: r for r in rows if not r["contender"].startswith("fused_opt")}
+    assert set(theirs) == {"GradScaler + clip + SGD(foreach)", "GradScaler + clip + SGD(fused)",
+                           "GradScaler + clip + SGD(foreach) + EMA", "GradScaler + clip + SGD(fused) + EMA"}
+    ours = {r["contender"]: r for r in rows if r["contender"].startswith("fused_opt")}
+    assert {"fused_opt[native] + EMA", "fused_opt[native] flat_grads + EMA(bf16)"} <= set(ours)
+    for name, r in ours.items():
+        assert r["job"] == ("step + EMA" if "EMA" in name else "step")
+        assert r["bytes_per_param"] == 24 + (8 if name.endswith("+ EMA") else 4 if name.endswith("(bf16)") else 0)
+        # params 4 B, momentum 4, the EMA 4 (FP32) or 2 (BF16), from the storages
+        expected = 8 + (4 if name.endswith("+ EMA") else 2 if name.endswith("(bf16)") else 0)
+        assert abs(r["memory_per_param"] - expected) < 0.1, (name, r["memory_per_param"])
+        assert r["speedup_vs_best_torch_paired"] is not None
+    assert theirs["GradScaler + clip + SGD(fused) + EMA"]["memory_per_param"] == 12.0
 
 
 def test_records_go_to_an_untracked_folder_unless_asked(monkeypatch, tmp_path):
@@ -50,14 +73,18 @@ def test_records_go_to_an_untracked_folder_unless_asked(monkeypatch, tmp_path):
 
 
 def test_quick_training_iteration_benchmark_writes_record(tmp_path):
-    """--train: whole iterations of both models, every contender, the step's share and the speedups."""
-    main(["--train", "--quick", "--out", str(tmp_path)])
+    """--train: whole iterations, every contender, the step's share and the speedups. The CNN
+    only (--only): BF16 attention on a CPU without BF16 instructions takes minutes a round."""
+    main(["--train", "--quick", "--only", "CNN", "--out", str(tmp_path)])
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    record = json.loads((tmp_path / f"train-{device}.json").read_text())
+    record = json.loads((tmp_path / f"train-{device}-CNN.json").read_text())
     rows = record["rows"]
-    assert {r["model"] for r in rows} == {"ResNet-style CNN", "GPT-2-style decoder"}
-    assert {r["contender"] for r in rows} == {"fused_opt", "torch AMP", "torch masters"}
+    assert {r["model"] for r in rows} == {"ResNet-style CNN"} and record["commit"]
+    assert {r["contender"] for r in rows} == {"fused_opt", "torch AMP", "torch masters", "fused_opt AMP",
+                                              "torch AMP + EMA", "fused_opt AMP + EMA"}
     for r in rows:
         assert 0 < r["optimizer_ms"] < r["iteration_ms"] and 0 < r["optimizer_share"] < 1
     assert all(set(r["iteration_speedup_of_fused"]) == {"torch AMP", "torch masters"}
                for r in rows if r["contender"] == "fused_opt")
+    assert all(set(r["iteration_speedup_of_fused"]) == {"torch AMP + EMA"}
+               for r in rows if r["contender"] == "fused_opt AMP + EMA")
