@@ -1,6 +1,6 @@
 """The model EMA kept inside the step (ema_decay=...): every backend against the float64
-reference (tests/reference.py) and against the EMAs users run today (torch.optim.swa_utils'
-get_ema_multi_avg_fn, which is timm ModelEmaV3's `_foreach_lerp_`; Ultralytics' warm-up
+reference (tests/reference.py) and against the EMAs users keep beside their optimizer
+(torch.optim.swa_utils' get_ema_multi_avg_fn, which is timm ModelEmaV3's `_foreach_lerp_`; Ultralytics' warm-up
 formula) on the same weight trajectory; skipped steps; swap exactness; state dicts,
 checkpoints and copies; flat grads and remainder masters; bad input."""
 from __future__ import annotations

@@ -181,33 +181,6 @@ class Baseline:
         self.pipeline.step()
 
 
-class GradScalerFP32:
-    """What a user does without master weights (torch AMP: FP32 params under autocast):
-    GradScaler and the fused SGD or AdamW. Its job is smaller (no FP16 copy, no masters) but
-    its params are FP32 (4 B, not 2).
-    Its grads are reused every call and GradScaler unscales (and clipping scales) them in
-    place, so scale 1 and an unreachable max norm keep them from decaying into denormals:
-    the kernels and the bytes they move are the same."""
-
-    def __init__(self, model: Model, optimizer: str):
-        self.name = f"GradScaler + {TORCH[optimizer].__name__}(fused) on FP32 params"
-        self.job = "FP32 params"  # another job (no masters, FP32 params): never a pairing baseline
-        self.params = [torch.nn.Parameter(v.float()) for v in model.values]
-        for p, g in zip(self.params, model.grads):
-            p.grad = g.float()
-        device = self.params[0].device
-        self.sgd = TORCH[optimizer](self.params, fused=True, **HYPER[optimizer])
-        self.scaler = torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**30)
-        self.loss = torch.zeros((), device=device)
-
-    def step(self):
-        self.scaler.scale(self.loss)
-        self.scaler.unscale_(self.sgd)
-        torch.nn.utils.clip_grad_norm_(self.params, 1e30, foreach=True)
-        self.scaler.step(self.sgd)
-        self.scaler.update()
-
-
 class TorchFP32:
     """The loop SGD and AdamW users run on FP32 weights under autocast (timm, Ultralytics,
     torchvision recipes): GradScaler.unscale_ (its inf check), clip_grad_norm_(foreach),
@@ -221,9 +194,9 @@ class TorchFP32:
     def __init__(self, model: Model, optimizer: str, mode: str, ema: bool):
         self.name = f"GradScaler + clip + {TORCH[optimizer].__name__}({mode})" + (" + EMA" if ema else "")
         self.job = "step + EMA" if ema else "step"
-        self.params = [torch.nn.Parameter(v.clone()) for v in model.values]
+        self.params = [torch.nn.Parameter(v.to(torch.float32, copy=True)) for v in model.values]
         for p, g in zip(self.params, model.grads):
-            p.grad = g
+            p.grad = g.float()
         device = self.params[0].device
         self.opt = TORCH[optimizer](self.params, **{mode: True}, **HYPER[optimizer])
         self.scaler = torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**30)
@@ -243,6 +216,17 @@ class TorchFP32:
     def memory_per_param(self) -> float:
         state = [t for s in self.opt.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.dim()]
         return storage_bytes_per_param(self.params, state + (self.ema or []))
+
+
+class GradScalerFP32(TorchFP32):
+    """What a user does without master weights (torch AMP: FP32 params under autocast):
+    GradScaler and the fused SGD or AdamW. Its job is smaller (no FP16 copy, no masters) but
+    its params are FP32 (4 B, not 2)."""
+
+    def __init__(self, model: Model, optimizer: str):
+        super().__init__(model, optimizer, "fused", ema=False)
+        self.name = f"GradScaler + {TORCH[optimizer].__name__}(fused) on FP32 params"
+        self.job = "FP32 params"  # another job (no masters, FP32 params): never a pairing baseline
 
 
 def fp32_factories(model: Model, device: torch.device, optimizer: str) -> tuple[dict, dict]:
