@@ -14,7 +14,7 @@ struct NormRecord {
   int64_t chunks, num_chunks, table, partials, flags, grad_dtype;
 };
 struct UpdateRecord {
-  int64_t chunks, num_chunks, table, grad_dtype, param_dtype, rule, ema_dtype;
+  int64_t chunks, num_chunks, table, grad_dtype, param_dtype, rule, ema_dtype, state;
 };
 
 // The finalize's arguments from the Python call's addresses and settings.
@@ -49,11 +49,12 @@ void bind_step(pybind11::module_& m, Partials partials, Finalize finalize, Updat
     finalize(ReduceArgs{partials, flags, num_chunks}, a, stream);
   });
   m.def("update", [update](int64_t chunks, int64_t num_chunks, int64_t table, int64_t groups, int64_t scalars,
-                           int64_t applied, int grad_dtype, int param_dtype, int rule, int ema_dtype,
+                           int64_t applied, int grad_dtype, int param_dtype, int rule, int ema_dtype, int state,
                            int64_t chunk_size, int64_t stream) {
-    update(UpdateArgs{chunks, num_chunks, table, groups, scalars, applied, chunk_size, grad_dtype, param_dtype,
-                      rule, ema_dtype},
-           stream);
+    const UpdateArgs a{chunks, num_chunks, table, groups, scalars, applied, chunk_size, grad_dtype, param_dtype,
+                       rule, ema_dtype, state};
+    dispatch_update_dtypes(a, [](auto, auto) {});  // unknown codes raise before any write
+    update(a, stream);
   });
   // A whole step where nothing runs between the passes (no reduction across ranks): one
   // crossing from Python instead of three (the crossings, not the launches, were most of a
@@ -71,7 +72,7 @@ void bind_step(pybind11::module_& m, Partials partials, Finalize finalize, Updat
     const auto* u = reinterpret_cast<const UpdateRecord*>(updates);
     auto update_args = [&](const UpdateRecord& r) {
       return UpdateArgs{r.chunks, r.num_chunks, r.table, groups, scalars, applied, chunk_size, int(r.grad_dtype),
-                        int(r.param_dtype), int(r.rule), int(r.ema_dtype)};
+                        int(r.param_dtype), int(r.rule), int(r.ema_dtype), int(r.state)};
     };
     for (int64_t i = 0; i < num_norms; ++i) dispatch_dtype(int(n[i].grad_dtype), [](auto) {});
     for (int64_t i = 0; i < num_updates; ++i) dispatch_update_dtypes(update_args(u[i]), [](auto, auto) {});

@@ -6,15 +6,17 @@
 
 #include "adamw_math.h"
 #include "ema_math.h"
+#include "state_math.h"
 
 namespace fused_opt {
 
 // One row of the host's tensor table (multi_tensor.py, int64 columns): raw addresses. The
 // update rule's state buffers are buf, buf2, buf3 (SGD: the momentum buffer; AdamW: exp_avg,
 // exp_avg_sq, max_exp_avg_sq) and its per-param count is `count` (SGD: the buffer's
-// first-step flag; AdamW: the param's step); `ema` the param's model EMA; 0 where absent.
+// first-step flag; AdamW: the param's step); `ema` the param's model EMA; scale, scale2,
+// scale3 the block scales of buf, buf2, buf3 with int8 state; 0 where absent.
 struct TensorEntry {
-  int64_t grad, master, buf, param, numel, group, count, buf2, buf3, ema;
+  int64_t grad, master, buf, param, numel, group, count, buf2, buf3, ema, scale, scale2, scale3;
 };
 
 // A chunk: (tensor row, first element). Elements [start, min(start + chunk, numel)).
@@ -152,6 +154,115 @@ FUSED_HD void dispatch_adamw_tensor(const TensorEntry& t, Fn&& fn) {
   }
 }
 
+// -- The compressed path: state in BF16 or int8, or 24-bit masters (state_math.h) ----------
+// One int8 block (kStateBlock elements) at a time: its state is decoded to FP32, each element
+// is stepped by the rule's element function, and the state is encoded again with the block's
+// new scale. The fast loops above stay as they are for FP32 state and masters.
+
+// A launch takes it when its state is not FP32 or its masters are BF16Remainder8.
+
+// Element i's FP32 master: loaded (and re-taken from an edited param), or rebuilt from the BF16
+// param and its remainder.
+template <class P>
+FUSED_HD float load_master(const TensorEntry& t, int64_t i) {
+  if constexpr (P::kRemainder8) {
+    return BF16Remainder8::rebuild(reinterpret_cast<const uint16_t*>(t.param)[i],
+                                   reinterpret_cast<const int8_t*>(t.master)[i]);
+  } else if constexpr (P::kRemainder) {
+    return BF16Remainder::rebuild(reinterpret_cast<const uint16_t*>(t.param)[i],
+                                  reinterpret_cast<const int16_t*>(t.master)[i]);
+  } else {
+    const float w = reinterpret_cast<const float*>(t.master)[i];
+    if (t.param == 0) return w;  // an FP32 param is its own master
+    return retake_if_edited<P>(reinterpret_cast<const typename P::storage*>(t.param)[i], w);
+  }
+}
+
+// The new master w of element i, stored as the master format keeps it, and the param rounded.
+template <class P>
+FUSED_HD void store_master(const TensorEntry& t, int64_t i, float w) {
+  if constexpr (P::kRemainder8 || P::kRemainder) {
+    const uint16_t p = BF16::store(w);
+    reinterpret_cast<uint16_t*>(t.param)[i] = p;
+    if constexpr (P::kRemainder8) {
+      reinterpret_cast<int8_t*>(t.master)[i] = BF16Remainder8::remainder(w, p);
+    } else {
+      reinterpret_cast<int16_t*>(t.master)[i] = BF16Remainder::remainder(w, p);
+    }
+  } else {
+    reinterpret_cast<float*>(t.master)[i] = w;
+    if (t.param != 0) reinterpret_cast<typename P::storage*>(t.param)[i] = P::store(w);
+  }
+}
+
+// The blocks of [begin, end) (begin on a block boundary) that lane `lane` of `lanes` owns:
+// fn(first element, count). The CPU runs one lane, a CUDA block one per thread.
+template <class Fn>
+FUSED_HD void for_state_blocks(int64_t begin, int64_t end, int64_t lane, int64_t lanes, Fn&& fn) {
+  for (int64_t at = begin + lane * kStateBlock; at < end; at += lanes * kStateBlock) {
+    fn(at, int(end - at < kStateBlock ? end - at : kStateBlock));
+  }
+}
+
+template <class G, class P>
+FUSED_HD void sgd_compressed(const TensorEntry& t, const StepCoefs& k, float inv_scale, int state, int64_t begin,
+                             int64_t end, int64_t lane, int64_t lanes) {
+  const auto* g = reinterpret_cast<const typename G::storage*>(t.grad);
+  auto* scales = reinterpret_cast<float*>(t.scale);
+  const bool has_buf = t.buf != 0;
+  for_state_blocks(begin, end, lane, lanes, [&](int64_t at, int n) {
+    float b[kStateBlock];
+    if (has_buf) decode_block<SignedCodes>(reinterpret_cast<const void*>(t.buf), scales, at, n, state, b);
+    for (int e = 0; e < n; ++e) {
+      const int64_t i = at + e;
+      const float u = unscale<G>(g[i], inv_scale);
+      const float w = load_master<P>(t, i);
+      float w_new;
+      if (!has_buf) {
+        w_new = sgd_element<false, false>(u, w, b[e], k);
+      } else if (k.nesterov) {
+        w_new = sgd_element<true, true>(u, w, b[e], k);
+      } else {
+        w_new = sgd_element<true, false>(u, w, b[e], k);
+      }
+      store_master<P>(t, i, w_new);
+    }
+    if (has_buf) encode_block<SignedCodes>(reinterpret_cast<void*>(t.buf), scales, at, n, state, b);
+  });
+}
+
+template <class G, class P>
+FUSED_HD void adamw_compressed(const TensorEntry& t, const AdamWCoefs& k, float inv_scale, int state,
+                               int64_t begin, int64_t end, int64_t lane, int64_t lanes) {
+  const auto* g = reinterpret_cast<const typename G::storage*>(t.grad);
+  const bool amsgrad = t.buf3 != 0;
+  for_state_blocks(begin, end, lane, lanes, [&](int64_t at, int n) {
+    float m[kStateBlock], v[kStateBlock], vmax[kStateBlock];
+    decode_block<SignedCodes>(reinterpret_cast<const void*>(t.buf), reinterpret_cast<const float*>(t.scale), at, n,
+                              state, m);
+    decode_block<UnsignedCodes>(reinterpret_cast<const void*>(t.buf2), reinterpret_cast<const float*>(t.scale2), at,
+                                n, state, v);
+    if (amsgrad) {
+      decode_block<UnsignedCodes>(reinterpret_cast<const void*>(t.buf3), reinterpret_cast<const float*>(t.scale3),
+                                  at, n, state, vmax);
+    }
+    for (int e = 0; e < n; ++e) {
+      const int64_t i = at + e;
+      const float u = unscale<G>(g[i], inv_scale);
+      const float w = load_master<P>(t, i);
+      const float w_new = amsgrad ? adamw_element<true>(u, w, m[e], v[e], vmax[e], k)
+                                  : adamw_element<false>(u, w, m[e], v[e], vmax[e], k);
+      store_master<P>(t, i, w_new);
+    }
+    encode_block<SignedCodes>(reinterpret_cast<void*>(t.buf), reinterpret_cast<float*>(t.scale), at, n, state, m);
+    encode_block<UnsignedCodes>(reinterpret_cast<void*>(t.buf2), reinterpret_cast<float*>(t.scale2), at, n, state, v);
+    if (amsgrad) {
+      encode_block<UnsignedCodes>(reinterpret_cast<void*>(t.buf3), reinterpret_cast<float*>(t.scale3), at, n, state,
+                                  vmax);
+    }
+  });
+}
+
 // The EMA over elements of one slice of a chunk, after the update of the same elements: it
 // reads back the masters just written (still in cache: see for_slices), or rebuilds them from a
 // BF16 param and its remainder. A loop of its own keeps the update loops (vectorized, one per
@@ -161,7 +272,10 @@ FUSED_HD void ema_range(const TensorEntry& t, float a, int64_t begin, int64_t en
   auto* e = reinterpret_cast<typename E::storage*>(t.ema);
   for (int64_t i = begin; i < end; i += stride) {
     float w;
-    if constexpr (P::kRemainder) {
+    if constexpr (P::kRemainder8) {
+      w = BF16Remainder8::rebuild(reinterpret_cast<const uint16_t*>(t.param)[i],
+                                  reinterpret_cast<const int8_t*>(t.master)[i]);
+    } else if constexpr (P::kRemainder) {
       w = BF16Remainder::rebuild(reinterpret_cast<const uint16_t*>(t.param)[i],
                                  reinterpret_cast<const int16_t*>(t.master)[i]);
     } else {

@@ -279,9 +279,15 @@ void update_adamw(const UpdateArgs& a, const StepScalars& s) {
       const float step = t.count != 0 ? *reinterpret_cast<const float*>(t.count) : 0.0f;
       const AdamWCoefs k = adamw_coefs(groups[t.group], s.clip_coef, step);
       for_slices(t, chunks[c].start, chunk_end(t, chunks[c], a.chunk_size), kEmaSlice, [&](int64_t b, int64_t e) {
-        dispatch_adamw_tensor(t, [&](auto has_param, auto amsgrad) {
-          adamw_chunk<G, P, decltype(has_param)::value, decltype(amsgrad)::value>(t, k, s.inv_scale, b, e);
-        });
+        if constexpr (P::kRemainder8) {
+          adamw_compressed<G, P>(t, k, s.inv_scale, a.state, b, e, 0, 1);
+        } else if (a.state != kStateF32) {
+          adamw_compressed<G, P>(t, k, s.inv_scale, a.state, b, e, 0, 1);
+        } else {
+          dispatch_adamw_tensor(t, [&](auto has_param, auto amsgrad) {
+            adamw_chunk<G, P, decltype(has_param)::value, decltype(amsgrad)::value>(t, k, s.inv_scale, b, e);
+          });
+        }
         ema_chunk<P>(t, a.ema_dtype == kBFloat16, s.ema_weight, b, e, 1);
       });
     });
@@ -308,10 +314,16 @@ void update(const UpdateArgs& a, int64_t /*stream*/) {
       const SGDHyper& h = groups[t.group];
       const StepCoefs coefs = step_coefs(h, scalars->clip_coef, claim_first_step(t, applied, true));
       for_slices(t, chunks[c].start, chunk_end(t, chunks[c], a.chunk_size), kEmaSlice, [&](int64_t b, int64_t e) {
-        dispatch_tensor(t, coefs.nesterov, [&](auto has_buf, auto has_param, auto nesterov) {
-          update_chunk<G, P, decltype(has_buf)::value, decltype(has_param)::value, decltype(nesterov)::value>(
-              t, coefs, scalars->inv_scale, b, e);
-        });
+        if constexpr (P::kRemainder8) {  // (never instantiates the fast loops with an int8 master column)
+          sgd_compressed<G, P>(t, coefs, scalars->inv_scale, a.state, b, e, 0, 1);
+        } else if (a.state != kStateF32) {
+          sgd_compressed<G, P>(t, coefs, scalars->inv_scale, a.state, b, e, 0, 1);
+        } else {
+          dispatch_tensor(t, coefs.nesterov, [&](auto has_buf, auto has_param, auto nesterov) {
+            update_chunk<G, P, decltype(has_buf)::value, decltype(has_param)::value, decltype(nesterov)::value>(
+                t, coefs, scalars->inv_scale, b, e);
+          });
+        }
         ema_chunk<P>(t, a.ema_dtype == kBFloat16, scalars->ema_weight, b, e, 1);
       });
     });

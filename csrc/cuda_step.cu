@@ -161,10 +161,17 @@ __global__ void __launch_bounds__(kThreads) update_kernel(UpdateArgs a) {
   __syncthreads();
   const StepCoefs k = step_coefs(h, s.clip_coef, first);
   for_slices(t, c.start, chunk_end(t, c, a.chunk_size), kEmaSlice, [&](int64_t b, int64_t e) {
-    dispatch_tensor(t, k.nesterov, [&](auto has_buf, auto has_param, auto nesterov) {
-      update_chunk<G, P, decltype(has_buf)::value, decltype(has_param)::value, decltype(nesterov)::value>(
-          t, k, s.inv_scale, b, e);
-    });
+    // Compressed state or masters (chunks.h): one thread per int8 block of the slice.
+    if constexpr (P::kRemainder8) {
+      sgd_compressed<G, P>(t, k, s.inv_scale, a.state, b, e, threadIdx.x, kThreads);
+    } else if (a.state != kStateF32) {
+      sgd_compressed<G, P>(t, k, s.inv_scale, a.state, b, e, threadIdx.x, kThreads);
+    } else {
+      dispatch_tensor(t, k.nesterov, [&](auto has_buf, auto has_param, auto nesterov) {
+        update_chunk<G, P, decltype(has_buf)::value, decltype(has_param)::value, decltype(nesterov)::value>(
+            t, k, s.inv_scale, b, e);
+      });
+    }
     ema_slice<P>(a, s, t, b, e);
   });
 }
@@ -219,9 +226,15 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(UpdateArgs a) {
   const float step = t.count != 0 ? *reinterpret_cast<const float*>(t.count) : 0.0f;
   const AdamWCoefs k = adamw_coefs(h, s.clip_coef, step);
   for_slices(t, c.start, chunk_end(t, c, a.chunk_size), kEmaSlice, [&](int64_t b, int64_t e) {
-    dispatch_adamw_tensor(t, [&](auto has_param, auto amsgrad) {
-      adamw_chunk<G, P, decltype(has_param)::value, decltype(amsgrad)::value>(t, k, s.inv_scale, b, e);
-    });
+    if constexpr (P::kRemainder8) {
+      adamw_compressed<G, P>(t, k, s.inv_scale, a.state, b, e, threadIdx.x, kThreads);
+    } else if (a.state != kStateF32) {
+      adamw_compressed<G, P>(t, k, s.inv_scale, a.state, b, e, threadIdx.x, kThreads);
+    } else {
+      dispatch_adamw_tensor(t, [&](auto has_param, auto amsgrad) {
+        adamw_chunk<G, P, decltype(has_param)::value, decltype(amsgrad)::value>(t, k, s.inv_scale, b, e);
+      });
+    }
     ema_slice<P>(a, s, t, b, e);
   });
 }

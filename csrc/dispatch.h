@@ -2,15 +2,17 @@
 // turns them into storage types.
 #pragma once
 #include <stdexcept>
-#include "sgd_math.h"
+#include "state_math.h"
 
 namespace fused_opt {
 
 enum DtypeCode : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // The update rule (update_rules.py: SGD_CODE, ADAMW_CODE).
 enum RuleCode : int { kSGD = 0, kAdamW = 1 };
-// A param dtype code only: BF16 params whose masters are int16 remainders (BF16Remainder).
+// Param dtype codes only: BF16 params whose masters are int16 remainders (BF16Remainder) or
+// int8 ones (BF16Remainder8).
 constexpr int kBFloat16Remainder = 3;
+constexpr int kBFloat16Remainder8 = 4;
 
 // Calls fn(G{}) with the storage type for `code`.
 template <class Fn>
@@ -31,17 +33,22 @@ struct PartialsArgs {
 struct UpdateArgs {
   int64_t chunks, num_chunks, table, groups, scalars, applied_steps, chunk_size;
   int grad_dtype, param_dtype, rule, ema_dtype;  // ema_dtype: kFloat32 or kBFloat16 (rows without an EMA: any)
+  int state;  // how the state buffers are stored (StateCode)
 };
 // Calls fn(G{}, P{}) for the update's (grad, param) storage types: a grad in its param's dtype
 // (torch's .grad), or an FP32 grad for any param (fp32_grad_accumulation's sums).
 template <class Fn>
 void dispatch_update_dtypes(const UpdateArgs& a, Fn&& fn) {
   if (a.rule != kSGD && a.rule != kAdamW) throw std::invalid_argument("fused_opt native: unknown update rule");
-  if (a.param_dtype == kBFloat16Remainder) {
+  if (a.state != kStateF32 && a.state != kStateBF16 && a.state != kStateInt8) {
+    throw std::invalid_argument("fused_opt native: unknown state precision");
+  }
+  if (a.param_dtype == kBFloat16Remainder || a.param_dtype == kBFloat16Remainder8) {
+    const bool eight = a.param_dtype == kBFloat16Remainder8;
     if (a.grad_dtype == kBFloat16) {
-      fn(BF16{}, BF16Remainder{});
+      if (eight) fn(BF16{}, BF16Remainder8{}); else fn(BF16{}, BF16Remainder{});
     } else if (a.grad_dtype == kFloat32) {
-      fn(F32{}, BF16Remainder{});
+      if (eight) fn(F32{}, BF16Remainder8{}); else fn(F32{}, BF16Remainder{});
     } else {
       throw std::invalid_argument("fused_opt native: a BF16 param's grad must be BF16 or FP32");
     }

@@ -39,7 +39,8 @@ FUSED_HD float bits_float(uint32_t u) {
 // device with the _rn intrinsics).
 struct F32 {
   using storage = float;
-  static constexpr bool kRemainder = false;  // see BF16Remainder
+  static constexpr bool kRemainder = false;   // see BF16Remainder
+  static constexpr bool kRemainder8 = false;  // see BF16Remainder8 (state_math.h)
   static FUSED_HD float load(float x) { return x; }
   static FUSED_HD float store(float x) { return x; }
 };
@@ -47,6 +48,7 @@ struct F32 {
 struct F16 {
   using storage = uint16_t;
   static constexpr bool kRemainder = false;
+  static constexpr bool kRemainder8 = false;
   static FUSED_HD float load(uint16_t h) {
 #ifdef __CUDA_ARCH__
     return __half2float(__ushort_as_half(h));
@@ -82,6 +84,7 @@ struct F16 {
 struct BF16 {
   using storage = uint16_t;
   static constexpr bool kRemainder = false;
+  static constexpr bool kRemainder8 = false;
   static FUSED_HD float load(uint16_t h) { return bits_float(uint32_t(h) << 16); }
   static FUSED_HD uint16_t store(float f) {
     // Round to nearest even on the upper 16 bits; a NaN stays a (quiet) NaN.

@@ -14,6 +14,7 @@ from .grad_accumulation import FP32GradAccumulator, low_precision_grad_is_fp32, 
 from .grad_guard import ScaledGradGuard, grad_snapshot_of
 from .hyperparams import GroupHypers
 from .master_format import master_format
+from .state_precision import state_precision
 from .flat_storage import FlatGrads
 from .step_layout import PerTensorStorage
 from .tracked_state import ParamList
@@ -45,6 +46,8 @@ def rebuild(opt, guarded: bool = False, flat_mode: bool = False, accumulated: di
     for name, default in (("_clip_request", None), ("_auto_scale", False), ("_check_scaled_grads", True),
                           ("_ema", None), ("_ema_swapped", False)):
         opt.__dict__.setdefault(name, default)  # copies made before these existed
+    if "_state_precision" not in opt.__dict__:
+        opt._state_precision = state_precision("fp32")
     if "_masters" not in opt.__dict__:
         opt._masters = master_format("remainder" if opt.__dict__.pop("_remainders", False) else "fp32")
     opt._masters.forget_except(set())  # marks name the original's params

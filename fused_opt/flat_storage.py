@@ -39,6 +39,7 @@ from .backends import StepBatch
 from .distributed import is_dtensor
 from .grad_accumulation import set_grad
 from .memory import is_dense
+from .state_precision import scale_key
 from .storage_watch import _STORAGE_PTR, PointerWatch
 from .step_layout import StepPlan
 from .tracked_state import Epoch, ParamList
@@ -107,6 +108,22 @@ class FlatStorage:
             columns.append(views)
         self.buffer_views = [tuple(column[i] for column in columns if column[i] is not None)
                              for i in range(len(params))]
+        # state_precision="int8": the k-th buffer's block scales of every param in one flat FP32
+        # buffer per k (a param's scales start on a block boundary of its own, as its codes).
+        self.scale_buffers, self.scale_views = [], [None] * len(params)
+        if any(s is not None for s in layout.scales):
+            scale_columns = []
+            for k in range(width):
+                column = [s[k] if s is not None and k < len(s) else None for s in layout.scales]
+                flat = torch.zeros(sum(c.numel() for c in column if c is not None), dtype=torch.float32, device=device)
+                views, at = [], 0
+                for c in column:
+                    views.append(None if c is None else flat[at:at + c.numel()].copy_(c))
+                    at += 0 if c is None else c.numel()
+                self.scale_buffers.append(flat)
+                scale_columns.append(views)
+            self.scale_views = [tuple(column[i] for column in scale_columns if column[i] is not None)
+                                for i in range(len(params))]
         # With ema_decay: the EMAs in one flat buffer of their own (FP32 or BF16).
         self.emas, self.ema_views = self._flat_copies(params, layout.emas) if layout.emas else (None, None)
         counts = [c for c in layout.counts if c is not None]
@@ -151,18 +168,21 @@ class FlatStorage:
         self._param_storages = [weakref.ref(p.untyped_storage(), died) for p in owners]
         self._refs += self._param_storages
         self._param_pointers = PointerWatch(list(map(_CALL, self._param_storages)))
-        for p, master, bufs, count, keys in zip(owners, self.master_views, self.buffer_views, self.count_views,
-                                                self.keys):
+        for p, master, bufs, scales, count, keys in zip(owners, self.master_views, self.buffer_views,
+                                                        self.scale_views, self.count_views, self.keys):
             entry = state[p]
             if master is not None:
-                entry["master_remainder" if master.dtype == torch.int16 else "master_param"] = master
+                entry["master_param" if master.dtype == torch.float32 else "master_remainder"] = master
             entry.update(zip(keys, bufs))
+            if scales is not None:
+                entry.update(zip(map(scale_key, keys), scales))
             if count is not None:
                 entry[self.count_key] = count
         if self.ema_views is not None:
             for p, view in zip(owners, self.ema_views):
                 state[p][ema.KEY] = view
-        buffers = [*self.grad_buffers.values(), self.masters, *self.state_buffers, self.counts, self.emas]
+        buffers = [*self.grad_buffers.values(), self.masters, *self.state_buffers, *self.scale_buffers, self.counts,
+                   self.emas]
         self.storages = [b.untyped_storage() for b in buffers if b is not None]
         self.use_counts = [_storage_use_count(s) for s in self.storages]
         self.data_ptrs = list(map(_STORAGE_PTR, self.storages))
@@ -206,6 +226,7 @@ class FlatLayout:
     counts: list
     group_index: list
     emas: list | None = None
+    scales: list | None = None
 
 
 class FlatGrads:
@@ -279,7 +300,8 @@ class FlatGrads:
                 g["params"] = ParamList(epoch, g["params"])
         masters = [p if m is None else m for p, m in zip(layout.params, storage.master_views)]
         self.layout = FlatLayout(layout_id, layout.params, storage.grad_views, masters, storage.buffer_views,
-                                 storage.count_views, layout.group_index, storage.ema_views)
+                                 storage.count_views, layout.group_index, storage.ema_views,
+                                 storage.scale_views if storage.scale_buffers else None)
         self.storage, self.ran = storage, 0
         self.lists = [g["params"] for g in groups]
         self.left_out = left_out
@@ -305,7 +327,8 @@ class FlatGrads:
                          applied_steps=opt._applied_steps, grad_norm=opt.last_grad_norm,
                          found_inf=opt.last_step_skipped, cache=opt._backend_cache, layout_id=layout.layout_id,
                          flat_grads=self.storage.grad_buffers, consecutive_skips=opt.consecutive_skips,
-                         rule=opt.RULE, emas=layout.emas, ema=opt._ema)
+                         rule=opt.RULE, emas=layout.emas, ema=opt._ema, scales=layout.scales,
+                         state_precision=opt._state_precision)
 
     def after_step(self, opt, plan, batch, hypers) -> None:
         if self.versions is not None and getattr(opt._backend, "WRITES_BUMP_VERSIONS", False):

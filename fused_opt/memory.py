@@ -72,9 +72,10 @@ def usable_master(master, p: torch.Tensor) -> bool:
             and _dense(master))
 
 
-def usable_remainder(remainder, p: torch.Tensor) -> bool:
-    """Whether a cached int16 remainder (master_weights="remainder") still fits its param."""
-    return (isinstance(remainder, torch.Tensor) and remainder.dtype == torch.int16 and remainder.shape == p.shape
+def usable_remainder(remainder, p: torch.Tensor, dtype=torch.int16) -> bool:
+    """Whether a cached remainder (master_weights="remainder": int16, "remainder8": int8) still
+    fits its param."""
+    return (isinstance(remainder, torch.Tensor) and remainder.dtype == dtype and remainder.shape == p.shape
             and remainder.device == p.device and _dense(remainder) and (remainder.stride() == p.stride()
                                                                         or p.numel() <= 1))
 

@@ -27,6 +27,8 @@ from .master_format import master_format
 from .step_layout import PerTensorStorage
 from .tracked_state import Epoch, ParamList, TrackedState
 from .transaction import Transaction
+from .state_precision import scale_key
+from .state_precision import state_precision as make_state_precision
 from .update_rules import SGD, AdamW
 from .validation import check_global, check_params
 
@@ -47,7 +49,7 @@ class FusedMixedPrecisionOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults: dict, *, max_grad_norm=None, norm_type=2.0,
                  loss_scale="auto", init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5,
                  growth_interval=2000, hysteresis=1, hysteresis_mode="megatron", min_scale=None, max_scale=None,
-                 master_weights="fp32", ema_decay=None, ema_dtype=torch.float32, ema_warmup=None,
+                 master_weights="fp32", state_precision="fp32", ema_decay=None, ema_dtype=torch.float32, ema_warmup=None,
                  fp32_grad_accumulation=False, flat_grads=False, backend="auto", check_scaled_grads=True):
         check_global(max_grad_norm, norm_type)
         # A model EMA of the masters, updated inside the step (ema.py); None without ema_decay.
@@ -55,6 +57,8 @@ class FusedMixedPrecisionOptimizer(torch.optim.Optimizer):
         self._ema_swapped = False
         # How masters are kept: FP32 copies, or BF16 params' int16 remainders (master_format.py).
         self._masters = master_format(master_weights)
+        # How the rule's state buffers are stored: FP32, BF16 or blockwise int8 (state_precision.py).
+        self._state_precision = make_state_precision(state_precision)
         check_scaler_args("dynamic" if loss_scale == "auto" else loss_scale, init_scale, growth_factor,
                           backoff_factor, growth_interval)
         check_scale_bounds(init_scale, hysteresis, min_scale, max_scale, hysteresis_mode)
@@ -397,6 +401,9 @@ class FusedMixedPrecisionOptimizer(torch.optim.Optimizer):
             entry.pop("master_param", None)
             entry.pop("master_remainder", None)
             entry.pop(ema.KEY, None)
+            if not any(key in entry for key in self.RULE.all_buffers):
+                for key in self.RULE.all_buffers:
+                    entry.pop(scale_key(key), None)
             if not any(key in entry for key in self.RULE.all_buffers):  # a count without its buffers
                 entry.pop(self.RULE.count_key, None)
             if not entry:

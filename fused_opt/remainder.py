@@ -33,24 +33,49 @@ def remainder_of(w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 def split_(w: torch.Tensor, p: torch.Tensor, r: torch.Tensor) -> None:
-    """Writes master w into param p (rounded to nearest even) and remainder r."""
+    """Writes master w into param p (rounded to nearest even) and remainder r (int16 or int8)."""
     p.copy_(w)
-    r.copy_(remainder_of(w, p))
+    r.copy_(remainder_like(w, p, r))
 
 
-def check_params(params, index: int | None = None) -> None:
+# master_weights="remainder8": only the top 8 bits of the remainder are kept, rounded half up:
+# r8 = (r + 128) >> 8 (at most 127), and the master is p + 256 * r8 in the bits. It is a 24-bit
+# float (FP32 with its low 8 bits zero: 15 bits of mantissa where BF16 has 7), the updated FP32
+# master rounded to the nearest such value (csrc/state_math.h BF16Remainder8).
+def rebuild8(p: torch.Tensor, r8: torch.Tensor) -> torch.Tensor:
+    """The 24-bit master of BF16 param p with 8-bit remainder r8 (same guard as rebuild)."""
+    return rebuild(p, r8.to(torch.int32) * 256)
+
+
+def remainder8_of(w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The int8 remainder that rebuilds master w (rounded to 24 bits) from p = RNE(w)."""
+    r = remainder_of(w, p).to(torch.int32)
+    return torch.clamp((r + 128) >> 8, max=127).to(torch.int8)
+
+
+def check_params(params, index: int | None = None, mode: str = "remainder") -> None:
     """Raises, naming why, for params this mode cannot hold exactly."""
     where = "" if index is None else f" (param group {index})"
     for p in params:
         if is_dtensor(p):
-            raise ValueError("master_weights='remainder' does not support DTensor (FSDP2) params yet: the "
+            raise ValueError(f"master_weights={mode!r} does not support DTensor (FSDP2) params yet: the "
                              "remainders would need sharding like the params and state dicts gathered; use "
                              f"master_weights='fp32'{where}")
         if p.dtype != torch.bfloat16:
-            raise ValueError(f"master_weights='remainder' needs BF16 params, got {p.dtype}{where}: the remainder "
+            raise ValueError(f"master_weights={mode!r} needs BF16 params, got {p.dtype}{where}: the remainder "
                              "is the low half of an FP32 master whose top half is the BF16 param (BF16 and FP32 "
                              "share the exponent); FP16 does not, and FP32 params are their own masters")
 
 
 def is_remainder(t) -> bool:
-    return isinstance(t, torch.Tensor) and t.dtype == torch.int16
+    """A remainder master (int16, or int8 for "remainder8") rather than an FP32 one."""
+    return isinstance(t, torch.Tensor) and t.dtype in (torch.int16, torch.int8)
+
+
+def rebuild_any(p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    return rebuild8(p, r) if r.dtype == torch.int8 else rebuild(p, r)
+
+
+def remainder_like(w: torch.Tensor, p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """The remainder of master w in r's format (int16 or int8)."""
+    return remainder8_of(w, p) if r.dtype == torch.int8 else remainder_of(w, p)

@@ -17,7 +17,8 @@ import torch
 from . import ema
 from .backends import StepBatch
 from .distributed import local, local_grads, shard_reduction
-from .memory import check_param_memory, conform_buffer
+from .memory import check_param_memory
+from .state_precision import scale_key
 from .validation import check_grads
 
 
@@ -29,6 +30,7 @@ class StepLayout:
         self.layout_id = layout_id
         self.owners = []  # the params as the user sees them (DTensors stay DTensors)
         self.params, self.masters, self.buffers, self.counts, self.group_index = [], [], [], [], []
+        self.scales = []       # per param, the int8 buffers' block scales (None for other precisions)
         self.emas = None       # with ema_decay: each param's EMA (ema.py)
         self.reduce_stats = None
         self.memory = None     # (data_ptr, dtype, shape, stride) of each param when built
@@ -125,7 +127,8 @@ class PerTensorStorage:
                          applied_steps=opt._applied_steps, grad_norm=opt.last_grad_norm,
                          found_inf=opt.last_step_skipped, cache=opt._backend_cache, layout_id=layout.layout_id,
                          reduce_stats=layout.reduce_stats, consecutive_skips=opt.consecutive_skips, rule=opt.RULE,
-                         emas=layout.emas, ema=opt._ema)
+                         emas=layout.emas, ema=opt._ema, scales=layout.scales,
+                         state_precision=opt._state_precision)
 
     def _new_layout(self, opt, params, active, hypers, signature) -> StepLayout:
         """Checks every param, master and buffer about to be touched, and re-takes or re-lays
@@ -148,12 +151,14 @@ class PerTensorStorage:
             keys = hypers[gi].buffers
             master = opt._masters.cached(state, p)  # None: none yet, or no longer fits p
             name = opt._param_name(p)
-            bufs = [conform_buffer(state.get(key), p, master, name, key) for key in keys]
+            stored = [opt._state_precision.conform(state.get(key), state.get(scale_key(key)), p, master, name, key,
+                                                   key not in rule.unsigned_buffers) for key in keys]
             average = None if opt._ema is None else opt._ema.conform(state.get(ema.KEY), p, master, name)
-            fixes.append((p, master, keys, bufs, gi, average))
+            fixes.append((p, master, keys, stored, gi, average))
         if opt._ema is not None:
             layout.emas = []
-        for p, master, keys, bufs, gi, average in fixes:
+        precision = opt._state_precision
+        for p, master, keys, stored, gi, average in fixes:
             state = opt.state[p]
             if master is None:
                 master = opt._masters.make(p)
@@ -161,15 +166,22 @@ class PerTensorStorage:
             if state.get(key) is not master:
                 state[key] = master
             count = None
+            bufs, scales = [], []
             if keys:
                 # Buffers allocated now are zeros, applied on the device (SGD: the first applied
-                # step sets b = d; AdamW: the moments start at 0 with step 0).
-                new = all(b is None for b in bufs)
-                bufs = [torch.zeros_like(master, dtype=torch.float32) if b is None else b for b in bufs]
+                # step sets b = d; AdamW: the moments start at 0 with step 0). Stored in the
+                # state_precision's form (state_precision.py); an int8 buffer's scales beside it.
+                new = all(b is None for b, _ in stored)
+                stored = [precision.zeros(master, k not in rule.unsigned_buffers) if b is None else (b, sc)
+                          for k, (b, sc) in zip(keys, stored)]
                 count = rule.count(state, p.device, new)
-                for k, b in zip(keys, bufs):
+                for k, (b, sc) in zip(keys, stored):
                     if state.get(k) is not b:
                         state[k] = b
+                    if sc is not None and state.get(scale_key(k)) is not sc:
+                        state[scale_key(k)] = sc
+                    bufs.append(b)
+                    scales.append(sc)
                 if state.get(rule.count_key) is not count:
                     state[rule.count_key] = count
             if opt._ema is not None:  # none yet (its state was cleared): it restarts from the master
@@ -182,13 +194,15 @@ class PerTensorStorage:
             layout.params.append(local(p))  # a DTensor's state is a DTensor too; kernels get the shards
             layout.masters.append(local(master))
             layout.buffers.append(tuple(map(local, bufs)))
+            layout.scales.append(tuple(scales) if precision.scaled else None)
             layout.counts.append(count)
             layout.group_index.append(gi)
         layout.epoch = opt._epoch.value
         emas = layout.emas or [None] * len(layout.params)
-        layout.state_tensors = [t for p, m, bufs, count, e in zip(layout.params, layout.masters, layout.buffers,
-                                                                  layout.counts, emas)
-                                for t in (m, *bufs, count, e) if t is not None and t is not p]
+        layout.state_tensors = [t for p, m, bufs, scales, count, e in zip(layout.params, layout.masters,
+                                                                          layout.buffers, layout.scales,
+                                                                          layout.counts, emas)
+                                for t in (m, *bufs, *(scales or ()), count, e) if t is not None and t is not p]
         layout.state_memory = list(map(_DATA_PTR, layout.state_tensors))
         self.layout = layout
         return layout

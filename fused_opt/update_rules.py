@@ -96,6 +96,7 @@ class SGD:
     keys = tuple(defaults)
     tensor_keys = ("lr", "momentum")  # may be 0-dim tensors, read on the device
     all_buffers = ("momentum_buffer",)
+    unsigned_buffers = ()  # never negative: state_precision="int8" stores them unsigned
     count_key = "momentum_first_step"
 
     @staticmethod
@@ -218,6 +219,7 @@ class AdamW:
     keys = tuple(defaults)
     tensor_keys = ("lr",)
     all_buffers = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    unsigned_buffers = ("exp_avg_sq", "max_exp_avg_sq")
     count_key = "step"
 
     @staticmethod

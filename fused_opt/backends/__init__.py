@@ -61,6 +61,10 @@ class StepBatch:
     # master on applied steps, and `ema` the policy (decay, warm-up, dtype); else None.
     emas: list | None = None
     ema: object = None
+    # state_precision (state_precision.py): how `buffers` are stored (FP32, BF16, or int8 codes
+    # with `scales[i]`, one FP32 scale tensor per buffer of param i; None for other precisions).
+    scales: list | None = None
+    state_precision: object = None
 
 
 def _module(name: str):

@@ -29,10 +29,16 @@ CHUNK_SIZE = int(os.environ.get("FUSED_OPT_CHUNK_SIZE", 65536))
 # Columns of the per-tensor table (int64): addresses are raw device pointers, 0 when absent.
 # BUF, BUF2, BUF3 are the update rule's state buffers in its order (SGD: the momentum buffer;
 # AdamW: exp_avg, exp_avg_sq, max_exp_avg_sq), COUNT its per-param count (update_rules.py),
-# EMA the param's model EMA (ema.py).
-GRAD, MASTER, BUF, PARAM, NUMEL, GROUP, COUNT, BUF2, BUF3, EMA = range(10)
-TABLE_COLUMNS = 10
+# EMA the param's model EMA (ema.py), SCALE, SCALE2, SCALE3 the block scales of BUF, BUF2, BUF3
+# with state_precision="int8" (state_precision.py).
+GRAD, MASTER, BUF, PARAM, NUMEL, GROUP, COUNT, BUF2, BUF3, EMA, SCALE, SCALE2, SCALE3 = range(13)
+TABLE_COLUMNS = 13
 BUFFER_COLUMNS = (BUF, BUF2, BUF3)
+SCALE_COLUMNS = (SCALE, SCALE2, SCALE3)
+# How a pair's master column is kept (master_format.py): FP32 masters, or BF16 params with
+# int16 ("remainder") or int8 ("remainder8") remainders; each is a kernel of its own.
+FP32_MASTERS, REMAINDER16, REMAINDER8 = 0, 1, 2
+MASTER_KINDS = {torch.float32: FP32_MASTERS, torch.int16: REMAINDER16, torch.int8: REMAINDER8}
 # The per-group hyperparameter table (float32): each rule's row of GROUP_COLUMNS (Hyper.row).
 GROUP_COLUMNS = 8
 # Per-step scalars (float32): written by the finalize stage and read by the update, then the
@@ -64,7 +70,7 @@ class PairPlan:
     static_aligned: bool = False   # masters, buffers and params all 16-byte aligned
     aligned: bool = False          # ... and this step's grads too: vector loads are safe
     staged: list = field(default_factory=list)    # (param or None, dense staging copy)
-    remainder: bool = False        # BF16 params with int16 master remainders
+    master_kind: int = FP32_MASTERS  # what the master column holds (MASTER_KINDS)
 
 
 @dataclass
@@ -87,15 +93,16 @@ class Plan:
         self.chunk_size = chunk_size
         self.rule = batch.rule.code  # update_rules.py: which per-element function the update runs
         self.ema_dtype = batch.ema.dtype if batch.emas is not None else None
+        # How the state buffers are stored: one code per launch (state_precision.py).
+        self.state_code = batch.state_precision.code if batch.state_precision is not None else 0
         by_pair: dict = {}
         for i, (p, g, m) in enumerate(zip(batch.params, batch.grads, batch.masters)):
-            # int16 masters are master_weights="remainder"'s (remainder.py): a kernel of their own
-            by_pair.setdefault((p.dtype, g.dtype, m.dtype == torch.int16), []).append(i)
+            by_pair.setdefault((p.dtype, g.dtype, MASTER_KINDS[m.dtype]), []).append(i)
         self.pairs = []
         base = 0
-        for (param_dtype, grad_dtype, remainder), members in by_pair.items():
+        for (param_dtype, grad_dtype, master_kind), members in by_pair.items():
             pair = self._pair_plan(batch, members, param_dtype, grad_dtype, base)
-            pair.remainder = remainder
+            pair.master_kind = master_kind
             base += pair.num_chunks
             self.pairs.append(pair)
         self.total_chunks = base
@@ -121,10 +128,13 @@ class Plan:
         for row, i in enumerate(members):
             p, master, bufs, count = batch.params[i], batch.masters[i], batch.buffers[i], batch.counts[i]
             ema = batch.emas[i] if batch.emas is not None else None
+            scales = batch.scales[i] if batch.scales is not None else None
             n = master.numel()
             host[row, MASTER] = master.data_ptr()
             for column, buf in zip(BUFFER_COLUMNS, bufs):
                 host[row, column] = buf.data_ptr()
+            for column, scale in zip(SCALE_COLUMNS, scales or ()):
+                host[row, column] = scale.data_ptr()
             host[row, COUNT] = count.data_ptr() if count is not None else 0
             host[row, PARAM] = 0 if p is master else p.data_ptr()
             host[row, EMA] = 0 if ema is None else ema.data_ptr()

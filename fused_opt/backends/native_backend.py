@@ -12,10 +12,11 @@ import torch
 
 from ..transaction import _interrupts_held
 from . import StepBatch
-from .multi_tensor import CHUNK_SIZE, plan_for
+from .multi_tensor import CHUNK_SIZE, REMAINDER8, REMAINDER16, plan_for
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/dispatch.h
-BF16_REMAINDER = 3  # a BF16 param code whose master column holds int16 remainders (kBFloat16Remainder)
+# BF16 param codes whose master column holds remainders (kBFloat16Remainder, kBFloat16Remainder8)
+BF16_REMAINDER, BF16_REMAINDER8 = 3, 4
 # Module-level names of the launches, so tests can count them.
 LAUNCH_ENTRY_POINTS = ["launch_partials", "launch_finalize", "launch_update", "launch_step"]
 # A step with nothing to do between its passes goes to the module's one-call `step`; tests
@@ -197,8 +198,9 @@ def _static_args(plan) -> dict:
     if args is None:
         norm = [(run, run.chunks.data_ptr(), plan.partials[run.chunk_base:].data_ptr(),
                  plan.flags[run.chunk_base:].data_ptr(), DTYPE_CODES[run.grad_dtype]) for run in plan.norm_passes()]
+        param_code = {REMAINDER16: BF16_REMAINDER, REMAINDER8: BF16_REMAINDER8}
         update = [(pair, pair.chunks.data_ptr(), DTYPE_CODES[pair.grad_dtype],
-                   BF16_REMAINDER if pair.remainder else DTYPE_CODES[pair.param_dtype]) for pair in plan.pairs]
+                   param_code.get(pair.master_kind, DTYPE_CODES[pair.param_dtype])) for pair in plan.pairs]
         args = plan.cache["native"] = dict(norm=norm, update=update, partials=plan.partials.data_ptr(),
                                            flags=plan.flags.data_ptr(), scalars=plan.scalars.data_ptr(),
                                            ema_dtype=DTYPE_CODES[plan.ema_dtype or torch.float32])
@@ -214,8 +216,8 @@ def _records(plan, static) -> tuple:
                               for run, chunks, partials, flags, dtype in static["norm"]] or [[0] * 6],
                              dtype=torch.int64)
         updates = torch.tensor([[chunks, pair.num_chunks, pair.table.data_ptr(), grad_dtype, param_dtype, plan.rule,
-                                 static["ema_dtype"]]
-                                for pair, chunks, grad_dtype, param_dtype in static["update"]] or [[0] * 7],
+                                 static["ema_dtype"], plan.state_code]
+                                for pair, chunks, grad_dtype, param_dtype in static["update"]] or [[0] * 8],
                                dtype=torch.int64)
         cached = plan.cache["records"] = (plan.tables_version, norms, len(static["norm"]), updates,
                                           len(static["update"]))
@@ -253,5 +255,6 @@ def step(batch: StepBatch) -> None:
                     static["scalars"], *finalize_args[5:], stream)
     for pair, chunks, grad_dtype, param_dtype in static["update"]:
         launch_update(module, chunks, pair.num_chunks, pair.table.data_ptr(), groups, static["scalars"], applied,
-                      grad_dtype, param_dtype, batch.rule.code, static["ema_dtype"], plan.chunk_size, stream)
+                      grad_dtype, param_dtype, batch.rule.code, static["ema_dtype"], plan.state_code, plan.chunk_size,
+                      stream)
     plan.write_back(batch)

@@ -12,7 +12,7 @@ import math
 import torch
 
 from . import StepBatch
-from ..remainder import is_remainder, rebuild, remainder_of
+from ..remainder import is_remainder, rebuild_any, remainder_like
 
 # Its writes are torch ops, which bump the params' version counters on every step, flat grads
 # too (the fused backends write through raw pointers and bump them only off the flat path).
@@ -77,23 +77,36 @@ def step(batch: StepBatch) -> None:
     applied_steps = batch.applied_steps + (~found_inf).to(torch.int32)
     # the EMA's weight a = 1 - d_t for this step (ema.py)
     ema_weight = batch.ema.weight(applied_steps) if batch.emas is not None else None
+    precision = batch.state_precision
     for i, d in enumerate(unscaled):
         h = batch.groups[batch.group_index[i]]
         w, p = batch.masters[i], batch.params[i]
         remainder = None
-        if is_remainder(w):  # master_weights="remainder": the master is p and its int16 remainder
-            remainder, w = w, rebuild(p, w)
+        if is_remainder(w):  # master_weights="remainder"/"remainder8": the master is p and its remainder
+            remainder, w = w, rebuild_any(p, w)
         elif p is not w:
             # A param edited outside the optimizer (e.g. p.data.clamp_, which its version
             # counter never sees) no longer equals its master rounded: keep the edit, as
             # torch.optim does, by re-taking those elements' master. Bits, not values.
             same = _bits(w.to(p.dtype)) == _bits(p)
             w.copy_(torch.where(same | found_inf, w, p.float()))
-        new_w = batch.rule.update(w, d, batch.buffers[i], batch.counts[i], h, applied_steps, found_inf)
+        stored = batch.buffers[i]
+        scales = batch.scales[i] if batch.scales is not None else None
+        # The rule steps FP32 values: state kept in BF16 or int8 is decoded first and encoded
+        # after (state_precision.py), where the step is applied.
+        bufs = [precision.decode(b, s) for b, s in zip(stored, scales or [None] * len(stored))]
+        new_w = batch.rule.update(w, d, bufs, batch.counts[i], h, applied_steps, found_inf)
+        if precision.code != 0:
+            keys = h.buffers
+            for k, (b, x) in enumerate(zip(stored, bufs)):
+                codes, scale = precision.encode(x, keys[k] not in batch.rule.unsigned_buffers)
+                b.copy_(torch.where(found_inf, b, codes))
+                if scale is not None:
+                    scales[k].copy_(torch.where(found_inf, scales[k], scale))
         w.copy_(torch.where(found_inf, w, new_w))
         if remainder is not None:  # a skipped step writes nothing, as the kernels' return early
             new_p = w.to(p.dtype)
-            new_r = remainder_of(w, new_p)
+            new_r = remainder_like(w, new_p, remainder)
             p.copy_(torch.where(found_inf, p, new_p))
             remainder.copy_(torch.where(found_inf, remainder, new_r))
         elif p is not w:

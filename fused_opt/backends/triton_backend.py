@@ -69,7 +69,7 @@ def step(batch: StepBatch) -> None:
         if not pair.num_chunks:
             continue
         dtypes = dict(GRAD_DTYPE=_tl_dtype(pair.grad_dtype), PARAM_DTYPE=_tl_dtype(pair.param_dtype),
-                      REMAINDER=pair.remainder, EMA_DTYPE=_tl_dtype(plan.ema_dtype or torch.float32),
+                      MASTER_KIND=pair.master_kind, STATE=plan.state_code, EMA_DTYPE=_tl_dtype(plan.ema_dtype or torch.float32),
                       ALIGNED=pair.aligned, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS)
         if adamw:
             k.adamw_kernel[(pair.num_chunks,)](pair.chunks, pair.table, plan.group_table, plan.scalars, **dtypes)
