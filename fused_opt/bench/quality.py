@@ -1,0 +1,281 @@
+"""python -m fused_opt.bench.quality: what compressed masters and state cost in training quality.
+
+Two small training runs with BF16 params, each under every combination of master format
+(master_weights: fp32, remainder, remainder8) and state precision (state_precision: fp32, bf16,
+int8), from the same initial weights on the same batches, against the FP32-master, FP32-state
+run; plus torch.optim stepping the BF16 params with no master at all (clipped alike), the
+failure the masters exist to prevent. Every run clips the grad norm at 1.0:
+
+  cnn  a small CNN on scikit-learn's 8x8 digits, SGD (momentum 0.9, weight decay 5e-4)
+  gpt  a small GPT-2-style decoder, character-level on Python's own standard library source,
+       AdamW (weight decay 0.1)
+
+The params, grads and optimizer are BF16 (what the optimizer sees is a BF16 model's); the
+forward computes in FP32 from the BF16 weights (BF16 convolution and attention are slow on
+CPUs without BF16 units, and the optimizer is what is being measured). Reported: each run's
+loss curve, its final loss (the mean training loss over the last 100 steps) and that loss
+relative to the reference run. Writes quality-<device>.{json,md,png} to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+import sysconfig
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fused_opt
+from .timing import device_name
+
+MASTERS = ("fp32", "remainder", "remainder8")
+STATES = ("fp32", "bf16", "int8")
+TAIL = 100  # final loss: the mean of the last TAIL steps' training losses
+
+
+class BF16Model(nn.Module):
+    """Params in BF16; the forward casts them to FP32 (grads flow back to the BF16 params)."""
+
+    def w(self, name):
+        return getattr(self, name).float()
+
+
+class SmallCNN(BF16Model):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Parameter(torch.randn(32, 1, 3, 3) * (2 / 9) ** 0.5)
+        self.b1 = nn.Parameter(torch.zeros(32))
+        self.conv2 = nn.Parameter(torch.randn(64, 32, 3, 3) * (2 / 288) ** 0.5)
+        self.b2 = nn.Parameter(torch.zeros(64))
+        self.fc = nn.Parameter(torch.randn(10, 64 * 16) * (1 / 1024) ** 0.5)
+        self.bf = nn.Parameter(torch.zeros(10))
+
+    def forward(self, x, y):
+        x = F.relu(F.conv2d(x, self.w("conv1"), self.w("b1"), padding=1))
+        x = F.relu(F.conv2d(x, self.w("conv2"), self.w("b2"), stride=2, padding=1))
+        return F.cross_entropy(F.linear(x.flatten(1), self.w("fc"), self.w("bf")), y)
+
+
+class SmallGPT(BF16Model):
+    def __init__(self, vocab, d=128, layers=2, heads=4, ctx=64):
+        super().__init__()
+        self.heads, self.ctx = heads, ctx
+        self.wte = nn.Parameter(torch.randn(vocab, d) * 0.02)
+        self.wpe = nn.Parameter(torch.randn(ctx, d) * 0.01)
+        self.blocks = nn.ModuleList()
+        for _ in range(layers):
+            block = BF16Model()
+            block.ln1, block.ln2 = nn.Parameter(torch.ones(d)), nn.Parameter(torch.ones(d))
+            block.qkv = nn.Parameter(torch.randn(3 * d, d) * 0.02)
+            block.proj = nn.Parameter(torch.randn(d, d) * 0.02 / (2 * layers) ** 0.5)
+            block.fc1 = nn.Parameter(torch.randn(4 * d, d) * 0.02)
+            block.fc2 = nn.Parameter(torch.randn(d, 4 * d) * 0.02 / (2 * layers) ** 0.5)
+            self.blocks.append(block)
+        self.lnf = nn.Parameter(torch.ones(d))
+
+    def forward(self, idx, targets):
+        b, t = idx.shape
+        x = F.embedding(idx, self.w("wte")) + self.w("wpe")[:t]
+        d = x.shape[-1]
+        for blk in self.blocks:
+            h = F.layer_norm(x, (d,), blk.w("ln1"))
+            q, k, v = F.linear(h, blk.w("qkv")).split(d, dim=-1)
+            q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+            x = x + F.linear(a, blk.w("proj"))
+            h = F.layer_norm(x, (d,), blk.w("ln2"))
+            x = x + F.linear(F.gelu(F.linear(h, blk.w("fc1"))), blk.w("fc2"))
+        logits = F.linear(F.layer_norm(x, (d,), self.w("lnf")), self.w("wte"))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def digits_batches(steps, batch, seed):
+    from sklearn.datasets import load_digits
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(data.target)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.cat([torch.randperm(len(y), generator=g) for _ in range(steps * batch // len(y) + 1)])
+    return [(x[order[i * batch:(i + 1) * batch]], y[order[i * batch:(i + 1) * batch]]) for i in range(steps)]
+
+
+def stdlib_text(chars: int) -> str:
+    text, root = [], sysconfig.get_paths()["stdlib"]
+    for path in sorted(glob.glob(os.path.join(root, "*.py"))):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text.append(f.read())
+        if sum(map(len, text)) >= chars:
+            break
+    return "".join(text)[:chars]
+
+
+def text_batches(steps, batch, ctx, seed):
+    text = stdlib_text(2_000_000)
+    vocab = sorted(set(text))
+    lookup = {c: i for i, c in enumerate(vocab)}
+    ids = torch.tensor([lookup[c] for c in text], dtype=torch.int64)
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - ctx - 1, (batch,), generator=g)
+        chunk = torch.stack([ids[s:s + ctx + 1] for s in starts])
+        batches.append((chunk[:, :-1], chunk[:, 1:]))
+    return len(vocab), batches
+
+
+TASKS = {
+    "cnn": dict(rule="SGD", hyper=dict(lr=0.05, momentum=0.9, weight_decay=5e-4), title="small CNN, SGD, digits"),
+    "gpt": dict(rule="AdamW", hyper=dict(lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1),
+                title="small GPT-2-style, AdamW, stdlib text"),
+}
+
+
+def build(task: str, steps: int, seed: int):
+    torch.manual_seed(seed)
+    if task == "cnn":
+        model, batches = SmallCNN(), digits_batches(steps, 64, seed)
+    else:
+        vocab, batches = text_batches(steps, 16, 64, seed)
+        model = SmallGPT(vocab)
+    return model.to(torch.bfloat16), batches
+
+
+def run(task: str, master: str | None, state: str | None, steps: int, seed: int, backend: str) -> dict:
+    """One training run; master None: torch.optim on the BF16 params, no master."""
+    model, batches = build(task, steps, seed)
+    spec = TASKS[task]
+    params = list(model.parameters())
+    if master is None:
+        opt = getattr(torch.optim, spec["rule"])(params, **spec["hyper"])
+    else:
+        cls = fused_opt.FusedMixedPrecisionSGD if spec["rule"] == "SGD" else fused_opt.FusedMixedPrecisionAdamW
+        opt = cls(params, **spec["hyper"], max_grad_norm=1.0, master_weights=master, state_precision=state,
+                  backend=backend)
+    losses = []
+    start = time.perf_counter()
+    for x, y in batches:
+        loss = model(x, y)
+        loss.backward()
+        if master is None:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    seconds = time.perf_counter() - start
+    return dict(task=task, master=master or "none (torch.optim on BF16)", state=state or "-", losses=losses,
+                final=sum(losses[-TAIL:]) / TAIL, bytes_per_param=state_bytes(opt, params) if master else 2.0,
+                seconds=seconds)
+
+
+def state_bytes(opt, params) -> float:
+    """Params + optimizer state, from the storages, per param."""
+    n = sum(p.numel() for p in params)
+    total = sum(p.numel() * p.element_size() for p in params)
+    for p in params:
+        for v in opt.state[p].values():
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v is not p:
+                total += v.numel() * v.element_size()
+    return total / n
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(__file__), check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def report(record: dict) -> str:
+    lines = [f"# Training quality of compressed masters and state ({record['device']})", "",
+             f"{record['date']}, torch {record['torch']}, fused_opt {record['commit']}, {record['steps']} steps, "
+             f"seed {record['seed']}. Final loss: mean training loss of the last {TAIL} steps; relative to "
+             "master fp32 + state fp32.", ""]
+    for task, spec in TASKS.items():
+        rows = [r for r in record["runs"] if r["task"] == task]
+        if not rows:
+            continue
+        ref = next(r for r in rows if r["master"] == "fp32" and r["state"] == "fp32")
+        lines += [f"## {spec['title']}", "", "| master | state | B/param (params + state) | final loss | vs fp32/fp32 |",
+                  "|---|---|---:|---:|---:|"]
+        for r in rows:
+            rel = (r["final"] - ref["final"]) / ref["final"] * 100
+            lines.append(f"| {r['master']} | {r['state']} | {r['bytes_per_param']:.2f} | {r['final']:.4f} | "
+                         f"{rel:+.2f} % |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(record: dict, path: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    tasks = [t for t in TASKS if any(r["task"] == t for r in record["runs"])]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(7 * len(tasks), 5), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for r in (r for r in record["runs"] if r["task"] == task):
+            smooth, out = None, []
+            for v in r["losses"]:
+                smooth = v if smooth is None else 0.98 * smooth + 0.02 * v
+                out.append(smooth)
+            style = "--" if r["state"] == "int8" else (":" if r["state"] == "bf16" else "-")
+            if r["state"] == "-":
+                style = "-."
+            ax.plot(out, style, lw=1.2, label=f"{r['master']} / {r['state']}: {r['final']:.4f}")
+        ax.set_title(TASKS[task]["title"])
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (EMA 0.98)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7, title="master / state: final loss", title_fontsize=7)
+    fig.suptitle(f"{record['device']}, torch {record['torch']}, fused_opt {record['commit']}, {record['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    ap.add_argument("--masters", nargs="+", default=list(MASTERS), choices=list(MASTERS))
+    ap.add_argument("--states", nargs="+", default=list(STATES), choices=list(STATES))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--out", default="bench-out")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    runs = []
+    for task in args.tasks:
+        combos = [(m, s) for m in args.masters for s in args.states]
+        if ("fp32", "fp32") not in combos:
+            combos.insert(0, ("fp32", "fp32"))
+        for master, state in [*combos, (None, None)]:
+            r = run(task, master, state, args.steps, args.seed, args.backend)
+            print(f"{task:4s} master={r['master']:26s} state={r['state']:5s} final={r['final']:.4f} "
+                  f"{r['bytes_per_param']:.2f} B/param  {r['seconds']:.0f} s", flush=True)
+            runs.append(r)
+    record = dict(device=device_name(torch.device("cpu")), torch=torch.__version__, commit=_commit(),
+                  date=time.strftime("%Y-%m-%d"), steps=args.steps, seed=args.seed, runs=runs)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, "quality-cpu")
+    with open(stem + ".json", "w") as f:
+        json.dump(record, f)
+    with open(stem + ".md", "w") as f:
+        f.write(report(record) + "\n")
+    plot(record, stem + ".png")
+    print(report(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
