@@ -19,12 +19,18 @@ groups never changes the number of launches or compilations.
 import triton
 import triton.language as tl
 
+from .. import state_precision as sp
 from . import multi_tensor as mt
 
 # Table layouts shared with the host (multi_tensor.py); kernels see globals only as constexpr.
 GRAD, MASTER, BUF, PARAM = tl.constexpr(mt.GRAD), tl.constexpr(mt.MASTER), tl.constexpr(mt.BUF), tl.constexpr(mt.PARAM)
 NUMEL, GROUP, COUNT = tl.constexpr(mt.NUMEL), tl.constexpr(mt.GROUP), tl.constexpr(mt.COUNT)
 BUF2, BUF3, EMA = tl.constexpr(mt.BUF2), tl.constexpr(mt.BUF3), tl.constexpr(mt.EMA)
+SCALE, SCALE2, SCALE3 = tl.constexpr(mt.SCALE), tl.constexpr(mt.SCALE2), tl.constexpr(mt.SCALE3)
+# The master column's kinds and the state's codes (multi_tensor.py, state_precision.py).
+REMAINDER16, REMAINDER8 = tl.constexpr(mt.REMAINDER16), tl.constexpr(mt.REMAINDER8)
+STATE_BF16, STATE_INT8 = tl.constexpr(sp.BF16_CODE), tl.constexpr(sp.INT8_CODE)
+QBLOCK = tl.constexpr(sp.BLOCK)
 TABLE_COLUMNS, GROUP_COLUMNS = tl.constexpr(mt.TABLE_COLUMNS), tl.constexpr(mt.GROUP_COLUMNS)
 # A group's row (update_rules.py: SGDHyper.row, AdamWHyper.row).
 LR, MOMENTUM, ONE_MINUS_DAMPENING, WEIGHT_DECAY, NESTEROV, MAXIMIZE = (tl.constexpr(i) for i in range(6))
@@ -164,12 +170,15 @@ def finalize_kernel(partials_ptr, flags_ptr, num_chunks, scale_ptr, tracker_ptr,
 
 
 @triton.jit
-def _master_of(master, param, mask, PARAM_DTYPE: tl.constexpr, REMAINDER: tl.constexpr, MASKED: tl.constexpr):
+def _master_of(master, param, mask, PARAM_DTYPE: tl.constexpr, MASTER_KIND: tl.constexpr, MASKED: tl.constexpr):
     """The FP32 master of this block: loaded, or rebuilt from a BF16 param and its remainder
-    (master_weights="remainder", csrc/sgd_math.h BF16Remainder: w = p + r in the bits)."""
+    (master_weights="remainder": w = p + r in the bits, csrc/sgd_math.h BF16Remainder;
+    "remainder8": w = p + 256 * r8, csrc/state_math.h BF16Remainder8)."""
     other = 0.0 if MASKED else None
-    if REMAINDER:
+    if MASTER_KIND != 0:
         r_old = tl.load(master, mask=mask, other=0 if MASKED else None).to(tl.int32)
+        if MASTER_KIND == REMAINDER8:
+            r_old = r_old * 256
         top = tl.load(param, mask=mask, other=other).to(tl.uint16, bitcast=True).to(tl.uint32) << 16
         w_bits = top + r_old.to(tl.uint32, bitcast=True)
         # an unseen edit (p.data.mul_(mask)): where p + r crosses the sign or makes a NaN of an
@@ -191,17 +200,20 @@ def _master_of(master, param, mask, PARAM_DTYPE: tl.constexpr, REMAINDER: tl.con
 
 @triton.jit
 def _store_master(w, master, param, ema, ema_weight, has_ema, mask, PARAM_DTYPE: tl.constexpr,
-                  REMAINDER: tl.constexpr, EMA_DTYPE: tl.constexpr):
+                  MASTER_KIND: tl.constexpr, EMA_DTYPE: tl.constexpr):
     """The new master, and the param as it rounded to nearest even (or the param and its
     remainder); then the EMA moves toward the new master, e + a * (w - e) (csrc/ema_math.h)."""
     if has_ema:  # a runtime flag, uniform over the program
         e = tl.load(ema, mask=mask).to(tl.float32)  # masked-off lanes are never stored
         tl.store(ema, _round_to(e + ema_weight * (w - e), EMA_DTYPE), mask=mask)
-    if REMAINDER:
+    if MASTER_KIND != 0:
         p_new = _round_to(w, tl.bfloat16)
         diff = (w.to(tl.uint32, bitcast=True) - (p_new.to(tl.uint16, bitcast=True).to(tl.uint32) << 16))
         r_new = tl.minimum(tl.maximum(diff.to(tl.int32, bitcast=True), -32768), 32767)
-        tl.store(master, r_new.to(tl.int16), mask=mask)
+        if MASTER_KIND == REMAINDER8:  # the top 8 bits, rounded half up (BF16Remainder8::remainder)
+            tl.store(master, tl.minimum((r_new + 128) >> 8, 127).to(tl.int8), mask=mask)
+        else:
+            tl.store(master, r_new.to(tl.int16), mask=mask)
         tl.store(param, p_new, mask=mask)
     else:
         tl.store(master, w, mask=mask)
@@ -210,31 +222,118 @@ def _store_master(w, master, param, ema, ema_weight, has_ema, mask, PARAM_DTYPE:
 
 
 @triton.jit
-def _update_block(grad, master, buf, param, ema, mask, inv_scale, coef, sign, weight_decay, momentum,
-                  one_minus_dampening, nesterov, lr, first, HAS_BUF, ema_weight, has_ema, PARAM_DTYPE: tl.constexpr,
-                  REMAINDER: tl.constexpr, EMA_DTYPE: tl.constexpr, MASKED: tl.constexpr):
+def _round_code(y, low, high):
+    """floor(y + 0.5) clamped to [low, high]; a NaN code is 0 (csrc/state_math.h round_code)."""
+    q = tl.minimum(tl.maximum(tl.floor(y + 0.5), low), high)
+    return tl.where(y != y, 0.0, q)
+
+
+@triton.jit
+def _load_state(ptr, scales, mask, STATE: tl.constexpr, SIGNED: tl.constexpr, MASKED: tl.constexpr):
+    """A state buffer's values as FP32 (state_precision.py): FP32, BF16, or int8 codes with
+    their block's scale (`scales`: each element's scale address)."""
+    if STATE == STATE_INT8:
+        q = tl.load(ptr, mask=mask, other=0 if MASKED else None).to(tl.float32)
+        scale = tl.load(scales, mask=mask, other=0.0 if MASKED else None)
+        if SIGNED:
+            y = tl.math.div_rn(q, 127.0)
+            x = scale * tl.math.div_rn(y, 2.0 - tl.abs(y))
+        else:
+            r = tl.math.div_rn(q, 255.0) * scale
+            x = r * r
+    else:
+        x = tl.load(ptr, mask=mask, other=0.0 if MASKED else None).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _store_state(x, ptr, scale_base, offset, end, mask, STATE: tl.constexpr, SIGNED: tl.constexpr,
+                 MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    """FP32 values x stored in the state's precision. int8: each QBLOCK run of this block gets
+    the scale of its largest magnitude (compared as bits, csrc/state_math.h encode_block), and
+    the codes; `offset` is the block's first element (a multiple of QBLOCK)."""
+    if STATE == STATE_INT8:
+        if SIGNED:
+            m = x
+        else:
+            m = tl.sqrt_rn(x)
+        bits = (m.to(tl.uint32, bitcast=True) & 0x7FFFFFFF).to(tl.int32, bitcast=True)
+        if MASKED:
+            bits = tl.where(mask, bits, 0)
+        largest = tl.max(tl.reshape(bits, [BLOCK // QBLOCK, QBLOCK]), axis=1)
+        scale = largest.to(tl.float32, bitcast=True)
+        inv = tl.where(scale > 0, tl.math.div_rn(1.0, tl.where(scale > 0, scale, 1.0)), 0.0)
+        inv = tl.reshape(tl.broadcast_to(inv[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
+        if SIGNED:
+            t = x * inv
+            q = _round_code(127.0 * tl.math.div_rn(2.0 * t, 1.0 + tl.abs(t)), -127.0, 127.0)
+            tl.store(ptr, q.to(tl.int8), mask=mask)
+        else:
+            q = _round_code((m * inv) * 255.0, 0.0, 255.0)
+            tl.store(ptr, q.to(tl.uint8), mask=mask)
+        blocks = offset // QBLOCK + tl.arange(0, BLOCK // QBLOCK)
+        tl.store(scale_base + blocks, scale, mask=blocks * QBLOCK < end)
+    elif STATE == STATE_BF16:
+        tl.store(ptr, _round_to(x, tl.bfloat16), mask=mask)
+    else:
+        tl.store(ptr, x, mask=mask)
+
+
+@triton.jit
+def _update_block(grad, master, buf, param, ema, scales, scale_base, offset, end, mask, inv_scale, coef, sign,
+                  weight_decay, momentum, one_minus_dampening, nesterov, lr, first, HAS_BUF, ema_weight, has_ema,
+                  PARAM_DTYPE: tl.constexpr, MASTER_KIND: tl.constexpr, STATE: tl.constexpr,
+                  EMA_DTYPE: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
     # grad, master, buf, param are this block's addresses (see _partials_block: hints, masks).
     other = 0.0 if MASKED else None
     # u * c in this order, as the reference: unscale, then clip.
     d = (tl.load(grad, mask=mask, other=other).to(tl.float32) * inv_scale) * coef * sign
-    w = _master_of(master, param, mask, PARAM_DTYPE, REMAINDER, MASKED)
+    w = _master_of(master, param, mask, PARAM_DTYPE, MASTER_KIND, MASKED)
     if weight_decay != 0:
         d = d + weight_decay * w
     if HAS_BUF:
-        b = tl.load(buf, mask=mask, other=other)
+        b = _load_state(buf, scales, mask, STATE, True, MASKED)
         b = tl.where(first, d, b * momentum + one_minus_dampening * d)
-        tl.store(buf, b, mask=mask)
+        _store_state(b, buf, scale_base, offset, end, mask, STATE, True, MASKED, BLOCK)
         if nesterov:
             d = d + momentum * b
         else:
             d = b
-    _store_master(w - lr * d, master, param, ema, ema_weight, has_ema, mask, PARAM_DTYPE, REMAINDER, EMA_DTYPE)
+    _store_master(w - lr * d, master, param, ema, ema_weight, has_ema, mask, PARAM_DTYPE, MASTER_KIND, EMA_DTYPE)
+
+
+@triton.jit
+def _state_pointer(address, STATE: tl.constexpr, SIGNED: tl.constexpr):
+    """A state column's address as a pointer to its storage type (state_precision.py)."""
+    if STATE == STATE_INT8:
+        if SIGNED:
+            ptr = address.to(tl.pointer_type(tl.int8))
+        else:
+            ptr = address.to(tl.pointer_type(tl.uint8))
+    elif STATE == STATE_BF16:
+        ptr = address.to(tl.pointer_type(tl.bfloat16))
+    else:
+        ptr = address.to(tl.pointer_type(tl.float32))
+    return ptr
+
+
+@triton.jit
+def _master_pointer(address, MASTER_KIND: tl.constexpr):
+    """The master column: FP32 masters, or int16 / int8 remainders."""
+    if MASTER_KIND == REMAINDER16:
+        ptr = address.to(tl.pointer_type(tl.int16))
+    elif MASTER_KIND == REMAINDER8:
+        ptr = address.to(tl.pointer_type(tl.int8))
+    else:
+        ptr = address.to(tl.pointer_type(tl.float32))
+    return ptr
 
 
 @triton.jit
 def update_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr, applied_steps_ptr,
-                  GRAD_DTYPE: tl.constexpr, PARAM_DTYPE: tl.constexpr, REMAINDER: tl.constexpr,
-                  EMA_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                  GRAD_DTYPE: tl.constexpr, PARAM_DTYPE: tl.constexpr, MASTER_KIND: tl.constexpr,
+                  STATE: tl.constexpr, EMA_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+                  BLOCK: tl.constexpr):
     if tl.load(scalars_ptr + FOUND_INF) != 0:
         return  # a skipped step writes nothing
     # This program's chunk: a tensor row and a start, 64-bit (a tensor or the chunk table may
@@ -245,12 +344,10 @@ def update_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr, applied_steps_
     end = tl.minimum(start + CHUNK, tl.load(table_ptr + row * TABLE_COLUMNS + NUMEL))
     entry = table_ptr + row * TABLE_COLUMNS
     grad = tl.load(entry + GRAD).to(tl.pointer_type(GRAD_DTYPE))
-    if REMAINDER:  # the master column holds the int16 remainders
-        master = tl.load(entry + MASTER).to(tl.pointer_type(tl.int16))
-    else:
-        master = tl.load(entry + MASTER).to(tl.pointer_type(tl.float32))
+    master = _master_pointer(tl.load(entry + MASTER), MASTER_KIND)
     buf_addr = tl.load(entry + BUF)
-    buf = buf_addr.to(tl.pointer_type(tl.float32))
+    buf = _state_pointer(buf_addr, STATE, True)
+    scale = tl.load(entry + SCALE).to(tl.pointer_type(tl.float32))  # int8 state: the block scales
     param = tl.load(entry + PARAM).to(tl.pointer_type(PARAM_DTYPE))
     ema_addr = tl.load(entry + EMA)
     has_ema = ema_addr != 0
@@ -285,34 +382,39 @@ def update_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr, applied_steps_
     full_end = start + (end - start) // BLOCK * BLOCK
     for offset in range(start, full_end, BLOCK):
         idx = tl.multiple_of(offset, BLOCK) + tl.arange(0, BLOCK)
-        _update_block(grad + idx, master + idx, buf + idx, param + idx, ema + idx, None, inv_scale, coef, sign,
-                      weight_decay, momentum, one_minus_dampening, nesterov, lr, first, has_buf, ema_weight, has_ema,
-                      PARAM_DTYPE, REMAINDER, EMA_DTYPE, False)
+        _update_block(grad + idx, master + idx, buf + idx, param + idx, ema + idx, scale + idx // QBLOCK, scale,
+                      offset, end, None, inv_scale, coef, sign, weight_decay, momentum, one_minus_dampening, nesterov,
+                      lr, first, has_buf, ema_weight, has_ema, PARAM_DTYPE, MASTER_KIND, STATE, EMA_DTYPE, False,
+                      BLOCK)
     if full_end < end:
         idx = full_end + tl.arange(0, BLOCK)
-        _update_block(grad + idx, master + idx, buf + idx, param + idx, ema + idx, idx < end, inv_scale, coef, sign,
-                      weight_decay, momentum, one_minus_dampening, nesterov, lr, first, has_buf, ema_weight, has_ema,
-                      PARAM_DTYPE, REMAINDER, EMA_DTYPE, True)
+        _update_block(grad + idx, master + idx, buf + idx, param + idx, ema + idx, scale + idx // QBLOCK, scale,
+                      full_end, end, idx < end, inv_scale, coef, sign, weight_decay, momentum, one_minus_dampening,
+                      nesterov, lr, first, has_buf, ema_weight, has_ema, PARAM_DTYPE, MASTER_KIND, STATE, EMA_DTYPE,
+                      True, BLOCK)
 
 
 @triton.jit
-def _adamw_block(grad, master, m_ptr, v_ptr, vmax_ptr, param, ema, mask, inv_scale, coef, beta1, one_minus_beta1,
-                 beta2, one_minus_beta2, eps, decay, step_size, bias2_sqrt, amsgrad, ema_weight, has_ema,
-                 PARAM_DTYPE: tl.constexpr, REMAINDER: tl.constexpr, EMA_DTYPE: tl.constexpr, MASKED: tl.constexpr):
-    # csrc/adamw_math.h adamw_element, in the same order.
+def _adamw_block(grad, master, m_ptr, v_ptr, vmax_ptr, param, ema, m_scales, v_scales, vmax_scales, m_base, v_base,
+                 vmax_base, offset, end, mask, inv_scale, coef, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+                 decay, step_size, bias2_sqrt, amsgrad, ema_weight, has_ema, PARAM_DTYPE: tl.constexpr,
+                 MASTER_KIND: tl.constexpr, STATE: tl.constexpr, EMA_DTYPE: tl.constexpr, MASKED: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    # csrc/adamw_math.h adamw_element, in the same order; the moments decoded and encoded in
+    # the state's precision (exp_avg signed, exp_avg_sq and its max unsigned).
     other = 0.0 if MASKED else None
     u = (tl.load(grad, mask=mask, other=other).to(tl.float32) * inv_scale) * coef
-    w = _master_of(master, param, mask, PARAM_DTYPE, REMAINDER, MASKED)
-    m = beta1 * tl.load(m_ptr, mask=mask, other=other) + one_minus_beta1 * u
-    v = beta2 * tl.load(v_ptr, mask=mask, other=other) + one_minus_beta2 * (u * u)
-    tl.store(m_ptr, m, mask=mask)
-    tl.store(v_ptr, v, mask=mask)
+    w = _master_of(master, param, mask, PARAM_DTYPE, MASTER_KIND, MASKED)
+    m = beta1 * _load_state(m_ptr, m_scales, mask, STATE, True, MASKED) + one_minus_beta1 * u
+    v = beta2 * _load_state(v_ptr, v_scales, mask, STATE, False, MASKED) + one_minus_beta2 * (u * u)
+    _store_state(m, m_ptr, m_base, offset, end, mask, STATE, True, MASKED, BLOCK)
+    _store_state(v, v_ptr, v_base, offset, end, mask, STATE, False, MASKED, BLOCK)
     if amsgrad:  # a runtime flag (groups may differ), uniform over the program
-        v = tl.maximum(tl.load(vmax_ptr, mask=mask, other=other), v)
-        tl.store(vmax_ptr, v, mask=mask)
+        v = tl.maximum(_load_state(vmax_ptr, vmax_scales, mask, STATE, False, MASKED), v)
+        _store_state(v, vmax_ptr, vmax_base, offset, end, mask, STATE, False, MASKED, BLOCK)
     denom = tl.math.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps
     w = w * decay - step_size * tl.math.div_rn(m, denom)
-    _store_master(w, master, param, ema, ema_weight, has_ema, mask, PARAM_DTYPE, REMAINDER, EMA_DTYPE)
+    _store_master(w, master, param, ema, ema_weight, has_ema, mask, PARAM_DTYPE, MASTER_KIND, EMA_DTYPE)
 
 
 @triton.jit
@@ -328,8 +430,9 @@ def _power(base, n):
 
 @triton.jit
 def adamw_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr,
-                 GRAD_DTYPE: tl.constexpr, PARAM_DTYPE: tl.constexpr, REMAINDER: tl.constexpr,
-                 EMA_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                 GRAD_DTYPE: tl.constexpr, PARAM_DTYPE: tl.constexpr, MASTER_KIND: tl.constexpr,
+                 STATE: tl.constexpr, EMA_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+                 BLOCK: tl.constexpr):
     if tl.load(scalars_ptr + FOUND_INF) != 0:
         return  # a skipped step writes nothing
     c = tl.program_id(0).to(tl.int64)
@@ -338,15 +441,15 @@ def adamw_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr,
     entry = table_ptr + row * TABLE_COLUMNS
     end = tl.minimum(start + CHUNK, tl.load(entry + NUMEL))
     grad = tl.load(entry + GRAD).to(tl.pointer_type(GRAD_DTYPE))
-    if REMAINDER:
-        master = tl.load(entry + MASTER).to(tl.pointer_type(tl.int16))
-    else:
-        master = tl.load(entry + MASTER).to(tl.pointer_type(tl.float32))
-    m_ptr = tl.load(entry + BUF).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(entry + BUF2).to(tl.pointer_type(tl.float32))
+    master = _master_pointer(tl.load(entry + MASTER), MASTER_KIND)
+    m_ptr = _state_pointer(tl.load(entry + BUF), STATE, True)
+    v_ptr = _state_pointer(tl.load(entry + BUF2), STATE, False)
     vmax_addr = tl.load(entry + BUF3)
     amsgrad = vmax_addr != 0
-    vmax_ptr = vmax_addr.to(tl.pointer_type(tl.float32))
+    vmax_ptr = _state_pointer(vmax_addr, STATE, False)
+    m_base = tl.load(entry + SCALE).to(tl.pointer_type(tl.float32))
+    v_base = tl.load(entry + SCALE2).to(tl.pointer_type(tl.float32))
+    vmax_base = tl.load(entry + SCALE3).to(tl.pointer_type(tl.float32))
     param = tl.load(entry + PARAM).to(tl.pointer_type(PARAM_DTYPE))
     ema_addr = tl.load(entry + EMA)
     has_ema = ema_addr != 0
@@ -379,14 +482,20 @@ def adamw_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr,
     full_end = start + (end - start) // BLOCK * BLOCK
     for offset in range(start, full_end, BLOCK):
         idx = tl.multiple_of(offset, BLOCK) + tl.arange(0, BLOCK)
+        blk = idx // QBLOCK
         _adamw_block(grad + idx, master + idx, m_ptr + idx, v_ptr + idx, vmax_ptr + idx, param + idx, ema + idx,
-                     None, inv_scale, coef, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size,
-                     bias2_sqrt, amsgrad, ema_weight, has_ema, PARAM_DTYPE, REMAINDER, EMA_DTYPE, False)
+                     m_base + blk, v_base + blk, vmax_base + blk, m_base, v_base, vmax_base, offset, end, None,
+                     inv_scale, coef, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size,
+                     bias2_sqrt, amsgrad, ema_weight, has_ema, PARAM_DTYPE, MASTER_KIND, STATE, EMA_DTYPE, False,
+                     BLOCK)
     if full_end < end:
         idx = full_end + tl.arange(0, BLOCK)
+        blk = idx // QBLOCK
         _adamw_block(grad + idx, master + idx, m_ptr + idx, v_ptr + idx, vmax_ptr + idx, param + idx, ema + idx,
+                     m_base + blk, v_base + blk, vmax_base + blk, m_base, v_base, vmax_base, full_end, end,
                      idx < end, inv_scale, coef, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay,
-                     step_size, bias2_sqrt, amsgrad, ema_weight, has_ema, PARAM_DTYPE, REMAINDER, EMA_DTYPE, True)
+                     step_size, bias2_sqrt, amsgrad, ema_weight, has_ema, PARAM_DTYPE, MASTER_KIND, STATE, EMA_DTYPE,
+                     True, BLOCK)
 
 
 @triton.jit
