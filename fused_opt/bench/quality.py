@@ -6,7 +6,9 @@ int8), from the same initial weights on the same batches, against the FP32-maste
 run; plus torch.optim stepping the BF16 params with no master at all (clipped alike), the
 failure the masters exist to prevent. Every run clips the grad norm at 1.0:
 
-  cnn  a small CNN on scikit-learn's 8x8 digits, SGD (momentum 0.9, weight decay 5e-4)
+  cnn  a small CNN on scikit-learn's 8x8 digits (1,397 for training, each batch with fresh
+       Gaussian noise of std 0.5 so that the training loss does not go to 0; 400 held out),
+       SGD (momentum 0.9, weight decay 5e-4)
   gpt  a small GPT-2-style decoder, character-level on Python's own standard library source,
        AdamW (weight decay 0.1)
 
@@ -14,7 +16,7 @@ The params, grads and optimizer are BF16 (what the optimizer sees is a BF16 mode
 forward computes in FP32 from the BF16 weights (BF16 convolution and attention are slow on
 CPUs without BF16 units, and the optimizer is what is being measured). Reported: each run's
 loss curve, its final loss (the mean training loss over the last 100 steps) and that loss
-relative to the reference run. Writes quality-<device>.{json,md,png} to --out.
+relative to the reference run, and the loss on held-out data after the last step. Writes quality-<device>.{json,md,png} to --out.
 """
 from __future__ import annotations
 
@@ -96,14 +98,22 @@ class SmallGPT(BF16Model):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+HELD_OUT = 400
+
+
 def digits_batches(steps, batch, seed):
     from sklearn.datasets import load_digits
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(data.target)
+    x, y, held_x, held_y = x[HELD_OUT:], y[HELD_OUT:], x[:HELD_OUT], y[:HELD_OUT]
     g = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(len(y), generator=g) for _ in range(steps * batch // len(y) + 1)])
-    return [(x[order[i * batch:(i + 1) * batch]], y[order[i * batch:(i + 1) * batch]]) for i in range(steps)]
+    batches = []
+    for i in range(steps):
+        pick = order[i * batch:(i + 1) * batch]
+        batches.append((x[pick] + 0.5 * torch.randn(len(pick), 1, 8, 8, generator=g), y[pick]))
+    return batches, (held_x, held_y)
 
 
 def stdlib_text(chars: int) -> str:
@@ -117,17 +127,20 @@ def stdlib_text(chars: int) -> str:
 
 
 def text_batches(steps, batch, ctx, seed):
+    """Training windows from the first 90 % of the text; 64 held-out windows from the rest."""
     text = stdlib_text(2_000_000)
     vocab = sorted(set(text))
     lookup = {c: i for i, c in enumerate(vocab)}
     ids = torch.tensor([lookup[c] for c in text], dtype=torch.int64)
+    split = len(ids) * 9 // 10
     g = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(steps):
-        starts = torch.randint(0, len(ids) - ctx - 1, (batch,), generator=g)
+
+    def windows(lo, hi, n):
+        starts = torch.randint(lo, hi - ctx - 1, (n,), generator=g)
         chunk = torch.stack([ids[s:s + ctx + 1] for s in starts])
-        batches.append((chunk[:, :-1], chunk[:, 1:]))
-    return len(vocab), batches
+        return chunk[:, :-1], chunk[:, 1:]
+    batches = [windows(0, split, batch) for _ in range(steps)]
+    return len(vocab), batches, windows(split, len(ids), 64)
 
 
 TASKS = {
@@ -140,16 +153,17 @@ TASKS = {
 def build(task: str, steps: int, seed: int):
     torch.manual_seed(seed)
     if task == "cnn":
-        model, batches = SmallCNN(), digits_batches(steps, 64, seed)
+        batches, held_out = digits_batches(steps, 64, seed)
+        model = SmallCNN()
     else:
-        vocab, batches = text_batches(steps, 16, 64, seed)
+        vocab, batches, held_out = text_batches(steps, 16, 64, seed)
         model = SmallGPT(vocab)
-    return model.to(torch.bfloat16), batches
+    return model.to(torch.bfloat16), batches, held_out
 
 
 def run(task: str, master: str | None, state: str | None, steps: int, seed: int, backend: str) -> dict:
     """One training run; master None: torch.optim on the BF16 params, no master."""
-    model, batches = build(task, steps, seed)
+    model, batches, held_out = build(task, steps, seed)
     spec = TASKS[task]
     params = list(model.parameters())
     if master is None:
@@ -167,10 +181,12 @@ def run(task: str, master: str | None, state: str | None, steps: int, seed: int,
             torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     seconds = time.perf_counter() - start
+    with torch.no_grad():
+        held_out_loss = float(model(*held_out))
     return dict(task=task, master=master or "none (torch.optim on BF16)", state=state or "-", losses=losses,
-                final=sum(losses[-TAIL:]) / TAIL, bytes_per_param=state_bytes(opt, params) if master else 2.0,
+                final=sum(losses[-TAIL:]) / TAIL, held_out=held_out_loss, bytes_per_param=state_bytes(opt, params) if master else 2.0,
                 seconds=seconds)
 
 
@@ -203,12 +219,13 @@ def report(record: dict) -> str:
         if not rows:
             continue
         ref = next(r for r in rows if r["master"] == "fp32" and r["state"] == "fp32")
-        lines += [f"## {spec['title']}", "", "| master | state | B/param (params + state) | final loss | vs fp32/fp32 |",
-                  "|---|---|---:|---:|---:|"]
+        lines += [f"## {spec['title']}", "", "| master | state | B/param (params + state) | final loss | vs fp32/fp32 "
+                  "| held-out loss | vs fp32/fp32 |", "|---|---|---:|---:|---:|---:|---:|"]
         for r in rows:
             rel = (r["final"] - ref["final"]) / ref["final"] * 100
+            held = (r["held_out"] - ref["held_out"]) / ref["held_out"] * 100
             lines.append(f"| {r['master']} | {r['state']} | {r['bytes_per_param']:.2f} | {r['final']:.4f} | "
-                         f"{rel:+.2f} % |")
+                         f"{rel:+.2f} % | {r['held_out']:.4f} | {held:+.2f} % |")
         lines.append("")
     return "\n".join(lines)
 
@@ -262,6 +279,7 @@ def main(argv=None) -> int:
         for master, state in [*combos, (None, None)]:
             r = run(task, master, state, args.steps, args.seed, args.backend)
             print(f"{task:4s} master={r['master']:26s} state={r['state']:5s} final={r['final']:.4f} "
+                  f"held-out={r['held_out']:.4f} "
                   f"{r['bytes_per_param']:.2f} B/param  {r['seconds']:.0f} s", flush=True)
             runs.append(r)
     record = dict(device=device_name(torch.device("cpu")), torch=torch.__version__, commit=_commit(),
