@@ -181,14 +181,16 @@ FUSED_HD float load_master(const TensorEntry& t, int64_t i) {
 // The new master w of element i, stored as the master format keeps it, and the param rounded.
 template <class P>
 FUSED_HD void store_master(const TensorEntry& t, int64_t i, float w) {
-  if constexpr (P::kRemainder8 || P::kRemainder) {
+  if constexpr (P::kRemainder8) {
+    uint16_t p;
+    int8_t r8;
+    BF16Remainder8::split(w, p, r8);
+    reinterpret_cast<uint16_t*>(t.param)[i] = p;
+    reinterpret_cast<int8_t*>(t.master)[i] = r8;
+  } else if constexpr (P::kRemainder) {
     const uint16_t p = BF16::store(w);
     reinterpret_cast<uint16_t*>(t.param)[i] = p;
-    if constexpr (P::kRemainder8) {
-      reinterpret_cast<int8_t*>(t.master)[i] = BF16Remainder8::remainder(w, p);
-    } else {
-      reinterpret_cast<int16_t*>(t.master)[i] = BF16Remainder::remainder(w, p);
-    }
+    reinterpret_cast<int16_t*>(t.master)[i] = BF16Remainder::remainder(w, p);
   } else {
     reinterpret_cast<float*>(t.master)[i] = w;
     if (t.param != 0) reinterpret_cast<typename P::storage*>(t.param)[i] = P::store(w);

@@ -18,20 +18,32 @@ enum StateCode : int { kStateF32 = 0, kStateBF16 = 1, kStateInt8 = 2 };
 // block, one CPU task) owns every block it touches.
 constexpr int kStateBlock = 32;
 
-// master_weights="remainder8": BF16Remainder's int16 remainder with only its top 8 bits kept,
-// rounded half up: r8 = (r + 128) >> 8, at most 127 (r = 0x7FFF + 128 would carry out). The
-// master is p + 256 * r8 in the bits, a 24-bit float: the FP32 master rounded to 15 mantissa
-// bits, within 128 FP32 ulps (2^-16 relative). The same guard as BF16Remainder::rebuild
-// keeps an edited param's master the param itself.
+// master_weights="remainder8": a 24-bit master (FP32 with its low 8 bits zero: 15 mantissa
+// bits where BF16 has 7) beside the BF16 param, as an int8 remainder. A step's FP32 result w is
+// rounded to 24 bits half up in its bits (away from zero), and the param is that 24-bit master
+// rounded to BF16 half up too: then the master is p + 256 * r8 in the bits with r8 in
+// [-128, 127], exactly (rounding the param to nearest even would need r8 = +128 at a tie, and
+// a master that cannot move past a tie). The param differs from RNE(w) only where w is within
+// half a 24-bit ulp of a BF16 tie. The same guard as BF16Remainder::rebuild keeps an edited
+// param's master the param itself. fused_opt/remainder.py split8 is the oracle.
 struct BF16Remainder8 : BF16 {
   static constexpr bool kRemainder8 = true;
   static FUSED_HD float rebuild(uint16_t p, int8_t r8) {
     return BF16Remainder::rebuild(p, int16_t(int32_t(r8) * 256));
   }
-  static FUSED_HD int8_t remainder(float w, uint16_t p) {
-    const int32_t r = BF16Remainder::remainder(w, p);
-    const int32_t r8 = (r + 128) >> 8;  // arithmetic shift: floor, so half up
-    return int8_t(r8 > 127 ? 127 : r8);
+  // w -> the param and the remainder; returns the 24-bit master they hold.
+  static FUSED_HD float split(float w, uint16_t& p, int8_t& r8) {
+    const uint32_t b = float_bits(w);
+    if ((b & 0x7FFFFFFFu) > 0x7F800000u) {  // a NaN stays a (quiet) NaN
+      p = 0x7FC0;
+      r8 = 0;
+      return bits_float(0x7FC00000u);
+    }
+    const uint32_t b24 = (b + 128u) & 0xFFFFFF00u;
+    const uint32_t top = (b24 + 0x8000u) & 0xFFFF0000u;
+    p = uint16_t(top >> 16);
+    r8 = int8_t(int32_t(b24 - top) >> 8);
+    return bits_float(b24);
   }
 };
 
@@ -39,9 +51,10 @@ struct BF16Remainder8 : BF16 {
 // wins on every backend, where float max() would disagree about NaN.
 FUSED_HD uint32_t magnitude_bits(float x) { return float_bits(x) & 0x7FFFFFFFu; }
 
-// 1 / scale, or 0 for an all-zero block (and for an infinite or NaN scale, whose block then
-// decodes to NaN through scale * 0 or NaN * q).
-FUSED_HD float block_inverse(float scale) { return scale > 0.0f ? 1.0f / scale : 0.0f; }
+// x / scale, or 0 in an all-zero block (or one with a NaN scale, which decodes to NaN; an
+// infinite scale gives 0 or NaN, and decodes to NaN through inf * 0). A division, not a
+// multiplication by 1 / scale: the reciprocal of a subnormal scale overflows.
+FUSED_HD float over_scale(float x, float scale) { return scale > 0.0f ? x / scale : 0.0f; }
 
 // floor(y + 0.5) clamped to [low, high]; a NaN code is 0. Integer-free, so every backend
 // (and the Triton interpreter) rounds alike.
@@ -60,8 +73,8 @@ struct SignedCodes {
     const float y = float(q) / 127.0f;
     return scale * (y / (2.0f - fabsf(y)));
   }
-  static FUSED_HD int8_t encode(float x, float inv) {
-    const float t = x * inv;
+  static FUSED_HD int8_t encode(float x, float scale) {
+    const float t = over_scale(x, scale);
     return int8_t(round_code(127.0f * ((2.0f * t) / (1.0f + fabsf(t))), -127.0f, 127.0f));
   }
 };
@@ -75,8 +88,8 @@ struct UnsignedCodes {
     const float r = (float(q) / 255.0f) * scale;
     return r * r;
   }
-  static FUSED_HD uint8_t encode(float x, float inv) {
-    return uint8_t(round_code((lane_sqrt_f(x) * inv) * 255.0f, 0.0f, 255.0f));
+  static FUSED_HD uint8_t encode(float x, float scale) {
+    return uint8_t(round_code(over_scale(lane_sqrt_f(x), scale) * 255.0f, 0.0f, 255.0f));
   }
 
  private:
@@ -116,9 +129,8 @@ FUSED_HD void encode_block(void* codes, float* scales, int64_t at, int n, int st
       largest = m > largest ? m : largest;
     }
     const float scale = bits_float(largest);
-    const float inv = block_inverse(scale);
     scales[at / kStateBlock] = scale;
-    for (int k = 0; k < n; ++k) reinterpret_cast<typename Codes::storage*>(codes)[at + k] = Codes::encode(x[k], inv);
+    for (int k = 0; k < n; ++k) reinterpret_cast<typename Codes::storage*>(codes)[at + k] = Codes::encode(x[k], scale);
   }
 }
 

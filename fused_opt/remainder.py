@@ -33,24 +33,48 @@ def remainder_of(w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 def split_(w: torch.Tensor, p: torch.Tensor, r: torch.Tensor) -> None:
-    """Writes master w into param p (rounded to nearest even) and remainder r (int16 or int8)."""
-    p.copy_(w)
-    r.copy_(remainder_like(w, p, r))
+    """Writes master w into param p and remainder r: rounded to nearest even with an int16
+    remainder, or as split8 with an int8 one."""
+    if r.dtype == torch.int8:
+        p8, r8, _ = split8(w)
+        p.copy_(p8)
+        r.copy_(r8)
+    else:
+        p.copy_(w)
+        r.copy_(remainder_of(w, p))
 
 
-# master_weights="remainder8": only the top 8 bits of the remainder are kept, rounded half up:
-# r8 = (r + 128) >> 8 (at most 127), and the master is p + 256 * r8 in the bits. It is a 24-bit
-# float (FP32 with its low 8 bits zero: 15 bits of mantissa where BF16 has 7), the updated FP32
-# master rounded to the nearest such value (csrc/state_math.h BF16Remainder8).
+# master_weights="remainder8": a 24-bit master (FP32 with its low 8 bits zero: 15 bits of
+# mantissa where BF16 has 7) and an int8 remainder. A step's FP32 result w is rounded to 24 bits
+# (half up in its bit pattern: away from zero), the param is that 24-bit master rounded to BF16
+# (half up as well, so that the master is always within [-128, 127] * 256 bits of the param),
+# and r8 = (bits(w24) - (bits(p) << 16)) >> 8. Exact: p + 256 * r8 in the bits is w24
+# (csrc/state_math.h BF16Remainder8). The param differs from w rounded to nearest even only
+# where w lies within half a 24-bit ulp of a BF16 tie.
+def split8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FP32 masters w -> (BF16 params, int8 remainders, the 24-bit masters they hold)."""
+    b = w.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    nan = (b & 0x7FFFFFFF) > 0x7F800000
+    b24 = (b + 128) & 0xFFFFFF00
+    top = (b24 + 0x8000) & 0xFFFF0000
+    r8 = (b24 - top) >> 8
+    top = torch.where(nan, torch.full_like(top, 0x7FC00000), top)
+    r8 = torch.where(nan, torch.zeros_like(r8), r8)
+    b24 = torch.where(nan, top, b24)
+    as_int32 = lambda x: torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)  # noqa: E731
+    p = (as_int32(top) >> 16).to(torch.int16).view(torch.bfloat16).view(w.shape)
+    w24 = as_int32(b24).view(torch.float32).view(w.shape)
+    return p, r8.to(torch.int8).view(w.shape), w24
+
+
 def rebuild8(p: torch.Tensor, r8: torch.Tensor) -> torch.Tensor:
-    """The 24-bit master of BF16 param p with 8-bit remainder r8 (same guard as rebuild)."""
+    """The 24-bit master of BF16 param p with int8 remainder r8 (same guard as rebuild)."""
     return rebuild(p, r8.to(torch.int32) * 256)
 
 
 def remainder8_of(w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """The int8 remainder that rebuilds master w (rounded to 24 bits) from p = RNE(w)."""
-    r = remainder_of(w, p).to(torch.int32)
-    return torch.clamp((r + 128) >> 8, max=127).to(torch.int8)
+    """The int8 remainder of master w (p must be split8(w)'s param)."""
+    return split8(w)[1]
 
 
 def check_params(params, index: int | None = None, mode: str = "remainder") -> None:
@@ -76,6 +100,4 @@ def rebuild_any(p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return rebuild8(p, r) if r.dtype == torch.int8 else rebuild(p, r)
 
 
-def remainder_like(w: torch.Tensor, p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """The remainder of master w in r's format (int16 or int8)."""
-    return remainder8_of(w, p) if r.dtype == torch.int8 else remainder_of(w, p)
+

@@ -3,7 +3,9 @@
 What it holds: per param, as torch.optim.SGD/AdamW number them, "master_param" (FP32; left
 out for FP32 params, which are their own) and the update rule's state under torch's names
 (SGD: "momentum_buffer", left out while never applied, as torch's SGD would have none;
-AdamW: "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"), and with ema_decay the EMA
+AdamW: "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", as state_precision stores them: FP32,
+BF16, or int8 codes with their block scales under "<name>_scale"; a sharded param's int8 state
+is saved decoded to FP32), and with ema_decay the EMA
 ("ema_param", in ema_dtype); in every param group, under STATE_KEY, the loss scaler's
 state and the applied-step count (torch.distributed.checkpoint keeps only "state" and
 "param_groups", and may regroup the groups by param). Tensors are never views into a larger
@@ -17,6 +19,7 @@ import torch
 
 from . import ema
 from .distributed import is_dtensor, placed_like
+from .state_precision import scale_key
 from .validation import validated_state_dict
 
 # The key, in each saved param group, of the loss scaler's state and the applied-step count.
@@ -45,6 +48,11 @@ def pack(opt) -> dict:
             continue
         index = index_of[id(key)]
         entry = opt.RULE.saved(dict(entry))
+        # int8 codes of a sharded param are saved decoded (FP32): their blocks are per shard,
+        # and a checkpoint may be loaded on another number of ranks.
+        for k in opt.RULE.all_buffers:
+            if is_dtensor(entry.get(k)) and entry[k].dtype in (torch.int8, torch.uint8):
+                entry[k] = opt._state_precision.decoded_dtensor(entry[k], entry.pop(scale_key(k)))
         if entry.get("master_param") is key:
             del entry["master_param"]
         if opt._masters.key in entry:  # an FP32 master, as every state dict holds (rebuilt from a remainder)
@@ -111,7 +119,7 @@ def _load(opt, state_dict: dict) -> None:
         p = params[index]
         state = opt.state[p]
         for key, value in entry.items():
-            if key not in ("master_param", rule.count_key, ema.KEY, *rule.all_buffers):
+            if key not in ("master_param", rule.count_key, ema.KEY, *rule.all_buffers, *map(scale_key, rule.all_buffers)):
                 state[key] = value  # keys of other optimizers' wrappers ride along
         if "master_param" in entry:
             master = placed_like(entry["master_param"], p)
@@ -122,8 +130,12 @@ def _load(opt, state_dict: dict) -> None:
         if p.dtype == torch.float32:
             state["master_param"] = p
         for key in rule.all_buffers:
-            if entry.get(key) is not None:
-                state[key] = torch.empty_like(p, dtype=torch.float32).copy_(placed_like(entry[key], p))
+            if entry.get(key) is not None:  # in this optimizer's state_precision, whichever it was saved in
+                buf, scale = opt._state_precision.loaded(entry[key], entry.get(scale_key(key)), p,
+                                                         key not in rule.unsigned_buffers)
+                state[key] = buf
+                if scale is not None:
+                    state[scale_key(key)] = scale
         count = rule.loaded_count(entry, p)
         if count is not None:
             state[rule.count_key] = count

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .distributed import is_dtensor, local
+from .distributed import is_dtensor, local, placed_like
 from .memory import conform_buffer, is_dense
 
 # Elements per int8 scale block (csrc/state_math.h kStateBlock). A chunk of the kernels is a
@@ -63,8 +63,11 @@ def _absmax(blocks: torch.Tensor) -> torch.Tensor:
     return bits.amax(dim=1).view(torch.float32)
 
 
-def _inverse(scale: torch.Tensor) -> torch.Tensor:
-    return torch.where(scale > 0, torch.reciprocal(scale), torch.zeros_like(scale))
+def _over(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale per block, 0 where the scale is 0 (or NaN). A division, not a multiplication
+    by 1 / scale: the reciprocal of a subnormal scale overflows."""
+    ok = (scale > 0)[:, None]
+    return torch.where(ok, x / torch.where(ok, scale[:, None], torch.ones_like(scale[:, None])), torch.zeros_like(x))
 
 
 def _round_clamped(y: torch.Tensor, low: float, high: float) -> torch.Tensor:
@@ -78,12 +81,12 @@ def encode(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = _blocks(flat)
     if signed:
         scale = _absmax(blocks)
-        t = blocks * _inverse(scale)[:, None]
+        t = _over(blocks, scale)
         q = _round_clamped(127.0 * ((2.0 * t) / (1.0 + t.abs())), -127.0, 127.0).to(torch.int8)
     else:
         r = torch.sqrt(blocks)
         scale = _absmax(r)
-        q = _round_clamped((r * _inverse(scale)[:, None]) * 255.0, 0.0, 255.0).to(torch.uint8)
+        q = _round_clamped(_over(r, scale) * 255.0, 0.0, 255.0).to(torch.uint8)
     codes = torch.empty_like(x, dtype=q.dtype)
     _memory_order(codes).copy_(q.reshape(-1)[:flat.numel()])
     return codes, scale
@@ -170,6 +173,28 @@ class FP32State:
         if not self.scaled:
             return as_fp32, None
         return self.encode_like(as_fp32, signed)
+
+    def loaded(self, value: torch.Tensor, scale, p: torch.Tensor, signed: bool) -> tuple:
+        """A saved buffer (FP32 or BF16 values, or int8 codes and their scales; checked by
+        validation.py) as this precision keeps it for param p: codes laid out as p's state
+        is are taken as they are, anything else is decoded and re-encoded."""
+        if value.dtype in (torch.int8, torch.uint8):
+            if self.scaled and value.dtype == self.dtype(signed) and not is_dtensor(p):
+                codes = torch.empty_like(p, dtype=value.dtype)
+                if value.stride() == codes.stride() or value.numel() <= 1:
+                    return codes.copy_(value), scale.to(p.device, torch.float32, copy=True)
+            value = decode(value.contiguous() if not is_dense(value) else value, scale.float())
+        x = torch.empty_like(p, dtype=torch.float32).copy_(placed_like(value, p))
+        if self.scaled:
+            return self.encode_like(x, signed)
+        return x.to(self.dtype(signed)), None
+
+    def decoded_dtensor(self, codes, scale):
+        """A DTensor's codes (blocks per local shard) as an FP32 DTensor placed alike."""
+        from torch.distributed.tensor import DTensor
+        values = decode(local(codes), scale)
+        return DTensor.from_local(values, codes.device_mesh, codes.placements, run_check=False, shape=codes.shape,
+                                  stride=codes.stride())
 
     def encode_like(self, x: torch.Tensor, signed: bool) -> tuple:
         """FP32 values x (a DTensor's local shard is encoded: blocks are per shard) encoded."""

@@ -74,6 +74,29 @@ def _check_state_tensor(value, p: torch.Tensor, where: str) -> None:
         raise ValueError(f"{where} holds inf or NaN")
 
 
+def _check_saved_codes(entry: dict, name: str, p: torch.Tensor, where: str, signed: bool) -> None:
+    """A buffer saved compressed (state_precision="int8"): int8 codes for signed state, uint8 for
+    unsigned, laid out as the param, and beside them one finite, non-negative FP32 scale per
+    block of state_precision.BLOCK elements."""
+    from .distributed import is_dtensor
+    from .state_precision import BLOCK, num_blocks, scale_key
+    codes, scale = entry[name], entry.get(scale_key(name))
+    expected = torch.int8 if signed else torch.uint8
+    if codes.dtype != expected:
+        raise ValueError(f"{where}[{name!r}] holds {codes.dtype} codes; {name} is stored as {expected} codes")
+    if is_dtensor(codes):
+        raise ValueError(f"{where}[{name!r}]: int8 codes of a sharded param (state dicts of DTensor params hold "
+                         "the state decoded to FP32)")
+    if codes.shape != p.shape:
+        raise ValueError(f"{where}[{name!r}] has shape {tuple(codes.shape)}, the param has {tuple(p.shape)}")
+    if (not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or scale.dim() != 1
+            or scale.numel() != num_blocks(codes.numel())):
+        raise ValueError(f"{where}[{scale_key(name)!r}] must be a 1-D FP32 tensor of {num_blocks(codes.numel())} "
+                         f"block scales (one per {BLOCK} elements of {name!r})")
+    if not bool((torch.isfinite(scale) & (scale >= 0)).all()):
+        raise ValueError(f"{where}[{scale_key(name)!r}] holds a negative, inf or NaN scale")
+
+
 def _check_scaler_state(opt, extra, key: str) -> None:
     where = f"state dict {key!r}"
     if not isinstance(extra, dict) or not isinstance(extra.get("loss_scaler"), dict) or "applied_steps" not in extra:
@@ -138,7 +161,10 @@ def validated_state_dict(opt, state_dict, params: list, key: str):
             raise ValueError(f"loaded state for param id {saved_id!r} must be a dict, got {type(entry).__name__}")
         p = params[k]
         for name in ("master_param", "ema_param", *opt.RULE.all_buffers):
-            if entry.get(name) is not None or (name == "master_param" and name in entry):
+            value = entry.get(name)
+            if isinstance(value, torch.Tensor) and value.dtype in (torch.int8, torch.uint8):
+                _check_saved_codes(entry, name, p, f"loaded state[{saved_id!r}]", name not in opt.RULE.unsigned_buffers)
+            elif value is not None or (name == "master_param" and name in entry):
                 _check_state_tensor(entry[name], p, f"loaded state[{saved_id!r}][{name!r}]")
         opt.RULE.check_loaded(entry, f"loaded state[{saved_id!r}]")
         entries[k] = entry

@@ -12,7 +12,7 @@ import math
 import torch
 
 from . import StepBatch
-from ..remainder import is_remainder, rebuild_any, remainder_like
+from ..remainder import is_remainder, rebuild_any, remainder_of, split8
 
 # Its writes are torch ops, which bump the params' version counters on every step, flat grads
 # too (the fused backends write through raw pointers and bump them only off the flat path).
@@ -105,8 +105,12 @@ def step(batch: StepBatch) -> None:
                     scales[k].copy_(torch.where(found_inf, scales[k], scale))
         w.copy_(torch.where(found_inf, w, new_w))
         if remainder is not None:  # a skipped step writes nothing, as the kernels' return early
-            new_p = w.to(p.dtype)
-            new_r = remainder_like(w, new_p, remainder)
+            if remainder.dtype == torch.int8:  # remainder8: the master is now w rounded to 24 bits
+                new_p, new_r, w24 = split8(w)
+                w.copy_(torch.where(found_inf, w, w24))
+            else:
+                new_p = w.to(p.dtype)
+                new_r = remainder_of(w, new_p)
             p.copy_(torch.where(found_inf, p, new_p))
             remainder.copy_(torch.where(found_inf, remainder, new_r))
         elif p is not w:

@@ -203,22 +203,32 @@ def _store_master(w, master, param, ema, ema_weight, has_ema, mask, PARAM_DTYPE:
                   MASTER_KIND: tl.constexpr, EMA_DTYPE: tl.constexpr):
     """The new master, and the param as it rounded to nearest even (or the param and its
     remainder); then the EMA moves toward the new master, e + a * (w - e) (csrc/ema_math.h)."""
-    if has_ema:  # a runtime flag, uniform over the program
-        e = tl.load(ema, mask=mask).to(tl.float32)  # masked-off lanes are never stored
-        tl.store(ema, _round_to(e + ema_weight * (w - e), EMA_DTYPE), mask=mask)
-    if MASTER_KIND != 0:
+    if MASTER_KIND == REMAINDER8:
+        # w rounded to 24 bits, the param that rounded half up, and the int8 remainder
+        # (csrc/state_math.h BF16Remainder8::split); the 24-bit value is the master from now on.
+        b = w.to(tl.uint32, bitcast=True)
+        nan = (b & 0x7FFFFFFF) > 0x7F800000
+        b24 = (b + 128) & 0xFFFFFF00
+        top = (b24 + 0x8000) & 0xFFFF0000
+        r8 = ((b24 - top).to(tl.int32, bitcast=True) >> 8)
+        top = tl.where(nan, 0x7FC00000, top).to(tl.uint32)
+        r8 = tl.where(nan, 0, r8)
+        w = tl.where(nan, top, b24).to(tl.float32, bitcast=True)
+        tl.store(master, r8.to(tl.int8), mask=mask)
+        tl.store(param, (top >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    elif MASTER_KIND == REMAINDER16:
         p_new = _round_to(w, tl.bfloat16)
         diff = (w.to(tl.uint32, bitcast=True) - (p_new.to(tl.uint16, bitcast=True).to(tl.uint32) << 16))
         r_new = tl.minimum(tl.maximum(diff.to(tl.int32, bitcast=True), -32768), 32767)
-        if MASTER_KIND == REMAINDER8:  # the top 8 bits, rounded half up (BF16Remainder8::remainder)
-            tl.store(master, tl.minimum((r_new + 128) >> 8, 127).to(tl.int8), mask=mask)
-        else:
-            tl.store(master, r_new.to(tl.int16), mask=mask)
+        tl.store(master, r_new.to(tl.int16), mask=mask)
         tl.store(param, p_new, mask=mask)
     else:
         tl.store(master, w, mask=mask)
         if PARAM_DTYPE != tl.float32:
             tl.store(param, _round_to(w, PARAM_DTYPE), mask=mask)
+    if has_ema:  # a runtime flag, uniform over the program
+        e = tl.load(ema, mask=mask).to(tl.float32)  # masked-off lanes are never stored
+        tl.store(ema, _round_to(e + ema_weight * (w - e), EMA_DTYPE), mask=mask)
 
 
 @triton.jit
@@ -262,14 +272,15 @@ def _store_state(x, ptr, scale_base, offset, end, mask, STATE: tl.constexpr, SIG
             bits = tl.where(mask, bits, 0)
         largest = tl.max(tl.reshape(bits, [BLOCK // QBLOCK, QBLOCK]), axis=1)
         scale = largest.to(tl.float32, bitcast=True)
-        inv = tl.where(scale > 0, tl.math.div_rn(1.0, tl.where(scale > 0, scale, 1.0)), 0.0)
-        inv = tl.reshape(tl.broadcast_to(inv[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
+        # x / scale (csrc/state_math.h over_scale: 1 / scale of a subnormal scale overflows)
+        each = tl.reshape(tl.broadcast_to(scale[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
+        ok = each > 0
         if SIGNED:
-            t = x * inv
+            t = tl.where(ok, tl.math.div_rn(x, tl.where(ok, each, 1.0)), 0.0)
             q = _round_code(127.0 * tl.math.div_rn(2.0 * t, 1.0 + tl.abs(t)), -127.0, 127.0)
             tl.store(ptr, q.to(tl.int8), mask=mask)
         else:
-            q = _round_code((m * inv) * 255.0, 0.0, 255.0)
+            q = _round_code(tl.where(ok, tl.math.div_rn(m, tl.where(ok, each, 1.0)), 0.0) * 255.0, 0.0, 255.0)
             tl.store(ptr, q.to(tl.uint8), mask=mask)
         blocks = offset // QBLOCK + tl.arange(0, BLOCK // QBLOCK)
         tl.store(scale_base + blocks, scale, mask=blocks * QBLOCK < end)
