@@ -58,13 +58,13 @@ def shard(model, device="cpu", mesh_shape=None):
 
 
 def worker(rank, world, init_method, backend, dtype, norm_type, device, out, mesh_shape=None, flat=False,
-           optimizer="sgd"):
+           optimizer="sgd", precision="fp32"):
     init_group(init_method, rank, world, "nccl" if device == "cuda" else "gloo")
     try:
         sharded, replica = shard(make_model(dtype).to(device), device, mesh_shape), make_model(dtype).to(device)
         shards = mesh_shape[-1] if mesh_shape else world
-        opt = make_opt(sharded, backend, norm_type, optimizer, flat_grads=flat)
-        replica_opt = make_opt(replica, backend, norm_type, optimizer)
+        opt = make_opt(sharded, backend, norm_type, optimizer, flat_grads=flat, state_precision=precision)
+        replica_opt = make_opt(replica, backend, norm_type, optimizer, state_precision=precision)
         gen = torch.Generator().manual_seed(1)
         records = []
         for step in range(STEPS):
@@ -103,7 +103,9 @@ def worker(rank, world, init_method, backend, dtype, norm_type, device, out, mes
         finish_group()
 
 
-def check(out):
+def check(out, quantized=False):
+    """quantized: int8 state, whose blocks are per shard in the sharded run and per tensor in
+    the replica: the two runs quantize differently, and agree to the codes' resolution."""
     result = torch.load(out)
     assert result["kinds"] == {"DTensor"}  # sharded state: what torch.distributed.checkpoint expects
     skipped = [bool(r[4]) for r in result["records"]]
@@ -114,12 +116,13 @@ def check(out):
             assert 0.05 < float(norm) < math.inf  # clipping was active
             torch.testing.assert_close(norm, replica_norm, rtol=1e-6, atol=0)
     # The norm is summed in another order across ranks: masters agree to FP32 rounding.
+    rtol, atol = (1e-2, 1e-3) if quantized else (1e-6, 1e-7)  # (lr 0.1 and 1e-2: a fraction of a step)
     for master, replica_master in result["masters"]:
-        torch.testing.assert_close(master.cpu(), replica_master.cpu(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(master.cpu(), replica_master.cpu(), rtol=rtol, atol=atol)
     for param, replica_param in result["params"]:
-        torch.testing.assert_close(param.cpu(), replica_param.cpu(), rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(param.cpu(), replica_param.cpu(), rtol=max(rtol, 1e-3), atol=max(atol, 1e-5))
     for (ema, replica_ema), swapped in zip(result["emas"], result["swapped"]):
-        torch.testing.assert_close(ema.cpu(), replica_ema.cpu(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(ema.cpu(), replica_ema.cpu(), rtol=rtol, atol=atol)
         assert torch.equal(swapped, ema.to(swapped.dtype))
     assert result["swapped_back"]
 
@@ -131,6 +134,17 @@ def test_fsdp2_two_processes_equal_unsharded(backend, dtype, norm_type, tmp_path
     out = str(tmp_path / "result.pt")
     run_ranks(worker, (2, rendezvous(tmp_path), backend, dtype, norm_type, "cpu", str(out)), 2, str(out))
     check(out)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fsdp2_int8_state_blocks_per_shard(backend, optimizer, tmp_path):
+    # state_precision="int8" on DTensor params: codes sharded like the param, block scales per
+    # local shard (a block never spans two ranks)
+    out = str(tmp_path / "result.pt")
+    run_ranks(worker, (2, rendezvous(tmp_path), backend, torch.bfloat16, 2.0, "cpu", str(out), None, False, optimizer,
+                       "int8"), 2, str(out))
+    check(out, quantized=True)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -171,7 +185,7 @@ def test_fsdp2_on_cuda_with_nccl(backend, tmp_path):
 
 
 
-def checkpoint_worker(rank, world, init_method, backend, path, out):
+def checkpoint_worker(rank, world, init_method, backend, path, out, precision="fp32"):
     """A sharded DCP checkpoint (each rank writes its shards of masters and buffers, the scaler
     state rides in the param groups) resumes a fresh sharded model bit-identically."""
     import torch.distributed.checkpoint as dcp
@@ -193,7 +207,7 @@ def checkpoint_worker(rank, world, init_method, backend, path, out):
             refused = False
         except ValueError as exc:
             refused = "DTensor" in str(exc)
-        opt = make_opt(model, backend, 2.0)
+        opt = make_opt(model, backend, 2.0, state_precision=precision)
         train(model, opt, range(3))
         model_sd, opt_sd = get_state_dict(model, opt)
         dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=path)
@@ -204,7 +218,7 @@ def checkpoint_worker(rank, world, init_method, backend, path, out):
         with torch.no_grad():
             for p in model2.parameters():
                 p.add_(1.0)  # different values: all must come from the checkpoint
-        opt2 = make_opt(model2, backend, 2.0)
+        opt2 = make_opt(model2, backend, 2.0, state_precision=precision)
         model_sd, opt_sd = get_state_dict(model2, opt2)
         state = {"model": model_sd, "optim": opt_sd}
         dcp.load(state, checkpoint_id=path)
@@ -214,6 +228,8 @@ def checkpoint_worker(rank, world, init_method, backend, path, out):
         for p, q in zip(model.parameters(), model2.parameters()):
             for key in ("master_param", "momentum_buffer", "ema_param"):
                 same.append(torch.equal(opt.state[p][key].full_tensor(), opt2.state[q][key].full_tensor()))
+            if precision == "int8":  # saved decoded, re-encoded on load: the same codes and scales
+                same.append(torch.equal(opt.state[p]["momentum_buffer_scale"], opt2.state[q]["momentum_buffer_scale"]))
         same.append(torch.equal(opt.loss_scale, opt2.loss_scale))
         if rank == 0:
             torch.save(dict(same=same, scale=float(opt.loss_scale), refused=refused), out)
@@ -221,10 +237,12 @@ def checkpoint_worker(rank, world, init_method, backend, path, out):
         finish_group()
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_fsdp2_sharded_checkpoint_resumes_bit_identically(backend, tmp_path):
+def test_fsdp2_sharded_checkpoint_resumes_bit_identically(backend, precision, tmp_path):
     out = str(tmp_path / "result.pt")
-    run_ranks(checkpoint_worker, (2, rendezvous(tmp_path), backend, str(tmp_path / "ckpt"), out), 2, str(out))
+    run_ranks(checkpoint_worker, (2, rendezvous(tmp_path), backend, str(tmp_path / "ckpt"), out, precision), 2,
+              str(out))
     result = torch.load(out)
     assert all(result["same"]), result["same"]
     assert result["refused"]  # fp32_grad_accumulation on DTensor params
