@@ -11,6 +11,8 @@ import pytest
 
 pytest.importorskip("triton")
 
+# (master kind, state precision) compiled for every grad dtype and alignment
+MODES = [(0, 0), (0, 1), (0, 2), (1, 0), (2, 0), (2, 2)]
 COMPILE_ALL = r'''
 import json, triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -18,6 +20,7 @@ from fused_opt.backends import triton_kernels as k
 
 DT = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}
 EMA = {False: tl.float32, True: tl.bfloat16}  # both EMA dtypes compiled, alternating with alignment
+MODES = %s
 def build(fn, signature, constexprs):
     signature = dict(signature, **{name: "constexpr" for name in constexprs})
     out = triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs),
@@ -30,27 +33,27 @@ for g in DT:
             sizes[f"partials-{g}-{norm_inf}-{aligned}"] = build(k.partials_kernel, {"chunks_ptr": "*i64",
                 "table_ptr": "*i64", "scale_ptr": "*fp32", "partials_ptr": "*fp32", "flags_ptr": "*i32"},
                 {"GRAD_DTYPE": DT[g], "NORM_INF": norm_inf, "ALIGNED": aligned, "CHUNK": 65536, "BLOCK": 4096})
-        sizes[f"update-{g}-{aligned}"] = build(k.update_kernel, {"chunks_ptr": "*i64", "table_ptr": "*i64",
-            "groups_ptr": "*fp32", "scalars_ptr": "*fp32", "applied_steps_ptr": "*i32"},
-            {"GRAD_DTYPE": DT[g], "PARAM_DTYPE": DT[g], "REMAINDER": False, "ALIGNED": aligned, "CHUNK": 65536,
-             "BLOCK": 4096, "EMA_DTYPE": EMA[aligned]})
-        if g != "fp16":  # master_weights="remainder": BF16 params, BF16 grads or FP32 sums
-            sizes[f"update-remainder-{g}-{aligned}"] = build(k.update_kernel, {"chunks_ptr": "*i64",
+        # master kind (0 FP32, 1 int16 and 2 int8 remainders: BF16 params only) x state precision
+        # (0 FP32, 1 BF16, 2 int8), each with SGD's and AdamW's kernel
+        for kind, state in MODES:
+            if kind and g == "fp16":
+                continue
+            constexprs = {"GRAD_DTYPE": DT[g], "PARAM_DTYPE": tl.bfloat16 if kind else DT[g], "MASTER_KIND": kind,
+                          "STATE": state, "ALIGNED": aligned, "CHUNK": 65536, "BLOCK": 4096,
+                          "EMA_DTYPE": EMA[aligned]}
+            sizes[f"update-{g}-{kind}-{state}-{aligned}"] = build(k.update_kernel, {"chunks_ptr": "*i64",
                 "table_ptr": "*i64", "groups_ptr": "*fp32", "scalars_ptr": "*fp32", "applied_steps_ptr": "*i32"},
-                {"GRAD_DTYPE": DT[g], "PARAM_DTYPE": tl.bfloat16, "REMAINDER": True, "ALIGNED": aligned,
-                 "CHUNK": 65536, "BLOCK": 4096, "EMA_DTYPE": EMA[aligned]})
-        for remainder in ((False, True) if g != "fp16" else (False,)):
-            sizes[f"adamw-{g}-{remainder}-{aligned}"] = build(k.adamw_kernel, {"chunks_ptr": "*i64",
+                constexprs)
+            sizes[f"adamw-{g}-{kind}-{state}-{aligned}"] = build(k.adamw_kernel, {"chunks_ptr": "*i64",
                 "table_ptr": "*i64", "groups_ptr": "*fp32", "scalars_ptr": "*fp32"},
-                {"GRAD_DTYPE": DT[g], "PARAM_DTYPE": tl.bfloat16 if remainder else DT[g], "REMAINDER": remainder,
-                 "ALIGNED": aligned, "CHUNK": 65536, "BLOCK": 4096, "EMA_DTYPE": EMA[not aligned]})
+                dict(constexprs, EMA_DTYPE=EMA[not aligned]))
         if aligned:  # the aligned variants must really use 16-byte vector loads
             ptx = triton.compile(triton.compiler.ASTSource(fn=k.update_kernel, signature={"chunks_ptr": "*i64",
                 "table_ptr": "*i64", "groups_ptr": "*fp32", "scalars_ptr": "*fp32", "applied_steps_ptr": "*i32",
-                "GRAD_DTYPE": "constexpr", "PARAM_DTYPE": "constexpr", "REMAINDER": "constexpr", "ALIGNED": "constexpr",
-                "CHUNK": "constexpr", "BLOCK": "constexpr", "EMA_DTYPE": "constexpr"}, constexprs={"GRAD_DTYPE": DT[g],
-                "PARAM_DTYPE": DT[g], "REMAINDER": False, "ALIGNED": True, "CHUNK": 65536, "BLOCK": 4096,
-                "EMA_DTYPE": tl.float32}),
+                "GRAD_DTYPE": "constexpr", "PARAM_DTYPE": "constexpr", "MASTER_KIND": "constexpr", "STATE": "constexpr",
+                "ALIGNED": "constexpr", "CHUNK": "constexpr", "BLOCK": "constexpr", "EMA_DTYPE": "constexpr"},
+                constexprs={"GRAD_DTYPE": DT[g], "PARAM_DTYPE": DT[g], "MASTER_KIND": 0, "STATE": 0, "ALIGNED": True,
+                "CHUNK": 65536, "BLOCK": 4096, "EMA_DTYPE": tl.float32}),
                 target=GPUTarget("cuda", 90, 32)).asm["ptx"]
             sizes[f"vector-loads-{g}"] = ptx.count("ld.global.v4")
 for dynamic in (False, True):
@@ -71,9 +74,12 @@ print(json.dumps(sizes))
 def test_every_kernel_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", COMPILE_ALL], env=env, cwd=root, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", COMPILE_ALL % (MODES,)], env=env, cwd=root, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     sizes = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(sizes) == 3 * (2 * 2 + 2 + 1) + 2 * 2 + 6 + 2 * (1 + 2 + 2) + 1
+    bf16_modes = len(MODES)  # BF16 and FP32 grads: every mode; FP16: FP32 masters only
+    fp16_modes = sum(1 for kind, _ in MODES if kind == 0)
+    updates = 2 * 2 * (2 * bf16_modes + fp16_modes)  # SGD and AdamW, aligned or not
+    assert len(sizes) == 3 * 2 * 2 + updates + 3 + 6 + 1
     assert all(n > 0 for n in sizes.values()), sizes
