@@ -1,6 +1,7 @@
 """The benchmark runs end to end on a tiny size and writes a record with the promised fields."""
 import json
 
+import pytest
 import torch
 
 from fused_opt.bench.__main__ import main
@@ -88,3 +89,21 @@ def test_quick_training_iteration_benchmark_writes_record(tmp_path):
                for r in rows if r["contender"] == "fused_opt")
     assert all(set(r["iteration_speedup_of_fused"]) == {"torch AMP + EMA"}
                for r in rows if r["contender"] == "fused_opt AMP + EMA")
+
+
+def test_quick_bf16_benchmark_has_compressed_rows(tmp_path):
+    """Compressed masters and state: their own rows, with the bytes they move and hold."""
+    main(["--quick", "--repeats", "2", "--steps", "1", "--dtypes", "bf16", "--out", str(tmp_path)])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    record = json.loads((tmp_path / f"bench-{device}.json").read_text())
+    largest = max(record["rows"], key=lambda r: r["params"])["workload"]  # (small tensors pad their last block)
+    rows = {(r["optimizer"], r["contender"]): r for r in record["rows"]
+            if r["contender"].startswith("fused_opt[native]") and r["workload"] == largest}
+    for optimizer, fp32, smallest_moved, smallest_held in (("sgd", 22, 22 - 4 - 5.75, 4.125),
+                                                           ("adamw", 30, 30 - 4 - 11.5, 5.25)):
+        default = rows[(optimizer, "fused_opt[native]")]
+        small = rows[(optimizer, "fused_opt[native] remainder8 int8 state")]
+        assert default["bytes_per_param"] == fp32 and small["bytes_per_param"] == smallest_moved
+        assert small["memory_per_param"] == pytest.approx(smallest_held, abs=0.02)  # from the storages
+        assert default["memory_per_param"] == pytest.approx(10 if optimizer == "sgd" else 14, abs=0.02)
+        assert rows[(optimizer, "fused_opt[native] bf16 state")]["memory_per_param"] < default["memory_per_param"]

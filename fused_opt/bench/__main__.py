@@ -244,7 +244,7 @@ def table(record: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
         lines.append(f"| {r.get('optimizer', 'sgd')} | {r['workload']} | {r['dtype']} | {r['params'] / 1e6:.1f}M | {r['tensors']} | {r['contender']} "
-                     f"| {r['time_ms']:.3f} | {_ms(r['host_ms'])} | {r['first_ms']:.1f} | {r['bytes_per_param']} "
+                     f"| {r['time_ms']:.3f} | {_ms(r['host_ms'])} | {r['first_ms']:.1f} | {r['bytes_per_param']:g} "
                      f"| {r['gb_s']:.1f} | {100 * r['copy_fraction']:.0f}% | {r['speedup_vs_best_torch']:.2f}x "
                      f"| {_ratio(r.get('speedup_vs_best_torch_paired'))} "
                      f"| {_ratio(r['speedup_vs_fused_opt'])} | {_ratio(r['memory_per_param'], '')} "

@@ -66,23 +66,36 @@ class Model:
         return params
 
 
+# Bytes per param a compressed format saves against the FP32 bound (docs/performance.md). Masters:
+# "remainder" reads and writes 2 B instead of 4 and reads the param (2): -2; "remainder8" 1 B: -4.
+# State, per buffer read and written: BF16 -4, int8 -6 + 2 x 4 / 32 for its block scales.
+MASTER_SAVING = {"fp32": 0, "remainder": 2, "remainder8": 4}
+STATE_SAVING = {"fp32": 0.0, "bf16": 4.0, "int8": 6.0 - 8.0 / 32}
+BUFFERS = {"sgd": 1, "adamw": 2}
+
+
+def _mode_label(master_weights: str, state_precision: str) -> str:
+    return ((f" {master_weights}" if master_weights != "fp32" else "")
+            + (f" {state_precision} state" if state_precision != "fp32" else ""))
+
+
 class Ours:
     def __init__(self, model: Model, backend: str, optimizer: str, flat_grads: bool = False,
-                 master_weights: str = "fp32", ema_dtype=None):
-        self.name = f"fused_opt[{backend}]" + (" flat_grads" if flat_grads else "") + (
-            " remainder" if master_weights == "remainder" else "") + _ema_label(ema_dtype)
+                 master_weights: str = "fp32", ema_dtype=None, state_precision: str = "fp32"):
+        self.name = f"fused_opt[{backend}]" + (" flat_grads" if flat_grads else "") + _mode_label(
+            master_weights, state_precision) + _ema_label(ema_dtype)
         self.job = "step + EMA" if ema_dtype is not None else "step"
         self.model = model
-        # The bound with FP32 masters (docs/performance.md); the remainder mode moves 2 B less
-        self.bytes_per_param = job_bytes(optimizer, model.values[0].dtype, ema_dtype) - (
-            2 if master_weights == "remainder" else 0)
+        # The bound with FP32 masters and state (docs/performance.md), less what the formats save
+        self.bytes_per_param = (job_bytes(optimizer, model.values[0].dtype, ema_dtype) - MASTER_SAVING[master_weights]
+                                - BUFFERS[optimizer] * STATE_SAVING[state_precision])
         # The shared grads are scaled by 2^16 (Model): the dynamic scale, for FP16 and BF16 alike.
         # With flat_grads the first step copies them into the optimizer's buffers, once.
         ema = {} if ema_dtype is None else dict(ema_dtype=ema_dtype, ema_decay=EMA_DECAY_BF16 if ema_dtype ==
                                                 torch.bfloat16 else EMA_DECAY)
         self.opt = OURS[optimizer](model.fresh_params(), max_grad_norm=MAX_NORM, backend=backend,
                                    loss_scale="dynamic", flat_grads=flat_grads, master_weights=master_weights,
-                                   **ema, **HYPER[optimizer])
+                                   state_precision=state_precision, **ema, **HYPER[optimizer])
         # On the CPU the kernels run on the host: the time outside them is the host time.
         self.kernel_clock = [0.0] if backend == "native" and model.loss.device.type == "cpu" else None
 
@@ -272,6 +285,13 @@ def factories(model: Model, device: torch.device, include_compiled: bool, optimi
                     label = f"fused_opt[{name}]" + (" flat_grads" if flat else "") + " remainder"
                     ours[label] = lambda name=name, flat=flat: Ours(model, name, optimizer, flat_grads=flat,
                                                                    master_weights="remainder")
+    if model.values[0].dtype == torch.bfloat16:  # compressed state and 24-bit masters (state_precision.py)
+        for master, state in (("fp32", "bf16"), ("fp32", "int8"), ("remainder8", "fp32"), ("remainder8", "int8")):
+            for name in available:
+                if name != "torch":
+                    label = f"fused_opt[{name}]" + _mode_label(master, state)
+                    ours[label] = lambda name=name, master=master, state=state: Ours(
+                        model, name, optimizer, master_weights=master, state_precision=state)
     # GradScaler's CUDA inf check has no BF16 kernel: it can drive FP16 models only.
     if device.type == "cuda" and model.values[0].dtype == torch.float16:
         for name in available:
