@@ -161,39 +161,59 @@ FUSED_HD void dispatch_adamw_tensor(const TensorEntry& t, Fn&& fn) {
 
 // A launch takes it when its state is not FP32 or its masters are BF16Remainder8.
 
-// Element i's FP32 master: loaded (and re-taken from an edited param), or rebuilt from the BF16
-// param and its remainder.
+// A tensor's master column and param as typed pointers, read from the table once: element
+// stores through int8 pointers may alias anything, so pointers re-read from the table inside
+// a loop would be reloaded after every store, and the loop would not vectorize.
 template <class P>
-FUSED_HD float load_master(const TensorEntry& t, int64_t i) {
-  if constexpr (P::kRemainder8) {
-    return BF16Remainder8::rebuild(reinterpret_cast<const uint16_t*>(t.param)[i],
-                                   reinterpret_cast<const int8_t*>(t.master)[i]);
-  } else if constexpr (P::kRemainder) {
-    return BF16Remainder::rebuild(reinterpret_cast<const uint16_t*>(t.param)[i],
-                                  reinterpret_cast<const int16_t*>(t.master)[i]);
-  } else {
-    const float w = reinterpret_cast<const float*>(t.master)[i];
-    if (t.param == 0) return w;  // an FP32 param is its own master
-    return retake_if_edited<P>(reinterpret_cast<const typename P::storage*>(t.param)[i], w);
-  }
-}
+struct MasterOf {
+  using MasterStorage = std::conditional_t<P::kRemainder8, int8_t, std::conditional_t<P::kRemainder, int16_t, float>>;
+  MasterStorage* master;
+  typename P::storage* param;
+  explicit FUSED_HD MasterOf(const TensorEntry& t)
+      : master(reinterpret_cast<MasterStorage*>(t.master)), param(reinterpret_cast<typename P::storage*>(t.param)) {}
 
-// The new master w of element i, stored as the master format keeps it, and the param rounded.
-template <class P>
-FUSED_HD void store_master(const TensorEntry& t, int64_t i, float w) {
-  if constexpr (P::kRemainder8) {
-    uint16_t p;
-    int8_t r8;
-    BF16Remainder8::split(w, p, r8);
-    reinterpret_cast<uint16_t*>(t.param)[i] = p;
-    reinterpret_cast<int8_t*>(t.master)[i] = r8;
-  } else if constexpr (P::kRemainder) {
-    const uint16_t p = BF16::store(w);
-    reinterpret_cast<uint16_t*>(t.param)[i] = p;
-    reinterpret_cast<int16_t*>(t.master)[i] = BF16Remainder::remainder(w, p);
+  // Element i's FP32 master: loaded (and re-taken from an edited param), or rebuilt from the
+  // BF16 param and its remainder.
+  template <class HasParam>
+  FUSED_HD float load(int64_t i, HasParam has_param) const {
+    if constexpr (P::kRemainder8) {
+      return BF16Remainder8::rebuild(param[i], master[i]);
+    } else if constexpr (P::kRemainder) {
+      return BF16Remainder::rebuild(param[i], master[i]);
+    } else {  // an FP32 param is its own master
+      return has_param ? retake_if_edited<P>(param[i], master[i]) : master[i];
+    }
+  }
+
+  // The new master w of element i, stored as the master format keeps it, and the param rounded.
+  template <class HasParam>
+  FUSED_HD void store(int64_t i, float w, HasParam has_param) const {
+    if constexpr (P::kRemainder8) {
+      uint16_t p;
+      int8_t r8;
+      BF16Remainder8::split(w, p, r8);
+      param[i] = p;
+      master[i] = r8;
+    } else if constexpr (P::kRemainder) {
+      const uint16_t p = BF16::store(w);
+      param[i] = p;
+      master[i] = BF16Remainder::remainder(w, p);
+    } else {
+      master[i] = w;
+      if (has_param) param[i] = P::store(w);
+    }
+  }
+};
+
+// Calls fn(std::integral_constant<int, state>{}): the state precision as a compile-time choice.
+template <class Fn>
+FUSED_HD void dispatch_state(int state, Fn&& fn) {
+  if (state == kStateInt8) {
+    fn(std::integral_constant<int, kStateInt8>{});
+  } else if (state == kStateBF16) {
+    fn(std::integral_constant<int, kStateBF16>{});
   } else {
-    reinterpret_cast<float*>(t.master)[i] = w;
-    if (t.param != 0) reinterpret_cast<typename P::storage*>(t.param)[i] = P::store(w);
+    fn(std::integral_constant<int, kStateF32>{});
   }
 }
 
@@ -206,62 +226,96 @@ FUSED_HD void for_state_blocks(int64_t begin, int64_t end, int64_t lane, int64_t
   }
 }
 
-template <class G, class P>
-FUSED_HD void sgd_compressed(const TensorEntry& t, const StepCoefs& k, float inv_scale, int state, int64_t begin,
-                             int64_t end, int64_t lane, int64_t lanes) {
+// The per-tensor flags are std::bool_constant on the host (each combination its own vectorized
+// loop, as dispatch_tensor) and plain bools on the device (uniform over a CUDA block: one
+// instantiation per state precision keeps the CUDA build short).
+template <class G, class P, int State, class HasBuf, class HasParam, class Nesterov>
+FUSED_HD void sgd_compressed(const TensorEntry& t, const StepCoefs& coefs, float inv_scale, int64_t begin,
+                             int64_t end, int64_t lane, int64_t lanes, HasBuf has_buf, HasParam has_param,
+                             Nesterov nesterov) {
   const auto* g = reinterpret_cast<const typename G::storage*>(t.grad);
   auto* scales = reinterpret_cast<float*>(t.scale);
-  const bool has_buf = t.buf != 0;
+  void* buf = reinterpret_cast<void*>(t.buf);
+  const MasterOf<P> w_of(t);
+  const StepCoefs k = coefs;  // a local: stores through the arrays can't alias it
   for_state_blocks(begin, end, lane, lanes, [&](int64_t at, int n) {
-    float b[kStateBlock];
-    if (has_buf) decode_block<SignedCodes>(reinterpret_cast<const void*>(t.buf), scales, at, n, state, b);
+    // Locals, not the closure's references: int8 stores may alias anything reached through a
+    // pointer, and a loop that must reload its coefficients after each store does not vectorize.
+    const StepCoefs kk = k;
+    const MasterOf<P> wo = w_of;
+    const auto* gg = g;
+    const float inv = inv_scale;
+    float b[kStateBlock] = {};
+    if (has_buf) decode_block<State, SignedCodes>(buf, scales, at, n, b);
     for (int e = 0; e < n; ++e) {
-      const int64_t i = at + e;
-      const float u = unscale<G>(g[i], inv_scale);
-      const float w = load_master<P>(t, i);
-      float w_new;
-      if (!has_buf) {
-        w_new = sgd_element<false, false>(u, w, b[e], k);
-      } else if (k.nesterov) {
-        w_new = sgd_element<true, true>(u, w, b[e], k);
-      } else {
-        w_new = sgd_element<true, false>(u, w, b[e], k);
-      }
-      store_master<P>(t, i, w_new);
+      const float u = unscale<G>(gg[at + e], inv), w = wo.load(at + e, has_param);
+      const float w_new = !has_buf ? sgd_element<false, false>(u, w, b[e], kk)
+                                   : (nesterov ? sgd_element<true, true>(u, w, b[e], kk)
+                                               : sgd_element<true, false>(u, w, b[e], kk));
+      wo.store(at + e, w_new, has_param);
     }
-    if (has_buf) encode_block<SignedCodes>(reinterpret_cast<void*>(t.buf), scales, at, n, state, b);
+    if (has_buf) encode_block<State, SignedCodes>(buf, scales, at, n, b);
+  });
+}
+
+template <class G, class P, int State, class HasParam, class AmsGrad>
+FUSED_HD void adamw_compressed(const TensorEntry& t, const AdamWCoefs& coefs, float inv_scale, int64_t begin,
+                               int64_t end, int64_t lane, int64_t lanes, HasParam has_param, AmsGrad amsgrad) {
+  const auto* g = reinterpret_cast<const typename G::storage*>(t.grad);
+  void *m_codes = reinterpret_cast<void*>(t.buf), *v_codes = reinterpret_cast<void*>(t.buf2),
+       *vmax_codes = reinterpret_cast<void*>(t.buf3);
+  auto *m_scales = reinterpret_cast<float*>(t.scale), *v_scales = reinterpret_cast<float*>(t.scale2),
+       *vmax_scales = reinterpret_cast<float*>(t.scale3);
+  const MasterOf<P> w_of(t);
+  const AdamWCoefs k = coefs;
+  for_state_blocks(begin, end, lane, lanes, [&](int64_t at, int n) {
+    float m[kStateBlock], v[kStateBlock], vmax[kStateBlock] = {};
+    decode_block<State, SignedCodes>(m_codes, m_scales, at, n, m);
+    decode_block<State, UnsignedCodes>(v_codes, v_scales, at, n, v);
+    if (amsgrad) decode_block<State, UnsignedCodes>(vmax_codes, vmax_scales, at, n, vmax);
+    const AdamWCoefs kk = k;  // locals, as in sgd_compressed
+    const MasterOf<P> wo = w_of;
+    const auto* gg = g;
+    const float inv = inv_scale;
+    for (int e = 0; e < n; ++e) {
+      const float u = unscale<G>(gg[at + e], inv), w = wo.load(at + e, has_param);
+      const float w_new = amsgrad ? adamw_element<true>(u, w, m[e], v[e], vmax[e], kk)
+                                  : adamw_element<false>(u, w, m[e], v[e], vmax[e], kk);
+      wo.store(at + e, w_new, has_param);
+    }
+    encode_block<State, SignedCodes>(m_codes, m_scales, at, n, m);
+    encode_block<State, UnsignedCodes>(v_codes, v_scales, at, n, v);
+    if (amsgrad) encode_block<State, UnsignedCodes>(vmax_codes, vmax_scales, at, n, vmax);
+  });
+}
+
+// The compressed update of one chunk's range for every per-tensor choice (as dispatch_tensor).
+template <class G, class P>
+FUSED_HD void sgd_compressed_range(const TensorEntry& t, const StepCoefs& k, float inv_scale, int state,
+                                   int64_t begin, int64_t end, int64_t lane, int64_t lanes) {
+  dispatch_state(state, [&](auto s) {
+#ifdef __CUDA_ARCH__
+    sgd_compressed<G, P, decltype(s)::value>(t, k, inv_scale, begin, end, lane, lanes, t.buf != 0, t.param != 0,
+                                             k.nesterov);
+#else
+    dispatch_tensor(t, k.nesterov, [&](auto has_buf, auto has_param, auto nesterov) {
+      sgd_compressed<G, P, decltype(s)::value>(t, k, inv_scale, begin, end, lane, lanes, has_buf, has_param, nesterov);
+    });
+#endif
   });
 }
 
 template <class G, class P>
-FUSED_HD void adamw_compressed(const TensorEntry& t, const AdamWCoefs& k, float inv_scale, int state,
-                               int64_t begin, int64_t end, int64_t lane, int64_t lanes) {
-  const auto* g = reinterpret_cast<const typename G::storage*>(t.grad);
-  const bool amsgrad = t.buf3 != 0;
-  for_state_blocks(begin, end, lane, lanes, [&](int64_t at, int n) {
-    float m[kStateBlock], v[kStateBlock], vmax[kStateBlock];
-    decode_block<SignedCodes>(reinterpret_cast<const void*>(t.buf), reinterpret_cast<const float*>(t.scale), at, n,
-                              state, m);
-    decode_block<UnsignedCodes>(reinterpret_cast<const void*>(t.buf2), reinterpret_cast<const float*>(t.scale2), at,
-                                n, state, v);
-    if (amsgrad) {
-      decode_block<UnsignedCodes>(reinterpret_cast<const void*>(t.buf3), reinterpret_cast<const float*>(t.scale3),
-                                  at, n, state, vmax);
-    }
-    for (int e = 0; e < n; ++e) {
-      const int64_t i = at + e;
-      const float u = unscale<G>(g[i], inv_scale);
-      const float w = load_master<P>(t, i);
-      const float w_new = amsgrad ? adamw_element<true>(u, w, m[e], v[e], vmax[e], k)
-                                  : adamw_element<false>(u, w, m[e], v[e], vmax[e], k);
-      store_master<P>(t, i, w_new);
-    }
-    encode_block<SignedCodes>(reinterpret_cast<void*>(t.buf), reinterpret_cast<float*>(t.scale), at, n, state, m);
-    encode_block<UnsignedCodes>(reinterpret_cast<void*>(t.buf2), reinterpret_cast<float*>(t.scale2), at, n, state, v);
-    if (amsgrad) {
-      encode_block<UnsignedCodes>(reinterpret_cast<void*>(t.buf3), reinterpret_cast<float*>(t.scale3), at, n, state,
-                                  vmax);
-    }
+FUSED_HD void adamw_compressed_range(const TensorEntry& t, const AdamWCoefs& k, float inv_scale, int state,
+                                     int64_t begin, int64_t end, int64_t lane, int64_t lanes) {
+  dispatch_state(state, [&](auto s) {
+#ifdef __CUDA_ARCH__
+    adamw_compressed<G, P, decltype(s)::value>(t, k, inv_scale, begin, end, lane, lanes, t.param != 0, t.buf3 != 0);
+#else
+    dispatch_adamw_tensor(t, [&](auto has_param, auto amsgrad) {
+      adamw_compressed<G, P, decltype(s)::value>(t, k, inv_scale, begin, end, lane, lanes, has_param, amsgrad);
+    });
+#endif
   });
 }
 
