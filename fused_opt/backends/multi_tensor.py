@@ -20,11 +20,16 @@ from dataclasses import dataclass, field
 import torch
 
 from ..memory import is_dense
+from ..state_precision import BLOCK as STATE_BLOCK
 from . import StepBatch
 
 # Elements per chunk: large enough that a program streams a long run of memory, small enough
 # to spread one big tensor over all SMs. Tests shrink it to cross chunk boundaries cheaply.
 CHUNK_SIZE = int(os.environ.get("FUSED_OPT_CHUNK_SIZE", 65536))
+# A chunk holds whole int8 state blocks (state_precision.py): each block's scale is written by
+# the one program that owns it.
+if CHUNK_SIZE <= 0 or CHUNK_SIZE % STATE_BLOCK:
+    raise ValueError(f"FUSED_OPT_CHUNK_SIZE must be a positive multiple of {STATE_BLOCK}, got {CHUNK_SIZE}")
 
 # Columns of the per-tensor table (int64): addresses are raw device pointers, 0 when absent.
 # BUF, BUF2, BUF3 are the update rule's state buffers in its order (SGD: the momentum buffer;
