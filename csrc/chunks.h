@@ -217,6 +217,26 @@ FUSED_HD void dispatch_state(int state, Fn&& fn) {
   }
 }
 
+// Calls fn(a, b, c) with std::bool_constant arguments for three run-time flags (c may be
+// constant false: then two instantiations, not four).
+template <class C, class Fn>
+FUSED_HD void dispatch_flags(bool a, bool b, C c, Fn&& fn) {
+  using Yes = std::true_type;
+  using No = std::false_type;
+  auto with_c = [&](auto x, auto y) {
+    if constexpr (std::is_same_v<C, bool>) {
+      if (c) fn(x, y, Yes{}); else fn(x, y, No{});
+    } else {
+      fn(x, y, No{});
+    }
+  };
+  if (a) {
+    if (b) with_c(Yes{}, Yes{}); else with_c(Yes{}, No{});
+  } else {
+    if (b) with_c(No{}, Yes{}); else with_c(No{}, No{});
+  }
+}
+
 // The blocks of [begin, end) (begin on a block boundary) that lane `lane` of `lanes` owns:
 // fn(first element, count). The CPU runs one lane, a CUDA block one per thread.
 template <class Fn>
@@ -226,9 +246,10 @@ FUSED_HD void for_state_blocks(int64_t begin, int64_t end, int64_t lane, int64_t
   }
 }
 
-// The per-tensor flags are std::bool_constant on the host (each combination its own vectorized
-// loop, as dispatch_tensor) and plain bools on the device (uniform over a CUDA block: one
-// instantiation per state precision keeps the CUDA build short).
+// The per-tensor flags are plain bools, uniform over a tensor: on the host the compiler unswitches
+// the element loop on them, on the device they are uniform over a CUDA block. One instantiation
+// per state precision keeps the builds short (every flag combination as its own template took
+// minutes more per module).
 template <class G, class P, int State, class HasBuf, class HasParam, class Nesterov>
 FUSED_HD void sgd_compressed(const TensorEntry& t, const StepCoefs& coefs, float inv_scale, int64_t begin,
                              int64_t end, int64_t lane, int64_t lanes, HasBuf has_buf, HasParam has_param,
@@ -247,13 +268,15 @@ FUSED_HD void sgd_compressed(const TensorEntry& t, const StepCoefs& coefs, float
     const float inv = inv_scale;
     float b[kStateBlock] = {};
     if (has_buf) decode_block<State, SignedCodes>(buf, scales, at, n, b);
-    for (int e = 0; e < n; ++e) {
-      const float u = unscale<G>(gg[at + e], inv), w = wo.load(at + e, has_param);
-      const float w_new = !has_buf ? sgd_element<false, false>(u, w, b[e], kk)
-                                   : (nesterov ? sgd_element<true, true>(u, w, b[e], kk)
-                                               : sgd_element<true, false>(u, w, b[e], kk));
-      wo.store(at + e, w_new, has_param);
-    }
+    // The element loop with the flags as constants (each its own straight-line loop); the
+    // decode and encode loops around it are shared.
+    auto elements = [&](auto buf_on, auto param_on, auto nesterov_on) {
+      for (int e = 0; e < n; ++e) {
+        const float u = unscale<G>(gg[at + e], inv), w = wo.load(at + e, param_on);
+        wo.store(at + e, sgd_element<decltype(buf_on)::value, decltype(nesterov_on)::value>(u, w, b[e], kk), param_on);
+      }
+    };
+    dispatch_flags(has_buf, has_param, nesterov, elements);
     if (has_buf) encode_block<State, SignedCodes>(buf, scales, at, n, b);
   });
 }
@@ -277,12 +300,13 @@ FUSED_HD void adamw_compressed(const TensorEntry& t, const AdamWCoefs& coefs, fl
     const MasterOf<P> wo = w_of;
     const auto* gg = g;
     const float inv = inv_scale;
-    for (int e = 0; e < n; ++e) {
-      const float u = unscale<G>(gg[at + e], inv), w = wo.load(at + e, has_param);
-      const float w_new = amsgrad ? adamw_element<true>(u, w, m[e], v[e], vmax[e], kk)
-                                  : adamw_element<false>(u, w, m[e], v[e], vmax[e], kk);
-      wo.store(at + e, w_new, has_param);
-    }
+    auto elements = [&](auto param_on, auto amsgrad_on, auto) {
+      for (int e = 0; e < n; ++e) {
+        const float u = unscale<G>(gg[at + e], inv), w = wo.load(at + e, param_on);
+        wo.store(at + e, adamw_element<decltype(amsgrad_on)::value>(u, w, m[e], v[e], vmax[e], kk), param_on);
+      }
+    };
+    dispatch_flags(has_param, amsgrad, false, elements);
     encode_block<State, SignedCodes>(m_codes, m_scales, at, n, m);
     encode_block<State, UnsignedCodes>(v_codes, v_scales, at, n, v);
     if (amsgrad) encode_block<State, UnsignedCodes>(vmax_codes, vmax_scales, at, n, vmax);
@@ -294,14 +318,8 @@ template <class G, class P>
 FUSED_HD void sgd_compressed_range(const TensorEntry& t, const StepCoefs& k, float inv_scale, int state,
                                    int64_t begin, int64_t end, int64_t lane, int64_t lanes) {
   dispatch_state(state, [&](auto s) {
-#ifdef __CUDA_ARCH__
     sgd_compressed<G, P, decltype(s)::value>(t, k, inv_scale, begin, end, lane, lanes, t.buf != 0, t.param != 0,
                                              k.nesterov);
-#else
-    dispatch_tensor(t, k.nesterov, [&](auto has_buf, auto has_param, auto nesterov) {
-      sgd_compressed<G, P, decltype(s)::value>(t, k, inv_scale, begin, end, lane, lanes, has_buf, has_param, nesterov);
-    });
-#endif
   });
 }
 
@@ -309,13 +327,7 @@ template <class G, class P>
 FUSED_HD void adamw_compressed_range(const TensorEntry& t, const AdamWCoefs& k, float inv_scale, int state,
                                      int64_t begin, int64_t end, int64_t lane, int64_t lanes) {
   dispatch_state(state, [&](auto s) {
-#ifdef __CUDA_ARCH__
     adamw_compressed<G, P, decltype(s)::value>(t, k, inv_scale, begin, end, lane, lanes, t.param != 0, t.buf3 != 0);
-#else
-    dispatch_adamw_tensor(t, [&](auto has_param, auto amsgrad) {
-      adamw_compressed<G, P, decltype(s)::value>(t, k, inv_scale, begin, end, lane, lanes, has_param, amsgrad);
-    });
-#endif
   });
 }
 

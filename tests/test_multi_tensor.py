@@ -172,7 +172,8 @@ def test_native_one_call_step_checks_every_record_before_writing():
     groups = torch.zeros(1, 8)
     for norm_code, update_code in ((9, 1), (1, 9)):
         norms = torch.tensor([[chunks.data_ptr(), 1, table.data_ptr(), slots.data_ptr(), flags.data_ptr(), norm_code]])
-        updates = torch.tensor([[chunks.data_ptr(), 1, table.data_ptr(), 1, update_code, 0]])
+        # (chunks, num_chunks, table, grad dtype, param dtype, rule, EMA dtype, state precision)
+        updates = torch.tensor([[chunks.data_ptr(), 1, table.data_ptr(), 1, update_code, 0, 0, 0]])
         with pytest.raises((ValueError, RuntimeError), match="dtype"):
             module.step(norms.data_ptr(), 1, updates.data_ptr(), 1, groups.data_ptr(), scalars.data_ptr(),
                         slots.data_ptr(), flags.data_ptr(), 1, scale.data_ptr(), counters[0:].data_ptr(),
