@@ -268,15 +268,24 @@ FUSED_HD void sgd_compressed(const TensorEntry& t, const StepCoefs& coefs, float
     const float inv = inv_scale;
     float b[kStateBlock] = {};
     if (has_buf) decode_block<State, SignedCodes>(buf, scales, at, n, b);
+#ifdef __CUDA_ARCH__
+    // On the device the flags stay run-time values (uniform over the block): one loop, a short build.
+    for (int e = 0; e < n; ++e) {
+      const float u = unscale<G>(gg[at + e], inv), w = wo.load(at + e, has_param);
+      wo.store(at + e, !has_buf ? sgd_element<false, false>(u, w, b[e], kk)
+                                : (nesterov ? sgd_element<true, true>(u, w, b[e], kk)
+                                            : sgd_element<true, false>(u, w, b[e], kk)), has_param);
+    }
+#else
     // The element loop with the flags as constants (each its own straight-line loop); the
     // decode and encode loops around it are shared.
-    auto elements = [&](auto buf_on, auto param_on, auto nesterov_on) {
+    dispatch_flags(has_buf, has_param, nesterov, [&](auto buf_on, auto param_on, auto nesterov_on) {
       for (int e = 0; e < n; ++e) {
         const float u = unscale<G>(gg[at + e], inv), w = wo.load(at + e, param_on);
         wo.store(at + e, sgd_element<decltype(buf_on)::value, decltype(nesterov_on)::value>(u, w, b[e], kk), param_on);
       }
-    };
-    dispatch_flags(has_buf, has_param, nesterov, elements);
+    });
+#endif
     if (has_buf) encode_block<State, SignedCodes>(buf, scales, at, n, b);
   });
 }
@@ -300,13 +309,20 @@ FUSED_HD void adamw_compressed(const TensorEntry& t, const AdamWCoefs& coefs, fl
     const MasterOf<P> wo = w_of;
     const auto* gg = g;
     const float inv = inv_scale;
-    auto elements = [&](auto param_on, auto amsgrad_on, auto) {
+#ifdef __CUDA_ARCH__
+    for (int e = 0; e < n; ++e) {
+      const float u = unscale<G>(gg[at + e], inv), w = wo.load(at + e, has_param);
+      wo.store(at + e, amsgrad ? adamw_element<true>(u, w, m[e], v[e], vmax[e], kk)
+                               : adamw_element<false>(u, w, m[e], v[e], vmax[e], kk), has_param);
+    }
+#else
+    dispatch_flags(has_param, amsgrad, false, [&](auto param_on, auto amsgrad_on, auto) {
       for (int e = 0; e < n; ++e) {
         const float u = unscale<G>(gg[at + e], inv), w = wo.load(at + e, param_on);
         wo.store(at + e, adamw_element<decltype(amsgrad_on)::value>(u, w, m[e], v[e], vmax[e], kk), param_on);
       }
-    };
-    dispatch_flags(has_param, amsgrad, false, elements);
+    });
+#endif
     encode_block<State, SignedCodes>(m_codes, m_scales, at, n, m);
     encode_block<State, UnsignedCodes>(v_codes, v_scales, at, n, v);
     if (amsgrad) encode_block<State, UnsignedCodes>(vmax_codes, vmax_scales, at, n, vmax);
