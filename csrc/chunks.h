@@ -253,7 +253,7 @@ FUSED_HD void for_state_blocks(int64_t begin, int64_t end, int64_t lane, int64_t
 template <class G, class P, int State, class HasBuf, class HasParam, class Nesterov>
 FUSED_HD void sgd_compressed(const TensorEntry& t, const StepCoefs& coefs, float inv_scale, int64_t begin,
                              int64_t end, int64_t lane, int64_t lanes, HasBuf has_buf, HasParam has_param,
-                             Nesterov nesterov) {
+                             Nesterov nesterov, uint32_t salt) {
   const auto* g = reinterpret_cast<const typename G::storage*>(t.grad);
   auto* scales = reinterpret_cast<float*>(t.scale);
   void* buf = reinterpret_cast<void*>(t.buf);
@@ -286,7 +286,7 @@ FUSED_HD void sgd_compressed(const TensorEntry& t, const StepCoefs& coefs, float
       }
     });
 #endif
-    if (has_buf) encode_block<State, SignedCodes>(buf, scales, at, n, b);
+    if (has_buf) encode_block<State, SignedCodes>(buf, scales, at, n, b, salt);
   });
 }
 
@@ -300,6 +300,9 @@ FUSED_HD void adamw_compressed(const TensorEntry& t, const AdamWCoefs& coefs, fl
        *vmax_scales = reinterpret_cast<float*>(t.scale3);
   const MasterOf<P> w_of(t);
   const AdamWCoefs k = coefs;
+  // int8 codes may decode m and v inconsistently (m from its block, v from another's): the
+  // step is bounded as FP32 state bounds it (adamw_math.h AdamWCoefs::bound).
+  constexpr bool kBounded = State == kStateInt8;
   for_state_blocks(begin, end, lane, lanes, [&](int64_t at, int n) {
     float m[kStateBlock], v[kStateBlock], vmax[kStateBlock] = {};
     decode_block<State, SignedCodes>(m_codes, m_scales, at, n, m);
@@ -312,30 +315,32 @@ FUSED_HD void adamw_compressed(const TensorEntry& t, const AdamWCoefs& coefs, fl
 #ifdef __CUDA_ARCH__
     for (int e = 0; e < n; ++e) {
       const float u = unscale<G>(gg[at + e], inv), w = wo.load(at + e, has_param);
-      wo.store(at + e, amsgrad ? adamw_element<true>(u, w, m[e], v[e], vmax[e], kk)
-                               : adamw_element<false>(u, w, m[e], v[e], vmax[e], kk), has_param);
+      wo.store(at + e, amsgrad ? adamw_element<true, kBounded>(u, w, m[e], v[e], vmax[e], kk)
+                               : adamw_element<false, kBounded>(u, w, m[e], v[e], vmax[e], kk), has_param);
     }
 #else
     dispatch_flags(has_param, amsgrad, false, [&](auto param_on, auto amsgrad_on, auto) {
       for (int e = 0; e < n; ++e) {
         const float u = unscale<G>(gg[at + e], inv), w = wo.load(at + e, param_on);
-        wo.store(at + e, adamw_element<decltype(amsgrad_on)::value>(u, w, m[e], v[e], vmax[e], kk), param_on);
+        wo.store(at + e, adamw_element<decltype(amsgrad_on)::value, kBounded>(u, w, m[e], v[e], vmax[e], kk),
+                 param_on);
       }
     });
 #endif
-    encode_block<State, SignedCodes>(m_codes, m_scales, at, n, m);
-    encode_block<State, UnsignedCodes>(v_codes, v_scales, at, n, v);
-    if (amsgrad) encode_block<State, UnsignedCodes>(vmax_codes, vmax_scales, at, n, vmax);
+    encode_block<State, SignedCodes>(m_codes, m_scales, at, n, m, kk.salt);
+    encode_block<State, UnsignedCodes>(v_codes, v_scales, at, n, v, kk.salt);
+    if (amsgrad) encode_block<State, UnsignedCodes>(vmax_codes, vmax_scales, at, n, vmax, kk.salt);
   });
 }
 
 // The compressed update of one chunk's range for every per-tensor choice (as dispatch_tensor).
+// `applied`: the step's applied-step count, the int8 dither's salt (state_math.h dither20).
 template <class G, class P>
 FUSED_HD void sgd_compressed_range(const TensorEntry& t, const StepCoefs& k, float inv_scale, int state,
-                                   int64_t begin, int64_t end, int64_t lane, int64_t lanes) {
+                                   int64_t begin, int64_t end, int64_t lane, int64_t lanes, int32_t applied) {
   dispatch_state(state, [&](auto s) {
     sgd_compressed<G, P, decltype(s)::value>(t, k, inv_scale, begin, end, lane, lanes, t.buf != 0, t.param != 0,
-                                             k.nesterov);
+                                             k.nesterov, uint32_t(applied));
   });
 }
 
@@ -435,8 +440,14 @@ FUSED_HD void update_scale(const FinalizeArgs& a, float scale, bool found_inf) {
   *a.hysteresis_tracker = overflows;
 }
 
+// An int32 count + 1, saturating at 2^31 - 1: a loaded count never wraps (signed overflow).
+FUSED_HD int32_t count_up(int32_t n) { return n < 0x7FFFFFFF ? n + 1 : n; }
+
 FUSED_HD void finalize(const FinalizeArgs& a, float total, bool found_inf) {
   float norm = a.norm_inf ? total : lane_sqrt(total);
+  // Finite grads whose FP32 sum of squares overflows (2^64 and more) are an overflow too: the
+  // step is skipped, never clipped to a zero gradient (the torch backend decides alike).
+  found_inf = found_inf || !is_finite(norm);
   if (found_inf && is_finite(norm)) norm = __builtin_inff();  // a skipped step's N is not finite
   float coef = 1.0f;
   if (a.has_clip) {
@@ -449,10 +460,10 @@ FUSED_HD void finalize(const FinalizeArgs& a, float total, bool found_inf) {
   a.scalars->found_inf = found_inf ? 1.0f : 0.0f;
   *a.grad_norm = norm;
   *a.found_inf_out = found_inf;
-  if (!found_inf) *a.applied_steps += 1;
+  if (!found_inf) *a.applied_steps = count_up(*a.applied_steps);
   a.scalars->ema_weight = ema_weight(a.scalars->ema_one_minus_decay, a.scalars->ema_decay, a.scalars->ema_inv_tau,
                                      *a.applied_steps);
-  *a.consecutive_skips = found_inf ? *a.consecutive_skips + 1 : 0;
+  *a.consecutive_skips = found_inf ? count_up(*a.consecutive_skips) : 0;
   if (a.dynamic) update_scale(a, scale, found_inf);
 }
 

@@ -315,9 +315,9 @@ void update(const UpdateArgs& a, int64_t /*stream*/) {
       const StepCoefs coefs = step_coefs(h, scalars->clip_coef, claim_first_step(t, applied, true));
       for_slices(t, chunks[c].start, chunk_end(t, chunks[c], a.chunk_size), kEmaSlice, [&](int64_t b, int64_t e) {
         if constexpr (P::kRemainder8) {  // (never instantiates the fast loops with an int8 master column)
-          sgd_compressed_range<G, P>(t, coefs, scalars->inv_scale, a.state, b, e, 0, 1);
+          sgd_compressed_range<G, P>(t, coefs, scalars->inv_scale, a.state, b, e, 0, 1, applied);
         } else if (a.state != kStateF32) {
-          sgd_compressed_range<G, P>(t, coefs, scalars->inv_scale, a.state, b, e, 0, 1);
+          sgd_compressed_range<G, P>(t, coefs, scalars->inv_scale, a.state, b, e, 0, 1, applied);
         } else {
           dispatch_tensor(t, coefs.nesterov, [&](auto has_buf, auto has_param, auto nesterov) {
             update_chunk<G, P, decltype(has_buf)::value, decltype(has_param)::value, decltype(nesterov)::value>(

@@ -163,9 +163,9 @@ __global__ void __launch_bounds__(kThreads) update_kernel(UpdateArgs a) {
   for_slices(t, c.start, chunk_end(t, c, a.chunk_size), kEmaSlice, [&](int64_t b, int64_t e) {
     // Compressed state or masters (chunks.h): one thread per int8 block of the slice.
     if constexpr (P::kRemainder8) {
-      sgd_compressed_range<G, P>(t, k, s.inv_scale, a.state, b, e, threadIdx.x, kThreads);
+      sgd_compressed_range<G, P>(t, k, s.inv_scale, a.state, b, e, threadIdx.x, kThreads, applied);
     } else if (a.state != kStateF32) {
-      sgd_compressed_range<G, P>(t, k, s.inv_scale, a.state, b, e, threadIdx.x, kThreads);
+      sgd_compressed_range<G, P>(t, k, s.inv_scale, a.state, b, e, threadIdx.x, kThreads, applied);
     } else {
       dispatch_tensor(t, k.nesterov, [&](auto has_buf, auto has_param, auto nesterov) {
         update_chunk<G, P, decltype(has_buf)::value, decltype(has_param)::value, decltype(nesterov)::value>(

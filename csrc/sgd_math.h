@@ -125,7 +125,7 @@ struct BF16Remainder : BF16 {
 
 // One SGD group's hyperparameters, as laid out in the host's group table (update_rules.SGDHyper.row).
 struct SGDHyper {
-  float lr, momentum, one_minus_dampening, weight_decay, nesterov, maximize, pad0, pad1;
+  float lr, momentum, one_minus_dampening, weight_decay, nesterov, maximize, pad[6];  // GROUP_COLUMNS in all
 };
 
 // Per-step scalars, written by finalize and read by the update (multi_tensor.py: INV_SCALE..),

@@ -48,67 +48,66 @@ struct BF16Remainder8 : BF16 {
 // wins on every backend, where float max() would disagree about NaN.
 FUSED_HD uint32_t magnitude_bits(float x) { return float_bits(x) & 0x7FFFFFFFu; }
 
-// Codes are x / scale (0 in an all-zero block, or one with a NaN scale, which decodes to NaN;
-// an infinite scale gives 0 or NaN, and decodes to NaN through inf * 0), companded. A division,
-// not a multiplication by 1 / scale: the reciprocal of a subnormal scale overflows.
+// Codes are floating-point numbers relative to the block's scale (x / scale: a division, not a
+// multiplication by 1 / scale, whose reciprocal overflows for a subnormal scale), so a small
+// element keeps its relative precision beside a large one. Both are integer operations on the
+// bits, exact on every backend (state_precision.py is the oracle).
 
-// floor(y + 0.5) clamped to [low, high]; a NaN code is 0. Integer-free, so every backend
-// (and the Triton interpreter) rounds alike.
-FUSED_HD float round_code(float y, float low, float high) {
-  if (!(y == y)) return 0.0f;
-  const float q = floorf(y + 0.5f);
-  return q < low ? low : (q > high ? high : q);
+// Signed state (momentum, exp_avg): |x| / scale in [0, 1] rounded to 3 mantissa bits, rebased
+// so that 1.0 is code 121 and 2^-15 is code 1 (below: 0), with the sign: int8 in [-121, 121].
+// Relative spacing 6-12 %. The rounding is stochastic with a deterministic dither (dither20 of
+// the element's index and the step): rounding to nearest would make every code a fixed point
+// of x * beta for beta > 0.94 (a momentum that never decays, a weight that drifts forever),
+// where the dithered code decays as the FP32 value does, on average, and is unbiased.
+FUSED_HD uint32_t dither20(uint32_t index, uint32_t salt) {
+  uint32_t h = (index * 0x9E3779B1u) ^ (salt * 0x85EBCA77u);
+  h ^= h >> 16;
+  h *= 0x7FEB352Du;
+  h ^= h >> 15;
+  // 4 ulps inside the spacing: a decoded value (t * scale) / scale is within 2 ulps of its
+  // code's t, and must encode back to that code whatever its dither.
+  const uint32_t d = h >> 12;
+  return d < 4u ? 4u : (d > 0xFFFFBu ? 0xFFFFBu : d);
 }
 
-// Signed state (momentum, exp_avg): softsign-companded codes in [-127, 127].
 struct SignedCodes {
   using storage = int8_t;
-  static constexpr float kMax = 127.0f;
-  // What the block's absmax is taken of, for an element.
-  static FUSED_HD float magnitude(float x) { return x; }
+  static constexpr int32_t kBias = 895, kMax = 121;
   static FUSED_HD float decode(int8_t q, float scale) {
-    const float y = float(q) / 127.0f;
-    return scale * (y / (2.0f - fabsf(y)));
+    const int32_t k = q < 0 ? -int32_t(q) : int32_t(q);
+    const float t = k == 0 ? 0.0f : bits_float(uint32_t(k + kBias) << 20);
+    const float x = t * scale;
+    return q < 0 ? -x : x;
   }
-  // The code before rounding, for a finite, positive scale.
-  static FUSED_HD float companded(float x, float scale) {
-    const float t = x / scale;
-    return 127.0f * ((2.0f * t) / (1.0f + fabsf(t)));
+  // For a finite, positive scale; `index` is the element's in its tensor, `salt` the step's.
+  static FUSED_HD storage encode(float x, float scale, uint32_t index, uint32_t salt) {
+    const float t = fabsf(x) / scale;
+    int32_t k = int32_t((float_bits(t) + dither20(index, salt)) >> 20) - kBias;
+    k = k < 0 ? 0 : (k > kMax ? kMax : k);
+    return storage(x < 0.0f ? -k : k);
   }
-  static constexpr int32_t kLow = -127;
-  static FUSED_HD storage code(float q) { return storage(int32_t(q)); }
 };
 
-// Unsigned state (exp_avg_sq, max_exp_avg_sq): sqrt(x) in [0, 255] steps of scale / 255,
-// scale = the block's largest sqrt(x).
+// Unsigned state (exp_avg_sq, max_exp_avg_sq): (x / scale) * 2^15 in [0, 2^15] as IEEE half
+// bits (round to nearest even; 11 bits of precision from 2^-29 of the scale, down to 2^-39 in
+// half's subnormals). One byte cannot follow v: beta2 = 0.999 moves it 0.1 % a step.
 struct UnsignedCodes {
-  using storage = uint8_t;
-  static constexpr float kMax = 255.0f;
-  static FUSED_HD float magnitude(float x) { return lane_sqrt_f(x); }
-  static FUSED_HD float decode(uint8_t q, float scale) {
-    const float r = (float(q) / 255.0f) * scale;
-    return r * r;
+  using storage = uint16_t;
+  static FUSED_HD float decode(uint16_t h, float scale) {
+    const float t = h < 0x400u ? float(h) * 0x1p-24f : bits_float((uint32_t(h) << 13) + (112u << 23));
+    return (t * 0x1p-15f) * scale;
   }
-  static FUSED_HD float companded(float x, float scale) { return (lane_sqrt_f(x) / scale) * 255.0f; }
-  static constexpr int32_t kLow = 0;
-  static FUSED_HD storage code(float q) { return storage(int32_t(q)); }
-
-  static FUSED_HD float lane_sqrt_f(float x) {
-#ifdef __CUDA_ARCH__
-    return __fsqrt_rn(x);
-#else
-    return __builtin_sqrtf(x);
-#endif
+  // For a finite, positive scale (x >= 0: v is never negative; -0 is stored as 0). Round to
+  // nearest even: 0.1 % a step (beta2 = 0.999) is above half a spacing (0.05 %).
+  static FUSED_HD storage encode(float x, float scale, uint32_t, uint32_t) {
+    const float t = (fabsf(x) / scale) * 32768.0f;
+    const uint32_t b = float_bits(t);
+    // Half's subnormals (t < 2^-14): adding 0.5, whose FP32 ulp is 2^-24, rounds t to them.
+    const uint32_t sub = float_bits(t + 0.5f) - float_bits(0.5f);
+    const uint32_t normal = (b - (112u << 23) + 0xFFFu + ((b >> 13) & 1u)) >> 13;
+    return storage(t < 0x1p-14f ? sub : normal);
   }
 };
-
-// floor(v) clamped to [low, high], for |v| < 2^31: by a conversion (truncation) corrected for
-// negative v, in integers, so the host loop vectorizes (it does not with floorf and an int8 store).
-FUSED_HD int32_t floor_clamped(float v, int32_t low, int32_t high) {
-  int32_t i = int32_t(v);
-  i -= int32_t(float(i) > v);
-  return i < low ? low : (i > high ? high : i);
-}
 
 // One state buffer of a block (n <= kStateBlock elements from `at`), decoded to FP32 in `x`.
 // State is a launch constant, so each loop is straight-line code the host compiler vectorizes.
@@ -128,11 +127,10 @@ FUSED_HD void decode_block(const void* codes, const float* scales, int64_t at, i
 }
 
 // ... and encoded back from `x`: BF16 rounded to nearest even, int8 with the block's new scale:
-// the largest magnitude, compared as bits; codes floor(companded + 0.5), clamped. A block
-// whose scale is not finite and positive takes the exact, slower loop (round_code: 0 for a
-// zero, NaN or infinite scale's elements, as state_precision.py).
+// the largest magnitude, compared as bits. A block whose scale is not finite and positive is
+// all code 0 (zeros; NaN through its scale), as state_precision.py.
 template <int State, class Codes>
-FUSED_HD void encode_block(void* codes, float* scales, int64_t at, int n, const float* x) {
+FUSED_HD void encode_block(void* codes, float* scales, int64_t at, int n, const float* x, uint32_t salt) {
   if constexpr (State == kStateF32) {
     float* c = reinterpret_cast<float*>(codes) + at;
     for (int k = 0; k < n; ++k) c[k] = x[k];
@@ -143,21 +141,15 @@ FUSED_HD void encode_block(void* codes, float* scales, int64_t at, int n, const 
     auto* c = reinterpret_cast<typename Codes::storage*>(codes) + at;
     uint32_t largest = 0;
     for (int k = 0; k < n; ++k) {
-      const uint32_t m = magnitude_bits(Codes::magnitude(x[k]));
+      const uint32_t m = magnitude_bits(x[k]);
       largest = m > largest ? m : largest;
     }
     const float scale = bits_float(largest);
     scales[at / kStateBlock] = scale;
-    if (scale > 0.0f && largest < 0x7F800000u) {  // finite: every element is, |code| <= kMax + 1e-5
-      for (int k = 0; k < n; ++k) {
-        c[k] = typename Codes::storage(floor_clamped(Codes::companded(x[k], scale) + 0.5f, Codes::kLow,
-                                                     int32_t(Codes::kMax)));
-      }
+    if (largest != 0 && largest < 0x7F800000u) {
+      for (int k = 0; k < n; ++k) c[k] = Codes::encode(x[k], scale, uint32_t(at + k), salt);
     } else {
-      for (int k = 0; k < n; ++k) {
-        const float y = scale > 0.0f ? Codes::companded(x[k], scale) : 0.0f;
-        c[k] = Codes::code(round_code(y, float(Codes::kLow), Codes::kMax));
-      }
+      for (int k = 0; k < n; ++k) c[k] = typename Codes::storage(0);
     }
   }
 }

@@ -4,8 +4,10 @@ What it holds: per param, as torch.optim.SGD/AdamW number them, "master_param" (
 out for FP32 params, which are their own) and the update rule's state under torch's names
 (SGD: "momentum_buffer", left out while never applied, as torch's SGD would have none;
 AdamW: "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", as state_precision stores them: FP32,
-BF16, or int8 codes with their block scales under "<name>_scale"; a sharded param's int8 state
-is saved decoded to FP32), and with ema_decay the EMA
+BF16, or with state_precision="int8" codes under "<name>_codes" and their block scales under
+"<name>_scale", never under torch's name, so that torch's optimizers cannot read codes as
+values (`decoded_state_dict` converts; a sharded param's int8 state is saved decoded to FP32),
+and with ema_decay the EMA
 ("ema_param", in ema_dtype); in every param group, under STATE_KEY, the loss scaler's
 state and the applied-step count (torch.distributed.checkpoint keeps only "state" and
 "param_groups", and may regroup the groups by param). Tensors are never views into a larger
@@ -19,7 +21,7 @@ import torch
 
 from . import ema
 from .distributed import is_dtensor, placed_like
-from .state_precision import scale_key
+from .state_precision import codes_key, decode, decode_legacy, is_codes, scale_key
 from .validation import validated_state_dict
 
 # The key, in each saved param group, of the loss scaler's state and the applied-step count.
@@ -51,8 +53,12 @@ def pack(opt) -> dict:
         # int8 codes of a sharded param are saved decoded (FP32): their blocks are per shard,
         # and a checkpoint may be loaded on another number of ranks.
         for k in opt.RULE.all_buffers:
-            if is_dtensor(entry.get(k)) and entry[k].dtype in (torch.int8, torch.uint8):
+            if not is_codes(entry.get(k), entry.get(scale_key(k))):
+                continue
+            if is_dtensor(entry[k]):
                 entry[k] = opt._state_precision.decoded_dtensor(entry[k], entry.pop(scale_key(k)))
+            else:
+                entry[codes_key(k)] = entry.pop(k)
         if entry.get("master_param") is key:
             del entry["master_param"]
         if opt._masters.key in entry:  # an FP32 master, as every state dict holds (rebuilt from a remainder)
@@ -119,7 +125,8 @@ def _load(opt, state_dict: dict) -> None:
         p = params[index]
         state = opt.state[p]
         for key, value in entry.items():
-            if key not in ("master_param", rule.count_key, ema.KEY, *rule.all_buffers, *map(scale_key, rule.all_buffers)):
+            if key not in ("master_param", rule.count_key, ema.KEY, *rule.all_buffers, *map(scale_key, rule.all_buffers),
+                           *map(codes_key, rule.all_buffers)):
                 state[key] = value  # keys of other optimizers' wrappers ride along
         if "master_param" in entry:
             master = placed_like(entry["master_param"], p)
@@ -130,9 +137,13 @@ def _load(opt, state_dict: dict) -> None:
         if p.dtype == torch.float32:
             state["master_param"] = p
         for key in rule.all_buffers:
-            if entry.get(key) is not None:  # in this optimizer's state_precision, whichever it was saved in
-                buf, scale = opt._state_precision.loaded(entry[key], entry.get(scale_key(key)), p,
-                                                         key not in rule.unsigned_buffers)
+            # In this optimizer's state_precision, whichever it was saved in: values under the
+            # key, codes under codes_key, or codes of the first int8 format under the key.
+            saved = entry.get(codes_key(key), entry.get(key))
+            if saved is not None:
+                legacy = codes_key(key) not in entry and entry.get(scale_key(key)) is not None
+                buf, scale = opt._state_precision.loaded(saved, entry.get(scale_key(key)), p,
+                                                         key not in rule.unsigned_buffers, legacy)
                 state[key] = buf
                 if scale is not None:
                     state[scale_key(key)] = scale
@@ -147,6 +158,25 @@ def _load(opt, state_dict: dict) -> None:
         opt._scaler.load_state_dict(extra["loss_scaler"])
         opt._applied_steps.copy_(extra["applied_steps"])
         opt.consecutive_skips.copy_(extra.get("consecutive_skips", 0))  # absent before it existed
+
+
+def decoded_state_dict(state_dict: dict) -> dict:
+    """A copy of a state dict of ours with every int8 buffer decoded to FP32 under torch's name
+    ("exp_avg" from "exp_avg_codes" and "exp_avg_scale"): what torch.optim.AdamW or SGD, or a
+    tool reading torch's names, can load. Other entries are shared, not copied."""
+    out = dict(state_dict)
+    out["state"] = {}
+    for index, entry in state_dict["state"].items():
+        entry = dict(entry) if isinstance(entry, dict) else entry
+        if isinstance(entry, dict):
+            for key in [k for k in entry if isinstance(k, str) and k.endswith("_scale")]:
+                name = key[:-len("_scale")]
+                if codes_key(name) in entry:
+                    entry[name] = decode(entry.pop(codes_key(name)), entry.pop(key).float())
+                elif isinstance(entry.get(name), torch.Tensor) and entry[name].dtype in (torch.int8, torch.uint8):
+                    entry[name] = decode_legacy(entry[name], entry.pop(key).float())
+        out["state"][index] = entry
+    return out
 
 
 def _is_view_into_more(t) -> bool:

@@ -6,19 +6,28 @@ launch, no extra pass over memory): only the stored form changes.
 
 - "fp32": 4 B per element, as torch.optim.
 - "bf16": 2 B, the FP32 result rounded to nearest even.
-- "int8": 1 B plus one FP32 scale per block of `BLOCK` consecutive elements (in memory order,
-  from the start of each tensor: a block never spans two tensors, nor two shards). The scale is
-  the block's largest magnitude, so each block has its own range and an outlier spoils 31
-  neighbours, not a tensor. The codes are companded, as FlashOptim's 8-bit states are:
-  * signed state (momentum, exp_avg): q = round(127 * softsign(x / scale)) in [-127, 127], with
-    softsign(t) = 2t / (1 + |t|), which spends more codes near 0, where most values are;
-    decoded as x = scale * y / (2 - |y|), y = q / 127.
-  * unsigned state (exp_avg_sq, max_exp_avg_sq: never negative): r = sqrt(x) is stored,
-    q = round(255 * r / scale) in [0, 255] with scale = the block's largest r; decoded as
-    x = (scale * q / 255)^2. The square root halves the dynamic range the codes must span.
-  Rounding is half up (floor(y + 0.5)), which integer-free kernels reproduce exactly. A block
-  whose scale is 0 decodes to zeros; a non-finite value gives its block a non-finite scale, and
-  the block decodes to NaN, as an FP32 state that overflowed would poison its elements.
+- "int8": 8-bit codes for signed state (momentum, exp_avg) and 16-bit codes for unsigned state
+  (exp_avg_sq, max_exp_avg_sq), each with one FP32 scale per block of `BLOCK` consecutive
+  elements (in memory order, from the start of each tensor: a block never spans two tensors, nor
+  two shards). The scale is the block's largest magnitude; codes are floating-point numbers
+  relative to it, so every element keeps its own relative precision, however small it is next
+  to its block's largest (Adam divides by sqrt(v) element by element: a code relative to the
+  block's largest value would round a small element's v to 0 and step it by lr*m/eps):
+  * signed: x / scale in [-1, 1] as sign, 4-bit exponent and 3-bit mantissa (an E4M3 number
+    whose largest is 1): 121 magnitudes from 2^-15 to 1, relative spacing 6-12 %, below 2^-15 of
+    the block's largest an element is 0. Rounding is stochastic with a deterministic dither of
+    the element's index and the step (`dither20`, integer ops, the same bits on every backend):
+    unbiased, and a decaying value decays as an FP32 one does on average, where rounding to
+    nearest would make every code a fixed point of x * beta for beta > 0.94 (a momentum that
+    never decays moves its weight forever).
+  * unsigned: (x / scale) * 2^15 as an IEEE half (FP16, round to nearest even): 11 bits of
+    precision from 2^-29 of the block's largest, and less down to 2^-39. 2 B, where one byte
+    cannot follow v at all: beta2 = 0.999 moves v by 0.1 % a step, below any 8-bit spacing.
+  A block whose scale is 0 decodes to zeros; a non-finite value gives its block a non-finite
+  scale, and the block decodes to NaN, as an FP32 state that overflowed would poison its
+  elements. AdamW with int8 state also keeps |exp_avg| <= C_t * sqrt(exp_avg_sq) (update_rules.py
+  `moment_bound`), which FP32 state satisfies exactly: no code can make a step larger than the
+  largest step FP32 state can take.
 
 The functions below are the oracle of the encoding (torch ops, exact bits); the kernels'
 versions are csrc/state_math.h and triton_kernels.py, in the same operation order.
@@ -42,6 +51,24 @@ def scale_key(key: str) -> str:
     return f"{key}_scale"
 
 
+def codes_key(key: str) -> str:
+    """The key under which a state dict saves an int8 buffer's codes: "exp_avg_codes", not
+    "exp_avg", so that no optimizer reading torch's names can take codes for values (torch's
+    AdamW would cast them to floats and step with exp_avg = 127.0)."""
+    return f"{key}_codes"
+
+
+# The dtypes of codes, signed and unsigned, and those of the first format (decode_legacy).
+CODE_DTYPES = {True: torch.int8, False: torch.float16}
+LEGACY_CODE_DTYPES = {True: torch.int8, False: torch.uint8}
+
+
+def is_codes(buf, scale) -> bool:
+    """A buffer held as codes with block scales beside it (not values)."""
+    return (isinstance(buf, torch.Tensor) and isinstance(scale, torch.Tensor)
+            and buf.dtype in (torch.int8, torch.uint8, torch.float16))
+
+
 def num_blocks(numel: int) -> int:
     return -(-numel // BLOCK)
 
@@ -63,30 +90,57 @@ def _absmax(blocks: torch.Tensor) -> torch.Tensor:
     return bits.amax(dim=1).view(torch.float32)
 
 
-def _over(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x / scale per block, 0 where the scale is 0 (or NaN). A division, not a multiplication
-    by 1 / scale: the reciprocal of a subnormal scale overflows."""
-    ok = (scale > 0)[:, None]
-    return torch.where(ok, x / torch.where(ok, scale[:, None], torch.ones_like(scale[:, None])), torch.zeros_like(x))
+# Signed codes: the magnitude's FP32 bits rounded half up to 3 mantissa bits, rebased so that 1.0
+# is code 121 and 2^-15 code 1 (csrc/state_math.h SignedCodes).
+SIGNED_BIAS, SIGNED_MAX = 895, 121
+# Unsigned codes: FP16 of (x / scale) * 2^15 (csrc/state_math.h UnsignedCodes).
+UNSIGNED_SHIFT = 2.0 ** 15
 
 
-def _round_clamped(y: torch.Tensor, low: float, high: float) -> torch.Tensor:
-    q = torch.clamp(torch.floor(y + 0.5), low, high)
-    return torch.where(torch.isnan(y), torch.zeros_like(q), q)
+def dither20(index: torch.Tensor, salt) -> torch.Tensor:
+    """csrc/state_math.h dither20: a deterministic dither in [0, 2^20) per element index and
+    step (uint32 arithmetic, emulated in int64: the low 32 bits of a wrapped product are exact)."""
+    m = 0xFFFFFFFF
+    salt = torch.as_tensor(salt, dtype=torch.int64, device=index.device) & m
+    h = ((index * 0x9E3779B1) & m) ^ ((salt * 0x85EBCA77) & m)
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & m
+    h = h ^ (h >> 15)
+    return torch.clamp(h >> 12, 4, 0xFFFFB)  # 4 ulps inside: a decoded value encodes to its own code
 
 
-def encode(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """FP32 values x (any dense layout) -> (codes laid out like x, FP32 scales per block)."""
+def _signed_codes(t: torch.Tensor, salt) -> torch.Tensor:
+    """t in [-1, 1] (finite, blocks of BLOCK) -> int8 codes, rounded with the dither."""
+    bits = t.abs().view(torch.int32).to(torch.int64)
+    index = torch.arange(t.numel(), dtype=torch.int64, device=t.device).view(t.shape) & 0xFFFFFFFF
+    k = torch.clamp(((bits + dither20(index, salt)) >> 20) - SIGNED_BIAS, 0, SIGNED_MAX)
+    return torch.where(t < 0, -k, k).to(torch.int8)
+
+
+def _signed_values(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes -> their magnitudes' values in [-1, 1]."""
+    k = codes.to(torch.int32)
+    mag = ((k.abs() + SIGNED_BIAS) << 20).view(torch.float32)
+    mag = torch.where(k == 0, torch.zeros_like(mag), mag)
+    return mag, k < 0
+
+
+def encode(x: torch.Tensor, signed: bool, salt=0) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP32 values x (any dense layout) -> (codes laid out like x, FP32 scales per block).
+    `salt`: the step's (SGD: the applied-step count; AdamW: the param's step t), which with
+    each element's index in memory order picks its rounding dither."""
     flat = _memory_order(x.contiguous() if not _is_dense(x) else x).float()
     blocks = _blocks(flat)
+    scale = _absmax(blocks)
+    # Only blocks with a finite, positive scale get codes; the others are all 0 (zeros, or NaN
+    # through the scale).
+    ok = ((scale > 0) & torch.isfinite(scale))[:, None]
+    t = torch.where(ok, blocks / torch.where(ok, scale[:, None], torch.ones_like(scale[:, None])),
+                    torch.zeros_like(blocks))
     if signed:
-        scale = _absmax(blocks)
-        t = _over(blocks, scale)
-        q = _round_clamped(127.0 * ((2.0 * t) / (1.0 + t.abs())), -127.0, 127.0).to(torch.int8)
+        q = _signed_codes(t, salt)
     else:
-        r = torch.sqrt(blocks)
-        scale = _absmax(r)
-        q = _round_clamped(_over(r, scale) * 255.0, 0.0, 255.0).to(torch.uint8)
+        q = (t.abs() * UNSIGNED_SHIFT).to(torch.float16)  # -0 as 0
     codes = torch.empty_like(x, dtype=q.dtype)
     _memory_order(codes).copy_(q.reshape(-1)[:flat.numel()])
     return codes, scale
@@ -94,6 +148,23 @@ def encode(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 def decode(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Codes and their block scales -> FP32 values laid out like the codes."""
+    flat = _memory_order(codes)
+    blocks = _blocks(flat)
+    if codes.dtype == torch.int8:
+        mag, negative = _signed_values(blocks)
+        x = mag * scale[:, None]
+        x = torch.where(negative, -x, x)
+    else:
+        x = (blocks.float() * (1.0 / UNSIGNED_SHIFT)) * scale[:, None]
+    out = torch.empty_like(codes, dtype=torch.float32)
+    _memory_order(out).copy_(x.reshape(-1)[:flat.numel()])
+    return out
+
+
+def decode_legacy(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Codes of the first int8 format (checkpoints saved before the format above): softsign
+    int8 for signed state, sqrt(x) in 255 linear steps as uint8 for unsigned. Read only, to load
+    such a checkpoint (it is re-encoded in the current format)."""
     flat = _memory_order(codes)
     blocks = _blocks(flat).float()
     if codes.dtype == torch.int8:
@@ -163,8 +234,8 @@ class FP32State:
         if buf is None:
             return None, None
         dtype = self.dtype(signed)
-        if isinstance(buf, torch.Tensor) and buf.dtype in (torch.int8, torch.uint8):
-            if buf.dtype != dtype:
+        if is_codes(buf, scale) or (isinstance(buf, torch.Tensor) and buf.dtype in (torch.int8, torch.uint8)):
+            if buf.dtype != dtype or not self.scaled:
                 raise ValueError(f"{name}: state[{key!r}] holds {buf.dtype} codes, but this optimizer keeps its "
                                  f"state as {self.name} ({dtype}); load a state dict instead (it converts)")
             check_codes(buf, scale, p, master, name, key)
@@ -174,11 +245,14 @@ class FP32State:
             return as_fp32, None
         return self.encode_like(as_fp32, signed)
 
-    def loaded(self, value: torch.Tensor, scale, p: torch.Tensor, signed: bool) -> tuple:
-        """A saved buffer (FP32 or BF16 values, or int8 codes and their scales; checked by
+    def loaded(self, value: torch.Tensor, scale, p: torch.Tensor, signed: bool, legacy: bool = False) -> tuple:
+        """A saved buffer (FP32 or BF16 values, or codes and their scales; checked by
         validation.py) as this precision keeps it for param p: codes laid out as p's state
-        is are taken as they are, anything else is decoded and re-encoded."""
-        if value.dtype in (torch.int8, torch.uint8):
+        is are taken as they are, anything else is decoded and re-encoded. `legacy`: codes of
+        the first int8 format (decode_legacy)."""
+        if legacy:
+            value = decode_legacy(value.contiguous() if not is_dense(value) else value, scale.float())
+        elif scale is not None:
             if self.scaled and value.dtype == self.dtype(signed) and not is_dtensor(p):
                 codes = torch.empty_like(p, dtype=value.dtype)
                 if value.stride() == codes.stride() or value.numel() <= 1:
@@ -198,13 +272,13 @@ class FP32State:
 
     def encode_like(self, x: torch.Tensor, signed: bool) -> tuple:
         """FP32 values x (a DTensor's local shard is encoded: blocks are per shard) encoded."""
-        codes, scale = self.encode(local(x), signed)
+        codes, scale = self.encode(local(x), signed, 0)
         return placed_codes(codes, x), scale
 
     def decode(self, buf, scale):
         return buf
 
-    def encode(self, x, signed):
+    def encode(self, x, signed, salt=0):
         return x, None
 
 
@@ -217,7 +291,7 @@ class BF16State(FP32State):
     def decode(self, buf, scale):
         return buf.float()
 
-    def encode(self, x, signed):
+    def encode(self, x, signed, salt=0):
         return x.to(torch.bfloat16), None
 
 
@@ -226,13 +300,13 @@ class Int8State(FP32State):
     scaled = True
 
     def dtype(self, signed: bool) -> torch.dtype:
-        return torch.int8 if signed else torch.uint8
+        return torch.int8 if signed else torch.float16
 
     def decode(self, buf, scale):
         return decode(buf, scale)
 
-    def encode(self, x, signed):
-        return encode(x, signed)
+    def encode(self, x, signed, salt=0):
+        return encode(x, signed, salt)
 
 
 STATE_PRECISIONS = {"fp32": FP32State, "bf16": BF16State, "int8": Int8State}

@@ -3,7 +3,7 @@ differently. Everything around it is one pipeline shared by both (unscale, inf c
 and clip, update, write-back; storage, master format, loss scale). A rule says
 
 - which hyperparameters a param group has, how they are checked, and how they reach the
-  kernels: one row of 8 float32 per group (`Hyper.row`), with tensor values (a scheduler's
+  kernels: one row of GROUP_COLUMNS float32 per group (`Hyper.row`), with tensor values (a scheduler's
   tensor lr) copied into their column on the device (`Hyper.device_values`);
 - which state a param keeps beside its master, under torch's names: `Hyper.buffers`, FP32
   tensors laid out like the master (the kernels' BUF, BUF2, BUF3 columns), and one 0-dim
@@ -45,6 +45,30 @@ def _check_lr(group: dict, where: str) -> None:
         raise ValueError(f"{where}: invalid learning rate {lr!r} (must be >= 0)")
 
 
+def _low(x: float) -> float:
+    """What a double loses in FP32: x - float32(x), itself rounded to FP32."""
+    hi = float(torch.tensor(x, dtype=torch.float32))
+    return float(torch.tensor(x - hi, dtype=torch.float32)) if math.isfinite(hi) else 0.0
+
+
+def moment_bound(beta1: float, beta2: float, t) -> torch.Tensor | float:
+    """C_t with |m_t| <= C_t * sqrt(v_t) for Adam's moments after t steps from zero, whatever the
+    grads (Cauchy-Schwarz on m's and v's sums over the same grads):
+    C_t^2 = (1 - beta1)^2 / (1 - beta2) * sum_{j<t} (beta1^2 / beta2)^j. It is inductive (a state
+    within it stays within it), so clamping a decoded int8 state to it changes no state FP32
+    would hold, and bounds every step by the largest step FP32 state can take. In float64 with
+    a margin of 2^-20 (no rounding of an FP32-exact state may bite), rounded once; inf where
+    beta2 is 0 (no bound: v is the last u^2 alone). `t` may be a float64 tensor."""
+    if beta2 == 0.0:
+        return math.inf if not isinstance(t, torch.Tensor) else torch.full_like(t, math.inf)
+    r = beta1 * beta1 / beta2
+    if isinstance(t, torch.Tensor):
+        total = t.clone() if r == 1.0 else (1.0 - torch.pow(torch.tensor(r, dtype=torch.float64, device=t.device), t)) / (1.0 - r)
+        return ((1.0 - beta1) * torch.sqrt(total / (1.0 - beta2)) * (1.0 + 2.0 ** -20)).float()
+    total = t if r == 1.0 else (1.0 - r ** t) / (1.0 - r)
+    return (1.0 - beta1) * math.sqrt(total / (1.0 - beta2)) * (1.0 + 2.0 ** -20)
+
+
 def _device_value(value: torch.Tensor, device) -> torch.Tensor:
     return value.reshape(()).to(device, torch.float32, non_blocking=True)
 
@@ -76,7 +100,7 @@ class SGDHyper:
         # lr, momentum, 1 - dampening, weight decay, nesterov, maximize (csrc/sgd_math.h SGDHyper)
         return (0.0 if isinstance(self.lr, torch.Tensor) else float(self.lr),
                 0.0 if isinstance(self.momentum, torch.Tensor) else self.momentum, 1.0 - self.dampening,
-                self.weight_decay, float(self.nesterov), float(self.maximize), 0.0, 0.0)
+                self.weight_decay, float(self.nesterov), float(self.maximize)) + (0.0,) * 6
 
     def device_values(self, device) -> list:
         """(column, value) of the tensors read on the device. At a momentum of 0 torch's SGD
@@ -92,6 +116,8 @@ class SGDHyper:
 
 class SGD:
     code = SGD_CODE
+    name = "SGD"
+    group_keys = ("momentum", "dampening", "nesterov")  # what only this rule's groups hold
     defaults = dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False)
     keys = tuple(defaults)
     tensor_keys = ("lr", "momentum")  # may be 0-dim tensors, read on the device
@@ -147,9 +173,10 @@ class SGD:
         return torch.full((), -1, dtype=torch.int32, device=device)
 
     @staticmethod
-    def update(w, d, bufs, count, h: SGDHyper, applied_steps, found_inf):
+    def update(w, d, bufs, count, h: SGDHyper, applied_steps, found_inf, bounded: bool = False):
         """d = c*u (negated if maximize), weight decay, momentum; returns the new master.
-        The buffers and the count are written only where the step is applied."""
+        The buffers and the count are written only where the step is applied. (`bounded` is
+        AdamW's; SGD's step is lr times its buffer, bounded by the buffer's own precision.)"""
         if h.maximize:
             d = -d
         if h.weight_decay != 0:
@@ -204,10 +231,14 @@ class AdamWHyper:
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if self.amsgrad else ("exp_avg", "exp_avg_sq")
 
     def row(self) -> tuple:
-        # lr, beta1, 1 - beta1, beta2, 1 - beta2, weight decay, eps, maximize (csrc/adamw_math.h AdamWHyper);
-        # 1 - beta is rounded once from the double, as torch's scalar arguments are.
-        return (0.0 if isinstance(self.lr, torch.Tensor) else float(self.lr), self.beta1, 1.0 - self.beta1,
-                self.beta2, 1.0 - self.beta2, self.weight_decay, self.eps, float(self.maximize))
+        # lr, beta1, 1 - beta1, beta2, 1 - beta2, weight decay, eps, maximize, then what beta1,
+        # beta2, lr and weight decay lose in FP32 (csrc/adamw_math.h AdamWHyper): 1 - beta is rounded
+        # once from the double, as torch's scalar arguments are, and the bias corrections and the
+        # decay are computed from hi + lo, within 2^-48 of the user's doubles, as torch computes
+        # them in double on the host.
+        lr = 0.0 if isinstance(self.lr, torch.Tensor) else float(self.lr)
+        return (lr, self.beta1, 1.0 - self.beta1, self.beta2, 1.0 - self.beta2, self.weight_decay, self.eps,
+                float(self.maximize), _low(self.beta1), _low(self.beta2), _low(lr), _low(self.weight_decay))
 
     def device_values(self, device) -> list:
         return [(0, _device_value(self.lr, device))] if isinstance(self.lr, torch.Tensor) else []
@@ -215,6 +246,8 @@ class AdamWHyper:
 
 class AdamW:
     code = ADAMW_CODE
+    name = "AdamW"
+    group_keys = ("betas", "eps", "amsgrad")
     defaults = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False)
     keys = tuple(defaults)
     tensor_keys = ("lr",)
@@ -272,10 +305,12 @@ class AdamW:
         return torch.tensor(float(step), dtype=torch.float32, device=device)
 
     @staticmethod
-    def update(w, u, bufs, count, h: AdamWHyper, applied_steps, found_inf):
+    def update(w, u, bufs, count, h: AdamWHyper, applied_steps, found_inf, bounded: bool = False):
         """Decoupled weight decay, the moments, bias correction by the param's own count of
         applied steps t; returns the new master. The scalars are computed in float64 and
-        rounded once, as torch.optim.AdamW computes them on the host."""
+        rounded once, as torch.optim.AdamW computes them on the host; ((1 - beta2) * u) * u in
+        torch's order (addcmul_), finite for |u| up to ~5.8e20 at beta2 = 0.999 where u * u
+        overflows at 1.8e19. `bounded` (int8 state): exp_avg clamped to +-moment_bound * sqrt(v)."""
         if h.maximize:
             u = -u
         t = (count + 1).double()
@@ -287,7 +322,11 @@ class AdamW:
         decay = torch.as_tensor(1 - lr * h.weight_decay, dtype=torch.float64).float()
         m, v = bufs[0], bufs[1]
         new_m = h.beta1 * m + (1 - h.beta1) * u
-        new_v = h.beta2 * v + (1 - h.beta2) * (u * u)
+        new_v = h.beta2 * v + ((1 - h.beta2) * u) * u
+        if bounded:
+            limit = moment_bound(h.beta1, h.beta2, t) * new_v.sqrt()
+            new_m = torch.where(new_m > limit, limit, new_m)  # selects, as the kernels: NaN passes
+            new_m = torch.where(new_m < -limit, -limit, new_m)
         denominator_v = new_v
         if h.amsgrad:
             new_max = torch.maximum(bufs[2], new_v)
@@ -315,7 +354,9 @@ class AdamW:
         value = float(step.reshape(()))
         if not (value >= 0 and value == math.floor(value) and value < 2**24):
             raise ValueError(f"{where}['step'] must be a whole number of steps in [0, 2**24), got {value}")
-        if entry.get("exp_avg") is None or entry.get("exp_avg_sq") is None:
+        def held(name):  # as values, or as int8 codes (state_precision.codes_key)
+            return entry.get(name) is not None or entry.get(f"{name}_codes") is not None
+        if not held("exp_avg") or not held("exp_avg_sq"):
             raise ValueError(f"{where} has a 'step' but lacks 'exp_avg' or 'exp_avg_sq'")
 
     @staticmethod
@@ -326,3 +367,6 @@ class AdamW:
         value = float(torch.as_tensor(step).reshape(()))
         return torch.tensor(value, dtype=torch.float32, device=p.device)
 
+
+
+RULES = (SGD, AdamW)

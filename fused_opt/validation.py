@@ -62,7 +62,11 @@ def check_grads(grads: list[torch.Tensor], params: list[torch.Tensor], name_of) 
                                f"{' or '.join(map(str, grad_dtypes(p.dtype)))})")
 
 
-def _check_state_tensor(value, p: torch.Tensor, where: str) -> None:
+def _check_state_tensor(value, p: torch.Tensor, where: str, dtype: torch.dtype = torch.float32) -> None:
+    """A saved state value: real floating point, p's shape, and representable in `dtype`, the
+    precision it is kept in (a finite float64 1e300 would load as inf). Non-finite values
+    load as they are: a run can reach them (torch.optim.AdamW's exp_avg_sq overflows to inf
+    for grads of ~6e20) and keeps saving them, and its own checkpoint must load back."""
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{where} must be a tensor, got {type(value).__name__}")
     if not value.is_floating_point() or value.is_complex():
@@ -70,31 +74,63 @@ def _check_state_tensor(value, p: torch.Tensor, where: str) -> None:
     if value.shape != p.shape:
         raise ValueError(f"{where} has shape {tuple(value.shape)}, the param has {tuple(p.shape)} "
                          "(a state dict of another model, or params in another order?)")
-    if not bool(torch.isfinite(local(value)).all()):
-        raise ValueError(f"{where} holds inf or NaN")
+    v = local(value)
+    if torch.finfo(v.dtype).max > torch.finfo(dtype).max:
+        overflows = torch.isfinite(v) & ~torch.isfinite(v.to(dtype))
+        if bool(overflows.any()):
+            raise ValueError(f"{where} holds finite {v.dtype} values beyond {dtype}'s range (largest "
+                             f"{float(v[overflows].abs().max()):.3g}; {dtype} holds up to {torch.finfo(dtype).max:.3g})")
 
 
-def _check_saved_codes(entry: dict, name: str, p: torch.Tensor, where: str, signed: bool) -> None:
-    """A buffer saved compressed (state_precision="int8"): int8 codes for signed state, uint8 for
-    unsigned, laid out as the param, and beside them one finite, non-negative FP32 scale per
-    block of state_precision.BLOCK elements."""
+def _check_saved_codes(entry: dict, name: str, p: torch.Tensor, where: str, signed: bool, legacy: bool) -> None:
+    """A buffer saved compressed (state_precision="int8"): int8 codes for signed state, FP16 for
+    unsigned (uint8 in the first format), laid out as the param, and beside them one
+    non-negative FP32 scale per block of state_precision.BLOCK elements (inf or NaN: a
+    poisoned block, as a run can save it)."""
     from .distributed import is_dtensor
-    from .state_precision import BLOCK, num_blocks, scale_key
-    codes, scale = entry[name], entry.get(scale_key(name))
-    expected = torch.int8 if signed else torch.uint8
-    if codes.dtype != expected:
-        raise ValueError(f"{where}[{name!r}] holds {codes.dtype} codes; {name} is stored as {expected} codes")
+    from .state_precision import BLOCK, CODE_DTYPES, LEGACY_CODE_DTYPES, codes_key, num_blocks, scale_key
+    key = name if legacy else codes_key(name)
+    codes, scale = entry[key], entry.get(scale_key(name))
+    expected = (LEGACY_CODE_DTYPES if legacy else CODE_DTYPES)[signed]
+    if not isinstance(codes, torch.Tensor) or codes.dtype != expected:
+        what = codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__
+        raise ValueError(f"{where}[{key!r}] holds {what}; {name} is saved as {expected} codes")
     if is_dtensor(codes):
-        raise ValueError(f"{where}[{name!r}]: int8 codes of a sharded param (state dicts of DTensor params hold "
+        raise ValueError(f"{where}[{key!r}]: codes of a sharded param (state dicts of DTensor params hold "
                          "the state decoded to FP32)")
     if codes.shape != p.shape:
-        raise ValueError(f"{where}[{name!r}] has shape {tuple(codes.shape)}, the param has {tuple(p.shape)}")
+        raise ValueError(f"{where}[{key!r}] has shape {tuple(codes.shape)}, the param has {tuple(p.shape)}")
     if (not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or scale.dim() != 1
             or scale.numel() != num_blocks(codes.numel())):
         raise ValueError(f"{where}[{scale_key(name)!r}] must be a 1-D FP32 tensor of {num_blocks(codes.numel())} "
-                         f"block scales (one per {BLOCK} elements of {name!r})")
-    if not bool((torch.isfinite(scale) & (scale >= 0)).all()):
-        raise ValueError(f"{where}[{scale_key(name)!r}] holds a negative, inf or NaN scale")
+                         f"block scales (one per {BLOCK} elements of {key!r})")
+    if bool((scale < 0).any()):
+        raise ValueError(f"{where}[{scale_key(name)!r}] holds a negative scale")
+    if not legacy and codes.dtype == torch.float16 and bool((codes.view(torch.int16) < 0).any()
+                                                            | ~torch.isfinite(codes).all()):
+        raise ValueError(f"{where}[{key!r}] holds negative or non-finite codes ({name} is never negative)")
+    if codes.dtype == torch.int8 and not legacy and bool((codes.abs() > 121).any() | (codes == -128).any()):
+        raise ValueError(f"{where}[{key!r}] holds codes beyond +-121, which no encoding writes")
+
+
+def _check_rule(opt, groups: list, state: dict) -> None:
+    """A state dict of another update rule (SGD's into AdamW, torch.optim.AdamW's into SGD) is
+    refused by what only the other rule's groups and state hold."""
+    from .update_rules import RULES
+    ours = opt.RULE
+    for other in RULES:
+        if other is ours:
+            continue
+        group_keys = set(other.group_keys) - set(ours.group_keys)
+        state_keys = set(other.all_buffers) - set(ours.all_buffers)
+        found = next((f"param_groups[{gi}] has {k!r}" for gi, g in enumerate(groups) if isinstance(g, dict)
+                      for k in sorted(group_keys) if k in g), None)
+        if found is None:
+            found = next((f"state[{i!r}] has {k!r}" for i, e in state.items() if isinstance(e, dict)
+                          for k in e if isinstance(k, str) and k.removesuffix("_codes") in state_keys), None)
+        if found is not None:
+            raise ValueError(f"loaded state dict is of another update rule ({other.name}: its {found}); "
+                             f"{type(opt).__name__} steps {ours.name} and cannot continue it")
 
 
 def _check_scaler_state(opt, extra, key: str) -> None:
@@ -117,8 +153,9 @@ def _check_scaler_state(opt, extra, key: str) -> None:
                                                        ("consecutive_skips", extra)) if name in where_]
     for name, value in counts:
         value = torch.as_tensor(value)
-        if value.numel() != 1 or value.is_floating_point() or value.is_complex() or int(value) < 0 or int(value) >= 2**31:
-            raise ValueError(f"{where}: {name} must be a non-negative int32 count, got {value}")
+        # At most 2**31 - 2: the next step's count is then still an int32.
+        if value.numel() != 1 or value.is_floating_point() or value.is_complex() or int(value) < 0 or int(value) >= 2**31 - 1:
+            raise ValueError(f"{where}: {name} must be a non-negative int32 count below 2**31 - 1, got {value}")
 
 
 def validated_state_dict(opt, state_dict, params: list, key: str):
@@ -131,6 +168,8 @@ def validated_state_dict(opt, state_dict, params: list, key: str):
     if not isinstance(saved_groups, (list, tuple)) or len(saved_groups) != len(opt.param_groups):
         raise ValueError(f"loaded state dict has {len(saved_groups) if isinstance(saved_groups, (list, tuple)) else '?'} "
                          f"parameter groups, this optimizer has {len(opt.param_groups)}")
+    if isinstance(state_dict["state"], dict):
+        _check_rule(opt, saved_groups, state_dict["state"])
     groups, extras, saved_ids = [], [], []
     for gi, (saved, ours) in enumerate(zip(saved_groups, opt.param_groups)):
         if not isinstance(saved, dict) or not isinstance(saved.get("params"), (list, tuple)):
@@ -160,12 +199,22 @@ def validated_state_dict(opt, state_dict, params: list, key: str):
         if not isinstance(entry, dict):
             raise ValueError(f"loaded state for param id {saved_id!r} must be a dict, got {type(entry).__name__}")
         p = params[k]
-        for name in ("master_param", "ema_param", *opt.RULE.all_buffers):
-            value = entry.get(name)
-            if isinstance(value, torch.Tensor) and value.dtype in (torch.int8, torch.uint8):
-                _check_saved_codes(entry, name, p, f"loaded state[{saved_id!r}]", name not in opt.RULE.unsigned_buffers)
-            elif value is not None or (name == "master_param" and name in entry):
-                _check_state_tensor(entry[name], p, f"loaded state[{saved_id!r}][{name!r}]")
+        where = f"loaded state[{saved_id!r}]"
+        from .state_precision import codes_key, scale_key
+        for name in ("master_param", "ema_param"):  # values only: codes are never a master or an EMA
+            if entry.get(name) is not None or (name == "master_param" and name in entry):
+                dtype = opt._ema.dtype if name == "ema_param" and opt._ema is not None else torch.float32
+                _check_state_tensor(entry[name], p, f"{where}[{name!r}]", dtype)
+        for name in opt.RULE.all_buffers:
+            signed = name not in opt.RULE.unsigned_buffers
+            if codes_key(name) in entry:
+                if name in entry:
+                    raise ValueError(f"{where} has both {name!r} and {codes_key(name)!r}")
+                _check_saved_codes(entry, name, p, where, signed, legacy=False)
+            elif isinstance(entry.get(name), torch.Tensor) and entry.get(scale_key(name)) is not None:
+                _check_saved_codes(entry, name, p, where, signed, legacy=True)  # the first int8 format
+            elif entry.get(name) is not None:
+                _check_state_tensor(entry[name], p, f"{where}[{name!r}]")
         opt.RULE.check_loaded(entry, f"loaded state[{saved_id!r}]")
         entries[k] = entry
     extra = state_dict.get(key, next((e for e in extras if e is not None), None))  # 0.1 kept it at the top

@@ -45,7 +45,7 @@ SCALE_COLUMNS = (SCALE, SCALE2, SCALE3)
 FP32_MASTERS, REMAINDER16, REMAINDER8 = 0, 1, 2
 MASTER_KINDS = {torch.float32: FP32_MASTERS, torch.int16: REMAINDER16, torch.int8: REMAINDER8}
 # The per-group hyperparameter table (float32): each rule's row of GROUP_COLUMNS (Hyper.row).
-GROUP_COLUMNS = 8
+GROUP_COLUMNS = 12
 # Per-step scalars (float32): written by the finalize stage and read by the update, then the
 # EMA's settings finalize reads to write EMA_WEIGHT (ema.ModelEMA.scalars: 1 - d, d, 1/tau).
 INV_SCALE, CLIP_COEF, FOUND_INF, EMA_WEIGHT, EMA_ONE_MINUS_DECAY, EMA_DECAY, EMA_INV_TAU, SCALARS = range(8)

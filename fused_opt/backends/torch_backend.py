@@ -12,6 +12,7 @@ import math
 import torch
 
 from . import StepBatch
+from ..state_precision import INT8_CODE
 from ..remainder import is_remainder, rebuild_any, remainder_of, split8
 
 # Its writes are torch ops, which bump the params' version counters on every step, flat grads
@@ -34,9 +35,25 @@ def _per_tensor_norms(unscaled: list[torch.Tensor], norm_type: float) -> torch.T
     return torch.stack([torch.linalg.vector_norm(u, norm_type, dtype=torch.float64) for u in nonempty])
 
 
+# The fused backends sum squares in FP32: a sum that rounds beyond FP32's largest (grads of 2^64
+# and more, finite) makes N inf there, and so here; such a step is skipped as an overflow
+# (step() below), never clipped to a zero gradient.
+SQUARES_OVERFLOW = 2.0 ** 128 - 2.0 ** 103
+
+
+def _fp32_norm(squares_or_max: torch.Tensor, norm_inf: bool) -> torch.Tensor:
+    """N in FP32 from the float64 sum of squares (or max): inf where FP32 squares overflow."""
+    if norm_inf:
+        return squares_or_max.float()
+    return torch.where(squares_or_max >= SQUARES_OVERFLOW, math.inf, squares_or_max.sqrt()).float()
+
+
 def _global_norm(unscaled: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     # Per-tensor norms, then the norm of those, rounded once to FP32.
-    return torch.linalg.vector_norm(_per_tensor_norms(unscaled, norm_type), norm_type).float()
+    per_tensor = _per_tensor_norms(unscaled, norm_type)
+    if norm_type == math.inf:
+        return _fp32_norm(per_tensor.amax(), True)
+    return _fp32_norm(per_tensor.square().sum(), False)
 
 
 def _global_stats(unscaled: list[torch.Tensor], found_inf: torch.Tensor, batch: StepBatch):
@@ -46,7 +63,12 @@ def _global_stats(unscaled: list[torch.Tensor], found_inf: torch.Tensor, batch: 
     stat = per_tensor.amax() if norm_inf else per_tensor.square().sum()
     stats = torch.stack([stat, found_inf.double()])
     batch.reduce_stats(stats, norm_inf)
-    return (stats[0] if norm_inf else stats[0].sqrt()).float(), stats[1] > 0
+    return _fp32_norm(stats[0], norm_inf), stats[1] > 0
+
+
+def _count_up(count: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """An int32 count + 1 where `where`, saturating at 2^31 - 1 (the kernels' too): never wraps."""
+    return torch.where(where & (count < 2**31 - 1), count + 1, count)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -68,13 +90,15 @@ def step(batch: StepBatch) -> None:
     else:  # sharded params: over all ranks' shards (distributed.py)
         norm, found_inf = _global_stats(unscaled, found_inf, batch)
 
+    found_inf = found_inf | ~torch.isfinite(norm)  # finite grads whose squares overflow FP32
+
     # 4. c = min(1, max_norm / (N + 1e-6))
     if batch.max_grad_norm is not None:
         clip = torch.clamp(batch.max_grad_norm / (norm + 1e-6), max=1.0)
         torch._foreach_mul_(unscaled, clip)
 
     # 5. the update rule (update_rules.py), per param with its group's hyperparameters, kept only if finite
-    applied_steps = batch.applied_steps + (~found_inf).to(torch.int32)
+    applied_steps = _count_up(batch.applied_steps, ~found_inf)
     # the EMA's weight a = 1 - d_t for this step (ema.py)
     ema_weight = batch.ema.weight(applied_steps) if batch.emas is not None else None
     precision = batch.state_precision
@@ -95,11 +119,14 @@ def step(batch: StepBatch) -> None:
         # The rule steps FP32 values: state kept in BF16 or int8 is decoded first and encoded
         # after (state_precision.py), where the step is applied.
         bufs = [precision.decode(b, s) for b, s in zip(stored, scales or [None] * len(stored))]
-        new_w = batch.rule.update(w, d, bufs, batch.counts[i], h, applied_steps, found_inf)
+        new_w = batch.rule.update(w, d, bufs, batch.counts[i], h, applied_steps, found_inf,
+                                  bounded=precision.code == INT8_CODE)
         if precision.code != 0:
             keys = h.buffers
+            # the dither's salt (state_precision.dither20): AdamW's t, SGD's applied-step count
+            salt = batch.counts[i] if batch.rule.count_key == "step" else applied_steps
             for k, (b, x) in enumerate(zip(stored, bufs)):
-                codes, scale = precision.encode(x, keys[k] not in batch.rule.unsigned_buffers)
+                codes, scale = precision.encode(x, keys[k] not in batch.rule.unsigned_buffers, salt)
                 b.copy_(torch.where(found_inf, b, codes))
                 if scale is not None:
                     scales[k].copy_(torch.where(found_inf, scales[k], scale))
@@ -122,7 +149,7 @@ def step(batch: StepBatch) -> None:
 
     batch.applied_steps.copy_(applied_steps)
     skips = batch.consecutive_skips
-    skips.copy_(torch.where(found_inf, skips + 1, torch.zeros_like(skips)))
+    skips.copy_(torch.where(found_inf, _count_up(skips, found_inf), torch.zeros_like(skips)))
     batch.found_inf.copy_(found_inf)
     batch.grad_norm.copy_(norm)
     # 7. dynamic scale update

@@ -31,11 +31,13 @@ SCALE, SCALE2, SCALE3 = tl.constexpr(mt.SCALE), tl.constexpr(mt.SCALE2), tl.cons
 REMAINDER16, REMAINDER8 = tl.constexpr(mt.REMAINDER16), tl.constexpr(mt.REMAINDER8)
 STATE_BF16, STATE_INT8 = tl.constexpr(sp.BF16_CODE), tl.constexpr(sp.INT8_CODE)
 QBLOCK = tl.constexpr(sp.BLOCK)
+SIGNED_BIAS, SIGNED_MAX = tl.constexpr(sp.SIGNED_BIAS), tl.constexpr(sp.SIGNED_MAX)
 TABLE_COLUMNS, GROUP_COLUMNS = tl.constexpr(mt.TABLE_COLUMNS), tl.constexpr(mt.GROUP_COLUMNS)
 # A group's row (update_rules.py: SGDHyper.row, AdamWHyper.row).
 LR, MOMENTUM, ONE_MINUS_DAMPENING, WEIGHT_DECAY, NESTEROV, MAXIMIZE = (tl.constexpr(i) for i in range(6))
 BETA1, ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2, ADAMW_WEIGHT_DECAY, EPS, ADAMW_MAXIMIZE = (
     tl.constexpr(i) for i in range(1, 8))
+BETA1_LO, BETA2_LO, LR_LO, WEIGHT_DECAY_LO = (tl.constexpr(i) for i in range(8, 12))
 INV_SCALE, CLIP_COEF, FOUND_INF = tl.constexpr(mt.INV_SCALE), tl.constexpr(mt.CLIP_COEF), tl.constexpr(mt.FOUND_INF)
 EMA_WEIGHT, EMA_ONE_MINUS_DECAY = tl.constexpr(mt.EMA_WEIGHT), tl.constexpr(mt.EMA_ONE_MINUS_DECAY)
 EMA_DECAY, EMA_INV_TAU = tl.constexpr(mt.EMA_DECAY), tl.constexpr(mt.EMA_INV_TAU)
@@ -130,6 +132,9 @@ def finalize_kernel(partials_ptr, flags_ptr, num_chunks, scale_ptr, tracker_ptr,
         norm = tl.max(acc, axis=0)
     else:
         norm = tl.sqrt_rn(tl.sum(acc, axis=0))
+    # Finite grads whose FP32 sum of squares overflows (2^64 and more) are an overflow too: the
+    # step is skipped, never clipped to a zero gradient (csrc/chunks.h finalize).
+    found_inf = found_inf | ~_is_finite(norm)
     norm = tl.where(found_inf & _is_finite(norm), float("inf"), norm)  # skipped: N is not finite
     coef = 1.0
     if HAS_CLIP:
@@ -140,7 +145,8 @@ def finalize_kernel(partials_ptr, flags_ptr, num_chunks, scale_ptr, tracker_ptr,
     tl.store(scalars_ptr + FOUND_INF, found_inf.to(tl.float32))
     tl.store(grad_norm_ptr, norm)
     tl.store(found_inf_ptr, found_inf)
-    applied = tl.where(found_inf, tl.load(applied_steps_ptr), tl.load(applied_steps_ptr) + 1)
+    applied = tl.load(applied_steps_ptr)  # counts saturate at 2^31 - 1 (csrc/chunks.h count_up)
+    applied = tl.where(found_inf | (applied == 2147483647), applied, applied + 1)
     tl.store(applied_steps_ptr, applied)
     # The EMA's a = 1 - d_t for t = the applied steps so far (ema.py), in float64, rounded once.
     weight = tl.load(scalars_ptr + EMA_ONE_MINUS_DECAY).to(tl.float64)
@@ -149,7 +155,7 @@ def finalize_kernel(partials_ptr, flags_ptr, num_chunks, scale_ptr, tracker_ptr,
         weight += tl.load(scalars_ptr + EMA_DECAY).to(tl.float64) * tl.exp(-applied.to(tl.float64) * inv_tau)
     tl.store(scalars_ptr + EMA_WEIGHT, weight.to(tl.float32))
     skips = tl.load(skips_ptr)
-    tl.store(skips_ptr, tl.where(found_inf, skips + 1, 0))
+    tl.store(skips_ptr, tl.where(found_inf, tl.where(skips == 2147483647, skips, skips + 1), 0))
     if DYNAMIC:  # loss_scaler.py's rule (csrc/chunks.h update_scale), counters clamped into range first
         tracker = tl.minimum(tl.maximum(tl.load(tracker_ptr), 0), growth_interval - 1)
         overflows = tl.minimum(tl.maximum(tl.load(hysteresis_ptr), 0), hysteresis)
@@ -232,56 +238,62 @@ def _store_master(w, master, param, ema, ema_weight, has_ema, mask, PARAM_DTYPE:
 
 
 @triton.jit
-def _round_code(y, low, high):
-    """floor(y + 0.5) clamped to [low, high]; a NaN code is 0 (csrc/state_math.h round_code)."""
-    q = tl.minimum(tl.maximum(tl.floor(y + 0.5), low), high)
-    return tl.where(y != y, 0.0, q)
-
-
-@triton.jit
 def _load_state(ptr, scales, mask, STATE: tl.constexpr, SIGNED: tl.constexpr, MASKED: tl.constexpr):
     """A state buffer's values as FP32 (state_precision.py): FP32, BF16, or int8 codes with
-    their block's scale (`scales`: each element's scale address)."""
+    their block's scale (`scales`: each element's scale address; csrc/state_math.h SignedCodes,
+    UnsignedCodes)."""
     if STATE == STATE_INT8:
-        q = tl.load(ptr, mask=mask, other=0 if MASKED else None).to(tl.float32)
         scale = tl.load(scales, mask=mask, other=0.0 if MASKED else None)
         if SIGNED:
-            y = tl.math.div_rn(q, 127.0)
-            x = scale * tl.math.div_rn(y, 2.0 - tl.abs(y))
-        else:
-            r = tl.math.div_rn(q, 255.0) * scale
-            x = r * r
+            q = tl.load(ptr, mask=mask, other=0 if MASKED else None).to(tl.int32)
+            k = tl.abs(q)
+            t = tl.where(k == 0, 0.0, ((k + SIGNED_BIAS) << 20).to(tl.float32, bitcast=True))
+            x = t * scale
+            x = tl.where(q < 0, -x, x)
+        else:  # FP16 of (x / scale) * 2^15
+            h = tl.load(ptr, mask=mask, other=0.0 if MASKED else None).to(tl.float32)
+            x = (h * 3.0517578125e-05) * scale
     else:
         x = tl.load(ptr, mask=mask, other=0.0 if MASKED else None).to(tl.float32)
     return x
 
 
 @triton.jit
-def _store_state(x, ptr, scale_base, offset, end, mask, STATE: tl.constexpr, SIGNED: tl.constexpr,
+def _dither20(index, salt):
+    """csrc/state_math.h dither20 in int64 with the low 32 bits kept (a wrapped product's low
+    bits are exact): the signed codes' rounding dither for an element index and a step."""
+    h = ((index * 0x9E3779B1) & 0xFFFFFFFF) ^ ((salt.to(tl.int64) * 0x85EBCA77) & 0xFFFFFFFF)
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & 0xFFFFFFFF
+    h = h ^ (h >> 15)
+    return tl.minimum(tl.maximum(h >> 12, 4), 0xFFFFB)
+
+
+@triton.jit
+def _store_state(x, ptr, scale_base, offset, end, mask, salt, STATE: tl.constexpr, SIGNED: tl.constexpr,
                  MASKED: tl.constexpr, BLOCK: tl.constexpr):
     """FP32 values x stored in the state's precision. int8: each QBLOCK run of this block gets
     the scale of its largest magnitude (compared as bits, csrc/state_math.h encode_block), and
-    the codes; `offset` is the block's first element (a multiple of QBLOCK)."""
+    the codes; `offset` is the block's first element (a multiple of QBLOCK), `salt` the step's
+    (the signed codes' dither)."""
     if STATE == STATE_INT8:
-        if SIGNED:
-            m = x
-        else:
-            m = tl.sqrt_rn(x)
-        bits = (m.to(tl.uint32, bitcast=True) & 0x7FFFFFFF).to(tl.int32, bitcast=True)
+        bits = (x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF).to(tl.int32, bitcast=True)
         if MASKED:
             bits = tl.where(mask, bits, 0)
         largest = tl.max(tl.reshape(bits, [BLOCK // QBLOCK, QBLOCK]), axis=1)
         scale = largest.to(tl.float32, bitcast=True)
-        # x / scale (csrc/state_math.h over_scale: 1 / scale of a subnormal scale overflows)
         each = tl.reshape(tl.broadcast_to(scale[:, None], [BLOCK // QBLOCK, QBLOCK]), [BLOCK])
-        ok = each > 0
-        if SIGNED:
-            t = tl.where(ok, tl.math.div_rn(x, tl.where(ok, each, 1.0)), 0.0)
-            q = _round_code(127.0 * tl.math.div_rn(2.0 * t, 1.0 + tl.abs(t)), -127.0, 127.0)
-            tl.store(ptr, q.to(tl.int8), mask=mask)
-        else:
-            q = _round_code(tl.where(ok, tl.math.div_rn(m, tl.where(ok, each, 1.0)), 0.0) * 255.0, 0.0, 255.0)
-            tl.store(ptr, q.to(tl.uint8), mask=mask)
+        # |x| / scale where the scale is finite and positive (a division: 1 / a subnormal scale
+        # overflows); 0 elsewhere, where the block decodes to zeros or, through its scale, NaN.
+        ok = (each > 0) & (each < float("inf"))
+        t = tl.where(ok, tl.math.div_rn(tl.abs(x), tl.where(ok, each, 1.0)), 0.0)
+        if SIGNED:  # 3 mantissa bits, dithered, rebased: 1.0 is code 121, 2^-15 code 1
+            index = (offset + tl.arange(0, BLOCK)).to(tl.int64) & 0xFFFFFFFF
+            k = ((t.to(tl.int32, bitcast=True).to(tl.int64) + _dither20(index, salt)) >> 20) - SIGNED_BIAS
+            k = tl.minimum(tl.maximum(k, 0), SIGNED_MAX).to(tl.int32)
+            tl.store(ptr, tl.where(x < 0, -k, k).to(tl.int8), mask=mask)
+        else:  # IEEE half, round to nearest even
+            tl.store(ptr, (t * 32768.0).to(tl.float16), mask=mask)
         blocks = offset // QBLOCK + tl.arange(0, BLOCK // QBLOCK)
         tl.store(scale_base + blocks, scale, mask=blocks * QBLOCK < end)
     elif STATE == STATE_BF16:
@@ -291,7 +303,7 @@ def _store_state(x, ptr, scale_base, offset, end, mask, STATE: tl.constexpr, SIG
 
 
 @triton.jit
-def _update_block(grad, master, buf, param, ema, scales, scale_base, offset, end, mask, inv_scale, coef, sign,
+def _update_block(grad, master, buf, param, ema, scales, scale_base, offset, end, mask, salt, inv_scale, coef, sign,
                   weight_decay, momentum, one_minus_dampening, nesterov, lr, first, HAS_BUF, ema_weight, has_ema,
                   PARAM_DTYPE: tl.constexpr, MASTER_KIND: tl.constexpr, STATE: tl.constexpr,
                   EMA_DTYPE: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
@@ -305,7 +317,7 @@ def _update_block(grad, master, buf, param, ema, scales, scale_base, offset, end
     if HAS_BUF:
         b = _load_state(buf, scales, mask, STATE, True, MASKED)
         b = tl.where(first, d, b * momentum + one_minus_dampening * d)
-        _store_state(b, buf, scale_base, offset, end, mask, STATE, True, MASKED, BLOCK)
+        _store_state(b, buf, scale_base, offset, end, mask, salt, STATE, True, MASKED, BLOCK)
         if nesterov:
             d = d + momentum * b
         else:
@@ -320,7 +332,7 @@ def _state_pointer(address, STATE: tl.constexpr, SIGNED: tl.constexpr):
         if SIGNED:
             ptr = address.to(tl.pointer_type(tl.int8))
         else:
-            ptr = address.to(tl.pointer_type(tl.uint8))
+            ptr = address.to(tl.pointer_type(tl.float16))
     elif STATE == STATE_BF16:
         ptr = address.to(tl.pointer_type(tl.bfloat16))
     else:
@@ -381,6 +393,7 @@ def update_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr, applied_steps_
     coef = tl.load(scalars_ptr + CLIP_COEF)
     has_buf = buf_addr != 0
     first = buf_addr == 0
+    salt = tl.load(applied_steps_ptr)  # this step's applied-step count: the int8 dither's salt
     if has_buf:
         # The flag is the applied-step count of the buffer's first applied step (0: never),
         # written identically by every chunk of the tensor, so chunks never race on it.
@@ -394,35 +407,41 @@ def update_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr, applied_steps_
     for offset in range(start, full_end, BLOCK):
         idx = tl.multiple_of(offset, BLOCK) + tl.arange(0, BLOCK)
         _update_block(grad + idx, master + idx, buf + idx, param + idx, ema + idx, scale + idx // QBLOCK, scale,
-                      offset, end, None, inv_scale, coef, sign, weight_decay, momentum, one_minus_dampening, nesterov,
+                      offset, end, None, salt, inv_scale, coef, sign, weight_decay, momentum, one_minus_dampening, nesterov,
                       lr, first, has_buf, ema_weight, has_ema, PARAM_DTYPE, MASTER_KIND, STATE, EMA_DTYPE, False,
                       BLOCK)
     if full_end < end:
         idx = full_end + tl.arange(0, BLOCK)
         _update_block(grad + idx, master + idx, buf + idx, param + idx, ema + idx, scale + idx // QBLOCK, scale,
-                      full_end, end, idx < end, inv_scale, coef, sign, weight_decay, momentum, one_minus_dampening,
+                      full_end, end, idx < end, salt, inv_scale, coef, sign, weight_decay, momentum, one_minus_dampening,
                       nesterov, lr, first, has_buf, ema_weight, has_ema, PARAM_DTYPE, MASTER_KIND, STATE, EMA_DTYPE,
                       True, BLOCK)
 
 
 @triton.jit
 def _adamw_block(grad, master, m_ptr, v_ptr, vmax_ptr, param, ema, m_scales, v_scales, vmax_scales, m_base, v_base,
-                 vmax_base, offset, end, mask, inv_scale, coef, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
-                 decay, step_size, bias2_sqrt, amsgrad, ema_weight, has_ema, PARAM_DTYPE: tl.constexpr,
+                 vmax_base, offset, end, mask, t, inv_scale, coef, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+                 decay, step_size, bias2_sqrt, bound, amsgrad, ema_weight, has_ema, PARAM_DTYPE: tl.constexpr,
                  MASTER_KIND: tl.constexpr, STATE: tl.constexpr, EMA_DTYPE: tl.constexpr, MASKED: tl.constexpr,
                  BLOCK: tl.constexpr):
     # csrc/adamw_math.h adamw_element, in the same order; the moments decoded and encoded in
-    # the state's precision (exp_avg signed, exp_avg_sq and its max unsigned).
+    # the state's precision (exp_avg signed, exp_avg_sq and its max unsigned). ((1 - beta2) * u) * u
+    # is torch's order (u * u overflows from 1.8e19); with int8 state m is kept within
+    # +-bound * sqrt(v), as FP32 state always is (update_rules.moment_bound).
     other = 0.0 if MASKED else None
     u = (tl.load(grad, mask=mask, other=other).to(tl.float32) * inv_scale) * coef
     w = _master_of(master, param, mask, PARAM_DTYPE, MASTER_KIND, MASKED)
     m = beta1 * _load_state(m_ptr, m_scales, mask, STATE, True, MASKED) + one_minus_beta1 * u
-    v = beta2 * _load_state(v_ptr, v_scales, mask, STATE, False, MASKED) + one_minus_beta2 * (u * u)
-    _store_state(m, m_ptr, m_base, offset, end, mask, STATE, True, MASKED, BLOCK)
-    _store_state(v, v_ptr, v_base, offset, end, mask, STATE, False, MASKED, BLOCK)
+    v = beta2 * _load_state(v_ptr, v_scales, mask, STATE, False, MASKED) + (one_minus_beta2 * u) * u
+    if STATE == STATE_INT8:
+        limit = bound * tl.sqrt_rn(v)
+        m = tl.where(m > limit, limit, m)
+        m = tl.where(m < -limit, -limit, m)
+    _store_state(m, m_ptr, m_base, offset, end, mask, t, STATE, True, MASKED, BLOCK)
+    _store_state(v, v_ptr, v_base, offset, end, mask, t, STATE, False, MASKED, BLOCK)
     if amsgrad:  # a runtime flag (groups may differ), uniform over the program
         v = tl.maximum(_load_state(vmax_ptr, vmax_scales, mask, STATE, False, MASKED), v)
-        _store_state(v, vmax_ptr, vmax_base, offset, end, mask, STATE, False, MASKED, BLOCK)
+        _store_state(v, vmax_ptr, vmax_base, offset, end, mask, t, STATE, False, MASKED, BLOCK)
     denom = tl.math.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps
     w = w * decay - step_size * tl.math.div_rn(m, denom)
     _store_master(w, master, param, ema, ema_weight, has_ema, mask, PARAM_DTYPE, MASTER_KIND, EMA_DTYPE)
@@ -437,6 +456,15 @@ def _power(base, n):
         base = base * base
         n = n >> 1
     return result
+
+
+@triton.jit
+def _moment_bound(beta1, beta2, t):
+    """update_rules.moment_bound (csrc/adamw_math.h): C_t in float64, rounded once; inf at beta2 = 0."""
+    r = beta1 * beta1 / tl.where(beta2 == 0.0, 1.0, beta2)
+    total = tl.where(r == 1.0, t.to(tl.float64), (1.0 - _power(r, t)) / tl.where(r == 1.0, 0.5, 1.0 - r))
+    bound = (1.0 - beta1) * tl.sqrt(total / (1.0 - beta2)) * (1.0 + 2.0 ** -20)
+    return tl.where(beta2 == 0.0, float("inf"), bound.to(tl.float32))
 
 
 @triton.jit
@@ -477,13 +505,19 @@ def adamw_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr,
     lr = tl.load(hyper + LR)
     beta1 = tl.load(hyper + BETA1)
     beta2 = tl.load(hyper + BETA2)
-    # The param's t-th applied step (t = its step + 1): bias corrections in float64, rounded once.
+    # The param's t-th applied step (t = its step + 1): bias corrections in float64 from the
+    # user's betas (hi + lo columns), rounded once.
     t = tl.load(tl.load(entry + COUNT).to(tl.pointer_type(tl.float32))).to(tl.int64) + 1
-    bias1 = 1.0 - _power(beta1.to(tl.float64), t)
-    bias2 = 1.0 - _power(beta2.to(tl.float64), t)
-    step_size = (lr.to(tl.float64) / bias1).to(tl.float32)
+    beta1_64 = beta1.to(tl.float64) + tl.load(hyper + BETA1_LO).to(tl.float64)
+    beta2_64 = beta2.to(tl.float64) + tl.load(hyper + BETA2_LO).to(tl.float64)
+    lr_64 = lr.to(tl.float64) + tl.load(hyper + LR_LO).to(tl.float64)
+    bias1 = 1.0 - _power(beta1_64, t)
+    bias2 = 1.0 - _power(beta2_64, t)
+    step_size = (lr_64 / bias1).to(tl.float32)
     bias2_sqrt = tl.sqrt(bias2).to(tl.float32)
-    decay = (1.0 - lr.to(tl.float64) * tl.load(hyper + ADAMW_WEIGHT_DECAY).to(tl.float64)).to(tl.float32)
+    wd_64 = tl.load(hyper + ADAMW_WEIGHT_DECAY).to(tl.float64) + tl.load(hyper + WEIGHT_DECAY_LO).to(tl.float64)
+    decay = (1.0 - lr_64 * wd_64).to(tl.float32)
+    bound = _moment_bound(beta1_64, beta2_64, t)
     coef = tl.load(scalars_ptr + CLIP_COEF)
     coef = tl.where(tl.load(hyper + ADAMW_MAXIMIZE) != 0, -coef, coef)
     inv_scale = tl.load(scalars_ptr + INV_SCALE)
@@ -495,17 +529,17 @@ def adamw_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr,
         idx = tl.multiple_of(offset, BLOCK) + tl.arange(0, BLOCK)
         blk = idx // QBLOCK
         _adamw_block(grad + idx, master + idx, m_ptr + idx, v_ptr + idx, vmax_ptr + idx, param + idx, ema + idx,
-                     m_base + blk, v_base + blk, vmax_base + blk, m_base, v_base, vmax_base, offset, end, None,
+                     m_base + blk, v_base + blk, vmax_base + blk, m_base, v_base, vmax_base, offset, end, None, t,
                      inv_scale, coef, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size,
-                     bias2_sqrt, amsgrad, ema_weight, has_ema, PARAM_DTYPE, MASTER_KIND, STATE, EMA_DTYPE, False,
+                     bias2_sqrt, bound, amsgrad, ema_weight, has_ema, PARAM_DTYPE, MASTER_KIND, STATE, EMA_DTYPE, False,
                      BLOCK)
     if full_end < end:
         idx = full_end + tl.arange(0, BLOCK)
         blk = idx // QBLOCK
         _adamw_block(grad + idx, master + idx, m_ptr + idx, v_ptr + idx, vmax_ptr + idx, param + idx, ema + idx,
                      m_base + blk, v_base + blk, vmax_base + blk, m_base, v_base, vmax_base, full_end, end,
-                     idx < end, inv_scale, coef, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay,
-                     step_size, bias2_sqrt, amsgrad, ema_weight, has_ema, PARAM_DTYPE, MASTER_KIND, STATE, EMA_DTYPE,
+                     idx < end, t, inv_scale, coef, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay,
+                     step_size, bias2_sqrt, bound, amsgrad, ema_weight, has_ema, PARAM_DTYPE, MASTER_KIND, STATE, EMA_DTYPE,
                      True, BLOCK)
 
 
