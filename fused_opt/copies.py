@@ -50,7 +50,6 @@ def rebuild(opt, guarded: bool = False, flat_mode: bool = False, accumulated: di
         opt._state_precision = state_precision("fp32")
     if "_masters" not in opt.__dict__:
         opt._masters = master_format("remainder" if opt.__dict__.pop("_remainders", False) else "fp32")
-    opt._masters.forget_except(set())  # marks name the original's params
     opt._flat_ids, opt._backend_cache, opt._amp_scaler = None, {}, None
     opt._layouts, opt._transaction = PerTensorStorage(), Transaction()
     opt._hypers = GroupHypers(opt.RULE)

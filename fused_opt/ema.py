@@ -116,5 +116,4 @@ def _swapped(opt):
         with torch.no_grad():
             for p, s in zip(params, saved):
                 local(p).copy_(s)
-        opt._masters.after_step(params)  # the params are as the masters last matched them
         opt._ema_swapped = False

@@ -28,7 +28,6 @@ Params are left where they are (a flat copy would be an alias the user never ask
 """
 from __future__ import annotations
 
-import operator
 import weakref
 from dataclasses import dataclass
 
@@ -62,7 +61,6 @@ def ineligible(params: list) -> str | None:
     return None
 
 
-_VERSION = operator.attrgetter("_version")
 
 
 def _storage_use_count(storage) -> int:
@@ -245,7 +243,6 @@ class FlatGrads:
         self.ran = 0
         self.epoch = self.lists = self.buffer_keys = None
         self.left_out = []
-        self.versions = None     # master_weights="remainder": each param's version when adopted
         self.backward_due = False  # scale_loss was called and its backward has not started
 
     @property
@@ -262,8 +259,7 @@ class FlatGrads:
         if (storage.intact() and epoch == self.epoch and len(groups) == len(self.lists)
                 and all(g["params"] is lst for g, lst in zip(groups, self.lists))
                 and [h.buffers for h in hypers] == self.buffer_keys
-                and all(p.grad is None for p in self.left_out)
-                and (self.versions is None or list(map(_VERSION, self.layout.params)) == self.versions)):
+                and all(p.grad is None for p in self.left_out)):
             return True
         if not storage.alive:  # grads taken away from us, not a change of ours or the user's state
             self.deaths = self.deaths + 1 if self.ran == 0 else 1
@@ -271,17 +267,14 @@ class FlatGrads:
         return False
 
     def adopt(self, layout, grads: list, left_out: list, state, groups: list, hypers: list, epoch: Epoch,
-              layout_id: int, rule, accumulator=None, remainders: bool = False) -> bool:
+              layout_id: int, rule, accumulator=None) -> bool:
         """After a per-tensor step: copy its grads and state into flat buffers and point .grad
         and state[p] at them (a full copy, so only when something changed). Params that had no
         grad in that step (frozen, unused) stay out, as torch would leave them: each step
         checks that they still have none (the one per-tensor check left, on those only).
         FP32 grads of FP16/BF16 params (fp32_grad_accumulation) become views into the FP32
         buffer, beside the FP32 params' grads. With master_weights="remainder" the int16
-        remainders are flat too; a param written outside the optimizer is seen from its
-        version counter (read per param, ~0.1 us each: the kernels cannot see such a write,
-        see master_format.RemainderMasters.marks), and that step takes the per-tensor path, which
-        restarts its remainder."""
+        remainders are flat too."""
         if self.off is not None:
             return False
         reason = ineligible(layout.owners)
@@ -307,9 +300,6 @@ class FlatGrads:
         self.left_out = left_out
         self.buffer_keys = [h.buffers for h in hypers]
         self.epoch = epoch.value
-        self.versions = None
-        if remainders:
-            self.watch_versions()
         return True
 
     def prepare(self, opt, hypers) -> StepPlan:
@@ -331,14 +321,7 @@ class FlatGrads:
                          state_precision=opt._state_precision)
 
     def after_step(self, opt, plan, batch, hypers) -> None:
-        if self.versions is not None and getattr(opt._backend, "WRITES_BUMP_VERSIONS", False):
-            opt._masters.after_step(self.layout.params)  # remainders: our own writes are not edits
-            self.watch_versions()
         self.stepped()
-
-    def watch_versions(self) -> None:
-        """Takes the params' version counters as written by us (master_weights="remainder")."""
-        self.versions = list(map(_VERSION, self.layout.params))
 
     def expect_backward(self, scaled_loss: torch.Tensor) -> None:
         """The fast step does not bump the params' version counters (README "flat grads"), so

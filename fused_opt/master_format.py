@@ -8,9 +8,11 @@ load and report one. Two policies:
   param edited outside the optimizer is seen per element by the kernels (the param no longer
   equals its master rounded), so nothing happens around a step.
 - `RemainderMasters` ("remainder"): BF16 params keep an int16 remainder (remainder.py). The
-  kernels cannot see a write to the param (it is the master's top half), so the host keeps,
-  per param, the (data_ptr, version) with which its remainder last matched it, and a step
-  restarts the remainder of a param written since.
+  master is always the param and its remainder, so it follows a write to the param element by
+  element: where the written value is unchanged (`p.copy_(p.clone())`,
+  `model.load_state_dict(model.state_dict())`) the master is unchanged, bit for bit; where it
+  changed, the master is the written value and the kept remainder, which is less than half a
+  BF16 ulp and rounds to the written value (an FP32 master would be the written value itself).
 """
 from __future__ import annotations
 
@@ -22,7 +24,6 @@ from .memory import usable_master, usable_remainder
 
 class FP32Masters:
     key = "master_param"
-    watches_versions = False  # flat storage need not read version counters
 
     def check_params(self, params, index=None) -> None:
         pass
@@ -41,15 +42,6 @@ class FP32Masters:
         """The FP32 values the next step would start from (where a master exists)."""
         master = self.cached(state, p)
         return master if master is not None else p.detach().float()
-
-    def before_step(self, opt, owners) -> None:
-        pass
-
-    def after_step(self, owners) -> None:
-        pass
-
-    def forget_except(self, present: set) -> None:
-        pass
 
     def sync_from_params(self, opt, params) -> None:
         """Each FP16/BF16 master re-taken where its param no longer equals it rounded (what
@@ -72,30 +64,17 @@ class FP32Masters:
 
 class RemainderMasters:
     key = "master_remainder"
-    watches_versions = True
     name = "remainder"
     dtype = torch.int16
-
-    def __init__(self):
-        # id(param) -> (data_ptr, _version) when its remainder last matched it (made, loaded,
-        # or written by a step). Kept for every param, not only those of the last step (a
-        # param without a grad in one step may be written before the next); pruned when
-        # params leave the optimizer.
-        self.marks = {}
 
     def check_params(self, params, index=None) -> None:
         remainder.check_params(params, index, self.name)
 
     def cached(self, state: dict, p: torch.Tensor):
         stored = state.get(self.key)
-        if not usable_remainder(stored, p, self.dtype):
-            return None
-        if id(p) not in self.marks:  # put in the state by hand or by a copy: taken as it is
-            self.after_step([p])
-        return stored
+        return stored if usable_remainder(stored, p, self.dtype) else None
 
     def make(self, p: torch.Tensor) -> torch.Tensor:
-        self.after_step([p])
         return torch.zeros_like(p, dtype=self.dtype)  # 0: the master is the param itself
 
     def current_master(self, state: dict, p: torch.Tensor) -> torch.Tensor:
@@ -103,26 +82,8 @@ class RemainderMasters:
         return (remainder.rebuild_any(p.detach(), stored) if usable_remainder(stored, p, self.dtype)
                 else p.detach().float())
 
-    def before_step(self, opt, owners) -> None:
-        """Restarts the remainder of every param written since its mark (the master is then
-        the written param itself, as an FP32 master would be re-taken)."""
-        marks = self.marks
-        for p in owners:
-            mark = marks.get(id(p))
-            if mark is not None and mark != (p.data_ptr(), p._version):
-                stored = opt.state[p].get(self.key) if p in opt.state else None
-                if isinstance(stored, torch.Tensor):
-                    stored.zero_()
-                marks[id(p)] = (p.data_ptr(), p._version)
-
-    def after_step(self, owners) -> None:
-        self.marks.update({id(p): (p.data_ptr(), p._version) for p in owners})
-
-    def forget_except(self, present: set) -> None:
-        self.marks = {k: v for k, v in self.marks.items() if k in present}
-
     def sync_from_params(self, opt, params) -> None:
-        self.before_step(opt, params)
+        pass  # the master is rebuilt from the param wherever it is read
 
     def master_of(self, p: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
         return remainder.rebuild_any(p.detach(), stored)
@@ -131,7 +92,6 @@ class RemainderMasters:
         """The param takes the master's top half, the remainder the rest."""
         state[self.key] = torch.empty_like(p, dtype=self.dtype)
         remainder.split_(torch.empty_like(p, dtype=torch.float32).copy_(master), p, state[self.key])
-        self.after_step([p])
 
 
 class Remainder8Masters(RemainderMasters):

@@ -395,7 +395,6 @@ class FusedMixedPrecisionOptimizer(torch.optim.Optimizer):
         # A param no longer in any group lets go of its master (torch.optim.SGD would hold no
         # copy of it): else every replaced param and its FP32 copy stay alive for good.
         present = set(map(id, flat))
-        self._masters.forget_except(present)
         for p in [k for k in self.state if isinstance(k, torch.Tensor) and id(k) not in present]:
             entry = self.state[p]
             entry.pop("master_param", None)

@@ -75,17 +75,14 @@ class PerTensorStorage:
         return StepPlan(params, [params[i] for i in active], active, [grads[i] for i in active], grads)
 
     def batch_of(self, opt, plan: StepPlan, hypers, scaler, clip: tuple) -> StepBatch:
-        batch = self.batch(opt, plan.params, plan.active, plan.grads, hypers, scaler, clip)
-        opt._masters.before_step(opt, plan.owners)
-        return batch
+        return self.batch(opt, plan.params, plan.active, plan.grads, hypers, scaler, clip)
 
     def after_step(self, opt, plan: StepPlan, batch: StepBatch, hypers) -> None:
-        opt._masters.after_step(plan.owners)
         flat = opt._flat_grads
         if flat is not None:
             left_out = [p for p, g in zip(plan.params, plan.grads_all) if g is None]
             if flat.adopt(self.layout, batch.grads, left_out, opt.state, opt.param_groups, hypers, opt._epoch,
-                          self.next_id(), opt.RULE, opt._accumulator, opt._masters.watches_versions):
+                          self.next_id(), opt.RULE, opt._accumulator):
                 self.invalidate()  # its masters and buffers were copied; the state holds flat views
     def next_id(self) -> int:
         return next(self._ids)

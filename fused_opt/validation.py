@@ -62,11 +62,13 @@ def check_grads(grads: list[torch.Tensor], params: list[torch.Tensor], name_of) 
                                f"{' or '.join(map(str, grad_dtypes(p.dtype)))})")
 
 
-def _check_state_tensor(value, p: torch.Tensor, where: str, dtype: torch.dtype = torch.float32) -> None:
+def _check_state_tensor(value, p: torch.Tensor, where: str, dtype: torch.dtype = torch.float32,
+                        finite: bool = False) -> None:
     """A saved state value: real floating point, p's shape, and representable in `dtype`, the
-    precision it is kept in (a finite float64 1e300 would load as inf). Non-finite values
-    load as they are: a run can reach them (torch.optim.AdamW's exp_avg_sq overflows to inf
-    for grads of ~6e20) and keeps saving them, and its own checkpoint must load back."""
+    precision it is kept in (a finite float64 1e300 would load as inf). An optimizer buffer's
+    non-finite values load as they are: a run reaches them (torch.optim.AdamW's exp_avg_sq is
+    inf after a grad of ~6e20) and keeps saving them, and its own checkpoint must load back.
+    A master or an EMA (`finite`) must be finite: loading it writes it into the model."""
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{where} must be a tensor, got {type(value).__name__}")
     if not value.is_floating_point() or value.is_complex():
@@ -75,6 +77,8 @@ def _check_state_tensor(value, p: torch.Tensor, where: str, dtype: torch.dtype =
         raise ValueError(f"{where} has shape {tuple(value.shape)}, the param has {tuple(p.shape)} "
                          "(a state dict of another model, or params in another order?)")
     v = local(value)
+    if finite and not bool(torch.isfinite(v).all()):
+        raise ValueError(f"{where} holds inf or NaN (a master or an EMA is written into the model)")
     if torch.finfo(v.dtype).max > torch.finfo(dtype).max:
         overflows = torch.isfinite(v) & ~torch.isfinite(v.to(dtype))
         if bool(overflows.any()):
@@ -153,9 +157,9 @@ def _check_scaler_state(opt, extra, key: str) -> None:
                                                        ("consecutive_skips", extra)) if name in where_]
     for name, value in counts:
         value = torch.as_tensor(value)
-        # At most 2**31 - 2: the next step's count is then still an int32.
-        if value.numel() != 1 or value.is_floating_point() or value.is_complex() or int(value) < 0 or int(value) >= 2**31 - 1:
-            raise ValueError(f"{where}: {name} must be a non-negative int32 count below 2**31 - 1, got {value}")
+        # (the kernels saturate the counts at 2**31 - 1 and clamp the scaler's into range)
+        if value.numel() != 1 or value.is_floating_point() or value.is_complex() or int(value) < 0 or int(value) >= 2**31:
+            raise ValueError(f"{where}: {name} must be a non-negative int32 count, got {value}")
 
 
 def validated_state_dict(opt, state_dict, params: list, key: str):
@@ -204,7 +208,7 @@ def validated_state_dict(opt, state_dict, params: list, key: str):
         for name in ("master_param", "ema_param"):  # values only: codes are never a master or an EMA
             if entry.get(name) is not None or (name == "master_param" and name in entry):
                 dtype = opt._ema.dtype if name == "ema_param" and opt._ema is not None else torch.float32
-                _check_state_tensor(entry[name], p, f"{where}[{name!r}]", dtype)
+                _check_state_tensor(entry[name], p, f"{where}[{name!r}]", dtype, finite=True)
         for name in opt.RULE.all_buffers:
             signed = name not in opt.RULE.unsigned_buffers
             if codes_key(name) in entry:

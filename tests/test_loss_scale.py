@@ -282,10 +282,10 @@ def test_the_scale_never_backs_off_below_a_usable_reciprocal(backend, device):
         opt.scale_loss(torch.zeros((), device=device))
         opt.step()
     assert float(opt.loss_scale) == 2.0**-126
-    p.grad = torch.ones_like(p)
+    p.grad = torch.zeros_like(p)  # (a grad of 1 at S = 2^-126 unscales to 2^126: its square overflows)
     opt.scale_loss(torch.zeros((), device=device))
     opt.step()
-    assert not bool(opt.last_step_skipped)  # 1/S is finite: a clean grad is not turned into inf
+    assert not bool(opt.last_step_skipped)  # 1/S is finite: a clean grad is not turned into NaN
 
 
 def test_a_loaded_scale_must_have_a_finite_reciprocal():
