@@ -44,12 +44,13 @@ FUSED_HD double lane_sqrt(double x) {
 }
 
 // Per-chunk constants for a param at its t-th applied step (t = its step + 1): computed in
-// double and rounded once, as torch.optim.AdamW's step_size and bias_correction2_sqrt.
+// double and rounded once, as torch.optim.AdamW's step_size and bias_correction2_sqrt; the
+// element's operations are torch.optim.AdamW's (single-tensor) in their order.
 // The maximize sign is folded into the clip coefficient (negation is exact).
 // `bound` is C_t of update_rules.moment_bound (used with int8 state only): |m| <= C_t * sqrt(v)
 // holds for FP32 state after t steps whatever the grads, and clamping to it bounds every step.
 struct AdamWCoefs {
-  float coef, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size, bias2_sqrt, bound;
+  float coef, beta1, one_minus_beta1, lerp_rest, beta2, one_minus_beta2, eps, decay, neg_step_size, bias2_sqrt, bound;
   uint32_t salt;  // t: the int8 dither's salt (state_math.h dither20)
 };
 
@@ -67,8 +68,9 @@ FUSED_HD AdamWCoefs adamw_coefs(const AdamWHyper& h, float clip_coef, float step
   const double bias2 = 1.0 - power(beta2, t);
   const double lr = double(h.lr) + double(h.lr_lo);
   const double wd = double(h.weight_decay) + double(h.weight_decay_lo);
-  return AdamWCoefs{h.maximize != 0.0f ? -clip_coef : clip_coef, h.beta1, h.one_minus_beta1, h.beta2,
-                    h.one_minus_beta2, h.eps, float(1.0 - lr * wd), float(lr / bias1),
+  return AdamWCoefs{h.maximize != 0.0f ? -clip_coef : clip_coef, h.beta1, h.one_minus_beta1,
+                    1.0f - h.one_minus_beta1, h.beta2, h.one_minus_beta2, h.eps, float(1.0 - lr * wd),
+                    -float(lr / bias1),
                     float(lane_sqrt(bias2)), float(moment_bound(beta1, beta2, t)), uint32_t(t)};
 }
 
@@ -88,7 +90,9 @@ inline __m256 lane_max(__m256 a, __m256 b) { return _mm256_max_ps(a, b); }  // a
 template <bool AmsGrad, bool Bounded = false, class V>
 FUSED_HD V adamw_element(V u, V w, V& m, V& v, V& vmax, const AdamWCoefs& k) {
   u = u * k.coef;
-  m = k.beta1 * m + k.one_minus_beta1 * u;
+  // torch's exp_avg.lerp_(grad, 1 - beta1): the formula of its lerp kernel for a weight below
+  // or above one half (the branch is uniform over a launch's group).
+  m = k.one_minus_beta1 < 0.5f ? m + k.one_minus_beta1 * (u - m) : u - (u - m) * k.lerp_rest;
   v = k.beta2 * v + (k.one_minus_beta2 * u) * u;
   if constexpr (Bounded) {
     const V limit = k.bound * lane_sqrt(v);
@@ -101,7 +105,8 @@ FUSED_HD V adamw_element(V u, V w, V& m, V& v, V& vmax, const AdamWCoefs& k) {
     second = vmax;
   }
   const V denom = lane_sqrt(second) / k.bias2_sqrt + k.eps;
-  return w * k.decay - k.step_size * (m / denom);
+  // torch's param.mul_(1 - lr * wd).addcdiv_(exp_avg, denom, value=-step_size)
+  return w * k.decay + (k.neg_step_size * m) / denom;
 }
 
 }  // namespace fused_opt

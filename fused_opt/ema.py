@@ -78,13 +78,21 @@ class ModelEMA:
 
 
 def ema_of(opt, p: torch.Tensor) -> torch.Tensor:
-    """p's EMA tensor, made from its current master (or p) if it has none yet."""
+    """p's EMA tensor, made from its current master (or p) if it has none yet. Made outside
+    inference mode even when first asked for inside it (evaluation code calls ema_params() or
+    swap_ema() under torch.inference_mode()): an inference tensor could never be updated by a
+    later step."""
     state = opt.state[p]
     ema = state.get(KEY)
-    if isinstance(ema, torch.Tensor) and ema.shape == p.shape and ema.dtype == opt._ema.dtype:
+    if (isinstance(ema, torch.Tensor) and ema.shape == p.shape and ema.dtype == opt._ema.dtype
+            and not ema.is_inference()):
         return ema
-    master = opt._masters.current_master(state, p)
-    state[KEY] = ema = opt._ema.make(master, master if master.dtype == torch.float32 else p)
+    with torch.inference_mode(False), torch.no_grad():
+        if isinstance(ema, torch.Tensor) and ema.shape == p.shape and ema.dtype == opt._ema.dtype:
+            state[KEY] = ema = ema.clone()  # an inference tensor put there by other code
+            return ema
+        master = opt._masters.current_master(state, p)
+        state[KEY] = ema = opt._ema.make(master, master if master.dtype == torch.float32 else p)
     return ema
 
 
@@ -95,7 +103,28 @@ def swap(opt):
         raise RuntimeError(f"{type(opt).__name__}.swap_ema(): the optimizer keeps no EMA (build it with ema_decay=...)")
     if opt._ema_swapped:
         raise RuntimeError("swap_ema(): the EMA is already swapped in (swaps do not nest)")
-    return _swapped(opt)
+    return _Swap(opt)
+
+
+class _Swap:
+    """What swap_ema() returns: the swap happens on `with` entry. Called without `with` it
+    would do nothing at all, silently: it warns when dropped unentered."""
+
+    def __init__(self, opt):
+        self._opt, self._cm, self._entered = opt, None, False
+
+    def __enter__(self):
+        self._entered = True
+        self._cm = _swapped(self._opt)
+        return self._cm.__enter__()
+
+    def __exit__(self, *exc):
+        return self._cm.__exit__(*exc)
+
+    def __del__(self):
+        if not self._entered:
+            warnings.warn("swap_ema() was called without `with`: nothing was swapped. Use "
+                          "`with opt.swap_ema(): evaluate(model)`.", RuntimeWarning, stacklevel=2)
 
 
 @contextlib.contextmanager

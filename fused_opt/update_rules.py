@@ -321,7 +321,7 @@ class AdamW:
         bias2_sqrt = bias2.sqrt().float()
         decay = torch.as_tensor(1 - lr * h.weight_decay, dtype=torch.float64).float()
         m, v = bufs[0], bufs[1]
-        new_m = h.beta1 * m + (1 - h.beta1) * u
+        new_m = torch.lerp(m, u, 1 - h.beta1)  # torch.optim.AdamW's operations, in its order
         new_v = h.beta2 * v + ((1 - h.beta2) * u) * u
         if bounded:
             limit = moment_bound(h.beta1, h.beta2, t) * new_v.sqrt()
@@ -336,7 +336,7 @@ class AdamW:
         m.copy_(torch.where(found_inf, m, new_m))
         v.copy_(torch.where(found_inf, v, new_v))
         count.copy_(torch.where(found_inf, count, count + 1))
-        return w * decay - step_size * (new_m / denom)
+        return w * decay + (-step_size * new_m) / denom  # addcdiv_(m, denom, value=-step_size)
 
     @staticmethod
     def saved(entry: dict) -> dict:

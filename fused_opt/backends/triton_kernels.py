@@ -431,7 +431,11 @@ def _adamw_block(grad, master, m_ptr, v_ptr, vmax_ptr, param, ema, m_scales, v_s
     other = 0.0 if MASKED else None
     u = (tl.load(grad, mask=mask, other=other).to(tl.float32) * inv_scale) * coef
     w = _master_of(master, param, mask, PARAM_DTYPE, MASTER_KIND, MASKED)
-    m = beta1 * _load_state(m_ptr, m_scales, mask, STATE, True, MASKED) + one_minus_beta1 * u
+    m = _load_state(m_ptr, m_scales, mask, STATE, True, MASKED)
+    if one_minus_beta1 < 0.5:  # torch's lerp_(grad, 1 - beta1), its kernel's formula
+        m = m + one_minus_beta1 * (u - m)
+    else:
+        m = u - (u - m) * (1.0 - one_minus_beta1)
     v = beta2 * _load_state(v_ptr, v_scales, mask, STATE, False, MASKED) + (one_minus_beta2 * u) * u
     if STATE == STATE_INT8:
         limit = bound * tl.sqrt_rn(v)
@@ -443,7 +447,7 @@ def _adamw_block(grad, master, m_ptr, v_ptr, vmax_ptr, param, ema, m_scales, v_s
         v = tl.maximum(_load_state(vmax_ptr, vmax_scales, mask, STATE, False, MASKED), v)
         _store_state(v, vmax_ptr, vmax_base, offset, end, mask, t, STATE, False, MASKED, BLOCK)
     denom = tl.math.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps
-    w = w * decay - step_size * tl.math.div_rn(m, denom)
+    w = w * decay + tl.math.div_rn(-step_size * m, denom)  # torch's mul_(decay).addcdiv_(m, denom, -step_size)
     _store_master(w, master, param, ema, ema_weight, has_ema, mask, PARAM_DTYPE, MASTER_KIND, EMA_DTYPE)
 
 
