@@ -2,6 +2,7 @@
 // CUDA path, beside SGD's (sgd_math.h, which also holds the storage types and the unscale).
 #pragma once
 #include "sgd_math.h"
+#include "state_math.h"
 
 namespace fused_opt {
 
@@ -51,7 +52,7 @@ FUSED_HD double lane_sqrt(double x) {
 // holds for FP32 state after t steps whatever the grads, and clamping to it bounds every step.
 struct AdamWCoefs {
   float coef, beta1, one_minus_beta1, lerp_rest, beta2, one_minus_beta2, eps, decay, neg_step_size, bias2_sqrt, bound;
-  uint32_t salt;  // t: the int8 dither's salt (state_math.h dither20)
+  uint32_t salt;  // t (or 0 at beta1 <= 15/16): the int8 codes' dither (state_math.h dithered_salt)
 };
 
 FUSED_HD double moment_bound(double beta1, double beta2, int64_t t) {
@@ -71,7 +72,8 @@ FUSED_HD AdamWCoefs adamw_coefs(const AdamWHyper& h, float clip_coef, float step
   return AdamWCoefs{h.maximize != 0.0f ? -clip_coef : clip_coef, h.beta1, h.one_minus_beta1,
                     1.0f - h.one_minus_beta1, h.beta2, h.one_minus_beta2, h.eps, float(1.0 - lr * wd),
                     -float(lr / bias1),
-                    float(lane_sqrt(bias2)), float(moment_bound(beta1, beta2, t)), uint32_t(t)};
+                    float(lane_sqrt(bias2)), float(moment_bound(beta1, beta2, t)),
+                    dithered_salt(h.beta1, uint32_t(t))};
 }
 
 // amsgrad's running max, and sqrt on 8 lanes for the host's 8-wide loop.

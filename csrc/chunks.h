@@ -334,13 +334,14 @@ FUSED_HD void adamw_compressed(const TensorEntry& t, const AdamWCoefs& coefs, fl
 }
 
 // The compressed update of one chunk's range for every per-tensor choice (as dispatch_tensor).
-// `applied`: the step's applied-step count, the int8 dither's salt (state_math.h dither20).
+// `applied`: the step's applied-step count, the int8 dither's salt at a momentum above 15/16
+// (state_math.h dithered_salt).
 template <class G, class P>
 FUSED_HD void sgd_compressed_range(const TensorEntry& t, const StepCoefs& k, float inv_scale, int state,
                                    int64_t begin, int64_t end, int64_t lane, int64_t lanes, int32_t applied) {
   dispatch_state(state, [&](auto s) {
     sgd_compressed<G, P, decltype(s)::value>(t, k, inv_scale, begin, end, lane, lanes, t.buf != 0, t.param != 0,
-                                             k.nesterov, uint32_t(applied));
+                                             k.nesterov, dithered_salt(k.momentum, uint32_t(applied)));
   });
 }
 

@@ -55,11 +55,19 @@ FUSED_HD uint32_t magnitude_bits(float x) { return float_bits(x) & 0x7FFFFFFFu; 
 
 // Signed state (momentum, exp_avg): |x| / scale in [0, 1] rounded to 3 mantissa bits, rebased
 // so that 1.0 is code 121 and 2^-15 is code 1 (below: 0), with the sign: int8 in [-121, 121].
-// Relative spacing 6-12 %. The rounding is stochastic with a deterministic dither (dither20 of
-// the element's index and the step): rounding to nearest would make every code a fixed point
-// of x * beta for beta > 0.94 (a momentum that never decays, a weight that drifts forever),
-// where the dithered code decays as the FP32 value does, on average, and is unbiased.
+// Relative spacing 6-12 %: rounded to nearest (half up in the bits), no code is a fixed point
+// of x * beta while 1 - beta exceeds the largest half spacing, 1/16. Above beta = 15/16 every
+// code near the bottom of its octave would be one (a momentum that never decays, a weight that
+// drifts forever): there the rounding is stochastic with a deterministic dither (dither20 of
+// the element's index and the step, `salt`), unbiased, and decays as FP32 does on average.
+// salt 0 means round to nearest (dithered_salt below picks it).
+constexpr float kDitherAbove = 0.9375f;  // beta above which signed codes are dithered
+
+// The salt of a step whose decay factor is beta: the step's count, or 0 (round to nearest).
+FUSED_HD uint32_t dithered_salt(float beta, uint32_t step) { return beta > kDitherAbove ? step : 0u; }
+
 FUSED_HD uint32_t dither20(uint32_t index, uint32_t salt) {
+  if (salt == 0) return 0x80000u;  // half of a code step: round to nearest, ties up
   uint32_t h = (index * 0x9E3779B1u) ^ (salt * 0x85EBCA77u);
   h ^= h >> 16;
   h *= 0x7FEB352Du;

@@ -15,11 +15,12 @@ launch, no extra pass over memory): only the stored form changes.
   block's largest value would round a small element's v to 0 and step it by lr*m/eps):
   * signed: x / scale in [-1, 1] as sign, 4-bit exponent and 3-bit mantissa (an E4M3 number
     whose largest is 1): 121 magnitudes from 2^-15 to 1, relative spacing 6-12 %, below 2^-15 of
-    the block's largest an element is 0. Rounding is stochastic with a deterministic dither of
-    the element's index and the step (`dither20`, integer ops, the same bits on every backend):
-    unbiased, and a decaying value decays as an FP32 one does on average, where rounding to
-    nearest would make every code a fixed point of x * beta for beta > 0.94 (a momentum that
-    never decays moves its weight forever).
+    the block's largest an element is 0. Rounded to nearest (half up in the bits, integer ops,
+    the same bits on every backend), no code is a fixed point of x * beta while 1 - beta
+    exceeds the largest half spacing, 1/16. With a beta (momentum, beta1) above 15/16 many are
+    (a momentum that never decays moves its weight forever), so there the rounding is
+    stochastic with a deterministic dither of the element's index and the step (`dither20`):
+    unbiased, and a decaying value decays as an FP32 one does, on average.
   * unsigned: (x / scale) * 2^15 as an IEEE half (FP16, round to nearest even): 11 bits of
     precision from 2^-29 of the block's largest, and less down to 2^-39. 2 B, where one byte
     cannot follow v at all: beta2 = 0.999 moves v by 0.1 % a step, below any 8-bit spacing.
@@ -97,6 +98,15 @@ SIGNED_BIAS, SIGNED_MAX = 895, 121
 UNSIGNED_SHIFT = 2.0 ** 15
 
 
+DITHER_ABOVE = 15 / 16  # a beta above which signed codes are dithered (csrc/state_math.h kDitherAbove)
+
+
+def dithered_salt(beta: float, step):
+    """The salt of an encode after a step whose decay factor is beta: the step's count, or 0
+    (round to nearest)."""
+    return step if beta > DITHER_ABOVE else 0
+
+
 def dither20(index: torch.Tensor, salt) -> torch.Tensor:
     """csrc/state_math.h dither20: a deterministic dither in [0, 2^20) per element index and
     step (uint32 arithmetic, emulated in int64: the low 32 bits of a wrapped product are exact)."""
@@ -106,7 +116,8 @@ def dither20(index: torch.Tensor, salt) -> torch.Tensor:
     h = h ^ (h >> 16)
     h = (h * 0x7FEB352D) & m
     h = h ^ (h >> 15)
-    return torch.clamp(h >> 12, 4, 0xFFFFB)  # 4 ulps inside: a decoded value encodes to its own code
+    d = torch.clamp(h >> 12, 4, 0xFFFFB)  # 4 ulps inside: a decoded value encodes to its own code
+    return torch.where(salt == 0, 0x80000, d)  # salt 0: half a code step, round to nearest
 
 
 def _signed_codes(t: torch.Tensor, salt) -> torch.Tensor:
@@ -127,7 +138,7 @@ def _signed_values(codes: torch.Tensor) -> torch.Tensor:
 
 def encode(x: torch.Tensor, signed: bool, salt=0) -> tuple[torch.Tensor, torch.Tensor]:
     """FP32 values x (any dense layout) -> (codes laid out like x, FP32 scales per block).
-    `salt`: the step's (SGD: the applied-step count; AdamW: the param's step t), which with
+    `salt`: 0 to round signed codes to nearest, else the step's (dithered_salt), which with
     each element's index in memory order picks its rounding dither."""
     flat = _memory_order(x.contiguous() if not _is_dense(x) else x).float()
     blocks = _blocks(flat)

@@ -321,7 +321,10 @@ class AdamW:
         bias2_sqrt = bias2.sqrt().float()
         decay = torch.as_tensor(1 - lr * h.weight_decay, dtype=torch.float64).float()
         m, v = bufs[0], bufs[1]
-        new_m = torch.lerp(m, u, 1 - h.beta1)  # torch.optim.AdamW's operations, in its order
+        # torch.optim.AdamW's exp_avg.lerp_(grad, 1 - beta1), by its kernel's formula written
+        # out (torch's CPU vector lerp may fuse it into an FMA; the kernels round each operation)
+        weight = float(torch.tensor(1 - h.beta1, dtype=torch.float32))
+        new_m = m + weight * (u - m) if weight < 0.5 else u - (u - m) * (1 - weight)
         new_v = h.beta2 * v + ((1 - h.beta2) * u) * u
         if bounded:
             limit = moment_bound(h.beta1, h.beta2, t) * new_v.sqrt()

@@ -58,27 +58,36 @@ def test_int8_signed_codes_keep_each_element_relative_precision():
 
 
 def test_int8_signed_decay_follows_fp32():
-    """x * beta, step after step, beside a neighbour that keeps the block's scale: with codes
-    rounded to nearest every code is a fixed point for beta > 0.94 (a momentum that never
-    decays); the dithered codes decay as FP32 does, on average, and reach 0 when FP32 is below
-    the smallest code."""
+    """x * beta, step after step, beside a neighbour that keeps the block's scale. Rounded to
+    nearest, no code is a fixed point while 1 - beta > 1/16, and the decay stays near FP32's;
+    above beta = 15/16 the codes are dithered (rounded to nearest, every code near the bottom
+    of its octave would be a fixed point: a momentum that never decays). Either way the total
+    (what a momentum moves its weight by) is FP32's within 15 %, and the codes reach 0 once FP32
+    is below the smallest code."""
     scale = torch.ones(1)
-    for beta in (0.9, 0.95, 0.99):
+    for beta in (0.5, 0.9, 0.95, 0.99):
         block = torch.full((sp.BLOCK,), 90, dtype=torch.int8)
         block[0] = sp.SIGNED_MAX
         block[1::2] *= -1
         x = sp.decode(block, scale)
         fp32 = x.clone()
+        total, total_fp32 = 0.0, 0.0
         for step in range(1, int(30 / (1 - beta))):
             y = x * beta
             y[0] = 1.0
-            x = sp.decode(*sp.encode(y, True, step))
+            x = sp.decode(*sp.encode(y, True, sp.dithered_salt(beta, step)))
             fp32 = fp32 * beta
             fp32[0] = 1.0
-            if step % int(2 / (1 - beta)) == 0 and float(fp32[1:].abs().min()) > 2.0**-12:
-                ratio = float(x[1:].abs().mean() / fp32[1:].abs().mean())
-                assert 0.8 < ratio < 1.25, (beta, step, ratio)
+            total += float(x[1:].abs().sum())
+            total_fp32 += float(fp32[1:].abs().sum())
+        assert abs(total / total_fp32 - 1) < 0.15, (beta, total / total_fp32)
         assert float(fp32[1:].abs().max()) < 2.0**-20 and bool((x[1:] == 0).all()), beta
+    # rounded to nearest at 0.99, the codes would not move
+    block = torch.full((sp.BLOCK,), 9, dtype=torch.int8)
+    block[0] = sp.SIGNED_MAX
+    y = sp.decode(block, scale) * 0.99
+    y[0] = 1.0
+    assert torch.equal(sp.encode(y, True, 0)[0], block)
 
 
 def test_int8_unsigned_codes_are_halves_relative_to_the_block():
@@ -210,9 +219,9 @@ def compare(oa, ob, pa, pb, step, exact):
                                                                         y.contiguous().view(torch.uint8))
                 assert same, (step, i, key)
         else:
-            if a.numel():
+            if a.numel():  # a few ulps: a code one step away (below) moves later updates by its 6-12 %
                 assert int((ordered_bits(a.detach().contiguous()) - ordered_bits(b.detach().cpu().contiguous())
-                            ).abs().max()) <= 1, (step, i)
+                            ).abs().max()) <= 4, (step, i)
             for key, x in sa.items():
                 if key.endswith("_scale") or x.dim() == 0:
                     continue
@@ -220,7 +229,11 @@ def compare(oa, ob, pa, pb, step, exact):
                 if key == "master_remainder":  # compared through the params above
                     continue
                 tol = 0.02 * float(xa.abs().max()) if xa.numel() else 0.0
-                torch.testing.assert_close(xb, xa, rtol=2e-2, atol=tol + 1e-30, msg=f"{step} {i} {key}")
+                # one code step of signed int8 codes (3 mantissa bits: 1/8 relative): a last-bit
+                # difference of the FP32 value can round to the neighbouring code
+                signed_codes = x.dtype == torch.int8 and key != "master_remainder"
+                torch.testing.assert_close(xb, xa, rtol=0.13 if signed_codes else 2e-2, atol=tol + 1e-30,
+                                           msg=f"{step} {i} {key}")
 
 
 def lockstep(config, backend, device, master, state, exact, flat=False, adamw=False):

@@ -12,7 +12,7 @@ import math
 import torch
 
 from . import StepBatch
-from ..state_precision import INT8_CODE
+from ..state_precision import DITHER_ABOVE, INT8_CODE, dithered_salt
 from ..remainder import is_remainder, rebuild_any, remainder_of, split8
 
 # Its writes are torch ops, which bump the params' version counters on every step, flat grads
@@ -123,8 +123,11 @@ def step(batch: StepBatch) -> None:
                                   bounded=precision.code == INT8_CODE)
         if precision.code != 0:
             keys = h.buffers
-            # the dither's salt (state_precision.dither20): AdamW's t, SGD's applied-step count
-            salt = batch.counts[i] if batch.rule.count_key == "step" else applied_steps
+            # the dither's salt (state_precision.dithered_salt): AdamW's t, SGD's applied-step count
+            if batch.rule.count_key == "step":
+                salt = dithered_salt(h.beta1, batch.counts[i])
+            else:  # a tensor momentum is compared on the device
+                salt = torch.where(torch.as_tensor(h.momentum) > DITHER_ABOVE, applied_steps, 0)
             for k, (b, x) in enumerate(zip(stored, bufs)):
                 codes, scale = precision.encode(x, keys[k] not in batch.rule.unsigned_buffers, salt)
                 b.copy_(torch.where(found_inf, b, codes))

@@ -32,6 +32,7 @@ REMAINDER16, REMAINDER8 = tl.constexpr(mt.REMAINDER16), tl.constexpr(mt.REMAINDE
 STATE_BF16, STATE_INT8 = tl.constexpr(sp.BF16_CODE), tl.constexpr(sp.INT8_CODE)
 QBLOCK = tl.constexpr(sp.BLOCK)
 SIGNED_BIAS, SIGNED_MAX = tl.constexpr(sp.SIGNED_BIAS), tl.constexpr(sp.SIGNED_MAX)
+DITHER_ABOVE = tl.constexpr(sp.DITHER_ABOVE)
 TABLE_COLUMNS, GROUP_COLUMNS = tl.constexpr(mt.TABLE_COLUMNS), tl.constexpr(mt.GROUP_COLUMNS)
 # A group's row (update_rules.py: SGDHyper.row, AdamWHyper.row).
 LR, MOMENTUM, ONE_MINUS_DAMPENING, WEIGHT_DECAY, NESTEROV, MAXIMIZE = (tl.constexpr(i) for i in range(6))
@@ -266,7 +267,8 @@ def _dither20(index, salt):
     h = h ^ (h >> 16)
     h = (h * 0x7FEB352D) & 0xFFFFFFFF
     h = h ^ (h >> 15)
-    return tl.minimum(tl.maximum(h >> 12, 4), 0xFFFFB)
+    d = tl.minimum(tl.maximum(h >> 12, 4), 0xFFFFB)
+    return tl.where(salt == 0, 0x80000, d)  # salt 0: round to nearest (half up)
 
 
 @triton.jit
@@ -393,7 +395,9 @@ def update_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr, applied_steps_
     coef = tl.load(scalars_ptr + CLIP_COEF)
     has_buf = buf_addr != 0
     first = buf_addr == 0
-    salt = tl.load(applied_steps_ptr)  # this step's applied-step count: the int8 dither's salt
+    # this step's applied-step count: the int8 codes' dither above a momentum of 15/16, else
+    # 0, rounding to nearest (csrc/state_math.h dithered_salt)
+    salt = tl.where(momentum > DITHER_ABOVE, tl.load(applied_steps_ptr), 0)
     if has_buf:
         # The flag is the applied-step count of the buffer's first applied step (0: never),
         # written identically by every chunk of the tensor, so chunks never race on it.
@@ -420,7 +424,7 @@ def update_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr, applied_steps_
 
 @triton.jit
 def _adamw_block(grad, master, m_ptr, v_ptr, vmax_ptr, param, ema, m_scales, v_scales, vmax_scales, m_base, v_base,
-                 vmax_base, offset, end, mask, t, inv_scale, coef, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+                 vmax_base, offset, end, mask, salt, inv_scale, coef, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
                  decay, step_size, bias2_sqrt, bound, amsgrad, ema_weight, has_ema, PARAM_DTYPE: tl.constexpr,
                  MASTER_KIND: tl.constexpr, STATE: tl.constexpr, EMA_DTYPE: tl.constexpr, MASKED: tl.constexpr,
                  BLOCK: tl.constexpr):
@@ -441,11 +445,11 @@ def _adamw_block(grad, master, m_ptr, v_ptr, vmax_ptr, param, ema, m_scales, v_s
         limit = bound * tl.sqrt_rn(v)
         m = tl.where(m > limit, limit, m)
         m = tl.where(m < -limit, -limit, m)
-    _store_state(m, m_ptr, m_base, offset, end, mask, t, STATE, True, MASKED, BLOCK)
-    _store_state(v, v_ptr, v_base, offset, end, mask, t, STATE, False, MASKED, BLOCK)
+    _store_state(m, m_ptr, m_base, offset, end, mask, salt, STATE, True, MASKED, BLOCK)
+    _store_state(v, v_ptr, v_base, offset, end, mask, salt, STATE, False, MASKED, BLOCK)
     if amsgrad:  # a runtime flag (groups may differ), uniform over the program
         v = tl.maximum(_load_state(vmax_ptr, vmax_scales, mask, STATE, False, MASKED), v)
-        _store_state(v, vmax_ptr, vmax_base, offset, end, mask, t, STATE, False, MASKED, BLOCK)
+        _store_state(v, vmax_ptr, vmax_base, offset, end, mask, salt, STATE, False, MASKED, BLOCK)
     denom = tl.math.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps
     w = w * decay + tl.math.div_rn(-step_size * m, denom)  # torch's mul_(decay).addcdiv_(m, denom, -step_size)
     _store_master(w, master, param, ema, ema_weight, has_ema, mask, PARAM_DTYPE, MASTER_KIND, EMA_DTYPE)
@@ -522,6 +526,7 @@ def adamw_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr,
     wd_64 = tl.load(hyper + ADAMW_WEIGHT_DECAY).to(tl.float64) + tl.load(hyper + WEIGHT_DECAY_LO).to(tl.float64)
     decay = (1.0 - lr_64 * wd_64).to(tl.float32)
     bound = _moment_bound(beta1_64, beta2_64, t)
+    salt = tl.where(beta1 > DITHER_ABOVE, t, 0)  # the int8 codes' dither (csrc/state_math.h dithered_salt)
     coef = tl.load(scalars_ptr + CLIP_COEF)
     coef = tl.where(tl.load(hyper + ADAMW_MAXIMIZE) != 0, -coef, coef)
     inv_scale = tl.load(scalars_ptr + INV_SCALE)
@@ -533,7 +538,7 @@ def adamw_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr,
         idx = tl.multiple_of(offset, BLOCK) + tl.arange(0, BLOCK)
         blk = idx // QBLOCK
         _adamw_block(grad + idx, master + idx, m_ptr + idx, v_ptr + idx, vmax_ptr + idx, param + idx, ema + idx,
-                     m_base + blk, v_base + blk, vmax_base + blk, m_base, v_base, vmax_base, offset, end, None, t,
+                     m_base + blk, v_base + blk, vmax_base + blk, m_base, v_base, vmax_base, offset, end, None, salt,
                      inv_scale, coef, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size,
                      bias2_sqrt, bound, amsgrad, ema_weight, has_ema, PARAM_DTYPE, MASTER_KIND, STATE, EMA_DTYPE, False,
                      BLOCK)
@@ -542,7 +547,7 @@ def adamw_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr,
         blk = idx // QBLOCK
         _adamw_block(grad + idx, master + idx, m_ptr + idx, v_ptr + idx, vmax_ptr + idx, param + idx, ema + idx,
                      m_base + blk, v_base + blk, vmax_base + blk, m_base, v_base, vmax_base, full_end, end,
-                     idx < end, t, inv_scale, coef, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay,
+                     idx < end, salt, inv_scale, coef, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay,
                      step_size, bias2_sqrt, bound, amsgrad, ema_weight, has_ema, PARAM_DTYPE, MASTER_KIND, STATE, EMA_DTYPE,
                      True, BLOCK)
 

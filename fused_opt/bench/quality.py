@@ -1,16 +1,21 @@
 """python -m fused_opt.bench.quality: what compressed masters and state cost in training quality.
 
-Two small training runs with BF16 params, each under every combination of master format
+Small training runs with BF16 params, each under every combination of master format
 (master_weights: fp32, remainder, remainder8) and state precision (state_precision: fp32, bf16,
 int8), from the same initial weights on the same batches, against the FP32-master, FP32-state
 run; plus torch.optim stepping the BF16 params with no master at all (clipped alike), the
-failure the masters exist to prevent. Every run clips the grad norm at 1.0:
+failure the masters exist to prevent. Every run but `spike` clips the grad norm at 1.0:
 
-  cnn  a small CNN on scikit-learn's 8x8 digits (1,397 for training, each batch with fresh
-       Gaussian noise of std 0.5 so that the training loss does not go to 0; 400 held out),
-       SGD (momentum 0.9, weight decay 5e-4)
-  gpt  a small GPT-2-style decoder, character-level on Python's own standard library source,
-       AdamW (weight decay 0.1)
+  cnn    a small CNN on scikit-learn's 8x8 digits (1,397 for training, each batch with fresh
+         Gaussian noise of std 0.5 so that the training loss does not go to 0; 400 held out),
+         SGD (momentum 0.9, weight decay 5e-4)
+  gpt    a small GPT-2-style decoder, character-level on Python's own standard library source,
+         AdamW (weight decay 0.1)
+  embed  a 4,096 x 64 embedding table and a linear head, tokens drawn Zipf-distributed (most
+         rows are not looked up in a given step: their grads are 0, and their Adam state only
+         decays), each token's label fixed at random and flipped in 20 % of draws, AdamW
+  spike  embed without clipping, and every 50th step's loss 100x (a bad batch): what the
+         moments do after an outlier
 
 The params, grads and optimizer are BF16 (what the optimizer sees is a BF16 model's); the
 forward computes in FP32 from the BF16 weights (BF16 convolution and attention are slow on
@@ -143,10 +148,46 @@ def text_batches(steps, batch, ctx, seed):
     return len(vocab), batches, windows(split, len(ids), 64)
 
 
+class SparseEmbedding(BF16Model):
+    """Token embeddings and a linear head: rows of tokens not in a batch get zero grads."""
+
+    def __init__(self, vocab=4096, d=64, classes=32):
+        super().__init__()
+        self.emb = nn.Parameter(torch.randn(vocab, d) * 0.5)
+        self.head = nn.Parameter(torch.randn(classes, d) * d ** -0.5)
+
+    def forward(self, tokens, y):
+        return F.cross_entropy(F.embedding(tokens, self.w("emb")) @ self.w("head").t(), y)
+
+
+def token_batches(steps, batch, seed, vocab=4096, classes=32, spike_every=None):
+    """Zipf(1.1) token ids, each with a fixed random label (flipped to a random one in 20 % of
+    draws); with spike_every, every spike_every-th batch's loss is to be scaled 100x (its third
+    element)."""
+    g = torch.Generator().manual_seed(seed)
+    weights = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64) ** 1.1
+    labels = torch.randint(0, classes, (vocab,), generator=g)
+
+    def draw(n):
+        tokens = torch.multinomial(weights, n, replacement=True, generator=g)
+        flip = torch.rand(n, generator=g) < 0.2
+        return tokens, torch.where(flip, torch.randint(0, classes, (n,), generator=g), labels[tokens])
+    batches = []
+    for i in range(steps):
+        tokens, y = draw(batch)
+        spike = 100.0 if spike_every and (i + 1) % spike_every == 0 else 1.0
+        batches.append((tokens, y, spike))
+    return batches, draw(2048)
+
+
 TASKS = {
     "cnn": dict(rule="SGD", hyper=dict(lr=0.05, momentum=0.9, weight_decay=5e-4), title="small CNN, SGD, digits"),
     "gpt": dict(rule="AdamW", hyper=dict(lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1),
                 title="small GPT-2-style, AdamW, stdlib text"),
+    "embed": dict(rule="AdamW", hyper=dict(lr=1e-2, weight_decay=0.0),
+                  title="sparse embedding (Zipf tokens), AdamW"),
+    "spike": dict(rule="AdamW", hyper=dict(lr=1e-2, weight_decay=0.0), clip=None,
+                  title="sparse embedding, a 100x loss spike every 50 steps, no clipping, AdamW"),
 }
 
 
@@ -155,6 +196,9 @@ def build(task: str, steps: int, seed: int):
     if task == "cnn":
         batches, held_out = digits_batches(steps, 64, seed)
         model = SmallCNN()
+    elif task in ("embed", "spike"):
+        batches, held_out = token_batches(steps, 64, seed, spike_every=50 if task == "spike" else None)
+        model = SparseEmbedding()
     else:
         vocab, batches, held_out = text_batches(steps, 16, 64, seed)
         model = SmallGPT(vocab)
@@ -165,20 +209,21 @@ def run(task: str, master: str | None, state: str | None, steps: int, seed: int,
     """One training run; master None: torch.optim on the BF16 params, no master."""
     model, batches, held_out = build(task, steps, seed)
     spec = TASKS[task]
+    clip = spec.get("clip", 1.0)
     params = list(model.parameters())
     if master is None:
         opt = getattr(torch.optim, spec["rule"])(params, **spec["hyper"])
     else:
         cls = fused_opt.FusedMixedPrecisionSGD if spec["rule"] == "SGD" else fused_opt.FusedMixedPrecisionAdamW
-        opt = cls(params, **spec["hyper"], max_grad_norm=1.0, master_weights=master, state_precision=state,
+        opt = cls(params, **spec["hyper"], max_grad_norm=clip, master_weights=master, state_precision=state,
                   backend=backend)
     losses = []
     start = time.perf_counter()
-    for x, y in batches:
+    for x, y, *spike in batches:
         loss = model(x, y)
-        loss.backward()
-        if master is None:
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        (loss * spike[0] if spike else loss).backward()
+        if master is None and clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
