@@ -5,9 +5,11 @@ import torch
 
 from . import backends
 from .optimizer import FusedMixedPrecisionAdamW, FusedMixedPrecisionOptimizer, FusedMixedPrecisionSGD
+from .state_dict import decoded_state_dict
 
 __version__ = "0.1.0"
-__all__ = ["FusedMixedPrecisionSGD", "FusedMixedPrecisionAdamW", "FusedMixedPrecisionOptimizer", "backend_availability", "build_info", "__version__"]
+__all__ = ["FusedMixedPrecisionSGD", "FusedMixedPrecisionAdamW", "FusedMixedPrecisionOptimizer", "backend_availability",
+           "build_info", "decoded_state_dict", "__version__"]
 
 
 def backend_availability(device) -> dict[str, str | None]:
