@@ -68,10 +68,11 @@ class Model:
 
 # Bytes per param a compressed format saves against the FP32 bound (docs/performance.md). Masters:
 # "remainder" reads and writes 2 B instead of 4 and reads the param (2): -2; "remainder8" 1 B: -4.
-# State, per buffer read and written: BF16 -4, int8 -6 + 2 x 4 / 32 for its block scales.
+# State, per buffer read and written: BF16 -4; int8 -6 for momentum and exp_avg (1 B codes),
+# -4 for exp_avg_sq (2 B codes), each + 2 x 4 / 32 for its block scales.
 MASTER_SAVING = {"fp32": 0, "remainder": 2, "remainder8": 4}
-STATE_SAVING = {"fp32": 0.0, "bf16": 4.0, "int8": 6.0 - 8.0 / 32}
-BUFFERS = {"sgd": 1, "adamw": 2}
+STATE_SAVING = {"sgd": {"fp32": 0.0, "bf16": 4.0, "int8": 6.0 - 8.0 / 32},
+                "adamw": {"fp32": 0.0, "bf16": 8.0, "int8": (6.0 - 8.0 / 32) + (4.0 - 8.0 / 32)}}
 
 
 def _mode_label(master_weights: str, state_precision: str) -> str:
@@ -88,7 +89,7 @@ class Ours:
         self.model = model
         # The bound with FP32 masters and state (docs/performance.md), less what the formats save
         self.bytes_per_param = (job_bytes(optimizer, model.values[0].dtype, ema_dtype) - MASTER_SAVING[master_weights]
-                                - BUFFERS[optimizer] * STATE_SAVING[state_precision])
+                                - STATE_SAVING[optimizer][state_precision])
         # The shared grads are scaled by 2^16 (Model): the dynamic scale, for FP16 and BF16 alike.
         # With flat_grads the first step copies them into the optimizer's buffers, once.
         ema = {} if ema_dtype is None else dict(ema_dtype=ema_dtype, ema_decay=EMA_DECAY_BF16 if ema_dtype ==
