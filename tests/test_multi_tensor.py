@@ -192,19 +192,27 @@ SPECIAL = [0.0, -0.0, 1.0, 65504.0, 65520.0, 70000.0, 1e-8, -6e-8, 5.96e-8, 2.98
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_write_back_rounds_like_torch(dtype, backend, device):
     """Halfway cases, subnormals, overflow and infinities: the written param is bit-equal to
-    torch's .to() of the FP32 master. The kernel computes each master as 0 - 1 * (-v) = v
+    torch's .to() of the FP32 master. The kernel computes each master as 0 - lr * (-v / lr) = v
     exactly, from FP32 grads (the loaded zero masters equal the zero params, so nothing is
-    re-taken); 3.4e38 overflows BF16 as 70000 overflows FP16."""
+    re-taken); 3.4e38 overflows BF16 as 70000 overflows FP16. The huge values come from a
+    group with lr = 2^70 (grads of 3.4e38 would overflow the norm's squares: a skipped step)."""
     values = torch.tensor([v for v in SPECIAL if abs(v) != float("inf")] + [3.4e38, -3.4e38]
                           + [v * 1.0001 for v in SPECIAL[1:15]], dtype=torch.float32)
-    p = torch.nn.Parameter(torch.zeros(values.numel(), dtype=dtype, device=device))
-    opt = fused_opt.FusedMixedPrecisionSGD([p], lr=1.0, loss_scale=None, backend=backend)
-    p.grad = torch.zeros_like(p)
-    p.grad.data = (-values).to(device)  # FP32 grads for a low-precision param, as fp32_grad_accumulation's
+    huge = values.abs() >= 2.0**60
+    lrs = {False: 1.0, True: 2.0**70}
+    parts = {k: values[huge == k] for k in (False, True)}
+    params = {k: torch.nn.Parameter(torch.zeros(v.numel(), dtype=dtype, device=device)) for k, v in parts.items()}
+    opt = fused_opt.FusedMixedPrecisionSGD([{"params": [params[k]], "lr": lrs[k]} for k in (False, True)],
+                                           lr=1.0, loss_scale=None, backend=backend)
+    for k, p in params.items():
+        p.grad = torch.zeros_like(p)
+        p.grad.data = (-parts[k] / lrs[k]).to(device)  # FP32 grads, as fp32_grad_accumulation's
     opt.step()
-    master = opt.state[p]["master_param"]
-    assert torch.equal(master.cpu(), values)  # (as values: 0 - 0 gives +0 where v is -0)
-    assert torch.equal(p.detach().cpu().view(torch.int16), master.cpu().to(dtype).view(torch.int16))
+    assert not bool(opt.last_step_skipped)
+    for k, p in params.items():
+        master = opt.state[p]["master_param"]
+        assert torch.equal(master.cpu(), parts[k])  # (as values: 0 - 0 gives +0 where v is -0)
+        assert torch.equal(p.detach().cpu().view(torch.int16), master.cpu().to(dtype).view(torch.int16))
 
 
 @pytest.mark.parametrize("backend,device", FUSED, ids=FUSED_IDS)
