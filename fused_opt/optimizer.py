@@ -411,9 +411,8 @@ class FusedMixedPrecisionOptimizer(torch.optim.Optimizer):
     def sync_from_params(self) -> None:
         """Re-takes every FP16/BF16 param's FP32 master where the param no longer equals it
         rounded (as every step does per element; see README "changes outside the optimizer"),
-        and with master_weights="remainder" restarts the remainder of every param written
-        since (as the next step would), so that a state dict holds the masters the next step
-        would use."""
+        so that a state dict holds the masters the next step would use. (Remainder masters
+        need nothing: they are rebuilt from the param wherever they are read.)"""
         if self._ema_swapped:
             raise RuntimeError("state_dict()/sync_from_params() inside swap_ema(): the params hold the EMA, "
                                "not the weights being trained; call it after the `with` block")
