@@ -52,7 +52,7 @@ FUSED_HD double lane_sqrt(double x) {
 // holds for FP32 state after t steps whatever the grads, and clamping to it bounds every step.
 struct AdamWCoefs {
   float coef, beta1, one_minus_beta1, lerp_rest, beta2, one_minus_beta2, eps, decay, neg_step_size, bias2_sqrt, bound;
-  uint32_t salt;  // t (or 0 at beta1 <= 15/16): the int8 codes' dither (state_math.h dithered_salt)
+  uint32_t salt;  // t (or 0 at beta1 <= 1/2): the int8 codes' dither (state_math.h dithered_salt)
 };
 
 FUSED_HD double moment_bound(double beta1, double beta2, int64_t t) {

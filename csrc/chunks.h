@@ -334,7 +334,7 @@ FUSED_HD void adamw_compressed(const TensorEntry& t, const AdamWCoefs& coefs, fl
 }
 
 // The compressed update of one chunk's range for every per-tensor choice (as dispatch_tensor).
-// `applied`: the step's applied-step count, the int8 dither's salt at a momentum above 15/16
+// `applied`: the step's applied-step count, the int8 dither's salt at a momentum above 1/2
 // (state_math.h dithered_salt).
 template <class G, class P>
 FUSED_HD void sgd_compressed_range(const TensorEntry& t, const StepCoefs& k, float inv_scale, int state,

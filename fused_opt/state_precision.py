@@ -15,12 +15,13 @@ launch, no extra pass over memory): only the stored form changes.
   block's largest value would round a small element's v to 0 and step it by lr*m/eps):
   * signed: x / scale in [-1, 1] as sign, 4-bit exponent and 3-bit mantissa (an E4M3 number
     whose largest is 1): 121 magnitudes from 2^-15 to 1, relative spacing 6-12 %, below 2^-15 of
-    the block's largest an element is 0. Rounded to nearest (half up in the bits, integer ops,
-    the same bits on every backend), no code is a fixed point of x * beta while 1 - beta
-    exceeds the largest half spacing, 1/16. With a beta (momentum, beta1) above 15/16 many are
-    (a momentum that never decays moves its weight forever), so there the rounding is
-    stochastic with a deterministic dither of the element's index and the step (`dither20`):
-    unbiased, and a decaying value decays as an FP32 one does, on average.
+    the block's largest an element is 0. Where the stored value is mostly memory (momentum or
+    beta1 above 1/2) the rounding is stochastic with a deterministic dither of the element's
+    index and the step (`dither20`, integer ops, the same bits on every backend): unbiased, so
+    a slowly moving value moves as FP32's does. Rounded to nearest it would stick to its code
+    whenever a step moves it by less than half a code (above beta = 15/16 many codes are fixed
+    points of x * beta: a momentum that never decays). At beta <= 1/2 the fresh value outweighs
+    the stored error, and rounding to nearest (half up in the bits) halves it.
   * unsigned: (x / scale) * 2^15 as an IEEE half (FP16, round to nearest even): 11 bits of
     precision from 2^-29 of the block's largest, and less down to 2^-39. 2 B, where one byte
     cannot follow v at all: beta2 = 0.999 moves v by 0.1 % a step, below any 8-bit spacing.
@@ -98,7 +99,7 @@ SIGNED_BIAS, SIGNED_MAX = 895, 121
 UNSIGNED_SHIFT = 2.0 ** 15
 
 
-DITHER_ABOVE = 15 / 16  # a beta above which signed codes are dithered (csrc/state_math.h kDitherAbove)
+DITHER_ABOVE = 0.5  # a beta above which signed codes are dithered (csrc/state_math.h kDitherAbove)
 
 
 def dithered_salt(beta: float, step):

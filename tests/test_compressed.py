@@ -58,12 +58,11 @@ def test_int8_signed_codes_keep_each_element_relative_precision():
 
 
 def test_int8_signed_decay_follows_fp32():
-    """x * beta, step after step, beside a neighbour that keeps the block's scale. Rounded to
-    nearest, no code is a fixed point while 1 - beta > 1/16, and the decay stays near FP32's;
-    above beta = 15/16 the codes are dithered (rounded to nearest, every code near the bottom
-    of its octave would be a fixed point: a momentum that never decays). Either way the total
-    (what a momentum moves its weight by) is FP32's within 15 %, and the codes reach 0 once FP32
-    is below the smallest code."""
+    """x * beta, step after step, beside a neighbour that keeps the block's scale. Above
+    beta = 1/2 the codes are dithered (rounded to nearest, above 15/16 every code near the
+    bottom of its octave would be a fixed point: a momentum that never decays); at 1/2 they are
+    rounded to nearest. Either way the total (what a momentum moves its weight by) is FP32's
+    within 15 %, and the codes reach 0 once FP32 is below the smallest code."""
     scale = torch.ones(1)
     for beta in (0.5, 0.9, 0.95, 0.99):
         block = torch.full((sp.BLOCK,), 90, dtype=torch.int8)

@@ -395,7 +395,7 @@ def update_kernel(chunks_ptr, table_ptr, groups_ptr, scalars_ptr, applied_steps_
     coef = tl.load(scalars_ptr + CLIP_COEF)
     has_buf = buf_addr != 0
     first = buf_addr == 0
-    # this step's applied-step count: the int8 codes' dither above a momentum of 15/16, else
+    # this step's applied-step count: the int8 codes' dither above a momentum of 1/2, else
     # 0, rounding to nearest (csrc/state_math.h dithered_salt)
     salt = tl.where(momentum > DITHER_ABOVE, tl.load(applied_steps_ptr), 0)
     if has_buf:
