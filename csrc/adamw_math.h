@@ -48,8 +48,8 @@ FUSED_HD double lane_sqrt(double x) {
 // double and rounded once, as torch.optim.AdamW's step_size and bias_correction2_sqrt; the
 // element's operations are torch.optim.AdamW's (single-tensor) in their order.
 // The maximize sign is folded into the clip coefficient (negation is exact).
-// `bound` is C_t of update_rules.moment_bound (used with int8 state only): |m| <= C_t * sqrt(v)
-// holds for FP32 state after t steps whatever the grads, and clamping to it bounds every step.
+// `bound` is 2 C_t, C_t of update_rules.moment_bound (used with int8 state only): |m| <= C_t * sqrt(v)
+// holds for FP32 state after t steps whatever the grads, and clamping to twice it bounds every step.
 struct AdamWCoefs {
   float coef, beta1, one_minus_beta1, lerp_rest, beta2, one_minus_beta2, eps, decay, neg_step_size, bias2_sqrt, bound;
   uint32_t salt;  // t (or 0 at beta1 <= 1/2): the int8 codes' dither (state_math.h dithered_salt)
@@ -62,6 +62,10 @@ FUSED_HD double moment_bound(double beta1, double beta2, int64_t t) {
   return (1.0 - beta1) * lane_sqrt(total / (1.0 - beta2)) * (1.0 + 0x1p-20);
 }
 
+// The clamp allows kMomentMargin times C_t: rounding noise (a code up to 1/8 off, v's half
+// precision) never reaches it, only codes that disagree (update_rules.MOMENT_MARGIN).
+constexpr double kMomentMargin = 2.0;
+
 FUSED_HD AdamWCoefs adamw_coefs(const AdamWHyper& h, float clip_coef, float step) {
   const int64_t t = int64_t(step) + 1;
   const double beta1 = double(h.beta1) + double(h.beta1_lo), beta2 = double(h.beta2) + double(h.beta2_lo);
@@ -72,7 +76,7 @@ FUSED_HD AdamWCoefs adamw_coefs(const AdamWHyper& h, float clip_coef, float step
   return AdamWCoefs{h.maximize != 0.0f ? -clip_coef : clip_coef, h.beta1, h.one_minus_beta1,
                     1.0f - h.one_minus_beta1, h.beta2, h.one_minus_beta2, h.eps, float(1.0 - lr * wd),
                     -float(lr / bias1),
-                    float(lane_sqrt(bias2)), float(moment_bound(beta1, beta2, t)),
+                    float(lane_sqrt(bias2)), float(kMomentMargin * moment_bound(beta1, beta2, t)),
                     dithered_salt(h.beta1, uint32_t(t))};
 }
 

@@ -27,9 +27,9 @@ launch, no extra pass over memory): only the stored form changes.
     cannot follow v at all: beta2 = 0.999 moves v by 0.1 % a step, below any 8-bit spacing.
   A block whose scale is 0 decodes to zeros; a non-finite value gives its block a non-finite
   scale, and the block decodes to NaN, as an FP32 state that overflowed would poison its
-  elements. AdamW with int8 state also keeps |exp_avg| <= C_t * sqrt(exp_avg_sq) (update_rules.py
-  `moment_bound`), which FP32 state satisfies exactly: no code can make a step larger than the
-  largest step FP32 state can take.
+  elements. AdamW with int8 state also keeps |exp_avg| <= 2 C_t * sqrt(exp_avg_sq) (update_rules.py
+  `moment_bound`; FP32 state satisfies it with C_t alone): no code can make a step larger than
+  twice the largest step FP32 state can take.
 
 The functions below are the oracle of the encoding (torch ops, exact bits); the kernels'
 versions are csrc/state_math.h and triton_kernels.py, in the same operation order.

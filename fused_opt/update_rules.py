@@ -51,12 +51,18 @@ def _low(x: float) -> float:
     return float(torch.tensor(x - hi, dtype=torch.float32)) if math.isfinite(hi) else 0.0
 
 
+# int8 state clamps exp_avg to MOMENT_MARGIN * moment_bound * sqrt(exp_avg_sq): rounding noise (a
+# code up to 1/8 off, v's half precision) never reaches it, only codes that disagree (an m of one
+# block's scale beside a v flushed in another's). No step exceeds twice FP32's largest.
+MOMENT_MARGIN = 2.0
+
+
 def moment_bound(beta1: float, beta2: float, t) -> torch.Tensor | float:
     """C_t with |m_t| <= C_t * sqrt(v_t) for Adam's moments after t steps from zero, whatever the
     grads (Cauchy-Schwarz on m's and v's sums over the same grads):
     C_t^2 = (1 - beta1)^2 / (1 - beta2) * sum_{j<t} (beta1^2 / beta2)^j. It is inductive (a state
     within it stays within it), so clamping a decoded int8 state to it changes no state FP32
-    would hold, and bounds every step by the largest step FP32 state can take. In float64 with
+    would hold; the step it allows is bounded by the largest step FP32 state can take. In float64 with
     a margin of 2^-20 (no rounding of an FP32-exact state may bite), rounded once; inf where
     beta2 is 0 (no bound: v is the last u^2 alone). `t` may be a float64 tensor."""
     if beta2 == 0.0:
@@ -327,7 +333,7 @@ class AdamW:
         new_m = m + weight * (u - m) if weight < 0.5 else u - (u - m) * (1 - weight)
         new_v = h.beta2 * v + ((1 - h.beta2) * u) * u
         if bounded:
-            limit = moment_bound(h.beta1, h.beta2, t) * new_v.sqrt()
+            limit = (MOMENT_MARGIN * moment_bound(h.beta1, h.beta2, t)) * new_v.sqrt()
             new_m = torch.where(new_m > limit, limit, new_m)  # selects, as the kernels: NaN passes
             new_m = torch.where(new_m < -limit, -limit, new_m)
         denominator_v = new_v

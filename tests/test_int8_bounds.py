@@ -1,5 +1,5 @@
-"""state_precision="int8" steps like FP32 state: no element's step exceeds the largest step FP32
-Adam state can take (a hard bound, from the moment bound the kernels keep), the step after an
+"""state_precision="int8" steps like FP32 state: no element's step exceeds twice the largest step
+FP32 Adam state can take (a hard bound, from the moment bound the kernels keep), the step after an
 outlier or on a row that is not looked up stays near FP32 state's, training quality on sparse
 embeddings and loss spikes is FP32 state's, and Transformer Engine's precision-aware FusedAdam
 test for an 8-bit exp_avg passes. Every backend."""
@@ -32,7 +32,8 @@ def steps_of(state, grads, backend, device, master="fp32", betas=(0.9, 0.999), d
 
 
 def largest_fp32_step(betas, t):
-    """lr * C_t * sqrt(1 - beta2^t) / (1 - beta1^t): no FP32-state Adam step is larger."""
+    """lr * C_t * sqrt(1 - beta2^t) / (1 - beta1^t): no FP32-state Adam step is larger (int8
+    state's, at most twice: update_rules.MOMENT_MARGIN)."""
     b1, b2 = betas
     return LR * moment_bound(b1, b2, t) * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
 
@@ -84,18 +85,19 @@ def test_sparse_spiky_grads_step_within_a_few_times_fp32(backend, device):
         fp32 = steps_of("fp32", grads, backend, device)
         int8 = steps_of("int8", grads, backend, device)
         for t in range(len(grads)):  # the hard bound, every step, every element
-            assert float(int8[t].max()) <= largest_fp32_step((0.9, 0.999), t + 1) * (1 + 1e-5) + 2.0**-9 * 1e-2
-        # per element, its largest step against FP32 state's largest (measured: up to ~6 where a
-        # block holds grads 1e6 apart and v reaches half's subnormals)
+            assert float(int8[t].max()) <= 2 * largest_fp32_step((0.9, 0.999), t + 1) * (1 + 1e-5) + 2.0**-9 * 1e-2
+        # per element, its largest step against FP32 state's largest (measured: up to ~8 where a
+        # block holds grads 1e6 apart and v reaches half's subnormals; 1.0 at the median)
         per_element = int8.max(0).values / fp32.max(0).values.clamp_min(1e-12)
-        assert float(per_element.max()) <= 8.0
+        assert float(per_element.max()) <= 12.0
+        assert float(per_element.median()) <= 1.05
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
 @pytest.mark.parametrize("betas", [(0.9, 0.999), (0.9, 0.95), (0.5, 0.9), (0.99, 0.9)])
 def test_no_code_makes_a_step_larger_than_fp32_state_can(betas, backend, device):
     """Any codes at all (random moments, v decoding to 0 under a large m): the step is at most
-    lr * C_t * sqrt(1 - beta2^t) / (1 - beta1^t), the largest step FP32 Adam state can take."""
+    twice lr * C_t * sqrt(1 - beta2^t) / (1 - beta1^t), the largest step FP32 Adam state can take."""
     g = torch.Generator().manual_seed(0)
     n = 4097
     p = torch.nn.Parameter(torch.zeros(n, device=device))
@@ -115,7 +117,9 @@ def test_no_code_makes_a_step_larger_than_fp32_state_can(betas, backend, device)
         p.grad = torch.randn(n, device=device) * (torch.rand(n, device=device) < 0.5)
         opt.step()
         step = (p.detach() - before).abs().max()
-        assert float(step) <= largest_fp32_step(betas, t) * (1 + 1e-5)
+        assert float(step) <= 2 * largest_fp32_step(betas, t) * (1 + 1e-5)
+        if trial == 2:  # and the clamp is what holds it: these codes ask for far more
+            assert float(step) > largest_fp32_step(betas, t)
 
 
 @pytest.mark.parametrize("task", ["embed", "spike"])

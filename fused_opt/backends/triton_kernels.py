@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .. import state_precision as sp
+from ..update_rules import MOMENT_MARGIN as MOMENT_MARGIN_VALUE
 from . import multi_tensor as mt
 
 # Table layouts shared with the host (multi_tensor.py); kernels see globals only as constexpr.
@@ -33,6 +34,7 @@ STATE_BF16, STATE_INT8 = tl.constexpr(sp.BF16_CODE), tl.constexpr(sp.INT8_CODE)
 QBLOCK = tl.constexpr(sp.BLOCK)
 SIGNED_BIAS, SIGNED_MAX = tl.constexpr(sp.SIGNED_BIAS), tl.constexpr(sp.SIGNED_MAX)
 DITHER_ABOVE = tl.constexpr(sp.DITHER_ABOVE)
+MOMENT_MARGIN = tl.constexpr(MOMENT_MARGIN_VALUE)
 TABLE_COLUMNS, GROUP_COLUMNS = tl.constexpr(mt.TABLE_COLUMNS), tl.constexpr(mt.GROUP_COLUMNS)
 # A group's row (update_rules.py: SGDHyper.row, AdamWHyper.row).
 LR, MOMENTUM, ONE_MINUS_DAMPENING, WEIGHT_DECAY, NESTEROV, MAXIMIZE = (tl.constexpr(i) for i in range(6))
@@ -468,11 +470,12 @@ def _power(base, n):
 
 @triton.jit
 def _moment_bound(beta1, beta2, t):
-    """update_rules.moment_bound (csrc/adamw_math.h): C_t in float64, rounded once; inf at beta2 = 0."""
+    """MOMENT_MARGIN * update_rules.moment_bound (csrc/adamw_math.h): in float64, rounded once;
+    inf at beta2 = 0."""
     r = beta1 * beta1 / tl.where(beta2 == 0.0, 1.0, beta2)
     total = tl.where(r == 1.0, t.to(tl.float64), (1.0 - _power(r, t)) / tl.where(r == 1.0, 0.5, 1.0 - r))
     bound = (1.0 - beta1) * tl.sqrt(total / (1.0 - beta2)) * (1.0 + 2.0 ** -20)
-    return tl.where(beta2 == 0.0, float("inf"), bound.to(tl.float32))
+    return tl.where(beta2 == 0.0, float("inf"), (bound * MOMENT_MARGIN).to(tl.float32))
 
 
 @triton.jit
