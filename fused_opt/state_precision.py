@@ -92,8 +92,8 @@ def _absmax(blocks: torch.Tensor) -> torch.Tensor:
     return bits.amax(dim=1).view(torch.float32)
 
 
-# Signed codes: the magnitude's FP32 bits rounded half up to 3 mantissa bits, rebased so that 1.0
-# is code 121 and 2^-15 code 1 (csrc/state_math.h SignedCodes).
+# Signed codes: the magnitude's FP32 bits rounded to 3 mantissa bits (to nearest, or dithered),
+# rebased so that 1.0 is code 121 and 2^-15 code 1 (csrc/state_math.h SignedCodes).
 SIGNED_BIAS, SIGNED_MAX = 895, 121
 # Unsigned codes: FP16 of (x / scale) * 2^15 (csrc/state_math.h UnsignedCodes).
 UNSIGNED_SHIFT = 2.0 ** 15
@@ -129,8 +129,8 @@ def _signed_codes(t: torch.Tensor, salt) -> torch.Tensor:
     return torch.where(t < 0, -k, k).to(torch.int8)
 
 
-def _signed_values(codes: torch.Tensor) -> torch.Tensor:
-    """int8 codes -> their magnitudes' values in [-1, 1]."""
+def _signed_values(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes -> (their magnitudes' values in [0, 1], where they are negative)."""
     k = codes.to(torch.int32)
     mag = ((k.abs() + SIGNED_BIAS) << 20).view(torch.float32)
     mag = torch.where(k == 0, torch.zeros_like(mag), mag)
@@ -158,36 +158,38 @@ def encode(x: torch.Tensor, signed: bool, salt=0) -> tuple[torch.Tensor, torch.T
     return codes, scale
 
 
-def decode(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Codes and their block scales -> FP32 values laid out like the codes."""
+def _by_block(codes: torch.Tensor, values) -> torch.Tensor:
+    """FP32 values laid out like `codes`, from values(blocks of codes) computed per block."""
     flat = _memory_order(codes)
-    blocks = _blocks(flat)
-    if codes.dtype == torch.int8:
-        mag, negative = _signed_values(blocks)
-        x = mag * scale[:, None]
-        x = torch.where(negative, -x, x)
-    else:
-        x = (blocks.float() * (1.0 / UNSIGNED_SHIFT)) * scale[:, None]
+    x = values(_blocks(flat))
     out = torch.empty_like(codes, dtype=torch.float32)
     _memory_order(out).copy_(x.reshape(-1)[:flat.numel()])
     return out
+
+
+def decode(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Codes and their block scales -> FP32 values laid out like the codes."""
+    def values(blocks):
+        if codes.dtype != torch.int8:
+            return (blocks.float() * (1.0 / UNSIGNED_SHIFT)) * scale[:, None]
+        mag, negative = _signed_values(blocks)
+        x = mag * scale[:, None]
+        return torch.where(negative, -x, x)
+    return _by_block(codes, values)
 
 
 def decode_legacy(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Codes of the first int8 format (checkpoints saved before the format above): softsign
     int8 for signed state, sqrt(x) in 255 linear steps as uint8 for unsigned. Read only, to load
     such a checkpoint (it is re-encoded in the current format)."""
-    flat = _memory_order(codes)
-    blocks = _blocks(flat).float()
-    if codes.dtype == torch.int8:
-        y = blocks / 127.0
-        x = scale[:, None] * (y / (2.0 - y.abs()))
-    else:
+    def values(blocks):
+        blocks = blocks.float()
+        if codes.dtype == torch.int8:
+            y = blocks / 127.0
+            return scale[:, None] * (y / (2.0 - y.abs()))
         r = (blocks / 255.0) * scale[:, None]
-        x = r * r
-    out = torch.empty_like(codes, dtype=torch.float32)
-    _memory_order(out).copy_(x.reshape(-1)[:flat.numel()])
-    return out
+        return r * r
+    return _by_block(codes, values)
 
 
 def _is_dense(t: torch.Tensor) -> bool:
