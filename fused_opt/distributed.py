@@ -10,16 +10,16 @@ enqueued on the device like any kernel: no host sync, and it can be captured in 
 """
 from __future__ import annotations
 
-import torch
+import sys
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch built without distributed
-    DTensor = None
+import torch
 
 
 def is_dtensor(t) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    # A DTensor exists only once torch.distributed.tensor has been imported, so the check
+    # never imports it: importing it (and what it pulls in) costs half a second.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ from .validation import check_global, check_params
 _GLOBAL_STEP_HOOKS = (getattr(torch_optimizer, "_global_optimizer_pre_hooks", (None,)),
                       getattr(torch_optimizer, "_global_optimizer_post_hooks", (None,)))
 _profiler_enabled = torch._C._autograd._profiler_enabled
+_STEP_OUTSIDE_GRAPH = None  # FusedMixedPrecisionOptimizer._step under torch.compiler.disable
 
 
 class FusedMixedPrecisionOptimizer(torch.optim.Optimizer):
@@ -268,9 +269,12 @@ class FusedMixedPrecisionOptimizer(torch.optim.Optimizer):
 
     _hooked_step = torch.optim.Optimizer.profile_hook_step(_unhooked_step)
 
-    @torch.compiler.disable
     def _step_outside_graph(self, closure):
-        return self._step(closure)
+        # torch.compiler.disable imports dynamo (seconds): decorated here, when dynamo already runs.
+        global _STEP_OUTSIDE_GRAPH
+        if _STEP_OUTSIDE_GRAPH is None:
+            _STEP_OUTSIDE_GRAPH = torch.compiler.disable(FusedMixedPrecisionOptimizer._step)
+        return _STEP_OUTSIDE_GRAPH(self, closure)
 
     def _step(self, closure):
         loss = None
