@@ -32,8 +32,15 @@ inline FinalizeArgs finalize_args(int64_t scale, int64_t tracker, int64_t hyster
 }
 
 template <class Partials, class Finalize, class Update>
+// setup.py compiles in a digest of the sources and options; the package loads a module only
+// when it matches the build's manifest (fused_opt/_build.json), so no stale module runs.
+#ifndef FUSED_OPT_BUILD_DIGEST
+#define FUSED_OPT_BUILD_DIGEST ""
+#endif
+
 void bind_step(pybind11::module_& m, Partials partials, Finalize finalize, Update update) {
   namespace py = pybind11;
+  m.attr("BUILD_DIGEST") = FUSED_OPT_BUILD_DIGEST;
   m.def("partials", [partials](int64_t chunks, int64_t num_chunks, int64_t table, int64_t scale, int64_t out,
                                int64_t flags, int grad_dtype, bool norm_inf, int64_t chunk_size, int64_t stream) {
     partials(PartialsArgs{chunks, num_chunks, table, scale, out, flags, chunk_size, grad_dtype, norm_inf}, stream);

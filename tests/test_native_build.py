@@ -19,7 +19,7 @@ def test_build_info_reports_the_native_parts():
         assert info["cuda_version"].count(".") == 1
         assert info["cuda_archs"] and all(a.count(".") == 1 for a in info["cuda_archs"])
     else:
-        assert info["cuda_archs"] == [] and "not built" in fused_opt.backend_availability("cuda")["native"]
+        assert info["cuda_archs"] == [] and "not loaded" in fused_opt.backend_availability("cuda")["native"]
 
 
 def cuobjdump():
@@ -69,7 +69,7 @@ def test_unavailable_cuda_is_explained_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     reason = fused_opt.backend_availability("cuda")["native"]
-    assert reason and ("no CUDA GPU" in reason or "not built" in reason)
+    assert reason and ("no CUDA GPU" in reason or "not loaded" in reason)
     from fused_opt import backends
     with pytest.raises(RuntimeError, match="backend 'native' is not available on cuda"):
         backends.resolve("native", torch.device("cuda"))

@@ -3,7 +3,11 @@ kernels; `_native_cuda` runs CUDA tensors. Both take addresses from the same hos
 the Triton backend (multi_tensor.py) and do the same three launches."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import json
 import math
+import mmap
 import os
 import re
 import time
@@ -23,13 +27,48 @@ LAUNCH_ENTRY_POINTS = ["launch_partials", "launch_finalize", "launch_update", "l
 # turn this off to run the three launches that a step over DTensor shards takes.
 ONE_CALL = True
 
+def _read_manifest() -> dict | None:
+    """What the last build of this install made (setup.py writes it beside the modules)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_build.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+MANIFEST = _read_manifest()
+
+
+def _import_built(name: str):
+    """fused_opt.<name> if this install's build made it, else ImportError saying why. A module
+    file from another build (other options or sources) is not even loaded: its digest is
+    checked in the file first, then in the loaded module."""
+    if MANIFEST is None:
+        raise ImportError("the native extension was not built (no fused_opt/_build.json; "
+                          "`pip install --no-build-isolation .` builds it)")
+    expected = MANIFEST.get("modules", {}).get(name)
+    if expected is None:
+        raise ImportError(f"{name} was not part of this build")
+    spec = importlib.util.find_spec(f"fused_opt.{name}")
+    if spec is None or spec.origin is None:
+        raise ImportError(f"{name} was built but its file is missing")
+    with open(spec.origin, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if data.find(expected.encode()) < 0:
+            raise ImportError(f"{spec.origin} comes from another build than fused_opt/_build.json records "
+                              "(other options or sources): reinstall")
+    module = importlib.import_module(f"fused_opt.{name}")
+    if getattr(module, "BUILD_DIGEST", None) != expected:
+        raise ImportError(f"{spec.origin} comes from another build: reinstall")
+    return module
+
+
 def _load_cpu_modules() -> dict:
     """The CPU modules that were built: "portable" and, on x86-64, "avx2" (setup.py)."""
-    import importlib
     modules = {}
     for path, name in (("portable", "_native_cpu"), ("avx2", "_native_cpu_avx2")):
         try:
-            modules[path] = importlib.import_module(f"fused_opt.{name}")
+            modules[path] = _import_built(name)
         except ImportError as exc:
             modules.setdefault("_errors", []).append(f"{name}: {exc}")
     return modules
@@ -82,7 +121,7 @@ def use_cpu_path(path: str):
     _native_cpu = _choose_cpu_module(CPU_MODULES, path)
     return previous
 try:
-    from .. import _native_cuda
+    _native_cuda, _cuda_error = _import_built("_native_cuda"), None
 except ImportError as exc:  # built without nvcc
     _native_cuda, _cuda_error = None, str(exc)
 
@@ -129,7 +168,9 @@ def build_info() -> dict:
     return {"native_cpu": _native_cpu is not None, "cpu_path": getattr(_native_cpu, "CPU_PATH", None),
             "cpu_paths_built": sorted(k for k in CPU_MODULES if not k.startswith("_")),
             "native_cuda": _native_cuda is not None,
-            "cuda_version": version, "cuda_archs": compiled_archs(), "cuda_ptx_archs": _ptx_archs()}
+            "cuda_version": version, "cuda_archs": compiled_archs(), "cuda_ptx_archs": _ptx_archs(),
+            "not_loaded": [*CPU_MODULES.get("_errors", []), *([f"_native_cuda: {_cuda_error}"] if _cuda_error else [])],
+            "commit": (MANIFEST or {}).get("commit")}
 
 
 def availability(device: torch.device) -> str | None:
@@ -137,8 +178,8 @@ def availability(device: torch.device) -> str | None:
         return None if _native_cpu is not None else f"the native CPU module was not built ({_cpu_error})"
     if device.type == "cuda":
         if _native_cuda is None:
-            return ("the native CUDA module was not built (nvcc was not found at install time; install CUDA "
-                    "and reinstall with `pip install --no-build-isolation .`)")
+            return (f"the native CUDA module was not loaded ({_cuda_error}; it is built when nvcc is found "
+                    "at install time: install CUDA and reinstall with `pip install --no-build-isolation .`)")
         if not torch.cuda.is_available():
             return "no CUDA GPU is available"
         major, minor = torch.cuda.get_device_capability(device)
