@@ -44,7 +44,7 @@ def rebuild(opt, guarded: bool = False, flat_mode: bool = False, accumulated: di
     """Everything REBUILT names, for a copy whose travelling state is set."""
     opt._epoch = opt._state._epoch
     for name, default in (("_clip_request", None), ("_auto_scale", False), ("_check_scaled_grads", True),
-                          ("_ema", None), ("_ema_swapped", False)):
+                          ("_ema", None), ("_ema_swapped", False), ("_ema_buffers", None)):
         opt.__dict__.setdefault(name, default)  # copies made before these existed
     if "_state_precision" not in opt.__dict__:
         opt._state_precision = state_precision("fp32")

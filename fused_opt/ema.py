@@ -77,6 +77,94 @@ class ModelEMA:
         return conform_buffer(ema, p, like, name, KEY, dtype=self.dtype)
 
 
+class BufferEMA:
+    """With `ema_model=model`: the average of the model's floating-point buffers (BatchNorm's
+    running statistics), which the optimizer does not own, kept as Ultralytics' ModelEMA and
+    timm's ModelEmaV3 keep them: from their values at construction (those libraries copy the
+    model then), moved on every applied step with the params' weight a,
+    `e = e + a * (b - e)`. All buffers live in one FP32 vector, so a step adds five launches
+    however many buffers the model has. A buffer is looked up by name on every step, as
+    `model.half()` or `model.to()` replace buffer tensors."""
+
+    def __init__(self, model: torch.nn.Module):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"ema_model must be the torch.nn.Module whose parameters are optimized, got "
+                            f"{type(model).__name__}")
+        self.model = model
+        # (owning module, key, full name) of every floating buffer, in model.state_dict() order
+        self.slots = [(module, key, f"{prefix}.{key}" if prefix else key)
+                      for prefix, module in model.named_modules() for key, b in module._buffers.items()
+                      if b is not None and b.is_floating_point() and key not in module._non_persistent_buffers_set]
+        buffers = self.buffers()
+        self.names = [name for _, _, name in self.slots]
+        self.sizes = [b.numel() for b in buffers]
+        device = buffers[0].device if buffers else torch.device("cpu")
+        with torch.no_grad():
+            self.flat = (torch.cat([b.detach().reshape(-1).float() for b in buffers]) if buffers
+                         else torch.zeros(0, device=device))
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [module._buffers[key] for module, key, _ in self.slots]
+
+    def views(self) -> list[torch.Tensor]:
+        """Each buffer's average, shaped like it (views into the one FP32 vector)."""
+        return [v.view_as(b) for v, b in zip(self.flat.split(self.sizes), self.buffers())]
+
+    def update(self, weight: torch.Tensor, skipped: torch.Tensor) -> None:
+        """One step's move (device ops, no sync); a skipped step leaves the average as it is,
+        whatever the buffers hold (an overflowing forward may have left NaN in them)."""
+        if not self.slots:
+            return
+        current = torch.cat([b.detach().reshape(-1).float() for b in self.buffers()])
+        moved = torch.lerp(self.flat, current, weight.to(self.flat.device))
+        self.flat.copy_(torch.where(skipped.to(self.flat.device), self.flat, moved))
+
+    def state(self) -> dict:
+        return dict(zip(self.names, (v.clone() for v in self.views())))
+
+    def check_state(self, saved) -> None:
+        """Raises (before anything is loaded) unless `saved` holds every buffer's average."""
+        if not isinstance(saved, dict) or set(saved) != set(self.names):
+            missing = sorted(set(self.names) - set(saved or {}))
+            extra = sorted(set(saved or {}) - set(self.names))
+            raise ValueError(f"the state dict's EMA of the model's buffers does not match ema_model's buffers "
+                             f"(missing {missing[:5]}, unknown {extra[:5]})")
+        for name, view in zip(self.names, self.views()):
+            value = saved[name]
+            if not isinstance(value, torch.Tensor) or value.shape != view.shape or not value.is_floating_point():
+                raise ValueError(f"the state dict's EMA of buffer {name!r} is not a floating tensor of shape "
+                                 f"{tuple(view.shape)}")
+
+    def load(self, saved: dict) -> None:
+        for name, view in zip(self.names, self.views()):
+            view.copy_(saved[name])
+
+
+def ema_state_dict(opt, model: torch.nn.Module | None) -> dict:
+    """The EMA model's state dict, under `model.state_dict()`'s names: each optimized param's
+    EMA, each floating buffer's average (with ema_model; else the buffer itself), and every
+    other entry (a frozen param, an integer buffer) as the model holds it."""
+    if opt._ema is None:
+        raise RuntimeError(f"{type(opt).__name__}.ema_state_dict(): the optimizer keeps no EMA "
+                           "(build it with ema_decay=...)")
+    buffers = opt._ema_buffers
+    model = model if model is not None else (buffers.model if buffers is not None else None)
+    if model is None:
+        raise TypeError("ema_state_dict(model): pass the model (or build the optimizer with ema_model=model)")
+    optimized = {id(p) for p in opt._flat_params()}
+    averaged = dict(zip(buffers.names, buffers.views())) if buffers is not None and model is buffers.model else {}
+    out = {}
+    with torch.no_grad():
+        for name, value in model.state_dict(keep_vars=True).items():
+            if id(value) in optimized:
+                out[name] = ema_of(opt, value).detach().clone()
+            elif name in averaged:
+                out[name] = averaged[name].clone()
+            else:
+                out[name] = value.detach().clone()
+    return out
+
+
 def ema_of(opt, p: torch.Tensor) -> torch.Tensor:
     """p's EMA tensor, made from its current master (or p) if it has none yet. Made outside
     inference mode even when first asked for inside it (evaluation code calls ema_params() or
@@ -130,11 +218,14 @@ class _Swap:
 @contextlib.contextmanager
 def _swapped(opt):
     params = opt._flat_params()
+    buffers = opt._ema_buffers
     with torch.no_grad():
         # Edits made before the swap are taken in now (master_weights="remainder" sees them by
         # version counter, which the swap itself bumps), so the restore below is no edit.
         opt._masters.sync_from_params(opt, params)
         emas = [ema_of(opt, p) for p in params]
+        if buffers is not None:  # the model's buffers too (ema_model=...): their averages, in their dtype
+            params, emas = params + buffers.buffers(), emas + buffers.views()
         saved = [local(p).detach().clone() for p in params]
         for p, e in zip(params, emas):
             local(p).copy_(local(e))

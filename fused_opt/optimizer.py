@@ -12,6 +12,7 @@ from contextlib import AbstractContextManager
 
 import torch
 import torch.optim.optimizer as torch_optimizer
+from typing_extensions import Unpack
 
 from . import backends, clipping, copies, drop_in, ema
 from . import state_dict as packing
@@ -22,6 +23,7 @@ from .grad_accumulation import FP32GradAccumulator
 from .drop_in import SCALED_MARK
 from .grad_guard import ScaledGradGuard, grad_snapshot_of
 from .hyperparams import GroupHypers
+from .options import PipelineOptions, check_keywords, with_pipeline_signature
 from .loss_scaler import LossScaler, check_scale_bounds, check_scaler_args
 from .master_format import master_format
 from .step_layout import PerTensorStorage
@@ -51,10 +53,14 @@ class FusedMixedPrecisionOptimizer(torch.optim.Optimizer):
                  loss_scale="auto", init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5,
                  growth_interval=2000, hysteresis=1, hysteresis_mode="megatron", min_scale=None, max_scale=None,
                  master_weights="fp32", state_precision="fp32", ema_decay=None, ema_dtype=torch.float32, ema_warmup=None,
-                 fp32_grad_accumulation=False, flat_grads=False, backend="auto", check_scaled_grads=True):
+                 ema_model=None, fp32_grad_accumulation=False, flat_grads=False, backend="auto", check_scaled_grads=True):
         check_global(max_grad_norm, norm_type)
         # A model EMA of the masters, updated inside the step (ema.py); None without ema_decay.
         self._ema = None if ema_decay is None else ema.ModelEMA(ema_decay, ema_dtype, ema_warmup)
+        if ema_model is not None and ema_decay is None:
+            raise ValueError("ema_model=... names the model whose buffers the EMA averages: it needs ema_decay=...")
+        # The average of ema_model's floating buffers (BatchNorm statistics), beside the params' EMA.
+        self._ema_buffers = None if ema_model is None else ema.BufferEMA(ema_model)
         self._ema_swapped = False
         # How masters are kept: FP32 copies, or BF16 params' int16 remainders (master_format.py).
         self._masters = master_format(master_weights)
@@ -152,18 +158,29 @@ class FusedMixedPrecisionOptimizer(torch.optim.Optimizer):
             copies.rebuild(self, **extras)
 
     def ema_params(self) -> list[torch.Tensor]:
-        """The EMA of every param (ema_decay=...), in param order (the order of
-        state_dict's numbering): the tensors the step updates, FP32 or ema_dtype."""
+        """The EMA of every param (ema_decay=...), in the optimizer's param order: group by
+        group, each group's params as given (state_dict's numbering), which is
+        `model.parameters()`'s order only when the groups were built in that order. The tensors
+        the step updates, FP32 or ema_dtype. `ema_state_dict()` gives them by name."""
         if self._ema is None:
             raise RuntimeError(f"{type(self).__name__}.ema_params(): the optimizer keeps no EMA "
                                "(build it with ema_decay=...)")
         with torch.no_grad():
             return [ema.ema_of(self, p) for p in self._flat_params()]
 
+    def ema_state_dict(self, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """The EMA model as a state dict under the model's own names (copies):
+        `ema_model.load_state_dict(opt.ema_state_dict())` loads it into a model of the same
+        architecture. Optimized params hold their EMA (FP32 or ema_dtype); with
+        `ema_model=model` at construction the floating buffers hold their average; every other
+        entry is the model's own. `model` defaults to ema_model."""
+        return ema.ema_state_dict(self, model)
+
     def swap_ema(self) -> AbstractContextManager:
         """`with opt.swap_ema(): evaluate(model)`: inside, every param holds its EMA (rounded to
-        its dtype); on exit each gets its own value back, bit for bit. The model's buffers
-        (BatchNorm statistics) are left as they are. step() inside raises."""
+        its dtype), and with `ema_model=model` every floating buffer (BatchNorm statistics)
+        its average; on exit each gets its own value back, bit for bit. Without ema_model the
+        buffers are left as they are. step() inside raises."""
         return ema.swap(self)
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
@@ -314,6 +331,8 @@ class FusedMixedPrecisionOptimizer(torch.optim.Optimizer):
             self._accumulator.check()
         batch = storage.batch_of(self, plan, hypers, scaler, self._clip_of_step())
         self._launch(batch)
+        if self._ema_buffers is not None:
+            self._ema_buffers.update(self._ema.weight(self._applied_steps), self.last_step_skipped)
         self._stepped()
         storage.after_step(self, plan, batch, hypers)
 
@@ -441,25 +460,31 @@ def _refuse_differentiable(name: str, differentiable: bool) -> None:
                          f"not differentiable; use torch.optim.{name}(differentiable=True))")
 
 
+@with_pipeline_signature
 class FusedMixedPrecisionSGD(FusedMixedPrecisionOptimizer):
     """torch.optim.SGD's update (momentum, dampening, nesterov, weight decay, maximize) inside
     the fused mixed-precision step. See README.md and docs/semantics.md."""
     RULE = SGD
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, *, maximize=False, foreach=None, fused=None, differentiable=False, **pipeline):
+                 nesterov=False, *, maximize=False, foreach=None, fused=None, differentiable=False,
+                 **pipeline: Unpack[PipelineOptions]):
+        check_keywords(type(self), pipeline)
         _refuse_differentiable("SGD", differentiable)
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                                       nesterov=nesterov, maximize=maximize), **pipeline)
 
 
+@with_pipeline_signature
 class FusedMixedPrecisionAdamW(FusedMixedPrecisionOptimizer):
     """torch.optim.AdamW's update (decoupled weight decay, bias correction by each param's
     own step, amsgrad, maximize) inside the fused mixed-precision step. See docs/semantics.md."""
     RULE = AdamW
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False, foreach=None, fused=None, capturable=None, differentiable=False, **pipeline):
+                 maximize=False, foreach=None, fused=None, capturable=None, differentiable=False,
+                 **pipeline: Unpack[PipelineOptions]):
+        check_keywords(type(self), pipeline)
         _refuse_differentiable("AdamW", differentiable)
         super().__init__(params, dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                                       weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize), **pipeline)

@@ -72,6 +72,8 @@ def pack(opt) -> dict:
     # (and may regroup the groups by param); load_state_dict takes it back out.
     extra = {"loss_scaler": opt._scaler.state_dict(), "applied_steps": opt._applied_steps.clone(),
              "consecutive_skips": opt.consecutive_skips.clone()}
+    if opt._ema_buffers is not None:  # ema_model's buffers' average, by buffer name
+        extra["ema_buffers"] = opt._ema_buffers.state()
     for group in groups:
         group[STATE_KEY] = extra
     sd = {"state": packed, "param_groups": groups}
@@ -158,6 +160,8 @@ def _load(opt, state_dict: dict) -> None:
         opt._scaler.load_state_dict(extra["loss_scaler"])
         opt._applied_steps.copy_(extra["applied_steps"])
         opt.consecutive_skips.copy_(extra.get("consecutive_skips", 0))  # absent before it existed
+        if opt._ema_buffers is not None and extra.get("ema_buffers") is not None:
+            opt._ema_buffers.load(extra["ema_buffers"])
 
 
 def decoded_state_dict(state_dict: dict) -> dict:

@@ -224,4 +224,6 @@ def validated_state_dict(opt, state_dict, params: list, key: str):
     extra = state_dict.get(key, next((e for e in extras if e is not None), None))  # 0.1 kept it at the top
     if extra is not None:
         _check_scaler_state(opt, extra, key)
+        if opt._ema_buffers is not None and extra.get("ema_buffers") is not None:
+            opt._ema_buffers.check_state(extra["ema_buffers"])
     return entries, groups, others, extra
