@@ -409,3 +409,148 @@ def test_fp32_loop_equals_grad_scaler_unscale_clip_step(backend, device, optimiz
     for p, q, e, f in zip(model.parameters(), ours_model.parameters(), ema, opt.ema_params()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(f, e, rtol=1e-5, atol=1e-6)
+
+
+# -- ema_model=model: the model's floating buffers too, and the EMA by the model's names ---------
+
+def _bn_model(device, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5), nn.ReLU(), nn.Conv2d(5, 4, 3), nn.BatchNorm2d(4),
+                         nn.Flatten(), nn.Linear(4 * 3 * 3, 3)).to(device, dtype)
+
+
+def _train(model, opt, steps, inf_at=(), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    for k in range(steps):
+        x = torch.randn(6, 3, 7, 7, generator=g).to(device, next(model.parameters()).dtype)
+        loss = model(x).float().square().mean()
+        opt.zero_grad()
+        opt.scale_loss(loss).backward()
+        if k in inf_at:
+            next(model.parameters()).grad.view(-1)[0] = float("inf")
+        opt.step()
+        yield k
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+def test_buffers_average_as_ultralytics_model_ema(backend, device):
+    """ema_model=model: params and BatchNorm buffers (running mean and var) follow
+    Ultralytics' ModelEMA.update on the model's state dict (`v *= d; v += (1 - d) * msd[k]`
+    for every floating entry, d with its warm-up), a skipped step excepted: it moves nothing."""
+    decay, tau = 0.9, 3.0
+    model = _bn_model(device)
+    reference = copy.deepcopy(model)  # Ultralytics' ModelEMA deep-copies the model at construction
+    opt = fused_opt.FusedMixedPrecisionSGD(model.parameters(), lr=0.05, momentum=0.9, ema_decay=decay,
+                                           ema_warmup=tau, ema_model=model, backend=backend, loss_scale="dynamic",
+                                           check_scaled_grads=False)  # the inf is written into a grad
+    updates = 0
+    for k in _train(model, opt, 8, inf_at=(4,)):
+        if k == 4:
+            assert bool(opt.last_step_skipped)
+            continue
+        updates += 1
+        d = decay * (1 - math.exp(-updates / tau))
+        msd = model.state_dict()
+        with torch.no_grad():
+            for name, v in reference.state_dict().items():
+                if v.dtype.is_floating_point:
+                    v *= d
+                    v += (1 - d) * msd[name].detach()
+    got = opt.ema_state_dict()
+    assert list(got) == list(model.state_dict())  # the model's names, in its order
+    for name, v in reference.state_dict().items():
+        if v.dtype.is_floating_point:
+            torch.testing.assert_close(got[name], v, rtol=1e-5, atol=1e-6, msg=name)
+    assert "1.running_var" in got and not torch.equal(got["1.running_var"], model[1].running_var)
+    # an integer buffer is the model's own (timm ModelEmaV3 copies it; Ultralytics leaves it)
+    assert int(got["1.num_batches_tracked"]) == 8 == int(model[1].num_batches_tracked)
+
+
+@pytest.mark.parametrize("backend,device", CPU_BACKEND_DEVICES, ids=CPU_BACKEND_DEVICE_IDS)
+def test_swap_puts_the_buffers_average_in_and_restores_bit_for_bit(backend, device):
+    model = _bn_model(device, torch.bfloat16)
+    opt = fused_opt.FusedMixedPrecisionAdamW(model.parameters(), lr=1e-2, ema_decay=0.8, ema_model=model,
+                                             backend=backend)
+    for _ in _train(model, opt, 3):
+        pass
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = opt.ema_state_dict()
+    with opt.swap_ema():
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, expected[name].to(value.dtype)), name  # params and buffers, rounded
+        model.eval()(torch.randn(2, 3, 7, 7, dtype=torch.bfloat16))  # evaluates with the averaged statistics
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    model.train()
+    for _ in _train(model, opt, 1):  # steps on
+        pass
+
+
+def test_without_ema_model_the_buffers_are_left_and_names_need_the_model():
+    model = _bn_model("cpu")
+    opt = fused_opt.FusedMixedPrecisionSGD(model.parameters(), lr=0.05, ema_decay=0.5)
+    for _ in _train(model, opt, 2):
+        pass
+    with pytest.raises(TypeError, match="pass the model"):
+        opt.ema_state_dict()
+    by_name = opt.ema_state_dict(model)
+    for (name, p), e in zip(model.named_parameters(), opt.ema_params()):
+        assert torch.equal(by_name[name], e)  # ema_params() is in model.parameters() order here
+    assert torch.equal(by_name["1.running_mean"], model[1].running_mean)  # not averaged
+    with opt.swap_ema():
+        assert torch.equal(model[1].running_mean, by_name["1.running_mean"])
+    copy_model = _bn_model("cpu", seed=5)
+    copy_model.load_state_dict(by_name)  # a model of the same architecture takes it
+    assert torch.equal(copy_model[0].weight, by_name["0.weight"])
+
+
+def test_ema_params_follow_the_groups_order_and_state_dict_has_names():
+    model = _bn_model("cpu")
+    params = list(model.parameters())
+    opt = fused_opt.FusedMixedPrecisionSGD([{"params": params[3:]}, {"params": params[:3], "lr": 0.01}], lr=0.05,
+                                           ema_decay=0.5, ema_model=model)
+    for _ in _train(model, opt, 2):
+        pass
+    by_name = opt.ema_state_dict()
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p, e in zip(params[3:] + params[:3], opt.ema_params()):
+        assert torch.equal(by_name[names[id(p)]], e)
+
+
+@pytest.mark.parametrize("backend,device", CPU_BACKEND_DEVICES, ids=CPU_BACKEND_DEVICE_IDS)
+def test_buffers_average_in_state_dicts_and_copies(backend, device):
+    model = _bn_model(device)
+    opt = fused_opt.FusedMixedPrecisionSGD(model.parameters(), lr=0.05, momentum=0.9, ema_decay=0.7,
+                                           ema_model=model, backend=backend)
+    for _ in _train(model, opt, 3):
+        pass
+    saved = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, saved)
+    twin_model, twin_opt = copy.deepcopy((model, opt))
+    for _ in _train(model, opt, 3, seed=2):
+        pass
+    resumed = _bn_model(device, seed=7)
+    resumed_opt = fused_opt.FusedMixedPrecisionSGD(resumed.parameters(), lr=0.05, momentum=0.9, ema_decay=0.7,
+                                                   ema_model=resumed, backend=backend)
+    saved.seek(0)
+    checkpoint = torch.load(saved)
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_opt.load_state_dict(checkpoint["opt"])
+    for m, o in ((resumed, resumed_opt), (twin_model, twin_opt)):
+        for _ in _train(m, o, 3, seed=2):
+            pass
+        for name, value in opt.ema_state_dict().items():
+            assert torch.equal(o.ema_state_dict()[name], value), name
+    # another model's buffers are refused before anything is loaded
+    other = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    other_opt = fused_opt.FusedMixedPrecisionSGD(other.parameters(), lr=0.05, ema_decay=0.7, ema_model=other,
+                                                 backend=backend)
+    sd = opt.state_dict()
+    sd["param_groups"] = sd["param_groups"][:1]
+    bad = copy.deepcopy(other_opt.state_dict())
+    bad["param_groups"][0]["fused_opt"]["ema_buffers"] = {"1.running_mean": torch.zeros(4)}
+    with pytest.raises(ValueError, match="buffers"):
+        other_opt.load_state_dict(bad)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        fused_opt.FusedMixedPrecisionSGD(other.parameters(), ema_decay=0.5, ema_model=other.state_dict())
