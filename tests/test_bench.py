@@ -1,6 +1,8 @@
 """The benchmark runs end to end on a tiny size and writes a record with the promised fields."""
 import json
 
+import fused_opt
+
 import pytest
 import torch
 
@@ -108,3 +110,68 @@ def test_quick_bf16_benchmark_has_compressed_rows(tmp_path):
         assert small["memory_per_param"] == pytest.approx(smallest_held, abs=0.02)  # from the storages
         assert default["memory_per_param"] == pytest.approx(10 if optimizer == "sgd" else 14, abs=0.02)
         assert rows[(optimizer, "fused_opt[native] bf16 state")]["memory_per_param"] < default["memory_per_param"]
+
+
+def test_the_main_job_is_representative_and_the_full_sweep_is_behind_a_flag():
+    """`make bench` (no flag): every optimizer, dtype and job, on a bandwidth-bound sweep, a
+    real model and a host-bound many-tensor case, with torch's fast pipelines and our first
+    modes; --full adds the size sweep and every mode."""
+    import fused_opt.bench.__main__ as bench
+    from fused_opt.bench.contenders import Model, factories, representative
+    cpu = torch.device("cpu")
+    default = [w for w, _ in bench.plan(cpu, quick=False)]
+    assert default == ["sweep 16M", "ResNet-50", "10,000 x 8"]
+    assert [w for w, _ in bench.fp32_plan(cpu, quick=False)] == ["ResNet-50"]
+    full = [w for w, _ in bench.plan(cpu, quick=False, full=True)]
+    assert set(default) < set(full) and len(full) > len(default)
+    for optimizer in ("sgd", "adamw"):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            baselines, ours = factories(Model([(8,), (5, 3)], dtype, cpu), cpu, False, optimizer)
+            kept_b, kept_o = representative(baselines), representative(ours)
+            assert set(kept_b) < set(baselines) or dtype == torch.float32
+            assert "fused_opt[native]" in kept_o and "fused_opt[native] flat_grads" in kept_o
+            assert not any("torch]" in name for name in kept_o)  # the oracle is no contender
+            jobs = {b().job for b in kept_b.values()}
+            assert jobs == {b().job for b in baselines.values()}  # every job keeps its torch pipelines
+            if dtype == torch.bfloat16:
+                assert {"fused_opt[native] remainder", "fused_opt[native] remainder8 int8 state"} <= set(kept_o)
+            if dtype == torch.float32:
+                assert {"fused_opt[native] + EMA", "fused_opt[native] flat_grads + EMA"} <= set(kept_o)
+
+
+def test_report_shows_the_spread_and_marks_rows_it_makes_meaningless(tmp_path, capsys):
+    main(["--quick", "--repeats", "3", "--steps", "1", "--dtypes", "bf16", "--optimizers", "sgd",
+          "--out", str(tmp_path)])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    record = json.loads((tmp_path / f"bench-{device}.json").read_text())
+    for r in record["rows"]:
+        assert r["spread"] >= 0 and (r["noisy"] is None) == (r["spread"] <= 0.5)
+    report = (tmp_path / f"bench-{device}.md").read_text()
+    assert "| spread |" in report and "Spread: max/min - 1 of the repeats" in report
+    import fused_opt.bench.__main__ as bench
+    rows = [dict(r, noisy=None, over_copy=False) for r in record["rows"]]
+    rows[-1]["noisy"], rows[-1]["over_copy"] = "the rounds' ratios run from 1.00x to 9.00x", True
+    note = bench.noise_note(dict(record, rows=rows))
+    assert f"1 of {len(rows)} rows are marked !" in note and "9.00x" in note and "1 rows are marked ?" in note
+
+
+def test_the_commit_is_recorded_or_said_unknown(monkeypatch):
+    import subprocess
+    import fused_opt.bench.__main__ as bench
+    commit = bench._commit()
+    assert commit and commit != "None"
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+    monkeypatch.setattr(subprocess, "run", no_git)  # outside a clone, or no git at all
+    built = fused_opt.build_info().get("commit")
+    outside = bench._commit()
+    assert outside.endswith("(as built)") if built else outside.startswith("unknown (")
+
+
+def test_a_missing_plot_is_explained(monkeypatch, tmp_path, capsys):
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    main(["--quick", "--repeats", "1", "--steps", "1", "--dtypes", "fp16", "--optimizers", "sgd", "--only", "64K",
+          "--out", str(tmp_path)])
+    assert "no plot: matplotlib is not installed" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.png"))

@@ -27,18 +27,21 @@ import torch
 
 import fused_opt
 from . import workloads
-from .contenders import BOUND, BOUND_FP32, Model, factories, job_bytes
+from .contenders import BOUND, BOUND_FP32, Model, factories, job_bytes, representative
 from .plot import plot
-from .timing import copy_bandwidth, device_name, kernel_launches, paired_ratio, time_interleaved
+from .timing import (NOISY_SPREAD, copy_bandwidth, device_name, kernel_launches, paired_ratio, ratio_spread, spread,
+                     time_interleaved)
 
 RECORD_DIR = os.path.join("bench", "results")
 
 
-def fp32_plan(device: torch.device, quick: bool) -> list[tuple[str, list]]:
+def fp32_plan(device: torch.device, quick: bool, full: bool = False) -> list[tuple[str, list]]:
     """FP32 params (the autocast loop, with and without an EMA): a large sweep point and the
-    models SGD and AdamW users train with FP32 weights."""
+    models SGD and AdamW users train with FP32 weights (ResNet-50 alone by default)."""
     if quick:
         return [("sweep 64K", workloads.sweep(2**16, 8))]
+    if not full:
+        return [("ResNet-50", workloads.resnet50())]
     large = 2**28 if device.type == "cuda" else 2**24
     return [(f"sweep {large / 2**20:.0f}M", workloads.sweep(large)), ("ResNet-50", workloads.resnet50()),
             ("detector 68M", workloads.detector()), ("GPT-2 small", workloads.gpt2())]
@@ -47,12 +50,11 @@ def fp32_plan(device: torch.device, quick: bool) -> list[tuple[str, list]]:
 def plan(device: torch.device, quick: bool, full: bool = False) -> list[tuple[str, list]]:
     if quick:
         return [("sweep 64K", workloads.sweep(2**16, 8)), ("many small x200", workloads.many_small(200, 64))]
-    if not full:  # the representative subset
+    if not full:  # the main job: bandwidth-bound, a real model, host-bound
         large = 2**28 if device.type == "cuda" else 2**24
-        small = [] if device.type == "cuda" else [("sweep 1M", workloads.sweep(2**20))]
-        return small + [(f"sweep {large / 2**20:.0f}M", workloads.sweep(large)), ("ResNet-50", workloads.resnet50()),
-                        ("GPT-2 small", workloads.gpt2()), ("161 x 8", workloads.many_small(161, 8)),
-                        ("10,000 x 8", workloads.many_small(10_000, 8))]
+        gpt = [("GPT-2 small", workloads.gpt2())] if device.type == "cuda" else []
+        return [(f"sweep {large / 2**20:.0f}M", workloads.sweep(large)), ("ResNet-50", workloads.resnet50()), *gpt,
+                ("10,000 x 8", workloads.many_small(10_000, 8))]
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         # about 120 B/param live at once: each contender's params and state (ours 10 B, a torch
@@ -76,7 +78,7 @@ def run(args, emit=print) -> dict:
     jobs = [(w, s, d, o) for o in args.optimizers for w, s in plan(device, args.quick, args.full) for d in args.dtypes
             if d != "fp32" and (args.only is None or args.only in w)]
     if "fp32" in args.dtypes:
-        jobs += [(w, s, "fp32", o) for o in args.optimizers for w, s in fp32_plan(device, args.quick)
+        jobs += [(w, s, "fp32", o) for o in args.optimizers for w, s in fp32_plan(device, args.quick, args.full)
                  if args.only is None or args.only in w]
     # torch.compile recompiles per shape list (tens of seconds each): it runs on the largest
     # sweep's FP16 row, where the bandwidth claim is made.
@@ -88,6 +90,8 @@ def run(args, emit=print) -> dict:
         model = Model(shapes, dtypes[dtype_name], device)
         compiled = args.compile and workload == compile_row and dtype_name == "fp16"
         baselines, ours = factories(model, device, compiled, optimizer)
+        if not (args.full or args.quick):
+            baselines, ours = representative(baselines), representative(ours)
         base = dict(workload=workload, optimizer=optimizer, dtype=dtype_name, params=n, tensors=len(shapes))
         # 1. each torch pipeline alone
         solo, jobs_of = {}, {}
@@ -181,8 +185,18 @@ def _job_bytes(optimizer: str, dtype: torch.dtype, name: str) -> int:
 def _row(base, name, t, best, default_ms, copy_bps, bytes_per_param, launches, memory=None, paired=True) -> dict:
     n = base["params"]
     bandwidth = bytes_per_param * n / t["median_s"]
-    paired = paired_ratio(best, t) if paired else None
-    return dict(base, contender=name, time_ms=t["median_s"] * 1e3, min_ms=t["min_s"] * 1e3, max_ms=t["max_s"] * 1e3,
+    ratio = paired_ratio(best, t) if paired else None
+    noise = ratio_spread(best, t) if paired else spread(t["samples"])
+    noisy = None
+    if paired:
+        rounds = [b / c for b, c in zip(best["samples"], t["samples"])]
+        if noise > NOISY_SPREAD:
+            noisy = f"the rounds' ratios run from {min(rounds):.2f}x to {max(rounds):.2f}x"
+    elif noise > NOISY_SPREAD:
+        noisy = f"the slowest repeat took {noise:.0%} longer than the fastest"
+    paired = ratio
+    return dict(base, spread=noise, noisy=noisy, over_copy=bandwidth > copy_bps, contender=name,
+                time_ms=t["median_s"] * 1e3, min_ms=t["min_s"] * 1e3, max_ms=t["max_s"] * 1e3,
                 host_ms=None if t["host_s"] is None else t["host_s"] * 1e3, first_ms=t["first_s"] * 1e3,
                 gb_s=bandwidth / 1e9, copy_fraction=bandwidth / copy_bps,
                 speedup_vs_best_torch=best["median_s"] / t["median_s"], speedup_vs_best_torch_paired=paired,
@@ -195,7 +209,9 @@ def _row(base, name, t, best, default_ms, copy_bps, bytes_per_param, launches, m
 def _line(r: dict) -> str:
     host = "" if r["host_ms"] is None else f" (host {r['host_ms']:.3f})"
     paired = "" if r["speedup_vs_best_torch_paired"] is None else f", paired {r['speedup_vs_best_torch_paired']:.2f}x"
-    return f"    {r['contender']:<48} {r['time_ms']:9.3f} ms{host}  {r['speedup_vs_best_torch']:.2f}x best torch{paired}"
+    flag = (f"  ! {r['noisy']}" if r.get("noisy") else "") + ("  ? faster than the copy" if r.get("over_copy") else "")
+    return (f"    {r['contender']:<48} {r['time_ms']:9.3f} ms{host}  {r['speedup_vs_best_torch']:.2f}x best torch{paired}"
+            f" (spread {r['spread']:.0%}){flag}")
 
 
 def summary(record: dict) -> str:
@@ -214,19 +230,53 @@ def summary(record: dict) -> str:
             continue
         best_ours = min(ours, key=lambda r: r["time_ms"])
         best_torch = min(theirs, key=lambda r: r["time_ms"])
+        mark = " !" if best_ours.get("noisy") or best_torch.get("noisy") else ""
         lines.append(f"| {optimizer} | {workload} | {dtype} | {job} | {best_ours['params'] / 1e6:.1f}M / {best_ours['tensors']} "
                      f"| {best_ours['contender']} | {best_ours['time_ms']:.3f} | {best_torch['contender']} "
-                     f"| {best_torch['time_ms']:.3f} | {_ratio(best_ours['speedup_vs_best_torch_paired'])} |")
-    return "\n".join(lines)
+                     f"| {best_torch['time_ms']:.3f} | {_ratio(best_ours['speedup_vs_best_torch_paired'])}{mark} |")
+    return "\n".join(lines) + noise_note(record)
 
 
-def _commit() -> str | None:
+def noise_note(record: dict) -> str:
+    """What the marks mean, and how many rows carry them, said once under the summary."""
+    rows = record["rows"]
+    noisy = [r for r in rows if r.get("noisy")]
+    over = [r for r in rows if r.get("over_copy")]
+    lines = [f"Spread: max/min - 1 of the repeats (for rows of ours, of the rounds' paired ratios). "
+             f"{len(noisy)} of {len(rows)} rows are marked ! (spread over {NOISY_SPREAD:.0%}): their ratio is "
+             "not meaningful; the machine was busy, rerun them on a quiet one."]
+    if noisy:
+        lines.append(f"For example {noisy[0]['contender']} on {noisy[0]['workload']} {noisy[0]['dtype']}: "
+                     f"{noisy[0]['noisy']}.")
+    if over:
+        lines.append(f"{len(over)} rows are marked ? in % copy: they moved their bytes faster than the copy "
+                     f"measured at the start ({record['copy_gb_s']:.1f} GB/s), so that copy ran slow (or the "
+                     "bytes stayed in a cache): their % of copy overstates.")
+    return "\n\n" + " ".join(lines)
+
+
+def _commit() -> str:
+    """The commit of the code that ran: the clone's HEAD when this file is tracked in one
+    (with "+dirty" for uncommitted edits), else what the build recorded (an install from a
+    clone), else said to be unknown."""
     import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", os.path.basename(__file__)], cwd=here,
+                                 capture_output=True, text=True, timeout=10).returncode == 0
+        if tracked:
+            head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                                  cwd=here).stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                   text=True, timeout=10, cwd=here).stdout.strip()
+            if head:
+                return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return None
+        pass
+    built = fused_opt.build_info().get("commit")
+    if built:
+        return f"{built[:7]}{'+dirty' if built.endswith('+dirty') else ''} (as built)"
+    return "unknown (not run from a git clone, and the build recorded none)"
 
 
 def _triton_version():
@@ -240,12 +290,14 @@ def _triton_version():
 def table(record: dict) -> str:
     lines = [f"Device: {record['device']} | torch {record['torch']} | {record['date']} | commit {record.get('commit')} | "
              f"copy {record['copy_gb_s']:.1f} GB/s (read+write)", "", summary(record), "",
-             "| optimizer | workload | dtype | params | tensors | contender | ms/step | host ms | first ms | B/param moved | GB/s | % copy | vs best torch | paired | vs fused_opt default | memory B/param | launches |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| optimizer | workload | dtype | params | tensors | contender | ms/step | spread | host ms | first ms | B/param moved | GB/s | % copy | vs best torch | paired | vs fused_opt default | memory B/param | launches |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
         lines.append(f"| {r.get('optimizer', 'sgd')} | {r['workload']} | {r['dtype']} | {r['params'] / 1e6:.1f}M | {r['tensors']} | {r['contender']} "
-                     f"| {r['time_ms']:.3f} | {_ms(r['host_ms'])} | {r['first_ms']:.1f} | {r['bytes_per_param']:g} "
-                     f"| {r['gb_s']:.1f} | {100 * r['copy_fraction']:.0f}% | {r['speedup_vs_best_torch']:.2f}x "
+                     f"| {r['time_ms']:.3f} | {r['spread']:.0%}{' !' if r.get('noisy') else ''} | {_ms(r['host_ms'])} "
+                     f"| {r['first_ms']:.1f} | {r['bytes_per_param']:g} "
+                     f"| {r['gb_s']:.1f} | {100 * r['copy_fraction']:.0f}%{' ?' if r.get('over_copy') else ''} "
+                     f"| {r['speedup_vs_best_torch']:.2f}x "
                      f"| {_ratio(r.get('speedup_vs_best_torch_paired'))} "
                      f"| {_ratio(r['speedup_vs_fused_opt'])} | {_ratio(r['memory_per_param'], '')} "
                      f"| {r['launches'] if r['launches'] is not None else '-'} |")
@@ -279,8 +331,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.record:
         args.out = RECORD_DIR
-    if args.repeats is None:  # the default run (SGD and AdamW, FP16/BF16 and FP32) stays near 16 minutes on a 2-core CPU
-        args.repeats = 5 if args.full else 3
+    if args.repeats is None:  # the default run (SGD and AdamW, FP16/BF16 and FP32): about 3 minutes on 2 cores
+        args.repeats = 5 if args.full else 4
     if args.train:
         from .train import main as train_main
         return train_main(args)
@@ -295,8 +347,9 @@ def main(argv=None) -> None:
         json.dump(record, f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write(text + "\n")
-    drawn = plot(record, stem + ".png")
-    print(f"wrote {stem}.json, {stem}.md" + (f" and {stem}.png" if drawn else ""), file=sys.stderr)
+    why_not = plot(record, stem + ".png")
+    print(f"wrote {stem}.json, {stem}.md" + (f" and {stem}.png" if why_not is None else f"; no plot: {why_not}"),
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

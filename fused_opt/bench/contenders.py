@@ -243,6 +243,20 @@ class GradScalerFP32(TorchFP32):
         self.job = "FP32 params"  # another job (no masters, FP32 params): never a pairing baseline
 
 
+# The default run's contenders (the main job, a few minutes): torch's foreach and fused
+# pipelines (and GradScaler's), and ours in the modes a user picks first; --full times all.
+REPRESENTATIVE_MODES = ("", " flat_grads", " remainder", " remainder8 int8 state", " + EMA", " flat_grads + EMA")
+
+
+def representative(contenders: dict) -> dict:
+    def kept(name: str) -> bool:
+        if not name.startswith("fused_opt["):
+            return "compiled" not in name and "for-loop" not in name
+        backend, _, mode = name[len("fused_opt["):].partition("]")
+        return backend != "torch" and mode in REPRESENTATIVE_MODES
+    return {name: build for name, build in contenders.items() if kept(name)}
+
+
 def fp32_factories(model: Model, device: torch.device, optimizer: str) -> tuple[dict, dict]:
     """(torch pipelines, ours) for FP32 params: each job without and with an EMA."""
     baselines = {}

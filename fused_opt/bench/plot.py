@@ -7,17 +7,17 @@ import json
 import sys
 
 
-def plot(record: dict, path: str) -> bool:
-    """Writes the PNG; False (and nothing written) without matplotlib or rows of ours."""
+def plot(record: dict, path: str) -> str | None:
+    """Writes the PNG and returns None, or returns why it wrote none."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
+        return "matplotlib is not installed (pip install matplotlib)"
     rows = [r for r in record["rows"] if r["contender"].startswith("fused_opt") and r["speedup_vs_best_torch_paired"]]
     if not rows:
-        return False
+        return "no row of ours has a paired ratio to draw"
     dtypes = sorted({r["dtype"] for r in rows})
     names = list(dict.fromkeys(r["contender"] for r in rows))
     colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}
@@ -47,7 +47,7 @@ def plot(record: dict, path: str) -> bool:
     fig.legend(list(drawn.values()), list(drawn.keys()), loc="center right", fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
+    return None
 
 
 def _label_of(rows):
@@ -60,4 +60,5 @@ def _label_of(rows):
 if __name__ == "__main__":
     source = sys.argv[1]
     with open(source) as f:
-        print("wrote" if plot(json.load(f), source.replace(".json", ".png")) else "nothing to plot", source.replace(".json", ".png"))
+        why_not = plot(json.load(f), source.replace(".json", ".png"))
+        print(f"no plot: {why_not}" if why_not else f"wrote {source.replace('.json', '.png')}")

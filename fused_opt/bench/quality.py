@@ -30,7 +30,6 @@ import glob
 import json
 import math
 import os
-import subprocess
 import sys
 import sysconfig
 import time
@@ -247,11 +246,8 @@ def state_bytes(opt, params) -> float:
 
 
 def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(__file__), check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    from .__main__ import _commit as commit
+    return commit()
 
 
 def report(record: dict) -> str:
@@ -335,7 +331,8 @@ def main(argv=None) -> int:
         json.dump(record, f)
     with open(stem + ".md", "w") as f:
         f.write(report(record) + "\n")
-    plot(record, stem + ".png")
+    if not plot(record, stem + ".png"):
+        print("no plot: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
     print(report(record))
     return 0
 

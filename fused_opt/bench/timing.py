@@ -81,13 +81,30 @@ def paired_ratio(baseline: dict, contender: dict) -> float:
     return statistics.median(b / c for b, c in zip(baseline["samples"], contender["samples"], strict=True))
 
 
-def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 5) -> float:
-    """Bytes/s of a device-to-device copy, counting read + write (2N for N bytes)."""
+# Repeats that spread wider than this (max / min - 1) leave a ratio without meaning: the
+# machine was doing something else (another process, frequency changes, swapping).
+NOISY_SPREAD = 0.5
+
+
+def spread(samples: list) -> float:
+    """max / min - 1 of the repeats: 0.1 means the slowest repeat took 10 % longer."""
+    return max(samples) / min(samples) - 1.0
+
+
+def ratio_spread(baseline: dict, contender: dict) -> float:
+    """How far apart the rounds' ratios lie (max / min - 1): a paired ratio is meaningful when
+    its rounds agree, even on a machine that is slow in some rounds."""
+    return spread([b / c for b, c in zip(baseline["samples"], contender["samples"], strict=True)])
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 10) -> float:
+    """Bytes/s of a device-to-device copy, counting read + write (2N for N bytes): the fastest
+    of the repeats, as what the memory can do (a median on a shared machine read half of it)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     dst.copy_(src)
     times = [time_call(lambda: dst.copy_(src), device, 3)[0] for _ in range(repeats)]
-    return 2 * src.numel() * 4 / statistics.median(times)
+    return 2 * src.numel() * 4 / min(times)
 
 
 def kernel_launches(fn, device: torch.device) -> int | None:
