@@ -7,7 +7,7 @@ DEPS := torch==2.13.0 triton==3.7.1 pytest pytest-xdist pytest-timeout hypothesi
 # Test-only: the frameworks users train with (never dependencies of fused_opt itself).
 FRAMEWORKS := lightning transformers accelerate
 
-.PHONY: setup test asan bench
+.PHONY: setup test asan bench bench-full
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
@@ -43,3 +43,7 @@ asan: setup
 
 bench: setup
 	$(PY) -m fused_opt.bench
+
+# Every size of the sweep and every mode (tens of minutes on a 2-core CPU).
+bench-full: setup
+	$(PY) -m fused_opt.bench --full

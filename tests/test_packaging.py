@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
 
@@ -50,3 +51,76 @@ def test_sdist_and_wheel_install_into_a_fresh_venv(tmp_path):
         out = run([python, "-c", STEP], cwd=str(tmp_path))  # not the repository's fused_opt
         assert "stepped" in out and str(venv) in out
         assert "'native_cpu': True" in out and "'native_cuda': True" in out and "'cuda_archs': ['9.0']" in out
+
+
+def readme_install_commands() -> list[str]:
+    """The command lines of README.md's Install block, as a newcomer would type them."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    block = text.split("## Install", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def clean_tree(dest) -> str:
+    """What a fresh clone holds: the files git tracks (and new ones it does not ignore), as
+    they are in the working tree."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    for name in files:
+        source = os.path.join(ROOT, name)
+        if os.path.isfile(source):
+            os.makedirs(os.path.dirname(os.path.join(dest, name)), exist_ok=True)
+            shutil.copy2(source, os.path.join(dest, name))
+    return str(dest)
+
+
+@pytest.mark.timeout(1500)
+@pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, ".git")), reason="needs the git clone")
+def test_readme_install_works_as_written_and_never_loads_another_builds_module(tmp_path):
+    """README's install block, line by line, in a fresh venv on a clean tree (torch from the
+    local CPU wheel instead of the index: same version, no download): CPU-only within the
+    documented minute (doubled: another test worker shares the cores). Then with nvcc, and
+    again without, in the same tree (its build/ reused, as the issue's newcomer did): the
+    second CPU-only install neither reports nor loads the CUDA module the first built, nor a
+    CUDA module copied into the package by hand."""
+    import time
+    import torch
+    commands = readme_install_commands()
+    assert commands[0].startswith("pip install torch") and any("pybind11" in c for c in commands)
+    assert "pip install --no-build-isolation ." in commands
+    tree = clean_tree(tmp_path / "clone")
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", str(venv)])
+    python = str(venv / "bin" / "python")
+    env = {**os.environ, "FUSED_OPT_NO_CUDA": "1", "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"}
+    env.pop("PYTHONPATH", None)
+    seconds = {}
+    for command in commands:
+        if command.startswith("pip install torch"):
+            command = f"pip install -q torch=={torch.__version__.split('+')[0]}"
+        start = time.perf_counter()
+        run(["bash", "-c", command.replace("pip install", "pip install -q", 1) if command.startswith("pip") else command],
+            cwd=tree, env=env)
+        seconds[command] = time.perf_counter() - start
+    assert seconds["pip install --no-build-isolation ."] < 120, seconds
+    info = run([python, "-c", STEP], cwd=str(tmp_path))
+    assert "'native_cpu': True" in info and "'native_cuda': False" in info
+    if not (shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc")):
+        return  # the rest needs a CUDA build
+    site = run([python, "-c", "import os, fused_opt; print(os.path.dirname(fused_opt.__file__))"],
+               cwd=str(tmp_path)).strip()
+    with_cuda = {**env, "TORCH_CUDA_ARCH_LIST": "9.0"}
+    with_cuda.pop("FUSED_OPT_NO_CUDA")
+    run([python, "-m", "pip", "install", "-q", "--no-build-isolation", "."], cwd=tree, env=with_cuda)
+    info = run([python, "-c", STEP], cwd=str(tmp_path))
+    assert "'native_cuda': True" in info and "'cuda_archs': ['9.0']" in info
+    cuda_module, = glob.glob(os.path.join(site, "_native_cuda*.so"))
+    shutil.copy2(cuda_module, tmp_path / "cuda_module.so")
+    run([python, "-m", "pip", "install", "-q", "--no-build-isolation", "."], cwd=tree, env=env)  # CPU-only again
+    info = run([python, "-c", STEP], cwd=str(tmp_path))
+    assert "'native_cuda': False" in info and "_native_cuda was not part of this build" in info
+    assert not glob.glob(os.path.join(site, "_native_cuda*.so"))
+    shutil.copy2(tmp_path / "cuda_module.so", os.path.join(site, os.path.basename(cuda_module)))  # by hand
+    probe = ("import sys, fused_opt\nprint(fused_opt.build_info())\n"
+             "print([m for m in sys.modules if m.endswith('_native_cuda')])")
+    out = run([python, "-c", probe], cwd=str(tmp_path))
+    assert "'native_cuda': False" in out and out.strip().endswith("[]")  # never imported
