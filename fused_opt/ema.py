@@ -116,6 +116,8 @@ class BufferEMA:
         if not self.slots:
             return
         current = torch.cat([b.detach().reshape(-1).float() for b in self.buffers()])
+        if current.device != self.flat.device:  # the model moved (model.cuda()) after construction
+            self.flat = self.flat.to(current.device)
         moved = torch.lerp(self.flat, current, weight.to(self.flat.device))
         self.flat.copy_(torch.where(skipped.to(self.flat.device), self.flat, moved))
 
