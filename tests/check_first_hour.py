@@ -1,9 +1,11 @@
-"""python tests/check_install.py: README's install, timed, on a clean copy of this tree in
-fresh venvs, CPU-only and (where nvcc is) with the CUDA module for the default
-architectures; then the import time over torch. Fails when a build exceeds its budget
-(CPU-only 60 s, with nvcc 300 s: README's figures for a 2-core machine) or the import 0.5 s.
-Too long for every CI run (the CUDA build alone is minutes); the test suite checks the same
-install CPU-only (tests/test_packaging.py) and the import (tests/test_import_time.py)."""
+"""python tests/check_first_hour.py: a newcomer's first commands, timed, on a fresh clone of
+this repository's HEAD in fresh venvs: README's install CPU-only and (where nvcc is) with the
+CUDA module for the default architectures, the import over torch, and the main benchmark
+(`python -m fused_opt.bench`, what `make bench` runs). Fails past a budget: builds 60 s
+CPU-only and 300 s with nvcc, the import 0.5 s, the benchmark 4 minutes and 8 GB (README's
+figures for a 2-core machine), or a benchmark record without its commit. Too long for every
+CI run; the test suite checks the same install CPU-only (tests/test_packaging.py), the
+import (tests/test_import_time.py) and the benchmark's plan and report (tests/test_bench.py)."""
 from __future__ import annotations
 
 import os
@@ -14,14 +16,16 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_packaging import clean_tree, readme_install_commands  # noqa: E402
+from test_packaging import ROOT, readme_install_commands  # noqa: E402
 
 BUDGET_S = {"CPU-only": 60, "with nvcc": 300}
+BENCH_BUDGET_S, BENCH_BUDGET_GB = 240, 8.0
 
 
 def timed_install(label: str, root: str, extra_env: dict) -> float:
     import torch
-    tree = clean_tree(os.path.join(root, label.replace(" ", "-"), "clone"))
+    tree = os.path.join(root, label.replace(" ", "-"), "clone")
+    subprocess.run(["git", "clone", "-q", ROOT, tree], check=True)
     venv = os.path.join(root, label.replace(" ", "-"), "venv")
     subprocess.run([sys.executable, "-m", "venv", venv], check=True)
     env = {**os.environ, **extra_env, "PATH": f"{venv}/bin:{os.environ['PATH']}"}
@@ -47,6 +51,28 @@ def import_time(python: str) -> float:
                for _ in range(5))
 
 
+def main_job(root: str) -> list[str]:
+    """`python -m fused_opt.bench` in the CPU-only venv, from its clone: wall time, peak memory
+    (the record's own peak RSS), and the commit it records."""
+    import json
+    python = os.path.join(root, "CPU-only", "venv", "bin", "python")
+    out = os.path.join(root, "bench-out")
+    start = time.perf_counter()
+    subprocess.run([python, "-m", "fused_opt.bench", "--out", out], cwd=os.path.join(root, "CPU-only", "clone"),
+                   check=True, capture_output=True)
+    seconds = time.perf_counter() - start
+    with open(os.path.join(out, "bench-cpu.json")) as f:
+        record = json.load(f)
+    print(f"python -m fused_opt.bench: {seconds:.0f} s, peak RSS {record['peak_rss_gb']:.1f} GB, "
+          f"commit {record['commit']} (budget {BENCH_BUDGET_S} s, {BENCH_BUDGET_GB} GB)")
+    failed = []
+    if seconds > BENCH_BUDGET_S or record["peak_rss_gb"] > BENCH_BUDGET_GB:
+        failed.append(f"bench {seconds:.0f} s / {record['peak_rss_gb']:.1f} GB")
+    if not record["commit"] or record["commit"].startswith("unknown"):
+        failed.append(f"bench commit {record['commit']!r}")
+    return failed
+
+
 def main() -> int:
     root = tempfile.mkdtemp(prefix="fused_opt-install-")
     failed = []
@@ -62,6 +88,7 @@ def main() -> int:
         print(f"import fused_opt after torch: {seconds:.3f} s (budget 0.5 s)")
         if seconds > 0.5:
             failed.append(f"import {seconds:.2f} s > 0.5 s")
+        failed += main_job(root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print("FAILED: " + "; ".join(failed) if failed else "all within budget")
