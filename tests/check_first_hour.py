@@ -35,7 +35,10 @@ def timed_install(label: str, root: str, extra_env: dict) -> float:
         if command.startswith("pip install torch"):  # the local CPU wheel: same version, no download
             command = f"pip install -q torch=={torch.__version__.split('+')[0]}"
         start = time.perf_counter()
-        subprocess.run(["bash", "-c", command], cwd=tree, env=env, check=True, capture_output=True)
+        out = subprocess.run(["bash", "-c", command], cwd=tree, env=env, check=True, capture_output=True,
+                             text=True).stdout
+        if "build_info()" in command and "'native_cpu': True" not in out:
+            raise SystemExit(f"README's check printed no native CPU module: {out}")
         if command == "pip install --no-build-isolation .":
             build_s = time.perf_counter() - start
     info = subprocess.run([f"{venv}/bin/python", "-c", "import fused_opt; print(fused_opt.build_info())"],
@@ -58,8 +61,7 @@ def main_job(root: str) -> list[str]:
     python = os.path.join(root, "CPU-only", "venv", "bin", "python")
     out = os.path.join(root, "bench-out")
     start = time.perf_counter()
-    subprocess.run([python, "-m", "fused_opt.bench", "--out", out], cwd=os.path.join(root, "CPU-only", "clone"),
-                   check=True, capture_output=True)
+    subprocess.run([python, "-m", "fused_opt.bench", "--out", out], cwd=root, check=True, capture_output=True)
     seconds = time.perf_counter() - start
     with open(os.path.join(out, "bench-cpu.json")) as f:
         record = json.load(f)
@@ -68,6 +70,8 @@ def main_job(root: str) -> list[str]:
     failed = []
     if seconds > BENCH_BUDGET_S or record["peak_rss_gb"] > BENCH_BUDGET_GB:
         failed.append(f"bench {seconds:.0f} s / {record['peak_rss_gb']:.1f} GB")
+    if not record["fused_opt"]["native_cpu"]:
+        failed.append("the benchmark ran without the native CPU module")
     if not record["commit"] or record["commit"].startswith("unknown"):
         failed.append(f"bench commit {record['commit']!r}")
     return failed

@@ -86,7 +86,7 @@ def test_readme_install_works_as_written_and_never_loads_another_builds_module(t
     import torch
     commands = readme_install_commands()
     assert commands[0].startswith("pip install torch") and any("pybind11" in c for c in commands)
-    assert "pip install --no-build-isolation ." in commands
+    assert "pip install --no-build-isolation ." in commands and any("build_info()" in c for c in commands)
     tree = clean_tree(tmp_path / "clone")
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", str(venv)])
@@ -98,9 +98,11 @@ def test_readme_install_works_as_written_and_never_loads_another_builds_module(t
         if command.startswith("pip install torch"):
             command = f"pip install -q torch=={torch.__version__.split('+')[0]}"
         start = time.perf_counter()
-        run(["bash", "-c", command.replace("pip install", "pip install -q", 1) if command.startswith("pip") else command],
-            cwd=tree, env=env)
+        out = run(["bash", "-c", command.replace("pip install", "pip install -q", 1) if command.startswith("pip")
+                   else command], cwd=tree, env=env)
         seconds[command] = time.perf_counter() - start
+        if "build_info()" in command:  # README's check, as printed: the built CPU module is there
+            assert "'native_cpu': True" in out, out
     assert seconds["pip install --no-build-isolation ."] < 120, seconds
     info = run([python, "-c", STEP], cwd=str(tmp_path))
     assert "'native_cpu': True" in info and "'native_cuda': False" in info

@@ -45,6 +45,11 @@ def _import_built(name: str):
     file from another build (other options or sources) is not even loaded: its digest is
     checked in the file first, then in the loaded module."""
     if MANIFEST is None:
+        package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if os.path.exists(os.path.join(os.path.dirname(package), "setup.py")):
+            raise ImportError(f"fused_opt was imported from its unbuilt source tree ({package}), which shadows "
+                              "any installed copy from inside the clone: run from another directory, or build "
+                              "in place with `pip install --no-build-isolation -e .`")
         raise ImportError("the native extension was not built (no fused_opt/_build.json; "
                           "`pip install --no-build-isolation .` builds it)")
     expected = MANIFEST.get("modules", {}).get(name)
