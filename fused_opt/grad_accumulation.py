@@ -37,7 +37,9 @@ def check_single_process(params) -> None:
     why = ("fp32_grad_accumulation turns each param's FP16/BF16 .grad into an FP32 one inside backward, under "
            "DDP's or FSDP2's gradient reduction, which reduces .grad in buckets of its own. ")
     if any(is_dtensor(p) for p in params):
-        raise ValueError(why + "It cannot be used with DTensor (FSDP2) params.")
+        raise ValueError(why + "It cannot be used with DTensor (FSDP2) params: there, FP32 gradients come from "
+                         "FSDP2 itself, fully_shard(..., mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32)) "
+                         "(with param_dtype=torch.bfloat16 over FP32 params: FP32 sharded grads).")
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         raise ValueError(why + f"It is single-process only (this process group has {dist.get_world_size()} "
                          "ranks); accumulate in .grad under DDP/FSDP2.")

@@ -261,8 +261,13 @@ def remainder_refusal_worker(rank, world, init_method, out):
             message = None
         except ValueError as exc:
             message = str(exc)
+        try:
+            fused_opt.FusedMixedPrecisionSGD([param], lr=0.1, fp32_grad_accumulation=True)
+            accumulation = None
+        except ValueError as exc:
+            accumulation = str(exc)
         if rank == 0:
-            torch.save(message, out)
+            torch.save((message, accumulation), out)
     finally:
         finish_group()
 
@@ -270,5 +275,7 @@ def remainder_refusal_worker(rank, world, init_method, out):
 def test_remainder_mode_refuses_dtensor_params(tmp_path):
     out = str(tmp_path / "message.pt")
     run_ranks(remainder_refusal_worker, (2, rendezvous(tmp_path), out), 2, out)
-    message = torch.load(out)
+    message, accumulation = torch.load(out)
     assert message is not None and "DTensor" in message and "master_weights='fp32'" in message
+    # fp32_grad_accumulation is refused with what FSDP2 users use instead
+    assert accumulation is not None and "MixedPrecisionPolicy(reduce_dtype=torch.float32)" in accumulation
