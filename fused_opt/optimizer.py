@@ -253,7 +253,7 @@ class FusedMixedPrecisionOptimizer(torch.optim.Optimizer):
         self.RULE.check_tensor_values({**self.defaults, **group}, index)
         if getattr(self, "_accumulator", None) is not None:
             self._accumulator.check_add(params)  # refused before the group is appended
-        super().add_param_group({**group, "params": params})
+        super().add_param_group({**group, "params": params, packing.STATE_KEY: packing.STATE_MARK})
         self.param_groups[-1]["params"] = ParamList(self._epoch, self.param_groups[-1]["params"])
         self._hypers.checked(self.param_groups[index], index)
         if getattr(self, "_accumulator", None) is not None:

@@ -21,11 +21,16 @@ import torch
 
 from . import ema
 from .distributed import is_dtensor, placed_like
-from .state_precision import codes_key, decode, decode_legacy, is_codes, scale_key
+from . import remainder
+from .state_precision import LEGACY_CODE_DTYPES, codes_key, decode, decode_legacy, is_codes, scale_key
 from .validation import validated_state_dict
 
 # The key, in each saved param group, of the loss scaler's state and the applied-step count.
 STATE_KEY = "fused_opt"
+# What the live groups hold under STATE_KEY. Loaders that rebuild groups only from the keys
+# the live groups have (torch.distributed.checkpoint's flattened optimizer state dicts, which
+# torchtitan saves) then restore the saved entry too, instead of dropping it.
+STATE_MARK = "loss scale, applied-step count (and EMA buffers): saved by state_dict()"
 
 
 def pack(opt) -> dict:
@@ -50,19 +55,24 @@ def pack(opt) -> dict:
             continue
         index = index_of[id(key)]
         entry = opt.RULE.saved(dict(entry))
-        # int8 codes of a sharded param are saved decoded (FP32): their blocks are per shard,
-        # and a checkpoint may be loaded on another number of ranks.
+        # int8 buffers are saved decoded, FP32 values under torch's names, in every layout: a
+        # sharded param's blocks are per shard, and a checkpoint may be loaded on another number
+        # of ranks, by torch.optim, or by a loader that asks for the live names only. Loading
+        # encodes them again, to the same codes and scales (decode then encode is the identity).
         for k in opt.RULE.all_buffers:
             if not is_codes(entry.get(k), entry.get(scale_key(k))):
                 continue
             if is_dtensor(entry[k]):
                 entry[k] = opt._state_precision.decoded_dtensor(entry[k], entry.pop(scale_key(k)))
             else:
-                entry[codes_key(k)] = entry.pop(k)
+                entry[k] = decode(entry[k], entry.pop(scale_key(k)))
         if entry.get("master_param") is key:
             del entry["master_param"]
-        if opt._masters.key in entry:  # an FP32 master, as every state dict holds (rebuilt from a remainder)
-            entry["master_param"] = opt._masters.master_of(key, entry.pop(opt._masters.key))
+        if opt._masters.key in entry:
+            # Every state dict holds an FP32 master (rebuilt from a remainder). A remainder stays
+            # too, under its live name, for loaders that ask for the live names only (DCP's
+            # flattened state dicts, torchtitan's): it gives the master back with the param.
+            entry["master_param"] = opt._masters.master_of(key, entry[opt._masters.key])
         # A view into flat storage (flat_grads) is copied out: torch.save writes a view's
         # whole storage, which would put every param's state in every entry.
         entry = {k: v.clone() if _is_view_into_more(v) else v for k, v in entry.items()}
@@ -118,6 +128,8 @@ def _load(opt, state_dict: dict) -> None:
             saved.setdefault(key, opt.defaults[key])
         groups.append(saved)
     opt._layouts.invalidate()
+    for group in groups:
+        group[STATE_KEY] = STATE_MARK
     opt.param_groups = groups
     opt.state = others  # as torch: a new state; keys that name no param are kept as they are
     opt._hypers.reset()
@@ -127,9 +139,12 @@ def _load(opt, state_dict: dict) -> None:
         p = params[index]
         state = opt.state[p]
         for key, value in entry.items():
-            if key not in ("master_param", rule.count_key, ema.KEY, *rule.all_buffers, *map(scale_key, rule.all_buffers),
-                           *map(codes_key, rule.all_buffers)):
+            if key not in ("master_param", "master_remainder", rule.count_key, ema.KEY, *rule.all_buffers,
+                           *map(scale_key, rule.all_buffers), *map(codes_key, rule.all_buffers)):
                 state[key] = value  # keys of other optimizers' wrappers ride along
+        if "master_param" not in entry and entry.get("master_remainder") is not None and p.dtype == torch.bfloat16:
+            # the remainder alone (a flattened DCP load): the master is the loaded param and it
+            entry = dict(entry, master_param=remainder.rebuild_any(p.detach(), entry["master_remainder"]))
         if "master_param" in entry:
             master = placed_like(entry["master_param"], p)
             if p.dtype == torch.float32:
@@ -143,8 +158,10 @@ def _load(opt, state_dict: dict) -> None:
             # key, codes under codes_key, or codes of the first int8 format under the key.
             saved = entry.get(codes_key(key), entry.get(key))
             if saved is not None:
-                legacy = codes_key(key) not in entry and entry.get(scale_key(key)) is not None
-                buf, scale = opt._state_precision.loaded(saved, entry.get(scale_key(key)), p,
+                legacy = (codes_key(key) not in entry and isinstance(entry.get(scale_key(key)), torch.Tensor)
+                          and saved.dtype in LEGACY_CODE_DTYPES.values())
+                codes = legacy or codes_key(key) in entry  # else values: a scale beside them means nothing
+                buf, scale = opt._state_precision.loaded(saved, entry.get(scale_key(key)) if codes else None, p,
                                                          key not in rule.unsigned_buffers, legacy)
                 state[key] = buf
                 if scale is not None:
@@ -165,9 +182,10 @@ def _load(opt, state_dict: dict) -> None:
 
 
 def decoded_state_dict(state_dict: dict) -> dict:
-    """A copy of a state dict of ours with every int8 buffer decoded to FP32 under torch's name
+    """A copy of a state dict with every int8 buffer decoded to FP32 under torch's name
     ("exp_avg" from "exp_avg_codes" and "exp_avg_scale"): what torch.optim.AdamW or SGD, or a
-    tool reading torch's names, can load. Other entries are shared, not copied."""
+    tool reading torch's names, can load. state_dict() holds values already; this converts
+    checkpoints saved with codes by earlier versions. Other entries are shared, not copied."""
     out = dict(state_dict)
     out["state"] = {}
     for index, entry in state_dict["state"].items():

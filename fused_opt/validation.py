@@ -204,7 +204,15 @@ def validated_state_dict(opt, state_dict, params: list, key: str):
             raise ValueError(f"loaded state for param id {saved_id!r} must be a dict, got {type(entry).__name__}")
         p = params[k]
         where = f"loaded state[{saved_id!r}]"
-        from .state_precision import codes_key, scale_key
+        # torch.distributed.checkpoint's flattened loads (torchtitan's) ask for every key the
+        # live state has and hand an empty dict for one the checkpoint lacks: nothing saved.
+        entry = {name: v for name, v in entry.items() if not (isinstance(v, dict) and not v)}
+        from .state_precision import LEGACY_CODE_DTYPES, codes_key, scale_key
+        if entry.get("master_remainder") is not None:  # a remainder master's low bits, beside its FP32 value
+            r = entry["master_remainder"]
+            if not isinstance(r, torch.Tensor) or r.dtype not in (torch.int16, torch.int8) or r.shape != p.shape:
+                raise ValueError(f"{where}['master_remainder'] must be an int16 or int8 tensor of shape "
+                                 f"{tuple(p.shape)}")
         for name in ("master_param", "ema_param"):  # values only: codes are never a master or an EMA
             if entry.get(name) is not None or (name == "master_param" and name in entry):
                 dtype = opt._ema.dtype if name == "ema_param" and opt._ema is not None else torch.float32
@@ -215,7 +223,8 @@ def validated_state_dict(opt, state_dict, params: list, key: str):
                 if name in entry:
                     raise ValueError(f"{where} has both {name!r} and {codes_key(name)!r}")
                 _check_saved_codes(entry, name, p, where, signed, legacy=False)
-            elif isinstance(entry.get(name), torch.Tensor) and entry.get(scale_key(name)) is not None:
+            elif (isinstance(entry.get(name), torch.Tensor) and entry.get(scale_key(name)) is not None
+                  and entry[name].dtype in LEGACY_CODE_DTYPES.values()):
                 _check_saved_codes(entry, name, p, where, signed, legacy=True)  # the first int8 format
             elif entry.get(name) is not None:
                 _check_state_tensor(entry[name], p, f"{where}[{name!r}]")

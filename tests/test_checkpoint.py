@@ -135,3 +135,62 @@ def test_recast_params_keep_fp32_masters(backend, device):
     train(model2, opt2, range(4, 5), dtype, device)
     assert_same_run(model, opt, model2, opt2)
     assert not torch.equal(masters[0], opt.state[p]["master_param"])
+
+
+MODES = {"fp32": {}, "bf16-state": dict(state_precision="bf16"), "int8-state": dict(state_precision="int8"),
+         "remainder": dict(master_weights="remainder"),
+         "remainder8-int8": dict(master_weights="remainder8", state_precision="int8"), "ema": dict(ema_decay=0.9)}
+
+
+@pytest.mark.parametrize("mode", MODES.keys())
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_flattened_state_dicts_resume_bit_identically(mode, optimizer, tmp_path):
+    """DCP's flattened optimizer state dicts (`flatten_optimizer_state_dict=True`, what
+    torchtitan saves) rebuild groups and state from the keys the live optimizer has: the loss
+    scale and applied-step count (in the groups), remainder masters and int8 state must all
+    come back, through dcp.save/dcp.load, and the run continue bit for bit."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    dtype = torch.bfloat16 if mode.startswith("remainder") else torch.float16
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(40, 40), torch.nn.BatchNorm1d(40), torch.nn.Linear(40, 3))
+        model = model.to(dtype)
+        kw = dict(MODES[mode], loss_scale="dynamic", init_scale=2.0**8, growth_interval=1)
+        if "ema_decay" in kw:
+            kw["ema_model"] = model
+        cls = fused_opt.FusedMixedPrecisionAdamW if optimizer == "adamw" else fused_opt.FusedMixedPrecisionSGD
+        extra = {} if optimizer == "adamw" else dict(momentum=0.9)
+        return model, cls(model.parameters(), lr=1e-2, max_grad_norm=1.0, **extra, **kw)
+
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(6, 40, generator=g).to(dtype) for _ in range(6)]
+
+    def step(model, opt, x):
+        opt.zero_grad()
+        opt.scale_loss(model(x).float().square().mean()).backward()
+        opt.step()
+
+    model, opt = build()
+    for x in xs[:3]:
+        step(model, opt, x)
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt, options=options)},
+             checkpoint_id=str(tmp_path))
+    scale, applied = float(opt.loss_scale), int(opt._applied_steps)
+    assert scale == 2.0**11 and applied == 3
+    resumed, resumed_opt = build()
+    target = {"model": get_model_state_dict(resumed), "optim": get_optimizer_state_dict(resumed, resumed_opt,
+                                                                                         options=options)}
+    dcp.load(target, checkpoint_id=str(tmp_path))
+    set_model_state_dict(resumed, target["model"])
+    set_optimizer_state_dict(resumed, resumed_opt, target["optim"], options=options)
+    assert float(resumed_opt.loss_scale) == scale and int(resumed_opt._applied_steps) == applied
+    for x in xs[3:]:
+        step(model, opt, x)
+        step(resumed, resumed_opt, x)
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    if "ema_decay" in MODES[mode]:
+        for (name, a), b in zip(opt.ema_state_dict().items(), resumed_opt.ema_state_dict().values()):
+            assert torch.equal(a, b), name

@@ -358,7 +358,9 @@ def test_bytes_per_param_meet_the_targets():
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
-def test_state_dict_round_trip_keeps_the_compressed_form(backend, device):
+def test_state_dict_holds_values_and_loads_back_to_the_same_codes(backend, device):
+    """int8 state is saved as FP32 values under torch's names (any loader, any layout can read
+    them) and loads back to the very codes and scales it was saved from."""
     def make(state="int8"):
         ps = [torch.nn.Parameter(torch.randn(n, device=device).to(torch.bfloat16)) for n in (7, 1023)]
         return ps, fused_opt.FusedMixedPrecisionAdamW(ps, lr=1e-2, backend=backend, master_weights="remainder8",
@@ -370,10 +372,13 @@ def test_state_dict_round_trip_keeps_the_compressed_form(backend, device):
         opt.step()
     saved = opt.state_dict()
     entry = saved["state"][1]
-    # codes under their own keys: nothing reading torch's names takes them for values
-    assert "exp_avg" not in entry and "exp_avg_sq" not in entry
-    assert entry["exp_avg_codes"].dtype == torch.int8 and entry["exp_avg_sq_codes"].dtype == torch.float16
-    assert entry["exp_avg_scale"].shape == (sp.num_blocks(1023),) and entry["master_param"].dtype == torch.float32
+    # values under torch's names, no codes or scales; the master in FP32 and its live remainder
+    assert entry["exp_avg"].dtype == torch.float32 and entry["exp_avg_sq"].dtype == torch.float32
+    assert not any(k.endswith(("_codes", "_scale")) for k in entry)
+    live = opt.state[ps[1]]
+    assert torch.equal(entry["exp_avg"], sp.decode(live["exp_avg"], live["exp_avg_scale"]))
+    assert entry["master_param"].dtype == torch.float32 and torch.equal(entry["master_remainder"],
+                                                                        live["master_remainder"])
     buffer = io.BytesIO()
     torch.save(saved, buffer)
     buffer.seek(0)
@@ -431,8 +436,15 @@ def test_bad_compressed_state_dicts_raise_before_anything_changes():
     opt = fused_opt.FusedMixedPrecisionAdamW([p], lr=1e-2, backend="torch", state_precision="int8")
     p.grad = torch.randn_like(p)
     opt.step()
-    good = opt.state_dict()
+    good = opt.state_dict()  # values; the earlier format held codes and scales, checked here
+    for name in ("exp_avg", "exp_avg_sq"):
+        del good["state"][0][name]
+        good["state"][0][sp.codes_key(name)] = opt.state[p][name].clone()
+        good["state"][0][sp.scale_key(name)] = opt.state[p][sp.scale_key(name)].clone()
     before = {k: v.clone() for k, v in state_tensors(opt, p).items()}
+    opt.load_state_dict(copy.deepcopy(good))  # it loads, to the same codes
+    for k, v in state_tensors(opt, p).items():
+        assert torch.equal(v, before[k]), k
     cases = {
         "exp_avg_scale": (torch.zeros(3), "block scales"),
         "exp_avg_sq_codes": (torch.zeros(100, dtype=torch.int8), "float16"),

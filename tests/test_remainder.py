@@ -176,7 +176,9 @@ def test_state_dict_holds_fp32_masters_and_loads_everywhere():
     train(model, opt)
     assert set(opt.state[next(model.parameters())]) == {"master_remainder", "momentum_buffer", "momentum_first_step"}
     sd = opt.state_dict()
-    assert set(sd["state"][0]) == {"master_param", "momentum_buffer"} and sd["state"][0]["master_param"].dtype == torch.float32
+    # the FP32 master torch reads, and the remainder under its live name (DCP's flattened loads ask for those)
+    assert set(sd["state"][0]) == {"master_param", "master_remainder", "momentum_buffer"}
+    assert sd["state"][0]["master_param"].dtype == torch.float32
     # into FP32-master mode and back, and into torch's SGD (on FP32 copies of the params)
     twin = copy.deepcopy(model)
     fp32_opt = fused_opt.FusedMixedPrecisionSGD(twin.parameters(), **HYPER)

@@ -177,12 +177,15 @@ def test_a_state_dict_of_another_update_rule_is_refused(source):
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_torch_cannot_step_from_int8_codes(optimizer):
-    """An int8-state checkpoint holds codes under "<name>_codes": torch.optim reads no value
-    from them (AdamW stepped with exp_avg = 127.0, the raw code, before); decoded_state_dict()
-    converts, and torch then continues as ours would from FP32 state."""
+def test_torch_steps_from_an_int8_checkpoint_as_from_fp32_state(optimizer):
+    """An int8-state checkpoint holds the decoded values under torch's names (never codes a
+    reader of those names would take for values: AdamW once stepped with exp_avg = 127.0, the
+    raw code): torch.optim loads it and continues as ours would from FP32 state. A checkpoint
+    of the earlier format, codes under "<name>_codes", is converted by decoded_state_dict()."""
+    from fused_opt import state_precision as sp
     kw = dict(momentum=0.9) if optimizer == "sgd" else {}
     cls = fused_opt.FusedMixedPrecisionSGD if optimizer == "sgd" else fused_opt.FusedMixedPrecisionAdamW
+    torch_cls = torch.optim.SGD if optimizer == "sgd" else torch.optim.AdamW
     p = nn.Parameter(torch.randn(40))
     opt = cls([p], lr=0.1, state_precision="int8", loss_scale=None, **kw)
     for _ in range(2):
@@ -190,24 +193,22 @@ def test_torch_cannot_step_from_int8_codes(optimizer):
         opt.step()
     saved = opt.state_dict()
     name = "momentum_buffer" if optimizer == "sgd" else "exp_avg"
-    assert name not in saved["state"][0] and saved["state"][0][f"{name}_codes"].dtype == torch.int8
-    q = nn.Parameter(p.detach().clone())
-    theirs = (torch.optim.SGD if optimizer == "sgd" else torch.optim.AdamW)([q], lr=0.1, **kw)
-    if optimizer == "adamw":
-        theirs.load_state_dict(saved)
+    live = sp.decode(opt.state[p][name], opt.state[p][sp.scale_key(name)])
+    entry = saved["state"][0]
+    assert entry[name].dtype == torch.float32 and torch.equal(entry[name], live)
+    assert not any(k.endswith(("_codes", "_scale")) for k in entry)
+    # the earlier format: codes and scales under their own keys
+    old = copy.deepcopy(saved)
+    old["state"][0][f"{name}_codes"] = opt.state[p][name].clone()
+    old["state"][0][sp.scale_key(name)] = opt.state[p][sp.scale_key(name)].clone()
+    del old["state"][0][name]
+    for sd in (saved, fused_opt.decoded_state_dict(old)):
+        q = nn.Parameter(p.detach().clone())
+        theirs = torch_cls([q], lr=0.1, **kw)
+        theirs.load_state_dict(sd)
+        assert torch.equal(theirs.state[q][name], live)
         q.grad = torch.randn_like(q)
-        with pytest.raises(KeyError, match="exp_avg"):
-            theirs.step()  # torch's AdamW finds no exp_avg: an error, not a step from codes
-    decoded = fused_opt.decoded_state_dict(saved)
-    entry = decoded["state"][0]
-    assert entry[name].dtype == torch.float32 and not any(k.endswith(("_codes", "_scale")) for k in entry)
-    from fused_opt import state_precision as sp
-    assert torch.equal(entry[name], sp.decode(opt.state[p][name], opt.state[p][sp.scale_key(name)]))
-    theirs = (torch.optim.SGD if optimizer == "sgd" else torch.optim.AdamW)([q], lr=0.1, **kw)
-    theirs.load_state_dict(decoded)
-    assert torch.equal(theirs.state[q][name], entry[name])
-    q.grad = torch.randn_like(q)
-    theirs.step()
+        theirs.step()
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
@@ -232,8 +233,7 @@ def test_a_run_that_reached_inf_state_loads_its_own_checkpoint(backend, device):
         other.load_state_dict(other.state_dict())
 
 
-def values_instead_of_codes(entry):
-    del entry["exp_avg_codes"], entry["exp_avg_scale"]
+def values_beyond_fp32(entry):
     entry["exp_avg"] = torch.full((40,), -1e300, dtype=torch.float64)
 
 
@@ -245,14 +245,14 @@ def test_what_a_state_dict_must_not_load():
         sd = copy.deepcopy(good)
         fn(sd["state"][0])
         return sd
-    codes, scale = good["state"][0]["exp_avg_codes"], good["state"][0]["exp_avg_scale"]
+    codes, scale = opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_scale"].clone()  # int8 codes
     cases = [
         # int8 codes with scales beside them never load as a master or an EMA
         ("master_param", edited(lambda e: e.update(master_param=codes.clone(), master_param_scale=scale.clone()))),
         ("ema_param", edited(lambda e: e.update(ema_param=codes.clone(), ema_param_scale=scale.clone()))),
         # finite float64 values beyond FP32's range would load as inf
         ("range", edited(lambda e: e.update(master_param=torch.full((40,), 1e300, dtype=torch.float64)))),
-        ("range", edited(values_instead_of_codes)),
+        ("range", edited(values_beyond_fp32)),
         ("range", edited(lambda e: e.update(ema_param=torch.full((40,), 1e40, dtype=torch.float64)))),
         # a master or an EMA that is not finite is written into the model
         ("inf or NaN", edited(lambda e: e.update(master_param=torch.full((40,), math.nan)))),
@@ -280,9 +280,8 @@ def test_first_int8_format_checkpoints_still_load():
     g = torch.Generator().manual_seed(0)
     old_m = torch.randint(-127, 128, (40,), generator=g, dtype=torch.int8)
     old_v = torch.randint(0, 256, (40,), generator=g, dtype=torch.int16).to(torch.uint8)
-    for k in ("exp_avg_codes", "exp_avg_sq_codes"):
-        entry.pop(k)
-    entry.update(exp_avg=old_m, exp_avg_sq=old_v)
+    entry.update(exp_avg=old_m, exp_avg_sq=old_v, exp_avg_scale=opt.state[p]["exp_avg_scale"].clone(),
+                 exp_avg_sq_scale=opt.state[p]["exp_avg_sq_scale"].clone())
     opt.load_state_dict(sd)
     from fused_opt import state_precision as sp
     got_m = sp.decode(opt.state[p]["exp_avg"], opt.state[p]["exp_avg_scale"])
