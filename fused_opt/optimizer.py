@@ -8,6 +8,7 @@ backend. It never reads a device value on the host, so a step can be captured in
 from __future__ import annotations
 
 import inspect
+import warnings
 from contextlib import AbstractContextManager
 
 import torch
@@ -18,7 +19,7 @@ from . import backends, clipping, copies, drop_in, ema
 from . import state_dict as packing
 from .backends import StepBatch
 from .distributed import shard_reduction
-from .flat_storage import FlatGrads
+from .flat_storage import FlatGrads, ineligible
 from .grad_accumulation import FP32GradAccumulator
 from .drop_in import SCALED_MARK
 from .grad_guard import ScaledGradGuard, grad_snapshot_of
@@ -102,6 +103,8 @@ class FusedMixedPrecisionOptimizer(torch.optim.Optimizer):
         self._backend_cache = {}
         self._transaction = Transaction()
         self._accumulator = FP32GradAccumulator(self._flat_params()) if fp32_grad_accumulation else None
+        if flat_grads:
+            self._warn_if_flat_grads_stays_off(self._flat_params())
 
     # -- copies: deepcopy, pickle, torch.save(opt) (copies.py) ------------------------------
     def __getstate__(self) -> dict:
@@ -406,6 +409,15 @@ class FusedMixedPrecisionOptimizer(torch.optim.Optimizer):
             self._flat_ids = ids
         self._flat = flat
         return flat
+
+    def _warn_if_flat_grads_stays_off(self, params: list) -> None:
+        """flat_grads=True over params it cannot hold (DTensors, several devices): said now,
+        not discovered later in flat_grads_status; every step then runs per tensor, correctly."""
+        reason = ineligible(params)
+        if reason is not None and reason != "no params":
+            warnings.warn(f"{type(self).__name__}(flat_grads=True): flat storage stays off for these params "
+                          f"({reason}); every step runs per tensor, with the same results", UserWarning,
+                          stacklevel=4)
 
     def _params_changed(self, flat: list) -> None:
         for gi, group in enumerate(self.param_groups):

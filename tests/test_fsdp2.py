@@ -63,7 +63,11 @@ def worker(rank, world, init_method, backend, dtype, norm_type, device, out, mes
     try:
         sharded, replica = shard(make_model(dtype).to(device), device, mesh_shape), make_model(dtype).to(device)
         shards = mesh_shape[-1] if mesh_shape else world
-        opt = make_opt(sharded, backend, norm_type, optimizer, flat_grads=flat, state_precision=precision)
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt = make_opt(sharded, backend, norm_type, optimizer, flat_grads=flat, state_precision=precision)
+        flat_warning = [str(w.message) for w in caught if "flat_grads=True" in str(w.message)]
         replica_opt = make_opt(replica, backend, norm_type, optimizer, state_precision=precision)
         gen = torch.Generator().manual_seed(1)
         records = []
@@ -98,7 +102,7 @@ def worker(rank, world, init_method, backend, dtype, norm_type, device, out, mes
         kinds = {type(opt.state[p][k]).__name__ for p in sharded.parameters() for k in (*keys, "ema_param")}
         if rank == 0:
             torch.save(dict(records=records, params=params, masters=masters, kinds=kinds, emas=emas,
-                            swapped=swapped, swapped_back=swapped_back, flat_status=opt.flat_grads_status), out)
+                            swapped=swapped, swapped_back=swapped_back, flat_status=opt.flat_grads_status, flat_warning=flat_warning), out)
     finally:
         finish_group()
 
@@ -161,7 +165,10 @@ def test_fsdp2_with_flat_grads_steps_per_tensor_exactly(tmp_path):
     out = str(tmp_path / "result.pt")
     run_ranks(worker, (2, rendezvous(tmp_path), "native", torch.float16, 2.0, "cpu", str(out), None, True), 2, str(out))
     check(out)
-    assert torch.load(out)["flat_status"].startswith("off: DTensor")
+    result = torch.load(out)
+    assert result["flat_status"].startswith("off: DTensor")
+    # said at construction, not left to be discovered in flat_grads_status
+    assert len(result["flat_warning"]) == 1 and "stays off" in result["flat_warning"][0]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
