@@ -346,3 +346,60 @@ def test_fsdp2_checkpoint_loads_in_one_process(precision, tmp_path):
     opt.scale_loss(model(torch.randn(4, 8).to(torch.bfloat16)).float().square().mean()).backward()
     opt.step()
     assert not bool(opt.last_step_skipped)
+
+
+def layout_load_worker(rank, world, init_method, path, out, precision):
+    """Loads one process's checkpoint into FSDP2 shards on `world` ranks; rank 0 reports the
+    gathered state, the loss scale and the step count, and whether a step then runs."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    init_group(init_method, rank, world, "gloo")
+    try:
+        model = shard(make_model(torch.bfloat16))
+        opt = make_opt(model, "native", 2.0, optimizer="adamw", state_precision=precision, ema_decay=None)
+        model_sd, opt_sd = get_state_dict(model, opt)
+        state = {"model": model_sd, "optim": opt_sd}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        loaded = {fqn: {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in entry.items()}
+                  for fqn, entry in get_state_dict(model, opt)[1]["state"].items()}
+        scale, applied = float(opt.loss_scale), int(opt._applied_steps)
+        x = torch.randn(world, 4, 8, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+        opt.scale_loss(model(x[rank]).float().square().mean()).backward()
+        opt.step()
+        if rank == 0:
+            torch.save(dict(state=loaded, scale=scale, applied=applied, skipped=bool(opt.last_step_skipped)), out)
+    finally:
+        finish_group()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_one_process_checkpoint_loads_into_fsdp2(precision, tmp_path):
+    """The other direction: a checkpoint of one process's unsharded optimizer loads into FSDP2
+    shards on 2 ranks (masters exactly, state exactly or to int8's precision in the shards'
+    own blocks, scale and step count), and the sharded optimizer steps on."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    path, out = str(tmp_path / "ckpt"), str(tmp_path / "loaded.pt")
+    model = make_model(torch.bfloat16)
+    opt = make_opt(model, "native", 2.0, optimizer="adamw", state_precision=precision, ema_decay=None)
+    for step in range(3):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)
+        opt.zero_grad()
+        opt.scale_loss(model(x).float().square().mean()).backward()
+        opt.step()
+    model_sd, opt_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=path)
+    run_ranks(layout_load_worker, (2, rendezvous(tmp_path), path, out, precision), 2, out)
+    loaded = torch.load(out)
+    assert loaded["scale"] == float(opt.loss_scale) and loaded["applied"] == int(opt._applied_steps)
+    assert not loaded["skipped"]
+    for fqn, want in opt_sd["state"].items():
+        got = loaded["state"][fqn]
+        assert torch.equal(got["master_param"], want["master_param"]), fqn
+        for key in ("exp_avg", "exp_avg_sq"):
+            if precision == "int8":
+                torch.testing.assert_close(got[key].float(), want[key].float(), rtol=0.07, atol=float(
+                    want[key].abs().max()) * 2.0**-14, msg=f"{fqn} {key}")
+            else:
+                assert torch.equal(got[key], want[key]), (fqn, key)
