@@ -31,13 +31,13 @@ inline FinalizeArgs finalize_args(int64_t scale, int64_t tracker, int64_t hyster
                       has_clip, norm_inf, dynamic, consecutive};
 }
 
-template <class Partials, class Finalize, class Update>
 // setup.py compiles in a digest of the sources and options; the package loads a module only
 // when it matches the build's manifest (fused_opt/_build.json), so no stale module runs.
 #ifndef FUSED_OPT_BUILD_DIGEST
 #define FUSED_OPT_BUILD_DIGEST ""
 #endif
 
+template <class Partials, class Finalize, class Update>
 void bind_step(pybind11::module_& m, Partials partials, Finalize finalize, Update update) {
   namespace py = pybind11;
   m.attr("BUILD_DIGEST") = FUSED_OPT_BUILD_DIGEST;

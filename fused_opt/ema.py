@@ -82,8 +82,8 @@ class BufferEMA:
     running statistics), which the optimizer does not own, kept as Ultralytics' ModelEMA and
     timm's ModelEmaV3 keep them: from their values at construction (those libraries copy the
     model then), moved on every applied step with the params' weight a,
-    `e = e + a * (b - e)`. All buffers live in one FP32 vector, so a step adds five launches
-    however many buffers the model has. A buffer is looked up by name on every step, as
+    `e = e + a * (b - e)`. All buffers live in one FP32 vector, so a step adds a few launches
+    however many buffers the model has. A buffer is looked up in its module on every step, as
     `model.half()` or `model.to()` replace buffer tensors."""
 
     def __init__(self, model: torch.nn.Module):

@@ -19,9 +19,8 @@ import copy
 
 import torch
 
-from . import ema
+from . import ema, remainder
 from .distributed import is_dtensor, placed_like
-from . import remainder
 from .state_precision import LEGACY_CODE_DTYPES, codes_key, decode, decode_legacy, is_codes, scale_key
 from .validation import validated_state_dict
 

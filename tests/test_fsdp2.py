@@ -317,8 +317,8 @@ def test_fsdp2_checkpoint_loads_in_one_process(precision, tmp_path):
     """A checkpoint of FSDP2 shards (2 ranks) loads into the unsharded model and optimizer of
     one process, in the same state precision: FP32 masters exactly, state exactly (int8: to
     its encoding's precision, its blocks now over whole tensors), the loss scale and step
-    count; the optimizer then steps. (The int8 case failed with `Missing key ...exp_avg_scale`
-    while an unsharded int8 optimizer asked for codes.)"""
+    count; the optimizer then steps. (An int8 checkpoint holding codes and scales would be
+    refused by DCP here: the shards' blocks are not the whole tensors' blocks.)"""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     path, out = str(tmp_path / "ckpt"), str(tmp_path / "saved.pt")

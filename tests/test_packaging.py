@@ -79,7 +79,7 @@ def test_readme_install_works_as_written_and_never_loads_another_builds_module(t
     """README's install block, line by line, in a fresh venv on a clean tree (torch from the
     local CPU wheel instead of the index: same version, no download): CPU-only within the
     documented minute (doubled: another test worker shares the cores). Then with nvcc, and
-    again without, in the same tree (its build/ reused, as the issue's newcomer did): the
+    again without, in the same tree (its build/ reused, as a second install reuses it): the
     second CPU-only install neither reports nor loads the CUDA module the first built, nor a
     CUDA module copied into the package by hand."""
     import time

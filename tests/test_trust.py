@@ -179,8 +179,8 @@ def test_a_state_dict_of_another_update_rule_is_refused(source):
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_torch_steps_from_an_int8_checkpoint_as_from_fp32_state(optimizer):
     """An int8-state checkpoint holds the decoded values under torch's names (never codes a
-    reader of those names would take for values: AdamW once stepped with exp_avg = 127.0, the
-    raw code): torch.optim loads it and continues as ours would from FP32 state. A checkpoint
+    reader of those names would take for values, stepping AdamW with exp_avg = 127.0, the raw
+    code): torch.optim loads it and continues as ours would from FP32 state. A checkpoint
     of the earlier format, codes under "<name>_codes", is converted by decoded_state_dict()."""
     from fused_opt import state_precision as sp
     kw = dict(momentum=0.9) if optimizer == "sgd" else {}

@@ -29,7 +29,7 @@ import fused_opt
 from . import workloads
 from .contenders import BOUND, BOUND_FP32, Model, factories, job_bytes, representative
 from .plot import plot
-from .timing import (NOISY_SPREAD, copy_bandwidth, device_name, kernel_launches, paired_ratio, ratio_spread, spread,
+from .timing import (NOISY_SPREAD, copy_bandwidth, device_name, kernel_launches, paired_ratio, spread,
                      time_interleaved)
 
 RECORD_DIR = os.path.join("bench", "results")
@@ -185,16 +185,17 @@ def _job_bytes(optimizer: str, dtype: torch.dtype, name: str) -> int:
 def _row(base, name, t, best, default_ms, copy_bps, bytes_per_param, launches, memory=None, paired=True) -> dict:
     n = base["params"]
     bandwidth = bytes_per_param * n / t["median_s"]
-    ratio = paired_ratio(best, t) if paired else None
-    noise = ratio_spread(best, t) if paired else spread(t["samples"])
     noisy = None
-    if paired:
-        rounds = [b / c for b, c in zip(best["samples"], t["samples"])]
+    if paired:  # the spread of the rounds' ratios, each from two contenders run back to back
+        rounds = [b / c for b, c in zip(best["samples"], t["samples"], strict=True)]
+        noise = spread(rounds)
         if noise > NOISY_SPREAD:
             noisy = f"the rounds' ratios run from {min(rounds):.2f}x to {max(rounds):.2f}x"
-    elif noise > NOISY_SPREAD:
-        noisy = f"the slowest repeat took {noise:.0%} longer than the fastest"
-    paired = ratio
+    else:
+        noise = spread(t["samples"])
+        if noise > NOISY_SPREAD:
+            noisy = f"the slowest repeat took {noise:.0%} longer than the fastest"
+    paired = paired_ratio(best, t) if paired else None
     return dict(base, spread=noise, noisy=noisy, over_copy=bandwidth > copy_bps, contender=name,
                 time_ms=t["median_s"] * 1e3, min_ms=t["min_s"] * 1e3, max_ms=t["max_s"] * 1e3,
                 host_ms=None if t["host_s"] is None else t["host_s"] * 1e3, first_ms=t["first_s"] * 1e3,

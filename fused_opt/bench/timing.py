@@ -91,12 +91,6 @@ def spread(samples: list) -> float:
     return max(samples) / min(samples) - 1.0
 
 
-def ratio_spread(baseline: dict, contender: dict) -> float:
-    """How far apart the rounds' ratios lie (max / min - 1): a paired ratio is meaningful when
-    its rounds agree, even on a machine that is slow in some rounds."""
-    return spread([b / c for b, c in zip(baseline["samples"], contender["samples"], strict=True)])
-
-
 def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 10) -> float:
     """Bytes/s of a device-to-device copy, counting read + write (2N for N bytes): the fastest
     of the repeats, as what the memory can do (a median on a shared machine read half of it)."""
