@@ -10,6 +10,7 @@ enqueued on the device like any kernel: no host sync, and it can be captured in 
 """
 from __future__ import annotations
 
+import operator
 import sys
 
 import torch
@@ -66,9 +67,32 @@ def shard_reduction(params: list[torch.Tensor]) -> ShardReduction | None:
     return ShardReduction([mesh.get_group(d) for d in dims])
 
 
-def local_grads(grads: list, params: list, name_of) -> list[torch.Tensor]:
+_LOCAL_TENSOR = operator.attrgetter("_local_tensor")
+_SPEC = operator.attrgetter("_spec")
+
+
+def local_tensors(dtensors: list) -> list[torch.Tensor]:
+    """The local shards of a list of DTensors."""
+    return list(map(_LOCAL_TENSOR, dtensors))
+
+
+def specs_of(params: list) -> list:
+    """Each DTensor param's sharding spec, for local_grads' fast check."""
+    return list(map(_SPEC, params))
+
+
+def local_grads(grads: list, params: list, name_of, specs: list | None = None) -> list[torch.Tensor]:
     """The local shards of DTensor grads, which must be laid out like their params (a Partial
-    grad is not reduced yet: its norm would be wrong)."""
+    grad is not reduced yet: its norm would be wrong). FSDP2 makes a new DTensor per grad every
+    step, on its param's own spec object: with `specs` (specs_of(params)) that identity is the
+    whole check, a C-level pass; anything else is compared in full."""
+    if specs is not None:
+        try:
+            local_tensors = list(map(_LOCAL_TENSOR, grads))
+            if all(map(operator.is_, map(_SPEC, grads), specs)):
+                return local_tensors
+        except AttributeError:  # a plain tensor among them: said below
+            pass
     for k, (g, p) in enumerate(zip(grads, params)):
         if not is_dtensor(g) or g.placements != p.placements or g.device_mesh != p.device_mesh:
             got = g.placements if is_dtensor(g) else "a plain tensor"

@@ -16,7 +16,7 @@ import torch
 
 from . import ema
 from .backends import StepBatch
-from .distributed import local, local_grads, shard_reduction
+from .distributed import local, local_grads, local_tensors, shard_reduction, specs_of
 from .memory import check_param_memory
 from .state_precision import scale_key
 from .validation import check_grads
@@ -33,6 +33,7 @@ class StepLayout:
         self.scales = []       # per param, the int8 buffers' block scales (None for other precisions)
         self.emas = None       # with ema_decay: each param's EMA (ema.py)
         self.reduce_stats = None
+        self.specs = None      # DTensor params: their sharding specs (distributed.local_grads)
         self.memory = None     # (data_ptr, dtype, shape, stride) of each param when built
         # The masters (not the params themselves), buffers and counts the kernels' tables
         # point at, and their data pointers when built: `buf.data = t`, `.set_()` and
@@ -97,7 +98,7 @@ class PerTensorStorage:
         layout, the state (any write to it: tracked_state.py) or the state buffers kept changed;
         the per-step checks are one tuple per tensor compared with the cached one."""
         owners = [params[i] for i in active]
-        tensors = [local(p) for p in owners] if opt._sharded else owners
+        tensors = local_tensors(owners) if opt._sharded else owners
         signature = (opt._flat_ids, active, [h.buffers for h in hypers])
         layout = self.layout
         # Storage, dtype, shape and strides (`p.data = p.data[:1]` keeps data_ptr and _version),
@@ -109,14 +110,16 @@ class PerTensorStorage:
                 or not _same(map(_DATA_PTR, layout.state_tensors), layout.state_memory, len(layout.state_memory))):
             layout = self._new_layout(opt, params, active, hypers, signature)
             layout.memory = list(map(_memory_of, tensors))
-        if not _same(map(_grad_meta_of, grads), layout.grad_meta, len(grads)):  # checked in full when a grad's kind changed
+        # DTensor params: the kernels run on the local shards, and the grads' shards are what
+        # the per-step comparison reads (a DTensor's attributes cost more than a tensor's).
+        shards = local_grads(grads, owners, lambda k: opt._param_name(owners[k]), layout.specs) if opt._sharded else grads
+        if not _same(map(_grad_meta_of, shards), layout.grad_meta, len(shards)):  # checked in full when a grad's kind changed
             check_grads(grads, owners, lambda k: opt._param_name(owners[k]))
-            grad_meta = list(map(_grad_meta_of, grads))
+            grad_meta = list(map(_grad_meta_of, shards))
             if [m[1] for m in grad_meta] != [m[1] for m in layout.grad_meta]:
                 layout.layout_id = next(self._ids)  # the backends' tables pair by grad dtype
             layout.grad_meta = grad_meta
-        if opt._sharded:  # DTensor params: the kernels run on the local shards
-            grads = local_grads(grads, owners, lambda k: opt._param_name(owners[k]))
+        grads = shards
         max_norm, norm_type = clip
         return StepBatch(params=layout.params, grads=grads, masters=layout.masters, buffers=layout.buffers,
                          counts=layout.counts, group_index=layout.group_index, groups=hypers,
@@ -139,6 +142,7 @@ class PerTensorStorage:
         check_param_memory([local(p) for p in owners], lambda k: opt._param_name(owners[k]))
         layout = StepLayout(signature, next(self._ids))
         layout.reduce_stats = shard_reduction(owners)
+        layout.specs = specs_of(owners) if layout.reduce_stats is not None else None
         rule = opt.RULE
         fixes = []
         for i in active:  # first check all, then write: a raise leaves the state as it was

@@ -403,3 +403,70 @@ def test_one_process_checkpoint_loads_into_fsdp2(precision, tmp_path):
                     want[key].abs().max()) * 2.0**-14, msg=f"{fqn} {key}")
             else:
                 assert torch.equal(got[key], want[key]), (fqn, key)
+
+
+def host_work_worker(rank, world, init_method, out):
+    """The sharded step's per-tensor host work equals one process's: the Python calls a step
+    makes grow with the tensors exactly as they do for plain tensors. And the check behind
+    that (a grad on its param's own spec object) still refuses any other grad."""
+    import sys
+    from torch.distributed.tensor import DTensor, Replicate
+    from fused_opt.bench import fsdp2
+    init_group(init_method, rank, world, "gloo")
+    try:
+        def calls_per_step(tensors, sharded):
+            model = fsdp2.build_model(tensors, torch.float32, "cpu")
+            if sharded:
+                model = fsdp2.shard(model, "cpu", world)
+            model(torch.ones(2, fsdp2.WIDTH)).square().mean().backward()
+            opt = fused_opt.FusedMixedPrecisionAdamW(model.parameters(), max_grad_norm=1.0, loss_scale=None,
+                                                     backend="native")
+            opt.step()
+            opt.step()
+            count = [0]
+
+            def profile(frame, event, arg):
+                if event in ("call", "c_call"):
+                    count[0] += 1
+            sys.setprofile(profile)
+            opt.step()
+            sys.setprofile(None)
+            return count[0], model, opt
+
+        growth = {}
+        for sharded in (False, True):
+            small, _, _ = calls_per_step(12, sharded)
+            large, model, opt = calls_per_step(120, sharded)
+            growth[sharded] = large - small
+
+        # The fast check refuses what the full one refuses, before anything is written.
+        p = next(model.parameters())
+        before = p.full_tensor().clone()
+        good = p.grad
+        refusals = []
+        for bad in (torch.ones(p.shape), DTensor.from_local(torch.ones(p.shape), good.device_mesh, [Replicate()],
+                                                            run_check=False)):
+            p.grad = bad
+            try:
+                opt.step()
+                refusals.append(None)
+            except RuntimeError as exc:
+                refusals.append(str(exc))
+        unchanged = torch.equal(p.full_tensor(), before)
+        # A grad laid out like its param on another spec object (made outside FSDP2): stepped.
+        p.grad = DTensor.from_local(good._local_tensor.clone(), good.device_mesh, good.placements, run_check=False)
+        opt.step()
+        stepped = not torch.equal(p.full_tensor(), before)
+        if rank == 0:
+            torch.save(dict(growth=growth, refusals=refusals, unchanged=unchanged, stepped=stepped), out)
+    finally:
+        finish_group()
+
+
+def test_sharded_step_host_work_grows_like_one_process(tmp_path):
+    out = str(tmp_path / "result.pt")
+    run_ranks(host_work_worker, (2, rendezvous(tmp_path), out), 2, out)
+    result = torch.load(out)
+    assert result["growth"][True] == result["growth"][False], result["growth"]
+    assert all(r is not None and "must be a DTensor with the param's placements" in r for r in result["refusals"])
+    assert result["unchanged"] and result["stepped"]

@@ -1,0 +1,189 @@
+"""The FSDP2 row: one optimizer step on a model sharded by `fully_shard` over 2 ranks, ours
+against torch.optim on the same shards, in one run.
+
+The model is many small Linear layers (two tensors each, a block of three per FSDP unit, as
+torchtitan wraps a transformer block), so a step's cost is mostly per-tensor host work: the
+number that grows with the shards. Every contender steps FP32 shards and clips by the global
+norm first (torch: `clip_grad_norm_`, which reduces over the mesh); ours also steps BF16
+shards with FP32 masters (the mixed-precision job). Grads come from one backward and are
+reused by every call, as in the single-process benchmark.
+
+    python -m fused_opt.bench.fsdp2 [--tensors 1542] [--world 2] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+MAX_NORM = 1.0
+WIDTH = 32  # small tensors: the step measures host work, not memory bandwidth
+
+
+def build_model(tensors: int, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    """`tensors` params: Linear(WIDTH, WIDTH) layers with a bias, and one without when odd."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(WIDTH, WIDTH) for _ in range(tensors // 2)]
+    if tensors % 2:
+        layers.append(torch.nn.Linear(WIDTH, WIDTH, bias=False))
+    return torch.nn.Sequential(*layers).to(device=device, dtype=dtype)
+
+
+def shard(model: torch.nn.Module, device: str, world: int) -> torch.nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device, (world,))
+    layers = list(model)
+    for k in range(0, len(layers), 3):
+        fully_shard(layers[k:k + 3], mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def contenders(tensors: int, device: str, world: int) -> dict:
+    """name -> (step callable, params): each steps its own sharded copy of the model."""
+    import fused_opt
+    made = {}
+
+    def sharded(dtype):
+        model = shard(build_model(tensors, dtype, device), device, world)
+        x = torch.randn(4, WIDTH, device=device, dtype=dtype, generator=torch.Generator(device).manual_seed(1))
+        model(x).float().square().mean().backward()
+        return list(model.parameters())
+
+    def torch_step(opt, params):
+        def step():
+            torch.nn.utils.clip_grad_norm_(params, MAX_NORM, foreach=True)
+            opt.step()
+        return step
+
+    for name, cls, kw in (("torch.optim.AdamW fused", torch.optim.AdamW, dict(lr=1e-3, fused=True)),
+                          ("torch.optim.AdamW foreach", torch.optim.AdamW, dict(lr=1e-3, foreach=True)),
+                          ("torch.optim.SGD foreach", torch.optim.SGD, dict(lr=1e-2, momentum=0.9, foreach=True))):
+        params = sharded(torch.float32)
+        made[name] = (torch_step(cls(params, **kw), params), params)
+    for name, cls, kw, dtype in (
+            ("fused_opt AdamW", fused_opt.FusedMixedPrecisionAdamW, dict(lr=1e-3), torch.float32),
+            ("fused_opt SGD", fused_opt.FusedMixedPrecisionSGD, dict(lr=1e-2, momentum=0.9), torch.float32),
+            ("fused_opt AdamW, BF16 shards + FP32 masters", fused_opt.FusedMixedPrecisionAdamW, dict(lr=1e-3),
+             torch.bfloat16)):
+        params = sharded(dtype)
+        opt = cls(params, max_grad_norm=MAX_NORM, loss_scale=None, **kw)
+        made[name] = (opt.step, params)
+    # The same step in one process on plain tensors shaped like this rank's shards: what the
+    # sharded step adds is the difference (the all_reduce of the norm included).
+    shards = [torch.nn.Parameter(p._local_tensor.detach().clone()) for p in sharded(torch.float32)]
+    for p, q in zip(shards, made["fused_opt AdamW"][1]):
+        p.grad = q.grad._local_tensor.clone()
+    opt = fused_opt.FusedMixedPrecisionAdamW(shards, lr=1e-3, max_grad_norm=MAX_NORM, loss_scale=None)
+    made[SINGLE] = (opt.step, shards)
+    # The one collective our step adds, alone: 2 floats all-reduced over the mesh.
+    stats = torch.zeros(2, device=device)
+    made[COLLECTIVE] = (lambda: torch.distributed.all_reduce(stats), [])
+    return made
+
+
+SINGLE = "fused_opt AdamW, one process, plain tensors of the shards' sizes"
+COLLECTIVE = "all_reduce of 2 floats (the sharded step's one collective)"
+
+
+def _worker(rank: int, world: int, address: str, tensors: int, device: str, repeats: int, steps: int,
+            out: str) -> None:
+    import torch.distributed as dist
+    host, port = address.rsplit(":", 1)
+    store = dist.TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=300))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", store=store, rank=rank, world_size=world)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    try:
+        torch.set_num_threads(1)  # the ranks share the machine's cores
+        made = contenders(tensors, device, world)
+        times = {name: [] for name in made}
+        for name, (fn, _) in made.items():  # warm-up: state allocation, tables, first collectives
+            for _ in range(2):
+                fn()
+        for _ in range(repeats):  # interleaved, every rank in the same order
+            for name, (fn, _) in made.items():
+                dist.barrier()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    fn()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append((time.perf_counter() - t0) / steps)
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(times, f)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run(tensors: int = 1542, world: int = 2, device: str = "cpu", repeats: int = 5, steps: int = 5) -> dict:
+    """{"rows": [...], ...}: each contender's median step time over the repeats (each repeat the
+    mean of `steps` calls on rank 0) and per tensor, and its speedup over torch's fastest AdamW
+    (SGD rows: over torch's SGD), from the same run."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=300))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "times.json")
+        mp.spawn(_worker, args=(world, f"127.0.0.1:{store.port}", tensors, device, repeats, steps, out),
+                 nprocs=world)
+        with open(out) as f:
+            times = json.load(f)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    torch_adamw = min(median["torch.optim.AdamW fused"], median["torch.optim.AdamW foreach"])
+    rows = []
+    for name, t in median.items():
+        baseline = median["torch.optim.SGD foreach"] if "SGD" in name else torch_adamw
+        ours = name.startswith("fused_opt")
+        rows.append(dict(name=name, step_ms=t * 1e3, us_per_tensor=t * 1e6 / tensors if name != COLLECTIVE else None,
+                         spread=max(times[name]) / min(times[name]) - 1.0,
+                         speedup=baseline / t if ours else None))
+    # What sharding adds to our step over one process on the same shard sizes, with and
+    # without the collective (on gloo a blocking all_reduce across processes; on NCCL enqueued).
+    added = median["fused_opt AdamW"] - median[SINGLE]
+    return dict(tensors=tensors, world=world, device=device, width=WIDTH, rows=rows,
+                sharding_adds_ms=added * 1e3, sharding_adds_without_collective_ms=(added - median[COLLECTIVE]) * 1e3)
+
+
+def table(result: dict) -> str:
+    lines = [f"FSDP2, {result['world']} ranks ({result['device']}), {result['tensors']} tensors of "
+             f"{result['width']}x{result['width']} / {result['width']}, clip by the global norm + step",
+             "| contender | step ms | µs per tensor | spread | vs torch |", "|---|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        speedup = "" if r["speedup"] is None else f"{r['speedup']:.1f}x"
+        per_tensor = "" if r["us_per_tensor"] is None else f"{r['us_per_tensor']:.2f}"
+        lines.append(f"| {r['name']} | {r['step_ms']:.3f} | {per_tensor} | {r['spread']:.2f} | {speedup} |")
+    lines.append(f"Sharding adds {result['sharding_adds_ms']:.3f} ms to our AdamW step over one process on the same "
+                 f"shard sizes, {result['sharding_adds_without_collective_ms']:.3f} ms of it outside the collective.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fused_opt.bench.fsdp2", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tensors", type=int, default=1542)
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--json", help="also write the result here")
+    args = parser.parse_args(argv)
+    result = run(args.tensors, args.world, args.device, args.repeats, args.steps)
+    print(table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
