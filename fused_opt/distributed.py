@@ -5,7 +5,9 @@ The global grad norm and the inf flag are sums (or maxima) over every element of
 so each rank reduces its own shards to one [norm statistic, inf count] pair, and one
 all_reduce per sharded mesh dimension makes it global: clipping and skipping then match the
 unsharded model. Mesh dimensions on which the params are replicated (HSDP's outer dimension)
-hold copies, which must not be counted twice, so they are left out. The collective is
+hold copies, which must not be counted twice, so they are left out. Params on several meshes
+(dense params on HSDP's 2-D mesh, experts on an expert-parallel mesh) get one pair per
+layout, each made global over its own mesh, then added up: one norm over all of them. The collective is
 enqueued on the device like any kernel: no host sync, and it can be captured in a CUDA graph.
 """
 from __future__ import annotations
@@ -29,22 +31,35 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 
 class ShardReduction:
-    """Makes a rank's [norm statistic, inf count] global over the sharded mesh dimensions."""
+    """Makes a rank's [norm statistic, inf count] global. `layouts`: per sharding layout (a
+    device mesh and the dimensions params are sharded over), the process groups of those
+    dimensions and the positions of its tensors in the step (None: all of them)."""
 
-    def __init__(self, groups: list):
-        self.groups = groups
+    def __init__(self, layouts: list[tuple[list, list | None]]):
+        self.layouts = layouts
 
-    def __call__(self, stats: torch.Tensor, norm_inf: bool) -> None:
+    @property
+    def members(self) -> list[list | None]:
+        return [members for _, members in self.layouts]
+
+    def __call__(self, stats: torch.Tensor, norm_inf: bool) -> torch.Tensor:
+        """stats: [layouts, 2], row k over layout k's tensors on this rank (reduced in place);
+        returns the global [norm statistic, inf count] over all of them."""
         import torch.distributed as dist
         # L2: sums of squares and inf counts add up; inf-norm: maxima and "any inf" take the max.
         op = dist.ReduceOp.MAX if norm_inf else dist.ReduceOp.SUM
-        for group in self.groups:
-            dist.all_reduce(stats, op=op, group=group)
+        for row, (groups, _) in zip(stats, self.layouts):
+            for group in groups:
+                dist.all_reduce(row, op=op, group=group)
+        if len(self.layouts) == 1:
+            return stats[0]
+        # Each row is global over its own mesh now: the layouts hold disjoint params.
+        return stats.amax(0) if norm_inf else stats.sum(0)
 
 
 def shard_reduction(params: list[torch.Tensor]) -> ShardReduction | None:
-    """None for plain tensors; for DTensors, the reduction their step needs. Raises when the
-    params mix layouts whose norms would need different reductions."""
+    """None for plain tensors; for DTensors, the reduction their step needs: one per sharding
+    layout (HSDP's 2-D mesh and an expert-parallel mesh beside it are two)."""
     dtensors = [p for p in params if is_dtensor(p)]
     if not dtensors:
         return None
@@ -52,19 +67,18 @@ def shard_reduction(params: list[torch.Tensor]) -> ShardReduction | None:
         raise RuntimeError("fused_opt: some params are DTensors (FSDP2 / tensor parallel) and "
                            "some are plain tensors; the global grad norm cannot tell which ranks hold copies. "
                            "Shard every param (e.g. fully_shard the root module) or use one optimizer per kind.")
-    layouts = set()
-    for p in dtensors:
+    layouts: dict = {}
+    for k, p in enumerate(dtensors):
         if any(placement.is_partial() for placement in p.placements):
             raise RuntimeError(f"fused_opt: a param has a Partial placement {p.placements}; "
                                "params must be Shard or Replicate")
+        # Mesh dimensions on which the params are replicated hold copies: left out.
         sharded_dims = tuple(d for d, placement in enumerate(p.placements) if placement.is_shard())
-        layouts.add((p.device_mesh, sharded_dims))
-    if len(layouts) > 1:
-        raise RuntimeError("fused_opt: params are sharded over different device meshes or mesh "
-                           f"dimensions ({sorted(str(dims) for _, dims in layouts)}); the grad norm needs one "
-                           "reduction for all of them. Use one optimizer per sharding layout.")
-    (mesh, dims), = layouts
-    return ShardReduction([mesh.get_group(d) for d in dims])
+        layouts.setdefault((p.device_mesh, sharded_dims), []).append(k)
+    if len(layouts) == 1:
+        (mesh, dims), = layouts
+        return ShardReduction([([mesh.get_group(d) for d in dims], None)])
+    return ShardReduction([([mesh.get_group(d) for d in dims], members) for (mesh, dims), members in layouts.items()])
 
 
 _LOCAL_TENSOR = operator.attrgetter("_local_tensor")

@@ -20,6 +20,7 @@ CPU_BACKENDS = [b for b, d in BACKEND_DEVICES if d == "cpu"]
 CUDA_BACKENDS = [b for b, d in BACKEND_DEVICES if d == "cuda"]
 STEPS = 5
 INF_STEP = 2
+EXPERTS = "hsdp+ep"  # a mesh_shape: params on two meshes (shard)
 
 
 def make_model(dtype):
@@ -47,6 +48,15 @@ def make_opt(model, backend, norm_type, optimizer="sgd", **kw):
 def shard(model, device="cpu", mesh_shape=None):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    if mesh_shape == EXPERTS:  # dense layers on HSDP's 2-D mesh, the last one on a 1-D "expert" mesh
+        world = dist.get_world_size()
+        dense = init_device_mesh(device, (2, world // 2), mesh_dim_names=("replicate", "shard"))
+        experts = init_device_mesh(device, (world,), mesh_dim_names=("ep",))
+        linears = [layer for layer in model if isinstance(layer, torch.nn.Linear)]
+        for layer in linears[:-1]:
+            fully_shard(layer, mesh=dense)
+        fully_shard(linears[-1], mesh=experts)
+        return model
     # An explicit mesh: fully_shard's default is a CUDA mesh wherever a GPU is present.
     # A 2-D mesh is HSDP: params replicated over dim 0, sharded over dim 1.
     names = ("replicate", "shard") if mesh_shape and len(mesh_shape) == 2 else None
@@ -62,7 +72,7 @@ def worker(rank, world, init_method, backend, dtype, norm_type, device, out, mes
     init_group(init_method, rank, world, "nccl" if device == "cuda" else "gloo")
     try:
         sharded, replica = shard(make_model(dtype).to(device), device, mesh_shape), make_model(dtype).to(device)
-        shards = mesh_shape[-1] if mesh_shape else world
+        shards = 2 if mesh_shape == EXPERTS else mesh_shape[-1] if mesh_shape else world
         import warnings
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -81,6 +91,9 @@ def worker(rank, world, init_method, backend, dtype, norm_type, device, out, mes
             # The replica steps the unsharded model on the gathered (reduced) grads.
             for p, q in zip(sharded.parameters(), replica.parameters()):
                 q.grad = p.grad.full_tensor()
+            # torch's norm of the same (unscaled) grads
+            torch_norm = torch.nn.utils.get_total_norm([q.grad.double() / opt.loss_scale.double()
+                                                        for q in replica.parameters()], norm_type)
             replica_opt.scale_loss(torch.zeros(()))
             if device == "cuda" and step > 0:  # after the first step built the tables: no host sync,
                 torch.cuda.set_sync_debug_mode("error")  # the NCCL all-reduce included
@@ -90,7 +103,7 @@ def worker(rank, world, init_method, backend, dtype, norm_type, device, out, mes
             replica_opt.step()
             records.append([t.clone() for t in (opt.last_grad_norm, replica_opt.last_grad_norm, opt.loss_scale,
                                                 replica_opt.loss_scale, opt.last_step_skipped,
-                                                replica_opt.last_step_skipped)])
+                                                replica_opt.last_step_skipped, torch_norm)])
         params = [(p.full_tensor(), q.detach().clone()) for p, q in zip(sharded.parameters(), replica.parameters())]
         masters = [(opt.state[p]["master_param"].full_tensor(), replica_opt.state[q]["master_param"])
                    for p, q in zip(sharded.parameters(), replica.parameters())]
@@ -114,11 +127,12 @@ def check(out, quantized=False):
     assert result["kinds"] == {"DTensor"}  # sharded state: what torch.distributed.checkpoint expects
     skipped = [bool(r[4]) for r in result["records"]]
     assert skipped == [step == INF_STEP for step in range(STEPS)]
-    for norm, replica_norm, scale, replica_scale, skip, replica_skip in result["records"]:
+    for norm, replica_norm, scale, replica_scale, skip, replica_skip, torch_norm in result["records"]:
         assert bool(skip) == bool(replica_skip) and float(scale) == float(replica_scale)
         if not skip:
             assert 0.05 < float(norm) < math.inf  # clipping was active
             torch.testing.assert_close(norm, replica_norm, rtol=1e-6, atol=0)
+            torch.testing.assert_close(norm.double(), torch_norm, rtol=1e-6, atol=0)
     # The norm is summed in another order across ranks: masters agree to FP32 rounding.
     rtol, atol = (1e-2, 1e-3) if quantized else (1e-6, 1e-7)  # (lr 0.1 and 1e-2: a fraction of a step)
     for master, replica_master in result["masters"]:
@@ -177,6 +191,17 @@ def test_hsdp_reduces_over_the_shard_dim_only(backend, tmp_path):
     # of squares (the norm off by sqrt(2)) and clip every step differently.
     out = str(tmp_path / "result.pt")
     run_ranks(worker, (4, rendezvous(tmp_path), backend, torch.float16, 2.0, "cpu", str(out), (2, 2)), 4, str(out))
+    check(out)
+
+
+@pytest.mark.parametrize("backend,norm_type", [(b, 2.0) for b in CPU_BACKENDS] + [("native", math.inf)])
+def test_one_norm_over_params_on_two_meshes(backend, norm_type, tmp_path):
+    # Dense params on HSDP's 2x2 mesh, the last layer on a 4-rank expert mesh (as torchtitan's
+    # MoE models have): one clip by the norm of all of them, as torch's over the same grads,
+    # and the inf on one mesh skips the step on both.
+    out = str(tmp_path / "result.pt")
+    run_ranks(worker, (4, rendezvous(tmp_path), backend, torch.float16, norm_type, "cpu", str(out), EXPERTS), 4,
+              str(out))
     check(out)
 
 

@@ -32,9 +32,10 @@ class StepBatch:
     the grads changed (params that step, their storage, state tensors, use of momentum), so a
     backend can cache tables of their addresses under it (and of the grads' too, when
     `flat_grads` is set). With DTensor params the lists hold
-    local shards, and `reduce_stats(stats, norm_inf)` makes a rank's fp32 [norm statistic
-    (sum of squares, or max for the inf-norm), inf count] global in place, between the norm
-    and the clip.
+    local shards, and `reduce_stats(stats, norm_inf)` makes a rank's [norm statistic (sum of
+    squares, or max for the inf-norm), inf count] global between the norm and the clip:
+    `stats` has a row per sharding layout (`reduce_stats.members`: each one's positions in the
+    lists, None for all), and the call returns the global pair over all of them.
     """
     params: list
     grads: list

@@ -76,6 +76,7 @@ class PairPlan:
     aligned: bool = False          # ... and this step's grads too: vector loads are safe
     staged: list = field(default_factory=list)    # (param or None, dense staging copy)
     master_kind: int = FP32_MASTERS  # what the master column holds (MASTER_KINDS)
+    chunk_members: torch.Tensor = None  # [C] int64 on the host: each chunk's position in the StepBatch
 
 
 @dataclass
@@ -122,6 +123,8 @@ class Plan:
             settings = torch.zeros(SCALARS, dtype=torch.float32)
             settings[EMA_ONE_MINUS_DECAY:EMA_INV_TAU + 1] = torch.tensor(batch.ema.scalars)
             self.scalars.copy_(upload(settings, device))
+        # DTensor params on several meshes: each layout's partials slots, reduced over its own mesh.
+        self.layout_slots = self._layout_slots(batch) if batch.reduce_stats is not None else [None]
         self.group_rows = None
         self.group_table = None
         self.tables_version = 0  # counts replaced chunk tables (what a backend caches addresses of)
@@ -153,7 +156,18 @@ class Plan:
                 odd_rows.append(row)  # staged every step (see refresh)
         chunk_table = torch.tensor(chunks, dtype=torch.int64).reshape(-1, 2)
         return PairPlan(param_dtype, grad_dtype, members, host, upload(chunk_table, self.device),
-                        len(chunks), base, odd_rows=odd_rows, static_aligned=not any(a & 15 for a in addresses))
+                        len(chunks), base, odd_rows=odd_rows, static_aligned=not any(a & 15 for a in addresses),
+                        chunk_members=torch.tensor(members, dtype=torch.int64)[chunk_table[:, 0]])
+
+    def _layout_slots(self, batch: StepBatch) -> list:
+        members = batch.reduce_stats.members
+        if len(members) == 1:
+            return [None]
+        layout_of = torch.empty(len(batch.params), dtype=torch.int64)
+        for k, positions in enumerate(members):
+            layout_of[positions] = k
+        slot_layout = layout_of[torch.cat([pair.chunk_members for pair in self.pairs])]
+        return [upload(torch.nonzero(slot_layout == k).flatten(), self.device) for k in range(len(members))]
 
     def norm_passes(self) -> list:
         """What the norm pass launches over: each flat run, or else each pair (both have
@@ -233,18 +247,22 @@ class Plan:
 
     def reduce_across_shards(self, batch: StepBatch, norm_inf: bool) -> int:
         """With DTensor params (distributed.py): this rank's partials and inf flags folded into
-        slot 0 and made global by batch.reduce_stats. Returns how many slots finalize reads."""
+        slot 0 and made global by batch.reduce_stats (one row per sharding layout, each over
+        its own slots). Returns how many slots finalize reads."""
         n = self.norm_chunks
         if batch.reduce_stats is None:
             return n
-        if n:
-            partials = self.partials[:n]
-            stats = torch.stack([partials.amax() if norm_inf else partials.sum(), self.flags[:n].amax().float()])
-        else:  # a rank may hold only empty shards
-            stats = torch.zeros(2, dtype=torch.float32, device=self.device)
-        batch.reduce_stats(stats, norm_inf)
-        self.partials[:1].copy_(stats[:1])
-        self.flags[:1].copy_(stats[1:])
+        rows = []
+        for slots in self.layout_slots:
+            if not n:  # a rank may hold only empty shards
+                rows.append(torch.zeros(2, dtype=torch.float32, device=self.device))
+                continue
+            partials = self.partials[:n] if slots is None else self.partials.index_select(0, slots)
+            flags = self.flags[:n] if slots is None else self.flags.index_select(0, slots)
+            rows.append(torch.stack([partials.amax() if norm_inf else partials.sum(), flags.amax().float()]))
+        total = batch.reduce_stats(torch.stack(rows), norm_inf)
+        self.partials[:1].copy_(total[:1])
+        self.flags[:1].copy_(total[1:])
         return 1
 
     def write_back(self, batch: StepBatch) -> None:

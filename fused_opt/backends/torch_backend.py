@@ -56,14 +56,20 @@ def _global_norm(unscaled: list[torch.Tensor], norm_type: float) -> torch.Tensor
     return _fp32_norm(per_tensor.square().sum(), False)
 
 
-def _global_stats(unscaled: list[torch.Tensor], found_inf: torch.Tensor, batch: StepBatch):
-    """DTensor params: this rank's [sum of squares (or max), inf count], made global."""
+def _global_stats(unscaled: list[torch.Tensor], infs: torch.Tensor, batch: StepBatch):
+    """DTensor params: this rank's [sum of squares (or max), inf count] per sharding layout,
+    made global (distributed.py). `infs`: each tensor's "has an inf or NaN"."""
     norm_inf = batch.norm_type == math.inf
-    per_tensor = _per_tensor_norms(unscaled, batch.norm_type)
-    stat = per_tensor.amax() if norm_inf else per_tensor.square().sum()
-    stats = torch.stack([stat, found_inf.double()])
-    batch.reduce_stats(stats, norm_inf)
-    return _fp32_norm(stats[0], norm_inf), stats[1] > 0
+    zero = torch.zeros((), dtype=torch.float64, device=infs.device)
+    per_tensor = [torch.linalg.vector_norm(u, batch.norm_type, dtype=torch.float64) if u.numel() else zero
+                  for u in unscaled]
+    rows = []
+    for members in batch.reduce_stats.members:
+        stats = torch.stack(per_tensor if members is None else [per_tensor[k] for k in members])
+        flags = infs if members is None else infs[members]
+        rows.append(torch.stack([stats.amax() if norm_inf else stats.square().sum(), flags.any().double()]))
+    total = batch.reduce_stats(torch.stack(rows), norm_inf)
+    return _fp32_norm(total[0], norm_inf), total[1] > 0
 
 
 def _count_up(count: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
@@ -82,13 +88,14 @@ def step(batch: StepBatch) -> None:
     unscaled = torch._foreach_mul([g.float() for g in batch.grads], inv_scale)
 
     # 2. found_inf: any element of any u_i is inf or NaN
-    found_inf = torch.stack([(~torch.isfinite(u)).any() for u in unscaled]).any()
+    infs = torch.stack([(~torch.isfinite(u)).any() for u in unscaled])
+    found_inf = infs.any()
 
     # 3. N, accumulated in FP32
     if batch.reduce_stats is None:
         norm = _global_norm(unscaled, batch.norm_type)
     else:  # sharded params: over all ranks' shards (distributed.py)
-        norm, found_inf = _global_stats(unscaled, found_inf, batch)
+        norm, found_inf = _global_stats(unscaled, infs, batch)
 
     found_inf = found_inf | ~torch.isfinite(norm)  # finite grads whose squares overflow FP32
 
