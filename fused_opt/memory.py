@@ -76,8 +76,8 @@ def usable_remainder(remainder, p: torch.Tensor, dtype=torch.int16) -> bool:
     """Whether a cached remainder (master_weights="remainder": int16, "remainder8": int8) still
     fits its param."""
     return (isinstance(remainder, torch.Tensor) and remainder.dtype == dtype and remainder.shape == p.shape
-            and remainder.device == p.device and _dense(remainder) and (remainder.stride() == p.stride()
-                                                                        or p.numel() <= 1))
+            and remainder.device == p.device and is_dtensor(remainder) == is_dtensor(p) and _dense(remainder)
+            and (local(remainder).stride() == local(p).stride() or local(p).numel() <= 1))
 
 
 def conform_buffer(buf, p: torch.Tensor, master, name: str, key: str, dtype=torch.float32):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .distributed import is_dtensor
+from .distributed import is_dtensor, local
 
 
 def rebuild(p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -34,7 +34,9 @@ def remainder_of(w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 def split_(w: torch.Tensor, p: torch.Tensor, r: torch.Tensor) -> None:
     """Writes master w into param p and remainder r: rounded to nearest even with an int16
-    remainder, or as split8 with an int8 one."""
+    remainder, or as split8 with an int8 one. DTensors (FSDP2) are split shard by shard."""
+    if is_dtensor(p):
+        w, p, r = local(_placed(w, p)), local(p), local(_placed(r, p))
     if r.dtype == torch.int8:
         p8, r8, _ = split8(w)
         p.copy_(p8)
@@ -81,10 +83,6 @@ def check_params(params, index: int | None = None, mode: str = "remainder") -> N
     """Raises, naming why, for params this mode cannot hold exactly."""
     where = "" if index is None else f" (param group {index})"
     for p in params:
-        if is_dtensor(p):
-            raise ValueError(f"master_weights={mode!r} does not support DTensor (FSDP2) params yet: the "
-                             "remainders would need sharding like the params and state dicts gathered; use "
-                             f"master_weights='fp32'{where}")
         if p.dtype != torch.bfloat16:
             raise ValueError(f"master_weights={mode!r} needs BF16 params, got {p.dtype}{where}: the remainder "
                              "is the low half of an FP32 master whose top half is the BF16 param (BF16 and FP32 "
@@ -97,7 +95,20 @@ def is_remainder(t) -> bool:
 
 
 def rebuild_any(p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """The master of param p and remainder r (int16 or int8). For a DTensor p (FSDP2), a
+    DTensor sharded like p, rebuilt shard by shard (the remainder sharded like p first when it
+    comes whole, from a full state dict)."""
+    if is_dtensor(p):
+        from torch.distributed.tensor import DTensor
+        shard = rebuild_any(local(p), local(_placed(r, p)))
+        return DTensor.from_local(shard, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                  stride=p.stride())
     return rebuild8(p, r) if r.dtype == torch.int8 else rebuild(p, r)
 
 
-
+def _placed(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """t sharded like DTensor p: as it is when it is a DTensor already, else split."""
+    if is_dtensor(t):
+        return t
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(t.to(p.device), p.device_mesh, p.placements)

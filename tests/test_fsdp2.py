@@ -68,7 +68,7 @@ def shard(model, device="cpu", mesh_shape=None):
 
 
 def worker(rank, world, init_method, backend, dtype, norm_type, device, out, mesh_shape=None, flat=False,
-           optimizer="sgd", precision="fp32"):
+           optimizer="sgd", precision="fp32", master="fp32"):
     init_group(init_method, rank, world, "nccl" if device == "cuda" else "gloo")
     try:
         sharded, replica = shard(make_model(dtype).to(device), device, mesh_shape), make_model(dtype).to(device)
@@ -76,9 +76,11 @@ def worker(rank, world, init_method, backend, dtype, norm_type, device, out, mes
         import warnings
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            opt = make_opt(sharded, backend, norm_type, optimizer, flat_grads=flat, state_precision=precision)
+            opt = make_opt(sharded, backend, norm_type, optimizer, flat_grads=flat, state_precision=precision,
+                           master_weights=master)
         flat_warning = [str(w.message) for w in caught if "flat_grads=True" in str(w.message)]
-        replica_opt = make_opt(replica, backend, norm_type, optimizer, state_precision=precision)
+        replica_opt = make_opt(replica, backend, norm_type, optimizer, state_precision=precision,
+                               master_weights=master)
         gen = torch.Generator().manual_seed(1)
         records = []
         for step in range(STEPS):
@@ -105,13 +107,14 @@ def worker(rank, world, init_method, backend, dtype, norm_type, device, out, mes
                                                 replica_opt.loss_scale, opt.last_step_skipped,
                                                 replica_opt.last_step_skipped, torch_norm)])
         params = [(p.full_tensor(), q.detach().clone()) for p, q in zip(sharded.parameters(), replica.parameters())]
-        masters = [(opt.state[p]["master_param"].full_tensor(), replica_opt.state[q]["master_param"])
+        masters = [(opt._masters.current_master(opt.state[p], p).full_tensor(),
+                    replica_opt._masters.current_master(replica_opt.state[q], q))
                    for p, q in zip(sharded.parameters(), replica.parameters())]
         emas = [(e.full_tensor(), r) for e, r in zip(opt.ema_params(), replica_opt.ema_params())]
         with opt.swap_ema():  # each rank puts its EMA shards into its param shards
             swapped = [p.full_tensor() for g in opt.param_groups for p in g["params"]]  # ema_params' order
         swapped_back = all(torch.equal(p.full_tensor(), q) for p, (q, _) in zip(sharded.parameters(), params))
-        keys = ("master_param", "exp_avg", "exp_avg_sq") if optimizer == "adamw" else ("master_param", "momentum_buffer")
+        keys = (opt._masters.key, *(("exp_avg", "exp_avg_sq") if optimizer == "adamw" else ("momentum_buffer",)))
         kinds = {type(opt.state[p][k]).__name__ for p in sharded.parameters() for k in (*keys, "ema_param")}
         if rank == 0:
             torch.save(dict(records=records, params=params, masters=masters, kinds=kinds, emas=emas,
@@ -174,6 +177,18 @@ def test_fsdp2_adamw_two_processes_equal_unsharded(backend, tmp_path):
     check(out)
 
 
+@pytest.mark.parametrize("master,precision,optimizer", [("remainder", "fp32", "adamw"), ("remainder", "int8", "sgd"),
+                                                       ("remainder8", "bf16", "adamw"), ("remainder8", "int8", "adamw")])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fsdp2_remainder_masters_equal_unsharded(backend, master, precision, optimizer, tmp_path):
+    # BF16 shards keep int16 (int8) remainders sharded like them, uneven last shards and an
+    # empty one included, with the EMA and each state precision: the masters equal one process's.
+    out = str(tmp_path / "result.pt")
+    run_ranks(worker, (2, rendezvous(tmp_path), backend, torch.bfloat16, 2.0, "cpu", out, None, False, optimizer,
+                       precision, master), 2, out)
+    check(out, quantized=precision == "int8")
+
+
 def test_fsdp2_with_flat_grads_steps_per_tensor_exactly(tmp_path):
     # FSDP2 makes a new DTensor .grad every step: flat_grads says so and keeps the exact path.
     out = str(tmp_path / "result.pt")
@@ -217,7 +232,15 @@ def test_fsdp2_on_cuda_with_nccl(backend, tmp_path):
 
 
 
-def checkpoint_worker(rank, world, init_method, backend, path, out, precision="fp32"):
+def equal_on_every_rank(a, b) -> bool:
+    """Whether two DTensors sharded alike hold the same bits on every rank (compared shard by
+    shard: gloo gathers no int16, the remainders' dtype)."""
+    same = torch.tensor([int(torch.equal(a._local_tensor, b._local_tensor))])
+    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    return bool(same)
+
+
+def checkpoint_worker(rank, world, init_method, backend, path, out, precision="fp32", master="fp32"):
     """A sharded DCP checkpoint (each rank writes its shards of masters and buffers, the scaler
     state rides in the param groups) resumes a fresh sharded model bit-identically."""
     import torch.distributed.checkpoint as dcp
@@ -226,31 +249,32 @@ def checkpoint_worker(rank, world, init_method, backend, path, out, precision="f
     try:
         def train(model, opt, steps):
             for step in steps:
-                x = torch.randn(world, 4, 8, generator=torch.Generator().manual_seed(step)).to(torch.float16)
+                x = torch.randn(world, 4, 8, generator=torch.Generator().manual_seed(step)).to(dtype)
                 opt.zero_grad()
                 opt.scale_loss(model(x[rank]).float().square().mean()).backward()
                 if step == INF_STEP and rank == 0:
                     next(model.parameters()).grad._local_tensor.view(-1)[0] = math.inf
                 opt.step()
 
-        model = shard(make_model(torch.float16))
+        dtype = torch.float16 if master == "fp32" else torch.bfloat16  # remainders: BF16 params
+        model = shard(make_model(dtype))
         try:  # FSDP2 reduce-scatters .grad after the hook would have freed it
             fused_opt.FusedMixedPrecisionSGD(model.parameters(), fp32_grad_accumulation=True)
             refused = False
         except ValueError as exc:
             refused = "DTensor" in str(exc)
-        opt = make_opt(model, backend, 2.0, state_precision=precision)
+        opt = make_opt(model, backend, 2.0, state_precision=precision, master_weights=master)
         train(model, opt, range(3))
         model_sd, opt_sd = get_state_dict(model, opt)
         dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=path)
         train(model, opt, range(3, 5))
 
         torch.manual_seed(99)
-        model2 = shard(make_model(torch.float16))
+        model2 = shard(make_model(dtype))
         with torch.no_grad():
             for p in model2.parameters():
                 p.add_(1.0)  # different values: all must come from the checkpoint
-        opt2 = make_opt(model2, backend, 2.0, state_precision=precision)
+        opt2 = make_opt(model2, backend, 2.0, state_precision=precision, master_weights=master)
         model_sd, opt_sd = get_state_dict(model2, opt2)
         state = {"model": model_sd, "optim": opt_sd}
         dcp.load(state, checkpoint_id=path)
@@ -258,8 +282,8 @@ def checkpoint_worker(rank, world, init_method, backend, path, out, precision="f
         train(model2, opt2, range(3, 5))
         same = [torch.equal(p.full_tensor(), q.full_tensor()) for p, q in zip(model.parameters(), model2.parameters())]
         for p, q in zip(model.parameters(), model2.parameters()):
-            for key in ("master_param", "momentum_buffer", "ema_param"):
-                same.append(torch.equal(opt.state[p][key].full_tensor(), opt2.state[q][key].full_tensor()))
+            for key in (opt._masters.key, "momentum_buffer", "ema_param"):
+                same.append(equal_on_every_rank(opt.state[p][key], opt2.state[q][key]))
             if precision == "int8":  # saved decoded, re-encoded on load: the same codes and scales
                 same.append(torch.equal(opt.state[p]["momentum_buffer_scale"], opt2.state[q]["momentum_buffer_scale"]))
         same.append(torch.equal(opt.loss_scale, opt2.loss_scale))
@@ -269,19 +293,20 @@ def checkpoint_worker(rank, world, init_method, backend, path, out, precision="f
         finish_group()
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("precision,master", [("fp32", "fp32"), ("int8", "fp32"), ("bf16", "remainder"),
+                                              ("int8", "remainder8")])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_fsdp2_sharded_checkpoint_resumes_bit_identically(backend, precision, tmp_path):
+def test_fsdp2_sharded_checkpoint_resumes_bit_identically(backend, precision, master, tmp_path):
     out = str(tmp_path / "result.pt")
-    run_ranks(checkpoint_worker, (2, rendezvous(tmp_path), backend, str(tmp_path / "ckpt"), out, precision), 2,
-              str(out))
+    run_ranks(checkpoint_worker, (2, rendezvous(tmp_path), backend, str(tmp_path / "ckpt"), out, precision, master),
+              2, str(out))
     result = torch.load(out)
     assert all(result["same"]), result["same"]
     assert result["refused"]  # fp32_grad_accumulation on DTensor params
     assert result["scale"] == 2.0**9  # 2**8 grew at step 1, backed off at the inf, grew again at step 4
 
 
-def remainder_refusal_worker(rank, world, init_method, out):
+def accumulation_refusal_worker(rank, world, init_method, out):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
     init_group(init_method, rank, world, "gloo")
@@ -289,31 +314,37 @@ def remainder_refusal_worker(rank, world, init_method, out):
         mesh = init_device_mesh("cpu", (world,))
         param = torch.nn.Parameter(distribute_tensor(torch.zeros(8, dtype=torch.bfloat16), mesh, [Shard(0)]))
         try:
-            fused_opt.FusedMixedPrecisionSGD([param], lr=0.1, master_weights="remainder")
-            message = None
-        except ValueError as exc:
-            message = str(exc)
-        try:
             fused_opt.FusedMixedPrecisionSGD([param], lr=0.1, fp32_grad_accumulation=True)
             accumulation = None
         except ValueError as exc:
             accumulation = str(exc)
         if rank == 0:
-            torch.save((message, accumulation), out)
+            torch.save(accumulation, out)
     finally:
         finish_group()
 
 
-def test_remainder_mode_refuses_dtensor_params(tmp_path):
+def test_fp32_grad_accumulation_refusal_names_what_fsdp2_uses(tmp_path):
     out = str(tmp_path / "message.pt")
-    run_ranks(remainder_refusal_worker, (2, rendezvous(tmp_path), out), 2, out)
-    message, accumulation = torch.load(out)
-    assert message is not None and "DTensor" in message and "master_weights='fp32'" in message
-    # fp32_grad_accumulation is refused with what FSDP2 users use instead
+    run_ranks(accumulation_refusal_worker, (2, rendezvous(tmp_path), out), 2, out)
+    accumulation = torch.load(out)
     assert accumulation is not None and "MixedPrecisionPolicy(reduce_dtype=torch.float32)" in accumulation
 
 
-def layout_save_worker(rank, world, init_method, path, out, precision):
+def mode_kw(mode: str) -> dict:
+    """"int8" or "int8/remainder": state_precision and master_weights."""
+    precision, _, master = mode.partition("/")
+    return dict(state_precision=precision, master_weights=master or "fp32", ema_decay=None)
+
+
+def gathered(entry: dict) -> dict:
+    """A state entry's full tensors. Remainders are left out (gloo gathers no int16 or int8):
+    master_param holds the same masters in FP32."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in entry.items()
+            if not (hasattr(v, "full_tensor") and v.dtype in (torch.int16, torch.int8))}
+
+
+def layout_save_worker(rank, world, init_method, path, out, mode):
     """FSDP2 on `world` ranks: AdamW steps, then a DCP checkpoint; rank 0 keeps the full
     (gathered) values the checkpoint holds, for the loader in another layout to compare."""
     import torch.distributed.checkpoint as dcp
@@ -321,7 +352,7 @@ def layout_save_worker(rank, world, init_method, path, out, precision):
     init_group(init_method, rank, world, "gloo")
     try:
         model = shard(make_model(torch.bfloat16))
-        opt = make_opt(model, "native", 2.0, optimizer="adamw", state_precision=precision, ema_decay=None)
+        opt = make_opt(model, "native", 2.0, optimizer="adamw", **mode_kw(mode))
         for step in range(3):
             x = torch.randn(world, 4, 8, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)
             opt.zero_grad()
@@ -329,16 +360,15 @@ def layout_save_worker(rank, world, init_method, path, out, precision):
             opt.step()
         model_sd, opt_sd = get_state_dict(model, opt)
         dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=path)
-        full = {fqn: {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in entry.items()}
-                for fqn, entry in opt_sd["state"].items()}
+        full = {fqn: gathered(entry) for fqn, entry in opt_sd["state"].items()}
         if rank == 0:
             torch.save(dict(state=full, scale=float(opt.loss_scale), applied=int(opt._applied_steps)), out)
     finally:
         finish_group()
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
-def test_fsdp2_checkpoint_loads_in_one_process(precision, tmp_path):
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "int8", "fp32/remainder", "int8/remainder8"])
+def test_fsdp2_checkpoint_loads_in_one_process(mode, tmp_path):
     """A checkpoint of FSDP2 shards (2 ranks) loads into the unsharded model and optimizer of
     one process, in the same state precision: FP32 masters exactly, state exactly (int8: to
     its encoding's precision, its blocks now over whole tensors), the loss scale and step
@@ -347,10 +377,11 @@ def test_fsdp2_checkpoint_loads_in_one_process(precision, tmp_path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     path, out = str(tmp_path / "ckpt"), str(tmp_path / "saved.pt")
-    run_ranks(layout_save_worker, (2, rendezvous(tmp_path), path, out, precision), 2, out)
+    run_ranks(layout_save_worker, (2, rendezvous(tmp_path), path, out, mode), 2, out)
+    precision = mode_kw(mode)["state_precision"]
     saved = torch.load(out)
     model = make_model(torch.bfloat16)
-    opt = make_opt(model, "native", 2.0, optimizer="adamw", state_precision=precision, ema_decay=None)
+    opt = make_opt(model, "native", 2.0, optimizer="adamw", **mode_kw(mode))
     model_sd, opt_sd = get_state_dict(model, opt)
     state = {"model": model_sd, "optim": opt_sd}
     dcp.load(state, checkpoint_id=path)
@@ -373,7 +404,7 @@ def test_fsdp2_checkpoint_loads_in_one_process(precision, tmp_path):
     assert not bool(opt.last_step_skipped)
 
 
-def layout_load_worker(rank, world, init_method, path, out, precision):
+def layout_load_worker(rank, world, init_method, path, out, mode):
     """Loads one process's checkpoint into FSDP2 shards on `world` ranks; rank 0 reports the
     gathered state, the loss scale and the step count, and whether a step then runs."""
     import torch.distributed.checkpoint as dcp
@@ -381,13 +412,12 @@ def layout_load_worker(rank, world, init_method, path, out, precision):
     init_group(init_method, rank, world, "gloo")
     try:
         model = shard(make_model(torch.bfloat16))
-        opt = make_opt(model, "native", 2.0, optimizer="adamw", state_precision=precision, ema_decay=None)
+        opt = make_opt(model, "native", 2.0, optimizer="adamw", **mode_kw(mode))
         model_sd, opt_sd = get_state_dict(model, opt)
         state = {"model": model_sd, "optim": opt_sd}
         dcp.load(state, checkpoint_id=path)
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        loaded = {fqn: {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in entry.items()}
-                  for fqn, entry in get_state_dict(model, opt)[1]["state"].items()}
+        loaded = {fqn: gathered(entry) for fqn, entry in get_state_dict(model, opt)[1]["state"].items()}
         scale, applied = float(opt.loss_scale), int(opt._applied_steps)
         x = torch.randn(world, 4, 8, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
         opt.scale_loss(model(x[rank]).float().square().mean()).backward()
@@ -398,8 +428,8 @@ def layout_load_worker(rank, world, init_method, path, out, precision):
         finish_group()
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_one_process_checkpoint_loads_into_fsdp2(precision, tmp_path):
+@pytest.mark.parametrize("mode", ["fp32", "int8", "bf16/remainder", "int8/remainder8"])
+def test_one_process_checkpoint_loads_into_fsdp2(mode, tmp_path):
     """The other direction: a checkpoint of one process's unsharded optimizer loads into FSDP2
     shards on 2 ranks (masters exactly, state exactly or to int8's precision in the shards'
     own blocks, scale and step count), and the sharded optimizer steps on."""
@@ -407,7 +437,7 @@ def test_one_process_checkpoint_loads_into_fsdp2(precision, tmp_path):
     from torch.distributed.checkpoint.state_dict import get_state_dict
     path, out = str(tmp_path / "ckpt"), str(tmp_path / "loaded.pt")
     model = make_model(torch.bfloat16)
-    opt = make_opt(model, "native", 2.0, optimizer="adamw", state_precision=precision, ema_decay=None)
+    opt = make_opt(model, "native", 2.0, optimizer="adamw", **mode_kw(mode))
     for step in range(3):
         x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)
         opt.zero_grad()
@@ -415,7 +445,8 @@ def test_one_process_checkpoint_loads_into_fsdp2(precision, tmp_path):
         opt.step()
     model_sd, opt_sd = get_state_dict(model, opt)
     dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=path)
-    run_ranks(layout_load_worker, (2, rendezvous(tmp_path), path, out, precision), 2, out)
+    run_ranks(layout_load_worker, (2, rendezvous(tmp_path), path, out, mode), 2, out)
+    precision = mode_kw(mode)["state_precision"]
     loaded = torch.load(out)
     assert loaded["scale"] == float(opt.loss_scale) and loaded["applied"] == int(opt._applied_steps)
     assert not loaded["skipped"]
