@@ -6,6 +6,10 @@ PY := $(VENV)/bin/python
 DEPS := torch==2.13.0 triton==3.7.1 pytest pytest-xdist pytest-timeout hypothesis expecttest numpy pybind11 setuptools wheel build matplotlib scikit-learn tqdm
 # Test-only: the frameworks users train with (never dependencies of fused_opt itself).
 FRAMEWORKS := lightning transformers accelerate
+# torchtitan's optimizer container and checkpoint format need only these of its dependencies
+# (its datasets, tensorboard and wandb are for its trainer), so it is installed without the rest.
+TORCHTITAN := torchtitan==0.3.0
+TORCHTITAN_DEPS := tyro spmd_types==0.2.3
 
 .PHONY: setup test asan bench bench-full
 setup: $(VENV)/.installed
@@ -18,7 +22,8 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
 
 # torch on the same line, so that no framework pulls another torch.
 $(VENV)/.frameworks: $(VENV)/.installed
-	$(PY) -m pip install -q torch==2.13.0 $(FRAMEWORKS)
+	$(PY) -m pip install -q torch==2.13.0 $(FRAMEWORKS) $(TORCHTITAN_DEPS)
+	$(PY) -m pip install -q --no-deps $(TORCHTITAN)
 	touch $@
 
 test: setup $(VENV)/.frameworks

@@ -16,6 +16,7 @@ storage (flat_grads keeps state in flat buffers): torch.save writes a view's who
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 
@@ -43,8 +44,12 @@ def pack(opt) -> dict:
     opt.sync_from_params()
     params = opt._flat_params()
     index_of = {id(p): i for i, p in enumerate(params)}
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index_of[id(p)] for p in g["params"]]}
-              for g in opt.param_groups]
+    # torch.optim's own group keys (capturable, differentiable, ...) at torch's defaults where
+    # ours lack them: a loader that asks for every key the torch.optim optimizer it fills has
+    # (DCP's, torchtitan's) finds them.
+    torch_keys = _torch_group_defaults(getattr(torch.optim, opt.RULE.name))
+    groups = [{**torch_keys, **{k: v for k, v in g.items() if k != "params"},
+               "params": [index_of[id(p)] for p in g["params"]]} for g in opt.param_groups]
     packed = {}
     for key, entry in opt.state.items():
         if not isinstance(key, torch.Tensor):
@@ -125,6 +130,9 @@ def _load(opt, state_dict: dict) -> None:
             saved["param_names"] = group["param_names"]
         for key in opt.RULE.keys:
             saved.setdefault(key, opt.defaults[key])
+        for key in _torch_group_defaults(getattr(torch.optim, opt.RULE.name)):
+            if key not in group:  # torch's implementation switches, saved for torch's loaders: not ours
+                saved.pop(key, None)
         groups.append(saved)
     opt._layouts.invalidate()
     for group in groups:
@@ -203,3 +211,12 @@ def decoded_state_dict(state_dict: dict) -> dict:
 def _is_view_into_more(t) -> bool:
     return (isinstance(t, torch.Tensor) and not is_dtensor(t)
             and t.untyped_storage().nbytes() > t.numel() * t.element_size())
+
+
+@functools.cache
+def _torch_group_defaults(torch_class) -> dict:
+    """The group keys torch_class (torch.optim.SGD, AdamW) adds beyond the hyperparameters ours
+    has too, at their defaults, as this torch writes them."""
+    group = torch_class([torch.zeros(1)]).param_groups[0]
+    return {k: v for k, v in group.items() if k in ("foreach", "fused", "capturable", "differentiable",
+                                                     "decoupled_weight_decay")}
