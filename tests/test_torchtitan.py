@@ -62,6 +62,15 @@ def load(path, model, container, partial=False):
     model.load_state_dict(state["model"])
 
 
+def checkpointer(folder, model, container):
+    """torchtitan's own CheckpointManager over the model and the container (no dataloader or
+    lr scheduler: their state is not ours)."""
+    from torchtitan.components.checkpoint import CheckpointManager
+    config = CheckpointManager.Config(enable=True, folder="checkpoint", interval=1)
+    return CheckpointManager(config, dataloader=None, model_parts=[model], optimizers=container, lr_schedulers=None,
+                             states={}, sd_adapter=None, base_folder=folder)
+
+
 def fresh_model():
     model = shard(make_model(torch.bfloat16))
     with torch.no_grad():
@@ -88,12 +97,13 @@ def worker(rank, world, init_method, tmp, out):
         result["kind"] = type(opt).__name__
         train(model, container, range(4), world, rank)
         saved_scale, saved_applied = float(opt.loss_scale), int(opt._applied_steps)
+        checkpointer(f"{tmp}/titan", model, container).save(curr_step=4)
         save(f"{tmp}/ours", model, container)
         train(model, container, range(4, 6), world, rank)
 
         model2 = fresh_model()
         container2 = ours(model2)
-        load(f"{tmp}/ours", model2, container2)
+        assert checkpointer(f"{tmp}/titan", model2, container2).load(step=4)
         opt2 = container2.optimizers[0]
         result["restored"] = (float(opt2.loss_scale), int(opt2._applied_steps), saved_scale, saved_applied)
         train(model2, container2, range(4, 6), world, rank)
