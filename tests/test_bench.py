@@ -35,6 +35,15 @@ def test_quick_benchmark_writes_record(tmp_path, capsys):
     assert all(r["speedup_vs_best_torch_paired"] is not None for r in record["rows"] if r["contender"].startswith("fused_opt"))
     # the torch pipelines were each timed alone: they report no paired ratio
     assert all(r["speedup_vs_best_torch_paired"] is None for r in record["rows"] if not r["contender"].startswith("fused_opt"))
+    # the FSDP2 rows: 2 processes (CPU), ours against torch.optim on the same shards, in one run
+    (fsdp2,) = record["fsdp2"]
+    assert fsdp2["world"] == (2 if device == "cpu" else min(2, torch.cuda.device_count())) and fsdp2["tensors"] == 7
+    names = {r["name"] for r in fsdp2["rows"]}
+    assert {"torch.optim.AdamW fused", "torch.optim.AdamW foreach", "torch.optim.SGD foreach", "fused_opt AdamW",
+            "fused_opt SGD"} <= names
+    for r in fsdp2["rows"]:
+        assert r["step_ms"] > 0 and (r["speedup"] is None) == (not r["name"].startswith("fused_opt"))
+    assert "FSDP2, " in (tmp_path / f"bench-{device}.md").read_text()
 
 
 def test_quick_fp32_benchmark_pairs_each_job_with_its_own_torch_pipeline(tmp_path):

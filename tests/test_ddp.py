@@ -1,16 +1,14 @@
 """torch.distributed DDP (gloo, 2 processes on 127.0.0.1): the optimizer runs unchanged on
 DDP-averaged grads, and the result equals one process training on the whole batch."""
 import datetime
-import os
 import sys
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fused_opt
+from fused_opt.bench.ranks import run_ranks  # noqa: F401 (the other tests import it from here)
 from harness import BACKEND_DEVICES
 
 CPU_BACKENDS = [b for b, d in BACKEND_DEVICES if d == "cpu"]
@@ -56,31 +54,6 @@ def worker(rank, world, init_method, backend, out, optimizer="sgd"):
             torch.save([p.detach() for p in ddp.module.parameters()], out)
     finally:
         finish_group()
-
-
-def run_ranks(fn, args, nprocs: int, result: str, timeout_s: float = 480) -> None:
-    """mp.spawn, but a rank that hangs or aborts in teardown after the result is written (both
-    seen under CI load, in the process group's destructors: "terminate called without an
-    active exception") does not fail the test: the ranks meet in a barrier after the result
-    is written (finish_group), so by then every rank's work is done. A rank that raises still
-    fails the test, and no result is still an error."""
-    context = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
-    deadline = time.time() + timeout_s
-    while True:
-        try:
-            if context.join(timeout=5):
-                break
-        except mp.ProcessExitedException:  # killed by a signal, not a Python exception
-            if not os.path.exists(result):
-                raise
-            break
-        stuck_after_result = os.path.exists(result) and time.time() - os.path.getmtime(result) > 60
-        if stuck_after_result or time.time() > deadline:
-            break
-    for process in context.processes:
-        if process.is_alive():
-            process.terminate()
-    assert os.path.exists(result), f"no rank wrote {result} within {timeout_s} s"
 
 
 def finish_group() -> None:

@@ -12,7 +12,8 @@ Rows are printed as they finish; the report then starts with a summary (the best
 workload against the best torch pipeline) and is written with a JSON record and a plot to
 --out (default `bench-out/`, untracked); --record writes to bench/results/ instead, to commit.
 The default is a representative subset (a small and a large sweep point, ResNet-50, GPT-2
-small, 161 and 10,000 tensors of 8 elements); --full runs the whole size sweep. --train
+small, 161 and 10,000 tensors of 8 elements), then the step on FSDP2 shards over 2 processes
+against torch.optim on the same shards (fsdp2.py); --full runs the whole size sweep. --train
 times whole training iterations instead (fused_opt/bench/train.py)."""
 from __future__ import annotations
 
@@ -302,7 +303,28 @@ def table(record: dict) -> str:
                      f"| {_ratio(r.get('speedup_vs_best_torch_paired'))} "
                      f"| {_ratio(r['speedup_vs_fused_opt'])} | {_ratio(r['memory_per_param'], '')} "
                      f"| {r['launches'] if r['launches'] is not None else '-'} |")
-    return "\n".join(lines)
+    if record.get("fsdp2"):
+        from . import fsdp2
+        lines += ["", *(fsdp2.table(result) + "\n" for result in record["fsdp2"])]
+    return "\n".join(lines).rstrip("\n")
+
+
+# FSDP2 rows: 161 tensors (ResNet-50's count) by default; --full adds 1,542. torch's first
+# steps on that many DTensors take about a minute on 2 CPU cores (sharding propagation).
+FSDP2_TENSORS = (161,)
+FSDP2_TENSORS_FULL = (161, 1542)
+
+
+def run_fsdp2(args, emit=print) -> list:
+    from . import fsdp2
+    device = args.device
+    world = 2 if device == "cpu" else max(1, min(2, torch.cuda.device_count()))
+    results = []
+    for tensors in (7,) if args.quick else FSDP2_TENSORS_FULL if args.full else FSDP2_TENSORS:
+        emit(f"FSDP2, {world} ranks: {tensors} tensors")
+        results.append(fsdp2.run(tensors, world, device, repeats=args.repeats, steps=args.steps))
+        emit(fsdp2.table(results[-1]))
+    return results
 
 
 def _ms(value) -> str:
@@ -329,6 +351,8 @@ def main(argv=None) -> None:
     parser.add_argument("--only", help="run only the workloads whose name contains this")
     parser.add_argument("--out", default="bench-out", help="where the record goes (default: bench-out/, untracked)")
     parser.add_argument("--record", action="store_true", help=f"write to {RECORD_DIR}/, to commit the record")
+    parser.add_argument("--no-fsdp2", dest="fsdp2", action="store_false",
+                        help="leave out the FSDP2 rows (fsdp2.py: 2 processes, or one per GPU up to 2)")
     args = parser.parse_args(argv)
     if args.record:
         args.out = RECORD_DIR
@@ -338,6 +362,8 @@ def main(argv=None) -> None:
         from .train import main as train_main
         return train_main(args)
     record = run(args, emit=lambda line: print(line, flush=True))
+    if args.fsdp2 and not args.only:
+        record["fsdp2"] = run_fsdp2(args, emit=lambda line: print(line, flush=True))
     text = table(record)
     print()
     print(text)
