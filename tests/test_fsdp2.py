@@ -344,6 +344,28 @@ def gathered(entry: dict) -> dict:
             if not (hasattr(v, "full_tensor") and v.dtype in (torch.int16, torch.int8))}
 
 
+TORCH = "torch.optim.AdamW"  # a mode: torch's own optimizer on the same params and groups
+
+
+def make_adamw(model, mode):
+    """Ours in `mode` (mode_kw), or torch.optim.AdamW with the same groups and hyperparameters."""
+    if mode != TORCH:
+        return make_opt(model, "native", 2.0, optimizer="adamw", **mode_kw(mode))
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    return torch.optim.AdamW([dict(params=decay, weight_decay=0.01), dict(params=no_decay, weight_decay=0.0,
+                                                                          amsgrad=True)], lr=1e-2, foreach=True)
+
+
+def adamw_steps(model, opt, steps, world, rank):
+    for step in steps:
+        x = torch.randn(world, 4, 8, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)
+        opt.zero_grad()
+        loss = model(x[rank]).float().square().mean()
+        (opt.scale_loss(loss) if hasattr(opt, "scale_loss") else loss).backward()
+        opt.step()
+
+
 def layout_save_worker(rank, world, init_method, path, out, mode):
     """FSDP2 on `world` ranks: AdamW steps, then a DCP checkpoint; rank 0 keeps the full
     (gathered) values the checkpoint holds, for the loader in another layout to compare."""
@@ -352,17 +374,14 @@ def layout_save_worker(rank, world, init_method, path, out, mode):
     init_group(init_method, rank, world, "gloo")
     try:
         model = shard(make_model(torch.bfloat16))
-        opt = make_opt(model, "native", 2.0, optimizer="adamw", **mode_kw(mode))
-        for step in range(3):
-            x = torch.randn(world, 4, 8, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)
-            opt.zero_grad()
-            opt.scale_loss(model(x[rank]).float().square().mean()).backward()
-            opt.step()
+        opt = make_adamw(model, mode)
+        adamw_steps(model, opt, range(3), world, rank)
         model_sd, opt_sd = get_state_dict(model, opt)
         dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=path)
         full = {fqn: gathered(entry) for fqn, entry in opt_sd["state"].items()}
         if rank == 0:
-            torch.save(dict(state=full, scale=float(opt.loss_scale), applied=int(opt._applied_steps)), out)
+            torch.save(dict(state=full, scale=float(getattr(opt, "loss_scale", 0)),
+                            applied=int(getattr(opt, "_applied_steps", 0))), out)
     finally:
         finish_group()
 
@@ -404,26 +423,29 @@ def test_fsdp2_checkpoint_loads_in_one_process(mode, tmp_path):
     assert not bool(opt.last_step_skipped)
 
 
-def layout_load_worker(rank, world, init_method, path, out, mode):
-    """Loads one process's checkpoint into FSDP2 shards on `world` ranks; rank 0 reports the
-    gathered state, the loss scale and the step count, and whether a step then runs."""
+def layout_load_worker(rank, world, init_method, path, out, mode, partial=False):
+    """Loads a checkpoint into FSDP2 shards on `world` ranks; rank 0 reports the gathered
+    state, the loss scale and the step count, and whether a step then runs. partial: DCP's
+    allow_partial_load, for torch.optim's checkpoint (no masters, no loss scale) into ours."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     init_group(init_method, rank, world, "gloo")
     try:
         model = shard(make_model(torch.bfloat16))
-        opt = make_opt(model, "native", 2.0, optimizer="adamw", **mode_kw(mode))
+        opt = make_adamw(model, mode)
+        if mode == TORCH:  # torch.optim's state exists after a step (DCP's get_state_dict makes ours)
+            adamw_steps(model, opt, range(1), world, rank)
         model_sd, opt_sd = get_state_dict(model, opt)
         state = {"model": model_sd, "optim": opt_sd}
-        dcp.load(state, checkpoint_id=path)
+        dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=partial))
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         loaded = {fqn: gathered(entry) for fqn, entry in get_state_dict(model, opt)[1]["state"].items()}
-        scale, applied = float(opt.loss_scale), int(opt._applied_steps)
-        x = torch.randn(world, 4, 8, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
-        opt.scale_loss(model(x[rank]).float().square().mean()).backward()
-        opt.step()
+        scale, applied = float(getattr(opt, "loss_scale", 0)), int(getattr(opt, "_applied_steps", 0))
+        adamw_steps(model, opt, range(7, 8), world, rank)
+        skipped = bool(getattr(opt, "last_step_skipped", False))
         if rank == 0:
-            torch.save(dict(state=loaded, scale=scale, applied=applied, skipped=bool(opt.last_step_skipped)), out)
+            torch.save(dict(state=loaded, scale=scale, applied=applied, skipped=skipped), out)
     finally:
         finish_group()
 
@@ -526,3 +548,51 @@ def test_sharded_step_host_work_grows_like_one_process(tmp_path):
     assert result["growth"][True] == result["growth"][False], result["growth"]
     assert all(r is not None and "must be a DTensor with the param's placements" in r for r in result["refusals"])
     assert result["unchanged"] and result["stepped"]
+
+
+def compare_states(saved: dict, loaded: dict, precision: str, keys=("exp_avg", "exp_avg_sq")) -> None:
+    """Full (gathered) state of each param: masters exactly, state exactly or, int8, to the
+    encoding's precision (re-encoded in the new layout's blocks)."""
+    for fqn, want in saved.items():
+        got = loaded[fqn]
+        if "master_param" in want and "master_param" in got:
+            assert torch.equal(got["master_param"], want["master_param"]), fqn
+        for key in keys:
+            a, b = got[key].float(), want[key].float()
+            if precision == "int8":
+                torch.testing.assert_close(a, b, rtol=0.07, atol=float(b.abs().max()) * 2.0**-14, msg=f"{fqn} {key}")
+            else:
+                assert torch.equal(a, b), (fqn, key)
+
+
+@pytest.mark.parametrize("mode", ["fp32", "int8/remainder8", "bf16/remainder"])
+def test_fsdp2_checkpoint_reshards_from_2_to_4_ranks(mode, tmp_path):
+    """k ranks -> m ranks: a checkpoint of FSDP2 shards on 2 ranks loads into shards on 4
+    (each rank's shard now a quarter), masters and state as saved, loss scale and step count,
+    and the optimizer steps on."""
+    path, saved_out, loaded_out = str(tmp_path / "ckpt"), str(tmp_path / "saved.pt"), str(tmp_path / "loaded.pt")
+    run_ranks(layout_save_worker, (2, rendezvous(tmp_path), path, saved_out, mode), 2, saved_out)
+    run_ranks(layout_load_worker, (4, rendezvous(tmp_path), path, loaded_out, mode), 4, loaded_out)
+    saved, loaded = torch.load(saved_out), torch.load(loaded_out)
+    assert (loaded["scale"], loaded["applied"]) == (saved["scale"], saved["applied"]) and not loaded["skipped"]
+    compare_states(saved["state"], loaded["state"], mode_kw(mode)["state_precision"])
+
+
+@pytest.mark.parametrize("saver,loader", [(TORCH, "int8/remainder8"), ("bf16/remainder", TORCH)],
+                         ids=["torch-into-ours", "ours-into-torch"])
+def test_fsdp2_checkpoints_cross_with_torch_adamw(saver, loader, tmp_path):
+    """torch.optim.AdamW's FSDP2 checkpoint (2 ranks) into ours on 4 ranks, and ours into
+    torch's: the moments as saved (torch keeps them in the params' BF16; ours decoded). torch's
+    checkpoint holds no masters or loss scale, so ours loads it partially: the masters start
+    from the loaded params."""
+    path, saved_out, loaded_out = str(tmp_path / "ckpt"), str(tmp_path / "saved.pt"), str(tmp_path / "loaded.pt")
+    run_ranks(layout_save_worker, (2, rendezvous(tmp_path), path, saved_out, saver), 2, saved_out)
+    run_ranks(layout_load_worker, (4, rendezvous(tmp_path), path, loaded_out, loader, saver == TORCH), 4, loaded_out)
+    saved, loaded = torch.load(saved_out), torch.load(loaded_out)
+    assert not loaded["skipped"]
+    if loader == TORCH:  # torch casts loaded state to the param's dtype
+        saved = {fqn: {k: v.to(torch.bfloat16) if k in ("exp_avg", "exp_avg_sq") else v for k, v in entry.items()}
+                 for fqn, entry in saved["state"].items()}
+        compare_states(saved, loaded["state"], "bf16")
+    else:
+        compare_states(saved["state"], loaded["state"], mode_kw(loader)["state_precision"])
