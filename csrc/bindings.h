@@ -63,18 +63,21 @@ void bind_step(pybind11::module_& m, Partials partials, Finalize finalize, Updat
     dispatch_update_dtypes(a, [](auto, auto) {});  // unknown codes raise before any write
     update(a, stream);
   });
-  // A whole step where nothing runs between the passes (no reduction across ranks): one
-  // crossing from Python instead of three (the crossings, not the launches, were most of a
-  // small step's host time once a step's bytes had pushed them out of the caches), and no
-  // point between the launches where an exception or an interrupt could leave half a step.
-  // Every dtype code is checked before the first launch, so a bad record writes nothing.
+  // A whole step: one crossing from Python instead of three (the crossings, not the launches,
+  // were most of a small step's host time once a step's bytes had pushed them out of the
+  // caches), and no point between the launches where an exception or an interrupt could leave
+  // half a step. Every dtype code is checked before the first launch, so a bad record writes
+  // nothing. `across` (None, or a Python callable) runs between the norm pass and the finalize:
+  // sharded params' reduction across ranks, which folds the partials and returns how many
+  // slots the finalize reads; it writes only scratch, so if it raises nothing has changed.
   m.def("step", [partials, finalize, update](
                     int64_t norms, int64_t num_norms, int64_t updates, int64_t num_updates, int64_t groups,
                     int64_t scalars, int64_t partial_slots, int64_t flag_slots, int64_t num_partials,
                     int64_t scale, int64_t tracker, int64_t hysteresis_tracker, int64_t applied, int64_t skips,
                     int64_t grad_norm, int64_t found_inf, float max_norm, float growth, float backoff,
                     float min_scale, float max_scale, int32_t interval, int32_t hysteresis, bool has_clip,
-                    bool norm_inf, bool dynamic, bool consecutive, int64_t chunk_size, int64_t stream) {
+                    bool norm_inf, bool dynamic, bool consecutive, int64_t chunk_size, int64_t stream,
+                    py::object across) {
     const auto* n = reinterpret_cast<const NormRecord*>(norms);
     const auto* u = reinterpret_cast<const UpdateRecord*>(updates);
     auto update_args = [&](const UpdateRecord& r) {
@@ -87,6 +90,7 @@ void bind_step(pybind11::module_& m, Partials partials, Finalize finalize, Updat
       partials(PartialsArgs{n[i].chunks, n[i].num_chunks, n[i].table, scale, n[i].partials, n[i].flags, chunk_size,
                             int(n[i].grad_dtype), norm_inf}, stream);
     }
+    if (!across.is_none()) num_partials = across().cast<int64_t>();
     const FinalizeArgs a = finalize_args(scale, tracker, hysteresis_tracker, applied, skips, scalars, grad_norm,
                                          found_inf, max_norm, growth, backoff, min_scale, max_scale, interval,
                                          hysteresis, has_clip, norm_inf, dynamic, consecutive);

@@ -28,7 +28,7 @@ void parallel_chunks(const Chunk* chunks, const TensorEntry* table, int64_t num_
                      Fn&& fn) {
   int64_t elements = 0;
   for (int64_t c = 0; c < num_chunks; ++c) elements += chunk_end(table[chunks[c].row], chunks[c], chunk_size) - chunks[c].start;
-  const int64_t threads = std::min({ThreadPool::hardware_threads(), num_chunks, elements / kMinElementsPerThread});
+  const int64_t threads = std::min({ThreadPool::max_threads(), num_chunks, elements / kMinElementsPerThread});
   if (threads <= 1) {
     for (int64_t c = 0; c < num_chunks; ++c) fn(c);
     return;
@@ -348,6 +348,9 @@ PYBIND11_MODULE(FUSED_OPT_CPU_MODULE, m) {
   m.doc() = "fused_opt C++ CPU kernels";
   m.attr("CPU_PATH") = FUSED_OPT_CPU_PATH;
   fused_opt::bind_step(m, fused_opt::partials, fused_opt::finalize_step, fused_opt::update);
+  // The pool's thread limit, which native_backend.py keeps at torch.get_num_threads().
+  m.def("set_num_threads", [](int64_t n) { fused_opt::ThreadPool::thread_limit() = std::max<int64_t>(1, n); });
+  m.def("num_threads", [] { return fused_opt::ThreadPool::max_threads(); });
   // Whether each of n host words (at the addresses in `addrs`) still holds the value in
   // `values`: the flat step's check that no param's storage moved (flat_storage.py), which
   // reads one word per param instead of a Python call per param.

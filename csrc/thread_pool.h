@@ -5,6 +5,7 @@
 #include <pthread.h>
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -31,11 +32,21 @@ class ThreadPool {
     return threads;
   }
 
+  // The most threads a pass uses: torch.set_num_threads's setting, which the Python side passes
+  // on (torchrun sets OMP_NUM_THREADS=1 when a machine runs several ranks: a pool of the
+  // hardware's size in every rank would oversubscribe the cores), at most the hardware's.
+  static std::atomic<int64_t>& thread_limit() {
+    static std::atomic<int64_t> limit{hardware_threads()};
+    return limit;
+  }
+  static int64_t max_threads() {
+    return std::min(hardware_threads(), thread_limit().load(std::memory_order_relaxed));
+  }
   // fn(t) for every t in [0, tasks), the calling thread taking its share; returns when all ran.
   void run(int64_t tasks, const std::function<void(int64_t)>& fn) {
     std::lock_guard<std::mutex> one_run_at_a_time(run_lock_);
     std::unique_lock<std::mutex> lock(lock_);
-    const int64_t wanted = std::min(tasks, hardware_threads()) - 1;
+    const int64_t wanted = std::min(tasks, max_threads()) - 1;
     while (int64_t(started_) < wanted) {
       std::thread(&ThreadPool::work, this).detach();  // detached: exit never waits on a parked worker
       ++started_;

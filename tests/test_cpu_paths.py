@@ -3,6 +3,7 @@ loaded at import: every path this machine can run gives the same bits on the sam
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -149,3 +150,23 @@ def test_write_back_rounds_ties_to_even_as_torch(path, dtype):
         assert torch.equal(_bits(p), _bits(masters.to(dtype)))
     finally:
         native_backend._native_cpu = previous
+
+
+def test_the_cpu_kernels_use_as_many_threads_as_torch():
+    """torch.set_num_threads bounds the CPU kernels' pool too (torchrun sets OMP_NUM_THREADS=1
+    for several ranks per machine; a pool of every core in each rank would oversubscribe), and
+    the step's results do not depend on it."""
+    before = torch.get_num_threads()
+    p = torch.nn.Parameter(torch.randn(1 << 18))
+    results = []
+    try:
+        for threads in (1, before):
+            torch.set_num_threads(threads)
+            q = torch.nn.Parameter(p.detach().clone())
+            q.grad = torch.linspace(-1, 1, q.numel())
+            fused_opt.FusedMixedPrecisionSGD([q], lr=0.1, momentum=0.9, backend="native").step()
+            assert native_backend._native_cpu.num_threads() == min(threads, os.cpu_count())
+            results.append(q.detach().clone())
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0], results[1])

@@ -11,6 +11,7 @@ import mmap
 import os
 import re
 import time
+from functools import partial
 
 import torch
 
@@ -198,7 +199,15 @@ def availability(device: torch.device) -> str | None:
 def _module_and_stream(device: torch.device):
     if device.type == "cuda":
         return _native_cuda, torch.cuda.current_stream(device).cuda_stream
+    global _cpu_threads
+    threads = torch.get_num_threads()  # the CPU kernels use as many threads as torch's ops would
+    if threads != _cpu_threads:
+        _native_cpu.set_num_threads(threads)
+        _cpu_threads = threads
     return _native_cpu, 0
+
+
+_cpu_threads = None  # what the CPU module's pool was last limited to
 
 
 # The benchmark sets a [seconds] list here: the time spent inside the kernels, which on the CPU
@@ -233,8 +242,9 @@ def launch_step(module, *args):
 
 def one_call(batch: StepBatch) -> bool:
     """Whether this step's launches are one call (Transaction then has nothing to roll back:
-    the module checks every record before its first write)."""
-    return ONE_CALL and batch.reduce_stats is None
+    the module checks every record before its first write, and a reduction across ranks
+    inside it writes only scratch)."""
+    return ONE_CALL
 
 
 def _static_args(plan) -> dict:
@@ -284,8 +294,10 @@ def step(batch: StepBatch) -> None:
     groups = plan.group_table.data_ptr()
     if one_call(batch):
         norms, num_norms, updates, num_updates = _records(plan, static)
+        across = None if batch.reduce_stats is None else partial(plan.reduce_across_shards, batch, norm_inf)
         args = (norms.data_ptr(), num_norms, updates.data_ptr(), num_updates, groups, static["scalars"],
-                static["partials"], static["flags"], plan.norm_chunks, *finalize_args, plan.chunk_size, stream)
+                static["partials"], static["flags"], plan.norm_chunks, *finalize_args, plan.chunk_size, stream,
+                across)
         if batch.flat_grads is not None:  # nothing after the call: flat steps stage nothing, bump no versions
             launch_step(module, *args)
             return
