@@ -344,20 +344,27 @@ def gathered(entry: dict) -> dict:
             if not (hasattr(v, "full_tensor") and v.dtype in (torch.int16, torch.int8))}
 
 
-TORCH = "torch.optim.AdamW"  # a mode: torch's own optimizer on the same params and groups
+# Modes that are torch's own optimizer on the same params and groups; "sgd:<mode>" is our SGD.
+TORCH, TORCH_SGD = "torch.optim.AdamW", "torch.optim.SGD"
 
 
-def make_adamw(model, mode):
-    """Ours in `mode` (mode_kw), or torch.optim.AdamW with the same groups and hyperparameters."""
-    if mode != TORCH:
+def make_optimizer(model, mode):
+    """Ours in `mode` (mode_kw; AdamW, or SGD for "sgd:..."), or torch.optim.AdamW / SGD with the
+    same groups and hyperparameters."""
+    if mode.startswith("sgd:"):
+        return make_opt(model, "native", 2.0, optimizer="sgd", **mode_kw(mode[4:]))
+    if mode not in (TORCH, TORCH_SGD):
         return make_opt(model, "native", 2.0, optimizer="adamw", **mode_kw(mode))
     decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
     no_decay = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    if mode == TORCH_SGD:
+        return torch.optim.SGD([dict(params=decay, weight_decay=0.01), dict(params=no_decay, nesterov=True)],
+                               lr=0.1, momentum=0.9, foreach=True)
     return torch.optim.AdamW([dict(params=decay, weight_decay=0.01), dict(params=no_decay, weight_decay=0.0,
                                                                           amsgrad=True)], lr=1e-2, foreach=True)
 
 
-def adamw_steps(model, opt, steps, world, rank):
+def train_steps(model, opt, steps, world, rank):
     for step in steps:
         x = torch.randn(world, 4, 8, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)
         opt.zero_grad()
@@ -374,8 +381,8 @@ def layout_save_worker(rank, world, init_method, path, out, mode):
     init_group(init_method, rank, world, "gloo")
     try:
         model = shard(make_model(torch.bfloat16))
-        opt = make_adamw(model, mode)
-        adamw_steps(model, opt, range(3), world, rank)
+        opt = make_optimizer(model, mode)
+        train_steps(model, opt, range(3), world, rank)
         model_sd, opt_sd = get_state_dict(model, opt)
         dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=path)
         full = {fqn: gathered(entry) for fqn, entry in opt_sd["state"].items()}
@@ -433,16 +440,16 @@ def layout_load_worker(rank, world, init_method, path, out, mode, partial=False)
     init_group(init_method, rank, world, "gloo")
     try:
         model = shard(make_model(torch.bfloat16))
-        opt = make_adamw(model, mode)
-        if mode == TORCH:  # torch.optim's state exists after a step (DCP's get_state_dict makes ours)
-            adamw_steps(model, opt, range(1), world, rank)
+        opt = make_optimizer(model, mode)
+        if mode in (TORCH, TORCH_SGD):  # torch.optim's state exists after a step (DCP's get_state_dict makes ours)
+            train_steps(model, opt, range(1), world, rank)
         model_sd, opt_sd = get_state_dict(model, opt)
         state = {"model": model_sd, "optim": opt_sd}
         dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=partial))
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         loaded = {fqn: gathered(entry) for fqn, entry in get_state_dict(model, opt)[1]["state"].items()}
         scale, applied = float(getattr(opt, "loss_scale", 0)), int(getattr(opt, "_applied_steps", 0))
-        adamw_steps(model, opt, range(7, 8), world, rank)
+        train_steps(model, opt, range(7, 8), world, rank)
         skipped = bool(getattr(opt, "last_step_skipped", False))
         if rank == 0:
             torch.save(dict(state=loaded, scale=scale, applied=applied, skipped=skipped), out)
@@ -578,21 +585,26 @@ def test_fsdp2_checkpoint_reshards_from_2_to_4_ranks(mode, tmp_path):
     compare_states(saved["state"], loaded["state"], mode_kw(mode)["state_precision"])
 
 
-@pytest.mark.parametrize("saver,loader", [(TORCH, "int8/remainder8"), ("bf16/remainder", TORCH)],
-                         ids=["torch-into-ours", "ours-into-torch"])
-def test_fsdp2_checkpoints_cross_with_torch_adamw(saver, loader, tmp_path):
-    """torch.optim.AdamW's FSDP2 checkpoint (2 ranks) into ours on 4 ranks, and ours into
-    torch's: the moments as saved (torch keeps them in the params' BF16; ours decoded). torch's
-    checkpoint holds no masters or loss scale, so ours loads it partially: the masters start
-    from the loaded params."""
+@pytest.mark.parametrize("saver,loader", [(TORCH, "int8/remainder8"), ("bf16/remainder", TORCH),
+                                          (TORCH_SGD, "sgd:int8/remainder8"), ("sgd:bf16/remainder", TORCH_SGD)],
+                         ids=["adamw-torch-into-ours", "adamw-ours-into-torch", "sgd-torch-into-ours",
+                              "sgd-ours-into-torch"])
+def test_fsdp2_checkpoints_cross_with_torch_optim(saver, loader, tmp_path):
+    """torch.optim.AdamW's and SGD's FSDP2 checkpoints (2 ranks) into ours on 4 ranks, and ours
+    into torch's: the moments and momentum as saved (torch keeps them in the params' BF16; ours
+    decoded). torch's checkpoint holds no masters or loss scale, so ours loads it partially: the
+    masters start from the loaded params."""
     path, saved_out, loaded_out = str(tmp_path / "ckpt"), str(tmp_path / "saved.pt"), str(tmp_path / "loaded.pt")
     run_ranks(layout_save_worker, (2, rendezvous(tmp_path), path, saved_out, saver), 2, saved_out)
-    run_ranks(layout_load_worker, (4, rendezvous(tmp_path), path, loaded_out, loader, saver == TORCH), 4, loaded_out)
+    partial = saver in (TORCH, TORCH_SGD)
+    run_ranks(layout_load_worker, (4, rendezvous(tmp_path), path, loaded_out, loader, partial), 4, loaded_out)
     saved, loaded = torch.load(saved_out), torch.load(loaded_out)
     assert not loaded["skipped"]
-    if loader == TORCH:  # torch casts loaded state to the param's dtype
-        saved = {fqn: {k: v.to(torch.bfloat16) if k in ("exp_avg", "exp_avg_sq") else v for k, v in entry.items()}
+    keys = ("momentum_buffer",) if "SGD" in saver or saver.startswith("sgd:") else ("exp_avg", "exp_avg_sq")
+    if loader in (TORCH, TORCH_SGD):  # torch casts loaded state to the param's dtype
+        saved = {fqn: {k: v.to(torch.bfloat16) if k in keys else v for k, v in entry.items()}
                  for fqn, entry in saved["state"].items()}
-        compare_states(saved, loaded["state"], "bf16")
+        compare_states(saved, loaded["state"], "bf16", keys)
     else:
-        compare_states(saved["state"], loaded["state"], mode_kw(loader)["state_precision"])
+        compare_states(saved["state"], loaded["state"], mode_kw(loader[4:] if loader.startswith("sgd:") else loader)[
+            "state_precision"], keys)

@@ -132,3 +132,24 @@ def test_skipped_first_steps_leave_no_trace_in_momentum(backend, device):
     assert torch.equal(opt.state[p]["momentum_buffer"], torch.full((6,), 2.0, device=device))
     assert "momentum_buffer" in opt.state_dict()["state"][0]
     torch.testing.assert_close(opt.state[p]["master_param"], torch.full((6,), 0.8, device=device))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+def test_an_empty_param_keeps_its_applied_momentum_buffer_as_torch(backend, device, precision):
+    """An empty param (and FSDP2's empty last shards, where this decides whether every rank's
+    state dict has the same keys) has a momentum buffer once a step was applied, as in
+    torch.optim.SGD: an empty tensor's memory address is 0, which must not read as "no buffer"."""
+    params = [torch.nn.Parameter(torch.ones(5, device=device).half()), torch.nn.Parameter(torch.ones(0, device=device).half())]
+    theirs = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
+    for p, q in zip(params, theirs):
+        p.grad = torch.ones_like(p)
+        q.grad = torch.ones_like(q)
+    opt = fused_opt.FusedMixedPrecisionSGD(params, lr=0.1, momentum=0.9, backend=backend, loss_scale=None,
+                                           state_precision=precision)
+    torch_opt = torch.optim.SGD(theirs, lr=0.1, momentum=0.9)
+    opt.step()
+    torch_opt.step()
+    ours_keys = {i: set(e) & {"momentum_buffer"} for i, e in opt.state_dict()["state"].items()}
+    torch_keys = {i: set(e) for i, e in torch_opt.state_dict()["state"].items()}
+    assert ours_keys == torch_keys == {0: {"momentum_buffer"}, 1: {"momentum_buffer"}}

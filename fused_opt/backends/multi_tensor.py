@@ -101,6 +101,7 @@ class Plan:
         self.ema_dtype = batch.ema.dtype if batch.emas is not None else None
         # How the state buffers are stored: one code per launch (state_precision.py).
         self.state_code = batch.state_precision.code if batch.state_precision is not None else 0
+        self.placeholder = torch.zeros(4, dtype=torch.float32, device=device)  # see _pair_plan
         by_pair: dict = {}
         for i, (p, g, m) in enumerate(zip(batch.params, batch.grads, batch.masters)):
             by_pair.setdefault((p.dtype, g.dtype, MASTER_KINDS[m.dtype]), []).append(i)
@@ -140,7 +141,10 @@ class Plan:
             n = master.numel()
             host[row, MASTER] = master.data_ptr()
             for column, buf in zip(BUFFER_COLUMNS, bufs):
-                host[row, column] = buf.data_ptr()
+                # An empty buffer (an empty param, or FSDP2's empty last shards) has no memory,
+                # and a 0 address reads as "no buffer": the placeholder says it exists (its
+                # first-step flag is claimed, as every rank's must be), and nothing reads it.
+                host[row, column] = buf.data_ptr() or self.placeholder.data_ptr()
             for column, scale in zip(SCALE_COLUMNS, scales or ()):
                 host[row, column] = scale.data_ptr()
             host[row, COUNT] = count.data_ptr() if count is not None else 0
