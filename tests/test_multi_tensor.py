@@ -178,8 +178,37 @@ def test_native_one_call_step_checks_every_record_before_writing():
             module.step(norms.data_ptr(), 1, updates.data_ptr(), 1, groups.data_ptr(), scalars.data_ptr(),
                         slots.data_ptr(), flags.data_ptr(), 1, scale.data_ptr(), counters[0:].data_ptr(),
                         counters[1:].data_ptr(), counters[2:].data_ptr(), counters[3:].data_ptr(), norm.data_ptr(),
-                        found.data_ptr(), 1.0, 2.0, 0.5, 0.0, float("inf"), 1, 1, True, False, True, False, 65536, 0)
+                        found.data_ptr(), 1.0, 2.0, 0.5, 0.0, float("inf"), 1, 1, True, False, True, False, 65536, 0,
+                        None)
         assert scale.item() == 8.0 and not counters.any() and torch.equal(slots, torch.full((2,), 7.0))
+
+
+def test_a_reduction_across_ranks_that_raises_inside_the_one_call_step_changes_nothing():
+    """Sharded params' all-reduce runs inside the native step's one call, between the norm pass
+    and the finalize: when it raises (a collective's error), the scale, its counters, the
+    applied-step count, params, masters and buffers are as before."""
+    params = [torch.nn.Parameter(torch.randn(n).half()) for n in (7, 1023)]
+    opt = fused_opt.FusedMixedPrecisionSGD(params, lr=0.1, momentum=0.9, max_grad_norm=1.0, backend="native")
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p) * opt.loss_scale.half()
+        opt.scale_loss(torch.zeros(()))  # the grads stand for a scaled loss's
+        opt.step()
+
+    class Failing:  # stands in for distributed.ShardReduction
+        members = [None]
+
+        def __call__(self, stats, norm_inf):
+            raise RuntimeError("the collective failed")
+    opt._layouts.layout.reduce_stats = Failing()
+    before = [t.clone() for t in (*params, *(opt.state[p][k] for p in params for k in ("master_param", "momentum_buffer")),
+                                  opt.loss_scale, opt._scaler.growth_tracker, opt._applied_steps)]
+    opt.scale_loss(torch.zeros(()))
+    with pytest.raises(RuntimeError, match="the collective failed"):
+        opt.step()
+    after = [*params, *(opt.state[p][k] for p in params for k in ("master_param", "momentum_buffer")),
+             opt.loss_scale, opt._scaler.growth_tracker, opt._applied_steps]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
 
 
 SPECIAL = [0.0, -0.0, 1.0, 65504.0, 65520.0, 70000.0, 1e-8, -6e-8, 5.96e-8, 2.98e-8, 1.0009765625,
