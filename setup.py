@@ -71,8 +71,11 @@ def cpu_modules():
     (aarch64, ...) the portable module alone."""
     common = dict(include_dirs=[pybind11_include(), "csrc"], extra_link_args=["-pthread"], language="c++",
                   depends=SOURCES)
-    # -fno-math-errno: sqrtf (AdamW) vectorizes; the kernels never read errno.
-    flags = ["-O3", "-std=c++17", "-pthread", "-fno-math-errno"]
+    # -fno-math-errno: sqrtf (AdamW) vectorizes; the kernels never read errno. -fno-trapping-math:
+    # loops with a select between float expressions (AdamW's lerp, the int8 clamp) vectorize
+    # (both arms are computed, then one is kept); it changes no result, only which FP exception
+    # flags may be raised, which nothing reads.
+    flags = ["-O3", "-std=c++17", "-pthread", "-fno-math-errno", "-fno-trapping-math"]
     modules = [Extension("fused_opt._native_cpu", ["csrc/cpu_step.cpp"], extra_compile_args=flags, **common)]
     if platform.machine().lower() in ("x86_64", "amd64") and os.environ.get("FUSED_OPT_PORTABLE") != "1":
         modules.append(Extension("fused_opt._native_cpu_avx2", ["csrc/cpu_step.cpp"],
