@@ -28,6 +28,7 @@ import torch
 
 import fused_opt
 from . import workloads
+from . import peers
 from .contenders import BOUND, BOUND_FP32, Model, factories, job_bytes, representative
 from .plot import plot
 from .timing import (NOISY_SPREAD, copy_bandwidth, device_name, kernel_launches, paired_ratio, spread,
@@ -85,13 +86,16 @@ def run(args, emit=print) -> dict:
     # sweep's FP16 row, where the bandwidth claim is made.
     compile_row = max(((workloads.numel(s), w) for w, s, _, _ in jobs if w.startswith("sweep")), default=(0, None))[1]
     timing = dict(device=device, repeats=args.repeats, steps=args.steps)
+    peer_rows = []
     for k, (workload, shapes, dtype_name, optimizer) in enumerate(jobs, 1):
         n = workloads.numel(shapes)
         emit(f"[{k}/{len(jobs)}] {optimizer} {workload} {dtype_name}: {n / 1e6:.1f}M params, {len(shapes)} tensors")
         model = Model(shapes, dtypes[dtype_name], device)
         compiled = args.compile and workload == compile_row and dtype_name == "fp16"
         baselines, ours = factories(model, device, compiled, optimizer)
-        if not (args.full or args.quick):
+        if args.peers_only:
+            baselines, ours = {}, {}
+        elif not (args.full or args.quick):
             baselines, ours = representative(baselines), representative(ours)
         base = dict(workload=workload, optimizer=optimizer, dtype=dtype_name, params=n, tensors=len(shapes))
         # 1. each torch pipeline alone
@@ -138,7 +142,14 @@ def run(args, emit=print) -> dict:
             emit(_line(row))
             del contender
             release(device)
-        del held, model, baselines, ours
+        del held, baselines, ours
+        release(device)
+        # The default run pairs its peers on the sweep alone (torchao compiles a step per shape:
+        # ResNet-50's take minutes); --peers-only and --full pair every peer on every workload.
+        every = args.full or args.peers_only
+        if dtype_name == "bf16" and args.peers and (every or workload.startswith("sweep")):
+            peer_rows += run_peers(model, base, device, timing, every, emit)
+        del model
         release(device)
     return {
         "device": device_name(device), "device_type": device.type,
@@ -147,8 +158,66 @@ def run(args, emit=print) -> dict:
         "fused_opt": fused_opt.build_info(), "commit": _commit(), "copy_gb_s": copy_bps / 1e9,
         "bytes_per_param": BOUND, "bytes_per_param_fp32": BOUND_FP32, "repeats": args.repeats, "steps_per_repeat": args.steps,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "rows": rows,
+        "rows": rows, "peers": peer_rows,
+        "peer_versions": {p.package: peers.version(p.package) for p in peers.PEERS},
     }
+
+
+def run_peers(model, base, device, timing, every: bool, emit=print) -> list:
+    """Each peer of this optimizer (peers.py), timed paired with the configuration of ours that
+    stores the same kind of thing, or listed with why it did not run."""
+    rows = []
+    for peer in peers.selected(base["optimizer"], every):
+        row = dict(base, contender=peer.name, package=peer.package, version=peers.version(peer.package),
+                   stores=peer.stores, lacks=peer.lacks)
+        reason = peers.why_not(peer, device, base["tensors"])
+        if reason is not None:
+            rows.append(dict(row, skipped=reason))
+            emit(f"    {peer.name:<48} skipped: {reason}")
+            continue
+        contender, ours = peers.PeerContender(model, peer), peers.paired_ours(model, peer)
+        pair = _time_pair(ours, ours.name, contender, peer.name, **timing)
+        mine, theirs = pair[ours.name], pair[peer.name]
+        grad_bytes = model.grads[0].element_size()
+        held, ours_held = contender.memory_per_param(), ours.memory_per_param()
+        rounds = [t / o for o, t in zip(mine["samples"], theirs["samples"], strict=True)]
+        rows.append(dict(
+            row, ours=ours.name, time_ms=theirs["median_s"] * 1e3, ours_ms=mine["median_s"] * 1e3,
+            first_ms=theirs["first_s"] * 1e3, host_ms=None if theirs["host_s"] is None else theirs["host_s"] * 1e3,
+            ours_host_ms=None if mine["host_s"] is None else mine["host_s"] * 1e3,
+            ours_faster=paired_ratio(theirs, mine), spread=spread(rounds),
+            noisy=spread(rounds) > NOISY_SPREAD, held=held, ours_held=ours_held,
+            moved=peers.moved_bytes(held, grad_bytes), ours_moved=peers.moved_bytes(ours_held, grad_bytes),
+            launches=kernel_launches(contender.step, device), ours_launches=kernel_launches(ours.step, device),
+            host_ops=peers.host_ops(contender.step), ours_host_ops=peers.host_ops(ours.step)))
+        r = rows[-1]
+        emit(f"    {peer.name:<48} {r['time_ms']:9.3f} ms, {held:.2f} B/param; {ours.name} {r['ours_ms']:.3f} ms, "
+             f"{ours_held:.2f} B/param: ours {r['ours_faster']:.2f}x (spread {r['spread']:.0%})")
+        del contender, ours
+        release(device)
+    return rows
+
+
+def peer_table(record: dict) -> str:
+    """The peers beside the configuration of ours that stores the same kind of thing."""
+    rows = record.get("peers") or []
+    if not rows:
+        return ""
+    lines = ["Peers (BF16 params; each timed paired with the configuration of ours that stores the same kind of "
+             "thing; B/param held measured from the storages; moved: held read and written once + grads read twice; "
+             "ops: top-level torch ops per step on the host)", "",
+             "| optimizer | workload | tensors | peer | version | ms/step | first ms | held B/param | moved B/param "
+             "| ops | ours | ms/step | held B/param | moved B/param | ops | ours faster (paired) | the peer does not do |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        head = f"| {r['optimizer']} | {r['workload']} | {r['tensors']} | {r['contender']} | {r['version'] or '-'} "
+        if r.get("skipped"):
+            lines.append(head + f"| skipped: {r['skipped']} |" + " |" * 11)
+            continue
+        lines.append(head + f"| {r['time_ms']:.3f}{' !' if r['noisy'] else ''} | {r['first_ms']:.0f} | {r['held']:.2f} "
+                     f"| {r['moved']:.1f} | {r['host_ops']} | {r['ours']} | {r['ours_ms']:.3f} | {r['ours_held']:.2f} "
+                     f"| {r['ours_moved']:.1f} | {r['ours_host_ops']} | {r['ours_faster']:.2f}x | {r['lacks']} |")
+    return "\n".join(lines)
 
 
 def release(device: torch.device) -> None:
@@ -290,8 +359,11 @@ def _triton_version():
 
 
 def table(record: dict) -> str:
-    lines = [f"Device: {record['device']} | torch {record['torch']} | {record['date']} | commit {record.get('commit')} | "
-             f"copy {record['copy_gb_s']:.1f} GB/s (read+write)", "", summary(record), "",
+    head = (f"Device: {record['device']} | torch {record['torch']} | {record['date']} | commit {record.get('commit')} | "
+            f"copy {record['copy_gb_s']:.1f} GB/s (read+write)")
+    if not record["rows"]:  # --peers-only
+        return head + "\n\n" + peer_table(record)
+    lines = [head, "", summary(record), "",
              "| optimizer | workload | dtype | params | tensors | contender | ms/step | spread | host ms | first ms | B/param moved | GB/s | % copy | vs best torch | paired | vs fused_opt default | memory B/param | launches |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
@@ -303,6 +375,8 @@ def table(record: dict) -> str:
                      f"| {_ratio(r.get('speedup_vs_best_torch_paired'))} "
                      f"| {_ratio(r['speedup_vs_fused_opt'])} | {_ratio(r['memory_per_param'], '')} "
                      f"| {r['launches'] if r['launches'] is not None else '-'} |")
+    if record.get("peers"):
+        lines += ["", peer_table(record)]
     if record.get("fsdp2"):
         from . import fsdp2
         lines += ["", *(fsdp2.table(result) + "\n" for result in record["fsdp2"])]
@@ -351,11 +425,17 @@ def main(argv=None) -> None:
     parser.add_argument("--only", help="run only the workloads whose name contains this")
     parser.add_argument("--out", default="bench-out", help="where the record goes (default: bench-out/, untracked)")
     parser.add_argument("--record", action="store_true", help=f"write to {RECORD_DIR}/, to commit the record")
+    parser.add_argument("--no-peers", dest="peers", action="store_false",
+                        help="leave out the other libraries' optimizers (peers.py)")
+    parser.add_argument("--peers-only", action="store_true",
+                        help="only the peers, each paired with ours, on BF16 params (every peer; --full: every workload)")
     parser.add_argument("--no-fsdp2", dest="fsdp2", action="store_false",
                         help="leave out the FSDP2 rows (fsdp2.py: 2 processes, or one per GPU up to 2)")
     args = parser.parse_args(argv)
     if args.record:
         args.out = RECORD_DIR
+    if args.peers_only:
+        args.peers, args.fsdp2, args.dtypes = True, False, ["bf16"]
     if args.repeats is None:  # the default run (SGD and AdamW, FP16/BF16 and FP32): about 3 minutes on 2 cores
         args.repeats = 5 if args.full else 4
     if args.train:
@@ -369,7 +449,7 @@ def main(argv=None) -> None:
     print(text)
     print(f"\npeak memory (RSS) {record['peak_rss_gb']:.1f} GB")
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"bench-{record['device_type']}" + (f"-{args.only}".replace(" ", "_") if args.only else ""))
+    stem = os.path.join(args.out, ("peers-" if args.peers_only else "bench-") + record["device_type"] + (f"-{args.only}".replace(" ", "_") if args.only else ""))
     with open(stem + ".json", "w") as f:
         json.dump(record, f, indent=1)
     with open(stem + ".md", "w") as f:

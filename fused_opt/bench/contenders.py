@@ -58,6 +58,14 @@ class Model:
         self.values = [torch.randn(s, device=device, generator=gen).to(dtype) for s in shapes]
         self.grads = [(torch.randn(s, device=device, generator=gen) * 1e-3 * scale).to(dtype) for s in shapes]
         self.loss = torch.zeros((), device=device)
+        self.scale = scale
+
+    def unscaled_grads(self) -> list:
+        """The grads divided by the loss scale, for contenders with no loss scale of their own
+        (made once, then shared read-only like the scaled ones)."""
+        if getattr(self, "_unscaled", None) is None:
+            self._unscaled = [(g.float() / self.scale).to(g.dtype) for g in self.grads]
+        return self._unscaled
 
     def fresh_params(self) -> list:
         params = [torch.nn.Parameter(v.clone()) for v in self.values]

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_opt
+from . import peers
 from .timing import device_name
 
 MASTERS = ("fp32", "remainder", "remainder8")
@@ -204,13 +205,16 @@ def build(task: str, steps: int, seed: int):
     return model.to(torch.bfloat16), batches, held_out
 
 
-def run(task: str, master: str | None, state: str | None, steps: int, seed: int, backend: str) -> dict:
-    """One training run; master None: torch.optim on the BF16 params, no master."""
+def run(task: str, master: str | None, state: str | None, steps: int, seed: int, backend: str, peer=None) -> dict:
+    """One training run; master None: torch.optim on the BF16 params, no master, or with `peer`
+    (peers.Peer) another library's optimizer on them."""
     model, batches, held_out = build(task, steps, seed)
     spec = TASKS[task]
     clip = spec.get("clip", 1.0)
     params = list(model.parameters())
-    if master is None:
+    if peer is not None:
+        opt = peer.make(params, **spec["hyper"])
+    elif master is None:
         opt = getattr(torch.optim, spec["rule"])(params, **spec["hyper"])
     else:
         cls = fused_opt.FusedMixedPrecisionSGD if spec["rule"] == "SGD" else fused_opt.FusedMixedPrecisionAdamW
@@ -229,9 +233,13 @@ def run(task: str, master: str | None, state: str | None, steps: int, seed: int,
     seconds = time.perf_counter() - start
     with torch.no_grad():
         held_out_loss = float(model(*held_out))
-    return dict(task=task, master=master or "none (torch.optim on BF16)", state=state or "-", losses=losses,
-                final=sum(losses[-TAIL:]) / TAIL, held_out=held_out_loss, bytes_per_param=state_bytes(opt, params) if master else 2.0,
-                seconds=seconds)
+    if peer is not None:
+        label, state, held = f"peer: {peer.name} {peers.version(peer.package)}", "its own", peers.held_bytes(
+            params, opt.state.values())
+    else:
+        label, held = master or "none (torch.optim on BF16)", state_bytes(opt, params) if master else 2.0
+    return dict(task=task, master=label, state=state or "-", losses=losses, final=sum(losses[-TAIL:]) / TAIL,
+                held_out=held_out_loss, bytes_per_param=held, seconds=seconds)
 
 
 def state_bytes(opt, params) -> float:
@@ -289,6 +297,8 @@ def plot(record: dict, path: str) -> bool:
             style = "--" if r["state"] == "int8" else (":" if r["state"] == "bf16" else "-")
             if r["state"] == "-":
                 style = "-."
+            if r["master"].startswith("peer:"):
+                style = (0, (1, 1, 3, 1))
             ax.plot(out, style, lw=1.2, label=f"{r['master']} / {r['state']}: {r['final']:.4f}")
         ax.set_title(TASKS[task]["title"])
         ax.set_xlabel("step")
@@ -310,6 +320,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--no-peers", dest="peers", action="store_false",
+                    help="leave out the other libraries' optimizers that run here (peers.py)")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     runs = []
@@ -317,8 +329,12 @@ def main(argv=None) -> int:
         combos = [(m, s) for m in args.masters for s in args.states]
         if ("fp32", "fp32") not in combos:
             combos.insert(0, ("fp32", "fp32"))
-        for master, state in [*combos, (None, None)]:
-            r = run(task, master, state, args.steps, args.seed, args.backend)
+        rule = TASKS[task]["rule"].lower()
+        others = [p for p in peers.PEERS if args.peers and p.optimizer == rule
+                  and peers.why_not(p, torch.device("cpu")) is None]
+        for master, state, peer in [*((m, s, None) for m, s in combos), (None, None, None),
+                                    *((None, None, p) for p in others)]:
+            r = run(task, master, state, args.steps, args.seed, args.backend, peer)
             print(f"{task:4s} master={r['master']:26s} state={r['state']:5s} final={r['final']:.4f} "
                   f"held-out={r['held_out']:.4f} "
                   f"{r['bytes_per_param']:.2f} B/param  {r['seconds']:.0f} s", flush=True)
