@@ -10,8 +10,11 @@ FRAMEWORKS := lightning transformers accelerate
 # (its datasets, tensorboard and wandb are for its trainer), so it is installed without the rest.
 TORCHTITAN := torchtitan==0.3.0
 TORCHTITAN_DEPS := tyro spmd_types==0.2.3
+# The other libraries' optimizers the benchmark and bench.quality compare with (fused_opt/bench/peers.py):
+# those that install beside torch 2.13 (FlashOptim installs, and runs only on CUDA).
+PEERS := torchao==0.18.0 bitsandbytes==0.50.2 torch-optimi==0.3.3 heavyball==3.2.1 flashoptim==0.1.4
 
-.PHONY: setup test asan bench bench-full
+.PHONY: setup test asan bench bench-full peer-wheels
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
@@ -26,7 +29,15 @@ $(VENV)/.frameworks: $(VENV)/.installed
 	$(PY) -m pip install -q --no-deps $(TORCHTITAN)
 	touch $@
 
-test: setup $(VENV)/.frameworks
+$(VENV)/.peers: $(VENV)/.installed
+	$(PY) -m pip install -q torch==2.13.0 triton==3.7.1 $(PEERS)
+	touch $@
+
+# Wheels of the peers for a GPU machine without network access (bench/run_on_gpu.sh installs them).
+peer-wheels: setup
+	$(PY) -m pip download -q --no-deps -d build/peer-wheels $(PEERS) opt-einsum
+
+test: setup $(VENV)/.frameworks $(VENV)/.peers
 	$(PY) -m pytest -q -n 2 tests
 	$(MAKE) asan
 
@@ -46,9 +57,9 @@ asan: setup
 		../../$(PY) -c 'import fused_opt.backends.native_backend as n; assert "build/asan" in n._native_cpu.__file__, n._native_cpu.__file__' && \
 		../../$(VENV)/bin/pytest -q -p no:cacheprovider -k "native" $(addprefix ../../,$(ASAN_TESTS))
 
-bench: setup
+bench: setup $(VENV)/.peers
 	$(PY) -m fused_opt.bench
 
 # Every size of the sweep and every mode (tens of minutes on a 2-core CPU).
-bench-full: setup
+bench-full: setup $(VENV)/.peers
 	$(PY) -m fused_opt.bench --full
