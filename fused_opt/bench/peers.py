@@ -139,10 +139,10 @@ def version(package: str) -> str | None:
 def why_not(peer: Peer, device: torch.device, tensors: int = 0) -> str | None:
     """None when `peer` can run here, else why not (not installed, CUDA only, or a compile
     too long for a workload of this many tensors)."""
-    if version(peer.package) is None:
-        return f"not installed (pip install {peer.package})"
     if peer.cuda_only and device.type != "cuda":
         return peer.cuda_only
+    if version(peer.package) is None:
+        return f"not installed (pip install {peer.package})"
     if peer.max_tensors is not None and tensors > peer.max_tensors:
         return f"left out above {peer.max_tensors} tensors: its first step compiles for minutes"
     return None
@@ -181,8 +181,8 @@ def held_bytes(params, state) -> float:
 
 
 class PeerContender:
-    """A peer stepping its own BF16 params with the model's grads, unscaled (the model's are
-    scaled for ours' loss scale), after clip_grad_norm_. The clip's max norm is out of reach so
+    """A peer stepping its own BF16 params with a copy of the model's grads, unscaled (the
+    model's are scaled for ours' loss scale), after clip_grad_norm_. The clip's max norm is out of reach so
     that grads shared by every call keep their values (the passes are the same)."""
 
     def __init__(self, model, peer: Peer):
@@ -190,7 +190,8 @@ class PeerContender:
         self.job = "step"
         self.peer = peer
         self.params = [torch.nn.Parameter(v.clone()) for v in model.values]
-        self.grads = model.unscaled_grads()
+        # a copy of its own: optimi's foreach step adds the weight decay into the grads in place
+        self.grads = [g.clone() for g in model.unscaled_grads()]
         for p, g in zip(self.params, self.grads):
             p.grad = g
         self.opt = peer.make(self.params, **HYPER[peer.optimizer])

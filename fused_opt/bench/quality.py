@@ -299,7 +299,7 @@ def plot(record: dict, path: str) -> bool:
                 style = "-."
             if r["master"].startswith("peer:"):
                 style = (0, (1, 1, 3, 1))
-            ax.plot(out, style, lw=1.2, label=f"{r['master']} / {r['state']}: {r['final']:.4f}")
+            ax.plot(out, linestyle=style, lw=1.2, label=f"{r['master']} / {r['state']}: {r['final']:.4f}")
         ax.set_title(TASKS[task]["title"])
         ax.set_xlabel("step")
         ax.set_ylabel("training loss (EMA 0.98)")
