@@ -1,6 +1,7 @@
 """Other libraries' optimizers in the benchmark and the quality runs (fused_opt/bench/peers.py).
 `make test` installs the peers that install beside torch 2.13; FlashOptim and Transformer
 Engine need CUDA, and must say so instead of running."""
+import dataclasses
 import json
 import math
 
@@ -112,3 +113,15 @@ def test_quality_trains_the_peers_beside_our_formats(tmp_path):
     for r in record["runs"]:
         assert len(r["losses"]) == 12 and all(math.isfinite(x) for x in r["losses"]) and r["bytes_per_param"] >= 2.0
     assert "peer: optimi SGD (Kahan)" in (tmp_path / "quality-cpu.md").read_text()
+
+
+def test_a_peer_that_fails_here_is_listed_with_its_error(tmp_path, monkeypatch):
+    optimi_sgd = next(p for p in peers.PEERS if p.package == "torch-optimi" and p.optimizer == "sgd")
+
+    def broken(params, **hyper):
+        raise RuntimeError("built for another torch\nsecond line")
+    monkeypatch.setattr(peers, "PEERS", (dataclasses.replace(optimi_sgd, make=broken),))
+    main(["--quick", "--peers-only", "--optimizers", "sgd", "--only", "64K", "--repeats", "1", "--steps", "1",
+          "--out", str(tmp_path)])
+    [row] = json.loads((tmp_path / "peers-cpu-64K.json").read_text())["peers"]
+    assert row["skipped"] == "failed here: RuntimeError: built for another torch"

@@ -175,7 +175,16 @@ def run_peers(model, base, device, timing, every: bool, emit=print) -> list:
             rows.append(dict(row, skipped=reason))
             emit(f"    {peer.name:<48} skipped: {reason}")
             continue
-        contender, ours = peers.PeerContender(model, peer), peers.paired_ours(model, peer)
+        try:  # a peer built for another torch (the GPU machine's) may fail where it imports or steps
+            contender = peers.PeerContender(model, peer)
+            contender.step()
+        except Exception as error:  # noqa: BLE001 - any failure of another library's code is reported, not raised
+            reason = f"failed here: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+            rows.append(dict(row, skipped=reason))
+            emit(f"    {peer.name:<48} {reason}")
+            release(device)
+            continue
+        ours = peers.paired_ours(model, peer)
         pair = _time_pair(ours, ours.name, contender, peer.name, **timing)
         mine, theirs = pair[ours.name], pair[peer.name]
         grad_bytes = model.grads[0].element_size()
