@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fused_opt.bench import peers, quality
-from fused_opt.bench.__main__ import main
+from fused_opt.bench.__main__ import equal_bytes, main
 from fused_opt.bench.contenders import Model, _mode_label
 
 CPU = torch.device("cpu")
@@ -100,7 +100,12 @@ def test_default_benchmark_has_a_peer_row_per_optimizer(tmp_path):
     ran = [r for r in record["peers"] if not r.get("skipped")]
     assert {r["optimizer"] for r in ran} == {"sgd", "adamw"}
     assert {r["contender"] for r in ran} == {p.name for p in peers.PEERS if p.default}
-    assert "Peers (BF16 params" in (tmp_path / "bench-cpu-64K.md").read_text()
+    text = (tmp_path / "bench-cpu-64K.md").read_text()
+    assert "Peers (BF16 params" in text
+    # our default SGD row (10 B/param) beside optimi's (6): the fastest peer at as few bytes or fewer
+    [sgd] = [e for e in equal_bytes(record) if e["ours"] == "fused_opt[native]" and e["optimizer"] == "sgd"]
+    assert sgd["peer"] == "optimi SGD (Kahan)" and sgd["peer_held"] <= sgd["ours_held"]
+    assert sgd["ours_faster"] == pytest.approx(sgd["peer_ms"] / sgd["ours_ms"]) and "fastest peer at <= bytes" in text
 
 
 def test_quality_trains_the_peers_beside_our_formats(tmp_path):

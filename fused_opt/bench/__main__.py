@@ -207,6 +207,25 @@ def run_peers(model, base, device, timing, every: bool, emit=print) -> list:
     return rows
 
 
+def equal_bytes(record: dict) -> list:
+    """Each BF16 row of ours on a workload the peers ran, against the fastest peer there that
+    holds as few bytes per param or fewer (same run, not paired: each was timed in its own pair)."""
+    ran = [r for r in record.get("peers") or [] if not r.get("skipped")]
+    out = []
+    for r in record["rows"]:
+        if not (r["contender"].startswith("fused_opt[") and "torch]" not in r["contender"] and r["dtype"] == "bf16"
+                and r.get("memory_per_param")):
+            continue
+        rivals = [p for p in ran if (p["optimizer"], p["workload"]) == (r["optimizer"], r["workload"])
+                  and p["held"] <= r["memory_per_param"] + 1e-9]
+        if rivals:
+            best = min(rivals, key=lambda p: p["time_ms"])
+            out.append(dict(optimizer=r["optimizer"], workload=r["workload"], ours=r["contender"], ours_ms=r["time_ms"],
+                            ours_held=r["memory_per_param"], peer=best["contender"], peer_ms=best["time_ms"],
+                            peer_held=best["held"], ours_faster=best["time_ms"] / r["time_ms"]))
+    return out
+
+
 def peer_table(record: dict) -> str:
     """The peers beside the configuration of ours that stores the same kind of thing."""
     rows = record.get("peers") or []
@@ -226,6 +245,15 @@ def peer_table(record: dict) -> str:
         lines.append(head + f"| {r['time_ms']:.3f}{' !' if r['noisy'] else ''} | {r['first_ms']:.0f} | {r['held']:.2f} "
                      f"| {r['moved']:.1f} | {r['host_ops']} | {r['ours']} | {r['ours_ms']:.3f} | {r['ours_held']:.2f} "
                      f"| {r['ours_moved']:.1f} | {r['ours_host_ops']} | {r['ours_faster']:.2f}x | {r['lacks']} |")
+    pairs = equal_bytes(record)
+    if pairs:
+        lines += ["", "Each of our BF16 rows against the fastest peer that holds as few bytes per param or fewer "
+                  "(same run; each timed in its own pair)", "",
+                  "| optimizer | workload | ours | ms/step | held B/param | fastest peer at <= bytes | ms/step "
+                  "| held B/param | ours faster |", "|---|---|---|---|---|---|---|---|---|"]
+        for e in pairs:
+            lines.append(f"| {e['optimizer']} | {e['workload']} | {e['ours']} | {e['ours_ms']:.3f} | {e['ours_held']:.2f} "
+                         f"| {e['peer']} | {e['peer_ms']:.3f} | {e['peer_held']:.2f} | {e['ours_faster']:.2f}x |")
     return "\n".join(lines)
 
 
