@@ -130,3 +130,17 @@ def test_a_peer_that_fails_here_is_listed_with_its_error(tmp_path, monkeypatch):
           "--out", str(tmp_path)])
     [row] = json.loads((tmp_path / "peers-cpu-64K.json").read_text())["peers"]
     assert row["skipped"] == "failed here: RuntimeError: built for another torch"
+
+
+def test_quality_gives_the_peers_torchs_betas_where_a_task_names_none(tmp_path, monkeypatch):
+    optimi_adamw = next(p for p in peers.PEERS if p.package == "torch-optimi" and p.optimizer == "adamw")
+    seen = []
+
+    def spy(params, **hyper):
+        seen.append(hyper)
+        return optimi_adamw.make(params, **hyper)
+    monkeypatch.setattr(peers, "PEERS", (dataclasses.replace(optimi_adamw, make=spy),))
+    quality.main(["--steps", "3", "--tasks", "embed", "gpt", "--masters", "fp32", "--states", "fp32",
+                  "--out", str(tmp_path)])
+    # optimi's own default beta2 is 0.99: the embedding task names none, so torch's (0.999) is passed
+    assert [h["betas"] for h in seen] == [(0.9, 0.999), (0.9, 0.95)]

@@ -212,8 +212,8 @@ def run(task: str, master: str | None, state: str | None, steps: int, seed: int,
     spec = TASKS[task]
     clip = spec.get("clip", 1.0)
     params = list(model.parameters())
-    if peer is not None:
-        opt = peer.make(params, **spec["hyper"])
+    if peer is not None:  # torch's betas where the task names none (optimi's and HeavyBall's default beta2 is 0.99)
+        opt = peer.make(params, **{**({"betas": (0.9, 0.999)} if spec["rule"] == "AdamW" else {}), **spec["hyper"]})
     elif master is None:
         opt = getattr(torch.optim, spec["rule"])(params, **spec["hyper"])
     else:
