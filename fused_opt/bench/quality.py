@@ -4,7 +4,9 @@ Small training runs with BF16 params, each under every combination of master for
 (master_weights: fp32, remainder, remainder8) and state precision (state_precision: fp32, bf16,
 int8), from the same initial weights on the same batches, against the FP32-master, FP32-state
 run; plus torch.optim stepping the BF16 params with no master at all (clipped alike), the
-failure the masters exist to prevent. Every run but `spike` clips the grad norm at 1.0:
+failure the masters exist to prevent; and the other libraries' optimizers that run here
+(peers.py) on the same BF16 params (--no-peers leaves them out). Every run but `spike` clips
+the grad norm at 1.0:
 
   cnn    a small CNN on scikit-learn's 8x8 digits (1,397 for training, each batch with fresh
          Gaussian noise of std 0.5 so that the training loss does not go to 0; 400 held out),
