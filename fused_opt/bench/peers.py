@@ -10,7 +10,6 @@ A peer that is not installed, or cannot run on this device, is listed with the r
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import importlib.metadata
 from typing import Callable
 
@@ -18,8 +17,7 @@ import torch
 
 from .contenders import HYPER, Ours
 
-# Ours does all of these in every paired row; `lacks` names the ones a peer leaves out.
-OUR_JOB = "loss scale, inf skip, global clip"
+# Ours does loss scale, inf skip and the global clip in every paired row; `lacks` names what a peer leaves out.
 CLIP_BY_TORCH = "clip by torch's clip_grad_norm_ (2 more passes, timed in the row)"
 
 
