@@ -4,11 +4,13 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from .optimizer import FusedMixedPrecisionAdamW, FusedMixedPrecisionOptimizer, FusedMixedPrecisionSGD
+from .optimizer import (FusedMixedPrecisionAdamW, FusedMixedPrecisionMuon, FusedMixedPrecisionMuSGD,
+                        FusedMixedPrecisionOptimizer, FusedMixedPrecisionSGD)
 from .state_dict import decoded_state_dict
 
 __version__ = "0.1.0"
-__all__ = ["FusedMixedPrecisionSGD", "FusedMixedPrecisionAdamW", "FusedMixedPrecisionOptimizer", "backend_availability",
+__all__ = ["FusedMixedPrecisionSGD", "FusedMixedPrecisionAdamW", "FusedMixedPrecisionMuon", "FusedMixedPrecisionMuSGD",
+           "FusedMixedPrecisionOptimizer", "backend_availability",
            "build_info", "decoded_state_dict", "__version__"]
 
 

@@ -32,6 +32,7 @@ from .tracked_state import Epoch, ParamList, TrackedState
 from .transaction import Transaction
 from .state_precision import scale_key
 from .state_precision import state_precision as make_state_precision
+from .matrix_rules import Muon, MuSGD, matrix_backend, refuse_sharded_matrices
 from .update_rules import SGD, AdamW
 from .validation import check_global, check_params
 
@@ -80,6 +81,8 @@ class FusedMixedPrecisionOptimizer(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.norm_type = norm_type
         self._clip_request = None  # (max_norm, norm_type) of a clip_grad_norm_ call, for the next step only
+        if getattr(self.RULE, "matrix", False):
+            backend = matrix_backend(type(self).__name__, backend)
         self.backend, self._backend = backends.resolve(backend, device)
         # "auto": FP16 needs a scale to keep small grads from flushing; BF16/FP32 do not. Decided
         # again when the params turn FP16 later (model.half()): see _check_auto_scale.
@@ -250,6 +253,9 @@ class FusedMixedPrecisionOptimizer(torch.optim.Optimizer):
                              f"{'with' if names else 'without'} names to the optimizer")
         check_params(params, index)
         self._masters.check_params(params, index)
+        if getattr(self.RULE, "matrix", False):
+            refuse_sharded_matrices(type(self).__name__, params, index)
+            group = self.RULE.fill_group(group)
         if getattr(self, "_ema_swapped", False):
             raise RuntimeError("add_param_group inside swap_ema(): leave the swap first")
         self.RULE.check_group({**self.defaults, **group}, index)
@@ -500,6 +506,40 @@ class FusedMixedPrecisionAdamW(FusedMixedPrecisionOptimizer):
         _refuse_differentiable("AdamW", differentiable)
         super().__init__(params, dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                                       weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize), **pipeline)
+
+
+@with_pipeline_signature
+class FusedMixedPrecisionMuon(FusedMixedPrecisionOptimizer):
+    """torch.optim.Muon's update (momentum by lerp, nesterov, Newton-Schulz in BF16,
+    decoupled weight decay, adjust_lr_fn) inside the fused mixed-precision step, on matrices
+    and conv weights (as their 2-D view); groups with algorithm="adamw" are stepped by AdamW
+    (their betas, eps, weight_decay; AdamW's defaults where they name none). See
+    docs/semantics.md "Muon and MuSGD"."""
+    RULE = Muon
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+                 ns_coefficients=Muon.defaults["ns_coefficients"], eps=Muon.defaults["eps"],
+                 ns_steps=Muon.defaults["ns_steps"], adjust_lr_fn=None, *, algorithm="muon",
+                 **pipeline: Unpack[PipelineOptions]):
+        check_keywords(type(self), pipeline)
+        super().__init__(params, dict(Muon.defaults, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      nesterov=nesterov, ns_coefficients=tuple(ns_coefficients), eps=eps,
+                                      ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn, algorithm=algorithm),
+                         **pipeline)
+
+
+@with_pipeline_signature
+class FusedMixedPrecisionMuSGD(FusedMixedPrecisionOptimizer):
+    """Ultralytics' MuSGD (Muon + SGD with momentum on the same weights in use_muon groups,
+    weighted lr * muon and lr * sgd; SGD alone in the others) inside the fused
+    mixed-precision step. State names as theirs. See docs/semantics.md "Muon and MuSGD"."""
+    RULE = MuSGD
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, weight_decay=0.0, nesterov=False, use_muon=False,
+                 muon=0.5, sgd=0.5, **pipeline: Unpack[PipelineOptions]):
+        check_keywords(type(self), pipeline)
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                                      use_muon=use_muon, muon=muon, sgd=sgd), **pipeline)
 
 
 def _closure_argument(closure=None):

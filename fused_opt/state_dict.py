@@ -47,7 +47,7 @@ def pack(opt) -> dict:
     # torch.optim's own group keys (capturable, differentiable, ...) at torch's defaults where
     # ours lack them: a loader that asks for every key the torch.optim optimizer it fills has
     # (DCP's, torchtitan's) finds them.
-    torch_keys = _torch_group_defaults(getattr(torch.optim, opt.RULE.name))
+    torch_keys = _torch_group_defaults_of(opt.RULE)
     groups = [{**torch_keys, **{k: v for k, v in g.items() if k != "params"},
                "params": [index_of[id(p)] for p in g["params"]]} for g in opt.param_groups]
     packed = {}
@@ -130,7 +130,7 @@ def _load(opt, state_dict: dict) -> None:
             saved["param_names"] = group["param_names"]
         for key in opt.RULE.keys:
             saved.setdefault(key, opt.defaults[key])
-        for key in _torch_group_defaults(getattr(torch.optim, opt.RULE.name)):
+        for key in _torch_group_defaults_of(opt.RULE):
             if key not in group:  # torch's implementation switches, saved for torch's loaders: not ours
                 saved.pop(key, None)
         groups.append(saved)
@@ -211,6 +211,14 @@ def decoded_state_dict(state_dict: dict) -> dict:
 def _is_view_into_more(t) -> bool:
     return (isinstance(t, torch.Tensor) and not is_dtensor(t)
             and t.untyped_storage().nbytes() > t.numel() * t.element_size())
+
+
+def _torch_group_defaults_of(rule) -> dict:
+    """torch.optim's implementation switches for `rule`'s torch counterpart (none for Muon:
+    torch.optim.Muon has no such keys; none for MuSGD, which torch lacks)."""
+    if getattr(rule, "matrix", False):
+        return {}
+    return _torch_group_defaults(getattr(torch.optim, rule.name))
 
 
 @functools.cache

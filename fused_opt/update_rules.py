@@ -375,7 +375,3 @@ class AdamW:
             return None
         value = float(torch.as_tensor(step).reshape(()))
         return torch.tensor(value, dtype=torch.float32, device=p.device)
-
-
-
-RULES = (SGD, AdamW)

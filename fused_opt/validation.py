@@ -120,7 +120,7 @@ def _check_saved_codes(entry: dict, name: str, p: torch.Tensor, where: str, sign
 def _check_rule(opt, groups: list, state: dict) -> None:
     """A state dict of another update rule (SGD's into AdamW, torch.optim.AdamW's into SGD) is
     refused by what only the other rule's groups and state hold."""
-    from .update_rules import RULES
+    from .matrix_rules import RULES
     ours = opt.RULE
     for other in RULES:
         if other is ours:

@@ -109,49 +109,23 @@ def step(batch: StepBatch) -> None:
     # the EMA's weight a = 1 - d_t for this step (ema.py)
     ema_weight = batch.ema.weight(applied_steps) if batch.emas is not None else None
     precision = batch.state_precision
-    for i, d in enumerate(unscaled):
-        h = batch.groups[batch.group_index[i]]
-        w, p = batch.masters[i], batch.params[i]
-        remainder = None
-        if is_remainder(w):  # master_weights="remainder"/"remainder8": the master is p and its remainder
-            remainder, w = w, rebuild_any(p, w)
-        elif p is not w:
-            # A param edited outside the optimizer (e.g. p.data.clamp_, which its version
-            # counter never sees) no longer equals its master rounded: keep the edit, as
-            # torch.optim does, by re-taking those elements' master. Bits, not values.
-            same = _bits(w.to(p.dtype)) == _bits(p)
-            w.copy_(torch.where(same | found_inf, w, p.float()))
-        stored = batch.buffers[i]
-        scales = batch.scales[i] if batch.scales is not None else None
-        # The rule steps FP32 values: state kept in BF16 or int8 is decoded first and encoded
-        # after (state_precision.py), where the step is applied.
-        bufs = [precision.decode(b, s) for b, s in zip(stored, scales or [None] * len(stored))]
-        new_w = batch.rule.update(w, d, bufs, batch.counts[i], h, applied_steps, found_inf,
-                                  bounded=precision.code == INT8_CODE)
+    hypers = [batch.groups[gi] for gi in batch.group_index]
+    masters = [_master(batch, i, found_inf) for i in range(len(unscaled))]  # (FP32 master, remainder or None)
+    # The rule steps FP32 values: state kept in BF16 or int8 is decoded first and encoded
+    # after (state_precision.py), where the step is applied.
+    bufs = [[precision.decode(b, s) for b, s in zip(stored, scales or [None] * len(stored))]
+            for stored, scales in zip(batch.buffers, batch.scales or [None] * len(unscaled))]
+    ws = [w for w, _ in masters]
+    bounded = precision.code == INT8_CODE
+    if getattr(batch.rule, "matrix", False):  # Muon, MuSGD: a matrix stage over all params (matrix_rules.py)
+        new_ws = batch.rule.update_all(ws, unscaled, bufs, batch.counts, hypers, applied_steps, found_inf, bounded)
+    else:
+        new_ws = [batch.rule.update(w, d, b, count, h, applied_steps, found_inf, bounded=bounded)
+                  for w, d, b, count, h in zip(ws, unscaled, bufs, batch.counts, hypers)]
+    for i, (w, remainder) in enumerate(masters):
         if precision.code != 0:
-            keys = h.buffers
-            # the dither's salt (state_precision.dithered_salt): AdamW's t, SGD's applied-step count
-            if batch.rule.count_key == "step":
-                salt = dithered_salt(h.beta1, batch.counts[i])
-            else:  # a tensor momentum is compared on the device
-                salt = torch.where(torch.as_tensor(h.momentum) > DITHER_ABOVE, applied_steps, 0)
-            for k, (b, x) in enumerate(zip(stored, bufs)):
-                codes, scale = precision.encode(x, keys[k] not in batch.rule.unsigned_buffers, salt)
-                b.copy_(torch.where(found_inf, b, codes))
-                if scale is not None:
-                    scales[k].copy_(torch.where(found_inf, scales[k], scale))
-        w.copy_(torch.where(found_inf, w, new_w))
-        if remainder is not None:  # a skipped step writes nothing, as the kernels' return early
-            if remainder.dtype == torch.int8:  # remainder8: the master is now w rounded to 24 bits
-                new_p, new_r, w24 = split8(w)
-                w.copy_(torch.where(found_inf, w, w24))
-            else:
-                new_p = w.to(p.dtype)
-                new_r = remainder_of(w, new_p)
-            p.copy_(torch.where(found_inf, p, new_p))
-            remainder.copy_(torch.where(found_inf, remainder, new_r))
-        elif p is not w:
-            p.copy_(w)  # round to nearest even in the param's dtype (unchanged master -> unchanged p)
+            _encode(batch, i, hypers[i], bufs[i], applied_steps, found_inf)
+        _store(batch, i, w, remainder, new_ws[i], found_inf)
         if ema_weight is not None:  # 6. the EMA of the master, on applied steps: e + a * (w - e)
             e = batch.emas[i]
             e32 = e.float()
@@ -165,3 +139,50 @@ def step(batch: StepBatch) -> None:
     # 7. dynamic scale update
     batch.scaler.update_(found_inf)
 
+
+
+def _master(batch: StepBatch, i: int, found_inf: torch.Tensor):
+    """Param i's FP32 master as the step starts from it, and its remainder (None for FP32 masters)."""
+    w, p = batch.masters[i], batch.params[i]
+    if is_remainder(w):  # master_weights="remainder"/"remainder8": the master is p and its remainder
+        return rebuild_any(p, w), w
+    if p is not w:
+        # A param edited outside the optimizer (e.g. p.data.clamp_, which its version
+        # counter never sees) no longer equals its master rounded: keep the edit, as
+        # torch.optim does, by re-taking those elements' master. Bits, not values.
+        same = _bits(w.to(p.dtype)) == _bits(p)
+        w.copy_(torch.where(same | found_inf, w, p.float()))
+    return w, None
+
+
+def _encode(batch: StepBatch, i: int, h, bufs: list, applied_steps, found_inf) -> None:
+    """State kept in BF16 or int8: param i's new FP32 state values encoded where the step is applied."""
+    precision, stored = batch.state_precision, batch.buffers[i]
+    scales = batch.scales[i] if batch.scales is not None else None
+    # the dither's salt (state_precision.dithered_salt): AdamW's t, else the applied-step count
+    if hasattr(h, "beta1"):
+        salt = dithered_salt(h.beta1, batch.counts[i])
+    else:  # a tensor momentum is compared on the device
+        salt = torch.where(torch.as_tensor(h.momentum) > DITHER_ABOVE, applied_steps, 0)
+    for k, (b, x) in enumerate(zip(stored, bufs)):
+        codes, scale = precision.encode(x, h.buffers[k] not in batch.rule.unsigned_buffers, salt)
+        b.copy_(torch.where(found_inf, b, codes))
+        if scale is not None:
+            scales[k].copy_(torch.where(found_inf, scales[k], scale))
+
+
+def _store(batch: StepBatch, i: int, w: torch.Tensor, remainder, new_w: torch.Tensor, found_inf) -> None:
+    """Param i's new master kept, and its param written, where the step is applied."""
+    p = batch.params[i]
+    w.copy_(torch.where(found_inf, w, new_w))
+    if remainder is not None:  # a skipped step writes nothing, as the kernels' return early
+        if remainder.dtype == torch.int8:  # remainder8: the master is now w rounded to 24 bits
+            new_p, new_r, w24 = split8(w)
+            w.copy_(torch.where(found_inf, w, w24))
+        else:
+            new_p = w.to(p.dtype)
+            new_r = remainder_of(w, new_p)
+        p.copy_(torch.where(found_inf, p, new_p))
+        remainder.copy_(torch.where(found_inf, remainder, new_r))
+    elif p is not w:
+        p.copy_(w)  # round to nearest even in the param's dtype (unchanged master -> unchanged p)

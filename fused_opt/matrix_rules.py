@@ -1,0 +1,344 @@
+"""Update rules with a matrix stage: Muon (torch.optim.Muon's update) and MuSGD (Ultralytics'
+Muon + SGD hybrid). The pipeline around them is the one SGD and AdamW run (unscale, inf
+check, norm and clip before; masters, state precision, write-back and EMA after); what a rule
+now is grew by one thing: instead of a per-element `update(w, u, ...)` these rules have a
+list-level `update_all`, elementwise stages around one matrix stage (newton_schulz.py) that
+orthogonalizes every param's momentum at once, batched by shape.
+
+A Muon param group has `algorithm="muon"` (the default) or `"adamw"`: params that are not
+matrices (biases, norms) and those the user keeps off Muon (embeddings, the head) are
+stepped by AdamW inside the same optimizer, with AdamW's hyperparameters in their group, as
+the Muon reference implementation and torchtitan do. Every param keeps a float32 count
+under "step" (AdamW's step; a Muon param's applied steps, left out of state dicts as
+torch.optim.Muon has none).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import newton_schulz
+from .update_rules import SGD, AdamW, AdamWHyper, _check_lr, _check_scalar_tensor, _host_value, _number
+
+MUON_CODE, MUSGD_CODE = 2, 3
+
+
+def _commit(dst: torch.Tensor, new: torch.Tensor, found_inf: torch.Tensor) -> None:
+    """dst <- new on an applied step; a skipped step writes nothing (decided on the device)."""
+    dst.copy_(torch.where(found_inf, dst, new))
+
+
+def matrix_backend(name: str, backend: str) -> str:
+    """The backend a rule with a matrix stage runs on: its elementwise stages are torch ops
+    (torch._foreach where they can be), its matrix stage batched matmuls, on every device."""
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"{name}(backend={backend!r}): Muon and MuSGD run on the 'torch' backend (elementwise "
+                         "stages in torch ops, the Newton-Schulz stage batched by shape) on every device; pass "
+                         "backend='auto' or 'torch'")
+    return "torch"
+
+
+def refuse_sharded_matrices(name: str, params: list, index: int) -> None:
+    """A DTensor shard is not its matrix: orthogonalizing it alone would be a different update."""
+    from .distributed import is_dtensor
+    for j, p in enumerate(params):
+        if is_dtensor(p):
+            raise ValueError(f"{name}: param_groups[{index}]['params'][{j}] is a DTensor (FSDP2 / tensor parallel): "
+                             "its local shard is not the matrix Newton-Schulz must orthogonalize, and gathering "
+                             "each matrix is not supported; use DDP, or an AdamW/SGD optimizer for sharded params")
+
+
+def _check_matrices(group: dict, where: str, what: str, elsewhere: str) -> None:
+    for j, p in enumerate(group.get("params", ())):
+        if isinstance(p, torch.Tensor) and p.dim() < 2:
+            raise ValueError(f"{where}['params'][{j}]: {what} orthogonalizes matrices, and this param has shape "
+                             f"{tuple(p.shape)}; put params that are not matrices (biases, norms) in a group "
+                             f"with {elsewhere}")
+
+
+def _check_momentum(group: dict, where: str) -> None:
+    for name in ("momentum", "weight_decay"):
+        value = _number(group, name, where)
+        if not (value >= 0.0 and math.isfinite(value)):
+            raise ValueError(f"{where}: invalid {name} {group[name]!r} (must be finite and >= 0)")
+
+
+# -- Muon ------------------------------------------------------------------------------------
+@dataclass
+class MuonHyper:
+    lr: float | torch.Tensor
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    ns_coefficients: tuple
+    eps: float
+    ns_steps: int
+    adjust_lr_fn: str | None
+
+    buffers = ("momentum_buffer",)
+
+
+class Muon:
+    """torch.optim.Muon's update on FP32 masters: momentum by lerp, nesterov, Newton–Schulz
+    in BF16, decoupled weight decay, the adjusted lr; AdamW in groups with algorithm="adamw"."""
+    code = MUON_CODE
+    name = "Muon"
+    matrix = True
+    group_keys = ("momentum", "nesterov", "ns_coefficients", "ns_steps", "adjust_lr_fn", "algorithm", "betas", "eps",
+                  "amsgrad")
+    defaults = dict(lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+                    ns_coefficients=newton_schulz.NS_COEFFICIENTS, eps=newton_schulz.NS_EPS,
+                    ns_steps=newton_schulz.NS_STEPS, adjust_lr_fn=None, algorithm="muon",
+                    betas=(0.9, 0.999), amsgrad=False, maximize=False)
+    # Where an algorithm="adamw" group names no value of its own for a key both rules have,
+    # it takes torch.optim.AdamW's default, not Muon's.
+    adamw_defaults = dict(weight_decay=1e-2, eps=1e-8)
+    keys = tuple(defaults)
+    tensor_keys = ("lr",)
+    all_buffers = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    unsigned_buffers = ("exp_avg_sq", "max_exp_avg_sq")
+    count_key = "step"
+
+    @staticmethod
+    def fill_group(group: dict) -> dict:
+        """An algorithm="adamw" group's keys it does not name take AdamW's defaults, not Muon's
+        (eps 1e-8, not the Newton–Schulz 1e-7; weight decay 1e-2)."""
+        if group.get("algorithm") == "adamw":
+            return {**Muon.adamw_defaults, **group}
+        return group
+
+    @staticmethod
+    def check_group(group: dict, index: int) -> None:
+        where = f"param_groups[{index}]"
+        algorithm = group.get("algorithm", "muon")
+        if algorithm == "adamw":
+            AdamW.check_group(group, index)
+            return
+        if algorithm != "muon":
+            raise ValueError(f"{where}: algorithm must be 'muon' or 'adamw', got {algorithm!r}")
+        _check_lr(group, where)
+        _check_momentum(group, where)
+        if not 0.0 <= float(group["momentum"]) < 1.0:
+            raise ValueError(f"{where}: momentum must be in [0, 1) (the buffer is a lerp toward the grad), "
+                             f"got {group['momentum']!r}")
+        coefficients = group["ns_coefficients"]
+        if not isinstance(coefficients, (tuple, list)) or len(coefficients) != 3:
+            raise ValueError(f"{where}: ns_coefficients must be a tuple of exactly 3 values, got {coefficients!r}")
+        steps = group["ns_steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps < 100:
+            raise ValueError(f"{where}: ns_steps must be an int in [0, 100), got {steps!r}")
+        eps = _number(group, "eps", where)
+        if not (eps >= 0.0 and math.isfinite(eps)):
+            raise ValueError(f"{where}: invalid eps {group['eps']!r} (must be finite and >= 0)")
+        if group["adjust_lr_fn"] not in (None, "original", "match_rms_adamw"):
+            raise ValueError(f"{where}: adjust_lr_fn must be None, 'original' or 'match_rms_adamw', "
+                             f"got {group['adjust_lr_fn']!r}")
+        if group.get("maximize"):
+            raise ValueError(f"{where}: maximize=True is not supported by Muon (torch.optim.Muon has no maximize)")
+        _check_matrices(group, where, "Muon", 'algorithm="adamw"')
+
+    @staticmethod
+    def check_tensor_values(group: dict, index: int) -> None:
+        AdamW.check_tensor_values(group, index)
+
+    @staticmethod
+    def hyper(g: dict):
+        if g.get("algorithm", "muon") == "adamw":
+            return AdamW.hyper(g)
+        return MuonHyper(g["lr"], float(g["momentum"]), bool(g["nesterov"]), float(g["weight_decay"]),
+                         tuple(map(float, g["ns_coefficients"])), float(g["eps"]), int(g["ns_steps"]),
+                         g["adjust_lr_fn"])
+
+    count = staticmethod(AdamW.count)
+
+    @staticmethod
+    def update_all(ws, us, bufs, counts, hypers, applied_steps, found_inf, bounded=False) -> list:
+        """The new master of every param: AdamW's for algorithm="adamw" params, else
+        torch.optim.Muon's, its momentum and orthogonalization batched over the params."""
+        new_ws = [None] * len(ws)
+        muon = []
+        for i, h in enumerate(hypers):
+            if isinstance(h, AdamWHyper):
+                new_ws[i] = AdamW.update(ws[i], us[i], bufs[i], counts[i], h, applied_steps, found_inf, bounded)
+            else:
+                muon.append(i)
+        if not muon:
+            return new_ws
+        # 1. momentum (elementwise): B <- B.lerp(u, 1 - mu); the update U = u.lerp(B, mu) with nesterov
+        updates = []
+        for i in muon:
+            h, (b,) = hypers[i], bufs[i]
+            new_b = torch.lerp(b, us[i], 1 - h.momentum)
+            updates.append(torch.lerp(us[i], new_b, h.momentum) if h.nesterov else new_b)
+            _commit(b, new_b, found_inf)
+            _commit(counts[i], counts[i] + 1, found_inf)
+        # 2. the matrix stage: one batched Newton-Schulz per (group settings, shape)
+        for members in _by_settings([hypers[i] for i in muon]):
+            h = hypers[muon[members[0]]]
+            rows = newton_schulz.orthogonalize([updates[k] for k in members], "torch", h.ns_coefficients,
+                                               h.ns_steps, h.eps)
+            for k, o in zip(members, rows):
+                updates[k] = o
+        # 3. decoupled weight decay, then the step at the adjusted lr (torch's mul_ and add_)
+        for k, i in enumerate(muon):
+            h, w = hypers[i], ws[i]
+            ratio = newton_schulz.adjusted_lr_ratio(h.adjust_lr_fn, w.shape)
+            if isinstance(h.lr, torch.Tensor):
+                lr = h.lr.to(w.device, torch.float32)
+                new_ws[i] = w * (1 - lr * h.weight_decay) + updates[k] * (-(lr * ratio))
+            else:
+                new_ws[i] = (w * (1 - h.lr * h.weight_decay)).add_(updates[k], alpha=-(h.lr * ratio))
+        return new_ws
+
+    @staticmethod
+    def saved(entry: dict) -> dict:
+        """A Muon param's state as torch.optim.Muon's: its count is left out."""
+        if "exp_avg" not in entry and "exp_avg_codes" not in entry:
+            entry.pop("step", None)
+        return entry
+
+    @staticmethod
+    def check_loaded(entry: dict, where: str) -> None:
+        if "exp_avg" in entry or "exp_avg_codes" in entry:
+            AdamW.check_loaded(entry, where)
+
+    @staticmethod
+    def loaded_count(entry: dict, p: torch.Tensor):
+        count = AdamW.loaded_count(entry, p)
+        if count is None and ("momentum_buffer" in entry or "momentum_buffer_codes" in entry):
+            return torch.zeros((), dtype=torch.float32, device=p.device)
+        return count
+
+
+def _by_settings(hypers: list) -> list[list[int]]:
+    """Positions of the params that share Newton-Schulz settings (batched together by shape)."""
+    groups: dict[tuple, list[int]] = {}
+    for k, h in enumerate(hypers):
+        groups.setdefault((h.ns_coefficients, h.ns_steps, h.eps), []).append(k)
+    return list(groups.values())
+
+
+# -- MuSGD -----------------------------------------------------------------------------------
+@dataclass
+class MuSGDHyper:
+    lr: float | torch.Tensor
+    momentum: float
+    weight_decay: float
+    nesterov: bool
+    use_muon: bool
+    muon: float
+    sgd: float
+
+    @property
+    def buffers(self) -> tuple:
+        return ("momentum_buffer", "momentum_buffer_SGD") if self.use_muon else ("momentum_buffer",)
+
+
+class MuSGD:
+    """Ultralytics' MuSGD: in use_muon groups a Muon step (lerp momentum, their Newton-Schulz,
+    scaled by sqrt(max(1, size(-2) / size(-1)))) at lr * muon, then an SGD-with-momentum
+    step (L2 weight decay on the updated weight, buffer zero-initialized) at lr * sgd; in the
+    other groups that SGD step alone at lr. State names as theirs."""
+    code = MUSGD_CODE
+    name = "MuSGD"
+    matrix = True
+    group_keys = ("momentum", "nesterov", "use_muon", "muon", "sgd")
+    defaults = dict(lr=1e-3, momentum=0.0, weight_decay=0.0, nesterov=False, use_muon=False, muon=0.5, sgd=0.5)
+    keys = tuple(defaults)
+    tensor_keys = ("lr",)
+    all_buffers = ("momentum_buffer", "momentum_buffer_SGD")
+    unsigned_buffers = ()
+    count_key = "step"
+
+    @staticmethod
+    def fill_group(group: dict) -> dict:
+        return group
+
+    @staticmethod
+    def check_group(group: dict, index: int) -> None:
+        where = f"param_groups[{index}]"
+        _check_lr(group, where)
+        _check_momentum(group, where)
+        for name in ("muon", "sgd"):
+            value = _number(group, name, where)
+            if not math.isfinite(value):
+                raise ValueError(f"{where}: {name} must be a finite weight, got {group[name]!r}")
+        if group["use_muon"]:
+            if not 0.0 <= float(group["momentum"]) <= 1.0:
+                raise ValueError(f"{where}: momentum must be in [0, 1] in a use_muon group (its Muon buffer is a "
+                                 f"lerp toward the grad), got {group['momentum']!r}")
+            _check_matrices(group, where, "MuSGD's Muon part", "use_muon=False")
+
+    @staticmethod
+    def check_tensor_values(group: dict, index: int) -> None:
+        lr = group.get("lr")
+        if isinstance(lr, torch.Tensor):
+            value = _host_value(lr)
+            if not (value >= 0.0 and math.isfinite(value)):
+                raise ValueError(f"param_groups[{index}]: invalid learning rate {value!r} (must be finite and >= 0)")
+
+    @staticmethod
+    def hyper(g: dict) -> MuSGDHyper:
+        return MuSGDHyper(g["lr"], float(g["momentum"]), float(g["weight_decay"]), bool(g["nesterov"]),
+                          bool(g["use_muon"]), float(g["muon"]), float(g["sgd"]))
+
+    count = staticmethod(AdamW.count)
+
+    @staticmethod
+    def update_all(ws, us, bufs, counts, hypers, applied_steps, found_inf, bounded=False) -> list:
+        muon = [i for i, h in enumerate(hypers) if h.use_muon]
+        orthogonal = {}
+        if muon:
+            updates = []
+            for i in muon:
+                h, b = hypers[i], bufs[i][0]
+                new_b = torch.lerp(b, us[i], 1 - h.momentum)
+                updates.append(torch.lerp(us[i], new_b, h.momentum) if h.nesterov else new_b)
+                _commit(b, new_b, found_inf)
+            rows = newton_schulz.orthogonalize(updates, "ultralytics")
+            for i, o in zip(muon, rows):
+                shape = ws[i].shape  # their scale: the param's last two sizes (a conv's kernel height / width)
+                orthogonal[i] = o * max(1, shape[-2] / shape[-1]) ** 0.5
+        new_ws = []
+        for i, h in enumerate(hypers):
+            w, u = ws[i], us[i]
+            lr = h.lr.to(w.device, torch.float32) if isinstance(h.lr, torch.Tensor) else h.lr
+            if h.use_muon:
+                w = _add(w, orthogonal[i], -(lr * h.muon))
+                b, sgd_lr = bufs[i][1], lr * h.sgd
+            else:
+                b, sgd_lr = bufs[i][0], lr
+            d = u.add(w, alpha=h.weight_decay) if h.weight_decay != 0 else u
+            new_b = (b * h.momentum).add_(d)
+            step = d.add(new_b, alpha=h.momentum) if h.nesterov else new_b
+            _commit(b, new_b, found_inf)
+            _commit(counts[i], counts[i] + 1, found_inf)
+            new_ws.append(_add(w, step, -sgd_lr))
+        return new_ws
+
+    @staticmethod
+    def saved(entry: dict) -> dict:
+        entry.pop("step", None)
+        return entry
+
+    @staticmethod
+    def check_loaded(entry: dict, where: str) -> None:
+        pass
+
+    @staticmethod
+    def loaded_count(entry: dict, p: torch.Tensor):
+        if any(k in entry for k in ("momentum_buffer", "momentum_buffer_codes")):
+            return torch.zeros((), dtype=torch.float32, device=p.device)
+        return None
+
+
+def _add(w: torch.Tensor, x: torch.Tensor, alpha) -> torch.Tensor:
+    """w + alpha * x as torch's add_(x, alpha=...) computes it (alpha a tensor: its product)."""
+    if isinstance(alpha, torch.Tensor):
+        return w + x * alpha
+    return w.add(x, alpha=alpha)
+
+
+RULES = (SGD, AdamW, Muon, MuSGD)  # every rule: a state dict of one is refused by the others

@@ -1,0 +1,89 @@
+"""The matrix stage of Muon and MuSGD: Newton–Schulz orthogonalization of each param's update,
+batched over the matrices of one shape (one batched matmul per shape and iteration, not one
+per param), in BF16 as torch.optim.Muon and Ultralytics run it.
+
+A param's update is orthogonalized as a matrix: a 2-D param as it is, a conv weight as its
+2-D view (out_channels x the rest), as Ultralytics does. Both iterations below follow their
+reference line by line; they differ in where eps enters (torch clamps the norm, Ultralytics
+adds it) and in how the quintic is grouped (torch's two addmm, Ultralytics' products), so
+each gives its own reference's BF16 roundings.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Keller Jordan's coefficients, steps and eps, torch.optim.Muon's defaults.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
+NS_EPS = 1e-7
+
+
+def matrix_shape(shape) -> tuple[int, int]:
+    """The 2-D view a param's update is orthogonalized as: (rows, the rest)."""
+    rows = shape[0]
+    return rows, math.prod(shape[1:])
+
+
+def adjusted_lr_ratio(adjust_lr_fn: str | None, shape) -> float:
+    """torch.optim.Muon's learning-rate adjustment for a param of `shape` (its 2-D view):
+    "original" (Keller Jordan's, the default) sqrt(max(1, A/B)), "match_rms_adamw"
+    (Moonshot's) 0.2 sqrt(max(A, B))."""
+    a, b = matrix_shape(shape)
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return math.sqrt(max(1, a / b))
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(a, b))
+    raise ValueError(f"adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got {adjust_lr_fn!r}")
+
+
+def _torch_iteration(x: torch.Tensor, coefficients, steps: int, eps: float) -> torch.Tensor:
+    """torch.optim.Muon's _zeropower_via_newtonschulz on a batch (k, m, n) of BF16 matrices
+    with m <= n: each divided by its norm clamped at eps, then `steps` quintic iterations."""
+    a, b, c = coefficients
+    norms = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)
+    x = x / norms.clamp(min=eps)
+    for _ in range(steps):
+        gram = torch.bmm(x, x.transpose(1, 2))
+        gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, gram_update, x, beta=a)
+    return x
+
+
+def _ultralytics_iteration(x: torch.Tensor, coefficients, steps: int, eps: float) -> torch.Tensor:
+    """Ultralytics' zeropower_via_newtonschulz5 on a batch: X / (|X| + eps), then
+    A = X X^T, B = b A + c A A, X = a X + B X."""
+    a, b, c = coefficients
+    x = x / (torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True) + eps)
+    for _ in range(steps):
+        gram = torch.bmm(x, x.transpose(1, 2))
+        poly = b * gram + c * torch.bmm(gram, gram)
+        x = a * x + torch.bmm(poly, x)
+    return x
+
+
+ITERATIONS = {"torch": _torch_iteration, "ultralytics": _ultralytics_iteration}
+
+
+def orthogonalize(updates: list[torch.Tensor], variant: str, coefficients=NS_COEFFICIENTS, steps: int = NS_STEPS,
+                  eps: float = NS_EPS) -> list[torch.Tensor]:
+    """The orthogonalized BF16 update of each tensor (each as its 2-D view), in the order
+    given, shaped like its input. Matrices of one shape go through the iteration together."""
+    iterate = ITERATIONS[variant]
+    by_shape: dict[tuple, list[int]] = {}
+    for i, u in enumerate(updates):
+        by_shape.setdefault(matrix_shape(u.shape), []).append(i)
+    out: list = [None] * len(updates)
+    for (rows, cols), members in by_shape.items():
+        # One copy to BF16 for the whole batch (torch: grad.bfloat16(), per matrix).
+        x = torch.stack([updates[i].reshape(rows, cols) for i in members]).bfloat16()
+        tall = rows > cols
+        if tall:  # iterate on the wide side: X X^T is the smaller Gram matrix
+            x = x.transpose(1, 2)
+        x = iterate(x, coefficients, steps, eps)
+        if tall:
+            x = x.transpose(1, 2)
+        for k, i in enumerate(members):
+            out[i] = x[k].view(updates[i].shape) if x[k].is_contiguous() else x[k].reshape(updates[i].shape)
+    return out

@@ -1,0 +1,392 @@
+"""FusedMixedPrecisionMuon and FusedMixedPrecisionMuSGD: against torch.optim.Muon itself, against
+float64 transcriptions of torch.optim.Muon and Ultralytics' MuSGD with every pipeline feature,
+and what they refuse."""
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+
+import pytest
+import torch
+
+import fused_opt
+from fused_opt import newton_schulz
+from harness import ordered_bits
+from reference_muon import ReferenceMuon, ReferenceMuSGD, newton_schulz64
+
+# Matrices (wide, tall, two of one shape, a conv weight), then what Muon does not orthogonalize
+# (sizes 1, 7, 1023) for an AdamW / SGD group; the last two: never a grad, grads from step 2.
+MATRICES = [(8, 16), (16, 8), (12, 12), (12, 12), (6, 3, 3, 3)]
+VECTORS = [(1,), (7,), (1023,)]
+NEVER, LATE = 5, 6  # positions: a matrix that never gets a grad, one that gets grads from step 2
+SHAPES = MATRICES + [(4, 4), (5, 10)] + VECTORS
+
+
+def make_params(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.5).to(dtype)) for s in SHAPES]
+
+
+def make_grads(params, step, scale, inject=None, seed=1):
+    gen = torch.Generator().manual_seed(seed * 1000 + step)
+    grads = []
+    for i, p in enumerate(params):
+        g = (torch.randn(p.shape, generator=gen) * 1e-2 * scale).to(p.dtype)
+        grads.append(None if i == NEVER or (i == LATE and step < 2) else g)
+    if inject == "inf":
+        grads[1].view(-1)[3] = math.inf
+    elif inject == "nan":
+        grads[0].view(-1)[0] = math.nan
+    return grads
+
+
+def split(params, matrix_group: dict, other_group: dict):
+    """Two groups: the matrices, and the vectors; group_of for the reference."""
+    n = len(MATRICES) + 2
+    groups = [dict(matrix_group, params=params[:n]), dict(other_group, params=params[n:])]
+    return groups, [0] * n + [1] * (len(params) - n)
+
+
+MUON_GROUP = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1, ns_coefficients=newton_schulz.NS_COEFFICIENTS,
+                  eps=1e-7, ns_steps=5, adjust_lr_fn=None)
+ADAMW_GROUP = dict(algorithm="adamw", lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, amsgrad=False,
+                   maximize=False)
+
+
+def run(kind, dtype, steps=6, inject=None, group_update=None, **options):
+    """Steps ours and the float64 reference side by side; returns both and the params."""
+    params = make_params(dtype)
+    if kind == "muon":
+        matrix, other = dict(MUON_GROUP, **(group_update or {})), ADAMW_GROUP
+        cls, ref_cls = fused_opt.FusedMixedPrecisionMuon, ReferenceMuon
+    else:
+        matrix = dict(dict(lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4, use_muon=True, muon=0.5,
+                           sgd=0.5), **(group_update or {}))
+        other = dict(lr=0.01, momentum=0.9, nesterov=False, weight_decay=0.0, use_muon=False, muon=0.5, sgd=0.5)
+        cls, ref_cls = fused_opt.FusedMixedPrecisionMuSGD, ReferenceMuSGD
+    groups, group_of = split(params, matrix, other)
+    options.setdefault("loss_scale", "dynamic")
+    options.setdefault("init_scale", 2.0**10)
+    opt = cls(groups, growth_interval=3, **options)
+    ref_groups = [{k: v for k, v in g.items() if k != "params"} for g in groups]
+    ref = ref_cls(params, group_of, ref_groups, max_grad_norm=options.get("max_grad_norm"), loss_scale="dynamic",
+                  init_scale=options["init_scale"], growth_interval=3, ema_decay=options.get("ema_decay"))
+    start = [p.detach().double().clone() for p in params]
+    for step in range(steps):
+        assert float(opt.loss_scale) == ref.scale, f"step {step}: loss scale"
+        grads = make_grads(params, step, ref.scale, (inject or {}).get(step))
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.scale_loss(torch.zeros(()))
+        opt.step()
+        norm, skipped = ref.step(grads)
+        assert bool(opt.last_step_skipped) == skipped, f"step {step}: skipped flag"
+        if not skipped:
+            torch.testing.assert_close(float(opt.last_grad_norm), norm, rtol=1e-5, atol=1e-12)
+    return opt, ref, params, start
+
+
+def master_of(opt, p):
+    state = opt.state[p]
+    if "master_remainder" in state:
+        from fused_opt.remainder import rebuild_any
+        return rebuild_any(p.detach(), state["master_remainder"])
+    return state["master_param"].detach().float()
+
+
+def check(opt, ref, params, start, rel=0.05):
+    """Each master within `rel` of how far the reference moved it (Frobenius norms) (Newton–Schulz in BF16 vs
+    float64), params their own master rounded; state buffers that do not depend on the weights
+    (Muon's momentum) to FP32 rounding."""
+    for i, p in enumerate(params):
+        moved = float((ref.w[i] - start[i]).norm())
+        if i == NEVER:
+            assert torch.equal(p.detach().double(), start[i]), "a param without a grad moved"
+            continue
+        w = master_of(opt, p)
+        err = float((w.double() - ref.w[i]).norm())
+        assert err <= rel * moved + 1e-6 * float(ref.w[i].norm()), f"param {i}: {err} off, moved {moved}"
+        if p.dtype != torch.float32 and "master_param" in opt.state[p]:
+            assert torch.equal(p.detach(), w.to(p.dtype)), f"param {i} is not its master rounded"
+        elif "master_remainder" in opt.state[p]:  # the param is its 24- or 32-bit master's top half, rounded
+            assert float((p.detach().double() - w.double()).abs().max()) <= 2.0**-8 * float(w.abs().max())
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("adjust_lr_fn", [None, "original", "match_rms_adamw"])
+def test_muon_equals_torch_optim_muon_on_fp32_params(nesterov, adjust_lr_fn):
+    """FP32 params, no loss scale, no clip: torch.optim.Muon's update, BF16 Newton–Schulz
+    included, to within a BF16 ulp of its update (the same ops, batched by shape)."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(8, 16), (16, 8), (12, 12), (12, 12), (1, 9)]
+    values = [torch.randn(s, generator=gen) for s in shapes]
+    theirs = [torch.nn.Parameter(v.clone()) for v in values]
+    ours = [torch.nn.Parameter(v.clone()) for v in values]
+    kw = dict(lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
+    ref = torch.optim.Muon(theirs, **kw)
+    opt = fused_opt.FusedMixedPrecisionMuon(ours, **kw)
+    for step in range(5):
+        for a, b in zip(theirs, ours):
+            a.grad = torch.randn(a.shape, generator=gen)
+            b.grad = a.grad.clone()
+        ref.step()
+        opt.step()
+        for k, (a, b) in enumerate(zip(theirs, ours)):
+            ratio = newton_schulz.adjusted_lr_ratio(adjust_lr_fn, a.shape)
+            torch.testing.assert_close(b.detach(), a.detach(), rtol=0, atol=0.02 * ratio * 2**-7 * (step + 1),
+                                       msg=lambda m: f"step {step} param {k}: {m}")
+            torch.testing.assert_close(opt.state[b]["momentum_buffer"], ref.state[a]["momentum_buffer"], rtol=1e-6,
+                                       atol=1e-7)
+    # the state dicts load both ways and keep stepping as one
+    theirs_sd, ours_sd = ref.state_dict(), opt.state_dict()
+    assert set(ours_sd["state"][0]) == {"momentum_buffer"}
+    other = torch.optim.Muon([torch.nn.Parameter(b.detach().clone()) for b in ours], **kw)
+    other.load_state_dict(ours_sd)
+    mine = fused_opt.FusedMixedPrecisionMuon([torch.nn.Parameter(a.detach().clone()) for a in theirs], **kw)
+    mine.load_state_dict(theirs_sd)
+    for k in range(len(shapes)):
+        torch.testing.assert_close(other.state[other.param_groups[0]["params"][k]]["momentum_buffer"],
+                                   opt.state[ours[k]]["momentum_buffer"])
+        torch.testing.assert_close(mine.state[mine.param_groups[0]["params"][k]]["momentum_buffer"],
+                                   ref.state[theirs[k]]["momentum_buffer"])
+
+
+def test_newton_schulz_batched_equals_per_matrix_torch():
+    """The batched matrix stage gives torch's per-matrix result, wide and tall."""
+    from torch.optim._muon import _zeropower_via_newtonschulz
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(s, generator=gen) for s in [(8, 16), (8, 16), (16, 8), (5, 5)]]
+    out = newton_schulz.orthogonalize(xs, "torch")
+    for x, o in zip(xs, out):
+        expected = _zeropower_via_newtonschulz(x, newton_schulz.NS_COEFFICIENTS, 5, 1e-7)
+        torch.testing.assert_close(o.float(), expected.float(), rtol=0, atol=2**-7)
+        # and float64's to BF16's accuracy
+        torch.testing.assert_close(o.double(), newton_schulz64(x), rtol=0, atol=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_muon_pipeline_against_float64(dtype, clip):
+    """Loss scale with an inf and a NaN step (skipped, scale backed off), clipping, an AdamW
+    group of sizes 1, 7, 1023, a conv weight, a param without grads, one with grads from step 2."""
+    opt, ref, params, start = run("muon", dtype, inject={2: "inf", 4: "nan"}, max_grad_norm=clip)
+    assert float(opt.loss_scale) == ref.scale
+    check(opt, ref, params, start)
+    for i in range(len(MATRICES)):
+        torch.testing.assert_close(opt.state[params[i]]["momentum_buffer"].double(), ref.b[i], rtol=1e-5, atol=1e-9)
+    for i in range(len(MATRICES) + 2, len(params)):
+        assert float(opt.state[params[i]]["step"]) == ref.t[i]
+
+
+@pytest.mark.parametrize("update", [dict(nesterov=False), dict(adjust_lr_fn="match_rms_adamw"),
+                                    dict(weight_decay=0.0, momentum=0.0), dict(ns_steps=3, eps=1e-3),
+                                    dict(ns_coefficients=(2.0, -1.5, 0.5))])
+def test_muon_settings_against_float64(update):
+    opt, ref, params, start = run("muon", torch.bfloat16, group_update=update)
+    check(opt, ref, params, start)
+
+
+@pytest.mark.parametrize("master_weights", ["remainder", "remainder8"])
+@pytest.mark.parametrize("state_precision", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("kind", ["muon", "musgd"])
+def test_compact_masters_and_state(kind, master_weights, state_precision):
+    """BF16 params with remainders and BF16 / int8 momentum against the float64 reference.
+    Newton–Schulz amplifies the momentum's error in its small singular directions: int8
+    momentum (1/127 of a block's largest) moves the weights up to ~10 % off the float64 path
+    in these few steps; bench.quality measures what that does to training."""
+    opt, ref, params, start = run(kind, torch.bfloat16, inject={3: "inf"}, master_weights=master_weights,
+                                  state_precision=state_precision, ema_decay=0.9)
+    check(opt, ref, params, start, rel=0.15 if state_precision == "int8" else 0.05)
+    for i, p in enumerate(params):
+        if i != NEVER:
+            ema = opt.state[p]["ema_param"].double()
+            assert float((ema - ref.e[i]).abs().max()) <= 0.05 * float((ref.w[i] - start[i]).abs().max()) + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_musgd_pipeline_against_float64(dtype, nesterov):
+    opt, ref, params, start = run("musgd", dtype, inject={2: "nan"}, max_grad_norm=0.05,
+                                  group_update=dict(nesterov=nesterov))
+    check(opt, ref, params, start)
+    muon_params = params[:len(MATRICES) + 2]
+    for i, p in enumerate(muon_params):
+        if i != NEVER:
+            assert set(opt.state[p]) >= {"momentum_buffer", "momentum_buffer_SGD"}
+            torch.testing.assert_close(opt.state[p]["momentum_buffer"].double(), ref.b[i], rtol=1e-5, atol=1e-9)
+    for p in params[len(MATRICES) + 2:]:
+        assert "momentum_buffer_SGD" not in opt.state[p]
+
+
+def test_skipped_step_writes_nothing():
+    """An overflow step leaves every param, master, buffer, count and EMA bit for bit."""
+    for cls, group in ((fused_opt.FusedMixedPrecisionMuon, {}), (fused_opt.FusedMixedPrecisionMuSGD,
+                                                                dict(use_muon=True, momentum=0.9))):
+        params = make_params(torch.bfloat16)[:5]
+        opt = cls([dict(group, params=params)], loss_scale="dynamic", init_scale=4.0, state_precision="int8",
+                  master_weights="remainder8", ema_decay=0.9)
+        for step in range(2):
+            for p, g in zip(params, make_grads(params, step, 4.0)):
+                p.grad = g
+            opt.scale_loss(torch.zeros(()))
+            opt.step()
+        before = copy.deepcopy(opt.state_dict())
+        values = [p.detach().clone() for p in params]
+        grads = make_grads(params, 5, float(opt.loss_scale), "inf")
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.scale_loss(torch.zeros(()))
+        opt.step()
+        assert bool(opt.last_step_skipped)
+        after = opt.state_dict()
+        for p, v in zip(params, values):
+            assert torch.equal(ordered_bits(p.detach()), ordered_bits(v))
+        for k, entry in before["state"].items():
+            for key, t in entry.items():
+                assert torch.equal(after["state"][k][key], t), f"{cls.__name__} {key} changed on a skipped step"
+
+
+def test_musgd_loads_an_ultralytics_checkpoint():
+    """Their state names and groups (use_muon, no fused_opt entry) load and keep stepping as their update."""
+    params = make_params(torch.float32)[:5]
+    gen = torch.Generator().manual_seed(5)
+    saved = {"state": {i: {"momentum_buffer": torch.randn(p.shape, generator=gen),
+                           "momentum_buffer_SGD": torch.randn(p.shape, generator=gen)} for i, p in enumerate(params)},
+             "param_groups": [dict(lr=0.01, momentum=0.9, weight_decay=5e-4, nesterov=True, use_muon=True,
+                                   params=list(range(5)))]}
+    opt = fused_opt.FusedMixedPrecisionMuSGD(params, lr=0.1)
+    opt.load_state_dict(saved)
+    ref = ReferenceMuSGD(params, [0] * 5, [dict(saved["param_groups"][0], muon=0.5, sgd=0.5)], loss_scale=None)
+    ref.b = [saved["state"][i]["momentum_buffer"].double() for i in range(5)]
+    ref.b_sgd = [saved["state"][i]["momentum_buffer_SGD"].double() for i in range(5)]
+    start = [p.detach().double().clone() for p in params]
+    for step in range(3):
+        grads = [torch.randn(p.shape, generator=gen) * 1e-2 for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        ref.step(grads)
+    for i, p in enumerate(params):
+        err = float((p.detach().double() - ref.w[i]).abs().max())
+        assert err <= 0.03 * float((ref.w[i] - start[i]).abs().max()) + 1e-7
+        torch.testing.assert_close(opt.state[p]["momentum_buffer_SGD"].double(), ref.b_sgd[i], rtol=1e-4, atol=1e-6)
+    assert set(opt.state_dict()["state"][0]) == {"momentum_buffer", "momentum_buffer_SGD"}
+
+
+def test_grad_scaler_drives_muon_and_copies_keep_stepping():
+    params = make_params(torch.float32)[:4]
+    opt = fused_opt.FusedMixedPrecisionMuon(params, lr=0.02)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ref = torch.optim.Muon(twin, lr=0.02)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(3):
+        scaler.scale(torch.zeros(()))
+        for p, q in zip(params, twin):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad = g * scaler.get_scale()
+            q.grad = g
+        scaler.step(opt)
+        scaler.update()
+        ref.step()
+    for p, q in zip(params, twin):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-3)
+    clone = copy.deepcopy(opt)
+    again = pickle.loads(pickle.dumps(opt))
+    for o in (clone, again):
+        ps = [p for g in o.param_groups for p in g["params"]]
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        o.step()
+        assert all(torch.isfinite(p).all() for p in ps)
+
+
+def test_scheduler_and_tensor_lr():
+    params = make_params(torch.float32)[:4]
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = fused_opt.FusedMixedPrecisionMuon(params, lr=torch.tensor(0.02))
+    ref = torch.optim.Muon(twin, lr=0.02)
+    s1 = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    s2 = torch.optim.lr_scheduler.StepLR(ref, 1, gamma=0.5)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(3):
+        for p, q in zip(params, twin):
+            q.grad = torch.randn(p.shape, generator=gen)
+            p.grad = q.grad.clone()
+        opt.step()
+        ref.step()
+        s1.step()
+        s2.step()
+    for p, q in zip(params, twin):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-4)
+
+
+def test_flat_grads_steps_as_the_per_tensor_path():
+    results = []
+    for flat in (False, True):
+        params = make_params(torch.bfloat16)[:5]
+        opt = fused_opt.FusedMixedPrecisionMuon(params, lr=0.02, flat_grads=flat, max_grad_norm=1.0)
+        for step in range(3):
+            for p, g in zip(params, make_grads(params, step, float(opt.loss_scale))):
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.copy_(g)
+            opt.scale_loss(torch.zeros(()))
+            opt.step()
+        if flat:
+            assert opt.flat_grads_status == "active"
+        results.append([p.detach().clone() for p in params])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_remainder8_and_int8_momentum_hold_under_5_bytes_per_param():
+    from fused_opt.bench.contenders import storage_bytes_per_param
+    params = [torch.nn.Parameter(torch.randn(256, 512).bfloat16()) for _ in range(3)]
+    opt = fused_opt.FusedMixedPrecisionMuon(params, master_weights="remainder8", state_precision="int8")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    held = storage_bytes_per_param(params, [t for p in params for t in opt.state[p].values()
+                                            if isinstance(t, torch.Tensor)])
+    assert held <= 5.0, held
+
+
+def test_refusals_before_anything_is_written():
+    vector = torch.nn.Parameter(torch.randn(7))
+    matrix = torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ValueError, match="algorithm=\"adamw\""):
+        fused_opt.FusedMixedPrecisionMuon([matrix, vector])
+    with pytest.raises(ValueError, match="use_muon=False"):
+        fused_opt.FusedMixedPrecisionMuSGD([vector], use_muon=True)
+    with pytest.raises(ValueError, match="backend"):
+        fused_opt.FusedMixedPrecisionMuon([matrix], backend="native")
+    with pytest.raises(ValueError, match="ns_steps"):
+        fused_opt.FusedMixedPrecisionMuon([matrix], ns_steps=100)
+    with pytest.raises(ValueError, match="ns_coefficients"):
+        fused_opt.FusedMixedPrecisionMuon([matrix], ns_coefficients=(1.0, 2.0))
+    with pytest.raises(ValueError, match="adjust_lr_fn"):
+        fused_opt.FusedMixedPrecisionMuon([matrix], adjust_lr_fn="other")
+    with pytest.raises(ValueError, match="algorithm"):
+        fused_opt.FusedMixedPrecisionMuon([matrix], algorithm="sgd")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        fused_opt.FusedMixedPrecisionMuon([matrix], clip=1.0)
+    opt = fused_opt.FusedMixedPrecisionMuon([matrix])
+    opt.param_groups[0]["ns_steps"] = -1  # an edited group is refused at the step, before any write
+    matrix.grad = torch.ones_like(matrix)
+    value = matrix.detach().clone()
+    with pytest.raises(ValueError, match="ns_steps"):
+        opt.step()
+    assert torch.equal(matrix.detach(), value) and not opt.state
+
+
+def test_adamw_group_takes_adamw_defaults():
+    opt = fused_opt.FusedMixedPrecisionMuon([{"params": [torch.nn.Parameter(torch.randn(4, 4))]},
+                                             {"params": [torch.nn.Parameter(torch.randn(4))], "algorithm": "adamw"}],
+                                            lr=0.02)
+    muon, adamw = opt.param_groups
+    assert muon["eps"] == 1e-7 and muon["weight_decay"] == 0.1
+    assert adamw["eps"] == 1e-8 and adamw["weight_decay"] == 1e-2 and adamw["betas"] == (0.9, 0.999)
+    assert adamw["lr"] == 0.02
