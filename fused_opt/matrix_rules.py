@@ -154,9 +154,11 @@ class Muon:
     count = staticmethod(AdamW.count)
 
     @staticmethod
-    def update_all(ws, us, bufs, counts, hypers, applied_steps, found_inf, bounded=False) -> list:
+    def update_all(ws, us, bufs, counts, hypers, applied_steps, found_inf, bounded=False, stacked=False) -> list:
         """The new master of every param: AdamW's for algorithm="adamw" params, else
-        torch.optim.Muon's, its momentum and orthogonalization batched over the params."""
+        torch.optim.Muon's, its momentum and orthogonalization batched over the params.
+        `stacked`: each tensor is a stack of params of one shape (its first dim), counts
+        shaped to broadcast over them."""
         new_ws = [None] * len(ws)
         muon = []
         for i, h in enumerate(hypers):
@@ -178,13 +180,13 @@ class Muon:
         for members in _by_settings([hypers[i] for i in muon]):
             h = hypers[muon[members[0]]]
             rows = newton_schulz.orthogonalize([updates[k] for k in members], "torch", h.ns_coefficients,
-                                               h.ns_steps, h.eps)
+                                               h.ns_steps, h.eps, stacked)
             for k, o in zip(members, rows):
                 updates[k] = o
         # 3. decoupled weight decay, then the step at the adjusted lr (torch's mul_ and add_)
         for k, i in enumerate(muon):
             h, w = hypers[i], ws[i]
-            ratio = newton_schulz.adjusted_lr_ratio(h.adjust_lr_fn, w.shape)
+            ratio = newton_schulz.adjusted_lr_ratio(h.adjust_lr_fn, w.shape[1:] if stacked else w.shape)
             if isinstance(h.lr, torch.Tensor):
                 lr = h.lr.to(w.device, torch.float32)
                 new_ws[i] = w * (1 - lr * h.weight_decay) + updates[k] * (-(lr * ratio))
@@ -287,7 +289,8 @@ class MuSGD:
     count = staticmethod(AdamW.count)
 
     @staticmethod
-    def update_all(ws, us, bufs, counts, hypers, applied_steps, found_inf, bounded=False) -> list:
+    def update_all(ws, us, bufs, counts, hypers, applied_steps, found_inf, bounded=False, stacked=False) -> list:
+        """As Muon.update_all (`stacked` the same)."""
         muon = [i for i, h in enumerate(hypers) if h.use_muon]
         orthogonal = {}
         if muon:
@@ -297,7 +300,7 @@ class MuSGD:
                 new_b = torch.lerp(b, us[i], 1 - h.momentum)
                 updates.append(torch.lerp(us[i], new_b, h.momentum) if h.nesterov else new_b)
                 _commit(b, new_b, found_inf)
-            rows = newton_schulz.orthogonalize(updates, "ultralytics")
+            rows = newton_schulz.orthogonalize(updates, "ultralytics", stacked=stacked)
             for i, o in zip(muon, rows):
                 shape = ws[i].shape  # their scale: the param's last two sizes (a conv's kernel height / width)
                 orthogonal[i] = o * max(1, shape[-2] / shape[-1]) ** 0.5

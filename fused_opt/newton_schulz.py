@@ -67,23 +67,29 @@ ITERATIONS = {"torch": _torch_iteration, "ultralytics": _ultralytics_iteration}
 
 
 def orthogonalize(updates: list[torch.Tensor], variant: str, coefficients=NS_COEFFICIENTS, steps: int = NS_STEPS,
-                  eps: float = NS_EPS) -> list[torch.Tensor]:
+                  eps: float = NS_EPS, stacked: bool = False) -> list[torch.Tensor]:
     """The orthogonalized BF16 update of each tensor (each as its 2-D view), in the order
-    given, shaped like its input. Matrices of one shape go through the iteration together."""
-    iterate = ITERATIONS[variant]
+    given, shaped like its input. Matrices of one shape go through the iteration together;
+    `stacked`: each tensor is already a stack of matrices of one shape (its first dim)."""
+    if stacked:
+        return [_batch(u.reshape(u.shape[0], *matrix_shape(u.shape[1:])), variant, coefficients, steps,
+                       eps).reshape(u.shape) for u in updates]
     by_shape: dict[tuple, list[int]] = {}
     for i, u in enumerate(updates):
         by_shape.setdefault(matrix_shape(u.shape), []).append(i)
     out: list = [None] * len(updates)
     for (rows, cols), members in by_shape.items():
-        # One copy to BF16 for the whole batch (torch: grad.bfloat16(), per matrix).
-        x = torch.stack([updates[i].reshape(rows, cols) for i in members]).bfloat16()
-        tall = rows > cols
-        if tall:  # iterate on the wide side: X X^T is the smaller Gram matrix
-            x = x.transpose(1, 2)
-        x = iterate(x, coefficients, steps, eps)
-        if tall:
-            x = x.transpose(1, 2)
+        x = _batch(torch.stack([updates[i].reshape(rows, cols) for i in members]), variant, coefficients, steps, eps)
         for k, i in enumerate(members):
-            out[i] = x[k].view(updates[i].shape) if x[k].is_contiguous() else x[k].reshape(updates[i].shape)
+            out[i] = x[k].reshape(updates[i].shape)
     return out
+
+
+def _batch(x: torch.Tensor, variant: str, coefficients, steps: int, eps: float) -> torch.Tensor:
+    """(k, rows, cols) matrices -> their orthogonalized BF16 updates, (k, rows, cols)."""
+    x = x.bfloat16()  # torch: grad.bfloat16(), per matrix
+    tall = x.shape[1] > x.shape[2]
+    if tall:  # iterate on the wide side: X X^T is the smaller Gram matrix
+        x = x.transpose(1, 2)
+    x = ITERATIONS[variant](x, coefficients, steps, eps)
+    return x.transpose(1, 2) if tall else x

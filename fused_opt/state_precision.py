@@ -80,9 +80,17 @@ def _memory_order(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided((t.numel(),), (1,), t.storage_offset())
 
 
-def _blocks(flat: torch.Tensor) -> torch.Tensor:
-    pad = num_blocks(flat.numel()) * BLOCK - flat.numel()
-    return torch.nn.functional.pad(flat, (0, pad)).view(-1, BLOCK)
+def _blocks(flat: torch.Tensor, rows: int = 1) -> torch.Tensor:
+    """(blocks, BLOCK): a 1-D tensor cut in blocks, or with `rows` its equal rows each cut in
+    its own blocks (a stack of tensors, buckets.py), the last of each zero-padded."""
+    per_row = flat.numel() // rows if rows else 0
+    pad = num_blocks(per_row) * BLOCK - per_row
+    return torch.nn.functional.pad(flat.view(rows, per_row), (0, pad)).view(-1, BLOCK)
+
+
+def _unblocked(x: torch.Tensor, numel: int, rows: int) -> torch.Tensor:
+    """_blocks undone: the first numel / rows elements of each row, in one 1-D tensor."""
+    return x.reshape(rows, -1)[:, :numel // rows].reshape(-1) if rows else x.reshape(-1)[:0]
 
 
 def _absmax(blocks: torch.Tensor) -> torch.Tensor:
@@ -121,10 +129,14 @@ def dither20(index: torch.Tensor, salt) -> torch.Tensor:
     return torch.where(salt == 0, 0x80000, d)  # salt 0: half a code step, round to nearest
 
 
-def _signed_codes(t: torch.Tensor, salt) -> torch.Tensor:
-    """t in [-1, 1] (finite, blocks of BLOCK) -> int8 codes, rounded with the dither."""
+def _signed_codes(t: torch.Tensor, salt, rows: int = 1) -> torch.Tensor:
+    """t in [-1, 1] (finite, blocks of BLOCK) -> int8 codes, rounded with the dither (each
+    row's elements indexed from 0; a salt per row where it is a tensor of `rows` values)."""
     bits = t.abs().view(torch.int32).to(torch.int64)
-    index = torch.arange(t.numel(), dtype=torch.int64, device=t.device).view(t.shape) & 0xFFFFFFFF
+    index = torch.arange(t.numel(), dtype=torch.int64, device=t.device).view(rows, -1)
+    index = (index % index.shape[1] if rows > 1 else index).view(t.shape) & 0xFFFFFFFF
+    if isinstance(salt, torch.Tensor) and salt.numel() > 1:
+        salt = salt.reshape(rows, 1).expand(rows, t.numel() // rows).reshape(t.shape)
     k = torch.clamp(((bits + dither20(index, salt)) >> 20) - SIGNED_BIAS, 0, SIGNED_MAX)
     return torch.where(t < 0, -k, k).to(torch.int8)
 
@@ -137,12 +149,14 @@ def _signed_values(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mag, k < 0
 
 
-def encode(x: torch.Tensor, signed: bool, salt=0) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(x: torch.Tensor, signed: bool, salt=0, rows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """FP32 values x (any dense layout) -> (codes laid out like x, FP32 scales per block).
     `salt`: 0 to round signed codes to nearest, else the step's (dithered_salt), which with
-    each element's index in memory order picks its rounding dither."""
+    each element's index in memory order picks its rounding dither. `rows`: x is a
+    contiguous stack of that many tensors, each encoded as it would be alone (its own blocks
+    and indices, its own salt where `salt` holds one per row)."""
     flat = _memory_order(x.contiguous() if not _is_dense(x) else x).float()
-    blocks = _blocks(flat)
+    blocks = _blocks(flat, rows)
     scale = _absmax(blocks)
     # Only blocks with a finite, positive scale get codes; the others are all 0 (zeros, or NaN
     # through the scale).
@@ -150,32 +164,33 @@ def encode(x: torch.Tensor, signed: bool, salt=0) -> tuple[torch.Tensor, torch.T
     t = torch.where(ok, blocks / torch.where(ok, scale[:, None], torch.ones_like(scale[:, None])),
                     torch.zeros_like(blocks))
     if signed:
-        q = _signed_codes(t, salt)
+        q = _signed_codes(t, salt, rows)
     else:
         q = (t.abs() * UNSIGNED_SHIFT).to(torch.float16)  # -0 as 0
     codes = torch.empty_like(x, dtype=q.dtype)
-    _memory_order(codes).copy_(q.reshape(-1)[:flat.numel()])
+    _memory_order(codes).copy_(_unblocked(q, flat.numel(), rows))
     return codes, scale
 
 
-def _by_block(codes: torch.Tensor, values) -> torch.Tensor:
+def _by_block(codes: torch.Tensor, values, rows: int = 1) -> torch.Tensor:
     """FP32 values laid out like `codes`, from values(blocks of codes) computed per block."""
     flat = _memory_order(codes)
-    x = values(_blocks(flat))
+    x = values(_blocks(flat, rows))
     out = torch.empty_like(codes, dtype=torch.float32)
-    _memory_order(out).copy_(x.reshape(-1)[:flat.numel()])
+    _memory_order(out).copy_(_unblocked(x, flat.numel(), rows))
     return out
 
 
-def decode(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Codes and their block scales -> FP32 values laid out like the codes."""
+def decode(codes: torch.Tensor, scale: torch.Tensor, rows: int = 1) -> torch.Tensor:
+    """Codes and their block scales -> FP32 values laid out like the codes (`rows`: a stack,
+    as encode's)."""
     def values(blocks):
         if codes.dtype != torch.int8:
             return (blocks.float() * (1.0 / UNSIGNED_SHIFT)) * scale[:, None]
         mag, negative = _signed_values(blocks)
         x = mag * scale[:, None]
         return torch.where(negative, -x, x)
-    return _by_block(codes, values)
+    return _by_block(codes, values, rows)
 
 
 def decode_legacy(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -289,10 +304,10 @@ class FP32State:
         codes, scale = self.encode(local(x), signed, 0)
         return placed_codes(codes, x), scale
 
-    def decode(self, buf, scale):
+    def decode(self, buf, scale, rows=1):
         return buf
 
-    def encode(self, x, signed, salt=0):
+    def encode(self, x, signed, salt=0, rows=1):
         return x, None
 
 
@@ -302,10 +317,10 @@ class BF16State(FP32State):
     def dtype(self, signed: bool) -> torch.dtype:
         return torch.bfloat16
 
-    def decode(self, buf, scale):
+    def decode(self, buf, scale, rows=1):
         return buf.float()
 
-    def encode(self, x, signed, salt=0):
+    def encode(self, x, signed, salt=0, rows=1):
         return x.to(torch.bfloat16), None
 
 
@@ -316,11 +331,11 @@ class Int8State(FP32State):
     def dtype(self, signed: bool) -> torch.dtype:
         return torch.int8 if signed else torch.float16
 
-    def decode(self, buf, scale):
-        return decode(buf, scale)
+    def decode(self, buf, scale, rows=1):
+        return decode(buf, scale, rows)
 
-    def encode(self, x, signed, salt=0):
-        return encode(x, signed, salt)
+    def encode(self, x, signed, salt=0, rows=1):
+        return encode(x, signed, salt, rows)
 
 
 STATE_PRECISIONS = {"fp32": FP32State, "bf16": BF16State, "int8": Int8State}

@@ -390,3 +390,71 @@ def test_adamw_group_takes_adamw_defaults():
     assert muon["eps"] == 1e-7 and muon["weight_decay"] == 0.1
     assert adamw["eps"] == 1e-8 and adamw["weight_decay"] == 1e-2 and adamw["betas"] == (0.9, 0.999)
     assert adamw["lr"] == 0.02
+
+
+@pytest.mark.parametrize("numel", [7, 32, 100])
+def test_stacked_int8_encoding_equals_each_tensor_alone(numel):
+    """A stack of tensors encodes (blocks, dither index, a salt per tensor) and decodes as each alone."""
+    from fused_opt.state_precision import decode, encode
+    gen = torch.Generator().manual_seed(numel)
+    xs = [torch.randn(numel, generator=gen) * 10 ** k for k in range(3)]
+    salts = torch.tensor([0.0, 5.0, 9.0])
+    codes, scales = encode(torch.stack(xs), True, salts.view(3, 1), rows=3)
+    stacked = decode(codes, scales, rows=3)
+    for k, x in enumerate(xs):
+        c, s = encode(x, True, salts[k])
+        assert torch.equal(codes[k], c) and torch.equal(scales.view(3, -1)[k], s)
+        assert torch.equal(stacked[k], decode(c, s))
+    codes, scales = encode(torch.stack(xs).abs(), False, 0, rows=3)
+    for k, x in enumerate(xs):
+        c, s = encode(x.abs(), False)
+        assert torch.equal(codes[k], c) and torch.equal(scales.view(3, -1)[k], s)
+
+
+def test_quick_muon_benchmark_pairs_ours_with_torch(tmp_path):
+    """`--muon-only --quick`: the torch pipelines and ours in one run, with ratios, held bytes and host ops."""
+    from fused_opt.bench.__main__ import main
+    main(["--muon-only", "--quick", "--repeats", "2", "--steps", "1", "--out", str(tmp_path)])
+    import json
+    record = json.loads((tmp_path / "muon-cpu.json").read_text())
+    rows = record["muon"]
+    names = {r["contender"] for r in rows}
+    assert {"torch.optim.Muon + AdamW(foreach)", "MuSGD (Ultralytics' step, transcribed)", "FusedMixedPrecisionMuon",
+            "FusedMixedPrecisionMuSGD", "FusedMixedPrecisionMuon [remainder8 + int8 momentum]"} <= names
+    for r in rows:
+        assert r["time_ms"] > 0 and r["host_ops"] > 0 and r["tensors"] == 303
+        assert (r["speedup_vs_torch_paired"] is None) == (not r["contender"].startswith("Fused"))
+    compact = [r for r in rows if "remainder8" in r["contender"] and r["optimizer"] == "muon"]
+    assert compact[0]["bytes_per_param_held"] < 5
+    assert "| workload | optimizer | contender |" in (tmp_path / "muon-cpu.md").read_text()
+
+
+def test_the_muon_benchmark_steps_what_the_transcription_steps():
+    """The benchmark's MuSGD transcription and torch.optim.Muon pipeline take the same steps as ours."""
+    from fused_opt.bench import workloads
+    from fused_opt.bench.contenders import Model
+    from fused_opt.bench.muon import OursMuon, TorchMuonPipeline
+    model = Model(workloads.detector(0.05)[:12], torch.bfloat16, torch.device("cpu"))
+    for optimizer in ("muon", "musgd"):
+        theirs, ours = TorchMuonPipeline(model, optimizer), OursMuon(model, optimizer)
+        for _ in range(2):
+            theirs.step()
+            ours.step()
+        for a, b in zip(theirs.params, ours.params):
+            ulps = (ordered_bits(a.detach()) - ordered_bits(b.detach())).abs()
+            assert int(ulps.max()) <= 1, optimizer
+
+
+def test_quality_runs_muon_and_musgd_beside_torch_on_fp32_weights(tmp_path):
+    from fused_opt.bench import quality
+    quality.main(["--steps", "20", "--tasks", "muon", "musgd", "--masters", "fp32", "remainder8", "--states", "int8",
+                  "--out", str(tmp_path)])
+    import json
+    record = json.loads((tmp_path / "quality-cpu.json").read_text())
+    for task in ("muon", "musgd"):
+        runs = [r for r in record["runs"] if r["task"] == task]
+        reference = [r for r in runs if r["reference"]]
+        assert len(reference) == 1 and reference[0]["master"] == "torch, FP32 weights"
+        ours = next(r for r in runs if r["master"] == "fp32" and r["state"] == "fp32")
+        assert abs(ours["final"] - reference[0]["final"]) <= 0.01 * reference[0]["final"]
+    assert "vs torch FP32" in (tmp_path / "quality-cpu.md").read_text()

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from . import StepBatch
+from . import StepBatch, buckets
 from ..state_precision import DITHER_ABOVE, INT8_CODE, dithered_salt
 from ..remainder import is_remainder, rebuild_any, remainder_of, split8
 
@@ -25,14 +25,21 @@ def availability(device: torch.device) -> str | None:
 
 
 def _per_tensor_norms(unscaled: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """Each tensor's norm in float64 (0 for an empty one): inf or NaN exactly where the tensor
+    holds an inf or NaN (squares of FP32 values cannot overflow float64)."""
     # The oracle must be at least as accurate as what it judges: torch's FP32 norm drifts by
-    # ~1e-3 at 2^24 elements on the CPU, so the squares are summed in float64 (per tensor, to
-    # keep the float64 copy small); the max of the inf-norm is exact anyway. Empty tensors add
-    # nothing and have no max-norm, so they are left out.
-    nonempty = [u for u in unscaled if u.numel() > 0]
+    # ~1e-3 at 2^24 elements on the CPU, so the squares are summed in float64; the max of the
+    # inf-norm is exact anyway. Empty tensors have no max-norm, so they are left out.
+    device = unscaled[0].device
+    nonempty = [k for k, u in enumerate(unscaled) if u.numel() > 0]
     if not nonempty:
-        return torch.zeros(1, dtype=torch.float64, device=unscaled[0].device)
-    return torch.stack([torch.linalg.vector_norm(u, norm_type, dtype=torch.float64) for u in nonempty])
+        return torch.zeros(len(unscaled), dtype=torch.float64, device=device)
+    norms = torch.stack(torch._foreach_norm([unscaled[k] for k in nonempty], norm_type, dtype=torch.float64))
+    if len(nonempty) == len(unscaled):
+        return norms
+    out = torch.zeros(len(unscaled), dtype=torch.float64, device=device)
+    out[torch.tensor(nonempty, device=device)] = norms
+    return out
 
 
 # The fused backends sum squares in FP32: a sum that rounds beyond FP32's largest (grads of 2^64
@@ -48,24 +55,20 @@ def _fp32_norm(squares_or_max: torch.Tensor, norm_inf: bool) -> torch.Tensor:
     return torch.where(squares_or_max >= SQUARES_OVERFLOW, math.inf, squares_or_max.sqrt()).float()
 
 
-def _global_norm(unscaled: list[torch.Tensor], norm_type: float) -> torch.Tensor:
-    # Per-tensor norms, then the norm of those, rounded once to FP32.
-    per_tensor = _per_tensor_norms(unscaled, norm_type)
+def _global_norm(per_tensor: torch.Tensor, norm_type: float) -> torch.Tensor:
+    # The norm of the per-tensor norms, rounded once to FP32.
     if norm_type == math.inf:
         return _fp32_norm(per_tensor.amax(), True)
     return _fp32_norm(per_tensor.square().sum(), False)
 
 
-def _global_stats(unscaled: list[torch.Tensor], infs: torch.Tensor, batch: StepBatch):
+def _global_stats(per_tensor: torch.Tensor, infs: torch.Tensor, batch: StepBatch):
     """DTensor params: this rank's [sum of squares (or max), inf count] per sharding layout,
     made global (distributed.py). `infs`: each tensor's "has an inf or NaN"."""
     norm_inf = batch.norm_type == math.inf
-    zero = torch.zeros((), dtype=torch.float64, device=infs.device)
-    per_tensor = [torch.linalg.vector_norm(u, batch.norm_type, dtype=torch.float64) if u.numel() else zero
-                  for u in unscaled]
     rows = []
     for members in batch.reduce_stats.members:
-        stats = torch.stack(per_tensor if members is None else [per_tensor[k] for k in members])
+        stats = per_tensor if members is None else per_tensor[members]
         flags = infs if members is None else infs[members]
         rows.append(torch.stack([stats.amax() if norm_inf else stats.square().sum(), flags.any().double()]))
     total = batch.reduce_stats(torch.stack(rows), norm_inf)
@@ -84,18 +87,25 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def step(batch: StepBatch) -> None:
     inv_scale = torch.reciprocal(batch.scaler.scale)                        # 1/S in FP32
 
+    # A rule with a matrix stage steps the params of one group and shape as one stack (their
+    # first dim): the same ops, a few per stack instead of per param (buckets.py).
+    stacks, rest = buckets.plan(batch) if _stackable(batch) else (None, None)
+    grads = batch.grads if stacks is None else ([torch.stack([batch.grads[i] for i in m]) for m in stacks]
+                                                + [batch.grads[i] for i in rest])
+
     # 1. u_i = float32(g_i) * (1/S)
-    unscaled = torch._foreach_mul([g.float() for g in batch.grads], inv_scale)
+    unscaled = torch._foreach_mul([g.float() for g in grads], inv_scale)
 
     # 2. found_inf: any element of any u_i is inf or NaN
-    infs = torch.stack([(~torch.isfinite(u)).any() for u in unscaled])
+    per_tensor = _per_tensor_norms(unscaled, batch.norm_type)
+    infs = ~torch.isfinite(per_tensor)
     found_inf = infs.any()
 
     # 3. N, accumulated in FP32
     if batch.reduce_stats is None:
-        norm = _global_norm(unscaled, batch.norm_type)
+        norm = _global_norm(per_tensor, batch.norm_type)
     else:  # sharded params: over all ranks' shards (distributed.py)
-        norm, found_inf = _global_stats(unscaled, infs, batch)
+        norm, found_inf = _global_stats(per_tensor, infs, batch)
 
     found_inf = found_inf | ~torch.isfinite(norm)  # finite grads whose squares overflow FP32
 
@@ -108,28 +118,15 @@ def step(batch: StepBatch) -> None:
     applied_steps = _count_up(batch.applied_steps, ~found_inf)
     # the EMA's weight a = 1 - d_t for this step (ema.py)
     ema_weight = batch.ema.weight(applied_steps) if batch.emas is not None else None
-    precision = batch.state_precision
-    hypers = [batch.groups[gi] for gi in batch.group_index]
-    masters = [_master(batch, i, found_inf) for i in range(len(unscaled))]  # (FP32 master, remainder or None)
-    # The rule steps FP32 values: state kept in BF16 or int8 is decoded first and encoded
-    # after (state_precision.py), where the step is applied.
-    bufs = [[precision.decode(b, s) for b, s in zip(stored, scales or [None] * len(stored))]
-            for stored, scales in zip(batch.buffers, batch.scales or [None] * len(unscaled))]
-    ws = [w for w, _ in masters]
-    bounded = precision.code == INT8_CODE
-    if getattr(batch.rule, "matrix", False):  # Muon, MuSGD: a matrix stage over all params (matrix_rules.py)
-        new_ws = batch.rule.update_all(ws, unscaled, bufs, batch.counts, hypers, applied_steps, found_inf, bounded)
+    if stacks is not None:
+        for members, u in zip(stacks, unscaled):  # one stack of state at a time
+            stack = buckets.Stack(batch, members)
+            _update(stack.batch, [u], applied_steps, found_inf, ema_weight, len(members))
+            stack.scatter()
+        if rest:
+            _update(buckets.subset(batch, rest), unscaled[len(stacks):], applied_steps, found_inf, ema_weight)
     else:
-        new_ws = [batch.rule.update(w, d, b, count, h, applied_steps, found_inf, bounded=bounded)
-                  for w, d, b, count, h in zip(ws, unscaled, bufs, batch.counts, hypers)]
-    for i, (w, remainder) in enumerate(masters):
-        if precision.code != 0:
-            _encode(batch, i, hypers[i], bufs[i], applied_steps, found_inf)
-        _store(batch, i, w, remainder, new_ws[i], found_inf)
-        if ema_weight is not None:  # 6. the EMA of the master, on applied steps: e + a * (w - e)
-            e = batch.emas[i]
-            e32 = e.float()
-            e.copy_(torch.where(found_inf, e32, e32 + ema_weight * (w - e32)))
+        _update(batch, unscaled, applied_steps, found_inf, ema_weight)
 
     batch.applied_steps.copy_(applied_steps)
     skips = batch.consecutive_skips
@@ -139,6 +136,40 @@ def step(batch: StepBatch) -> None:
     # 7. dynamic scale update
     batch.scaler.update_(found_inf)
 
+
+
+def _stackable(batch: StepBatch) -> bool:
+    return getattr(batch.rule, "matrix", False) and batch.reduce_stats is None
+
+
+def _update(batch: StepBatch, unscaled: list, applied_steps, found_inf, ema_weight, rows: int | None = None) -> None:
+    """Masters loaded, the rule's update, state encoded and masters, params and EMAs stored,
+    for every param of `batch`; with `rows`, its one param is a stack of that many params
+    (buckets.py)."""
+    stacked = rows is not None
+    precision = batch.state_precision
+    hypers = [batch.groups[gi] for gi in batch.group_index]
+    masters = [_master(batch, i, found_inf) for i in range(len(unscaled))]  # (FP32 master, remainder or None)
+    # The rule steps FP32 values: state kept in BF16 or int8 is decoded first and encoded
+    # after (state_precision.py), where the step is applied.
+    bufs = [[precision.decode(b, s, rows or 1) for b, s in zip(stored, scales or [None] * len(stored))]
+            for stored, scales in zip(batch.buffers, batch.scales or [None] * len(unscaled))]
+    ws = [w for w, _ in masters]
+    bounded = precision.code == INT8_CODE
+    if getattr(batch.rule, "matrix", False):  # Muon, MuSGD: a matrix stage over all params (matrix_rules.py)
+        new_ws = batch.rule.update_all(ws, unscaled, bufs, batch.counts, hypers, applied_steps, found_inf, bounded,
+                                       stacked)
+    else:
+        new_ws = [batch.rule.update(w, d, b, count, h, applied_steps, found_inf, bounded=bounded)
+                  for w, d, b, count, h in zip(ws, unscaled, bufs, batch.counts, hypers)]
+    for i, (w, remainder) in enumerate(masters):
+        if precision.code != 0:
+            _encode(batch, i, hypers[i], bufs[i], applied_steps, found_inf, rows or 1)
+        _store(batch, i, w, remainder, new_ws[i], found_inf)
+        if ema_weight is not None:  # 6. the EMA of the master, on applied steps: e + a * (w - e)
+            e = batch.emas[i]
+            e32 = e.float()
+            e.copy_(torch.where(found_inf, e32, e32 + ema_weight * (w - e32)))
 
 
 def _master(batch: StepBatch, i: int, found_inf: torch.Tensor):
@@ -155,8 +186,9 @@ def _master(batch: StepBatch, i: int, found_inf: torch.Tensor):
     return w, None
 
 
-def _encode(batch: StepBatch, i: int, h, bufs: list, applied_steps, found_inf) -> None:
-    """State kept in BF16 or int8: param i's new FP32 state values encoded where the step is applied."""
+def _encode(batch: StepBatch, i: int, h, bufs: list, applied_steps, found_inf, rows: int = 1) -> None:
+    """State kept in BF16 or int8: param i's new FP32 state values encoded where the step is
+    applied (`rows`: a stack of that many params, each encoded as alone)."""
     precision, stored = batch.state_precision, batch.buffers[i]
     scales = batch.scales[i] if batch.scales is not None else None
     # the dither's salt (state_precision.dithered_salt): AdamW's t, else the applied-step count
@@ -165,7 +197,7 @@ def _encode(batch: StepBatch, i: int, h, bufs: list, applied_steps, found_inf) -
     else:  # a tensor momentum is compared on the device
         salt = torch.where(torch.as_tensor(h.momentum) > DITHER_ABOVE, applied_steps, 0)
     for k, (b, x) in enumerate(zip(stored, bufs)):
-        codes, scale = precision.encode(x, h.buffers[k] not in batch.rule.unsigned_buffers, salt)
+        codes, scale = precision.encode(x, h.buffers[k] not in batch.rule.unsigned_buffers, salt, rows)
         b.copy_(torch.where(found_inf, b, codes))
         if scale is not None:
             scales[k].copy_(torch.where(found_inf, scales[k], scale))

@@ -398,7 +398,10 @@ def _triton_version():
 def table(record: dict) -> str:
     head = (f"Device: {record['device']} | torch {record['torch']} | {record['date']} | commit {record.get('commit')} | "
             f"copy {record['copy_gb_s']:.1f} GB/s (read+write)")
-    if not record["rows"]:  # --peers-only
+    if not record["rows"]:  # --peers-only, --muon-only
+        if record.get("muon"):
+            from .muon import muon_table
+            return head + "\n\n" + muon_table(record["muon"])
         return head + "\n\n" + peer_table(record)
     lines = [head, "", summary(record), "",
              "| optimizer | workload | dtype | params | tensors | contender | ms/step | spread | host ms | first ms | B/param moved | GB/s | % copy | vs best torch | paired | vs fused_opt default | memory B/param | launches |",
@@ -414,6 +417,9 @@ def table(record: dict) -> str:
                      f"| {r['launches'] if r['launches'] is not None else '-'} |")
     if record.get("peers"):
         lines += ["", peer_table(record)]
+    if record.get("muon"):
+        from .muon import muon_table
+        lines += ["", "Muon and MuSGD, BF16 params:", "", muon_table(record["muon"])]
     if record.get("fsdp2"):
         from . import fsdp2
         lines += ["", *(fsdp2.table(result) + "\n" for result in record["fsdp2"])]
@@ -451,7 +457,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", nargs="+", default=["fp16", "bf16", "fp32"], choices=["fp16", "bf16", "fp32"],
                         help="param dtypes; fp32 is the autocast loop (its own workloads, with and without an EMA)")
-    parser.add_argument("--optimizers", nargs="+", default=["sgd", "adamw"], choices=["sgd", "adamw"])
+    parser.add_argument("--optimizers", nargs="+", default=["sgd", "adamw"], choices=["sgd", "adamw"],
+                        help="the SGD/AdamW rows (Muon and MuSGD have their own: --muon-only, --no-muon)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed repeats per contender (default 3, or 5 with --full)")
     parser.add_argument("--steps", type=int, default=3, help="calls per timed repeat")
@@ -466,6 +473,10 @@ def main(argv=None) -> None:
                         help="leave out the other libraries' optimizers (peers.py)")
     parser.add_argument("--peers-only", action="store_true",
                         help="only the peers, each paired with ours, on BF16 params (every peer; --full: every workload)")
+    parser.add_argument("--no-muon", dest="muon", action="store_false",
+                        help="leave out the Muon and MuSGD rows (muon.py)")
+    parser.add_argument("--muon-only", action="store_true",
+                        help="only the Muon and MuSGD rows (with --full: GPT-2 small too)")
     parser.add_argument("--no-fsdp2", dest="fsdp2", action="store_false",
                         help="leave out the FSDP2 rows (fsdp2.py: 2 processes, or one per GPU up to 2)")
     args = parser.parse_args(argv)
@@ -473,12 +484,17 @@ def main(argv=None) -> None:
         args.out = RECORD_DIR
     if args.peers_only:
         args.peers, args.fsdp2, args.dtypes = True, False, ["bf16"]
+    if args.muon_only:
+        args.muon, args.fsdp2, args.optimizers = True, False, []
     if args.repeats is None:  # the default run (SGD and AdamW, FP16/BF16 and FP32): about 3 minutes on 2 cores
         args.repeats = 5 if args.full else 4
     if args.train:
         from .train import main as train_main
         return train_main(args)
     record = run(args, emit=lambda line: print(line, flush=True))
+    if args.muon and not args.only and not args.peers_only:
+        from .muon import run_muon
+        record["muon"] = run_muon(args, emit=lambda line: print(line, flush=True))
     if args.fsdp2 and not args.only:
         record["fsdp2"] = run_fsdp2(args, emit=lambda line: print(line, flush=True))
     text = table(record)
@@ -486,7 +502,8 @@ def main(argv=None) -> None:
     print(text)
     print(f"\npeak memory (RSS) {record['peak_rss_gb']:.1f} GB")
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, ("peers-" if args.peers_only else "bench-") + record["device_type"] + (f"-{args.only}".replace(" ", "_") if args.only else ""))
+    kind = "peers-" if args.peers_only else "muon-" if args.muon_only else "bench-"
+    stem = os.path.join(args.out, kind + record["device_type"] + (f"-{args.only}".replace(" ", "_") if args.only else ""))
     with open(stem + ".json", "w") as f:
         json.dump(record, f, indent=1)
     with open(stem + ".md", "w") as f:

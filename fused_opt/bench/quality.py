@@ -190,11 +190,21 @@ TASKS = {
                   title="sparse embedding (Zipf tokens), AdamW"),
     "spike": dict(rule="AdamW", hyper=dict(lr=1e-2, weight_decay=0.0), clip=None,
                   title="sparse embedding, a 100x loss spike every 50 steps, no clipping, AdamW"),
+    # Muon on the hidden matrices, AdamW (the gpt task's) on embeddings and norms; relative to
+    # torch.optim.Muon + AdamW on an FP32 copy of the model.
+    "muon": dict(rule="Muon", model="gpt", hyper=dict(lr=0.02, momentum=0.95, weight_decay=0.1),
+                 others=dict(lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1),
+                 title="small GPT-2-style, Muon + AdamW, stdlib text"),
+    # MuSGD on the conv weights, SGD on the rest; relative to its reference step on FP32 weights.
+    "musgd": dict(rule="MuSGD", model="cnn", hyper=dict(lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True),
+                  title="small CNN, MuSGD, digits"),
 }
+MATRIX_TASKS = ("muon", "musgd")
 
 
-def build(task: str, steps: int, seed: int):
+def build(task: str, steps: int, seed: int, dtype=torch.bfloat16):
     torch.manual_seed(seed)
+    task = TASKS[task].get("model", task)
     if task == "cnn":
         batches, held_out = digits_batches(steps, 64, seed)
         model = SmallCNN()
@@ -204,17 +214,64 @@ def build(task: str, steps: int, seed: int):
     else:
         vocab, batches, held_out = text_batches(steps, 16, 64, seed)
         model = SmallGPT(vocab)
-    return model.to(torch.bfloat16), batches, held_out
+    return model.to(dtype), batches, held_out
+
+
+def matrix_groups(task: str, model) -> list[dict]:
+    """Muon's / MuSGD's param groups: hidden matrices (a conv's weights) orthogonalized, the rest not."""
+    spec = TASKS[task]
+    if spec["rule"] == "Muon":
+        hidden = [p for n, p in model.named_parameters() if p.ndim == 2 and n not in ("wte", "wpe")]
+        rest = [p for p in model.parameters() if all(p is not q for q in hidden)]
+        return [dict(params=hidden), dict(params=rest, algorithm="adamw", **spec["others"])]
+    convs = [p for p in model.parameters() if p.ndim == 4]
+    rest = [p for p in model.parameters() if p.ndim != 4]
+    return [dict(params=convs, use_muon=True), dict(params=rest, use_muon=False)]
+
+
+def torch_matrix_optimizers(task: str, groups: list[dict]) -> list:
+    """The torch implementation of a matrix task: torch.optim.Muon + AdamW, or MuSGD's step
+    transcribed (bench/muon.py)."""
+    spec = TASKS[task]
+    if spec["rule"] == "Muon":
+        return [torch.optim.Muon(groups[0]["params"], **spec["hyper"]),
+                torch.optim.AdamW(groups[1]["params"], **spec["others"])]
+    from .muon import TranscribedMuSGD
+    return [TranscribedMuSGD(groups, **spec["hyper"])]
+
+
+class _Both:
+    """Several optimizers stepped as one."""
+
+    def __init__(self, opts):
+        self.opts = opts
+
+    def step(self):
+        for o in self.opts:
+            o.step()
+
+    def zero_grad(self, set_to_none=True):
+        for o in self.opts:
+            o.zero_grad(set_to_none=set_to_none)
 
 
 def run(task: str, master: str | None, state: str | None, steps: int, seed: int, backend: str, peer=None) -> dict:
     """One training run; master None: torch.optim on the BF16 params, no master, or with `peer`
     (peers.Peer) another library's optimizer on them."""
-    model, batches, held_out = build(task, steps, seed)
     spec = TASKS[task]
+    fp32_reference = task in MATRIX_TASKS and master == "torch-fp32"
+    model, batches, held_out = build(task, steps, seed, torch.float32 if fp32_reference else torch.bfloat16)
     clip = spec.get("clip", 1.0)
     params = list(model.parameters())
-    if peer is not None:  # torch's betas where the task names none (optimi's and HeavyBall's default beta2 is 0.99)
+    if task in MATRIX_TASKS:
+        groups = matrix_groups(task, model)
+        if master is None or fp32_reference:  # torch's, on BF16 params without masters or on an FP32 model
+            opt = _Both(torch_matrix_optimizers(task, groups))
+            master = None
+        else:
+            cls = fused_opt.FusedMixedPrecisionMuon if spec["rule"] == "Muon" else fused_opt.FusedMixedPrecisionMuSGD
+            opt = cls(groups, **spec["hyper"], max_grad_norm=clip, master_weights=master, state_precision=state)
+    elif peer is not None:  # torch's betas where the task names none (optimi's and HeavyBall's default beta2 is 0.99)
         opt = peer.make(params, **{**({"betas": (0.9, 0.999)} if spec["rule"] == "AdamW" else {}), **spec["hyper"]})
     elif master is None:
         opt = getattr(torch.optim, spec["rule"])(params, **spec["hyper"])
@@ -238,10 +295,15 @@ def run(task: str, master: str | None, state: str | None, steps: int, seed: int,
     if peer is not None:
         label, state, held = f"peer: {peer.name} {peers.version(peer.package)}", "its own", peers.held_bytes(
             params, opt.state.values())
+    elif fp32_reference:
+        label, state, held = "torch, FP32 weights", "fp32", peers.held_bytes(
+            params, [entry for o in opt.opts for entry in o.state.values()])
     else:
-        label, held = master or "none (torch.optim on BF16)", state_bytes(opt, params) if master else 2.0
+        label = master or "none (torch.optim on BF16)"
+        held = state_bytes(opt, params) if master else peers.held_bytes(
+            params, [entry for o in getattr(opt, "opts", [opt]) for entry in o.state.values()])
     return dict(task=task, master=label, state=state or "-", losses=losses, final=sum(losses[-TAIL:]) / TAIL,
-                held_out=held_out_loss, bytes_per_param=held, seconds=seconds)
+                held_out=held_out_loss, bytes_per_param=held, seconds=seconds, reference=fp32_reference)
 
 
 def state_bytes(opt, params) -> float:
@@ -249,7 +311,7 @@ def state_bytes(opt, params) -> float:
     n = sum(p.numel() for p in params)
     total = sum(p.numel() * p.element_size() for p in params)
     for p in params:
-        for v in opt.state[p].values():
+        for v in opt.state.get(p, {}).values():
             if isinstance(v, torch.Tensor) and v.dim() > 0 and v is not p:
                 total += v.numel() * v.element_size()
     return total / n
@@ -269,9 +331,11 @@ def report(record: dict) -> str:
         rows = [r for r in record["runs"] if r["task"] == task]
         if not rows:
             continue
-        ref = next(r for r in rows if r["master"] == "fp32" and r["state"] == "fp32")
-        lines += [f"## {spec['title']}", "", "| master | state | B/param (params + state) | final loss | vs fp32/fp32 "
-                  "| held-out loss | vs fp32/fp32 |", "|---|---|---:|---:|---:|---:|---:|"]
+        ref = next((r for r in rows if r.get("reference")), None) or next(
+            r for r in rows if r["master"] == "fp32" and r["state"] == "fp32")
+        against = "vs torch FP32" if ref.get("reference") else "vs fp32/fp32"
+        lines += [f"## {spec['title']}", "", f"| master | state | B/param (params + state) | final loss | {against} "
+                  f"| held-out loss | {against} |", "|---|---|---:|---:|---:|---:|---:|"]
         for r in rows:
             rel = (r["final"] - ref["final"]) / ref["final"] * 100
             held = (r["held_out"] - ref["held_out"]) / ref["held_out"] * 100
@@ -334,7 +398,8 @@ def main(argv=None) -> int:
         rule = TASKS[task]["rule"].lower()
         others = [p for p in peers.PEERS if args.peers and p.optimizer == rule
                   and peers.why_not(p, torch.device("cpu")) is None]
-        for master, state, peer in [*((m, s, None) for m, s in combos), (None, None, None),
+        reference = [("torch-fp32", "fp32", None)] if task in MATRIX_TASKS else []
+        for master, state, peer in [*reference, *((m, s, None) for m, s in combos), (None, None, None),
                                     *((None, None, p) for p in others)]:
             r = run(task, master, state, args.steps, args.seed, args.backend, peer)
             print(f"{task:4s} master={r['master']:26s} state={r['state']:5s} final={r['final']:.4f} "

@@ -42,10 +42,15 @@ def gpt2(layers: int = 12, d: int = 768, vocab: int = 50257, ctx: int = 1024) ->
     return shapes + [(d,), (d,)]
 
 
-def detector() -> list[tuple]:
-    """A YOLOv8x-style detector (68.2M params, 303 tensors): convs with BatchNorm weight and
-    bias, C2f blocks in a CSP backbone, an FPN/PAN neck and a decoupled head at three scales."""
+def detector(width: float = 1.0) -> list[tuple]:
+    """A YOLOv8-style detector, 303 tensors: convs with BatchNorm weight and bias, C2f blocks in
+    a CSP backbone, an FPN/PAN neck and a decoupled head at three scales. width=1: YOLOv8x's
+    channels (68.2M params); width=0.2: a nano-sized model of the same 303 tensors (2.9M
+    params), many small matrices, as Ultralytics' small models are."""
     shapes = []
+
+    def ch(c):
+        return max(8, int(c * width) // 8 * 8)
 
     def conv(cout, cin, k):
         shapes.extend([(cout, cin, k, k), (cout,), (cout,)])
@@ -58,26 +63,28 @@ def detector() -> list[tuple]:
             conv(half, half, 3)
         conv(cout, (2 + n) * half, 1)
 
-    widths, depths = (80, 160, 320, 640, 640), (3, 6, 6, 3)
+    widths, depths = tuple(map(ch, (80, 160, 320, 640, 640))), (3, 6, 6, 3)
     conv(widths[0], 3, 3)
     for cin, cout, n in zip(widths, widths[1:], depths):
         conv(cout, cin, 3)
         c2f(cout, cout, n)
-    conv(320, 640, 1)
-    conv(640, 1280, 1)  # SPPF
-    c2f(1280, 640, 3)
-    c2f(960, 320, 3)  # top-down
-    conv(320, 320, 3)
-    c2f(960, 640, 3)
-    conv(640, 640, 3)
-    c2f(1280, 640, 3)  # bottom-up
-    for c in (320, 640, 640):  # per scale: a box branch and an 80-class branch
-        conv(80, c, 3)
-        conv(80, 80, 3)
-        shapes.extend([(64, 80, 1, 1), (64,)])
-        conv(320, c, 3)
-        conv(320, 320, 3)
-        shapes.extend([(80, 320, 1, 1), (80,)])
+    c3, c4, c5 = widths[2], widths[3], widths[4]
+    conv(c5 // 2, c5, 1)
+    conv(c5, 4 * (c5 // 2), 1)  # SPPF
+    c2f(c5 + c4, c4, 3)
+    c2f(c4 + c3, c3, 3)  # top-down
+    conv(c3, c3, 3)
+    c2f(c3 + c4, c4, 3)
+    conv(c4, c4, 3)
+    c2f(c4 + c5, c5, 3)  # bottom-up
+    box, cls = ch(80), ch(320)
+    for c in (c3, c4, c5):  # per scale: a box branch and an 80-class branch
+        conv(box, c, 3)
+        conv(box, box, 3)
+        shapes.extend([(64, box, 1, 1), (64,)])
+        conv(cls, c, 3)
+        conv(cls, cls, 3)
+        shapes.extend([(80, cls, 1, 1), (80,)])
     return shapes
 
 
