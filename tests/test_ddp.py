@@ -35,6 +35,15 @@ def train(model, opt, xs, ys):
 
 def make_opt(params, backend, optimizer="sgd", **kw):
     # max_grad_norm small enough that clipping is active on every step
+    if optimizer in ("muon", "musgd"):  # the matrices orthogonalized, the biases on AdamW / SGD
+        params = list(params)
+        matrices, biases = [p for p in params if p.dim() == 2], [p for p in params if p.dim() != 2]
+        common = dict(max_grad_norm=0.3, init_scale=2.0**8, loss_scale="dynamic", backend=backend, **kw)
+        if optimizer == "muon":
+            return fused_opt.FusedMixedPrecisionMuon([dict(params=matrices), dict(params=biases, algorithm="adamw")],
+                                                     lr=0.02, **common)
+        return fused_opt.FusedMixedPrecisionMuSGD([dict(params=matrices, use_muon=True), dict(params=biases)],
+                                                  lr=0.05, momentum=0.9, nesterov=True, **common)
     if optimizer == "adamw":
         return fused_opt.FusedMixedPrecisionAdamW(params, lr=1e-2, max_grad_norm=0.3, init_scale=2.0**8,
                                                   loss_scale="dynamic", backend=backend, **kw)
@@ -94,7 +103,8 @@ def init_group(address: str, rank: int, world: int, backend: str = "gloo", timeo
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
-@pytest.mark.parametrize("backend,optimizer", [(b, "sgd") for b in CPU_BACKENDS] + [("native", "adamw")])
+@pytest.mark.parametrize("backend,optimizer", [(b, "sgd") for b in CPU_BACKENDS] + [("native", "adamw"), ("torch", "muon"),
+                                                                                 ("torch", "musgd")])
 def test_ddp_two_processes_equal_one_process(backend, optimizer, tmp_path):
     out = str(tmp_path / "params.pt")
     run_ranks(worker, (2, rendezvous(tmp_path), backend, out, optimizer), 2, out)
@@ -175,3 +185,30 @@ def test_fp32_grad_accumulation_refuses_a_process_group(tmp_path):
     for message in (construct, step):
         assert "single-process only" in message and "DDP" in message
     assert unchanged
+
+
+def dtensor_worker(rank, world, init_method, out):
+    """Muon and MuSGD refuse DTensor params (a shard is not its matrix) at construction."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    init_group(init_method, rank, world, "gloo")
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        p = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
+        messages = []
+        for cls in (fused_opt.FusedMixedPrecisionMuon, fused_opt.FusedMixedPrecisionMuSGD):
+            try:
+                cls([p])
+            except ValueError as exc:
+                messages.append(str(exc))
+        if rank == 0:
+            torch.save(messages, out)
+    finally:
+        finish_group()
+
+
+def test_muon_and_musgd_refuse_sharded_matrices(tmp_path):
+    out = str(tmp_path / "messages.pt")
+    run_ranks(dtensor_worker, (2, rendezvous(tmp_path), out), 2, out)
+    messages = torch.load(out)
+    assert len(messages) == 2 and all("DTensor" in m and "not the matrix" in m for m in messages)

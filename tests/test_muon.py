@@ -450,11 +450,11 @@ def test_quality_runs_muon_and_musgd_beside_torch_on_fp32_weights(tmp_path):
     quality.main(["--steps", "20", "--tasks", "muon", "musgd", "--masters", "fp32", "remainder8", "--states", "int8",
                   "--out", str(tmp_path)])
     import json
-    record = json.loads((tmp_path / "quality-cpu.json").read_text())
+    record = json.loads((tmp_path / "quality-cpu-muon-musgd.json").read_text())
     for task in ("muon", "musgd"):
         runs = [r for r in record["runs"] if r["task"] == task]
         reference = [r for r in runs if r["reference"]]
         assert len(reference) == 1 and reference[0]["master"] == "torch, FP32 weights"
         ours = next(r for r in runs if r["master"] == "fp32" and r["state"] == "fp32")
         assert abs(ours["final"] - reference[0]["final"]) <= 0.01 * reference[0]["final"]
-    assert "vs torch FP32" in (tmp_path / "quality-cpu.md").read_text()
+    assert "vs torch FP32" in (tmp_path / "quality-cpu-muon-musgd.md").read_text()

@@ -18,12 +18,17 @@ the grad norm at 1.0:
          decays), each token's label fixed at random and flipped in 20 % of draws, AdamW
   spike  embed without clipping, and every 50th step's loss 100x (a bad batch): what the
          moments do after an outlier
+  muon   the gpt task with Muon on the hidden matrices and AdamW on the rest, against
+         torch.optim.Muon + AdamW on an FP32 copy of the model (same init and batches)
+  musgd  the cnn task with Ultralytics' MuSGD (Muon + SGD on the conv weights), against its
+         step transcribed (bench/muon.py) on an FP32 copy of the model
 
 The params, grads and optimizer are BF16 (what the optimizer sees is a BF16 model's); the
 forward computes in FP32 from the BF16 weights (BF16 convolution and attention are slow on
 CPUs without BF16 units, and the optimizer is what is being measured). Reported: each run's
 loss curve, its final loss (the mean training loss over the last 100 steps) and that loss
-relative to the reference run, and the loss on held-out data after the last step. Writes quality-<device>.{json,md,png} to --out.
+relative to the reference run, and the loss on held-out data after the last step. Writes quality-<device>.{json,md,png} to --out
+(quality-<device>-<tasks>.* for a subset of --tasks).
 """
 from __future__ import annotations
 
@@ -409,7 +414,8 @@ def main(argv=None) -> int:
     record = dict(device=device_name(torch.device("cpu")), torch=torch.__version__, commit=_commit(),
                   date=time.strftime("%Y-%m-%d"), steps=args.steps, seed=args.seed, runs=runs)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "quality-cpu")
+    # a subset of the tasks gets its own record: quality-cpu-muon-musgd.*
+    stem = os.path.join(args.out, "quality-cpu" + ("" if set(args.tasks) == set(TASKS) else "-" + "-".join(args.tasks)))
     with open(stem + ".json", "w") as f:
         json.dump(record, f)
     with open(stem + ".md", "w") as f:
