@@ -133,8 +133,11 @@ def _signed_codes(t: torch.Tensor, salt, rows: int = 1) -> torch.Tensor:
     """t in [-1, 1] (finite, blocks of BLOCK) -> int8 codes, rounded with the dither (each
     row's elements indexed from 0; a salt per row where it is a tensor of `rows` values)."""
     bits = t.abs().view(torch.int32).to(torch.int64)
-    index = torch.arange(t.numel(), dtype=torch.int64, device=t.device).view(rows, -1)
-    index = (index % index.shape[1] if rows > 1 else index).view(t.shape) & 0xFFFFFFFF
+    per_row = t.numel() // rows if rows else 0
+    index = torch.arange(per_row, dtype=torch.int64, device=t.device)
+    if per_row > 2**32:
+        index = index & 0xFFFFFFFF  # the kernels' uint32 index
+    index = index.expand(rows, per_row).reshape(t.shape)
     if isinstance(salt, torch.Tensor) and salt.numel() > 1:
         salt = salt.reshape(rows, 1).expand(rows, t.numel() // rows).reshape(t.shape)
     k = torch.clamp(((bits + dither20(index, salt)) >> 20) - SIGNED_BIAS, 0, SIGNED_MAX)

@@ -16,6 +16,7 @@ The rule of an optimizer is its class's `RULE`, chosen nowhere else.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,14 @@ def _check_lr(group: dict, where: str) -> None:
         _check_scalar_tensor(lr, where, "lr")
     elif isinstance(lr, (bool, str)) or not lr >= 0.0:
         raise ValueError(f"{where}: invalid learning rate {lr!r} (must be >= 0)")
+
+
+def _fp32(x: float) -> float:
+    """x rounded to FP32 (to nearest even), as a Python float, without a tensor."""
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:  # rounds past FP32's largest
+        return math.copysign(math.inf, x)
 
 
 def _low(x: float) -> float:
@@ -329,7 +338,7 @@ class AdamW:
         m, v = bufs[0], bufs[1]
         # torch.optim.AdamW's exp_avg.lerp_(grad, 1 - beta1), by its kernel's formula written
         # out (torch's CPU vector lerp may fuse it into an FMA; the kernels round each operation)
-        weight = float(torch.tensor(1 - h.beta1, dtype=torch.float32))
+        weight = _fp32(1 - h.beta1)
         new_m = m + weight * (u - m) if weight < 0.5 else u - (u - m) * (1 - weight)
         new_v = h.beta2 * v + ((1 - h.beta2) * u) * u
         if bounded:

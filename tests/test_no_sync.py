@@ -61,3 +61,27 @@ def test_the_trap_catches_a_sync(monkeypatch):
     with pytest.raises(AssertionError, match="host sync"):
         with no_host_reads(monkeypatch):
             x.add_(x, alpha=torch.tensor(0.5))
+
+
+@pytest.mark.parametrize("device", sorted({d for _, d in BACKEND_DEVICES}))
+@pytest.mark.parametrize("kind", ["muon", "musgd"])
+@pytest.mark.parametrize("state_precision", ["fp32", "int8"])
+def test_muon_and_musgd_never_read_device_values(kind, state_precision, device, monkeypatch):
+    """The matrix stage too: batched Newton-Schulz on the device, the skip decided there."""
+    params = [torch.nn.Parameter(torch.randn(*s).bfloat16().to(device)) for s in ((8, 4), (8, 4), (4, 2, 3, 3), (7,))]
+    lr = torch.tensor(0.02, device=device)
+    common = dict(lr=lr, max_grad_norm=1.0, loss_scale="dynamic", growth_interval=2, state_precision=state_precision,
+                  master_weights="remainder8", ema_decay=0.9)
+    if kind == "muon":
+        opt = fused_opt.FusedMixedPrecisionMuon([{"params": params[:3]}, {"params": params[3:], "algorithm": "adamw"}],
+                                                **common)
+    else:
+        opt = fused_opt.FusedMixedPrecisionMuSGD([{"params": params[:3], "use_muon": True}, {"params": params[3:]}],
+                                                 momentum=0.9, **common)
+    for step, bad in enumerate([False, True, False, False, True]):
+        for p in params:
+            p.grad = torch.full_like(p, math.inf if bad else 0.01)
+        opt.scale_loss(torch.zeros((), device=device))
+        with no_host_reads(monkeypatch):
+            opt.step()
+        assert bool(opt.last_step_skipped) == bad, f"step {step}"

@@ -30,13 +30,14 @@ ADAMW = dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01)
 MUSGD = dict(lr=0.01, momentum=0.937, weight_decay=5e-4, nesterov=True)
 
 
-def workload_plan(full: bool, quick: bool = False) -> list[tuple[str, list, tuple]]:
-    """(name, shapes, optimizers); GPT-2 small's Newton-Schulz is ~1.5 TFLOP a step (seconds on a CPU)."""
+def workload_plan(full: bool, quick: bool = False) -> list[tuple[str, list, tuple, int | None]]:
+    """(name, shapes, optimizers, most repeats); GPT-2 small's Newton-Schulz is ~1.5 TFLOP a
+    step (seconds on a CPU), so it is timed over 2 repeats of one step."""
     if quick:
-        return [("detector x0.05", workloads.detector(0.05), ("muon", "musgd"))]
-    plan = [("YOLO-style detector-n", workloads.detector(0.2), ("muon", "musgd"))]
+        return [("detector x0.05", workloads.detector(0.05), ("muon", "musgd"), None)]
+    plan = [("YOLO-style detector-n", workloads.detector(0.2), ("muon", "musgd"), None)]
     if full:
-        plan.append(("GPT-2 small", workloads.gpt2(), ("muon",)))
+        plan.append(("GPT-2 small", workloads.gpt2(), ("muon",), 2))
     return plan
 
 
@@ -174,15 +175,16 @@ def run_muon(args, emit=print) -> list:
     """Rows: each workload and optimizer, the torch pipeline and ours timed round by round."""
     device = torch.device(args.device)
     rows = []
-    for workload, shapes, optimizers in workload_plan(args.full, args.quick):
+    for workload, shapes, optimizers, most in workload_plan(args.full, args.quick):
         model = Model(shapes, torch.bfloat16, device)
         n = workloads.numel(shapes)
         for optimizer in optimizers:
             emit(f"{optimizer} {workload}: {n / 1e6:.1f}M params, {len(shapes)} tensors")
             contenders = [TorchMuonPipeline(model, optimizer), OursMuon(model, optimizer),
                           OursMuon(model, optimizer, "remainder8", "int8")]
-            times = time_interleaved({c.name: c.step for c in contenders}, device, repeats=args.repeats,
-                                     steps=args.steps)
+            repeats, steps = (args.repeats, args.steps) if most is None else (min(args.repeats, most), 1)
+            times = time_interleaved({c.name: c.step for c in contenders}, device, repeats=repeats, steps=steps,
+                                     warmup=1 if most else 2)
             base = times[contenders[0].name]
             for c in contenders:
                 t = times[c.name]
