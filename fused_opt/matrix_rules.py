@@ -163,7 +163,7 @@ class Muon:
         muon = []
         for i, h in enumerate(hypers):
             if isinstance(h, AdamWHyper):
-                new_ws[i] = AdamW.update(ws[i], us[i], bufs[i], counts[i], h, applied_steps, found_inf, bounded)
+                new_ws[i] = _adamw(ws[i], us[i], bufs[i], counts[i], h, applied_steps, found_inf, bounded, stacked)
             else:
                 muon.append(i)
         if not muon:
@@ -212,6 +212,22 @@ class Muon:
         if count is None and ("momentum_buffer" in entry or "momentum_buffer_codes" in entry):
             return torch.zeros((), dtype=torch.float32, device=p.device)
         return count
+
+
+def _adamw(w, u, bufs, count, h: AdamWHyper, applied_steps, found_inf, bounded: bool, stacked: bool):
+    """An algorithm="adamw" param's new master: torch.optim.AdamW(fused=True)'s kernel, which
+    skips on the device's found_inf, on the FP32 values (one pass instead of the oracle's
+    many); with int8 state (which bounds exp_avg) or a tensor lr (which the CPU kernel reads on
+    the host) the oracle's."""
+    if bounded or isinstance(h.lr, torch.Tensor):
+        return AdamW.update(w, u, bufs, count, h, applied_steps, found_inf, bounded)
+    split = (lambda t: list(t.unbind(0))) if stacked else (lambda t: [t])  # noqa: E731
+    steps = split(count.view(-1)) if stacked else [count]
+    torch._foreach_add_(steps, (~found_inf).float())  # torch's AdamW counts the step first, then skips
+    torch._fused_adamw_(split(w), split(u), split(bufs[0]), split(bufs[1]), split(bufs[2]) if h.amsgrad else [],
+                        steps, lr=h.lr, beta1=h.beta1, beta2=h.beta2, weight_decay=h.weight_decay, eps=h.eps,
+                        amsgrad=h.amsgrad, maximize=h.maximize, found_inf=found_inf.float())
+    return w
 
 
 def _by_settings(hypers: list) -> list[list[int]]:

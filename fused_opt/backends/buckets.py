@@ -44,51 +44,40 @@ def subset(batch: StepBatch, members: list[int]) -> StepBatch:
 
 
 class Stack:
-    """The members' tensors stacked (copies), as a StepBatch of one param; scatter() copies
-    every stacked tensor the step may have written back into its member's own."""
+    """The members' tensors stacked (copies; a lone member's own tensors, viewed with a first
+    dim of 1), as a StepBatch of one param; scatter() copies every stacked copy the step may
+    have written back into its member's own."""
 
     def __init__(self, batch: StepBatch, members: list[int]):
-        def stacked(tensors):
-            return torch.stack(tensors)
-
         self.members = members
-        params = [batch.params[i] for i in members]
-        p = stacked(params)
-        self.pairs = [(params, p)]
+        self.pairs = []
+        p = self._stacked([batch.params[i] for i in members])
         own_master = batch.masters[members[0]] is batch.params[members[0]]  # FP32 params
-        if own_master:
-            w = p
-        else:
-            w = stacked([batch.masters[i] for i in members])
-            self.pairs.append(([batch.masters[i] for i in members], w))
-        buffers = []
-        for k in range(len(batch.buffers[members[0]])):
-            b = stacked([batch.buffers[i][k] for i in members])
-            self.pairs.append(([batch.buffers[i][k] for i in members], b))
-            buffers.append(b)
+        w = p if own_master else self._stacked([batch.masters[i] for i in members])
+        buffers = [self._stacked([batch.buffers[i][k] for i in members]) for k in range(len(batch.buffers[members[0]]))]
         count = None
         if batch.counts[members[0]] is not None:
-            flat = stacked([batch.counts[i] for i in members])
-            self.pairs.append(([batch.counts[i] for i in members], flat))
+            flat = self._stacked([batch.counts[i] for i in members])
             count = flat.view(len(members), *[1] * (p.dim() - 1))  # broadcasts over each member's elements
         scales = None
-        if batch.scales is not None and batch.scales[members[0]] is not None:  # int8 state: each member's block scales, one after another
-            scales = []
-            for k in range(len(buffers)):
-                sc = stacked([batch.scales[i][k] for i in members])
-                self.pairs.append(([batch.scales[i][k] for i in members], sc))
-                scales.append(sc.view(-1))
-            scales = [tuple(scales)]
-        emas = None
-        if batch.emas is not None:
-            e = stacked([batch.emas[i] for i in members])
-            self.pairs.append(([batch.emas[i] for i in members], e))
-            emas = [e]
+        if batch.scales is not None and batch.scales[members[0]] is not None:  # int8: each member's block scales in turn
+            scales = [tuple(self._stacked([batch.scales[i][k] for i in members]).view(-1) for k in range(len(buffers)))]
+        emas = None if batch.emas is None else [self._stacked([batch.emas[i] for i in members])]
         self.batch = dataclasses.replace(batch, params=[p], grads=[None], masters=[w], buffers=[tuple(buffers)],
                                          counts=[count], group_index=[batch.group_index[members[0]]], emas=emas,
                                          scales=scales)
 
+    def _stacked(self, tensors: list) -> torch.Tensor:
+        """The tensors stacked: a copy to scatter back, or for one tensor a view of it."""
+        if len(tensors) == 1:
+            return tensors[0].unsqueeze(0)
+        stack = torch.stack(tensors)
+        self.pairs.append((tensors, stack))
+        return stack
+
     def scatter(self) -> None:
+        if not self.pairs:
+            return
         dst = [t for tensors, _ in self.pairs for t in tensors]
         src = [row for _, s in self.pairs for row in s.unbind(0)]
         torch._foreach_copy_(dst, src)

@@ -90,8 +90,9 @@ def step(batch: StepBatch) -> None:
     # A rule with a matrix stage steps the params of one group and shape as one stack (their
     # first dim): the same ops, a few per stack instead of per param (buckets.py).
     stacks, rest = buckets.plan(batch) if _stackable(batch) else (None, None)
-    grads = batch.grads if stacks is None else ([torch.stack([batch.grads[i] for i in m]) for m in stacks]
-                                                + [batch.grads[i] for i in rest])
+    grads = batch.grads if stacks is None else (
+        [torch.stack([batch.grads[i] for i in m]) if len(m) > 1 else batch.grads[m[0]].unsqueeze(0) for m in stacks]
+        + [batch.grads[i] for i in rest])
 
     # 1. u_i = float32(g_i) * (1/S)
     unscaled = torch._foreach_mul([g.float() for g in grads], inv_scale)

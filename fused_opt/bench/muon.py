@@ -12,8 +12,9 @@ MuSGD) on the matrices and AdamW (or SGD) on the rest, on FP32 masters, write-ba
 - ours: FusedMixedPrecisionMuon / FusedMixedPrecisionMuSGD on the BF16 params, default
   (FP32 masters and momentum) and remainder8 + int8 momentum.
 
-Workloads: GPT-2 small (48 Muon matrices; embeddings, norms and biases on AdamW) and a
-YOLO-style detector at nano width (303 tensors: 103 conv weights, BatchNorm vectors).
+Workloads: a YOLO-style detector at nano width (303 tensors: 103 conv weights, BatchNorm
+vectors; 2.8M params) and at 1/20 of YOLOv8x's width (the same 303 tensors, 0.2M params: host
+work), and with --full GPT-2 small (48 Muon matrices; embeddings, norms and biases on AdamW).
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def workload_plan(full: bool, quick: bool = False) -> list[tuple[str, list, tupl
     step (seconds on a CPU), so it is timed over 2 repeats of one step."""
     if quick:
         return [("detector x0.05", workloads.detector(0.05), ("muon", "musgd"), None)]
-    plan = [("YOLO-style detector-n", workloads.detector(0.2), ("muon", "musgd"), None)]
+    plan = [("YOLO-style detector-n", workloads.detector(0.2), ("muon", "musgd"), None),
+            ("YOLO-style detector at 1/20 width", workloads.detector(0.05), ("muon", "musgd"), None)]
     if full:
         plan.append(("GPT-2 small", workloads.gpt2(), ("muon",), 2))
     return plan
