@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from . import newton_schulz
-from .update_rules import SGD, AdamW, AdamWHyper, _check_lr, _check_scalar_tensor, _host_value, _number
+from .update_rules import SGD, AdamW, AdamWHyper, _check_lr, _number
 
 MUON_CODE, MUSGD_CODE = 2, 3
 
@@ -289,13 +289,7 @@ class MuSGD:
                                  f"lerp toward the grad), got {group['momentum']!r}")
             _check_matrices(group, where, "MuSGD's Muon part", "use_muon=False")
 
-    @staticmethod
-    def check_tensor_values(group: dict, index: int) -> None:
-        lr = group.get("lr")
-        if isinstance(lr, torch.Tensor):
-            value = _host_value(lr)
-            if not (value >= 0.0 and math.isfinite(value)):
-                raise ValueError(f"param_groups[{index}]: invalid learning rate {value!r} (must be finite and >= 0)")
+    check_tensor_values = staticmethod(AdamW.check_tensor_values)  # a tensor lr, read once
 
     @staticmethod
     def hyper(g: dict) -> MuSGDHyper:

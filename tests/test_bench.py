@@ -44,12 +44,15 @@ def test_quick_benchmark_writes_record(tmp_path, capsys):
     for r in fsdp2["rows"]:
         assert r["step_ms"] > 0 and (r["speedup"] is None) == (not r["name"].startswith("fused_opt"))
     assert "FSDP2, " in (tmp_path / f"bench-{device}.md").read_text()
+    # the Muon and MuSGD rows: torch's pipelines and ours, in the same run
+    assert {r["optimizer"] for r in record["muon"]} == {"muon", "musgd"}
+    assert "Muon and MuSGD, BF16 params:" in (tmp_path / f"bench-{device}.md").read_text()
 
 
 def test_quick_fp32_benchmark_pairs_each_job_with_its_own_torch_pipeline(tmp_path):
     """FP32 params (the autocast loop): with and without an EMA, against GradScaler + clip +
     SGD/AdamW (+ timm's foreach-lerp EMA); memory measured for both sides."""
-    main(["--quick", "--repeats", "2", "--steps", "1", "--dtypes", "fp32", "--optimizers", "sgd", "--out",
+    main(["--quick", "--repeats", "2", "--steps", "1", "--dtypes", "fp32", "--optimizers", "sgd", "--no-muon", "--out",
           str(tmp_path)])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = json.loads((tmp_path / f"bench-{device}.json").read_text())["rows"]
@@ -78,7 +81,7 @@ def test_records_go_to_an_untracked_folder_unless_asked(monkeypatch, tmp_path):
     for argv, expected in (([], "bench-out"), (["--record"], "bench/results")):
         seen.clear()
         try:
-            bench.main(["--quick", *argv])
+            bench.main(["--quick", "--no-muon", *argv])
         except (KeyError, TypeError):
             pass  # the stubbed record has nothing to write: only where it would go is checked
         assert seen["out"] == expected
@@ -104,7 +107,7 @@ def test_quick_training_iteration_benchmark_writes_record(tmp_path):
 
 def test_quick_bf16_benchmark_has_compressed_rows(tmp_path):
     """Compressed masters and state: their own rows, with the bytes they move and hold."""
-    main(["--quick", "--repeats", "2", "--steps", "1", "--dtypes", "bf16", "--out", str(tmp_path)])
+    main(["--quick", "--repeats", "2", "--steps", "1", "--dtypes", "bf16", "--no-muon", "--out", str(tmp_path)])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     record = json.loads((tmp_path / f"bench-{device}.json").read_text())
     largest = max(record["rows"], key=lambda r: r["params"])["workload"]  # (small tensors pad their last block)
@@ -149,7 +152,7 @@ def test_the_main_job_is_representative_and_the_full_sweep_is_behind_a_flag():
 
 
 def test_report_shows_the_spread_and_marks_rows_it_makes_meaningless(tmp_path, capsys):
-    main(["--quick", "--repeats", "3", "--steps", "1", "--dtypes", "bf16", "--optimizers", "sgd",
+    main(["--quick", "--repeats", "3", "--steps", "1", "--dtypes", "bf16", "--optimizers", "sgd", "--no-muon",
           "--out", str(tmp_path)])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     record = json.loads((tmp_path / f"bench-{device}.json").read_text())

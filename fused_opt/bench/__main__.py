@@ -12,8 +12,9 @@ Rows are printed as they finish; the report then starts with a summary (the best
 workload against the best torch pipeline) and is written with a JSON record and a plot to
 --out (default `bench-out/`, untracked); --record writes to bench/results/ instead, to commit.
 The default is a representative subset (a small and a large sweep point, ResNet-50, GPT-2
-small, 161 and 10,000 tensors of 8 elements), then the step on FSDP2 shards over 2 processes
-against torch.optim on the same shards (fsdp2.py); --full runs the whole size sweep. --train
+small, 161 and 10,000 tensors of 8 elements), then Muon and MuSGD beside torch's (muon.py;
+--muon-only for those alone), then the step on FSDP2 shards over 2 processes against torch.optim
+on the same shards (fsdp2.py); --full runs the whole size sweep. --train
 times whole training iterations instead (fused_opt/bench/train.py)."""
 from __future__ import annotations
 

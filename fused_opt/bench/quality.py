@@ -331,7 +331,8 @@ def report(record: dict) -> str:
     lines = [f"# Training quality of compressed masters and state ({record['device']})", "",
              f"{record['date']}, torch {record['torch']}, fused_opt {record['commit']}, {record['steps']} steps, "
              f"seed {record['seed']}. Final loss: mean training loss of the last {TAIL} steps; relative to "
-             "master fp32 + state fp32.", ""]
+             "master fp32 + state fp32 (Muon and MuSGD: to torch's implementation on an FP32 copy of the "
+             "model).", ""]
     for task, spec in TASKS.items():
         rows = [r for r in record["runs"] if r["task"] == task]
         if not rows:
