@@ -28,7 +28,7 @@ forward computes in FP32 from the BF16 weights (BF16 convolution and attention a
 CPUs without BF16 units, and the optimizer is what is being measured). Reported: each run's
 loss curve, its final loss (the mean training loss over the last 100 steps) and that loss
 relative to the reference run, and the loss on held-out data after the last step. Writes quality-<device>.{json,md,png} to --out
-(quality-<device>-<tasks>.* for a subset of --tasks).
+(quality-<device>-muon-musgd.* for the muon and musgd tasks alone).
 """
 from __future__ import annotations
 
@@ -415,8 +415,9 @@ def main(argv=None) -> int:
     record = dict(device=device_name(torch.device("cpu")), torch=torch.__version__, commit=_commit(),
                   date=time.strftime("%Y-%m-%d"), steps=args.steps, seed=args.seed, runs=runs)
     os.makedirs(args.out, exist_ok=True)
-    # a subset of the tasks gets its own record: quality-cpu-muon-musgd.*
-    stem = os.path.join(args.out, "quality-cpu" + ("" if set(args.tasks) == set(TASKS) else "-" + "-".join(args.tasks)))
+    # Muon's and MuSGD's runs alone get their own record (quality-cpu-muon-musgd.*)
+    alone = set(args.tasks) <= set(MATRIX_TASKS)
+    stem = os.path.join(args.out, "quality-cpu" + ("-" + "-".join(args.tasks) if alone else ""))
     with open(stem + ".json", "w") as f:
         json.dump(record, f)
     with open(stem + ".md", "w") as f:
