@@ -20,14 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from . import newton_schulz
-from .update_rules import SGD, AdamW, AdamWHyper, _check_lr, _number
+from .update_rules import SGD, AdamW, AdamWHyper, _check_lr, _number, commit
 
 MUON_CODE, MUSGD_CODE = 2, 3
-
-
-def _commit(dst: torch.Tensor, new: torch.Tensor, found_inf: torch.Tensor) -> None:
-    """dst <- new on an applied step; a skipped step writes nothing (decided on the device)."""
-    dst.copy_(torch.where(found_inf, dst, new))
 
 
 def matrix_backend(name: str, backend: str) -> str:
@@ -174,8 +169,8 @@ class Muon:
             h, (b,) = hypers[i], bufs[i]
             new_b = torch.lerp(b, us[i], 1 - h.momentum)
             updates.append(torch.lerp(us[i], new_b, h.momentum) if h.nesterov else new_b)
-            _commit(b, new_b, found_inf)
-            _commit(counts[i], counts[i] + 1, found_inf)
+            commit(b, new_b, found_inf)
+            commit(counts[i], counts[i] + 1, found_inf)
         # 2. the matrix stage: one batched Newton-Schulz per (group settings, shape)
         for members in _by_settings([hypers[i] for i in muon]):
             h = hypers[muon[members[0]]]
@@ -309,7 +304,7 @@ class MuSGD:
                 h, b = hypers[i], bufs[i][0]
                 new_b = torch.lerp(b, us[i], 1 - h.momentum)
                 updates.append(torch.lerp(us[i], new_b, h.momentum) if h.nesterov else new_b)
-                _commit(b, new_b, found_inf)
+                commit(b, new_b, found_inf)
             rows = newton_schulz.orthogonalize(updates, "ultralytics", stacked=stacked)
             for i, o in zip(muon, rows):
                 shape = ws[i].shape  # their scale: the param's last two sizes (a conv's kernel height / width)
@@ -326,8 +321,8 @@ class MuSGD:
             d = u.add(w, alpha=h.weight_decay) if h.weight_decay != 0 else u
             new_b = (b * h.momentum).add_(d)
             step = d.add(new_b, alpha=h.momentum) if h.nesterov else new_b
-            _commit(b, new_b, found_inf)
-            _commit(counts[i], counts[i] + 1, found_inf)
+            commit(b, new_b, found_inf)
+            commit(counts[i], counts[i] + 1, found_inf)
             new_ws.append(_add(w, step, -sgd_lr))
         return new_ws
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from . import ema
-from .backends import StepBatch
+from .backends import StepBatch, buckets
 from .distributed import local, local_grads, local_tensors, shard_reduction, specs_of
 from .memory import check_param_memory
-from .state_precision import scale_key
+from .state_precision import INT8_CODE, scale_key
 from .validation import check_grads
 
 
@@ -198,6 +198,8 @@ class PerTensorStorage:
             layout.scales.append(tuple(scales) if precision.scaled else None)
             layout.counts.append(count)
             layout.group_index.append(gi)
+        if getattr(rule, "matrix", False) and layout.reduce_stats is None:
+            _pack_stacks(opt, layout, hypers)
         layout.epoch = opt._epoch.value
         emas = layout.emas or [None] * len(layout.params)
         layout.state_tensors = [t for p, m, bufs, scales, count, e in zip(layout.params, layout.masters,
@@ -207,6 +209,49 @@ class PerTensorStorage:
         layout.state_memory = list(map(_DATA_PTR, layout.state_tensors))
         self.layout = layout
         return layout
+
+
+def _pack_stacks(opt, layout: StepLayout, hypers) -> None:
+    """A rule that steps params as stacks (buckets.py) finds each stack's state as the rows
+    of one tensor: the members' masters, buffers, scales, counts and EMAs are moved there
+    (values kept), so its step reads and writes them in place instead of gathering and
+    scattering copies. Params stay the user's; non-contiguous state is left as it is."""
+    stacks, _ = buckets.plan(layout, opt._state_precision.code == INT8_CODE)
+    for members in stacks:
+        if len(members) < 2:
+            continue
+        first = members[0]
+        keys = list(hypers[layout.group_index[first]].buffers)
+        fields = [("buffers", k) for k in range(len(keys))]
+        names = list(keys)
+        if layout.masters[first] is not layout.params[first]:
+            fields.append(("masters", None))
+            names.append(opt._masters.key)
+        if layout.scales[first] is not None:
+            fields += [("scales", k) for k in range(len(keys))]
+            names += [scale_key(key) for key in keys]
+        if layout.counts[first] is not None:
+            fields.append(("counts", None))
+            names.append(opt.RULE.count_key)
+        if layout.emas is not None:
+            fields.append(("emas", None))
+            names.append(ema.KEY)
+        field = lambda i, f, k: getattr(layout, f)[i] if k is None else getattr(layout, f)[i][k]  # noqa: E731
+        if not all(field(i, f, k).is_contiguous() for i in members for f, k in fields):
+            continue
+        owners = [layout.owners[i] for i in members]
+        packed = buckets.pack(opt.state, owners, names)
+        for i, row in zip(members, packed):
+            by_field = dict(zip(fields, row))
+            layout.buffers[i] = tuple(by_field[("buffers", k)] for k in range(len(keys)))
+            if ("masters", None) in by_field:
+                layout.masters[i] = by_field[("masters", None)]
+            if layout.scales[i] is not None:
+                layout.scales[i] = tuple(by_field[("scales", k)] for k in range(len(keys)))
+            if ("counts", None) in by_field:
+                layout.counts[i] = by_field[("counts", None)]
+            if ("emas", None) in by_field:
+                layout.emas[i] = by_field[("emas", None)]
 
 
 _DATA_PTR = torch.Tensor.data_ptr

@@ -56,8 +56,17 @@ def _fp32(x: float) -> float:
 
 def _low(x: float) -> float:
     """What a double loses in FP32: x - float32(x), itself rounded to FP32."""
-    hi = float(torch.tensor(x, dtype=torch.float32))
-    return float(torch.tensor(x - hi, dtype=torch.float32)) if math.isfinite(hi) else 0.0
+    hi = _fp32(x)
+    return _fp32(x - hi) if math.isfinite(hi) else 0.0
+
+
+def commit(dst: torch.Tensor, new: torch.Tensor, found_inf: torch.Tensor) -> None:
+    """dst <- new where the step is applied; a skipped step keeps dst. Decided on the device,
+    in one pass (a select written in place)."""
+    if new.dtype == dst.dtype:
+        torch.where(found_inf, dst, new, out=dst)
+    else:
+        dst.copy_(torch.where(found_inf, dst, new))
 
 
 # int8 state clamps exp_avg to MOMENT_MARGIN * moment_bound * sqrt(exp_avg_sq): rounding noise (a
@@ -204,7 +213,7 @@ class SGD:
                 keep_d = torch.where(h.momentum != 0, keep_d, 1.0)
             new_b = torch.where(first, d, b * h.momentum + keep_d * d)
             d = d + h.momentum * new_b if h.nesterov else new_b
-            b.copy_(torch.where(found_inf, b, new_b))
+            commit(b, new_b, found_inf)
             count.copy_(torch.where((count == 0) & ~found_inf, applied_steps, count))
         return w - h.lr * d
 
@@ -348,12 +357,12 @@ class AdamW:
         denominator_v = new_v
         if h.amsgrad:
             new_max = torch.maximum(bufs[2], new_v)
-            bufs[2].copy_(torch.where(found_inf, bufs[2], new_max))
+            commit(bufs[2], new_max, found_inf)
             denominator_v = new_max
         denom = denominator_v.sqrt() / bias2_sqrt + h.eps
-        m.copy_(torch.where(found_inf, m, new_m))
-        v.copy_(torch.where(found_inf, v, new_v))
-        count.copy_(torch.where(found_inf, count, count + 1))
+        commit(m, new_m, found_inf)
+        commit(v, new_v, found_inf)
+        commit(count, count + 1, found_inf)
         return w * decay + (-step_size * new_m) / denom  # addcdiv_(m, denom, value=-step_size)
 
     @staticmethod

@@ -411,6 +411,71 @@ def test_stacked_int8_encoding_equals_each_tensor_alone(numel):
         assert torch.equal(codes[k], c) and torch.equal(scales.view(3, -1)[k], s)
 
 
+def _stack_run(monkeypatch, kind, pack: bool, edit=None, steps=4, **options):
+    """Many params of a few shapes stepped `steps` times; `pack=False` turns off keeping a
+    stack's state as one tensor's rows; `edit(opt, params)` after step 1."""
+    from fused_opt import step_layout
+    if not pack:
+        monkeypatch.setattr(step_layout, "_pack_stacks", lambda *args: None)
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(8, 16)] * 3 + [(6, 3, 3, 3)] * 2 + [(12, 12)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).bfloat16()) for s in shapes]
+    vectors = [torch.nn.Parameter(torch.randn(7, generator=gen).bfloat16()) for _ in range(2)]
+    cls = fused_opt.FusedMixedPrecisionMuon if kind == "muon" else fused_opt.FusedMixedPrecisionMuSGD
+    groups = ([dict(params=params), dict(params=vectors, algorithm="adamw")] if kind == "muon" else
+              [dict(params=params, use_muon=True), dict(params=vectors)])
+    opt = cls(groups, lr=0.02, momentum=0.9, weight_decay=0.01, max_grad_norm=1.0, **options)
+    for step in range(steps):
+        for p in params + vectors:
+            p.grad = torch.randn(p.shape, generator=gen).bfloat16()
+        opt.step()
+        if step == 0 and edit is not None:
+            edit(opt, params)
+    monkeypatch.undo()
+    return opt, params + vectors
+
+
+@pytest.mark.parametrize("kind", ["muon", "musgd"])
+@pytest.mark.parametrize("options", [{}, dict(master_weights="remainder8", state_precision="int8", ema_decay=0.9),
+                                     dict(state_precision="bf16")])
+def test_a_stacks_state_lives_in_one_tensor_and_steps_as_apart(monkeypatch, kind, options):
+    """After a step, the state of params of one group and shape is the rows of one tensor per
+    entry (stepped in place, no gather or scatter); the values are those of state kept apart."""
+    packed, params = _stack_run(monkeypatch, kind, True, **options)
+    apart, params_apart = _stack_run(monkeypatch, kind, False, **options)
+    for p, q in zip(params, params_apart):
+        assert torch.equal(p, q)
+        assert packed.state[p].keys() == apart.state[q].keys()
+        for key, value in packed.state[p].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, apart.state[q][key]), key
+    first, second = params[0], params[1]
+    for key, value in packed.state[first].items():
+        if isinstance(value, torch.Tensor):  # rows 0 and 1 of one storage
+            other = packed.state[second][key]
+            assert value.untyped_storage().data_ptr() == other.untyped_storage().data_ptr(), key
+            assert other.storage_offset() == value.storage_offset() + value.numel(), key
+    assert packed.state[first]["momentum_buffer"].untyped_storage().data_ptr() != \
+        apart.state[params_apart[0]]["momentum_buffer"].untyped_storage().data_ptr()
+    assert apart.state[params_apart[0]]["momentum_buffer"].untyped_storage().nbytes() == \
+        apart.state[params_apart[0]]["momentum_buffer"].nbytes
+
+
+def test_state_replaced_by_hand_steps_and_is_packed_again(monkeypatch):
+    """A buffer put in state by hand (not one tensor's row) steps from its values, as in state
+    kept apart, and is moved into the stack's tensor at the next step."""
+    def edit(opt, params):
+        opt.state[params[1]]["momentum_buffer"] = opt.state[params[1]]["momentum_buffer"] * 2 + 0.25
+    packed, params = _stack_run(monkeypatch, "muon", True, edit=edit)
+    apart, params_apart = _stack_run(monkeypatch, "muon", False, edit=edit)
+    for p, q in zip(params, params_apart):
+        assert torch.equal(p, q)
+    for p, q in zip(params[:6], params_apart):
+        assert torch.equal(packed.state[p]["momentum_buffer"], apart.state[q]["momentum_buffer"])
+    rows = [packed.state[p]["momentum_buffer"] for p in params[:3]]
+    assert len({r.untyped_storage().data_ptr() for r in rows}) == 1
+
+
 def test_quick_muon_benchmark_pairs_ours_with_torch(tmp_path):
     """`--muon-only --quick`: the torch pipelines and ours in one run, with ratios, held bytes and host ops."""
     from fused_opt.bench.__main__ import main

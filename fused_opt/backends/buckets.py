@@ -3,7 +3,12 @@ masters, state buffers, counts and EMAs stacked along a new first dim, so that t
 step runs a few ops per stack instead of per param (what bounds a step of many small
 tensors), and a matrix stage gets its batch of one shape for free. Every op of the step is
 elementwise per param or (Newton–Schulz) per matrix, so a stack steps each member exactly as
-it would step alone; `Stack.scatter` writes the results back.
+it would step alone.
+
+The optimizer keeps the state of a stack's members as rows of one tensor (`pack`, when the
+step's layout is built), so a stack of state is a view and its step writes in place: only
+the grads are gathered and the params written back per member. State laid out otherwise
+(loaded, replaced by hand) is stacked by copy and scattered back (`Stack.scatter`).
 """
 from __future__ import annotations
 
@@ -15,12 +20,13 @@ from . import StepBatch
 from ..state_precision import INT8_CODE
 
 
-def plan(batch: StepBatch) -> tuple[list[list[int]], list[int]]:
+def plan(batch: StepBatch, int8: bool | None = None) -> tuple[list[list[int]], list[int]]:
     """(stacks, rest): positions of the params that share a stack (same group, shape and
     dtypes, masters and state kept alike), and of those stepped alone. int8 state is encoded
     in blocks of each tensor's memory order: a param with int8 state stacks only where that
-    is its logical order (contiguous buffers)."""
-    int8 = batch.state_precision.code == INT8_CODE
+    is its logical order (contiguous buffers). `batch`: a StepBatch or a StepLayout."""
+    if int8 is None:
+        int8 = batch.state_precision.code == INT8_CODE
     buckets: dict[tuple, list[int]] = {}
     rest = []
     for i, p in enumerate(batch.params):
@@ -68,9 +74,13 @@ class Stack:
                                          scales=scales)
 
     def _stacked(self, tensors: list) -> torch.Tensor:
-        """The tensors stacked: a copy to scatter back, or for one tensor a view of it."""
+        """The tensors stacked: a view where they are one tensor's rows already (one tensor,
+        or state `pack` laid out), else a copy to scatter back."""
         if len(tensors) == 1:
             return tensors[0].unsqueeze(0)
+        rows = _rows_of_one(tensors)
+        if rows is not None:
+            return rows
         stack = torch.stack(tensors)
         self.pairs.append((tensors, stack))
         return stack
@@ -81,3 +91,35 @@ class Stack:
         dst = [t for tensors, _ in self.pairs for t in tensors]
         src = [row for _, s in self.pairs for row in s.unbind(0)]
         torch._foreach_copy_(dst, src)
+
+
+def _rows_of_one(tensors: list) -> torch.Tensor | None:
+    """The tensors as a view (len, *shape) of the storage they share, where they are its
+    consecutive contiguous rows (what `pack` makes), else None."""
+    first = tensors[0]
+    if not first.is_contiguous():
+        return None
+    n, shape, dtype = first.numel(), first.shape, first.dtype
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for k, t in enumerate(tensors):
+        if (t.shape != shape or t.dtype != dtype or t.storage_offset() != offset + k * n or not t.is_contiguous()
+                or t.untyped_storage().data_ptr() != storage):
+            return None
+    return first.as_strided((len(tensors), *shape), (n, *first.stride()), offset)
+
+
+def pack(state: dict, members: list, keys: list) -> list:
+    """The members' state entries `keys` (each a tensor per member, all alike) moved into the
+    rows of one new tensor each, values kept; returns the new views per member and key (or
+    the old tensors where they already are one tensor's rows)."""
+    out = [[None] * len(keys) for _ in members]
+    for k, key in enumerate(keys):
+        tensors = [state[p][key] for p in members]
+        if _rows_of_one(tensors) is None:
+            stacked = torch.stack(tensors)  # contiguous: each row is a member's tensor, contiguous
+            tensors = list(stacked.unbind(0))
+            for p, row in zip(members, tensors):
+                state[p][key] = row
+        for j, t in enumerate(tensors):
+            out[j][k] = t
+    return out

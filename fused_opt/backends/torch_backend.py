@@ -14,6 +14,7 @@ import torch
 from . import StepBatch, buckets
 from ..state_precision import DITHER_ABOVE, INT8_CODE, dithered_salt
 from ..remainder import is_remainder, rebuild_any, remainder_of, split8
+from ..update_rules import commit
 
 # Its writes are torch ops, which bump the params' version counters on every step, flat grads
 # too (the fused backends write through raw pointers and bump them only off the flat path).
@@ -183,7 +184,7 @@ def _master(batch: StepBatch, i: int, found_inf: torch.Tensor):
         # counter never sees) no longer equals its master rounded: keep the edit, as
         # torch.optim does, by re-taking those elements' master. Bits, not values.
         same = _bits(w.to(p.dtype)) == _bits(p)
-        w.copy_(torch.where(same | found_inf, w, p.float()))
+        torch.where(same | found_inf, w, p.float(), out=w)
     return w, None
 
 
@@ -199,23 +200,23 @@ def _encode(batch: StepBatch, i: int, h, bufs: list, applied_steps, found_inf, r
         salt = torch.where(torch.as_tensor(h.momentum) > DITHER_ABOVE, applied_steps, 0)
     for k, (b, x) in enumerate(zip(stored, bufs)):
         codes, scale = precision.encode(x, h.buffers[k] not in batch.rule.unsigned_buffers, salt, rows)
-        b.copy_(torch.where(found_inf, b, codes))
+        commit(b, codes, found_inf)
         if scale is not None:
-            scales[k].copy_(torch.where(found_inf, scales[k], scale))
+            commit(scales[k], scale, found_inf)
 
 
 def _store(batch: StepBatch, i: int, w: torch.Tensor, remainder, new_w: torch.Tensor, found_inf) -> None:
     """Param i's new master kept, and its param written, where the step is applied."""
     p = batch.params[i]
-    w.copy_(torch.where(found_inf, w, new_w))
+    commit(w, new_w, found_inf)
     if remainder is not None:  # a skipped step writes nothing, as the kernels' return early
         if remainder.dtype == torch.int8:  # remainder8: the master is now w rounded to 24 bits
             new_p, new_r, w24 = split8(w)
-            w.copy_(torch.where(found_inf, w, w24))
+            commit(w, w24, found_inf)
         else:
             new_p = w.to(p.dtype)
             new_r = remainder_of(w, new_p)
-        p.copy_(torch.where(found_inf, p, new_p))
-        remainder.copy_(torch.where(found_inf, remainder, new_r))
+        commit(p, new_p, found_inf)
+        commit(remainder, new_r, found_inf)
     elif p is not w:
         p.copy_(w)  # round to nearest even in the param's dtype (unchanged master -> unchanged p)
