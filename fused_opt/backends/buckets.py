@@ -41,6 +41,13 @@ def plan(batch: StepBatch, int8: bool | None = None) -> tuple[list[list[int]], l
     return list(buckets.values()), rest
 
 
+def fp32_rows(tensors: list) -> torch.Tensor:
+    """The tensors as rows of one new FP32 tensor (gathered and converted in one pass)."""
+    first = tensors[0]
+    out = torch.empty((len(tensors), *first.shape), dtype=torch.float32, device=first.device)
+    return torch.stack(tensors, out=out)
+
+
 def subset(batch: StepBatch, members: list[int]) -> StepBatch:
     """The params at `members`, each stepped alone."""
     pick = lambda xs: None if xs is None else [xs[i] for i in members]  # noqa: E731

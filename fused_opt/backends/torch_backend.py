@@ -91,12 +91,15 @@ def step(batch: StepBatch) -> None:
     # A rule with a matrix stage steps the params of one group and shape as one stack (their
     # first dim): the same ops, a few per stack instead of per param (buckets.py).
     stacks, rest = buckets.plan(batch) if _stackable(batch) else (None, None)
-    grads = batch.grads if stacks is None else (
-        [torch.stack([batch.grads[i] for i in m]) if len(m) > 1 else batch.grads[m[0]].unsqueeze(0) for m in stacks]
-        + [batch.grads[i] for i in rest])
 
     # 1. u_i = float32(g_i) * (1/S)
-    unscaled = torch._foreach_mul([g.float() for g in grads], inv_scale)
+    if stacks is None:
+        unscaled = torch._foreach_mul([g.float() for g in batch.grads], inv_scale)
+    else:  # each stack's grads gathered into one new FP32 tensor (stacked and converted in one pass)
+        unscaled = [buckets.fp32_rows([batch.grads[i] for i in m]) for m in stacks]
+        torch._foreach_mul_(unscaled, inv_scale)
+        if rest:
+            unscaled += torch._foreach_mul([batch.grads[i].float() for i in rest], inv_scale)
 
     # 2. found_inf: any element of any u_i is inf or NaN
     per_tensor = _per_tensor_norms(unscaled, batch.norm_type)
