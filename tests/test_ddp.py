@@ -185,30 +185,3 @@ def test_fp32_grad_accumulation_refuses_a_process_group(tmp_path):
     for message in (construct, step):
         assert "single-process only" in message and "DDP" in message
     assert unchanged
-
-
-def dtensor_worker(rank, world, init_method, out):
-    """Muon and MuSGD refuse DTensor params (a shard is not its matrix) at construction."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
-    init_group(init_method, rank, world, "gloo")
-    try:
-        mesh = init_device_mesh("cpu", (world,))
-        p = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
-        messages = []
-        for cls in (fused_opt.FusedMixedPrecisionMuon, fused_opt.FusedMixedPrecisionMuSGD):
-            try:
-                cls([p])
-            except ValueError as exc:
-                messages.append(str(exc))
-        if rank == 0:
-            torch.save(messages, out)
-    finally:
-        finish_group()
-
-
-def test_muon_and_musgd_refuse_sharded_matrices(tmp_path):
-    out = str(tmp_path / "messages.pt")
-    run_ranks(dtensor_worker, (2, rendezvous(tmp_path), out), 2, out)
-    messages = torch.load(out)
-    assert len(messages) == 2 and all("DTensor" in m and "not the matrix" in m for m in messages)

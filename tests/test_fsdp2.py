@@ -306,29 +306,42 @@ def test_fsdp2_sharded_checkpoint_resumes_bit_identically(backend, precision, ma
     assert result["scale"] == 2.0**9  # 2**8 grew at step 1, backed off at the inf, grew again at step 4
 
 
-def accumulation_refusal_worker(rank, world, init_method, out):
+REFUSED_ON_SHARDS = {
+    "accumulation": lambda p: fused_opt.FusedMixedPrecisionSGD([p], lr=0.1, fp32_grad_accumulation=True),
+    "muon": lambda p: fused_opt.FusedMixedPrecisionMuon([p]),
+    "musgd": lambda p: fused_opt.FusedMixedPrecisionMuSGD([p]),
+}
+
+
+def shard_refusal_worker(rank, world, init_method, out, case):
+    """What is refused at construction on a DTensor param: the message (None if accepted)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
     init_group(init_method, rank, world, "gloo")
     try:
         mesh = init_device_mesh("cpu", (world,))
-        param = torch.nn.Parameter(distribute_tensor(torch.zeros(8, dtype=torch.bfloat16), mesh, [Shard(0)]))
+        param = torch.nn.Parameter(distribute_tensor(torch.zeros(8, 4, dtype=torch.bfloat16), mesh, [Shard(0)]))
         try:
-            fused_opt.FusedMixedPrecisionSGD([param], lr=0.1, fp32_grad_accumulation=True)
-            accumulation = None
+            REFUSED_ON_SHARDS[case](param)
+            message = None
         except ValueError as exc:
-            accumulation = str(exc)
+            message = str(exc)
         if rank == 0:
-            torch.save(accumulation, out)
+            torch.save(message, out)
     finally:
         finish_group()
 
 
-def test_fp32_grad_accumulation_refusal_names_what_fsdp2_uses(tmp_path):
+@pytest.mark.parametrize("case, expected", [
+    ("accumulation", "MixedPrecisionPolicy(reduce_dtype=torch.float32)"),  # what FSDP2 users use instead
+    ("muon", "DTensor (FSDP2 / tensor parallel): its local shard is not the matrix"),
+    ("musgd", "DTensor (FSDP2 / tensor parallel): its local shard is not the matrix"),
+])
+def test_refused_on_dtensor_params_with_a_message_that_says_why(tmp_path, case, expected):
     out = str(tmp_path / "message.pt")
-    run_ranks(accumulation_refusal_worker, (2, rendezvous(tmp_path), out), 2, out)
-    accumulation = torch.load(out)
-    assert accumulation is not None and "MixedPrecisionPolicy(reduce_dtype=torch.float32)" in accumulation
+    run_ranks(shard_refusal_worker, (2, rendezvous(tmp_path), out, case), 2, out)
+    message = torch.load(out)
+    assert message is not None and expected in message
 
 
 def mode_kw(mode: str) -> dict:

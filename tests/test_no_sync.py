@@ -34,6 +34,17 @@ def no_host_reads(monkeypatch):
             yield
 
 
+def steps_without_host_reads(opt, params, device, monkeypatch) -> None:
+    """Five steps, two of them overflows, each under the trap; the skip as the grads say."""
+    for step, bad in enumerate([False, True, False, False, True]):
+        for p in params:
+            p.grad = torch.full_like(p, math.inf if bad else 0.01)
+        opt.scale_loss(torch.zeros((), device=device))
+        with no_host_reads(monkeypatch):
+            opt.step()
+        assert bool(opt.last_step_skipped) == bad, f"step {step}"
+
+
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
 @pytest.mark.parametrize("lr_kind", ["float", "tensor"])
 def test_step_never_reads_device_values(lr_kind, backend, device, monkeypatch):
@@ -43,13 +54,7 @@ def test_step_never_reads_device_values(lr_kind, backend, device, monkeypatch):
     opt = fused_opt.FusedMixedPrecisionSGD(
         [{"params": params[:2]}, {"params": params[2:], "momentum": 0.5, "nesterov": True}],
         lr=lr, momentum=0.9, weight_decay=1e-4, max_grad_norm=1.0, growth_interval=2, backend=backend)
-    for step, bad in enumerate([False, True, False, False, True]):
-        for p in params:
-            p.grad = torch.full_like(p, math.inf if bad else 0.01)
-        opt.scale_loss(torch.zeros((), device=device))
-        with no_host_reads(monkeypatch):
-            opt.step()
-        assert bool(opt.last_step_skipped) == bad, f"step {step}"
+    steps_without_host_reads(opt, params, device, monkeypatch)
 
 
 def test_the_trap_catches_a_sync(monkeypatch):
@@ -78,10 +83,4 @@ def test_muon_and_musgd_never_read_device_values(kind, state_precision, device, 
     else:
         opt = fused_opt.FusedMixedPrecisionMuSGD([{"params": params[:3], "use_muon": True}, {"params": params[3:]}],
                                                  momentum=0.9, **common)
-    for step, bad in enumerate([False, True, False, False, True]):
-        for p in params:
-            p.grad = torch.full_like(p, math.inf if bad else 0.01)
-        opt.scale_loss(torch.zeros((), device=device))
-        with no_host_reads(monkeypatch):
-            opt.step()
-        assert bool(opt.last_step_skipped) == bad, f"step {step}"
+    steps_without_host_reads(opt, params, device, monkeypatch)
