@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include "chunks.h"
 #include "dispatch.h"
+#include "muon_math.h"
 
 namespace fused_opt {
 
@@ -96,6 +97,28 @@ void bind_step(pybind11::module_& m, Partials partials, Finalize finalize, Updat
                                          hysteresis, has_clip, norm_inf, dynamic, consecutive);
     finalize(ReduceArgs{partial_slots, flag_slots, num_partials}, a, stream);
     for (int64_t i = 0; i < num_updates; ++i) update(update_args(u[i]), stream);
+  });
+}
+
+// Muon's elementwise stages on one stack (muon_math.h), launched by
+// fused_opt/backends/stack_kernels.py between the torch ops of the rest of its step. Addresses
+// as above; `found_inf` a bool in device memory; `params` an array of the members' param
+// addresses, in device memory too; param_dtype kFloat16 or kBFloat16.
+template <class Momentum, class Apply>
+void bind_muon(pybind11::module_& m, Momentum momentum, Apply apply) {
+  m.def("muon_momentum", [momentum](int64_t u, int64_t buf, int64_t update, int64_t n, int64_t found_inf,
+                                    float one_minus_mu, float mu, bool nesterov, int64_t stream) {
+    momentum(reinterpret_cast<const float*>(u), reinterpret_cast<float*>(buf), reinterpret_cast<uint16_t*>(update),
+             n, reinterpret_cast<const bool*>(found_inf), MuonMomentumArgs{one_minus_mu, mu, nesterov}, stream);
+  });
+  m.def("muon_apply", [apply](int64_t master, int64_t update, int64_t params, int64_t per, int64_t n,
+                              int64_t found_inf, float decay, float alpha, int param_dtype, int64_t stream) {
+    if (param_dtype != kFloat16 && param_dtype != kBFloat16) {
+      throw std::invalid_argument("fused_opt native: Muon's fused apply takes FP16 or BF16 params");
+    }
+    apply(reinterpret_cast<float*>(master), reinterpret_cast<const uint16_t*>(update),
+          reinterpret_cast<uint16_t* const*>(params), per, n, reinterpret_cast<const bool*>(found_inf), decay, alpha,
+          param_dtype, stream);
   });
 }
 

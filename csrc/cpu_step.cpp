@@ -330,6 +330,44 @@ void update(const UpdateArgs& a, int64_t /*stream*/) {
   });
 }
 
+// Muon's stages on one stack (muon_math.h): contiguous ranges of its elements, one per thread.
+template <class Fn>
+void parallel_range(int64_t n, Fn&& fn) {
+  const int64_t threads = std::min(ThreadPool::max_threads(), n / kMinElementsPerThread);
+  if (threads <= 1) {
+    fn(int64_t(0), n);
+    return;
+  }
+  ThreadPool::instance().run(threads, [&](int64_t t) { fn(n * t / threads, n * (t + 1) / threads); });
+}
+
+void launch_muon_momentum(const float* u, float* buf, uint16_t* update, int64_t n, const bool* found_inf,
+                   const MuonMomentumArgs& k, int64_t) {
+  dispatch_momentum(k, !*found_inf, [&](auto small_b, auto small_u, auto nesterov, auto write) {
+    parallel_range(n, [&](int64_t b, int64_t e) {
+      muon_momentum_range<small_b.value, small_u.value, nesterov.value, write.value>(u, buf, update, b, e, 1, k);
+    });
+  });
+}
+
+void launch_muon_apply(float* master, const uint16_t* update, uint16_t* const* params, int64_t per, int64_t n,
+                const bool* found_inf, float decay, float alpha, int param_dtype, int64_t) {
+  if (*found_inf) return;  // a skipped step writes nothing
+  dispatch_dtype(param_dtype, [&](auto p) {
+    using P = decltype(p);
+    if constexpr (!std::is_same_v<P, F32>) {
+      parallel_range(n, [&](int64_t b, int64_t e) {
+        // member by member, so the inner loop runs over one param's contiguous elements
+        for (int64_t m = b / per; m * per < e; ++m) {
+          const int64_t lo = std::max(b, m * per), hi = std::min(e, (m + 1) * per);
+          muon_apply_range<P>(master + m * per, update + m * per, params[m], lo - m * per, hi - m * per, 1, decay,
+                              alpha);
+        }
+      });
+    }
+  });
+}
+
 }  // namespace
 }  // namespace fused_opt
 
@@ -348,6 +386,7 @@ PYBIND11_MODULE(FUSED_OPT_CPU_MODULE, m) {
   m.doc() = "fused_opt C++ CPU kernels";
   m.attr("CPU_PATH") = FUSED_OPT_CPU_PATH;
   fused_opt::bind_step(m, fused_opt::partials, fused_opt::finalize_step, fused_opt::update);
+  fused_opt::bind_muon(m, fused_opt::launch_muon_momentum, fused_opt::launch_muon_apply);
   // The pool's thread limit, which native_backend.py keeps at torch.get_num_threads().
   m.def("set_num_threads", [](int64_t n) { fused_opt::ThreadPool::thread_limit() = std::max<int64_t>(1, n); });
   m.def("num_threads", [] { return fused_opt::ThreadPool::max_threads(); });

@@ -5,6 +5,7 @@
 // the host never waits.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
@@ -277,6 +278,56 @@ void update(const UpdateArgs& a, int64_t stream) {
   }
 }
 
+// Muon's stages on one stack (muon_math.h): a grid-stride loop; apply with one row of blocks
+// per member (blockIdx.y), so each block streams one param's contiguous elements.
+constexpr int kStackThreads = 256;
+constexpr int64_t kStackBlocks = 1024;  // per member at most: enough to fill any GPU with loads in flight
+
+template <bool kSmallB, bool kSmallU, bool kNesterov>
+__global__ void muon_momentum_kernel(const float* u, float* buf, uint16_t* update, int64_t n, const bool* found_inf,
+                                     MuonMomentumArgs k) {
+  const int64_t begin = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, stride = int64_t(gridDim.x) * blockDim.x;
+  if (*found_inf) {  // the host never reads found_inf: the kernel branches on it
+    muon_momentum_range<kSmallB, kSmallU, kNesterov, false>(u, buf, update, begin, n, stride, k);
+  } else {
+    muon_momentum_range<kSmallB, kSmallU, kNesterov, true>(u, buf, update, begin, n, stride, k);
+  }
+}
+
+template <class P>
+__global__ void muon_apply_kernel(float* master, const uint16_t* update, uint16_t* const* params, int64_t per,
+                                  const bool* found_inf, float decay, float alpha) {
+  if (*found_inf) return;  // a skipped step writes nothing
+  const int64_t m = blockIdx.y, stride = int64_t(gridDim.x) * blockDim.x;
+  muon_apply_range<P>(master + m * per, update + m * per, params[m], int64_t(blockIdx.x) * blockDim.x + threadIdx.x,
+                      per, stride, decay, alpha);
+}
+
+unsigned stack_blocks(int64_t n) { return unsigned(std::min<int64_t>((n + kStackThreads - 1) / kStackThreads, kStackBlocks)); }
+
+void launch_muon_momentum(const float* u, float* buf, uint16_t* update, int64_t n, const bool* found_inf,
+                   const MuonMomentumArgs& k, int64_t stream) {
+  if (n == 0) return;
+  dispatch_momentum(k, true, [&](auto small_b, auto small_u, auto nesterov, auto) {
+    muon_momentum_kernel<small_b.value, small_u.value, nesterov.value>
+        <<<stack_blocks(n), kStackThreads, 0, cudaStream_t(stream)>>>(u, buf, update, n, found_inf, k);
+  });
+  check(cudaGetLastError(), "Muon momentum launch");
+}
+
+void launch_muon_apply(float* master, const uint16_t* update, uint16_t* const* params, int64_t per, int64_t n,
+                const bool* found_inf, float decay, float alpha, int param_dtype, int64_t stream) {
+  if (n == 0) return;
+  const dim3 grid(stack_blocks(per), unsigned(n / per));
+  const auto s = cudaStream_t(stream);
+  if (param_dtype == kFloat16) {
+    muon_apply_kernel<F16><<<grid, kStackThreads, 0, s>>>(master, update, params, per, found_inf, decay, alpha);
+  } else {
+    muon_apply_kernel<BF16><<<grid, kStackThreads, 0, s>>>(master, update, params, per, found_inf, decay, alpha);
+  }
+  check(cudaGetLastError(), "Muon apply launch");
+}
+
 }  // namespace
 }  // namespace fused_opt
 
@@ -287,6 +338,7 @@ void update(const UpdateArgs& a, int64_t stream) {
 PYBIND11_MODULE(_native_cuda, m) {
   m.doc() = "fused_opt CUDA kernels";
   fused_opt::bind_step(m, fused_opt::partials, fused_opt::finalize_step, fused_opt::update);
+  fused_opt::bind_muon(m, fused_opt::launch_muon_momentum, fused_opt::launch_muon_apply);
   m.attr("CUDA_VERSION") = CUDART_VERSION;          // e.g. 13000
   m.attr("ARCH_LIST") = FUSED_OPT_ARCHS;            // TORCH_CUDA_ARCH_LIST it was built with
 }

@@ -59,7 +59,7 @@ def rebuild(opt, guarded: bool = False, flat_mode: bool = False, accumulated: di
         group["params"] = ParamList(opt._epoch, group["params"])
     params = opt._flat_params()
     device = params[0].device if params else torch.device("cpu")
-    opt.backend, opt._backend = backends.resolve(opt.backend, device)
+    opt.backend, opt._backend = backends.resolve(opt.backend, device, opt.RULE)
     opt._accumulator = None
     if accumulated is not None:
         opt._accumulator = FP32GradAccumulator(params, adopt=True)

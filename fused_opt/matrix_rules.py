@@ -25,16 +25,6 @@ from .update_rules import SGD, AdamW, AdamWHyper, _check_lr, _number, commit
 MUON_CODE, MUSGD_CODE = 2, 3
 
 
-def matrix_backend(name: str, backend: str) -> str:
-    """The backend a rule with a matrix stage runs on: its elementwise stages are torch ops
-    (torch._foreach where they can be), its matrix stage batched matmuls, on every device."""
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"{name}(backend={backend!r}): Muon and MuSGD run on the 'torch' backend (elementwise "
-                         "stages in torch ops, the Newton-Schulz stage batched by shape) on every device; pass "
-                         "backend='auto' or 'torch'")
-    return "torch"
-
-
 def refuse_sharded_matrices(name: str, params: list, index: int) -> None:
     """A DTensor shard is not its matrix: orthogonalizing it alone would be a different update."""
     from .distributed import is_dtensor
@@ -149,11 +139,14 @@ class Muon:
     count = staticmethod(AdamW.count)
 
     @staticmethod
-    def update_all(ws, us, bufs, counts, hypers, applied_steps, found_inf, bounded=False, stacked=False) -> list:
+    def update_all(ws, us, bufs, counts, hypers, applied_steps, found_inf, bounded=False, stacked=False, stages=None,
+                   params=None) -> list:
         """The new master of every param: AdamW's for algorithm="adamw" params, else
         torch.optim.Muon's, its momentum and orthogonalization batched over the params.
         `stacked`: each tensor is a stack of params of one shape (its first dim), counts
-        shaped to broadcast over them."""
+        shaped to broadcast over them. `stages` (stack_kernels.py): the momentum as its
+        kernel; with `params` (the members of the one stack) the apply too, which writes the
+        master and the params itself (its new master is then None: nothing left to store)."""
         new_ws = [None] * len(ws)
         muon = []
         for i, h in enumerate(hypers):
@@ -167,9 +160,12 @@ class Muon:
         updates = []
         for i in muon:
             h, (b,) = hypers[i], bufs[i]
-            new_b = torch.lerp(b, us[i], 1 - h.momentum)
-            updates.append(torch.lerp(us[i], new_b, h.momentum) if h.nesterov else new_b)
-            commit(b, new_b, found_inf)
+            if stages is not None and stages.can_step(us[i], b):
+                updates.append(stages.momentum(us[i], b, found_inf, h.momentum, h.nesterov))
+            else:
+                new_b = torch.lerp(b, us[i], 1 - h.momentum)
+                updates.append(torch.lerp(us[i], new_b, h.momentum) if h.nesterov else new_b)
+                commit(b, new_b, found_inf)
             commit(counts[i], counts[i] + 1, found_inf)
         # 2. the matrix stage: one batched Newton-Schulz per (group settings, shape)
         for members in _by_settings([hypers[i] for i in muon]):
@@ -182,12 +178,19 @@ class Muon:
         for k, i in enumerate(muon):
             h, w = hypers[i], ws[i]
             ratio = newton_schulz.adjusted_lr_ratio(h.adjust_lr_fn, w.shape[1:] if stacked else w.shape)
-            if isinstance(h.lr, torch.Tensor):
+            if params is not None:
+                stages.apply(w, updates[k], params, found_inf, 1 - h.lr * h.weight_decay, -(h.lr * ratio))
+            elif isinstance(h.lr, torch.Tensor):
                 lr = h.lr.to(w.device, torch.float32)
                 new_ws[i] = w * (1 - lr * h.weight_decay) + updates[k] * (-(lr * ratio))
             else:
                 new_ws[i] = (w * (1 - h.lr * h.weight_decay)).add_(updates[k], alpha=-(h.lr * ratio))
         return new_ws
+
+    @staticmethod
+    def applies_in_kernel(h) -> bool:
+        """Whether a stack of this group's params can take the apply kernel (stack_kernels.py)."""
+        return isinstance(h, MuonHyper) and not isinstance(h.lr, torch.Tensor)
 
     @staticmethod
     def saved(entry: dict) -> dict:
@@ -294,14 +297,18 @@ class MuSGD:
     count = staticmethod(AdamW.count)
 
     @staticmethod
-    def update_all(ws, us, bufs, counts, hypers, applied_steps, found_inf, bounded=False, stacked=False) -> list:
-        """As Muon.update_all (`stacked` the same)."""
+    def update_all(ws, us, bufs, counts, hypers, applied_steps, found_inf, bounded=False, stacked=False, stages=None,
+                   params=None) -> list:
+        """As Muon.update_all (`stacked` the same; `stages` for the Muon momentum only)."""
         muon = [i for i, h in enumerate(hypers) if h.use_muon]
         orthogonal = {}
         if muon:
             updates = []
             for i in muon:
                 h, b = hypers[i], bufs[i][0]
+                if stages is not None and stages.can_step(us[i], b):
+                    updates.append(stages.momentum(us[i], b, found_inf, h.momentum, h.nesterov))
+                    continue
                 new_b = torch.lerp(b, us[i], 1 - h.momentum)
                 updates.append(torch.lerp(us[i], new_b, h.momentum) if h.nesterov else new_b)
                 commit(b, new_b, found_inf)
@@ -325,6 +332,10 @@ class MuSGD:
             commit(counts[i], counts[i] + 1, found_inf)
             new_ws.append(_add(w, step, -sgd_lr))
         return new_ws
+
+    @staticmethod
+    def applies_in_kernel(h) -> bool:
+        return False  # its weight step (Muon's then SGD's) is torch ops
 
     @staticmethod
     def saved(entry: dict) -> dict:

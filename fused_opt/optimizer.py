@@ -32,7 +32,7 @@ from .tracked_state import Epoch, ParamList, TrackedState
 from .transaction import Transaction
 from .state_precision import scale_key
 from .state_precision import state_precision as make_state_precision
-from .matrix_rules import Muon, MuSGD, matrix_backend, refuse_sharded_matrices
+from .matrix_rules import Muon, MuSGD, refuse_sharded_matrices
 from .update_rules import SGD, AdamW
 from .validation import check_global, check_params
 
@@ -81,9 +81,7 @@ class FusedMixedPrecisionOptimizer(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.norm_type = norm_type
         self._clip_request = None  # (max_norm, norm_type) of a clip_grad_norm_ call, for the next step only
-        if getattr(self.RULE, "matrix", False):
-            backend = matrix_backend(type(self).__name__, backend)
-        self.backend, self._backend = backends.resolve(backend, device)
+        self.backend, self._backend = backends.resolve(backend, device, self.RULE)
         # "auto": FP16 needs a scale to keep small grads from flushing; BF16/FP32 do not. Decided
         # again when the params turn FP16 later (model.half()): see _check_auto_scale.
         self._auto_scale = loss_scale == "auto"

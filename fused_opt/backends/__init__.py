@@ -81,16 +81,20 @@ def availability(name: str, device: torch.device) -> str | None:
     return module.availability(torch.device(device))
 
 
-def resolve(name: str, device: torch.device):
-    """The (name, module) that will run steps on `device`; raises with the reason if unavailable."""
+def resolve(name: str, device: torch.device, rule=None):
+    """The (name, module) that will run steps on `device`; raises with the reason if unavailable.
+    A rule with a matrix stage (matrix_rules.py) steps through the torch backend, with its
+    elementwise stages as the chosen backend's kernels (stack_kernels.py)."""
     if name == "auto":
-        for candidate in BACKENDS:
-            if availability(candidate, device) is None:
-                return candidate, _module(candidate)
-        raise RuntimeError(f"no fused_opt backend can run on {device}")
-    if name not in BACKENDS:
+        name = next((c for c in BACKENDS if availability(c, device) is None), None)
+        if name is None:
+            raise RuntimeError(f"no fused_opt backend can run on {device}")
+    elif name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of 'auto', {', '.join(map(repr, BACKENDS))}")
     reason = availability(name, device)
     if reason is not None:
         raise RuntimeError(f"backend {name!r} is not available on {device}: {reason}")
+    if getattr(rule, "matrix", False):
+        from .stack_kernels import StagedStep
+        return name, StagedStep(name, device)
     return name, _module(name)

@@ -61,17 +61,18 @@ class Stack:
     dim of 1), as a StepBatch of one param; scatter() copies every stacked copy the step may
     have written back into its member's own."""
 
-    def __init__(self, batch: StepBatch, members: list[int]):
+    def __init__(self, batch: StepBatch, members: list[int], gather_params: bool = True):
         self.members = members
         self.pairs = []
-        p = self._stacked([batch.params[i] for i in members])
+        # without gather_params (a kernel writes each member's own param) the stack has none
+        p = self._stacked([batch.params[i] for i in members]) if gather_params else None
         own_master = batch.masters[members[0]] is batch.params[members[0]]  # FP32 params
         w = p if own_master else self._stacked([batch.masters[i] for i in members])
         buffers = [self._stacked([batch.buffers[i][k] for i in members]) for k in range(len(batch.buffers[members[0]]))]
         count = None
         if batch.counts[members[0]] is not None:
             flat = self._stacked([batch.counts[i] for i in members])
-            count = flat.view(len(members), *[1] * (p.dim() - 1))  # broadcasts over each member's elements
+            count = flat.view(len(members), *[1] * batch.params[members[0]].dim())  # broadcasts over each member's elements
         scales = None
         if batch.scales is not None and batch.scales[members[0]] is not None:  # int8: each member's block scales in turn
             scales = [tuple(self._stacked([batch.scales[i][k] for i in members]).view(-1) for k in range(len(buffers)))]
@@ -85,7 +86,7 @@ class Stack:
         or state `pack` laid out), else a copy to scatter back."""
         if len(tensors) == 1:
             return tensors[0].unsqueeze(0)
-        rows = _rows_of_one(tensors)
+        rows = rows_of_one(tensors)
         if rows is not None:
             return rows
         stack = torch.stack(tensors)
@@ -100,7 +101,7 @@ class Stack:
         torch._foreach_copy_(dst, src)
 
 
-def _rows_of_one(tensors: list) -> torch.Tensor | None:
+def rows_of_one(tensors: list) -> torch.Tensor | None:
     """The tensors as a view (len, *shape) of the storage they share, where they are its
     consecutive contiguous rows (what `pack` makes), else None."""
     first = tensors[0]
@@ -122,7 +123,7 @@ def pack(state: dict, members: list, keys: list) -> list:
     out = [[None] * len(keys) for _ in members]
     for k, key in enumerate(keys):
         tensors = [state[p][key] for p in members]
-        if _rows_of_one(tensors) is None:
+        if rows_of_one(tensors) is None:
             stacked = torch.stack(tensors)  # contiguous: each row is a member's tensor, contiguous
             tensors = list(stacked.unbind(0))
             for p, row in zip(members, tensors):

@@ -85,7 +85,9 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16)  # FP16/BF16 storage as integers: -0 != +0, a NaN equals itself
 
 
-def step(batch: StepBatch) -> None:
+def step(batch: StepBatch, stages=None) -> None:
+    """One step; `stages`: a rule with a matrix stage runs its elementwise stages as these
+    kernels (stack_kernels.py) where they take the stack, else as torch ops."""
     inv_scale = torch.reciprocal(batch.scaler.scale)                        # 1/S in FP32
 
     # A rule with a matrix stage steps the params of one group and shape as one stack (their
@@ -125,8 +127,9 @@ def step(batch: StepBatch) -> None:
     ema_weight = batch.ema.weight(applied_steps) if batch.emas is not None else None
     if stacks is not None:
         for members, u in zip(stacks, unscaled):  # one stack of state at a time
-            stack = buckets.Stack(batch, members)
-            _update(stack.batch, [u], applied_steps, found_inf, ema_weight, len(members))
+            params = [batch.params[i] for i in members] if _applies_in_kernel(batch, members, stages) else None
+            stack = buckets.Stack(batch, members, gather_params=params is None)
+            _update(stack.batch, [u], applied_steps, found_inf, ema_weight, len(members), stages, params)
             stack.scatter()
         if rest:
             _update(buckets.subset(batch, rest), unscaled[len(stacks):], applied_steps, found_inf, ema_weight)
@@ -147,14 +150,32 @@ def _stackable(batch: StepBatch) -> bool:
     return getattr(batch.rule, "matrix", False) and batch.reduce_stats is None
 
 
-def _update(batch: StepBatch, unscaled: list, applied_steps, found_inf, ema_weight, rows: int | None = None) -> None:
+def _applies_in_kernel(batch: StepBatch, members: list, stages) -> bool:
+    """Whether a stack's weight step is the stages' apply kernel: FP32 masters as rows of one
+    tensor (not remainders), no EMA, a group the rule says it can take."""
+    if stages is None or batch.emas is not None:
+        return False
+    first = members[0]
+    master = batch.masters[first]
+    rows = buckets.rows_of_one([batch.masters[i] for i in members]) if len(members) > 1 else master.unsqueeze(0)
+    return (rows is not None and not is_remainder(master) and master is not batch.params[first]
+            and batch.rule.applies_in_kernel(batch.groups[batch.group_index[first]])
+            and stages.can_apply(rows, [batch.params[i] for i in members], batch.groups[batch.group_index[first]].lr))
+
+
+def _update(batch: StepBatch, unscaled: list, applied_steps, found_inf, ema_weight, rows: int | None = None,
+            stages=None, params: list | None = None) -> None:
     """Masters loaded, the rule's update, state encoded and masters, params and EMAs stored,
     for every param of `batch`; with `rows`, its one param is a stack of that many params
-    (buckets.py)."""
+    (buckets.py). `stages`, `params`: see step(); with `params` (the stack's members) the
+    apply kernel re-takes edited params, and stores masters and params, itself."""
     stacked = rows is not None
     precision = batch.state_precision
     hypers = [batch.groups[gi] for gi in batch.group_index]
-    masters = [_master(batch, i, found_inf) for i in range(len(unscaled))]  # (FP32 master, remainder or None)
+    if params is not None:
+        masters = [(batch.masters[0], None)]
+    else:
+        masters = [_master(batch, i, found_inf) for i in range(len(unscaled))]  # (FP32 master, remainder or None)
     # The rule steps FP32 values: state kept in BF16 or int8 is decoded first and encoded
     # after (state_precision.py), where the step is applied.
     bufs = [[precision.decode(b, s, rows or 1) for b, s in zip(stored, scales or [None] * len(stored))]
@@ -163,14 +184,15 @@ def _update(batch: StepBatch, unscaled: list, applied_steps, found_inf, ema_weig
     bounded = precision.code == INT8_CODE
     if getattr(batch.rule, "matrix", False):  # Muon, MuSGD: a matrix stage over all params (matrix_rules.py)
         new_ws = batch.rule.update_all(ws, unscaled, bufs, batch.counts, hypers, applied_steps, found_inf, bounded,
-                                       stacked)
+                                       stacked, stages, params)
     else:
         new_ws = [batch.rule.update(w, d, b, count, h, applied_steps, found_inf, bounded=bounded)
                   for w, d, b, count, h in zip(ws, unscaled, bufs, batch.counts, hypers)]
     for i, (w, remainder) in enumerate(masters):
         if precision.code != 0:
             _encode(batch, i, hypers[i], bufs[i], applied_steps, found_inf, rows or 1)
-        _store(batch, i, w, remainder, new_ws[i], found_inf)
+        if new_ws[i] is not None:  # None: stored by the apply kernel
+            _store(batch, i, w, remainder, new_ws[i], found_inf)
         if ema_weight is not None:  # 6. the EMA of the master, on applied steps: e + a * (w - e)
             e = batch.emas[i]
             e32 = e.float()

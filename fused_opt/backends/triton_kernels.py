@@ -567,3 +567,50 @@ def advance_kernel(chunks_ptr, table_ptr, scalars_ptr, num_chunks, BLOCK: tl.con
     counts = tl.load(table_ptr + rows * TABLE_COLUMNS + COUNT, mask=first, other=0).to(tl.pointer_type(tl.float32))
     first = first & (tl.load(table_ptr + rows * TABLE_COLUMNS + COUNT, mask=first, other=0) != 0)
     tl.store(counts, tl.load(counts, mask=first, other=0.0) + 1.0, mask=first)
+
+
+# -- Muon's elementwise stages on one stack (csrc/muon_math.h) -----------------------------
+@triton.jit
+def _lerp(start, end, weight):
+    """torch.lerp: one FMA from the nearer end."""
+    diff = end - start
+    if (weight < 0.5) & (weight > -0.5):
+        result = tl.fma(diff, weight, start)
+    else:
+        result = tl.fma(diff, weight - 1.0, end)
+    return result
+
+
+@triton.jit
+def muon_momentum_kernel(u_ptr, buf_ptr, update_ptr, n, found_inf_ptr, one_minus_mu, mu,
+                         NESTEROV: tl.constexpr, BLOCK: tl.constexpr):
+    """B <- lerp(B, u, 1 - mu) (not on a skipped step); U = nesterov ? lerp(u, B, mu) : B, as BF16."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    u = tl.load(u_ptr + offsets, mask=mask, other=0.0)
+    b = _lerp(tl.load(buf_ptr + offsets, mask=mask, other=0.0), u, one_minus_mu)
+    if NESTEROV:
+        update = _lerp(u, b, mu)
+    else:
+        update = b
+    tl.store(update_ptr + offsets, _round_to(update, tl.bfloat16), mask=mask)
+    keep = tl.load(found_inf_ptr).to(tl.int32)
+    tl.store(buf_ptr + offsets, b, mask=mask & (keep == 0))
+
+
+@triton.jit
+def muon_apply_kernel(master_ptr, update_ptr, params_ptr, per, found_inf_ptr, decay, alpha,
+                      PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """Member program_id(1) of the stack: w <- (w * decay) + alpha * O, its param written; a
+    skipped step writes nothing. The param re-taken first where edited (_master_of)."""
+    member = tl.program_id(1).to(tl.int64)
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    applied = tl.load(found_inf_ptr).to(tl.int32) == 0
+    mask = (offsets < per) & applied
+    param = tl.load(params_ptr + member).to(tl.pointer_type(PARAM_DTYPE)) + offsets
+    master = master_ptr + member * per + offsets
+    w = _master_of(master, param, mask, PARAM_DTYPE, 0, True)
+    o = tl.load(update_ptr + member * per + offsets, mask=mask, other=0.0).to(tl.float32)
+    w = tl.fma(o, alpha, w * decay)
+    tl.store(master, w, mask=mask)
+    tl.store(param, _round_to(w, PARAM_DTYPE), mask=mask)

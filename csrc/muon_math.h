@@ -1,0 +1,92 @@
+// Muon's two elementwise stages, around its matrix stage (Newton–Schulz, batched matmuls in
+// fused_opt/newton_schulz.py), on one stack of params of one shape: k params, `per` elements
+// each, their FP32 masters and momentum the rows of one tensor (fused_opt/backends/buckets.py).
+// Written once for the C++ CPU path and the CUDA path (FUSED_HD, sgd_math.h).
+//
+//   momentum:  B <- lerp(B, u, 1 - mu);  U = nesterov ? lerp(u, B, mu) : B;  stored as BF16,
+//              the dtype Newton–Schulz runs in (torch.optim.Muon's grad.bfloat16()).
+//   apply:     w <- w * (1 - lr * wd) + (-lr * ratio) * O;  p <- w rounded to p's dtype.
+//
+// The operation order is torch's (its CPU kernels: lerp and add with alpha as one FMA each),
+// so on the CPU the stages give torch.optim.Muon's bits. A skipped step (found_inf, read from
+// memory the host never reads) writes nothing.
+#pragma once
+#include <cmath>
+#include <type_traits>
+#include "sgd_math.h"
+
+namespace fused_opt {
+
+// torch.lerp(start, end, weight): one FMA from the nearer end, as torch's vectorized CPU kernel.
+// Which end is a stack's constant (kSmall: |weight| < 0.5), chosen by the host: a select on a
+// loop-invariant flag is kept as a branch by GCC, which stops vectorization.
+template <bool kSmall>
+FUSED_HD float lerp(float start, float end, float weight) {
+  return kSmall ? fmaf(weight, end - start, start) : fmaf(weight - 1.0f, end - start, end);
+}
+
+FUSED_HD bool lerp_weight_small(float weight) { return weight < 0.5f && weight > -0.5f; }
+
+// One stack's momentum settings, in FP32 as torch's lerp takes its weights.
+struct MuonMomentumArgs {
+  float one_minus_mu, mu;
+  bool nesterov;
+};
+
+// The new buffer value in b, the update U returned (in FP32; stored as BF16 by the caller).
+// kSmallB, kSmallU: which end each lerp starts from (lerp_weight_small of 1 - mu and of mu).
+template <bool kSmallB, bool kSmallU, bool kNesterov>
+FUSED_HD float muon_momentum(float u, float& b, const MuonMomentumArgs& k) {
+  const float nb = lerp<kSmallB>(b, u, k.one_minus_mu);
+  b = nb;
+  return kNesterov ? lerp<kSmallU>(u, nb, k.mu) : nb;
+}
+
+// Decoupled weight decay, then the orthogonalized update at the adjusted lr:
+// (w * decay).add_(O, alpha=alpha), decay = 1 - lr * wd, alpha = -lr * ratio.
+FUSED_HD float muon_apply(float w, float o, float decay, float alpha) { return fmaf(alpha, o, w * decay); }
+
+// The stages over elements [begin, end), stride apart (1 on the CPU, the grid on the GPU):
+// apply over one member of the stack (`master` and `update` at its row; `param` the member's
+// own storage: a stack's params are the user's tensors, never copied), momentum over the
+// whole stack. A param edited outside the optimizer is re-taken first (retake_if_edited,
+// sgd_math.h), as every other step does.
+template <class P>
+FUSED_HD void muon_apply_range(float* master, const uint16_t* update, typename P::storage* param, int64_t begin,
+                               int64_t end, int64_t stride, float decay, float alpha) {
+  for (int64_t i = begin; i < end; i += stride) {
+    const float w = muon_apply(retake_if_edited<P>(param[i], master[i]), BF16::load(update[i]), decay, alpha);
+    master[i] = w;
+    param[i] = P::store(w);
+  }
+}
+
+// On a skipped step (kWriteBuffer false) U is still computed, from that step's values, for a
+// matrix stage whose result is then discarded: deciding otherwise would need the host to read
+// found_inf.
+template <bool kSmallB, bool kSmallU, bool kNesterov, bool kWriteBuffer>
+FUSED_HD void muon_momentum_range(const float* u, float* buf, uint16_t* update, int64_t begin, int64_t end,
+                                  int64_t stride, const MuonMomentumArgs& k) {
+  for (int64_t i = begin; i < end; i += stride) {
+    float b = buf[i];
+    update[i] = BF16::store(muon_momentum<kSmallB, kSmallU, kNesterov>(u[i], b, k));
+    if (kWriteBuffer) buf[i] = b;
+  }
+}
+
+// Calls fn with the four flags of muon_momentum_range as std::integral_constant<bool, ...>.
+template <class Fn>
+void dispatch_momentum(const MuonMomentumArgs& k, bool write_buffer, Fn&& fn) {
+  auto flag = [](bool value, auto&& next) {
+    if (value) next(std::true_type{}); else next(std::false_type{});
+  };
+  flag(lerp_weight_small(k.one_minus_mu), [&](auto small_b) {
+    flag(lerp_weight_small(k.mu), [&](auto small_u) {
+      flag(k.nesterov, [&](auto nesterov) {
+        flag(write_buffer, [&](auto write) { fn(small_b, small_u, nesterov, write); });
+      });
+    });
+  });
+}
+
+}  // namespace fused_opt

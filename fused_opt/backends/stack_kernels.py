@@ -1,0 +1,129 @@
+"""Muon's two elementwise stages on one stack of params (buckets.py) as one kernel each, of
+the native (C++ / CUDA) or Triton backend; the math is csrc/muon_math.h's (Triton:
+triton_kernels.py), the torch ops of matrix_rules.Muon are its oracle.
+
+  momentum  B <- lerp(B, u, 1 - mu) (kept on a skipped step), U = nesterov ? lerp(u, B, mu) : B,
+            written as BF16, the dtype Newton–Schulz runs in: 14 B per element.
+  apply     the param re-taken where it was edited, w <- (w * (1 - lr wd)) + (-lr ratio) O,
+            master and param written (nothing on a skipped step): 14 B per element,
+            against ~20 passes over memory in torch ops.
+
+The rest of the step (unscale, inf check, norm and clip, Newton–Schulz, the AdamW groups)
+is the torch backend's, so a rule with a matrix stage picks its backend for these two
+stages only (`for_backend`). The apply kernel takes the stack's FP32 masters (rows of one
+tensor) and writes each member's own FP16/BF16 param through a table of their addresses;
+other storage (remainders, BF16/int8 state, an EMA, a tensor lr) stays on torch ops.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import torch_backend
+from .multi_tensor import increment_version
+from ..update_rules import _fp32
+
+TRITON_BLOCK = 1024
+
+
+class StagedStep:
+    """A backend module's face for a rule with a matrix stage: the torch backend's step, with
+    the elementwise stages as backend `name`'s kernels ("torch": torch ops)."""
+    WRITES_BUMP_VERSIONS = True
+
+    def __init__(self, name: str, device: torch.device):
+        self.name = name
+        self.stages = for_backend(name, device)
+
+    def step(self, batch) -> None:
+        torch_backend.step(batch, self.stages)
+
+
+def for_backend(name: str, device: torch.device):
+    """The stage kernels of backend `name` on `device`, or None for torch ops."""
+    if name == "native":
+        from . import native_backend
+        module, _ = native_backend._module_and_stream(torch.device(device))
+        return NativeStages(module)
+    if name == "triton":
+        return TritonStages()
+    return None
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    return {torch.float16: 1, torch.bfloat16: 2}[dtype]  # csrc/dispatch.h
+
+
+class _Stages:
+    def __init__(self):
+        self._tables: dict = {}
+
+    def can_step(self, u: torch.Tensor, buf: torch.Tensor) -> bool:
+        """Whether `momentum` takes this buffer: FP32 rows in the grads' order."""
+        return buf.dtype == torch.float32 and buf.is_contiguous() and buf.shape == u.shape and u.is_contiguous()
+
+    def can_apply(self, w: torch.Tensor, params: list, lr) -> bool:
+        """Whether `apply` takes this stack: FP32 master rows beside contiguous FP16/BF16
+        params, a float lr (a tensor lr stays on torch ops, which read it on the device)."""
+        return (not isinstance(lr, torch.Tensor) and w.dtype == torch.float32 and w.is_contiguous()
+                and all(p.dtype in (torch.float16, torch.bfloat16) and p.dtype == params[0].dtype
+                        and p.is_contiguous() for p in params))
+
+    def _table(self, params: list) -> torch.Tensor:
+        """The members' param addresses, on their device (kept while they stay where they are)."""
+        key = tuple(p.data_ptr() for p in params)
+        table = self._tables.get(key)
+        if table is None:
+            if len(self._tables) > 4096:
+                self._tables.clear()
+            table = self._tables[key] = torch.tensor(key, dtype=torch.int64).to(params[0].device)
+        return table
+
+    @staticmethod
+    def _weights(mu: float) -> tuple[float, float]:
+        return _fp32(1 - mu), _fp32(mu)  # torch.lerp's weights, as FP32 scalars
+
+
+class NativeStages(_Stages):
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def _stream(self, t: torch.Tensor) -> int:
+        return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+
+    def momentum(self, u: torch.Tensor, buf: torch.Tensor, found_inf: torch.Tensor, mu: float,
+                 nesterov: bool) -> torch.Tensor:
+        update = torch.empty_like(u, dtype=torch.bfloat16)
+        one_minus_mu, mu32 = self._weights(mu)
+        self.module.muon_momentum(u.data_ptr(), buf.data_ptr(), update.data_ptr(), u.numel(), found_inf.data_ptr(),
+                                  one_minus_mu, mu32, nesterov, self._stream(u))
+        return update
+
+    def apply(self, w: torch.Tensor, update: torch.Tensor, params: list, found_inf: torch.Tensor, decay: float,
+              alpha: float) -> None:
+        update = update.contiguous()  # a tall matrix's comes back transposed (newton_schulz.py)
+        self.module.muon_apply(w.data_ptr(), update.data_ptr(), self._table(params).data_ptr(), params[0].numel(),
+                               w.numel(), found_inf.data_ptr(), _fp32(decay), _fp32(alpha),
+                               _dtype_code(params[0].dtype), self._stream(w))
+        increment_version(params)  # the raw writes don't; autograd's in-place check must see them
+
+
+class TritonStages(_Stages):
+    def momentum(self, u, buf, found_inf, mu, nesterov):
+        from . import triton_kernels as k
+        update = torch.empty_like(u, dtype=torch.bfloat16)
+        one_minus_mu, mu32 = self._weights(mu)
+        n = u.numel()
+        k.muon_momentum_kernel[(-(-n // TRITON_BLOCK),)](u, buf, update, n, found_inf, one_minus_mu, mu32,
+                                                         NESTEROV=nesterov, BLOCK=TRITON_BLOCK)
+        return update
+
+    def apply(self, w, update, params, found_inf, decay, alpha):
+        from . import triton_kernels as k
+        from .triton_backend import _tl_dtype
+        update = update.contiguous()
+        per = params[0].numel()
+        k.muon_apply_kernel[(-(-per // TRITON_BLOCK), len(params))](
+            w, update, self._table(params), per, found_inf, _fp32(decay), _fp32(alpha),
+            PARAM_DTYPE=_tl_dtype(params[0].dtype), BLOCK=TRITON_BLOCK)
+        increment_version(params)
