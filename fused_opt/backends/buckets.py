@@ -61,13 +61,30 @@ class Stack:
     dim of 1), as a StepBatch of one param; scatter() copies every stacked copy the step may
     have written back into its member's own."""
 
-    def __init__(self, batch: StepBatch, members: list[int], gather_params: bool = True):
+    def __init__(self, batch: StepBatch, members: list[int], gather_params: bool = True, views: dict | None = None):
+        """`views`: a dict kept while the step's layout is (the state's tensors do not move
+        then), where a stack whose state is all views of `pack`ed rows keeps them."""
         self.members = members
         self.pairs = []
         # without gather_params (a kernel writes each member's own param) the stack has none
         p = self._stacked([batch.params[i] for i in members]) if gather_params else None
         own_master = batch.masters[members[0]] is batch.params[members[0]]  # FP32 params
-        w = p if own_master else self._stacked([batch.masters[i] for i in members])
+        key = tuple(members)
+        state = None if views is None or own_master else views.get(key)
+        if state is None:
+            copies = len(self.pairs)
+            state = self._state(batch, members, p if own_master else None)
+            if views is not None and not own_master and len(self.pairs) == copies:
+                views[key] = state
+        w, buffers, count, scales, emas = state
+        self.batch = dataclasses.replace(batch, params=[p], grads=[None], masters=[w], buffers=[tuple(buffers)],
+                                         counts=[count], group_index=[batch.group_index[members[0]]], emas=emas,
+                                         scales=scales)
+
+    def _state(self, batch: StepBatch, members: list[int], own: torch.Tensor | None) -> tuple:
+        """(master, buffers, count, scales, emas) stacked; `own`: the stacked params, for FP32
+        params (their own masters)."""
+        w = own if own is not None else self._stacked([batch.masters[i] for i in members])
         buffers = [self._stacked([batch.buffers[i][k] for i in members]) for k in range(len(batch.buffers[members[0]]))]
         count = None
         if batch.counts[members[0]] is not None:
@@ -77,9 +94,7 @@ class Stack:
         if batch.scales is not None and batch.scales[members[0]] is not None:  # int8: each member's block scales in turn
             scales = [tuple(self._stacked([batch.scales[i][k] for i in members]).view(-1) for k in range(len(buffers)))]
         emas = None if batch.emas is None else [self._stacked([batch.emas[i] for i in members])]
-        self.batch = dataclasses.replace(batch, params=[p], grads=[None], masters=[w], buffers=[tuple(buffers)],
-                                         counts=[count], group_index=[batch.group_index[members[0]]], emas=emas,
-                                         scales=scales)
+        return w, buffers, count, scales, emas
 
     def _stacked(self, tensors: list) -> torch.Tensor:
         """The tensors stacked: a view where they are one tensor's rows already (one tensor,

@@ -92,7 +92,7 @@ def step(batch: StepBatch, stages=None) -> None:
 
     # A rule with a matrix stage steps the params of one group and shape as one stack (their
     # first dim): the same ops, a few per stack instead of per param (buckets.py).
-    stacks, rest = buckets.plan(batch) if _stackable(batch) else (None, None)
+    stacks, rest, views = _stack_plan(batch) if _stackable(batch) else (None, None, None)
 
     # 1. u_i = float32(g_i) * (1/S)
     if stacks is None:
@@ -127,8 +127,8 @@ def step(batch: StepBatch, stages=None) -> None:
     ema_weight = batch.ema.weight(applied_steps) if batch.emas is not None else None
     if stacks is not None:
         for members, u in zip(stacks, unscaled):  # one stack of state at a time
-            params = [batch.params[i] for i in members] if _applies_in_kernel(batch, members, stages) else None
-            stack = buckets.Stack(batch, members, gather_params=params is None)
+            params = [batch.params[i] for i in members] if _applies_in_kernel(batch, members, stages, views) else None
+            stack = buckets.Stack(batch, members, gather_params=params is None, views=views)
             _update(stack.batch, [u], applied_steps, found_inf, ema_weight, len(members), stages, params)
             stack.scatter()
         if rest:
@@ -150,17 +150,31 @@ def _stackable(batch: StepBatch) -> bool:
     return getattr(batch.rule, "matrix", False) and batch.reduce_stats is None
 
 
-def _applies_in_kernel(batch: StepBatch, members: list, stages) -> bool:
+def _stack_plan(batch: StepBatch) -> tuple:
+    """(stacks, rest, views): buckets.plan and a dict for the stacks' state views, kept while
+    the layout is (its id changes whenever a param, state tensor or their memory does)."""
+    cached = batch.cache.get("stacks")
+    if cached is None or cached[0] != batch.layout_id:
+        cached = batch.cache["stacks"] = (batch.layout_id, *buckets.plan(batch), {})
+    return cached[1:]
+
+
+def _applies_in_kernel(batch: StepBatch, members: list, stages, views: dict) -> bool:
     """Whether a stack's weight step is the stages' apply kernel: FP32 masters as rows of one
-    tensor (not remainders), no EMA, a group the rule says it can take."""
+    tensor (not remainders), no EMA, a group the rule says it can take (its lr a float)."""
     if stages is None or batch.emas is not None:
         return False
     first = members[0]
-    master = batch.masters[first]
-    rows = buckets.rows_of_one([batch.masters[i] for i in members]) if len(members) > 1 else master.unsqueeze(0)
-    return (rows is not None and not is_remainder(master) and master is not batch.params[first]
-            and batch.rule.applies_in_kernel(batch.groups[batch.group_index[first]])
-            and stages.can_apply(rows, [batch.params[i] for i in members], batch.groups[batch.group_index[first]].lr))
+    h = batch.groups[batch.group_index[first]]
+    if not batch.rule.applies_in_kernel(h):
+        return False
+    key = ("apply", tuple(members))
+    if key not in views:  # what does not change while the layout stays
+        master = batch.masters[first]
+        rows = buckets.rows_of_one([batch.masters[i] for i in members]) if len(members) > 1 else master.unsqueeze(0)
+        views[key] = (rows is not None and not is_remainder(master) and master is not batch.params[first]
+                      and stages.can_apply(rows, [batch.params[i] for i in members], h.lr))
+    return views[key]
 
 
 def _update(batch: StepBatch, unscaled: list, applied_steps, found_inf, ema_weight, rows: int | None = None,
