@@ -104,8 +104,8 @@ void bind_step(pybind11::module_& m, Partials partials, Finalize finalize, Updat
 // fused_opt/backends/stack_kernels.py between the torch ops of the rest of its step. Addresses
 // as above; `found_inf` a bool in device memory; `params` an array of the members' param
 // addresses, in device memory too; param_dtype kFloat16 or kBFloat16.
-template <class Momentum, class Apply>
-void bind_muon(pybind11::module_& m, Momentum momentum, Apply apply) {
+template <class Momentum, class Apply, class MuSGDApply>
+void bind_muon(pybind11::module_& m, Momentum momentum, Apply apply, MuSGDApply musgd_apply) {
   m.def("muon_momentum", [momentum](int64_t u, int64_t buf, int64_t update, int64_t n, int64_t found_inf,
                                     float one_minus_mu, float mu, bool nesterov, int64_t stream) {
     momentum(reinterpret_cast<const float*>(u), reinterpret_cast<float*>(buf), reinterpret_cast<uint16_t*>(update),
@@ -119,6 +119,19 @@ void bind_muon(pybind11::module_& m, Momentum momentum, Apply apply) {
     apply(reinterpret_cast<float*>(master), reinterpret_cast<const uint16_t*>(update),
           reinterpret_cast<uint16_t* const*>(params), per, n, reinterpret_cast<const bool*>(found_inf), decay, alpha,
           param_dtype, stream);
+  });
+  // `update` 0 outside use_muon groups.
+  m.def("musgd_apply", [musgd_apply](int64_t master, int64_t update, int64_t u, int64_t buf, int64_t params,
+                                     int64_t per, int64_t n, int64_t found_inf, float muon_alpha, float scale,
+                                     float weight_decay, float mu, bool nesterov, float sgd_alpha, int param_dtype,
+                                     int64_t stream) {
+    if (param_dtype != kFloat16 && param_dtype != kBFloat16) {
+      throw std::invalid_argument("fused_opt native: MuSGD's fused apply takes FP16 or BF16 params");
+    }
+    musgd_apply(reinterpret_cast<float*>(master), reinterpret_cast<const uint16_t*>(update),
+                reinterpret_cast<const float*>(u), reinterpret_cast<float*>(buf),
+                reinterpret_cast<uint16_t* const*>(params), per, n, reinterpret_cast<const bool*>(found_inf),
+                MuSGDArgs{muon_alpha, weight_decay, mu, sgd_alpha, scale}, nesterov, param_dtype, stream);
   });
 }
 

@@ -343,11 +343,11 @@ void parallel_range(int64_t n, Fn&& fn) {
 
 void launch_muon_momentum(const float* u, float* buf, uint16_t* update, int64_t n, const bool* found_inf,
                    const MuonMomentumArgs& k, int64_t) {
-  dispatch_momentum(k, !*found_inf, [&](auto small_b, auto small_u, auto nesterov, auto write) {
+  dispatch_flags([&](auto small_b, auto small_u, auto nesterov, auto write) {
     parallel_range(n, [&](int64_t b, int64_t e) {
       muon_momentum_range<small_b.value, small_u.value, nesterov.value, write.value>(u, buf, update, b, e, 1, k);
     });
-  });
+  }, lerp_weight_small(k.one_minus_mu), lerp_weight_small(k.mu), k.nesterov, !*found_inf);
 }
 
 void launch_muon_apply(float* master, const uint16_t* update, uint16_t* const* params, int64_t per, int64_t n,
@@ -364,6 +364,27 @@ void launch_muon_apply(float* master, const uint16_t* update, uint16_t* const* p
                               alpha);
         }
       });
+    }
+  });
+}
+
+void launch_musgd_apply(float* master, const uint16_t* update, const float* u, float* buf, uint16_t* const* params,
+                        int64_t per, int64_t n, const bool* found_inf, const MuSGDArgs& k, bool nesterov,
+                        int param_dtype, int64_t) {
+  if (*found_inf) return;  // a skipped step writes nothing
+  dispatch_dtype(param_dtype, [&](auto p) {
+    using P = decltype(p);
+    if constexpr (!std::is_same_v<P, F32>) {
+      dispatch_flags([&](auto muon, auto decay, auto nest) {
+        parallel_range(n, [&](int64_t b, int64_t e) {
+          for (int64_t m = b / per; m * per < e; ++m) {
+            const int64_t lo = std::max(b, m * per) - m * per, hi = std::min(e, (m + 1) * per) - m * per;
+            musgd_apply_range<P, muon.value, decay.value, nest.value>(
+                master + m * per, muon.value ? update + m * per : nullptr, u + m * per, buf + m * per, params[m],
+                lo, hi, 1, k);
+          }
+        });
+      }, update != nullptr, k.weight_decay != 0.0f, nesterov);
     }
   });
 }
@@ -386,7 +407,7 @@ PYBIND11_MODULE(FUSED_OPT_CPU_MODULE, m) {
   m.doc() = "fused_opt C++ CPU kernels";
   m.attr("CPU_PATH") = FUSED_OPT_CPU_PATH;
   fused_opt::bind_step(m, fused_opt::partials, fused_opt::finalize_step, fused_opt::update);
-  fused_opt::bind_muon(m, fused_opt::launch_muon_momentum, fused_opt::launch_muon_apply);
+  fused_opt::bind_muon(m, fused_opt::launch_muon_momentum, fused_opt::launch_muon_apply, fused_opt::launch_musgd_apply);
   // The pool's thread limit, which native_backend.py keeps at torch.get_num_threads().
   m.def("set_num_threads", [](int64_t n) { fused_opt::ThreadPool::thread_limit() = std::max<int64_t>(1, n); });
   m.def("num_threads", [] { return fused_opt::ThreadPool::max_threads(); });

@@ -308,10 +308,10 @@ unsigned stack_blocks(int64_t n) { return unsigned(std::min<int64_t>((n + kStack
 void launch_muon_momentum(const float* u, float* buf, uint16_t* update, int64_t n, const bool* found_inf,
                    const MuonMomentumArgs& k, int64_t stream) {
   if (n == 0) return;
-  dispatch_momentum(k, true, [&](auto small_b, auto small_u, auto nesterov, auto) {
+  dispatch_flags([&](auto small_b, auto small_u, auto nesterov) {
     muon_momentum_kernel<small_b.value, small_u.value, nesterov.value>
         <<<stack_blocks(n), kStackThreads, 0, cudaStream_t(stream)>>>(u, buf, update, n, found_inf, k);
-  });
+  }, lerp_weight_small(k.one_minus_mu), lerp_weight_small(k.mu), k.nesterov);
   check(cudaGetLastError(), "Muon momentum launch");
 }
 
@@ -328,6 +328,29 @@ void launch_muon_apply(float* master, const uint16_t* update, uint16_t* const* p
   check(cudaGetLastError(), "Muon apply launch");
 }
 
+template <class P, bool kMuon, bool kDecay, bool kNesterov>
+__global__ void musgd_apply_kernel(float* master, const uint16_t* update, const float* u, float* buf,
+                                   uint16_t* const* params, int64_t per, const bool* found_inf, MuSGDArgs k) {
+  if (*found_inf) return;  // a skipped step writes nothing
+  const int64_t m = blockIdx.y, stride = int64_t(gridDim.x) * blockDim.x;
+  musgd_apply_range<P, kMuon, kDecay, kNesterov>(master + m * per, kMuon ? update + m * per : nullptr, u + m * per,
+                                                 buf + m * per, params[m],
+                                                 int64_t(blockIdx.x) * blockDim.x + threadIdx.x, per, stride, k);
+}
+
+void launch_musgd_apply(float* master, const uint16_t* update, const float* u, float* buf, uint16_t* const* params,
+                        int64_t per, int64_t n, const bool* found_inf, const MuSGDArgs& k, bool nesterov,
+                        int param_dtype, int64_t stream) {
+  if (n == 0) return;
+  const dim3 grid(stack_blocks(per), unsigned(n / per));
+  dispatch_flags([&](auto half, auto muon, auto decay, auto nest) {
+    using P = std::conditional_t<decltype(half)::value, F16, BF16>;
+    musgd_apply_kernel<P, muon.value, decay.value, nest.value><<<grid, kStackThreads, 0, cudaStream_t(stream)>>>(
+        master, update, u, buf, params, per, found_inf, k);
+  }, param_dtype == kFloat16, update != nullptr, k.weight_decay != 0.0f, nesterov);
+  check(cudaGetLastError(), "MuSGD apply launch");
+}
+
 }  // namespace
 }  // namespace fused_opt
 
@@ -338,7 +361,7 @@ void launch_muon_apply(float* master, const uint16_t* update, uint16_t* const* p
 PYBIND11_MODULE(_native_cuda, m) {
   m.doc() = "fused_opt CUDA kernels";
   fused_opt::bind_step(m, fused_opt::partials, fused_opt::finalize_step, fused_opt::update);
-  fused_opt::bind_muon(m, fused_opt::launch_muon_momentum, fused_opt::launch_muon_apply);
+  fused_opt::bind_muon(m, fused_opt::launch_muon_momentum, fused_opt::launch_muon_apply, fused_opt::launch_musgd_apply);
   m.attr("CUDA_VERSION") = CUDART_VERSION;          // e.g. 13000
   m.attr("ARCH_LIST") = FUSED_OPT_ARCHS;            // TORCH_CUDA_ARCH_LIST it was built with
 }

@@ -6,6 +6,8 @@
 //   momentum:  B <- lerp(B, u, 1 - mu);  U = nesterov ? lerp(u, B, mu) : B;  stored as BF16,
 //              the dtype Newton–Schulz runs in (torch.optim.Muon's grad.bfloat16()).
 //   apply:     w <- w * (1 - lr * wd) + (-lr * ratio) * O;  p <- w rounded to p's dtype.
+//   MuSGD:     (Ultralytics' hybrid, in use_muon groups) w1 = w + (-lr * muon) * (O * s), then
+//              SGD with momentum and L2 decay on w1 at lr * sgd; in the others that SGD alone.
 //
 // The operation order is torch's (its CPU kernels: lerp and add with alpha as one FMA each),
 // so on the CPU the stages give torch.optim.Muon's bits. A skipped step (found_inf, read from
@@ -74,19 +76,54 @@ FUSED_HD void muon_momentum_range(const float* u, float* buf, uint16_t* update, 
   }
 }
 
-// Calls fn with the four flags of muon_momentum_range as std::integral_constant<bool, ...>.
+// Calls fn with each of `flags` as a std::integral_constant<bool, ...>, so a kernel gets its
+// stack's constants as template arguments (GCC keeps a select on a loop-invariant flag as a
+// branch, which stops vectorization).
 template <class Fn>
-void dispatch_momentum(const MuonMomentumArgs& k, bool write_buffer, Fn&& fn) {
-  auto flag = [](bool value, auto&& next) {
-    if (value) next(std::true_type{}); else next(std::false_type{});
+void dispatch_flags(Fn&& fn) { fn(); }
+template <class Fn, class... Flags>
+void dispatch_flags(Fn&& fn, bool first, Flags... rest) {
+  auto bound = [&](auto value) {
+    dispatch_flags([&](auto... others) { fn(value, others...); }, rest...);
   };
-  flag(lerp_weight_small(k.one_minus_mu), [&](auto small_b) {
-    flag(lerp_weight_small(k.mu), [&](auto small_u) {
-      flag(k.nesterov, [&](auto nesterov) {
-        flag(write_buffer, [&](auto write) { fn(small_b, small_u, nesterov, write); });
-      });
-    });
-  });
+  if (first) bound(std::true_type{}); else bound(std::false_type{});
+}
+
+// MuSGD's weight step for one element, torch's op order (see matrix_rules.MuSGD): the Muon
+// part (kMuon: o is the orthogonalized update, already scaled and rounded to BF16 as theirs),
+// then SGD: d = u + wd * w1, B <- B * mu + d, step = nesterov ? d + mu * B : B. Returns w2.
+struct MuSGDArgs {
+  float muon_alpha, weight_decay, mu, sgd_alpha, scale;
+};
+
+template <bool kMuon, bool kDecay, bool kNesterov>
+FUSED_HD float musgd_apply(float w, float o, float u, float& b, const MuSGDArgs& k) {
+  const float w1 = kMuon ? fmaf(k.muon_alpha, o, w) : w;
+  const float d = kDecay ? fmaf(k.weight_decay, w1, u) : u;  // u.add(w, alpha=wd), skipped at wd = 0 as theirs
+#ifdef __CUDA_ARCH__
+  const float nb = __fadd_rn(__fmul_rn(b, k.mu), d);  // (b * mu).add_(d): two roundings, never contracted
+#else
+  const float nb = b * k.mu + d;  // the CPU modules are built without contraction (setup.py)
+#endif
+  b = nb;
+  return fmaf(k.sgd_alpha, kNesterov ? fmaf(k.mu, nb, d) : nb, w1);
+}
+
+// Over one member of a stack ([begin, end), stride apart): `update` null outside use_muon
+// groups; the param re-taken where edited, as in muon_apply_range.
+template <class P, bool kMuon, bool kDecay, bool kNesterov>
+FUSED_HD void musgd_apply_range(float* master, const uint16_t* update, const float* u, float* buf,
+                                typename P::storage* param, int64_t begin, int64_t end, int64_t stride,
+                                const MuSGDArgs& k) {
+  for (int64_t i = begin; i < end; i += stride) {
+    float o = 0.0f;
+    if (kMuon) o = BF16::load(BF16::store(BF16::load(update[i]) * k.scale));  // their O * s, in BF16
+    float b = buf[i];
+    const float w = musgd_apply<kMuon, kDecay, kNesterov>(retake_if_edited<P>(param[i], master[i]), o, u[i], b, k);
+    buf[i] = b;
+    master[i] = w;
+    param[i] = P::store(w);
+  }
 }
 
 }  // namespace fused_opt

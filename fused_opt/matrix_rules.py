@@ -299,7 +299,7 @@ class MuSGD:
     @staticmethod
     def update_all(ws, us, bufs, counts, hypers, applied_steps, found_inf, bounded=False, stacked=False, stages=None,
                    params=None) -> list:
-        """As Muon.update_all (`stacked` the same; `stages` for the Muon momentum only)."""
+        """As Muon.update_all (`stacked`, `stages` and `params` the same)."""
         muon = [i for i, h in enumerate(hypers) if h.use_muon]
         orthogonal = {}
         if muon:
@@ -314,12 +314,20 @@ class MuSGD:
                 commit(b, new_b, found_inf)
             rows = newton_schulz.orthogonalize(updates, "ultralytics", stacked=stacked)
             for i, o in zip(muon, rows):
-                shape = ws[i].shape  # their scale: the param's last two sizes (a conv's kernel height / width)
-                orthogonal[i] = o * max(1, shape[-2] / shape[-1]) ** 0.5
+                orthogonal[i] = o
         new_ws = []
         for i, h in enumerate(hypers):
             w, u = ws[i], us[i]
+            shape = w.shape  # their scale: the param's last two sizes (a conv's kernel height / width)
+            scale = max(1, shape[-2] / shape[-1]) ** 0.5 if h.use_muon else 1.0
+            if params is not None and stages.can_step(u, bufs[i][-1]):
+                stages.musgd_apply(w, orthogonal.get(i), scale, u, bufs[i][-1], params, found_inf, h)
+                commit(counts[i], counts[i] + 1, found_inf)
+                new_ws.append(None)
+                continue
             lr = h.lr.to(w.device, torch.float32) if isinstance(h.lr, torch.Tensor) else h.lr
+            if h.use_muon:
+                orthogonal[i] = orthogonal[i] * scale
             if h.use_muon:
                 w = _add(w, orthogonal[i], -(lr * h.muon))
                 b, sgd_lr = bufs[i][1], lr * h.sgd
@@ -335,7 +343,8 @@ class MuSGD:
 
     @staticmethod
     def applies_in_kernel(h) -> bool:
-        return False  # its weight step (Muon's then SGD's) is torch ops
+        """Whether a stack of this group's params can take the MuSGD apply kernel."""
+        return not isinstance(h.lr, torch.Tensor)
 
     @staticmethod
     def saved(entry: dict) -> dict:

@@ -158,15 +158,17 @@ BACKENDS = [b for b, _ in CPU_BACKEND_DEVICES]
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("nesterov", [True, False])
-def test_stage_kernels_step_as_torch_ops(backend, dtype, nesterov, monkeypatch):
-    """Muon's momentum and apply kernels (C++ here; Triton in its interpreter) against the
-    torch ops they replace, on stacks and lone params, an overflow step, an edited param, a
-    second group and a tensor-lr group (which stays on torch ops): the C++ path computes as
-    torch's CPU kernels (one FMA per lerp and per add), so bit for bit; Triton's interpreter
-    rounds an FMA's product first, so there to FP32 rounding, amplified by Newton–Schulz."""
+@pytest.mark.parametrize("kind", ["muon", "musgd"])
+def test_stage_kernels_step_as_torch_ops(kind, backend, dtype, nesterov, monkeypatch):
+    """Muon's and MuSGD's elementwise kernels (C++ here; Triton in its interpreter) against the
+    torch ops they replace, on stacks and lone params (wide, square, tall, conv), an overflow
+    step, an edited param, and a tensor-lr group (which stays on torch ops after its momentum):
+    the C++ path computes as torch's CPU kernels (one FMA per lerp and per add with alpha), so
+    bit for bit; Triton's interpreter rounds an FMA's product first, so there to FP32 rounding,
+    amplified by Newton–Schulz."""
     from fused_opt.backends import stack_kernels
     calls = []
-    for name in ("momentum", "apply"):
+    for name in ("momentum", "apply", "musgd_apply"):
         for cls in (stack_kernels.NativeStages, stack_kernels.TritonStages):
             original = getattr(cls, name)
             monkeypatch.setattr(cls, name, lambda self, *a, _o=original, _n=name: calls.append(_n) or _o(self, *a))
@@ -175,14 +177,19 @@ def test_stage_kernels_step_as_torch_ops(backend, dtype, nesterov, monkeypatch):
         gen = torch.Generator().manual_seed(5)
         shapes = [(8, 16)] * 3 + [(6, 3, 3, 3)] * 2 + [(12, 12), (16, 8), (16, 8), (4, 4), (4, 4)]  # wide, square, tall
         params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
-        vector = torch.nn.Parameter(torch.randn(7, generator=gen).to(dtype))
-        opt = fused_opt.FusedMixedPrecisionMuon(
-            [dict(params=params[:8]), dict(params=params[8:], lr=torch.tensor(0.01), momentum=0.8),
-             dict(params=[vector], algorithm="adamw")],
-            lr=0.02, nesterov=nesterov, weight_decay=0.1, max_grad_norm=1.0, backend=name, loss_scale="dynamic",
-            init_scale=256.0, growth_interval=2)
+        vectors = [torch.nn.Parameter(torch.randn(7, generator=gen).to(dtype)) for _ in range(2)]
+        common = dict(max_grad_norm=1.0, backend=name, loss_scale="dynamic", init_scale=256.0, growth_interval=2)
+        if kind == "muon":
+            opt = fused_opt.FusedMixedPrecisionMuon(
+                [dict(params=params[:8]), dict(params=params[8:], lr=torch.tensor(0.01), momentum=0.8),
+                 dict(params=vectors, algorithm="adamw")], lr=0.02, nesterov=nesterov, weight_decay=0.1, **common)
+        else:
+            opt = fused_opt.FusedMixedPrecisionMuSGD(
+                [dict(params=params[:8], use_muon=True), dict(params=params[8:], use_muon=True, lr=torch.tensor(0.01)),
+                 dict(params=vectors, weight_decay=0.0)], lr=0.02, momentum=0.9, nesterov=nesterov, weight_decay=5e-4,
+                **common)
         for step in range(5):
-            for p in params + [vector]:
+            for p in params + vectors:
                 p.grad = (torch.randn(p.shape, generator=gen) * 256).to(dtype)
             if step == 2:
                 params[3].grad.view(-1)[5] = math.inf
@@ -190,7 +197,7 @@ def test_stage_kernels_step_as_torch_ops(backend, dtype, nesterov, monkeypatch):
                 params[1].data.view(-1)[:4] = 0.5  # an edit no version counter sees
             opt.scale_loss(torch.zeros(()))
             opt.step()
-        return opt, params + [vector]
+        return opt, params + vectors
 
     ref, ref_params = run_on("torch")
     assert not calls
@@ -198,18 +205,22 @@ def test_stage_kernels_step_as_torch_ops(backend, dtype, nesterov, monkeypatch):
     if backend == "torch":
         assert not calls
         return
-    assert calls.count("momentum") == 5 * 5 and calls.count("apply") == 5 * 4  # a tensor-lr stack: momentum only
+    if kind == "muon":  # 4 stacks in the float-lr group, 1 with a tensor lr: momentum only
+        assert calls.count("momentum") == 5 * 5 and calls.count("apply") == 5 * 4
+    else:  # and the SGD-only group of vectors
+        assert calls.count("momentum") == 5 * 5 and calls.count("musgd_apply") == 5 * 5
     exact = backend == "native"
     for k, (p, q) in enumerate(zip(ref_params, params)):
         a, b = ref.state[p], opt.state[q]
+        assert a.keys() == b.keys()
         for key in a:
-            if exact or key == "step":
+            if exact:
                 assert torch.equal(a[key], b[key]), f"param {k} {key}"
             else:
                 scale = float(a[key].float().abs().max())
                 torch.testing.assert_close(b[key].float(), a[key].float(), rtol=0, atol=2e-3 * scale,
                                            msg=lambda m: f"param {k} {key}: {m}")
-        assert torch.equal(q.detach(), b["master_param"].to(dtype)) if "master_param" in b else True
+        assert torch.equal(q.detach(), b["master_param"].to(dtype))
     assert float(opt.loss_scale) == float(ref.loss_scale)
 
 

@@ -108,6 +108,22 @@ class NativeStages(_Stages):
         increment_version(params)  # the raw writes don't; autograd's in-place check must see them
 
 
+    def musgd_apply(self, w, update, scale, u, buf, params, found_inf, h) -> None:
+        update = None if update is None else update.contiguous()
+        self.module.musgd_apply(w.data_ptr(), 0 if update is None else update.data_ptr(), u.data_ptr(), buf.data_ptr(),
+                                self._table(params).data_ptr(), params[0].numel(), w.numel(), found_inf.data_ptr(),
+                                *_musgd_scalars(h, scale), _dtype_code(params[0].dtype), self._stream(w))
+        increment_version(params)
+
+
+def _musgd_scalars(h, scale: float) -> tuple:
+    """(muon_alpha, scale, weight_decay, momentum, nesterov, sgd_alpha) as the kernels take them:
+    FP32, as torch casts a Python scalar for a float tensor's op."""
+    sgd_lr = h.lr * h.sgd if h.use_muon else h.lr
+    return (_fp32(-(h.lr * h.muon)), _fp32(scale), _fp32(h.weight_decay), _fp32(h.momentum), h.nesterov,
+            _fp32(-sgd_lr))
+
+
 class TritonStages(_Stages):
     def momentum(self, u, buf, found_inf, mu, nesterov):
         from . import triton_kernels as k
@@ -126,4 +142,15 @@ class TritonStages(_Stages):
         k.muon_apply_kernel[(-(-per // TRITON_BLOCK), len(params))](
             w, update, self._table(params), per, found_inf, _fp32(decay), _fp32(alpha),
             PARAM_DTYPE=_tl_dtype(params[0].dtype), BLOCK=TRITON_BLOCK)
+        increment_version(params)
+
+    def musgd_apply(self, w, update, scale, u, buf, params, found_inf, h) -> None:
+        from . import triton_kernels as k
+        from .triton_backend import _tl_dtype
+        muon_alpha, scale, weight_decay, mu, nesterov, sgd_alpha = _musgd_scalars(h, scale)
+        per = params[0].numel()
+        k.musgd_apply_kernel[(-(-per // TRITON_BLOCK), len(params))](
+            w, w if update is None else update.contiguous(), u, buf, self._table(params), per, found_inf, muon_alpha,
+            scale, weight_decay, mu, sgd_alpha, PARAM_DTYPE=_tl_dtype(params[0].dtype), MUON=update is not None,
+            DECAY=weight_decay != 0.0, NESTEROV=nesterov, BLOCK=TRITON_BLOCK)
         increment_version(params)

@@ -614,3 +614,34 @@ def muon_apply_kernel(master_ptr, update_ptr, params_ptr, per, found_inf_ptr, de
     w = tl.fma(o, alpha, w * decay)
     tl.store(master, w, mask=mask)
     tl.store(param, _round_to(w, PARAM_DTYPE), mask=mask)
+
+
+@triton.jit
+def musgd_apply_kernel(master_ptr, update_ptr, u_ptr, buf_ptr, params_ptr, per, found_inf_ptr, muon_alpha, scale,
+                       weight_decay, mu, sgd_alpha, PARAM_DTYPE: tl.constexpr, MUON: tl.constexpr,
+                       DECAY: tl.constexpr, NESTEROV: tl.constexpr, BLOCK: tl.constexpr):
+    """MuSGD's weight step on member program_id(1) (csrc/muon_math.h musgd_apply): the Muon
+    part (MUON: their O * s in BF16, at muon_alpha), then SGD with momentum and L2 decay."""
+    member = tl.program_id(1).to(tl.int64)
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    applied = tl.load(found_inf_ptr).to(tl.int32) == 0
+    mask = (offsets < per) & applied
+    row = member * per + offsets
+    param = tl.load(params_ptr + member).to(tl.pointer_type(PARAM_DTYPE)) + offsets
+    w = _master_of(master_ptr + row, param, mask, PARAM_DTYPE, 0, True)
+    if MUON:
+        o = tl.load(update_ptr + row, mask=mask, other=0.0).to(tl.float32)
+        o = _round_to(o * scale, tl.bfloat16).to(tl.float32)
+        w = tl.fma(o, muon_alpha, w)
+    d = tl.load(u_ptr + row, mask=mask, other=0.0)
+    if DECAY:
+        d = tl.fma(w, weight_decay, d)
+    b = tl.load(buf_ptr + row, mask=mask, other=0.0) * mu + d
+    if NESTEROV:
+        step = tl.fma(b, mu, d)
+    else:
+        step = b
+    w = tl.fma(step, sgd_alpha, w)
+    tl.store(buf_ptr + row, b, mask=mask)
+    tl.store(master_ptr + row, w, mask=mask)
+    tl.store(param, _round_to(w, PARAM_DTYPE), mask=mask)
