@@ -103,9 +103,11 @@ void bind_step(pybind11::module_& m, Partials partials, Finalize finalize, Updat
 // Muon's elementwise stages on one stack (muon_math.h), launched by
 // fused_opt/backends/stack_kernels.py between the torch ops of the rest of its step. Addresses
 // as above; `found_inf` a bool in device memory; `params` an array of the members' param
-// addresses, in device memory too; param_dtype kFloat16 or kBFloat16.
-template <class Momentum, class Apply, class MuSGDApply>
-void bind_muon(pybind11::module_& m, Momentum momentum, Apply apply, MuSGDApply musgd_apply) {
+// addresses, in device memory too; param_dtype kFloat16 or kBFloat16 (FP32 masters), or
+// BF16 params with remainders (dispatch_stack_param).
+template <class Momentum, class Apply, class MuSGDApply, class Decode, class Encode>
+void bind_muon(pybind11::module_& m, Momentum momentum, Apply apply, MuSGDApply musgd_apply, Decode decode,
+               Encode encode) {
   m.def("muon_momentum", [momentum](int64_t u, int64_t buf, int64_t update, int64_t n, int64_t found_inf,
                                     float one_minus_mu, float mu, bool nesterov, int64_t stream) {
     momentum(reinterpret_cast<const float*>(u), reinterpret_cast<float*>(buf), reinterpret_cast<uint16_t*>(update),
@@ -113,10 +115,8 @@ void bind_muon(pybind11::module_& m, Momentum momentum, Apply apply, MuSGDApply 
   });
   m.def("muon_apply", [apply](int64_t master, int64_t update, int64_t params, int64_t per, int64_t n,
                               int64_t found_inf, float decay, float alpha, int param_dtype, int64_t stream) {
-    if (param_dtype != kFloat16 && param_dtype != kBFloat16) {
-      throw std::invalid_argument("fused_opt native: Muon's fused apply takes FP16 or BF16 params");
-    }
-    apply(reinterpret_cast<float*>(master), reinterpret_cast<const uint16_t*>(update),
+    dispatch_stack_param(param_dtype, [](auto) {});  // an unknown code raises before any write
+    apply(reinterpret_cast<void*>(master), reinterpret_cast<const uint16_t*>(update),
           reinterpret_cast<uint16_t* const*>(params), per, n, reinterpret_cast<const bool*>(found_inf), decay, alpha,
           param_dtype, stream);
   });
@@ -125,13 +125,24 @@ void bind_muon(pybind11::module_& m, Momentum momentum, Apply apply, MuSGDApply 
                                      int64_t per, int64_t n, int64_t found_inf, float muon_alpha, float scale,
                                      float weight_decay, float mu, bool nesterov, float sgd_alpha, int param_dtype,
                                      int64_t stream) {
-    if (param_dtype != kFloat16 && param_dtype != kBFloat16) {
-      throw std::invalid_argument("fused_opt native: MuSGD's fused apply takes FP16 or BF16 params");
-    }
-    musgd_apply(reinterpret_cast<float*>(master), reinterpret_cast<const uint16_t*>(update),
+    dispatch_stack_param(param_dtype, [](auto) {});
+    musgd_apply(reinterpret_cast<void*>(master), reinterpret_cast<const uint16_t*>(update),
                 reinterpret_cast<const float*>(u), reinterpret_cast<float*>(buf),
                 reinterpret_cast<uint16_t* const*>(params), per, n, reinterpret_cast<const bool*>(found_inf),
                 MuSGDArgs{muon_alpha, weight_decay, mu, sgd_alpha, scale}, nesterov, param_dtype, stream);
+  });
+  // int8 state of a stack of `rows` members of `per` elements (muon_math.h decode_stack_block):
+  // signed codes (int8) or unsigned (FP16 bits); `salts` int32, one per member or one in all.
+  m.def("state_decode", [decode](int64_t codes, int64_t scales, int64_t out, int64_t rows, int64_t per,
+                                 bool is_signed, int64_t stream) {
+    decode(reinterpret_cast<const void*>(codes), reinterpret_cast<const float*>(scales),
+           reinterpret_cast<float*>(out), rows, per, is_signed, stream);
+  });
+  m.def("state_encode", [encode](int64_t x, int64_t codes, int64_t scales, int64_t rows, int64_t per, bool is_signed,
+                                 int64_t salts, bool salt_per_row, int64_t found_inf, int64_t stream) {
+    encode(reinterpret_cast<const float*>(x), reinterpret_cast<void*>(codes), reinterpret_cast<float*>(scales), rows,
+           per, is_signed, reinterpret_cast<const int32_t*>(salts), salt_per_row,
+           reinterpret_cast<const bool*>(found_inf), stream);
   });
 }
 

@@ -171,6 +171,8 @@ struct MasterOf {
   typename P::storage* param;
   explicit FUSED_HD MasterOf(const TensorEntry& t)
       : master(reinterpret_cast<MasterStorage*>(t.master)), param(reinterpret_cast<typename P::storage*>(t.param)) {}
+  FUSED_HD MasterOf(void* master_column, void* param_storage)
+      : master(static_cast<MasterStorage*>(master_column)), param(static_cast<typename P::storage*>(param_storage)) {}
 
   // Element i's FP32 master: loaded (and re-taken from an edited param), or rebuilt from the
   // BF16 param and its remainder.

@@ -342,49 +342,75 @@ void parallel_range(int64_t n, Fn&& fn) {
 }
 
 void launch_muon_momentum(const float* u, float* buf, uint16_t* update, int64_t n, const bool* found_inf,
-                   const MuonMomentumArgs& k, int64_t) {
-  dispatch_flags([&](auto small_b, auto small_u, auto nesterov, auto write) {
+                          const MuonMomentumArgs& k, int64_t) {
+  with_flags([&](auto small_b, auto small_u, auto nesterov, auto write) {
     parallel_range(n, [&](int64_t b, int64_t e) {
       muon_momentum_range<small_b.value, small_u.value, nesterov.value, write.value>(u, buf, update, b, e, 1, k);
     });
   }, lerp_weight_small(k.one_minus_mu), lerp_weight_small(k.mu), k.nesterov, !*found_inf);
 }
 
-void launch_muon_apply(float* master, const uint16_t* update, uint16_t* const* params, int64_t per, int64_t n,
-                const bool* found_inf, float decay, float alpha, int param_dtype, int64_t) {
+// The elements [b, e) of a stack of members of `per` elements, member by member, so each inner
+// loop runs over one param's contiguous elements: fn(m, begin, end) in the member's indices.
+template <class Fn>
+void for_members(int64_t per, int64_t b, int64_t e, Fn&& fn) {
+  for (int64_t m = b / per; m * per < e; ++m) {
+    fn(m, std::max(b, m * per) - m * per, std::min(e, (m + 1) * per) - m * per);
+  }
+}
+
+void launch_muon_apply(void* masters, const uint16_t* update, uint16_t* const* params, int64_t per, int64_t n,
+                       const bool* found_inf, float decay, float alpha, int param_dtype, int64_t) {
   if (*found_inf) return;  // a skipped step writes nothing
-  dispatch_dtype(param_dtype, [&](auto p) {
+  dispatch_stack_param(param_dtype, [&](auto p) {
     using P = decltype(p);
-    if constexpr (!std::is_same_v<P, F32>) {
-      parallel_range(n, [&](int64_t b, int64_t e) {
-        // member by member, so the inner loop runs over one param's contiguous elements
-        for (int64_t m = b / per; m * per < e; ++m) {
-          const int64_t lo = std::max(b, m * per), hi = std::min(e, (m + 1) * per);
-          muon_apply_range<P>(master + m * per, update + m * per, params[m], lo - m * per, hi - m * per, 1, decay,
-                              alpha);
-        }
+    parallel_range(n, [&](int64_t b, int64_t e) {
+      for_members(per, b, e, [&](int64_t m, int64_t lo, int64_t hi) {
+        muon_apply_range<P>(member_of<P>(masters, params, per, m), update + m * per, lo, hi, 1, decay, alpha);
       });
+    });
+  });
+}
+
+void launch_musgd_apply(void* masters, const uint16_t* update, const float* u, float* buf, uint16_t* const* params,
+                        int64_t per, int64_t n, const bool* found_inf, const MuSGDArgs& k, bool nesterov,
+                        int param_dtype, int64_t) {
+  if (*found_inf) return;  // a skipped step writes nothing
+  dispatch_stack_param(param_dtype, [&](auto p) {
+    using P = decltype(p);
+    with_flags([&](auto muon, auto decay, auto nest) {
+      parallel_range(n, [&](int64_t b, int64_t e) {
+        for_members(per, b, e, [&](int64_t m, int64_t lo, int64_t hi) {
+          musgd_apply_range<P, muon.value, decay.value, nest.value>(
+              member_of<P>(masters, params, per, m), muon.value ? update + m * per : nullptr, u + m * per,
+              buf + m * per, lo, hi, 1, k);
+        });
+      });
+    }, update != nullptr, k.weight_decay != 0.0f, nesterov);
+  });
+}
+
+void launch_state_decode(const void* codes, const float* scales, float* out, int64_t rows, int64_t per,
+                         bool is_signed, int64_t) {
+  const int64_t blocks = rows * ((per + kStateBlock - 1) / kStateBlock);
+  parallel_range(blocks * kStateBlock, [&](int64_t b, int64_t e) {
+    for (int64_t j = b / kStateBlock; j < e / kStateBlock; ++j) {
+      if (is_signed) decode_stack_block<SignedCodes>(codes, scales, out, per, j);
+      else decode_stack_block<UnsignedCodes>(codes, scales, out, per, j);
     }
   });
 }
 
-void launch_musgd_apply(float* master, const uint16_t* update, const float* u, float* buf, uint16_t* const* params,
-                        int64_t per, int64_t n, const bool* found_inf, const MuSGDArgs& k, bool nesterov,
-                        int param_dtype, int64_t) {
-  if (*found_inf) return;  // a skipped step writes nothing
-  dispatch_dtype(param_dtype, [&](auto p) {
-    using P = decltype(p);
-    if constexpr (!std::is_same_v<P, F32>) {
-      dispatch_flags([&](auto muon, auto decay, auto nest) {
-        parallel_range(n, [&](int64_t b, int64_t e) {
-          for (int64_t m = b / per; m * per < e; ++m) {
-            const int64_t lo = std::max(b, m * per) - m * per, hi = std::min(e, (m + 1) * per) - m * per;
-            musgd_apply_range<P, muon.value, decay.value, nest.value>(
-                master + m * per, muon.value ? update + m * per : nullptr, u + m * per, buf + m * per, params[m],
-                lo, hi, 1, k);
-          }
-        });
-      }, update != nullptr, k.weight_decay != 0.0f, nesterov);
+// Writes nothing on a skipped step; `salts` one int32 per member, or one for all (salt_per_row).
+void launch_state_encode(const float* x, void* codes, float* scales, int64_t rows, int64_t per, bool is_signed,
+                         const int32_t* salts, bool salt_per_row, const bool* found_inf, int64_t) {
+  if (*found_inf) return;
+  const int64_t blocks_per = (per + kStateBlock - 1) / kStateBlock;
+  parallel_range(rows * blocks_per * kStateBlock, [&](int64_t b, int64_t e) {
+    for (int64_t j = b / kStateBlock; j < e / kStateBlock; ++j) {
+      const uint32_t salt = uint32_t(salts[salt_per_row ? j / blocks_per : 0]);
+      if (is_signed) encode_stack_block<SignedCodes>(x, codes, scales, per, j, salt);
+      else encode_stack_block<UnsignedCodes>(x, codes, scales, per, j, salt);
     }
   });
 }
@@ -407,7 +433,8 @@ PYBIND11_MODULE(FUSED_OPT_CPU_MODULE, m) {
   m.doc() = "fused_opt C++ CPU kernels";
   m.attr("CPU_PATH") = FUSED_OPT_CPU_PATH;
   fused_opt::bind_step(m, fused_opt::partials, fused_opt::finalize_step, fused_opt::update);
-  fused_opt::bind_muon(m, fused_opt::launch_muon_momentum, fused_opt::launch_muon_apply, fused_opt::launch_musgd_apply);
+  fused_opt::bind_muon(m, fused_opt::launch_muon_momentum, fused_opt::launch_muon_apply, fused_opt::launch_musgd_apply,
+                       fused_opt::launch_state_decode, fused_opt::launch_state_encode);
   // The pool's thread limit, which native_backend.py keeps at torch.get_num_threads().
   m.def("set_num_threads", [](int64_t n) { fused_opt::ThreadPool::thread_limit() = std::max<int64_t>(1, n); });
   m.def("num_threads", [] { return fused_opt::ThreadPool::max_threads(); });

@@ -278,8 +278,8 @@ void update(const UpdateArgs& a, int64_t stream) {
   }
 }
 
-// Muon's stages on one stack (muon_math.h): a grid-stride loop; apply with one row of blocks
-// per member (blockIdx.y), so each block streams one param's contiguous elements.
+// Muon's stages on one stack (muon_math.h): a grid-stride loop; the weight steps with one row
+// of blocks per member (blockIdx.y), so each block streams one param's contiguous elements.
 constexpr int kStackThreads = 256;
 constexpr int64_t kStackBlocks = 1024;  // per member at most: enough to fill any GPU with loads in flight
 
@@ -295,60 +295,105 @@ __global__ void muon_momentum_kernel(const float* u, float* buf, uint16_t* updat
 }
 
 template <class P>
-__global__ void muon_apply_kernel(float* master, const uint16_t* update, uint16_t* const* params, int64_t per,
+__global__ void muon_apply_kernel(void* masters, const uint16_t* update, uint16_t* const* params, int64_t per,
                                   const bool* found_inf, float decay, float alpha) {
   if (*found_inf) return;  // a skipped step writes nothing
   const int64_t m = blockIdx.y, stride = int64_t(gridDim.x) * blockDim.x;
-  muon_apply_range<P>(master + m * per, update + m * per, params[m], int64_t(blockIdx.x) * blockDim.x + threadIdx.x,
-                      per, stride, decay, alpha);
+  muon_apply_range<P>(member_of<P>(masters, params, per, m), update + m * per,
+                      int64_t(blockIdx.x) * blockDim.x + threadIdx.x, per, stride, decay, alpha);
+}
+
+template <class P, bool kMuon, bool kDecay, bool kNesterov>
+__global__ void musgd_apply_kernel(void* masters, const uint16_t* update, const float* u, float* buf,
+                                   uint16_t* const* params, int64_t per, const bool* found_inf, MuSGDArgs k) {
+  if (*found_inf) return;  // a skipped step writes nothing
+  const int64_t m = blockIdx.y, stride = int64_t(gridDim.x) * blockDim.x;
+  musgd_apply_range<P, kMuon, kDecay, kNesterov>(member_of<P>(masters, params, per, m),
+                                                 kMuon ? update + m * per : nullptr, u + m * per, buf + m * per,
+                                                 int64_t(blockIdx.x) * blockDim.x + threadIdx.x, per, stride, k);
 }
 
 unsigned stack_blocks(int64_t n) { return unsigned(std::min<int64_t>((n + kStackThreads - 1) / kStackThreads, kStackBlocks)); }
 
 void launch_muon_momentum(const float* u, float* buf, uint16_t* update, int64_t n, const bool* found_inf,
-                   const MuonMomentumArgs& k, int64_t stream) {
+                          const MuonMomentumArgs& k, int64_t stream) {
   if (n == 0) return;
-  dispatch_flags([&](auto small_b, auto small_u, auto nesterov) {
+  with_flags([&](auto small_b, auto small_u, auto nesterov) {
     muon_momentum_kernel<small_b.value, small_u.value, nesterov.value>
         <<<stack_blocks(n), kStackThreads, 0, cudaStream_t(stream)>>>(u, buf, update, n, found_inf, k);
   }, lerp_weight_small(k.one_minus_mu), lerp_weight_small(k.mu), k.nesterov);
   check(cudaGetLastError(), "Muon momentum launch");
 }
 
-void launch_muon_apply(float* master, const uint16_t* update, uint16_t* const* params, int64_t per, int64_t n,
-                const bool* found_inf, float decay, float alpha, int param_dtype, int64_t stream) {
+void launch_muon_apply(void* masters, const uint16_t* update, uint16_t* const* params, int64_t per, int64_t n,
+                       const bool* found_inf, float decay, float alpha, int param_dtype, int64_t stream) {
   if (n == 0) return;
   const dim3 grid(stack_blocks(per), unsigned(n / per));
-  const auto s = cudaStream_t(stream);
-  if (param_dtype == kFloat16) {
-    muon_apply_kernel<F16><<<grid, kStackThreads, 0, s>>>(master, update, params, per, found_inf, decay, alpha);
-  } else {
-    muon_apply_kernel<BF16><<<grid, kStackThreads, 0, s>>>(master, update, params, per, found_inf, decay, alpha);
-  }
+  dispatch_stack_param(param_dtype, [&](auto p) {
+    muon_apply_kernel<decltype(p)><<<grid, kStackThreads, 0, cudaStream_t(stream)>>>(masters, update, params, per,
+                                                                                     found_inf, decay, alpha);
+  });
   check(cudaGetLastError(), "Muon apply launch");
 }
 
-template <class P, bool kMuon, bool kDecay, bool kNesterov>
-__global__ void musgd_apply_kernel(float* master, const uint16_t* update, const float* u, float* buf,
-                                   uint16_t* const* params, int64_t per, const bool* found_inf, MuSGDArgs k) {
-  if (*found_inf) return;  // a skipped step writes nothing
-  const int64_t m = blockIdx.y, stride = int64_t(gridDim.x) * blockDim.x;
-  musgd_apply_range<P, kMuon, kDecay, kNesterov>(master + m * per, kMuon ? update + m * per : nullptr, u + m * per,
-                                                 buf + m * per, params[m],
-                                                 int64_t(blockIdx.x) * blockDim.x + threadIdx.x, per, stride, k);
-}
-
-void launch_musgd_apply(float* master, const uint16_t* update, const float* u, float* buf, uint16_t* const* params,
+void launch_musgd_apply(void* masters, const uint16_t* update, const float* u, float* buf, uint16_t* const* params,
                         int64_t per, int64_t n, const bool* found_inf, const MuSGDArgs& k, bool nesterov,
                         int param_dtype, int64_t stream) {
   if (n == 0) return;
   const dim3 grid(stack_blocks(per), unsigned(n / per));
-  dispatch_flags([&](auto half, auto muon, auto decay, auto nest) {
-    using P = std::conditional_t<decltype(half)::value, F16, BF16>;
-    musgd_apply_kernel<P, muon.value, decay.value, nest.value><<<grid, kStackThreads, 0, cudaStream_t(stream)>>>(
-        master, update, u, buf, params, per, found_inf, k);
-  }, param_dtype == kFloat16, update != nullptr, k.weight_decay != 0.0f, nesterov);
+  dispatch_stack_param(param_dtype, [&](auto p) {
+    with_flags([&](auto muon, auto decay, auto nest) {
+      musgd_apply_kernel<decltype(p), muon.value, decay.value, nest.value>
+          <<<grid, kStackThreads, 0, cudaStream_t(stream)>>>(masters, update, u, buf, params, per, found_inf, k);
+    }, update != nullptr, k.weight_decay != 0.0f, nesterov);
+  });
   check(cudaGetLastError(), "MuSGD apply launch");
+}
+
+// One thread per state block (its scale is a reduction over the block's 32 elements).
+template <class Codes>
+__global__ void state_decode_kernel(const void* codes, const float* scales, float* out, int64_t per, int64_t blocks) {
+  for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < blocks; j += int64_t(gridDim.x) * blockDim.x) {
+    decode_stack_block<Codes>(codes, scales, out, per, j);
+  }
+}
+
+template <class Codes>
+__global__ void state_encode_kernel(const float* x, void* codes, float* scales, int64_t per, int64_t blocks,
+                                    const int32_t* salts, bool salt_per_row, const bool* found_inf) {
+  if (*found_inf) return;  // a skipped step writes nothing
+  const int64_t blocks_per = (per + kStateBlock - 1) / kStateBlock;
+  for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < blocks; j += int64_t(gridDim.x) * blockDim.x) {
+    encode_stack_block<Codes>(x, codes, scales, per, j, uint32_t(salts[salt_per_row ? j / blocks_per : 0]));
+  }
+}
+
+void launch_state_decode(const void* codes, const float* scales, float* out, int64_t rows, int64_t per,
+                         bool is_signed, int64_t stream) {
+  const int64_t blocks = rows * ((per + kStateBlock - 1) / kStateBlock);
+  if (blocks == 0) return;
+  const auto s = cudaStream_t(stream);
+  if (is_signed) {
+    state_decode_kernel<SignedCodes><<<stack_blocks(blocks), kStackThreads, 0, s>>>(codes, scales, out, per, blocks);
+  } else {
+    state_decode_kernel<UnsignedCodes><<<stack_blocks(blocks), kStackThreads, 0, s>>>(codes, scales, out, per, blocks);
+  }
+  check(cudaGetLastError(), "state decode launch");
+}
+
+void launch_state_encode(const float* x, void* codes, float* scales, int64_t rows, int64_t per, bool is_signed,
+                         const int32_t* salts, bool salt_per_row, const bool* found_inf, int64_t stream) {
+  const int64_t blocks = rows * ((per + kStateBlock - 1) / kStateBlock);
+  if (blocks == 0) return;
+  const auto s = cudaStream_t(stream);
+  if (is_signed) {
+    state_encode_kernel<SignedCodes><<<stack_blocks(blocks), kStackThreads, 0, s>>>(
+        x, codes, scales, per, blocks, salts, salt_per_row, found_inf);
+  } else {
+    state_encode_kernel<UnsignedCodes><<<stack_blocks(blocks), kStackThreads, 0, s>>>(
+        x, codes, scales, per, blocks, salts, salt_per_row, found_inf);
+  }
+  check(cudaGetLastError(), "state encode launch");
 }
 
 }  // namespace
@@ -361,7 +406,8 @@ void launch_musgd_apply(float* master, const uint16_t* update, const float* u, f
 PYBIND11_MODULE(_native_cuda, m) {
   m.doc() = "fused_opt CUDA kernels";
   fused_opt::bind_step(m, fused_opt::partials, fused_opt::finalize_step, fused_opt::update);
-  fused_opt::bind_muon(m, fused_opt::launch_muon_momentum, fused_opt::launch_muon_apply, fused_opt::launch_musgd_apply);
+  fused_opt::bind_muon(m, fused_opt::launch_muon_momentum, fused_opt::launch_muon_apply, fused_opt::launch_musgd_apply,
+                       fused_opt::launch_state_decode, fused_opt::launch_state_encode);
   m.attr("CUDA_VERSION") = CUDART_VERSION;          // e.g. 13000
   m.attr("ARCH_LIST") = FUSED_OPT_ARCHS;            // TORCH_CUDA_ARCH_LIST it was built with
 }

@@ -14,8 +14,9 @@
 // memory the host never reads) writes nothing.
 #pragma once
 #include <cmath>
+#include <stdexcept>
 #include <type_traits>
-#include "sgd_math.h"
+#include "chunks.h"
 
 namespace fused_opt {
 
@@ -49,17 +50,15 @@ FUSED_HD float muon_momentum(float u, float& b, const MuonMomentumArgs& k) {
 FUSED_HD float muon_apply(float w, float o, float decay, float alpha) { return fmaf(alpha, o, w * decay); }
 
 // The stages over elements [begin, end), stride apart (1 on the CPU, the grid on the GPU):
-// apply over one member of the stack (`master` and `update` at its row; `param` the member's
-// own storage: a stack's params are the user's tensors, never copied), momentum over the
-// whole stack. A param edited outside the optimizer is re-taken first (retake_if_edited,
-// sgd_math.h), as every other step does.
+// apply over one member of the stack (`m`: its master column, FP32 or a BF16 param's
+// remainders, and its own param storage: a stack's params are the user's tensors, never
+// copied; `update` at its row), momentum over the whole stack. A param edited outside the
+// optimizer is re-taken first (MasterOf::load), as every other step does.
 template <class P>
-FUSED_HD void muon_apply_range(float* master, const uint16_t* update, typename P::storage* param, int64_t begin,
-                               int64_t end, int64_t stride, float decay, float alpha) {
+FUSED_HD void muon_apply_range(const MasterOf<P>& m, const uint16_t* update, int64_t begin, int64_t end,
+                               int64_t stride, float decay, float alpha) {
   for (int64_t i = begin; i < end; i += stride) {
-    const float w = muon_apply(retake_if_edited<P>(param[i], master[i]), BF16::load(update[i]), decay, alpha);
-    master[i] = w;
-    param[i] = P::store(w);
+    m.store(i, muon_apply(m.load(i, true), BF16::load(update[i]), decay, alpha), true);
   }
 }
 
@@ -80,11 +79,11 @@ FUSED_HD void muon_momentum_range(const float* u, float* buf, uint16_t* update, 
 // stack's constants as template arguments (GCC keeps a select on a loop-invariant flag as a
 // branch, which stops vectorization).
 template <class Fn>
-void dispatch_flags(Fn&& fn) { fn(); }
+void with_flags(Fn&& fn) { fn(); }
 template <class Fn, class... Flags>
-void dispatch_flags(Fn&& fn, bool first, Flags... rest) {
+void with_flags(Fn&& fn, bool first, Flags... rest) {
   auto bound = [&](auto value) {
-    dispatch_flags([&](auto... others) { fn(value, others...); }, rest...);
+    with_flags([&](auto... others) { fn(value, others...); }, rest...);
   };
   if (first) bound(std::true_type{}); else bound(std::false_type{});
 }
@@ -109,21 +108,63 @@ FUSED_HD float musgd_apply(float w, float o, float u, float& b, const MuSGDArgs&
   return fmaf(k.sgd_alpha, kNesterov ? fmaf(k.mu, nb, d) : nb, w1);
 }
 
-// Over one member of a stack ([begin, end), stride apart): `update` null outside use_muon
-// groups; the param re-taken where edited, as in muon_apply_range.
+// Over one member of a stack ([begin, end), stride apart), as muon_apply_range: `update` null
+// outside use_muon groups.
 template <class P, bool kMuon, bool kDecay, bool kNesterov>
-FUSED_HD void musgd_apply_range(float* master, const uint16_t* update, const float* u, float* buf,
-                                typename P::storage* param, int64_t begin, int64_t end, int64_t stride,
-                                const MuSGDArgs& k) {
+FUSED_HD void musgd_apply_range(const MasterOf<P>& m, const uint16_t* update, const float* u, float* buf,
+                                int64_t begin, int64_t end, int64_t stride, const MuSGDArgs& k) {
   for (int64_t i = begin; i < end; i += stride) {
     float o = 0.0f;
     if (kMuon) o = BF16::load(BF16::store(BF16::load(update[i]) * k.scale));  // their O * s, in BF16
     float b = buf[i];
-    const float w = musgd_apply<kMuon, kDecay, kNesterov>(retake_if_edited<P>(param[i], master[i]), o, u[i], b, k);
+    const float w = musgd_apply<kMuon, kDecay, kNesterov>(m.load(i, true), o, u[i], b, k);
     buf[i] = b;
-    master[i] = w;
-    param[i] = P::store(w);
+    m.store(i, w, true);
   }
+}
+
+// Calls fn(P{}) for a stack's param storage: kFloat16, kBFloat16 (FP32 masters), or BF16
+// params with int16 / int8 remainders (kBFloat16Remainder, kBFloat16Remainder8).
+template <class Fn>
+void dispatch_stack_param(int code, Fn&& fn) {
+  switch (code) {
+    case kFloat16: fn(F16{}); break;
+    case kBFloat16: fn(BF16{}); break;
+    case 3: fn(BF16Remainder{}); break;
+    case 4: fn(BF16Remainder8{}); break;
+    default: throw std::invalid_argument("fused_opt native: Muon's stages take FP16 or BF16 params");
+  }
+}
+
+// Member m's master column of a stack whose columns are rows of `per` elements.
+template <class P>
+FUSED_HD MasterOf<P> member_of(void* masters, uint16_t* const* params, int64_t per, int64_t m) {
+  using M = typename MasterOf<P>::MasterStorage;
+  return MasterOf<P>(static_cast<M*>(masters) + m * per, params[m]);
+}
+
+// int8 state of a stack (state_precision="int8"), decoded to FP32 before its stages and encoded
+// after, one state block (kStateBlock elements, state_math.h) at a time: block j of the stack
+// is block j % blocks_per of member j / blocks_per, whose blocks, element indices (the
+// dither's) and scales start at its own first element, as for the tensor alone. `salt`: the
+// member's (AdamW's count) or the stack's (Muon's applied steps).
+template <class Codes>
+FUSED_HD void decode_stack_block(const void* codes, const float* scales, float* out, int64_t per, int64_t j) {
+  const int64_t blocks_per = (per + kStateBlock - 1) / kStateBlock, m = j / blocks_per;
+  const int64_t at = (j % blocks_per) * kStateBlock;
+  const int n = int(per - at < kStateBlock ? per - at : kStateBlock);
+  const auto* member = static_cast<const typename Codes::storage*>(codes) + m * per;
+  decode_block<kStateInt8, Codes>(member, scales + m * blocks_per, at, n, out + m * per + at);
+}
+
+template <class Codes>
+FUSED_HD void encode_stack_block(const float* x, void* codes, float* scales, int64_t per, int64_t j,
+                                 uint32_t salt) {
+  const int64_t blocks_per = (per + kStateBlock - 1) / kStateBlock, m = j / blocks_per;
+  const int64_t at = (j % blocks_per) * kStateBlock;
+  const int n = int(per - at < kStateBlock ? per - at : kStateBlock);
+  auto* member = static_cast<typename Codes::storage*>(codes) + m * per;
+  encode_block<kStateInt8, Codes>(member, scales + m * blocks_per, at, n, x + m * per + at, salt);
 }
 
 }  // namespace fused_opt

@@ -19,8 +19,10 @@ from __future__ import annotations
 import torch
 
 from . import torch_backend
-from .multi_tensor import increment_version
-from ..update_rules import _fp32
+from .multi_tensor import MASTER_KINDS, increment_version
+from .. import state_precision
+from ..state_precision import INT8_CODE
+from ..update_rules import _fp32, commit
 
 TRITON_BLOCK = 1024
 
@@ -49,8 +51,12 @@ def for_backend(name: str, device: torch.device):
     return None
 
 
-def _dtype_code(dtype: torch.dtype) -> int:
-    return {torch.float16: 1, torch.bfloat16: 2}[dtype]  # csrc/dispatch.h
+def _param_code(w: torch.Tensor, params: list) -> int:
+    """csrc/muon_math.h dispatch_stack_param: FP16 / BF16 params with FP32 masters, or BF16
+    params with int16 / int8 remainders (csrc/dispatch.h)."""
+    if w.dtype == torch.float32:
+        return {torch.float16: 1, torch.bfloat16: 2}[params[0].dtype]
+    return {torch.int16: 3, torch.int8: 4}[w.dtype]
 
 
 class _Stages:
@@ -63,10 +69,12 @@ class _Stages:
 
     def can_apply(self, w: torch.Tensor, params: list, lr) -> bool:
         """Whether `apply` takes this stack: FP32 master rows beside contiguous FP16/BF16
-        params, a float lr (a tensor lr stays on torch ops, which read it on the device)."""
-        return (not isinstance(lr, torch.Tensor) and w.dtype == torch.float32 and w.is_contiguous()
-                and all(p.dtype in (torch.float16, torch.bfloat16) and p.dtype == params[0].dtype
-                        and p.is_contiguous() for p in params))
+        params, or remainder rows beside BF16 params; a float lr (a tensor lr stays on torch
+        ops, which read it on the device)."""
+        dtypes = (torch.float16, torch.bfloat16) if w.dtype == torch.float32 else (
+            (torch.bfloat16,) if w.dtype in (torch.int16, torch.int8) else ())
+        return (not isinstance(lr, torch.Tensor) and w.is_contiguous()
+                and all(p.dtype in dtypes and p.dtype == params[0].dtype and p.is_contiguous() for p in params))
 
     def _table(self, params: list) -> torch.Tensor:
         """The members' param addresses, on their device (kept while they stay where they are)."""
@@ -104,15 +112,49 @@ class NativeStages(_Stages):
         update = update.contiguous()  # a tall matrix's comes back transposed (newton_schulz.py)
         self.module.muon_apply(w.data_ptr(), update.data_ptr(), self._table(params).data_ptr(), params[0].numel(),
                                w.numel(), found_inf.data_ptr(), _fp32(decay), _fp32(alpha),
-                               _dtype_code(params[0].dtype), self._stream(w))
+                               _param_code(w, params), self._stream(w))
         increment_version(params)  # the raw writes don't; autograd's in-place check must see them
 
+
+    def codec_for(self, precision):
+        """Kernels for int8 state's decode and encode of a stack, or None (torch ops)."""
+        return self if precision.code == INT8_CODE else None
+
+    def decode(self, codes: torch.Tensor, scales: torch.Tensor, rows: int) -> torch.Tensor:
+        if not codes.is_contiguous():
+            return state_precision.decode(codes, scales, rows)
+        out = torch.empty_like(codes, dtype=torch.float32)
+        self.module.state_decode(codes.data_ptr(), scales.data_ptr(), out.data_ptr(), rows, codes.numel() // rows,
+                                 codes.dtype == torch.int8, self._stream(codes))
+        return out
+
+    def encode_into(self, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, signed: bool, salt, rows: int,
+                    found_inf: torch.Tensor) -> None:
+        """x encoded into the codes and scales, each member as alone; nothing on a skipped step."""
+        if not (codes.is_contiguous() and x.is_contiguous()):
+            new_codes, new_scales = state_precision.encode(x, signed, salt, rows)
+            commit(codes, new_codes, found_inf)
+            commit(scales, new_scales, found_inf)
+            return
+        salts = self._salts(salt, x.device)
+        self.module.state_encode(x.data_ptr(), codes.data_ptr(), scales.data_ptr(), rows, codes.numel() // rows,
+                                 signed, salts.data_ptr(), salts.numel() > 1, found_inf.data_ptr(),
+                                 self._stream(x))
+
+    def _salts(self, salt, device) -> torch.Tensor:
+        """The dither's salt as int32 (state_precision.dithered_salt: a count, or 0)."""
+        if isinstance(salt, torch.Tensor):
+            return salt.reshape(-1).to(torch.int32)
+        key = ("salt", int(salt), device)
+        if key not in self._tables:
+            self._tables[key] = torch.tensor([int(salt)], dtype=torch.int32, device=device)
+        return self._tables[key]
 
     def musgd_apply(self, w, update, scale, u, buf, params, found_inf, h) -> None:
         update = None if update is None else update.contiguous()
         self.module.musgd_apply(w.data_ptr(), 0 if update is None else update.data_ptr(), u.data_ptr(), buf.data_ptr(),
                                 self._table(params).data_ptr(), params[0].numel(), w.numel(), found_inf.data_ptr(),
-                                *_musgd_scalars(h, scale), _dtype_code(params[0].dtype), self._stream(w))
+                                *_musgd_scalars(h, scale), _param_code(w, params), self._stream(w))
         increment_version(params)
 
 
@@ -125,6 +167,9 @@ def _musgd_scalars(h, scale: float) -> tuple:
 
 
 class TritonStages(_Stages):
+    def codec_for(self, precision):
+        return None  # int8 state through torch ops
+
     def momentum(self, u, buf, found_inf, mu, nesterov):
         from . import triton_kernels as k
         update = torch.empty_like(u, dtype=torch.bfloat16)
@@ -141,7 +186,7 @@ class TritonStages(_Stages):
         per = params[0].numel()
         k.muon_apply_kernel[(-(-per // TRITON_BLOCK), len(params))](
             w, update, self._table(params), per, found_inf, _fp32(decay), _fp32(alpha),
-            PARAM_DTYPE=_tl_dtype(params[0].dtype), BLOCK=TRITON_BLOCK)
+            PARAM_DTYPE=_tl_dtype(params[0].dtype), MASTER_KIND=MASTER_KINDS[w.dtype], BLOCK=TRITON_BLOCK)
         increment_version(params)
 
     def musgd_apply(self, w, update, scale, u, buf, params, found_inf, h) -> None:
@@ -151,6 +196,7 @@ class TritonStages(_Stages):
         per = params[0].numel()
         k.musgd_apply_kernel[(-(-per // TRITON_BLOCK), len(params))](
             w, w if update is None else update.contiguous(), u, buf, self._table(params), per, found_inf, muon_alpha,
-            scale, weight_decay, mu, sgd_alpha, PARAM_DTYPE=_tl_dtype(params[0].dtype), MUON=update is not None,
+            scale, weight_decay, mu, sgd_alpha, PARAM_DTYPE=_tl_dtype(params[0].dtype),
+            MASTER_KIND=MASTER_KINDS[w.dtype], MUON=update is not None,
             DECAY=weight_decay != 0.0, NESTEROV=nesterov, BLOCK=TRITON_BLOCK)
         increment_version(params)

@@ -160,8 +160,9 @@ def _stack_plan(batch: StepBatch) -> tuple:
 
 
 def _applies_in_kernel(batch: StepBatch, members: list, stages, views: dict) -> bool:
-    """Whether a stack's weight step is the stages' apply kernel: FP32 masters as rows of one
-    tensor (not remainders), no EMA, a group the rule says it can take (its lr a float)."""
+    """Whether a stack's weight step is the stages' apply kernel: masters (FP32, or a BF16
+    param's remainders) as rows of one tensor, no EMA, a group the rule says it can take (its
+    lr a float)."""
     if stages is None or batch.emas is not None:
         return False
     first = members[0]
@@ -172,7 +173,7 @@ def _applies_in_kernel(batch: StepBatch, members: list, stages, views: dict) -> 
     if key not in views:  # what does not change while the layout stays
         master = batch.masters[first]
         rows = buckets.rows_of_one([batch.masters[i] for i in members]) if len(members) > 1 else master.unsqueeze(0)
-        views[key] = (rows is not None and not is_remainder(master) and master is not batch.params[first]
+        views[key] = (rows is not None and master is not batch.params[first]
                       and stages.can_apply(rows, [batch.params[i] for i in members], h.lr))
     return views[key]
 
@@ -191,8 +192,10 @@ def _update(batch: StepBatch, unscaled: list, applied_steps, found_inf, ema_weig
     else:
         masters = [_master(batch, i, found_inf) for i in range(len(unscaled))]  # (FP32 master, remainder or None)
     # The rule steps FP32 values: state kept in BF16 or int8 is decoded first and encoded
-    # after (state_precision.py), where the step is applied.
-    bufs = [[precision.decode(b, s, rows or 1) for b, s in zip(stored, scales or [None] * len(stored))]
+    # after (state_precision.py; int8 stacks by the stages' kernels where they have them),
+    # where the step is applied.
+    codec = stages.codec_for(precision) if stages is not None and stacked else None
+    bufs = [[(codec or precision).decode(b, s, rows or 1) for b, s in zip(stored, scales or [None] * len(stored))]
             for stored, scales in zip(batch.buffers, batch.scales or [None] * len(unscaled))]
     ws = [w for w, _ in masters]
     bounded = precision.code == INT8_CODE
@@ -204,7 +207,7 @@ def _update(batch: StepBatch, unscaled: list, applied_steps, found_inf, ema_weig
                   for w, d, b, count, h in zip(ws, unscaled, bufs, batch.counts, hypers)]
     for i, (w, remainder) in enumerate(masters):
         if precision.code != 0:
-            _encode(batch, i, hypers[i], bufs[i], applied_steps, found_inf, rows or 1)
+            _encode(batch, i, hypers[i], bufs[i], applied_steps, found_inf, rows or 1, codec)
         if new_ws[i] is not None:  # None: stored by the apply kernel
             _store(batch, i, w, remainder, new_ws[i], found_inf)
         if ema_weight is not None:  # 6. the EMA of the master, on applied steps: e + a * (w - e)
@@ -227,9 +230,10 @@ def _master(batch: StepBatch, i: int, found_inf: torch.Tensor):
     return w, None
 
 
-def _encode(batch: StepBatch, i: int, h, bufs: list, applied_steps, found_inf, rows: int = 1) -> None:
+def _encode(batch: StepBatch, i: int, h, bufs: list, applied_steps, found_inf, rows: int = 1, codec=None) -> None:
     """State kept in BF16 or int8: param i's new FP32 state values encoded where the step is
-    applied (`rows`: a stack of that many params, each encoded as alone)."""
+    applied (`rows`: a stack of that many params, each encoded as alone; `codec`: kernels
+    that encode in place, stack_kernels.py)."""
     precision, stored = batch.state_precision, batch.buffers[i]
     scales = batch.scales[i] if batch.scales is not None else None
     # the dither's salt (state_precision.dithered_salt): AdamW's t, else the applied-step count
@@ -238,7 +242,11 @@ def _encode(batch: StepBatch, i: int, h, bufs: list, applied_steps, found_inf, r
     else:  # a tensor momentum is compared on the device
         salt = torch.where(torch.as_tensor(h.momentum) > DITHER_ABOVE, applied_steps, 0)
     for k, (b, x) in enumerate(zip(stored, bufs)):
-        codes, scale = precision.encode(x, h.buffers[k] not in batch.rule.unsigned_buffers, salt, rows)
+        signed = h.buffers[k] not in batch.rule.unsigned_buffers
+        if codec is not None:
+            codec.encode_into(x, b, scales[k], signed, salt, rows, found_inf)
+            continue
+        codes, scale = precision.encode(x, signed, salt, rows)
         commit(b, codes, found_inf)
         if scale is not None:
             commit(scales[k], scale, found_inf)

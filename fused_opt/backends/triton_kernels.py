@@ -600,7 +600,7 @@ def muon_momentum_kernel(u_ptr, buf_ptr, update_ptr, n, found_inf_ptr, one_minus
 
 @triton.jit
 def muon_apply_kernel(master_ptr, update_ptr, params_ptr, per, found_inf_ptr, decay, alpha,
-                      PARAM_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+                      PARAM_DTYPE: tl.constexpr, MASTER_KIND: tl.constexpr, BLOCK: tl.constexpr):
     """Member program_id(1) of the stack: w <- (w * decay) + alpha * O, its param written; a
     skipped step writes nothing. The param re-taken first where edited (_master_of)."""
     member = tl.program_id(1).to(tl.int64)
@@ -609,16 +609,16 @@ def muon_apply_kernel(master_ptr, update_ptr, params_ptr, per, found_inf_ptr, de
     mask = (offsets < per) & applied
     param = tl.load(params_ptr + member).to(tl.pointer_type(PARAM_DTYPE)) + offsets
     master = master_ptr + member * per + offsets
-    w = _master_of(master, param, mask, PARAM_DTYPE, 0, True)
+    w = _master_of(master, param, mask, PARAM_DTYPE, MASTER_KIND, True)
     o = tl.load(update_ptr + member * per + offsets, mask=mask, other=0.0).to(tl.float32)
     w = tl.fma(o, alpha, w * decay)
-    tl.store(master, w, mask=mask)
-    tl.store(param, _round_to(w, PARAM_DTYPE), mask=mask)
+    _store_master(w, master, param, master, 0.0, 0, mask, PARAM_DTYPE, MASTER_KIND, tl.float32)
 
 
 @triton.jit
 def musgd_apply_kernel(master_ptr, update_ptr, u_ptr, buf_ptr, params_ptr, per, found_inf_ptr, muon_alpha, scale,
-                       weight_decay, mu, sgd_alpha, PARAM_DTYPE: tl.constexpr, MUON: tl.constexpr,
+                       weight_decay, mu, sgd_alpha, PARAM_DTYPE: tl.constexpr, MASTER_KIND: tl.constexpr,
+                       MUON: tl.constexpr,
                        DECAY: tl.constexpr, NESTEROV: tl.constexpr, BLOCK: tl.constexpr):
     """MuSGD's weight step on member program_id(1) (csrc/muon_math.h musgd_apply): the Muon
     part (MUON: their O * s in BF16, at muon_alpha), then SGD with momentum and L2 decay."""
@@ -628,7 +628,8 @@ def musgd_apply_kernel(master_ptr, update_ptr, u_ptr, buf_ptr, params_ptr, per, 
     mask = (offsets < per) & applied
     row = member * per + offsets
     param = tl.load(params_ptr + member).to(tl.pointer_type(PARAM_DTYPE)) + offsets
-    w = _master_of(master_ptr + row, param, mask, PARAM_DTYPE, 0, True)
+    master = master_ptr + row
+    w = _master_of(master, param, mask, PARAM_DTYPE, MASTER_KIND, True)
     if MUON:
         o = tl.load(update_ptr + row, mask=mask, other=0.0).to(tl.float32)
         o = _round_to(o * scale, tl.bfloat16).to(tl.float32)
@@ -643,5 +644,4 @@ def musgd_apply_kernel(master_ptr, update_ptr, u_ptr, buf_ptr, params_ptr, per, 
         step = b
     w = tl.fma(step, sgd_alpha, w)
     tl.store(buf_ptr + row, b, mask=mask)
-    tl.store(master_ptr + row, w, mask=mask)
-    tl.store(param, _round_to(w, PARAM_DTYPE), mask=mask)
+    _store_master(w, master, param, master, 0.0, 0, mask, PARAM_DTYPE, MASTER_KIND, tl.float32)
