@@ -65,13 +65,29 @@ for dynamic in (False, True):
             "backoff_factor": "fp32", "min_scale": "fp32", "max_scale": "fp32", "growth_interval": "i32",
             "hysteresis": "i32"},
             {"HAS_CLIP": clip, "NORM_INF": norm_inf, "DYNAMIC": dynamic, "CONSECUTIVE": dynamic, "BLOCK": 1024})
+# Muon's and MuSGD's stage kernels (stack_kernels.py), every flag and master kind
+for nesterov in (False, True):
+    sizes[f"muon-momentum-{nesterov}"] = build(k.muon_momentum_kernel, {"u_ptr": "*fp32", "buf_ptr": "*fp32",
+        "update_ptr": "*bf16", "n": "i64", "found_inf_ptr": "*i1", "one_minus_mu": "fp32", "mu": "fp32"},
+        {"NESTEROV": nesterov, "BLOCK": 1024})
+MASTERS = {0: "*fp32", 1: "*i16", 2: "*i8"}
+for param, kind in (("fp16", 0), ("bf16", 0), ("bf16", 1), ("bf16", 2)):
+    sizes[f"muon-apply-{param}-{kind}"] = build(k.muon_apply_kernel, {"master_ptr": MASTERS[kind],
+        "update_ptr": "*bf16", "params_ptr": "*i64", "per": "i64", "found_inf_ptr": "*i1", "decay": "fp32",
+        "alpha": "fp32"}, {"PARAM_DTYPE": DT[param], "MASTER_KIND": kind, "BLOCK": 1024})
+    for muon, decay, nesterov in ((True, True, True), (False, False, False)):
+        sizes[f"musgd-apply-{param}-{kind}-{muon}"] = build(k.musgd_apply_kernel, {"master_ptr": MASTERS[kind],
+            "update_ptr": "*bf16", "u_ptr": "*fp32", "buf_ptr": "*fp32", "params_ptr": "*i64", "per": "i64",
+            "found_inf_ptr": "*i1", "muon_alpha": "fp32", "scale": "fp32", "weight_decay": "fp32", "mu": "fp32",
+            "sgd_alpha": "fp32"}, {"PARAM_DTYPE": DT[param], "MASTER_KIND": kind, "MUON": muon, "DECAY": decay,
+            "NESTEROV": nesterov, "BLOCK": 1024})
 sizes["advance"] = build(k.advance_kernel, {"chunks_ptr": "*i64", "table_ptr": "*i64", "scalars_ptr": "*fp32",
                                             "num_chunks": "i32"}, {"BLOCK": 1024})
 print(json.dumps(sizes))
 '''
 
 
-def test_every_kernel_compiles_for_sm90():
+def test_every_kernel_compiles_for_sm90():  # Muon's stage kernels included
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", COMPILE_ALL % (MODES,)], env=env, cwd=root, capture_output=True,
@@ -81,5 +97,6 @@ def test_every_kernel_compiles_for_sm90():
     bf16_modes = len(MODES)  # BF16 and FP32 grads: every mode; FP16: FP32 masters only
     fp16_modes = sum(1 for kind, _ in MODES if kind == 0)
     updates = 2 * 2 * (2 * bf16_modes + fp16_modes)  # SGD and AdamW, aligned or not
-    assert len(sizes) == 3 * 2 * 2 + updates + 3 + 6 + 1
+    muon = 2 + 4 * 3  # momentum (nesterov or not); apply and MuSGD's two per param storage
+    assert len(sizes) == 3 * 2 * 2 + updates + 3 + 6 + 1 + muon
     assert all(n > 0 for n in sizes.values()), sizes
