@@ -28,6 +28,6 @@ fi
 if [ "$mode" = all ] || [ "$mode" = peers ]; then  # every peer, FlashOptim and TE included where installed
   timeout ${PEERS_TIMEOUT:-300} python3 -m fused_opt.bench --peers-only --out "$OUT" 2>&1 | tail -40
 fi
-if [ "$mode" = all ] || [ "$mode" = muon ]; then  # Muon and MuSGD (torch backend), GPT-2 small and the detector
+if [ "$mode" = all ] || [ "$mode" = muon ]; then  # Muon and MuSGD (CUDA stage kernels), GPT-2 small and the detector
   timeout ${MUON_TIMEOUT:-240} python3 -m fused_opt.bench --muon-only --full --out "$OUT" 2>&1 | tail -20
 fi

@@ -390,6 +390,23 @@ void launch_musgd_apply(void* masters, const uint16_t* update, const float* u, f
   });
 }
 
+void launch_sync(float* masters, uint16_t* const* params, int64_t per, int64_t n, const bool* found_inf, bool retake,
+                 int param_dtype, int64_t) {
+  if (*found_inf) return;  // a skipped step writes nothing
+  dispatch_dtype(param_dtype, [&](auto p) {
+    using P = decltype(p);
+    if constexpr (!std::is_same_v<P, F32>) {
+      with_flags([&](auto take) {
+        parallel_range(n, [&](int64_t b, int64_t e) {
+          for_members(per, b, e, [&](int64_t m, int64_t lo, int64_t hi) {
+            sync_range<P, take.value>(masters + m * per, params[m], lo, hi, 1);
+          });
+        });
+      }, retake);
+    }
+  });
+}
+
 void launch_state_decode(const void* codes, const float* scales, float* out, int64_t rows, int64_t per,
                          bool is_signed, int64_t) {
   const int64_t blocks = rows * ((per + kStateBlock - 1) / kStateBlock);
@@ -434,7 +451,7 @@ PYBIND11_MODULE(FUSED_OPT_CPU_MODULE, m) {
   m.attr("CPU_PATH") = FUSED_OPT_CPU_PATH;
   fused_opt::bind_step(m, fused_opt::partials, fused_opt::finalize_step, fused_opt::update);
   fused_opt::bind_muon(m, fused_opt::launch_muon_momentum, fused_opt::launch_muon_apply, fused_opt::launch_musgd_apply,
-                       fused_opt::launch_state_decode, fused_opt::launch_state_encode);
+                       fused_opt::launch_state_decode, fused_opt::launch_state_encode, fused_opt::launch_sync);
   // The pool's thread limit, which native_backend.py keeps at torch.get_num_threads().
   m.def("set_num_threads", [](int64_t n) { fused_opt::ThreadPool::thread_limit() = std::max<int64_t>(1, n); });
   m.def("num_threads", [] { return fused_opt::ThreadPool::max_threads(); });

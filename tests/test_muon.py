@@ -170,11 +170,12 @@ def test_stage_kernels_step_as_torch_ops(kind, backend, device, dtype, master_we
     amplified by Newton–Schulz."""
     from fused_opt.backends import stack_kernels
     calls = []
-    for name in ("momentum", "apply", "musgd_apply", "encode_into"):
+    for name in ("momentum", "apply", "musgd_apply", "encode_into", "sync_masters"):
         for cls in (stack_kernels.NativeStages, stack_kernels.TritonStages):
             original = getattr(cls, name, None)
             if original is not None:
-                monkeypatch.setattr(cls, name, lambda self, *a, _o=original, _n=name: calls.append(_n) or _o(self, *a))
+                monkeypatch.setattr(cls, name, lambda self, *a, _o=original, _n=name, **kw: calls.append(_n)
+                                    or _o(self, *a, **kw))
 
     def run_on(name):
         gen = torch.Generator().manual_seed(5)
@@ -214,6 +215,8 @@ def test_stage_kernels_step_as_torch_ops(kind, backend, device, dtype, master_we
         assert calls.count("encode_into") == 5 * (5 + 2 if kind == "muon" else 5 * 2 + 1)  # or MuSGD's 2 and SGD's
     if kind == "muon":  # 4 stacks in the float-lr group, 1 with a tensor lr: momentum only
         assert calls.count("momentum") == 5 * 5 and calls.count("apply") == 5 * 4
+        # the AdamW group's FP32 masters re-taken and its params written by kernels around torch's fused AdamW
+        assert calls.count("sync_masters") == (5 * 2 if master_weights == "fp32" else 0)
     else:  # and the SGD-only group of vectors
         assert calls.count("momentum") == 5 * 5 and calls.count("musgd_apply") == 5 * 5
     exact = backend == "native" and device == "cpu"  # CUDA: torch's kernels and ours contract differently

@@ -116,6 +116,13 @@ class NativeStages(_Stages):
         increment_version(params)  # the raw writes don't; autograd's in-place check must see them
 
 
+    def sync_masters(self, w: torch.Tensor, params: list, found_inf: torch.Tensor, retake: bool) -> None:
+        """FP32 master rows re-taken from edited params (retake), or the params written from them."""
+        self.module.sync_masters(w.data_ptr(), self._table(params).data_ptr(), params[0].numel(), w.numel(),
+                                 found_inf.data_ptr(), retake, _param_code(w, params), self._stream(w))
+        if not retake:
+            increment_version(params)
+
     def codec_for(self, precision):
         """Kernels for int8 state's decode and encode of a stack, or None (torch ops)."""
         return self if precision.code == INT8_CODE else None
@@ -169,6 +176,16 @@ def _musgd_scalars(h, scale: float) -> tuple:
 class TritonStages(_Stages):
     def codec_for(self, precision):
         return None  # int8 state through torch ops
+
+    def sync_masters(self, w, params, found_inf, retake):
+        from . import triton_kernels as k
+        from .triton_backend import _tl_dtype
+        per = params[0].numel()
+        k.sync_masters_kernel[(-(-per // TRITON_BLOCK), len(params))](
+            w, self._table(params), per, found_inf, PARAM_DTYPE=_tl_dtype(params[0].dtype), RETAKE=retake,
+            BLOCK=TRITON_BLOCK)
+        if not retake:
+            increment_version(params)
 
     def momentum(self, u, buf, found_inf, mu, nesterov):
         from . import triton_kernels as k

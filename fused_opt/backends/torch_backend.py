@@ -167,7 +167,7 @@ def _applies_in_kernel(batch: StepBatch, members: list, stages, views: dict) -> 
         return False
     first = members[0]
     h = batch.groups[batch.group_index[first]]
-    if not batch.rule.applies_in_kernel(h):
+    if not batch.rule.applies_in_kernel(h, batch.masters[first]):
         return False
     key = ("apply", tuple(members))
     if key not in views:  # what does not change while the layout stays
@@ -255,7 +255,8 @@ def _encode(batch: StepBatch, i: int, h, bufs: list, applied_steps, found_inf, r
 def _store(batch: StepBatch, i: int, w: torch.Tensor, remainder, new_w: torch.Tensor, found_inf) -> None:
     """Param i's new master kept, and its param written, where the step is applied."""
     p = batch.params[i]
-    commit(w, new_w, found_inf)
+    if new_w is not w:  # (a rule that stepped w in place skipped it itself)
+        commit(w, new_w, found_inf)
     if remainder is not None:  # a skipped step writes nothing, as the kernels' return early
         if remainder.dtype == torch.int8:  # remainder8: the master is now w rounded to 24 bits
             new_p, new_r, w24 = split8(w)
