@@ -91,23 +91,40 @@ __m256 retake8(const uint16_t* p, __m256 w) {
 // sgd_math.h (torch's own algorithm, a dozen operations per value) the loop was
 // compute-bound (24 ms per 16M params here). Same bits as the scalar loop: the operators
 // are lane-wise and FMA contraction is off (setup.py).
-template <class G, class P, bool HasBuf, bool HasParam, bool Nesterov>
+// A state buffer's 8 values stored: FP32, or (state_precision="bf16") rounded to BF16 as
+// state_math.h encode_block does.
+template <class S>
+void store8(typename S::storage* x, __m256 v) {
+  if constexpr (std::is_same_v<S, BF16>) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(x), round8<BF16>(v));
+  } else {
+    _mm256_storeu_ps(x, v);
+  }
+}
+
+// S: how the state buffer is stored, F32 or BF16 (state_precision="bf16": the same loop, its
+// buffer converted on the way in and out, where the block-wise compressed loop costs 1.5x).
+template <class G, class P, bool HasBuf, bool HasParam, bool Nesterov, class S = F32>
 void update_chunk_8wide(const TensorEntry& t, const StepCoefs& k, float inv_scale, int64_t begin, int64_t end) {
   const auto* g = reinterpret_cast<const typename G::storage*>(t.grad);
   auto* w = reinterpret_cast<float*>(t.master);
-  auto* b = reinterpret_cast<float*>(t.buf);
+  auto* b = reinterpret_cast<typename S::storage*>(t.buf);
   auto* p = reinterpret_cast<uint16_t*>(t.param);
   int64_t i = begin;
   for (; i + 8 <= end; i += 8) {
     __m256 wi = _mm256_loadu_ps(w + i);
     if constexpr (HasParam) wi = retake8<P>(p + i, wi);
-    __m256 bi = HasBuf ? _mm256_loadu_ps(b + i) : _mm256_setzero_ps();
+    __m256 bi = HasBuf ? load8<S>(b + i) : _mm256_setzero_ps();
     wi = sgd_element<HasBuf, Nesterov>(load8<G>(g + i) * inv_scale, wi, bi, k);
     _mm256_storeu_ps(w + i, wi);
-    if constexpr (HasBuf) _mm256_storeu_ps(b + i, bi);
+    if constexpr (HasBuf) store8<S>(b + i, bi);
     if constexpr (HasParam) _mm_storeu_si128(reinterpret_cast<__m128i*>(p + i), round8<P>(wi));
   }
-  update_range<G, P, HasBuf, HasParam, Nesterov>(t, k, inv_scale, i, end, 1);
+  if constexpr (std::is_same_v<S, BF16>) {
+    sgd_compressed_range<G, P>(t, k, inv_scale, kStateBF16, i, end, 0, 1, 0);
+  } else {
+    update_range<G, P, HasBuf, HasParam, Nesterov>(t, k, inv_scale, i, end, 1);
+  }
 }
 
 // FP16 and BF16 (not BF16Remainder, whose update is its own loop).
@@ -230,28 +247,32 @@ void finalize_step(const ReduceArgs& r, const FinalizeArgs& a, int64_t /*stream*
 
 #if defined(__F16C__) && defined(__AVX2__)
 // AdamW 8 values at a time (as update_chunk_8wide), adamw_element on 8 lanes.
-template <class G, class P, bool HasParam, bool AmsGrad>
+template <class G, class P, bool HasParam, bool AmsGrad, class S = F32>
 void adamw_chunk_8wide(const TensorEntry& t, const AdamWCoefs& k, float inv_scale, int64_t begin, int64_t end) {
   const auto* g = reinterpret_cast<const typename G::storage*>(t.grad);
   auto* w = reinterpret_cast<float*>(t.master);
-  auto* m = reinterpret_cast<float*>(t.buf);
-  auto* v = reinterpret_cast<float*>(t.buf2);
-  auto* vmax = reinterpret_cast<float*>(t.buf3);
+  auto* m = reinterpret_cast<typename S::storage*>(t.buf);
+  auto* v = reinterpret_cast<typename S::storage*>(t.buf2);
+  auto* vmax = reinterpret_cast<typename S::storage*>(t.buf3);
   auto* p = reinterpret_cast<uint16_t*>(t.param);
   int64_t i = begin;
   for (; i + 8 <= end; i += 8) {
     __m256 wi = _mm256_loadu_ps(w + i);
     if constexpr (HasParam) wi = retake8<P>(p + i, wi);
-    __m256 mi = _mm256_loadu_ps(m + i), vi = _mm256_loadu_ps(v + i);
-    __m256 vmaxi = AmsGrad ? _mm256_loadu_ps(vmax + i) : _mm256_setzero_ps();
+    __m256 mi = load8<S>(m + i), vi = load8<S>(v + i);
+    __m256 vmaxi = AmsGrad ? load8<S>(vmax + i) : _mm256_setzero_ps();
     wi = adamw_element<AmsGrad>(load8<G>(g + i) * inv_scale, wi, mi, vi, vmaxi, k);
     _mm256_storeu_ps(w + i, wi);
-    _mm256_storeu_ps(m + i, mi);
-    _mm256_storeu_ps(v + i, vi);
-    if constexpr (AmsGrad) _mm256_storeu_ps(vmax + i, vmaxi);
+    store8<S>(m + i, mi);
+    store8<S>(v + i, vi);
+    if constexpr (AmsGrad) store8<S>(vmax + i, vmaxi);
     if constexpr (HasParam) _mm_storeu_si128(reinterpret_cast<__m128i*>(p + i), round8<P>(wi));
   }
-  adamw_range<G, P, HasParam, AmsGrad>(t, k, inv_scale, i, end, 1);
+  if constexpr (std::is_same_v<S, BF16>) {
+    adamw_compressed_range<G, P>(t, k, inv_scale, kStateBF16, i, end, 0, 1);
+  } else {
+    adamw_range<G, P, HasParam, AmsGrad>(t, k, inv_scale, i, end, 1);
+  }
 }
 #endif
 
@@ -265,6 +286,17 @@ void adamw_chunk(const TensorEntry& t, const AdamWCoefs& k, float inv_scale, int
   }
 #endif
   adamw_range<G, P, HasParam, AmsGrad>(t, k, inv_scale, begin, end, 1);
+}
+
+// Whether a tensor's update takes the 8-wide loop with BF16 state: the AVX2 module, an FP16 or
+// BF16 param with an FP32 master (not remainders).
+template <class P>
+bool bf16_state_8wide(int state, const TensorEntry& t) {
+#if defined(__F16C__) && defined(__AVX2__)
+  return kHalf<P> && state == kStateBF16 && t.param != 0;
+#else
+  return false;
+#endif
 }
 
 void update_adamw(const UpdateArgs& a, const StepScalars& s) {
@@ -281,6 +313,14 @@ void update_adamw(const UpdateArgs& a, const StepScalars& s) {
       for_slices(t, chunks[c].start, chunk_end(t, chunks[c], a.chunk_size), kEmaSlice, [&](int64_t b, int64_t e) {
         if constexpr (P::kRemainder8) {
           adamw_compressed_range<G, P>(t, k, s.inv_scale, a.state, b, e, 0, 1);
+        } else if (bf16_state_8wide<P>(a.state, t)) {
+#if defined(__F16C__) && defined(__AVX2__)
+          if constexpr (kHalf<P>) {
+            dispatch_adamw_tensor(t, [&](auto, auto amsgrad) {
+              adamw_chunk_8wide<G, P, true, decltype(amsgrad)::value, BF16>(t, k, s.inv_scale, b, e);
+            });
+          }
+#endif
         } else if (a.state != kStateF32) {
           adamw_compressed_range<G, P>(t, k, s.inv_scale, a.state, b, e, 0, 1);
         } else {
@@ -316,6 +356,15 @@ void update(const UpdateArgs& a, int64_t /*stream*/) {
       for_slices(t, chunks[c].start, chunk_end(t, chunks[c], a.chunk_size), kEmaSlice, [&](int64_t b, int64_t e) {
         if constexpr (P::kRemainder8) {  // (never instantiates the fast loops with an int8 master column)
           sgd_compressed_range<G, P>(t, coefs, scalars->inv_scale, a.state, b, e, 0, 1, applied);
+        } else if (bf16_state_8wide<P>(a.state, t)) {
+#if defined(__F16C__) && defined(__AVX2__)
+          if constexpr (kHalf<P>) {
+            dispatch_tensor(t, coefs.nesterov, [&](auto has_buf, auto, auto nesterov) {
+              update_chunk_8wide<G, P, decltype(has_buf)::value, true, decltype(nesterov)::value, BF16>(
+                  t, coefs, scalars->inv_scale, b, e);
+            });
+          }
+#endif
         } else if (a.state != kStateF32) {
           sgd_compressed_range<G, P>(t, coefs, scalars->inv_scale, a.state, b, e, 0, 1, applied);
         } else {
