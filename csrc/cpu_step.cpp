@@ -85,6 +85,54 @@ __m256 retake8(const uint16_t* p, __m256 w) {
   return _mm256_blendv_ps(load8<P>(p), w, _mm256_castsi256_ps(_mm256_cvtepi16_epi32(same)));
 }
 
+// A tensor's masters and params, 8 elements at a time: FP32 masters beside FP16/BF16 params
+// (an edited param re-taken, retake8), or BF16 params with int8 remainders
+// (master_weights="remainder8": state_math.h BF16Remainder8's rebuild and split on 8 lanes).
+template <class P>
+struct Masters8 {
+  float* w;
+  uint16_t* p;
+  explicit Masters8(const TensorEntry& t) : w(reinterpret_cast<float*>(t.master)), p(reinterpret_cast<uint16_t*>(t.param)) {}
+  __m256 load(int64_t i) const { return retake8<P>(p + i, _mm256_loadu_ps(w + i)); }
+  void store(int64_t i, __m256 wi) const {
+    _mm256_storeu_ps(w + i, wi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + i), round8<P>(wi));
+  }
+};
+
+template <>
+struct Masters8<BF16Remainder8> {
+  int8_t* r;
+  uint16_t* p;
+  explicit Masters8(const TensorEntry& t) : r(reinterpret_cast<int8_t*>(t.master)), p(reinterpret_cast<uint16_t*>(t.param)) {}
+  __m256 load(int64_t i) const {
+    const __m256i top = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i))), 16);
+    const __m256i r8 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r + i)));
+    const __m256i w = _mm256_add_epi32(top, _mm256_slli_epi32(r8, 8));
+    const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF), inf = _mm256_set1_epi32(0x7F800000);
+    // BF16Remainder::rebuild's guard: where p + r crosses the sign or makes a NaN of a non-NaN
+    // p (an edit no version counter saw), the master is the param itself.
+    const __m256i crossed = _mm256_srai_epi32(_mm256_xor_si256(w, top), 31);
+    const __m256i made_nan = _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_and_si256(top, magnitude), inf),
+                                                 _mm256_cmpgt_epi32(_mm256_and_si256(w, magnitude), inf));
+    return _mm256_castsi256_ps(_mm256_blendv_epi8(w, top, _mm256_or_si256(crossed, made_nan)));
+  }
+  void store(int64_t i, __m256 wi) const {  // BF16Remainder8::split on 8 lanes
+    const __m256i b = _mm256_castps_si256(wi);
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x7FFFFFFF)), _mm256_set1_epi32(0x7F800000));
+    const __m256i b24 = _mm256_and_si256(_mm256_add_epi32(b, _mm256_set1_epi32(128)), _mm256_set1_epi32(int32_t(0xFFFFFF00u)));
+    const __m256i rounded = _mm256_and_si256(_mm256_add_epi32(b24, _mm256_set1_epi32(0x8000)), _mm256_set1_epi32(int32_t(0xFFFF0000u)));
+    const __m256i top = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC00000), nan);
+    const __m256i r8 = _mm256_andnot_si256(nan, _mm256_srai_epi32(_mm256_sub_epi32(b24, top), 8));
+    const __m256i p16 = _mm256_srli_epi32(top, 16);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + i),
+                     _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(p16, p16), 0x08)));
+    const __m256i r16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(r8, r8), 0x08);  // 8 int16 in the low half
+    const __m128i r8x8 = _mm_packs_epi16(_mm256_castsi256_si128(r16), _mm256_castsi256_si128(r16));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(r + i), r8x8);
+  }
+};
+
 // The update with FP16/BF16 params (or grads), 8 values at a time: one pass that streams
 // every array, converting 8 values per instruction (F16C, or integer ops for BF16), with
 // sgd_element itself as the math on 8 lanes. Compiled from the scalar FP16 conversion of
@@ -109,19 +157,18 @@ void update_chunk_8wide(const TensorEntry& t, const StepCoefs& k, float inv_scal
   const auto* g = reinterpret_cast<const typename G::storage*>(t.grad);
   auto* w = reinterpret_cast<float*>(t.master);
   auto* b = reinterpret_cast<typename S::storage*>(t.buf);
-  auto* p = reinterpret_cast<uint16_t*>(t.param);
+  const Masters8<P> masters(t);
   int64_t i = begin;
   for (; i + 8 <= end; i += 8) {
-    __m256 wi = _mm256_loadu_ps(w + i);
-    if constexpr (HasParam) wi = retake8<P>(p + i, wi);
+    __m256 wi;
+    if constexpr (HasParam) wi = masters.load(i); else wi = _mm256_loadu_ps(w + i);
     __m256 bi = HasBuf ? load8<S>(b + i) : _mm256_setzero_ps();
     wi = sgd_element<HasBuf, Nesterov>(load8<G>(g + i) * inv_scale, wi, bi, k);
-    _mm256_storeu_ps(w + i, wi);
+    if constexpr (HasParam) masters.store(i, wi); else _mm256_storeu_ps(w + i, wi);
     if constexpr (HasBuf) store8<S>(b + i, bi);
-    if constexpr (HasParam) _mm_storeu_si128(reinterpret_cast<__m128i*>(p + i), round8<P>(wi));
   }
-  if constexpr (std::is_same_v<S, BF16>) {
-    sgd_compressed_range<G, P>(t, k, inv_scale, kStateBF16, i, end, 0, 1, 0);
+  if constexpr (std::is_same_v<S, BF16> || P::kRemainder8) {
+    sgd_compressed_range<G, P>(t, k, inv_scale, std::is_same_v<S, BF16> ? kStateBF16 : kStateF32, i, end, 0, 1, 0);
   } else {
     update_range<G, P, HasBuf, HasParam, Nesterov>(t, k, inv_scale, i, end, 1);
   }
@@ -254,22 +301,21 @@ void adamw_chunk_8wide(const TensorEntry& t, const AdamWCoefs& k, float inv_scal
   auto* m = reinterpret_cast<typename S::storage*>(t.buf);
   auto* v = reinterpret_cast<typename S::storage*>(t.buf2);
   auto* vmax = reinterpret_cast<typename S::storage*>(t.buf3);
-  auto* p = reinterpret_cast<uint16_t*>(t.param);
+  const Masters8<P> masters(t);
   int64_t i = begin;
   for (; i + 8 <= end; i += 8) {
-    __m256 wi = _mm256_loadu_ps(w + i);
-    if constexpr (HasParam) wi = retake8<P>(p + i, wi);
+    __m256 wi;
+    if constexpr (HasParam) wi = masters.load(i); else wi = _mm256_loadu_ps(w + i);
     __m256 mi = load8<S>(m + i), vi = load8<S>(v + i);
     __m256 vmaxi = AmsGrad ? load8<S>(vmax + i) : _mm256_setzero_ps();
     wi = adamw_element<AmsGrad>(load8<G>(g + i) * inv_scale, wi, mi, vi, vmaxi, k);
-    _mm256_storeu_ps(w + i, wi);
+    if constexpr (HasParam) masters.store(i, wi); else _mm256_storeu_ps(w + i, wi);
     store8<S>(m + i, mi);
     store8<S>(v + i, vi);
     if constexpr (AmsGrad) store8<S>(vmax + i, vmaxi);
-    if constexpr (HasParam) _mm_storeu_si128(reinterpret_cast<__m128i*>(p + i), round8<P>(wi));
   }
-  if constexpr (std::is_same_v<S, BF16>) {
-    adamw_compressed_range<G, P>(t, k, inv_scale, kStateBF16, i, end, 0, 1);
+  if constexpr (std::is_same_v<S, BF16> || P::kRemainder8) {
+    adamw_compressed_range<G, P>(t, k, inv_scale, std::is_same_v<S, BF16> ? kStateBF16 : kStateF32, i, end, 0, 1);
   } else {
     adamw_range<G, P, HasParam, AmsGrad>(t, k, inv_scale, i, end, 1);
   }
@@ -288,12 +334,15 @@ void adamw_chunk(const TensorEntry& t, const AdamWCoefs& k, float inv_scale, int
   adamw_range<G, P, HasParam, AmsGrad>(t, k, inv_scale, begin, end, 1);
 }
 
-// Whether a tensor's update takes the 8-wide loop with BF16 state: the AVX2 module, an FP16 or
-// BF16 param with an FP32 master (not remainders).
+// Whether a tensor's update takes an 8-wide loop that keeps state other than FP32, or masters
+// that are remainders: the AVX2 module, with BF16 state beside FP16/BF16 params and FP32
+// masters, or FP32 or BF16 state beside remainder8 masters (int8 state keeps the block loop).
 template <class P>
-bool bf16_state_8wide(int state, const TensorEntry& t) {
+bool state_8wide(int state, const TensorEntry& t) {
 #if defined(__F16C__) && defined(__AVX2__)
-  return kHalf<P> && state == kStateBF16 && t.param != 0;
+  if (t.param == 0) return false;
+  if constexpr (P::kRemainder8) return state != kStateInt8;
+  return kHalf<P> && state == kStateBF16;
 #else
   return false;
 #endif
@@ -311,17 +360,19 @@ void update_adamw(const UpdateArgs& a, const StepScalars& s) {
       const float step = t.count != 0 ? *reinterpret_cast<const float*>(t.count) : 0.0f;
       const AdamWCoefs k = adamw_coefs(groups[t.group], s.clip_coef, step);
       for_slices(t, chunks[c].start, chunk_end(t, chunks[c], a.chunk_size), kEmaSlice, [&](int64_t b, int64_t e) {
-        if constexpr (P::kRemainder8) {
-          adamw_compressed_range<G, P>(t, k, s.inv_scale, a.state, b, e, 0, 1);
-        } else if (bf16_state_8wide<P>(a.state, t)) {
+        if (state_8wide<P>(a.state, t)) {
 #if defined(__F16C__) && defined(__AVX2__)
-          if constexpr (kHalf<P>) {
+          if constexpr (kHalf<P> || P::kRemainder8) {
             dispatch_adamw_tensor(t, [&](auto, auto amsgrad) {
-              adamw_chunk_8wide<G, P, true, decltype(amsgrad)::value, BF16>(t, k, s.inv_scale, b, e);
+              if (a.state == kStateBF16) {
+                adamw_chunk_8wide<G, P, true, decltype(amsgrad)::value, BF16>(t, k, s.inv_scale, b, e);
+              } else {
+                adamw_chunk_8wide<G, P, true, decltype(amsgrad)::value, F32>(t, k, s.inv_scale, b, e);
+              }
             });
           }
 #endif
-        } else if (a.state != kStateF32) {
+        } else if (P::kRemainder8 || a.state != kStateF32) {
           adamw_compressed_range<G, P>(t, k, s.inv_scale, a.state, b, e, 0, 1);
         } else {
           dispatch_adamw_tensor(t, [&](auto has_param, auto amsgrad) {
@@ -354,18 +405,20 @@ void update(const UpdateArgs& a, int64_t /*stream*/) {
       const SGDHyper& h = groups[t.group];
       const StepCoefs coefs = step_coefs(h, scalars->clip_coef, claim_first_step(t, applied, true));
       for_slices(t, chunks[c].start, chunk_end(t, chunks[c], a.chunk_size), kEmaSlice, [&](int64_t b, int64_t e) {
-        if constexpr (P::kRemainder8) {  // (never instantiates the fast loops with an int8 master column)
-          sgd_compressed_range<G, P>(t, coefs, scalars->inv_scale, a.state, b, e, 0, 1, applied);
-        } else if (bf16_state_8wide<P>(a.state, t)) {
+        if (state_8wide<P>(a.state, t)) {
 #if defined(__F16C__) && defined(__AVX2__)
-          if constexpr (kHalf<P>) {
+          if constexpr (kHalf<P> || P::kRemainder8) {
             dispatch_tensor(t, coefs.nesterov, [&](auto has_buf, auto, auto nesterov) {
-              update_chunk_8wide<G, P, decltype(has_buf)::value, true, decltype(nesterov)::value, BF16>(
-                  t, coefs, scalars->inv_scale, b, e);
+              constexpr bool kBuf = decltype(has_buf)::value, kNesterov = decltype(nesterov)::value;
+              if (a.state == kStateBF16) {
+                update_chunk_8wide<G, P, kBuf, true, kNesterov, BF16>(t, coefs, scalars->inv_scale, b, e);
+              } else {
+                update_chunk_8wide<G, P, kBuf, true, kNesterov, F32>(t, coefs, scalars->inv_scale, b, e);
+              }
             });
           }
 #endif
-        } else if (a.state != kStateF32) {
+        } else if (P::kRemainder8 || a.state != kStateF32) {  // (no fast loop with an int8 master column)
           sgd_compressed_range<G, P>(t, coefs, scalars->inv_scale, a.state, b, e, 0, 1, applied);
         } else {
           dispatch_tensor(t, coefs.nesterov, [&](auto has_buf, auto has_param, auto nesterov) {
