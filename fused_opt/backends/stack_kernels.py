@@ -1,18 +1,21 @@
-"""Muon's two elementwise stages on one stack of params (buckets.py) as one kernel each, of
-the native (C++ / CUDA) or Triton backend; the math is csrc/muon_math.h's (Triton:
-triton_kernels.py), the torch ops of matrix_rules.Muon are its oracle.
+"""The elementwise stages of a rule with a matrix stage (Muon, MuSGD), on one stack of params
+(buckets.py), as kernels of the native (C++ / CUDA) or Triton backend; the math is
+csrc/muon_math.h's (Triton: triton_kernels.py), the torch ops of matrix_rules.py are its oracle.
 
-  momentum  B <- lerp(B, u, 1 - mu) (kept on a skipped step), U = nesterov ? lerp(u, B, mu) : B,
-            written as BF16, the dtype Newton–Schulz runs in: 14 B per element.
-  apply     the param re-taken where it was edited, w <- (w * (1 - lr wd)) + (-lr ratio) O,
-            master and param written (nothing on a skipped step): 14 B per element,
-            against ~20 passes over memory in torch ops.
+  momentum     B <- lerp(B, u, 1 - mu) (kept on a skipped step), U = nesterov ? lerp(u, B, mu) : B,
+               written as BF16, the dtype Newton–Schulz runs in.
+  apply        Muon's weight step: the param re-taken where it was edited, w <- (w * (1 - lr wd))
+               + (-lr ratio) O, master (FP32 or a remainder) and param written; nothing on a
+               skipped step.
+  musgd_apply  MuSGD's weight step: the Muon part, then SGD with momentum and L2 decay.
+  sync_masters Muon's AdamW groups: FP32 masters re-taken before torch's fused AdamW, params
+               written after it.
+  decode / encode_into   int8 state of a stack, each member as alone (C++ / CUDA only).
 
-The rest of the step (unscale, inf check, norm and clip, Newton–Schulz, the AdamW groups)
-is the torch backend's, so a rule with a matrix stage picks its backend for these two
-stages only (`for_backend`). The apply kernel takes the stack's FP32 masters (rows of one
-tensor) and writes each member's own FP16/BF16 param through a table of their addresses;
-other storage (remainders, BF16/int8 state, an EMA, a tensor lr) stays on torch ops.
+Each member's own param is written through a table of their addresses (a stack's params are
+never copied). The rest of the step (unscale, inf check, norm and clip, Newton–Schulz, torch's
+fused AdamW) is the torch backend's on every backend; what the kernels do not take (an EMA, a
+tensor lr's weight step, non-contiguous params) stays torch ops, decided per stack.
 """
 from __future__ import annotations
 
@@ -53,10 +56,11 @@ def for_backend(name: str, device: torch.device):
 
 def _param_code(w: torch.Tensor, params: list) -> int:
     """csrc/muon_math.h dispatch_stack_param: FP16 / BF16 params with FP32 masters, or BF16
-    params with int16 / int8 remainders (csrc/dispatch.h)."""
+    params with int16 / int8 remainders (the codes of csrc/dispatch.h)."""
+    from .native_backend import BF16_REMAINDER, BF16_REMAINDER8, DTYPE_CODES
     if w.dtype == torch.float32:
-        return {torch.float16: 1, torch.bfloat16: 2}[params[0].dtype]
-    return {torch.int16: 3, torch.int8: 4}[w.dtype]
+        return DTYPE_CODES[params[0].dtype]
+    return {torch.int16: BF16_REMAINDER, torch.int8: BF16_REMAINDER8}[w.dtype]
 
 
 class _Stages:
@@ -114,7 +118,6 @@ class NativeStages(_Stages):
                                w.numel(), found_inf.data_ptr(), _fp32(decay), _fp32(alpha),
                                _param_code(w, params), self._stream(w))
         increment_version(params)  # the raw writes don't; autograd's in-place check must see them
-
 
     def sync_masters(self, w: torch.Tensor, params: list, found_inf: torch.Tensor, retake: bool) -> None:
         """FP32 master rows re-taken from edited params (retake), or the params written from them."""
