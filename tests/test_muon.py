@@ -170,7 +170,7 @@ def test_stage_kernels_step_as_torch_ops(kind, backend, device, dtype, master_we
     amplified by Newton–Schulz."""
     from fused_opt.backends import stack_kernels
     calls = []
-    for name in ("momentum", "apply", "musgd_apply", "encode_into", "sync_masters"):
+    for name in ("momentum", "apply", "musgd_apply", "encode_into", "sync_masters", "elementwise_step"):
         for cls in (stack_kernels.NativeStages, stack_kernels.TritonStages):
             original = getattr(cls, name, None)
             if original is not None:
@@ -211,18 +211,29 @@ def test_stage_kernels_step_as_torch_ops(kind, backend, device, dtype, master_we
     if backend == "torch":
         assert not calls
         return
-    if state_precision == "int8" and backend == "native":  # every buffer of every stack: 5 Muon ones and AdamW's 2,
-        assert calls.count("encode_into") == 5 * (5 + 2 if kind == "muon" else 5 * 2 + 1)  # or MuSGD's 2 and SGD's
-    if kind == "muon":  # 4 stacks in the float-lr group, 1 with a tensor lr: momentum only
+    if state_precision == "int8" and backend == "native":  # every buffer of every stack: Muon's 5 (AdamW's are
+        assert calls.count("encode_into") == 5 * (5 if kind == "muon" else 5 * 2 + 1)  # the update kernel's), or
+    if kind == "muon":  # MuSGD's 2 and SGD's; 4 stacks in the float-lr group, 1 with a tensor lr: momentum only
         assert calls.count("momentum") == 5 * 5 and calls.count("apply") == 5 * 4
-        # the AdamW group's FP32 masters re-taken and its params written by kernels around torch's fused AdamW
-        assert calls.count("sync_masters") == (5 * 2 if master_weights == "fp32" else 0)
+        if backend == "native":  # the AdamW group: FusedMixedPrecisionAdamW's multi-tensor update kernel
+            assert calls.count("elementwise_step") == 5 and not calls.count("sync_masters")
+        else:  # FP32 masters re-taken and params written by kernels around torch's fused AdamW
+            assert calls.count("sync_masters") == (5 * 2 if master_weights == "fp32" else 0)
     else:  # and the SGD-only group of vectors
         assert calls.count("momentum") == 5 * 5 and calls.count("musgd_apply") == 5 * 5
-    exact = backend == "native" and device == "cpu"  # CUDA: torch's kernels and ours contract differently
+    native_cpu = backend == "native" and device == "cpu"  # CUDA: torch's kernels and ours contract differently
     for k, (p, q) in enumerate(zip(ref_params, params)):
         a, b = ref.state[p], opt.state[q]
         assert a.keys() == b.keys()
+        # Muon's AdamW group with FP32 masters and state: the torch ops run torch's fused AdamW,
+        # which rounds exp_avg's lerp otherwise than our AdamW (its oracle's torch ops and the
+        # native kernel agree bit for bit: the compact cases): there within FP32 rounding.
+        exact = native_cpu and not (kind == "muon" and k >= len(ref_params) - 2 and master_weights == state_precision == "fp32")
+        if native_cpu and not exact:
+            for key in a:
+                torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7, msg=lambda m: f"param {k} {key}: {m}")
+            torch.testing.assert_close(q.detach().float(), p.detach().float(), rtol=2**-7, atol=0)
+            continue
         if exact:
             for key in a:
                 assert torch.equal(a[key], b[key]), f"param {k} {key}"

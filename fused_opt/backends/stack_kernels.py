@@ -19,13 +19,15 @@ tensor lr's weight step, non-contiguous params) stays torch ops, decided per sta
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from . import torch_backend
+from . import buckets, torch_backend
 from .multi_tensor import MASTER_KINDS, increment_version
 from .. import state_precision
 from ..state_precision import INT8_CODE
-from ..update_rules import _fp32, commit
+from ..update_rules import AdamW, AdamWHyper, _fp32, commit
 
 TRITON_BLOCK = 1024
 
@@ -100,6 +102,31 @@ class NativeStages(_Stages):
         super().__init__()
         self.module = module
 
+    def elementwise_members(self, batch) -> list:
+        """Positions of the params whose group steps by a per-element rule (Muon's
+        algorithm="adamw" groups): the multi-tensor update kernel FusedMixedPrecisionAdamW runs
+        steps them, with every master format, state precision and the EMA."""
+        return [i for i, gi in enumerate(batch.group_index) if isinstance(batch.groups[gi], AdamWHyper)]
+
+    def elementwise_step(self, batch, members: list, inv_scale, clip, found_inf, applied_steps, ema_weight) -> None:
+        """Those params stepped by the update kernel, from their raw grads with the pipeline's
+        1/S, clip coefficient, found_inf and EMA weight (device tensors: no host sync); a
+        skipped step writes nothing."""
+        from . import native_backend
+        from .multi_tensor import EMA_WEIGHT, INV_SCALE, plan_for
+        sub = _elementwise_batch(batch, members)
+        plan = plan_for(sub, native_backend.CHUNK_SIZE)
+        module, stream = native_backend._module_and_stream(plan.device)
+        weight = ema_weight if ema_weight is not None else inv_scale.new_zeros(())
+        plan.scalars[INV_SCALE:EMA_WEIGHT + 1].copy_(torch.stack([inv_scale, clip, found_inf.float(), weight]))
+        static = native_backend._static_args(plan)
+        for pair, chunks, grad_dtype, param_dtype in static["update"]:
+            native_backend.launch_update(module, chunks, pair.num_chunks, pair.table.data_ptr(),
+                                         plan.group_table.data_ptr(), static["scalars"], applied_steps.data_ptr(),
+                                         grad_dtype, param_dtype, AdamW.code, static["ema_dtype"], plan.state_code,
+                                         plan.chunk_size, stream)
+        plan.write_back(sub)
+
     def _stream(self, t: torch.Tensor) -> int:
         return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
 
@@ -166,6 +193,17 @@ class NativeStages(_Stages):
                                 self._table(params).data_ptr(), params[0].numel(), w.numel(), found_inf.data_ptr(),
                                 *_musgd_scalars(h, scale), _param_code(w, params), self._stream(w))
         increment_version(params)
+
+
+def _elementwise_batch(batch, members: list):
+    """The params at `members` as a StepBatch of AdamW's, their groups renumbered; its own
+    cache (the multi-tensor plan), kept while the layout is."""
+    groups = sorted({batch.group_index[i] for i in members})
+    number = {g: k for k, g in enumerate(groups)}
+    sub = buckets.subset(batch, members)
+    return dataclasses.replace(sub, groups=[batch.groups[g] for g in groups],
+                               group_index=[number[g] for g in sub.group_index], rule=AdamW,
+                               cache=batch.cache.setdefault("elementwise", {}))
 
 
 def _musgd_scalars(h, scale: float) -> tuple:

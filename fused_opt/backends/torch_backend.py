@@ -43,6 +43,23 @@ def _per_tensor_norms(unscaled: list[torch.Tensor], norm_type: float) -> torch.T
     return out
 
 
+# Pieces short enough that an FP32 norm of one is accurate to FP32 rounding (torch's FP32 norm of a
+# whole tensor drifts by ~1e-3 at 2^24 elements).
+NORM_PIECE = 1 << 16
+
+
+def _piece_norms(unscaled: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """The norms, as float64, of pieces of at most NORM_PIECE elements of the tensors, in FP32:
+    the rules with a matrix stage (whose stacks are large, and float64 conversions the slowest
+    part of a step around Newton-Schulz) sum squares as the fused backends' norm pass does, per
+    piece in FP32, the pieces' in float64. inf or NaN where a piece holds one, or where its
+    FP32 squares overflow (a skipped step, as on the fused backends)."""
+    pieces = [piece for u in unscaled if u.numel() > 0 for piece in u.reshape(-1).split(NORM_PIECE)]
+    if not pieces:
+        return torch.zeros(1, dtype=torch.float64, device=unscaled[0].device)
+    return torch.stack(torch._foreach_norm(pieces, norm_type)).double()
+
+
 # The fused backends sum squares in FP32: a sum that rounds beyond FP32's largest (grads of 2^64
 # and more, finite) makes N inf there, and so here; such a step is skipped as an overflow
 # (step() below), never clipped to a zero gradient.
@@ -93,6 +110,10 @@ def step(batch: StepBatch, stages=None) -> None:
     # A rule with a matrix stage steps the params of one group and shape as one stack (their
     # first dim): the same ops, a few per stack instead of per param (buckets.py).
     stacks, rest, views = _stack_plan(batch) if _stackable(batch) else (None, None, None)
+    # Params of a per-element rule beside them (Muon's AdamW groups) take the stages' multi-tensor
+    # update kernel where they have one, after the norm (stack_kernels.py).
+    elementwise = stages.elementwise_members(batch) if stacks is not None and hasattr(
+        stages, "elementwise_members") else []
 
     # 1. u_i = float32(g_i) * (1/S)
     if stacks is None:
@@ -104,7 +125,7 @@ def step(batch: StepBatch, stages=None) -> None:
             unscaled += torch._foreach_mul([batch.grads[i].float() for i in rest], inv_scale)
 
     # 2. found_inf: any element of any u_i is inf or NaN
-    per_tensor = _per_tensor_norms(unscaled, batch.norm_type)
+    per_tensor = (_per_tensor_norms if stacks is None else _piece_norms)(unscaled, batch.norm_type)
     infs = ~torch.isfinite(per_tensor)
     found_inf = infs.any()
 
@@ -117,6 +138,7 @@ def step(batch: StepBatch, stages=None) -> None:
     found_inf = found_inf | ~torch.isfinite(norm)  # finite grads whose squares overflow FP32
 
     # 4. c = min(1, max_norm / (N + 1e-6))
+    clip = None
     if batch.max_grad_norm is not None:
         clip = torch.clamp(batch.max_grad_norm / (norm + 1e-6), max=1.0)
         torch._foreach_mul_(unscaled, clip)
@@ -126,13 +148,21 @@ def step(batch: StepBatch, stages=None) -> None:
     # the EMA's weight a = 1 - d_t for this step (ema.py)
     ema_weight = batch.ema.weight(applied_steps) if batch.emas is not None else None
     if stacks is not None:
+        if elementwise:
+            stages.elementwise_step(batch, elementwise, inv_scale, clip if clip is not None else torch.ones_like(norm),
+                                    found_inf, applied_steps, ema_weight)
+        kernel_stepped = set(elementwise)
         for members, u in zip(stacks, unscaled):  # one stack of state at a time
+            if members[0] in kernel_stepped:  # (a stack is one group's)
+                continue
             params = [batch.params[i] for i in members] if _applies_in_kernel(batch, members, stages, views) else None
             stack = buckets.Stack(batch, members, gather_params=params is None, views=views)
             _update(stack.batch, [u], applied_steps, found_inf, ema_weight, len(members), stages, params)
             stack.scatter()
-        if rest:
-            _update(buckets.subset(batch, rest), unscaled[len(stacks):], applied_steps, found_inf, ema_weight)
+        rest_left = [k for k, i in enumerate(rest) if i not in kernel_stepped]
+        if rest_left:
+            _update(buckets.subset(batch, [rest[k] for k in rest_left]),
+                    [unscaled[len(stacks) + k] for k in rest_left], applied_steps, found_inf, ema_weight)
     else:
         _update(batch, unscaled, applied_steps, found_inf, ema_weight)
 
