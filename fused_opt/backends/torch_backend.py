@@ -51,9 +51,9 @@ NORM_PIECE = 1 << 16
 def _piece_norms(unscaled: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     """The norms, as float64, of pieces of at most NORM_PIECE elements of the tensors, in FP32:
     the rules with a matrix stage (whose stacks are large, and float64 conversions the slowest
-    part of a step around Newton-Schulz) sum squares as the fused backends' norm pass does, per
-    piece in FP32, the pieces' in float64. inf or NaN where a piece holds one, or where its
-    FP32 squares overflow (a skipped step, as on the fused backends)."""
+    part of a step around Newton-Schulz) sum squares per piece in FP32, as the CUDA norm pass
+    sums a chunk, the pieces' in float64. inf or NaN where a piece holds one, or where its FP32
+    squares overflow (a skipped step, as on the fused backends)."""
     pieces = [piece for u in unscaled if u.numel() > 0 for piece in u.reshape(-1).split(NORM_PIECE)]
     if not pieces:
         return torch.zeros(1, dtype=torch.float64, device=unscaled[0].device)
