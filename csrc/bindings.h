@@ -105,9 +105,9 @@ void bind_step(pybind11::module_& m, Partials partials, Finalize finalize, Updat
 // as above; `found_inf` a bool in device memory; `params` an array of the members' param
 // addresses, in device memory too; param_dtype kFloat16 or kBFloat16 (FP32 masters), or
 // BF16 params with remainders (dispatch_stack_param).
-template <class Momentum, class Apply, class MuSGDApply, class Decode, class Encode, class Sync>
+template <class Momentum, class Apply, class MuSGDApply, class Decode, class Encode>
 void bind_muon(pybind11::module_& m, Momentum momentum, Apply apply, MuSGDApply musgd_apply, Decode decode,
-               Encode encode, Sync sync) {
+               Encode encode) {
   m.def("muon_momentum", [momentum](int64_t u, int64_t buf, int64_t update, int64_t n, int64_t found_inf,
                                     float one_minus_mu, float mu, bool nesterov, int64_t stream) {
     momentum(reinterpret_cast<const float*>(u), reinterpret_cast<float*>(buf), reinterpret_cast<uint16_t*>(update),
@@ -130,16 +130,6 @@ void bind_muon(pybind11::module_& m, Momentum momentum, Apply apply, MuSGDApply 
                 reinterpret_cast<const float*>(u), reinterpret_cast<float*>(buf),
                 reinterpret_cast<uint16_t* const*>(params), per, n, reinterpret_cast<const bool*>(found_inf),
                 MuSGDArgs{muon_alpha, weight_decay, mu, sgd_alpha, scale}, nesterov, param_dtype, stream);
-  });
-  // A stack of AdamW params' FP32 masters: re-taken from edited params (retake), or their params
-  // written from them; param_dtype kFloat16 or kBFloat16.
-  m.def("sync_masters", [sync](int64_t masters, int64_t params, int64_t per, int64_t n, int64_t found_inf,
-                               bool retake, int param_dtype, int64_t stream) {
-    if (param_dtype != kFloat16 && param_dtype != kBFloat16) {
-      throw std::invalid_argument("fused_opt native: sync_masters takes FP16 or BF16 params");
-    }
-    sync(reinterpret_cast<float*>(masters), reinterpret_cast<uint16_t* const*>(params), per, n,
-         reinterpret_cast<const bool*>(found_inf), retake, param_dtype, stream);
   });
   // int8 state of a stack of `rows` members of `per` elements (muon_math.h decode_stack_block):
   // signed codes (int8) or unsigned (FP16 bits); `salts` int32, one per member or one in all.

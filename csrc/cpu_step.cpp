@@ -456,6 +456,7 @@ void launch_muon_momentum(const float* u, float* buf, uint16_t* update, int64_t 
 // loop runs over one param's contiguous elements: fn(m, begin, end) in the member's indices.
 template <class Fn>
 void for_members(int64_t per, int64_t b, int64_t e, Fn&& fn) {
+  if (per == 0) return;  // empty members (a 0 x n matrix): nothing to step, and no division by 0
   for (int64_t m = b / per; m * per < e; ++m) {
     fn(m, std::max(b, m * per) - m * per, std::min(e, (m + 1) * per) - m * per);
   }
@@ -489,23 +490,6 @@ void launch_musgd_apply(void* masters, const uint16_t* update, const float* u, f
         });
       });
     }, update != nullptr, k.weight_decay != 0.0f, nesterov);
-  });
-}
-
-void launch_sync(float* masters, uint16_t* const* params, int64_t per, int64_t n, const bool* found_inf, bool retake,
-                 int param_dtype, int64_t) {
-  if (*found_inf) return;  // a skipped step writes nothing
-  dispatch_dtype(param_dtype, [&](auto p) {
-    using P = decltype(p);
-    if constexpr (!std::is_same_v<P, F32>) {
-      with_flags([&](auto take) {
-        parallel_range(n, [&](int64_t b, int64_t e) {
-          for_members(per, b, e, [&](int64_t m, int64_t lo, int64_t hi) {
-            sync_range<P, take.value>(masters + m * per, params[m], lo, hi, 1);
-          });
-        });
-      }, retake);
-    }
   });
 }
 
@@ -553,7 +537,7 @@ PYBIND11_MODULE(FUSED_OPT_CPU_MODULE, m) {
   m.attr("CPU_PATH") = FUSED_OPT_CPU_PATH;
   fused_opt::bind_step(m, fused_opt::partials, fused_opt::finalize_step, fused_opt::update);
   fused_opt::bind_muon(m, fused_opt::launch_muon_momentum, fused_opt::launch_muon_apply, fused_opt::launch_musgd_apply,
-                       fused_opt::launch_state_decode, fused_opt::launch_state_encode, fused_opt::launch_sync);
+                       fused_opt::launch_state_decode, fused_opt::launch_state_encode);
   // The pool's thread limit, which native_backend.py keeps at torch.get_num_threads().
   m.def("set_num_threads", [](int64_t n) { fused_opt::ThreadPool::thread_limit() = std::max<int64_t>(1, n); });
   m.def("num_threads", [] { return fused_opt::ThreadPool::max_threads(); });

@@ -350,25 +350,6 @@ void launch_musgd_apply(void* masters, const uint16_t* update, const float* u, f
   check(cudaGetLastError(), "MuSGD apply launch");
 }
 
-template <class P, bool kRetake>
-__global__ void sync_kernel(float* masters, uint16_t* const* params, int64_t per, const bool* found_inf) {
-  if (*found_inf) return;  // a skipped step writes nothing
-  const int64_t m = blockIdx.y, stride = int64_t(gridDim.x) * blockDim.x;
-  sync_range<P, kRetake>(masters + m * per, reinterpret_cast<typename P::storage*>(params[m]),
-                         int64_t(blockIdx.x) * blockDim.x + threadIdx.x, per, stride);
-}
-
-void launch_sync(float* masters, uint16_t* const* params, int64_t per, int64_t n, const bool* found_inf, bool retake,
-                 int param_dtype, int64_t stream) {
-  if (n == 0) return;
-  const dim3 grid(stack_blocks(per), unsigned(n / per));
-  with_flags([&](auto half, auto take) {
-    using P = std::conditional_t<decltype(half)::value, F16, BF16>;
-    sync_kernel<P, take.value><<<grid, kStackThreads, 0, cudaStream_t(stream)>>>(masters, params, per, found_inf);
-  }, param_dtype == kFloat16, retake);
-  check(cudaGetLastError(), "master sync launch");
-}
-
 // One thread per state block (its scale is a reduction over the block's 32 elements).
 template <class Codes>
 __global__ void state_decode_kernel(const void* codes, const float* scales, float* out, int64_t per, int64_t blocks) {
@@ -426,7 +407,7 @@ PYBIND11_MODULE(_native_cuda, m) {
   m.doc() = "fused_opt CUDA kernels";
   fused_opt::bind_step(m, fused_opt::partials, fused_opt::finalize_step, fused_opt::update);
   fused_opt::bind_muon(m, fused_opt::launch_muon_momentum, fused_opt::launch_muon_apply, fused_opt::launch_musgd_apply,
-                       fused_opt::launch_state_decode, fused_opt::launch_state_encode, fused_opt::launch_sync);
+                       fused_opt::launch_state_decode, fused_opt::launch_state_encode);
   m.attr("CUDA_VERSION") = CUDART_VERSION;          // e.g. 13000
   m.attr("ARCH_LIST") = FUSED_OPT_ARCHS;            // TORCH_CUDA_ARCH_LIST it was built with
 }

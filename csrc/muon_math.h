@@ -143,20 +143,6 @@ FUSED_HD MasterOf<P> member_of(void* masters, uint16_t* const* params, int64_t p
   return MasterOf<P>(static_cast<M*>(masters) + m * per, params[m]);
 }
 
-// A stack of AdamW params (Muon's algorithm="adamw" groups, stepped by torch's fused AdamW on
-// their FP32 masters): before it, each element's master re-taken from an edited param
-// (kRetake), after it the param written from the new master.
-template <class P, bool kRetake>
-FUSED_HD void sync_range(float* master, typename P::storage* param, int64_t begin, int64_t end, int64_t stride) {
-  for (int64_t i = begin; i < end; i += stride) {
-    if (kRetake) {
-      master[i] = retake_if_edited<P>(param[i], master[i]);
-    } else {
-      param[i] = P::store(master[i]);
-    }
-  }
-}
-
 // int8 state of a stack (state_precision="int8"), decoded to FP32 before its stages and encoded
 // after, one state block (kStateBlock elements, state_math.h) at a time: block j of the stack
 // is block j % blocks_per of member j / blocks_per, whose blocks, element indices (the

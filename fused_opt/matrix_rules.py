@@ -150,13 +150,7 @@ class Muon:
         new_ws = [None] * len(ws)
         muon = []
         for i, h in enumerate(hypers):
-            if isinstance(h, AdamWHyper) and params is not None:  # masters re-taken and params written by kernels
-                stages.sync_masters(ws[i], params, found_inf, retake=True)
-                new_w = _adamw(ws[i], us[i], bufs[i], counts[i], h, applied_steps, found_inf, bounded, stacked)
-                if new_w is not ws[i]:
-                    commit(ws[i], new_w, found_inf)
-                stages.sync_masters(ws[i], params, found_inf, retake=False)
-            elif isinstance(h, AdamWHyper):
+            if isinstance(h, AdamWHyper):  # (the fused backends' stages step these themselves: elementwise_step)
                 new_ws[i] = _adamw(ws[i], us[i], bufs[i], counts[i], h, applied_steps, found_inf, bounded, stacked)
             else:
                 muon.append(i)
@@ -195,11 +189,8 @@ class Muon:
 
     @staticmethod
     def applies_in_kernel(h, master: torch.Tensor) -> bool:
-        """Whether a stack of this group's params can take the apply kernel (stack_kernels.py),
-        or for AdamW groups the kernels around torch's fused AdamW (FP32 masters only)."""
-        if isinstance(h.lr, torch.Tensor):
-            return False
-        return isinstance(h, MuonHyper) or master.dtype == torch.float32
+        """Whether a stack of this group's params can take the apply kernel (stack_kernels.py)."""
+        return isinstance(h, MuonHyper) and not isinstance(h.lr, torch.Tensor)
 
     @staticmethod
     def saved(entry: dict) -> dict:

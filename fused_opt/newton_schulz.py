@@ -96,7 +96,7 @@ CPU_BATCH_BYTES = 4 << 20
 
 def _batch(x: torch.Tensor, variant: str, coefficients, steps: int, eps: float) -> torch.Tensor:
     """(k, rows, cols) matrices -> their orthogonalized BF16 updates, (k, rows, cols)."""
-    per = max(1, CPU_BATCH_BYTES // (2 * x.shape[1] * x.shape[2])) if x.device.type == "cpu" else x.shape[0]
+    per = max(1, CPU_BATCH_BYTES // max(1, 2 * x.shape[1] * x.shape[2])) if x.device.type == "cpu" else x.shape[0]
     if per >= x.shape[0]:
         return _whole_batch(x, variant, coefficients, steps, eps)
     out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)

@@ -153,6 +153,37 @@ def test_muon_equals_torch_optim_muon_on_fp32_params(nesterov, adjust_lr_fn):
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+@pytest.mark.parametrize("kind", ["muon", "musgd"])
+def test_empty_matrices_step(kind, backend, device):
+    """Matrices with no elements (0 x n, a stack of two, a conv with no output channels) beside
+    a real one and an AdamW/SGD vector: nothing to step for them, and the rest steps as the
+    torch ops step it (the C++ stage kernels divided by a member's size of 0 before)."""
+    def run_on(name):
+        gen = torch.Generator().manual_seed(3)
+        shapes = [(0, 5), (0, 5), (0, 2, 3, 3), (6, 4)]
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device, torch.bfloat16)) for s in shapes]
+        vector = torch.nn.Parameter(torch.randn(7, generator=gen).to(device, torch.bfloat16))
+        common = dict(backend=name, max_grad_norm=1.0, master_weights="remainder8", state_precision="int8")
+        if kind == "muon":
+            opt = fused_opt.FusedMixedPrecisionMuon([dict(params=params), dict(params=[vector], algorithm="adamw")],
+                                                    lr=0.02, **common)
+        else:
+            opt = fused_opt.FusedMixedPrecisionMuSGD([dict(params=params, use_muon=True), dict(params=[vector])],
+                                                     lr=0.02, momentum=0.9, **common)
+        for _ in range(3):
+            for p in params + [vector]:
+                p.grad = torch.randn(p.shape, generator=gen).to(device, torch.bfloat16)
+            opt.step()
+        return params + [vector]
+
+    expected, got = run_on("torch"), run_on(backend)
+    for a, b in zip(expected, got):
+        assert a.shape == b.shape
+        torch.testing.assert_close(b.float(), a.float(), rtol=2**-7, atol=0)
+    assert not torch.equal(got[3].float(), torch.zeros(6, 4)), "the real matrix stepped"
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
 @pytest.mark.parametrize("dtype, master_weights, state_precision", [
     (torch.float16, "fp32", "fp32"), (torch.bfloat16, "fp32", "fp32"), (torch.bfloat16, "remainder", "bf16"),
     (torch.bfloat16, "remainder8", "int8"), (torch.float16, "fp32", "int8")])
@@ -170,7 +201,7 @@ def test_stage_kernels_step_as_torch_ops(kind, backend, device, dtype, master_we
     amplified by Newton–Schulz."""
     from fused_opt.backends import stack_kernels
     calls = []
-    for name in ("momentum", "apply", "musgd_apply", "encode_into", "sync_masters", "elementwise_step"):
+    for name in ("momentum", "apply", "musgd_apply", "encode_into", "elementwise_step"):
         for cls in (stack_kernels.NativeStages, stack_kernels.TritonStages):
             original = getattr(cls, name, None)
             if original is not None:
@@ -215,10 +246,8 @@ def test_stage_kernels_step_as_torch_ops(kind, backend, device, dtype, master_we
         assert calls.count("encode_into") == 5 * (5 if kind == "muon" else 5 * 2 + 1)  # the update kernel's), or
     if kind == "muon":  # MuSGD's 2 and SGD's; 4 stacks in the float-lr group, 1 with a tensor lr: momentum only
         assert calls.count("momentum") == 5 * 5 and calls.count("apply") == 5 * 4
-        if backend == "native":  # the AdamW group: FusedMixedPrecisionAdamW's multi-tensor update kernel
-            assert calls.count("elementwise_step") == 5 and not calls.count("sync_masters")
-        else:  # FP32 masters re-taken and params written by kernels around torch's fused AdamW
-            assert calls.count("sync_masters") == (5 * 2 if master_weights == "fp32" else 0)
+        # the AdamW group: FusedMixedPrecisionAdamW's multi-tensor update kernel, once a step
+        assert calls.count("elementwise_step") == 5
     else:  # and the SGD-only group of vectors
         assert calls.count("momentum") == 5 * 5 and calls.count("musgd_apply") == 5 * 5
     native_cpu = backend == "native" and device == "cpu"  # CUDA: torch's kernels and ours contract differently

@@ -81,10 +81,6 @@ for param, kind in (("fp16", 0), ("bf16", 0), ("bf16", 1), ("bf16", 2)):
             "found_inf_ptr": "*i1", "muon_alpha": "fp32", "scale": "fp32", "weight_decay": "fp32", "mu": "fp32",
             "sgd_alpha": "fp32"}, {"PARAM_DTYPE": DT[param], "MASTER_KIND": kind, "MUON": muon, "DECAY": decay,
             "NESTEROV": nesterov, "BLOCK": 1024})
-for param in ("fp16", "bf16"):
-    for retake in (False, True):
-        sizes[f"sync-{param}-{retake}"] = build(k.sync_masters_kernel, {"master_ptr": "*fp32", "params_ptr": "*i64",
-            "per": "i64", "found_inf_ptr": "*i1"}, {"PARAM_DTYPE": DT[param], "RETAKE": retake, "BLOCK": 1024})
 sizes["advance"] = build(k.advance_kernel, {"chunks_ptr": "*i64", "table_ptr": "*i64", "scalars_ptr": "*fp32",
                                             "num_chunks": "i32"}, {"BLOCK": 1024})
 print(json.dumps(sizes))
@@ -101,6 +97,6 @@ def test_every_kernel_compiles_for_sm90():  # Muon's stage kernels included
     bf16_modes = len(MODES)  # BF16 and FP32 grads: every mode; FP16: FP32 masters only
     fp16_modes = sum(1 for kind, _ in MODES if kind == 0)
     updates = 2 * 2 * (2 * bf16_modes + fp16_modes)  # SGD and AdamW, aligned or not
-    muon = 2 + 4 * 3 + 4  # momentum (nesterov or not); apply and MuSGD's two per param storage; AdamW's sync
+    muon = 2 + 4 * 3  # momentum (nesterov or not); apply and MuSGD's two per param storage
     assert len(sizes) == 3 * 2 * 2 + updates + 3 + 6 + 1 + muon
     assert all(n > 0 for n in sizes.values()), sizes

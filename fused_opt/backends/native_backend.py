@@ -311,8 +311,16 @@ def step(batch: StepBatch) -> None:
     num_partials = plan.reduce_across_shards(batch, norm_inf)
     launch_finalize(module, static["partials"], static["flags"], num_partials, *finalize_args[:5],
                     static["scalars"], *finalize_args[5:], stream)
-    for pair, chunks, grad_dtype, param_dtype in static["update"]:
-        launch_update(module, chunks, pair.num_chunks, pair.table.data_ptr(), groups, static["scalars"], applied,
-                      grad_dtype, param_dtype, batch.rule.code, static["ema_dtype"], plan.state_code, plan.chunk_size,
-                      stream)
+    launch_updates(plan, batch.rule.code, applied)
     plan.write_back(batch)
+
+
+def launch_updates(plan, rule_code: int, applied: int) -> None:
+    """The update launches of a plan whose scalars (1/S, clip, found_inf, EMA weight) are
+    written; `applied`: the address of the applied-step count (int32)."""
+    module, stream = _module_and_stream(plan.device)
+    static = _static_args(plan)
+    for pair, chunks, grad_dtype, param_dtype in static["update"]:
+        launch_update(module, chunks, pair.num_chunks, pair.table.data_ptr(), plan.group_table.data_ptr(),
+                      static["scalars"], applied, grad_dtype, param_dtype, rule_code, static["ema_dtype"],
+                      plan.state_code, plan.chunk_size, stream)

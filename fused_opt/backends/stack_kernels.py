@@ -8,14 +8,14 @@ csrc/muon_math.h's (Triton: triton_kernels.py), the torch ops of matrix_rules.py
                + (-lr ratio) O, master (FP32 or a remainder) and param written; nothing on a
                skipped step.
   musgd_apply  MuSGD's weight step: the Muon part, then SGD with momentum and L2 decay.
-  sync_masters Muon's AdamW groups: FP32 masters re-taken before torch's fused AdamW, params
-               written after it.
+  elementwise_step  Muon's AdamW groups: the backend's multi-tensor AdamW update kernel (the
+               one FusedMixedPrecisionAdamW runs), from the pipeline's scalars.
   decode / encode_into   int8 state of a stack, each member as alone (C++ / CUDA only).
 
 Each member's own param is written through a table of their addresses (a stack's params are
-never copied). The rest of the step (unscale, inf check, norm and clip, Newton–Schulz, torch's
-fused AdamW) is the torch backend's on every backend; what the kernels do not take (an EMA, a
-tensor lr's weight step, non-contiguous params) stays torch ops, decided per stack.
+never copied). The rest of the step (unscale, inf check, norm and clip, Newton–Schulz) is the
+torch backend's on every backend; what the kernels do not take (an EMA, a tensor lr's weight
+step, non-contiguous params) stays torch ops, decided per stack.
 """
 from __future__ import annotations
 
@@ -96,12 +96,6 @@ class _Stages:
     def _weights(mu: float) -> tuple[float, float]:
         return _fp32(1 - mu), _fp32(mu)  # torch.lerp's weights, as FP32 scalars
 
-
-class NativeStages(_Stages):
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
     def elementwise_members(self, batch) -> list:
         """Positions of the params whose group steps by a per-element rule (Muon's
         algorithm="adamw" groups): the multi-tensor update kernel FusedMixedPrecisionAdamW runs
@@ -109,23 +103,26 @@ class NativeStages(_Stages):
         return [i for i, gi in enumerate(batch.group_index) if isinstance(batch.groups[gi], AdamWHyper)]
 
     def elementwise_step(self, batch, members: list, inv_scale, clip, found_inf, applied_steps, ema_weight) -> None:
-        """Those params stepped by the update kernel, from their raw grads with the pipeline's
-        1/S, clip coefficient, found_inf and EMA weight (device tensors: no host sync); a
-        skipped step writes nothing."""
-        from . import native_backend
-        from .multi_tensor import EMA_WEIGHT, INV_SCALE, plan_for
+        """Those params stepped by this backend's update kernel, from their raw grads with the
+        pipeline's 1/S, clip coefficient, found_inf and EMA weight (device tensors: no host
+        sync); a skipped step writes nothing."""
+        from .multi_tensor import CHUNK_SIZE, EMA_WEIGHT, INV_SCALE, plan_for
         sub = _elementwise_batch(batch, members)
-        plan = plan_for(sub, native_backend.CHUNK_SIZE)
-        module, stream = native_backend._module_and_stream(plan.device)
+        plan = plan_for(sub, CHUNK_SIZE)
         weight = ema_weight if ema_weight is not None else inv_scale.new_zeros(())
         plan.scalars[INV_SCALE:EMA_WEIGHT + 1].copy_(torch.stack([inv_scale, clip, found_inf.float(), weight]))
-        static = native_backend._static_args(plan)
-        for pair, chunks, grad_dtype, param_dtype in static["update"]:
-            native_backend.launch_update(module, chunks, pair.num_chunks, pair.table.data_ptr(),
-                                         plan.group_table.data_ptr(), static["scalars"], applied_steps.data_ptr(),
-                                         grad_dtype, param_dtype, AdamW.code, static["ema_dtype"], plan.state_code,
-                                         plan.chunk_size, stream)
+        self._launch_updates(plan, applied_steps)
         plan.write_back(sub)
+
+
+class NativeStages(_Stages):
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def _launch_updates(self, plan, applied_steps: torch.Tensor) -> None:
+        from . import native_backend
+        native_backend.launch_updates(plan, AdamW.code, applied_steps.data_ptr())
 
     def _stream(self, t: torch.Tensor) -> int:
         return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
@@ -145,13 +142,6 @@ class NativeStages(_Stages):
                                w.numel(), found_inf.data_ptr(), _fp32(decay), _fp32(alpha),
                                _param_code(w, params), self._stream(w))
         increment_version(params)  # the raw writes don't; autograd's in-place check must see them
-
-    def sync_masters(self, w: torch.Tensor, params: list, found_inf: torch.Tensor, retake: bool) -> None:
-        """FP32 master rows re-taken from edited params (retake), or the params written from them."""
-        self.module.sync_masters(w.data_ptr(), self._table(params).data_ptr(), params[0].numel(), w.numel(),
-                                 found_inf.data_ptr(), retake, _param_code(w, params), self._stream(w))
-        if not retake:
-            increment_version(params)
 
     def codec_for(self, precision):
         """Kernels for int8 state's decode and encode of a stack, or None (torch ops)."""
@@ -218,21 +208,17 @@ class TritonStages(_Stages):
     def codec_for(self, precision):
         return None  # int8 state through torch ops
 
-    def sync_masters(self, w, params, found_inf, retake):
-        from . import triton_kernels as k
-        from .triton_backend import _tl_dtype
-        per = params[0].numel()
-        k.sync_masters_kernel[(-(-per // TRITON_BLOCK), len(params))](
-            w, self._table(params), per, found_inf, PARAM_DTYPE=_tl_dtype(params[0].dtype), RETAKE=retake,
-            BLOCK=TRITON_BLOCK)
-        if not retake:
-            increment_version(params)
+    def _launch_updates(self, plan, applied_steps: torch.Tensor) -> None:
+        from . import triton_backend
+        triton_backend.launch_updates(plan, AdamW.code, applied_steps)
 
     def momentum(self, u, buf, found_inf, mu, nesterov):
         from . import triton_kernels as k
         update = torch.empty_like(u, dtype=torch.bfloat16)
         one_minus_mu, mu32 = self._weights(mu)
         n = u.numel()
+        if n == 0:
+            return update
         k.muon_momentum_kernel[(-(-n // TRITON_BLOCK),)](u, buf, update, n, found_inf, one_minus_mu, mu32,
                                                          NESTEROV=nesterov, BLOCK=TRITON_BLOCK)
         return update
@@ -242,6 +228,8 @@ class TritonStages(_Stages):
         from .triton_backend import _tl_dtype
         update = update.contiguous()
         per = params[0].numel()
+        if per == 0:
+            return
         k.muon_apply_kernel[(-(-per // TRITON_BLOCK), len(params))](
             w, update, self._table(params), per, found_inf, _fp32(decay), _fp32(alpha),
             PARAM_DTYPE=_tl_dtype(params[0].dtype), MASTER_KIND=MASTER_KINDS[w.dtype], BLOCK=TRITON_BLOCK)
@@ -252,6 +240,8 @@ class TritonStages(_Stages):
         from .triton_backend import _tl_dtype
         muon_alpha, scale, weight_decay, mu, nesterov, sgd_alpha = _musgd_scalars(h, scale)
         per = params[0].numel()
+        if per == 0:
+            return
         k.musgd_apply_kernel[(-(-per // TRITON_BLOCK), len(params))](
             w, w if update is None else update.contiguous(), u, buf, self._table(params), per, found_inf, muon_alpha,
             scale, weight_decay, mu, sgd_alpha, PARAM_DTYPE=_tl_dtype(params[0].dtype),

@@ -64,18 +64,26 @@ def step(batch: StepBatch) -> None:
         HAS_CLIP=batch.max_grad_norm is not None, NORM_INF=norm_inf, DYNAMIC=scaler.dynamic,
         CONSECUTIVE=scaler.consecutive,
         BLOCK=FINALIZE_BLOCK, num_warps=4)
-    adamw = batch.rule.code == ADAMW_CODE
+    launch_updates(plan, batch.rule.code, batch.applied_steps)
+    plan.write_back(batch)
+
+
+def launch_updates(plan, rule_code: int, applied_steps: torch.Tensor) -> None:
+    """The update launches of a plan whose scalars (1/S, clip, found_inf, EMA weight) are
+    written; `applied_steps`: the applied-step count (int32)."""
+    from . import triton_kernels as k
+    chunk = plan.chunk_size
+    block = min(BLOCK, chunk)
     for pair in plan.pairs:
         if not pair.num_chunks:
             continue
         dtypes = dict(GRAD_DTYPE=_tl_dtype(pair.grad_dtype), PARAM_DTYPE=_tl_dtype(pair.param_dtype),
                       MASTER_KIND=pair.master_kind, STATE=plan.state_code, EMA_DTYPE=_tl_dtype(plan.ema_dtype or torch.float32),
                       ALIGNED=pair.aligned, CHUNK=chunk, BLOCK=block, num_warps=NUM_WARPS)
-        if adamw:
+        if rule_code == ADAMW_CODE:
             k.adamw_kernel[(pair.num_chunks,)](pair.chunks, pair.table, plan.group_table, plan.scalars, **dtypes)
             k.advance_kernel[(-(-pair.num_chunks // ADVANCE_BLOCK),)](
                 pair.chunks, pair.table, plan.scalars, pair.num_chunks, BLOCK=ADVANCE_BLOCK)
         else:
             k.update_kernel[(pair.num_chunks,)](pair.chunks, pair.table, plan.group_table, plan.scalars,
-                                                batch.applied_steps, **dtypes)
-    plan.write_back(batch)
+                                                applied_steps, **dtypes)

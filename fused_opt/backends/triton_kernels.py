@@ -645,19 +645,3 @@ def musgd_apply_kernel(master_ptr, update_ptr, u_ptr, buf_ptr, params_ptr, per, 
     w = tl.fma(step, sgd_alpha, w)
     tl.store(buf_ptr + row, b, mask=mask)
     _store_master(w, master, param, master, 0.0, 0, mask, PARAM_DTYPE, MASTER_KIND, tl.float32)
-
-
-@triton.jit
-def sync_masters_kernel(master_ptr, params_ptr, per, found_inf_ptr, PARAM_DTYPE: tl.constexpr, RETAKE: tl.constexpr,
-                        BLOCK: tl.constexpr):
-    """Member program_id(1) of a stack of AdamW params: FP32 masters re-taken from edited params
-    (RETAKE), or the params written from the masters; nothing on a skipped step."""
-    member = tl.program_id(1).to(tl.int64)
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = (offsets < per) & (tl.load(found_inf_ptr).to(tl.int32) == 0)
-    param = tl.load(params_ptr + member).to(tl.pointer_type(PARAM_DTYPE)) + offsets
-    master = master_ptr + member * per + offsets
-    if RETAKE:
-        tl.store(master, _master_of(master, param, mask, PARAM_DTYPE, 0, True), mask=mask)
-    else:
-        tl.store(param, _round_to(tl.load(master, mask=mask, other=0.0), PARAM_DTYPE), mask=mask)
