@@ -153,6 +153,25 @@ def test_muon_equals_torch_optim_muon_on_fp32_params(nesterov, adjust_lr_fn):
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+def test_only_adamw_groups_clipped(backend, device):
+    """A Muon optimizer with AdamW groups alone, clipped: every param is the update kernel's,
+    none left for the torch ops to clip, and the step equals the torch ops'."""
+    def run_on(name):
+        gen = torch.Generator().manual_seed(4)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device, torch.bfloat16)) for s in [(7,), (3, 5)]]
+        opt = fused_opt.FusedMixedPrecisionMuon([dict(params=params, algorithm="adamw")], lr=0.01,
+                                                max_grad_norm=0.1, backend=name)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(device, torch.bfloat16)
+            opt.step()
+        return params
+
+    for a, b in zip(run_on("torch"), run_on(backend)):
+        torch.testing.assert_close(b.float(), a.float(), rtol=2**-7, atol=0)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
 @pytest.mark.parametrize("kind", ["muon", "musgd"])
 def test_empty_matrices_step(kind, backend, device):
     """Matrices with no elements (0 x n, a stack of two, a conv with no output channels) beside

@@ -114,6 +114,7 @@ def step(batch: StepBatch, stages=None) -> None:
     # update kernel where they have one, after the norm (stack_kernels.py).
     elementwise = stages.elementwise_members(batch) if stacks is not None and hasattr(
         stages, "elementwise_members") else []
+    kernel_stepped = set(elementwise)
 
     # 1. u_i = float32(g_i) * (1/S)
     if stacks is None:
@@ -141,7 +142,11 @@ def step(batch: StepBatch, stages=None) -> None:
     clip = None
     if batch.max_grad_norm is not None:
         clip = torch.clamp(batch.max_grad_norm / (norm + 1e-6), max=1.0)
-        torch._foreach_mul_(unscaled, clip)
+        # (params the update kernel steps read their raw grads with c: not clipped here)
+        firsts = [m[0] for m in stacks] + rest if stacks is not None else None
+        clipped = unscaled if not kernel_stepped else [u for u, i in zip(unscaled, firsts) if i not in kernel_stepped]
+        if clipped:
+            torch._foreach_mul_(clipped, clip)
 
     # 5. the update rule (update_rules.py), per param with its group's hyperparameters, kept only if finite
     applied_steps = _count_up(batch.applied_steps, ~found_inf)
@@ -151,7 +156,6 @@ def step(batch: StepBatch, stages=None) -> None:
         if elementwise:
             stages.elementwise_step(batch, elementwise, inv_scale, clip if clip is not None else torch.ones_like(norm),
                                     found_inf, applied_steps, ema_weight)
-        kernel_stepped = set(elementwise)
         for members, u in zip(stacks, unscaled):  # one stack of state at a time
             if members[0] in kernel_stepped:  # (a stack is one group's)
                 continue
