@@ -552,4 +552,45 @@ PYBIND11_MODULE(FUSED_OPT_CPU_MODULE, m) {
     }
     return true;
   });
+  // One row of `kRowWords` int64 words per tensor of the Python list `tensors`, read from
+  // their TensorImpls at offsets tensor_watch.py finds and verifies once per process (the
+  // TensorImpl pointer at `cdata` in the Python object, where torch versions that hold a
+  // c10::MaybeOwned<Tensor> there keep its is-borrowed flag at `borrowed`, else -1; the storage's data pointer; the dim,
+  // sizes and strides, slots past the dim zeroed since torch leaves them uninitialized; the
+  // storage offset, numel, dtype and device; the dispatch key set). A step compares its
+  // tensors with the last step's through these rows: one call instead of several Python
+  // calls per tensor. False (rows incomplete) when an item is not a `tensor_type`, holds a
+  // borrowed tensor, has no storage or more than kInlineDims dims (torch then keeps its sizes
+  // elsewhere): the caller reads those lists in Python.
+  m.def("tensor_rows", [](pybind11::list tensors, pybind11::handle tensor_type, int64_t borrowed, int64_t cdata,
+                          int64_t storage_field,
+                          int64_t storage_ptr, int64_t sizes, int64_t type_word, int64_t key_word, int64_t out) {
+    constexpr int64_t kInlineDims = 5, kRowWords = 16;
+    constexpr int64_t kDtypeDeviceMask = 0xFFFFFFFFFFLL;  // dtype (2 bytes), optional<Device> (3); not the bit flags
+    auto* type = reinterpret_cast<PyTypeObject*>(tensor_type.ptr());
+    auto* row = reinterpret_cast<int64_t*>(out);
+    auto word = [](const char* base, int64_t offset) { return *reinterpret_cast<const int64_t*>(base + offset); };
+    const int64_t n = static_cast<int64_t>(PyList_GET_SIZE(tensors.ptr()));
+    for (int64_t i = 0; i < n; ++i, row += kRowWords) {
+      PyObject* item = PyList_GET_ITEM(tensors.ptr(), i);
+      if (!PyObject_TypeCheck(item, type)) return false;
+      const char* object = reinterpret_cast<const char*>(item);
+      if (borrowed >= 0 && object[borrowed] != 0) return false;  // a c10::MaybeOwned<Tensor> that borrows
+      const auto* impl = reinterpret_cast<const char*>(word(object, cdata));
+      const auto* storage = reinterpret_cast<const char*>(word(impl, storage_field));
+      const int64_t dim = word(impl, sizes);
+      if (storage == nullptr || dim < 0 || dim > kInlineDims) return false;
+      row[0] = word(storage, storage_ptr);
+      row[1] = dim;
+      for (int64_t k = 0; k < kInlineDims; ++k) {
+        row[2 + k] = k < dim ? word(impl, sizes + 8 * (1 + k)) : 0;
+        row[2 + kInlineDims + k] = k < dim ? word(impl, sizes + 8 * (1 + kInlineDims + k)) : 0;
+      }
+      row[12] = word(impl, sizes + 8 * (1 + 2 * kInlineDims));      // storage offset
+      row[13] = word(impl, sizes + 8 * (2 + 2 * kInlineDims));      // numel
+      row[14] = word(impl, type_word) & kDtypeDeviceMask;
+      row[15] = word(impl, key_word);
+    }
+    return true;
+  });
 }

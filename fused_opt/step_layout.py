@@ -9,12 +9,11 @@ skips even the per-step comparisons: flat_storage.py.)
 from __future__ import annotations
 
 import itertools
-import operator
 from dataclasses import dataclass
 
 import torch
 
-from . import ema
+from . import ema, tensor_watch
 from .backends import StepBatch, buckets
 from .distributed import local, local_grads, local_tensors, shard_reduction, specs_of
 from .memory import check_param_memory
@@ -34,14 +33,14 @@ class StepLayout:
         self.emas = None       # with ema_decay: each param's EMA (ema.py)
         self.reduce_stats = None
         self.specs = None      # DTensor params: their sharding specs (distributed.local_grads)
-        self.memory = None     # (data_ptr, dtype, shape, stride) of each param when built
+        self.memory = None     # tensor_watch.Rows of the params (their local shards) when built
         # The masters (not the params themselves), buffers and counts the kernels' tables
         # point at, and their data pointers when built: `buf.data = t`, `.set_()` and
-        # `.share_memory_()` move a state tensor's storage without a write to opt.state. (The
-        # pointer alone: new memory has a new address while the old is alive, and a view of
-        # the same storage stays inside it.)
-        self.state_tensors, self.state_memory = [], []
-        self.grad_meta = []    # (shape, dtype, device, layout) of each grad, last checked
+        # `.share_memory_()` move a state tensor's storage without a write to opt.state.
+        self.state_tensors, self.state_memory = [], None
+        # The grads as last checked (check_grads): their rows, dtypes and element sizes, and a
+        # version that changes with them (the backends cache per-grad layout facts under it).
+        self.grad_rows, self.grad_dtypes, self.grad_itemsizes, self.grad_version = None, None, None, None
         self.epoch = None      # the state's write count when built
 
 
@@ -69,7 +68,9 @@ class PerTensorStorage:
     def prepare(self, opt, hypers) -> StepPlan | None:
         """The params that have a grad, or None when none has one."""
         params = opt._flat_params()
-        grads = [p.grad for p in params]
+        # (A DTensor's .grad goes through its __torch_function__ otherwise: twice the time.)
+        with torch._C.DisableTorchFunctionSubclass():
+            grads = [p.grad for p in params]
         active = [i for i, g in enumerate(grads) if g is not None]
         if not active:
             return None
@@ -96,29 +97,32 @@ class PerTensorStorage:
         thousands of tensors the host's per-tensor work decides the speed, so the lists are
         cached in a StepLayout and only rebuilt when the params that step, their storage or
         layout, the state (any write to it: tracked_state.py) or the state buffers kept changed;
-        the per-step checks are one tuple per tensor compared with the cached one."""
+        the per-step checks compare each list's rows (tensor_watch.py) with the cached ones."""
         owners = [params[i] for i in active]
         tensors = local_tensors(owners) if opt._sharded else owners
         signature = (opt._flat_ids, active, [h.buffers for h in hypers])
         layout = self.layout
-        # Storage, dtype, shape and strides (`p.data = p.data[:1]` keeps data_ptr and _version),
-        # compared one tuple at a time: each is freed at once, so thousands of them per step
-        # never reach Python's cyclic GC (kept in a list, they made it run full collections:
-        # 10,000 tensors, 31 -> 86 ms/step).
+        # Storage, dtype, shape and strides of every param and state tensor (`p.data =
+        # p.data[:1]` keeps data_ptr and _version), read in one native call per list
+        # (tensor_watch.py) and compared with the rows read when the layout was built.
         if (layout is None or layout.signature != signature or layout.epoch != opt._epoch.value
-                or not _same(map(_memory_of, tensors), layout.memory, len(tensors))
-                or not _same(map(_DATA_PTR, layout.state_tensors), layout.state_memory, len(layout.state_memory))):
+                or not tensor_watch.unchanged(tensors, layout.memory)
+                or not tensor_watch.unchanged(layout.state_tensors, layout.state_memory)):
             layout = self._new_layout(opt, params, active, hypers, signature)
-            layout.memory = list(map(_memory_of, tensors))
+            layout.memory = tensor_watch.read(tensors)
         # DTensor params: the kernels run on the local shards, and the grads' shards are what
         # the per-step comparison reads (a DTensor's attributes cost more than a tensor's).
         shards = local_grads(grads, owners, lambda k: opt._param_name(owners[k]), layout.specs) if opt._sharded else grads
-        if not _same(map(_grad_meta_of, shards), layout.grad_meta, len(shards)):  # checked in full when a grad's kind changed
+        grad_ptrs = tensor_watch.relaid(shards, layout.grad_rows, layout.grad_itemsizes)
+        if grad_ptrs is None:  # checked in full when a grad's layout changed
             check_grads(grads, owners, lambda k: opt._param_name(owners[k]))
-            grad_meta = list(map(_grad_meta_of, shards))
-            if [m[1] for m in grad_meta] != [m[1] for m in layout.grad_meta]:
+            dtypes = [g.dtype for g in shards]
+            if dtypes != layout.grad_dtypes:
                 layout.layout_id = next(self._ids)  # the backends' tables pair by grad dtype
-            layout.grad_meta = grad_meta
+            layout.grad_rows, layout.grad_dtypes = tensor_watch.read(shards), dtypes
+            layout.grad_itemsizes = torch.tensor([g.element_size() for g in shards], dtype=torch.int64)
+            layout.grad_version = next(self._ids)
+            grad_ptrs = tensor_watch.relaid(shards, layout.grad_rows, layout.grad_itemsizes)
         grads = shards
         max_norm, norm_type = clip
         return StepBatch(params=layout.params, grads=grads, masters=layout.masters, buffers=layout.buffers,
@@ -128,7 +132,8 @@ class PerTensorStorage:
                          found_inf=opt.last_step_skipped, cache=opt._backend_cache, layout_id=layout.layout_id,
                          reduce_stats=layout.reduce_stats, consecutive_skips=opt.consecutive_skips, rule=opt.RULE,
                          emas=layout.emas, ema=opt._ema, scales=layout.scales,
-                         state_precision=opt._state_precision)
+                         state_precision=opt._state_precision,
+                         grad_ptrs=grad_ptrs, grad_version=layout.grad_version)
 
     def _new_layout(self, opt, params, active, hypers, signature) -> StepLayout:
         """Checks every param, master and buffer about to be touched, and re-takes or re-lays
@@ -206,7 +211,7 @@ class PerTensorStorage:
                                                                           layout.buffers, layout.scales,
                                                                           layout.counts, emas)
                                 for t in (m, *bufs, *(scales or ()), count, e) if t is not None and t is not p]
-        layout.state_memory = list(map(_DATA_PTR, layout.state_tensors))
+        layout.state_memory = tensor_watch.read(layout.state_tensors, full=False)
         self.layout = layout
         return layout
 
@@ -252,19 +257,3 @@ def _pack_stacks(opt, layout: StepLayout, hypers) -> None:
                 layout.counts[i] = by_field[("counts", None)]
             if ("emas", None) in by_field:
                 layout.emas[i] = by_field[("emas", None)]
-
-
-_DATA_PTR = torch.Tensor.data_ptr
-
-
-def _memory_of(t: torch.Tensor) -> tuple:
-    return t.data_ptr(), t.dtype, t.shape, t.stride()
-
-
-def _grad_meta_of(g: torch.Tensor) -> tuple:
-    return g.shape, g.dtype, g.device, g.layout
-
-
-def _same(items, cached: list, count: int) -> bool:
-    """Whether `count` items from an iterator equal the cached ones (one at a time, nothing kept)."""
-    return count == len(cached) and all(map(operator.eq, items, cached))

@@ -66,6 +66,11 @@ class StepBatch:
     # with `scales[i]`, one FP32 scale tensor per buffer of param i; None for other precisions).
     scales: list | None = None
     state_precision: object = None
+    # The grads' data_ptr()s (int64, read with their layout: tensor_watch.py) and a version that
+    # changes whenever their layout (shapes, strides, dtypes) did: a backend may keep facts
+    # about the grads' layout (which need staging) while it stays. None: read the grads.
+    grad_ptrs: torch.Tensor | None = None
+    grad_version: int | None = None
 
 
 def _module(name: str):

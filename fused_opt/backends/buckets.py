@@ -53,7 +53,8 @@ def subset(batch: StepBatch, members: list[int]) -> StepBatch:
     pick = lambda xs: None if xs is None else [xs[i] for i in members]  # noqa: E731
     return dataclasses.replace(batch, params=pick(batch.params), grads=pick(batch.grads),
                                masters=pick(batch.masters), buffers=pick(batch.buffers), counts=pick(batch.counts),
-                               group_index=pick(batch.group_index), emas=pick(batch.emas), scales=pick(batch.scales))
+                               group_index=pick(batch.group_index), emas=pick(batch.emas), scales=pick(batch.scales),
+                               grad_ptrs=None if batch.grad_ptrs is None else batch.grad_ptrs[members])
 
 
 class Stack:
@@ -79,7 +80,7 @@ class Stack:
         w, buffers, count, scales, emas = state
         self.batch = dataclasses.replace(batch, params=[p], grads=[None], masters=[w], buffers=[tuple(buffers)],
                                          counts=[count], group_index=[batch.group_index[members[0]]], emas=emas,
-                                         scales=scales)
+                                         scales=scales, grad_ptrs=None, grad_version=None)
 
     def _state(self, batch: StepBatch, members: list[int], own: torch.Tensor | None) -> tuple:
         """(master, buffers, count, scales, emas) stacked; `own`: the stacked params, for FP32

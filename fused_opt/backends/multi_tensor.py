@@ -70,7 +70,10 @@ class PairPlan:
     num_chunks: int
     chunk_base: int                # this pair's first slot in the per-chunk partials
     table: torch.Tensor = None     # device copy of host_table
-    grad_ptrs: list = field(default_factory=list)
+    index: torch.Tensor = None     # members as an int64 tensor (to pick their grads' addresses)
+    grad_ptrs: torch.Tensor = None  # the grad column as last uploaded
+    grad_version: object = None    # the grads' layout the two lists below were found for
+    strided_grads: list = field(default_factory=list)  # rows whose grad is not contiguous
     odd_rows: list = field(default_factory=list)  # rows laid out unlike a dense tensor
     static_aligned: bool = False   # masters, buffers and params all 16-byte aligned
     aligned: bool = False          # ... and this step's grads too: vector loads are safe
@@ -161,7 +164,8 @@ class Plan:
         chunk_table = torch.tensor(chunks, dtype=torch.int64).reshape(-1, 2)
         return PairPlan(param_dtype, grad_dtype, members, host, upload(chunk_table, self.device),
                         len(chunks), base, odd_rows=odd_rows, static_aligned=not any(a & 15 for a in addresses),
-                        chunk_members=torch.tensor(members, dtype=torch.int64)[chunk_table[:, 0]])
+                        chunk_members=torch.tensor(members, dtype=torch.int64)[chunk_table[:, 0]],
+                        index=torch.tensor(members, dtype=torch.int64))
 
     def _layout_slots(self, batch: StepBatch) -> list:
         members = batch.reduce_stats.members
@@ -191,48 +195,57 @@ class Plan:
 
     def refresh(self, batch: StepBatch) -> None:
         """Per step: the grad addresses (a grad laid out unlike its master is staged to the
-        master's layout), params that need a dense staging copy, and the group table. Flat
-        grads stay put (dense, laid out as their params, nothing staged): once is enough."""
+        master's layout), params that need a dense staging copy, and the group table. Which
+        grads need staging is kept while the grads' layout is (batch.grad_version), and the
+        addresses come read already (batch.grad_ptrs) when the storage has them. Flat grads
+        stay put (dense, laid out as their params, nothing staged): once is enough."""
         if batch.flat_grads is not None and all(pair.table is not None for pair in self.pairs):
             self._refresh_groups(batch)
             return
         for pair in self.pairs:
-            grads = [batch.grads[i] for i in pair.members]
-            odd = [row for row, g in enumerate(grads) if not g.is_contiguous()] + pair.odd_rows
+            if batch.grad_version is None or pair.grad_version != batch.grad_version:
+                pair.strided_grads = [row for row, i in enumerate(pair.members) if not batch.grads[i].is_contiguous()]
+                pair.grad_version = batch.grad_version
             pair.staged = []
             for row in pair.odd_rows:  # a staged master's column points to last step's copy
                 pair.host_table[row, MASTER] = batch.masters[pair.members[row]].data_ptr()
-            for row in sorted(set(odd)):
-                self._stage(batch, pair, row, grads)
-            ptrs = [g.data_ptr() for g in grads]
-            pair.aligned = pair.static_aligned and not any(x & 15 for x in ptrs)
-            if ptrs != pair.grad_ptrs or pair.staged:
-                pair.host_table[:, GRAD] = torch.tensor(ptrs, dtype=torch.int64)
+            staged = {row: self._stage(batch, pair, row) for row in sorted({*pair.strided_grads, *pair.odd_rows})}
+            if batch.grad_ptrs is not None:
+                ptrs = batch.grad_ptrs[pair.index]
+            else:
+                ptrs = torch.tensor([batch.grads[i].data_ptr() for i in pair.members], dtype=torch.int64)
+            for row, g in staged.items():
+                ptrs[row] = g.data_ptr()
+            if pair.grad_ptrs is None or pair.staged or not torch.equal(ptrs, pair.grad_ptrs):
+                pair.aligned = pair.static_aligned and torch.equal(ptrs & 15, torch.zeros_like(ptrs))
+                pair.host_table[:, GRAD] = ptrs
                 pair.table = upload(pair.host_table.clone(), self.device)
                 self.tables_version += 1
                 pair.grad_ptrs = ptrs
         self._refresh_groups(batch)
 
     @staticmethod
-    def _stage(batch: StepBatch, pair: "PairPlan", row: int, grads: list) -> None:
+    def _stage(batch: StepBatch, pair: "PairPlan", row: int) -> torch.Tensor:
         """The kernels pair element k of every tensor of a row by memory order, so all of them
         must be dense and laid out alike: whatever is not goes through a dense copy. A master
         that is not dense (an FP32 param that is a view with gaps is its own master) is staged
-        in and written back; otherwise the kernels would step the gaps instead of it."""
+        in and written back; otherwise the kernels would step the gaps instead of it. Returns
+        the grad the row reads (the grad itself, or its staged copy)."""
         i = pair.members[row]
-        g, master, p = grads[row], batch.masters[i], batch.params[i]
+        g, master, p = batch.grads[i], batch.masters[i], batch.params[i]
         target = master
         if not is_dense(master):
             target = torch.empty_like(master).copy_(master)  # dense (empty_like: contiguous)
             pair.staged.append((master, target))
             pair.host_table[row, MASTER] = target.data_ptr()
         if g.stride() != target.stride() and g.numel() > 1:
-            grads[row] = torch.empty_like(target, dtype=g.dtype).copy_(g)
-            pair.staged.append((None, grads[row]))  # keeps the staged grad alive for the launch
+            g = torch.empty_like(target, dtype=g.dtype).copy_(g)
+            pair.staged.append((None, g))  # keeps the staged grad alive for the launch
         if p is not master and p.stride() != target.stride() and p.numel() > 1:
             staged = torch.empty_like(target, dtype=p.dtype).copy_(p)
             pair.staged.append((p, staged))
             pair.host_table[row, PARAM] = staged.data_ptr()
+        return g
 
     def _refresh_groups(self, batch: StepBatch) -> None:
         rows = [h.row() for h in batch.groups]
