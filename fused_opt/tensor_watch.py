@@ -151,7 +151,7 @@ def _find_offsets():
     # After PyObject_HEAD (2 words): the at::Tensor, or a c10::MaybeOwned<at::Tensor> (an
     # is-borrowed flag, then the tensor) in the torch versions that have one there.
     head = _words(id(probe), 4)
-    cdata = [k for k in (2, 3) if head[k] == _CDATA(probe) and (k == 2 or head[2] == 0)]
+    cdata = [k for k in (2, 3) if head[k] == _CDATA(probe) and (k == 2 or head[2] & 0xFF == 0)]
     words = _words(_CDATA(probe), 64)
     expected = {0: 2, 1: 3, 2: 5, 1 + _INLINE_DIMS: 7, 2 + _INLINE_DIMS: 1, 1 + 2 * _INLINE_DIMS: 9,
                 2 + 2 * _INLINE_DIMS: 15}

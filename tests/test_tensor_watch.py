@@ -20,7 +20,10 @@ def way(request, monkeypatch):
     if request.param == "python":
         monkeypatch.setattr(tensor_watch, "_offsets", ())
     elif not tensor_watch.native():
-        pytest.fail("this torch's TensorImpl layout was not recognised: every step reads its tensors in Python")
+        why = f"torch {torch.__version__}: its TensorImpl layout was not recognised, so steps read tensors in Python"
+        if torch.__version__.startswith(("2.11", "2.13")):  # the versions we build and test against
+            pytest.fail(why)
+        pytest.skip(why)
     return request.param
 
 
