@@ -43,13 +43,18 @@ def _data_ptr_offset() -> int:
     return _offset
 
 
-def _native_words_equal():
+def native_cpu_function(name: str):
+    """A function of the native CPU module in use, or None where none is built."""
     try:
         from .backends import native_backend
     except ImportError:
         return None
     module = native_backend._native_cpu
-    return getattr(module, "words_equal", None) if module is not None else None
+    return getattr(module, name, None) if module is not None else None
+
+
+def _native_words_equal():
+    return native_cpu_function("words_equal")
 
 
 class PointerWatch:

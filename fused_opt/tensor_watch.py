@@ -113,12 +113,7 @@ def native() -> bool:
 
 
 def _tensor_rows():
-    try:
-        from .backends import native_backend
-    except ImportError:
-        return None
-    module = native_backend._native_cpu
-    return getattr(module, "tensor_rows", None) if module is not None else None
+    return storage_watch.native_cpu_function("tensor_rows")
 
 
 def _words(address: int, count: int) -> list[int]:
