@@ -38,8 +38,8 @@ inline FinalizeArgs finalize_args(int64_t scale, int64_t tracker, int64_t hyster
 #define FUSED_OPT_BUILD_DIGEST ""
 #endif
 
-template <class Partials, class Finalize, class Update>
-void bind_step(pybind11::module_& m, Partials partials, Finalize finalize, Update update) {
+template <class Partials, class Finalize, class Update, class Fold, class Unfold>
+void bind_step(pybind11::module_& m, Partials partials, Finalize finalize, Update update, Fold fold, Unfold unfold) {
   namespace py = pybind11;
   m.attr("BUILD_DIGEST") = FUSED_OPT_BUILD_DIGEST;
   m.def("partials", [partials](int64_t chunks, int64_t num_chunks, int64_t table, int64_t scale, int64_t out,
@@ -69,16 +69,19 @@ void bind_step(pybind11::module_& m, Partials partials, Finalize finalize, Updat
   // caches), and no point between the launches where an exception or an interrupt could leave
   // half a step. Every dtype code is checked before the first launch, so a bad record writes
   // nothing. `across` (None, or a Python callable) runs between the norm pass and the finalize:
-  // sharded params' reduction across ranks, which folds the partials and returns how many
-  // slots the finalize reads; it writes only scratch, so if it raises nothing has changed.
-  m.def("step", [partials, finalize, update](
+  // sharded params' reduction across ranks. With `stats` (the address of a float[2] in device
+  // memory) the partials are folded here into {statistic, inf flag}, `across()` makes that
+  // pair global in place, and it comes back as slot 0; without, `across()` folds the partials
+  // itself and returns how many slots the finalize reads. Either way it writes only scratch,
+  // so if it raises nothing has changed.
+  m.def("step", [partials, finalize, update, fold, unfold](
                     int64_t norms, int64_t num_norms, int64_t updates, int64_t num_updates, int64_t groups,
                     int64_t scalars, int64_t partial_slots, int64_t flag_slots, int64_t num_partials,
                     int64_t scale, int64_t tracker, int64_t hysteresis_tracker, int64_t applied, int64_t skips,
                     int64_t grad_norm, int64_t found_inf, float max_norm, float growth, float backoff,
                     float min_scale, float max_scale, int32_t interval, int32_t hysteresis, bool has_clip,
                     bool norm_inf, bool dynamic, bool consecutive, int64_t chunk_size, int64_t stream,
-                    py::object across) {
+                    py::object across, int64_t stats) {
     const auto* n = reinterpret_cast<const NormRecord*>(norms);
     const auto* u = reinterpret_cast<const UpdateRecord*>(updates);
     auto update_args = [&](const UpdateRecord& r) {
@@ -91,7 +94,14 @@ void bind_step(pybind11::module_& m, Partials partials, Finalize finalize, Updat
       partials(PartialsArgs{n[i].chunks, n[i].num_chunks, n[i].table, scale, n[i].partials, n[i].flags, chunk_size,
                             int(n[i].grad_dtype), norm_inf}, stream);
     }
-    if (!across.is_none()) num_partials = across().cast<int64_t>();
+    if (!across.is_none() && stats != 0) {
+      fold(ReduceArgs{partial_slots, flag_slots, num_partials}, stats, norm_inf, stream);
+      across();
+      num_partials = 1;
+      unfold(ReduceArgs{partial_slots, flag_slots, num_partials}, stats, stream);
+    } else if (!across.is_none()) {
+      num_partials = across().cast<int64_t>();
+    }
     const FinalizeArgs a = finalize_args(scale, tracker, hysteresis_tracker, applied, skips, scalars, grad_norm,
                                          found_inf, max_norm, growth, backoff, min_scale, max_scale, interval,
                                          hysteresis, has_clip, norm_inf, dynamic, consecutive);

@@ -280,16 +280,40 @@ void partials(const PartialsArgs& a, int64_t /*stream*/) {
   });
 }
 
-void finalize_step(const ReduceArgs& r, const FinalizeArgs& a, int64_t /*stream*/) {
+// The norm pass's partials reduced in order, in double: hundreds of them are summed (see
+// accumulate_norm).
+void reduce_partials(const ReduceArgs& r, bool norm_inf, double& total, int& bad) {
   const auto* partials = reinterpret_cast<const float*>(r.partials);
   const auto* flags = reinterpret_cast<const int32_t*>(r.flags);
-  double total = 0.0;  // in double: hundreds of partials summed in order (see accumulate_norm)
-  int bad = 0;
+  total = 0.0;
+  bad = 0;
   for (int64_t c = 0; c < r.num_chunks; ++c) {
-    total = a.norm_inf ? std::max(total, double(partials[c])) : total + partials[c];
+    total = norm_inf ? std::max(total, double(partials[c])) : total + partials[c];
     bad |= flags[c];
   }
+}
+
+void finalize_step(const ReduceArgs& r, const FinalizeArgs& a, int64_t /*stream*/) {
+  double total;
+  int bad;
+  reduce_partials(r, a.norm_inf, total, bad);
   finalize(a, float(total), bad != 0);
+}
+
+// Sharded params (bindings.h, step): this rank's partials folded into the pair that crosses
+// ranks, float[2] = {statistic, inf flag}, and the global pair put back as slot 0.
+void fold_partials(const ReduceArgs& r, int64_t stats, bool norm_inf, int64_t /*stream*/) {
+  double total;
+  int bad;
+  reduce_partials(r, norm_inf, total, bad);
+  reinterpret_cast<float*>(stats)[0] = float(total);
+  reinterpret_cast<float*>(stats)[1] = bad != 0 ? 1.0f : 0.0f;
+}
+
+void unfold_partials(const ReduceArgs& r, int64_t stats, int64_t /*stream*/) {
+  const auto* pair = reinterpret_cast<const float*>(stats);
+  reinterpret_cast<float*>(r.partials)[0] = pair[0];
+  reinterpret_cast<int32_t*>(r.flags)[0] = pair[1] != 0.0f;
 }
 
 #if defined(__F16C__) && defined(__AVX2__)
@@ -535,7 +559,8 @@ void launch_state_encode(const float* x, void* codes, float* scales, int64_t row
 PYBIND11_MODULE(FUSED_OPT_CPU_MODULE, m) {
   m.doc() = "fused_opt C++ CPU kernels";
   m.attr("CPU_PATH") = FUSED_OPT_CPU_PATH;
-  fused_opt::bind_step(m, fused_opt::partials, fused_opt::finalize_step, fused_opt::update);
+  fused_opt::bind_step(m, fused_opt::partials, fused_opt::finalize_step, fused_opt::update, fused_opt::fold_partials,
+                       fused_opt::unfold_partials);
   fused_opt::bind_muon(m, fused_opt::launch_muon_momentum, fused_opt::launch_muon_apply, fused_opt::launch_musgd_apply,
                        fused_opt::launch_state_decode, fused_opt::launch_state_encode);
   // The pool's thread limit, which native_backend.py keeps at torch.get_num_threads().

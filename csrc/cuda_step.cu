@@ -132,21 +132,43 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(PartialsArgs a) {
   }
 }
 
-__global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(ReduceArgs r, FinalizeArgs a) {
-  __shared__ float acc[kFinalizeThreads];
-  __shared__ int bad[kFinalizeThreads];
+// The norm pass's partials reduced by one block into acc[0] and bad[0].
+__device__ void reduce_partials(const ReduceArgs& r, bool norm_inf, float* acc, int* bad) {
   const auto* partials = reinterpret_cast<const float*>(r.partials);
   const auto* flags = reinterpret_cast<const int32_t*>(r.flags);
   float my_acc = 0.0f;
   int my_bad = 0;
   for (int64_t i = threadIdx.x; i < r.num_chunks; i += kFinalizeThreads) {
-    my_acc = a.norm_inf ? fmaxf(my_acc, partials[i]) : my_acc + partials[i];
+    my_acc = norm_inf ? fmaxf(my_acc, partials[i]) : my_acc + partials[i];
     my_bad |= flags[i];
   }
   acc[threadIdx.x] = my_acc;
   bad[threadIdx.x] = my_bad;
-  block_reduce<kFinalizeThreads>(acc, bad, a.norm_inf);
+  block_reduce<kFinalizeThreads>(acc, bad, norm_inf);
+}
+
+__global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(ReduceArgs r, FinalizeArgs a) {
+  __shared__ float acc[kFinalizeThreads];
+  __shared__ int bad[kFinalizeThreads];
+  reduce_partials(r, a.norm_inf, acc, bad);
   if (threadIdx.x == 0) finalize(a, acc[0], bad[0] != 0);
+}
+
+// Sharded params (bindings.h, step): this rank's partials folded into the pair that crosses
+// ranks, float[2] = {statistic, inf flag}, and the global pair put back as slot 0.
+__global__ void __launch_bounds__(kFinalizeThreads) fold_kernel(ReduceArgs r, float* stats, bool norm_inf) {
+  __shared__ float acc[kFinalizeThreads];
+  __shared__ int bad[kFinalizeThreads];
+  reduce_partials(r, norm_inf, acc, bad);
+  if (threadIdx.x == 0) {
+    stats[0] = acc[0];
+    stats[1] = bad[0] != 0 ? 1.0f : 0.0f;
+  }
+}
+
+__global__ void unfold_kernel(ReduceArgs r, const float* stats) {
+  reinterpret_cast<float*>(r.partials)[0] = stats[0];
+  reinterpret_cast<int32_t*>(r.flags)[0] = stats[1] != 0.0f;
 }
 
 template <class G, class P>
@@ -259,6 +281,16 @@ void partials(const PartialsArgs& a, int64_t stream) {
 void finalize_step(const ReduceArgs& r, const FinalizeArgs& a, int64_t stream) {
   finalize_kernel<<<1, kFinalizeThreads, 0, cudaStream_t(stream)>>>(r, a);
   check(cudaGetLastError(), "finalize launch");
+}
+
+void fold_partials(const ReduceArgs& r, int64_t stats, bool norm_inf, int64_t stream) {
+  fold_kernel<<<1, kFinalizeThreads, 0, cudaStream_t(stream)>>>(r, reinterpret_cast<float*>(stats), norm_inf);
+  check(cudaGetLastError(), "fold launch");
+}
+
+void unfold_partials(const ReduceArgs& r, int64_t stats, int64_t stream) {
+  unfold_kernel<<<1, 1, 0, cudaStream_t(stream)>>>(r, reinterpret_cast<const float*>(stats));
+  check(cudaGetLastError(), "unfold launch");
 }
 
 void update(const UpdateArgs& a, int64_t stream) {
@@ -405,7 +437,8 @@ void launch_state_encode(const float* x, void* codes, float* scales, int64_t row
 
 PYBIND11_MODULE(_native_cuda, m) {
   m.doc() = "fused_opt CUDA kernels";
-  fused_opt::bind_step(m, fused_opt::partials, fused_opt::finalize_step, fused_opt::update);
+  fused_opt::bind_step(m, fused_opt::partials, fused_opt::finalize_step, fused_opt::update, fused_opt::fold_partials,
+                       fused_opt::unfold_partials);
   fused_opt::bind_muon(m, fused_opt::launch_muon_momentum, fused_opt::launch_muon_apply, fused_opt::launch_musgd_apply,
                        fused_opt::launch_state_decode, fused_opt::launch_state_encode);
   m.attr("CUDA_VERSION") = CUDART_VERSION;          // e.g. 13000

@@ -48,11 +48,13 @@ class ShardReduction:
         import torch.distributed as dist
         # L2: sums of squares and inf counts add up; inf-norm: maxima and "any inf" take the max.
         op = dist.ReduceOp.MAX if norm_inf else dist.ReduceOp.SUM
+        if len(self.layouts) == 1:
+            for group in self.layouts[0][0]:
+                dist.all_reduce(stats, op=op, group=group)
+            return stats[0]
         for row, (groups, _) in zip(stats, self.layouts):
             for group in groups:
                 dist.all_reduce(row, op=op, group=group)
-        if len(self.layouts) == 1:
-            return stats[0]
         # Each row is global over its own mesh now: the layouts hold disjoint params.
         return stats.amax(0) if norm_inf else stats.sum(0)
 

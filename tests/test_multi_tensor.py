@@ -179,7 +179,7 @@ def test_native_one_call_step_checks_every_record_before_writing():
                         slots.data_ptr(), flags.data_ptr(), 1, scale.data_ptr(), counters[0:].data_ptr(),
                         counters[1:].data_ptr(), counters[2:].data_ptr(), counters[3:].data_ptr(), norm.data_ptr(),
                         found.data_ptr(), 1.0, 2.0, 0.5, 0.0, float("inf"), 1, 1, True, False, True, False, 65536, 0,
-                        None)
+                        None, 0)
         assert scale.item() == 8.0 and not counters.any() and torch.equal(slots, torch.full((2,), 7.0))
 
 

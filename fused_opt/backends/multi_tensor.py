@@ -129,6 +129,11 @@ class Plan:
             self.scalars.copy_(upload(settings, device))
         # DTensor params on several meshes: each layout's partials slots, reduced over its own mesh.
         self.layout_slots = self._layout_slots(batch) if batch.reduce_stats is not None else [None]
+        # DTensor params on one mesh: the [1, 2] row {statistic, inf flag} the partials are
+        # folded into for the all-reduce (reduce_across_shards; the native step folds it itself).
+        self.fold_row = None
+        if batch.reduce_stats is not None and len(self.layout_slots) == 1:
+            self.fold_row = torch.zeros(1, 2, dtype=torch.float32, device=device)
         self.group_rows = None
         self.group_table = None
         self.tables_version = 0  # counts replaced chunk tables (what a backend caches addresses of)
@@ -269,18 +274,39 @@ class Plan:
         n = self.norm_chunks
         if batch.reduce_stats is None:
             return n
-        rows = []
-        for slots in self.layout_slots:
-            if not n:  # a rank may hold only empty shards
-                rows.append(torch.zeros(2, dtype=torch.float32, device=self.device))
-                continue
-            partials = self.partials[:n] if slots is None else self.partials.index_select(0, slots)
-            flags = self.flags[:n] if slots is None else self.flags.index_select(0, slots)
-            rows.append(torch.stack([partials.amax() if norm_inf else partials.sum(), flags.amax().float()]))
-        total = batch.reduce_stats(torch.stack(rows), norm_inf)
+        if self.fold_row is not None:
+            total = batch.reduce_stats(self._fold(norm_inf), norm_inf)
+        else:
+            rows = []
+            for slots in self.layout_slots:
+                if not n:  # a rank may hold only empty shards
+                    rows.append(torch.zeros(2, dtype=torch.float32, device=self.device))
+                    continue
+                partials = self.partials[:n] if slots is None else self.partials.index_select(0, slots)
+                flags = self.flags[:n] if slots is None else self.flags.index_select(0, slots)
+                rows.append(torch.stack([partials.amax() if norm_inf else partials.sum(), flags.amax().float()]))
+            total = batch.reduce_stats(torch.stack(rows), norm_inf)
         self.partials[:1].copy_(total[:1])
         self.flags[:1].copy_(total[1:])
         return 1
+
+    def _fold(self, norm_inf: bool) -> torch.Tensor:
+        """fold_row, from this rank's partials in two ops on views kept with it (a dozen small
+        ops each step were most of what sharding added to the host's work at a few hundred
+        tensors). The inf flags are summed: more than 0 is an inf on either side of the
+        all-reduce, whether it sums or takes the max."""
+        views = self.cache.get("fold")
+        if views is None:
+            n = self.norm_chunks
+            views = self.cache["fold"] = (self.fold_row[0, :1], self.fold_row[0, 1:], self.partials[:n],
+                                          self.flags[:n])
+        norm, flag, partials, flags = views
+        if partials.numel():  # a rank may hold only empty shards
+            (torch.amax if norm_inf else torch.sum)(partials, 0, keepdim=True, out=norm)
+        else:
+            norm.zero_()
+        torch.sum(flags, 0, keepdim=True, dtype=torch.float32, out=flag)
+        return self.fold_row
 
     def write_back(self, batch: StepBatch) -> None:
         """After the update launches: staged params and masters get their update from the

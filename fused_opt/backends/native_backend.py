@@ -259,7 +259,8 @@ def _static_args(plan) -> dict:
                    param_code.get(pair.master_kind, DTYPE_CODES[pair.param_dtype])) for pair in plan.pairs]
         args = plan.cache["native"] = dict(norm=norm, update=update, partials=plan.partials.data_ptr(),
                                            flags=plan.flags.data_ptr(), scalars=plan.scalars.data_ptr(),
-                                           ema_dtype=DTYPE_CODES[plan.ema_dtype or torch.float32])
+                                           ema_dtype=DTYPE_CODES[plan.ema_dtype or torch.float32],
+                                           fold_row=0 if plan.fold_row is None else plan.fold_row.data_ptr())
     return args
 
 
@@ -294,10 +295,14 @@ def step(batch: StepBatch) -> None:
     groups = plan.group_table.data_ptr()
     if one_call(batch):
         norms, num_norms, updates, num_updates = _records(plan, static)
-        across = None if batch.reduce_stats is None else partial(plan.reduce_across_shards, batch, norm_inf)
+        across, fold_row = None, 0
+        if plan.fold_row is not None:  # DTensor params on one mesh: the module folds the partials
+            across, fold_row = partial(batch.reduce_stats, plan.fold_row, norm_inf), static["fold_row"]
+        elif batch.reduce_stats is not None:
+            across = partial(plan.reduce_across_shards, batch, norm_inf)
         args = (norms.data_ptr(), num_norms, updates.data_ptr(), num_updates, groups, static["scalars"],
                 static["partials"], static["flags"], plan.norm_chunks, *finalize_args, plan.chunk_size, stream,
-                across)
+                across, fold_row)
         if batch.flat_grads is not None:  # nothing after the call: flat steps stage nothing, bump no versions
             launch_step(module, *args)
             return
