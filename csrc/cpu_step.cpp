@@ -93,6 +93,7 @@ struct Masters8 {
   float* w;
   uint16_t* p;
   explicit Masters8(const TensorEntry& t) : w(reinterpret_cast<float*>(t.master)), p(reinterpret_cast<uint16_t*>(t.param)) {}
+  explicit Masters8(const MasterOf<P>& m) : w(m.master), p(m.param) {}
   __m256 load(int64_t i) const { return retake8<P>(p + i, _mm256_loadu_ps(w + i)); }
   void store(int64_t i, __m256 wi) const {
     _mm256_storeu_ps(w + i, wi);
@@ -105,6 +106,7 @@ struct Masters8<BF16Remainder8> {
   int8_t* r;
   uint16_t* p;
   explicit Masters8(const TensorEntry& t) : r(reinterpret_cast<int8_t*>(t.master)), p(reinterpret_cast<uint16_t*>(t.param)) {}
+  explicit Masters8(const MasterOf<BF16Remainder8>& m) : r(m.master), p(m.param) {}
   __m256 load(int64_t i) const {
     const __m256i top = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i))), 16);
     const __m256i r8 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r + i)));
@@ -486,6 +488,25 @@ void for_members(int64_t per, int64_t b, int64_t e, Fn&& fn) {
   }
 }
 
+// Muon's weight step over one member's elements [begin, end): with AVX2, 8 at a time for the
+// param storages Masters8 has (FP16/BF16 beside FP32 masters, BF16 with int8 remainders),
+// muon_apply on 8 lanes (one FMA, as fmaf; the same bits); the rest element by element. The
+// scalar loop's re-take and rounding kept it compute-bound (2x the momentum stage's time).
+template <class P>
+void muon_apply_member(const MasterOf<P>& m, const uint16_t* update, int64_t begin, int64_t end, float decay,
+                       float alpha) {
+#if defined(__F16C__) && defined(__AVX2__)
+  if constexpr (kHalf<P> || P::kRemainder8) {
+    const Masters8<P> masters(m);
+    const __m256 d = _mm256_set1_ps(decay), a = _mm256_set1_ps(alpha);
+    for (; begin + 8 <= end; begin += 8) {
+      masters.store(begin, _mm256_fmadd_ps(a, load8<BF16>(update + begin), _mm256_mul_ps(masters.load(begin), d)));
+    }
+  }
+#endif
+  muon_apply_range<P>(m, update, begin, end, 1, decay, alpha);
+}
+
 void launch_muon_apply(void* masters, const uint16_t* update, uint16_t* const* params, int64_t per, int64_t n,
                        const bool* found_inf, float decay, float alpha, int param_dtype, int64_t) {
   if (*found_inf) return;  // a skipped step writes nothing
@@ -493,10 +514,38 @@ void launch_muon_apply(void* masters, const uint16_t* update, uint16_t* const* p
     using P = decltype(p);
     parallel_range(n, [&](int64_t b, int64_t e) {
       for_members(per, b, e, [&](int64_t m, int64_t lo, int64_t hi) {
-        muon_apply_range<P>(member_of<P>(masters, params, per, m), update + m * per, lo, hi, 1, decay, alpha);
+        muon_apply_member<P>(member_of<P>(masters, params, per, m), update + m * per, lo, hi, decay, alpha);
       });
     });
   });
+}
+
+// MuSGD's weight step over one member's elements, as muon_apply_member: musgd_apply on 8
+// lanes (the Muon part's O * s rounded to BF16 as theirs, (b * mu) + d in two roundings).
+template <class P, bool kMuon, bool kDecay, bool kNesterov>
+void musgd_apply_member(const MasterOf<P>& m, const uint16_t* update, const float* u, float* buf, int64_t begin,
+                        int64_t end, const MuSGDArgs& k) {
+#if defined(__F16C__) && defined(__AVX2__)
+  if constexpr (kHalf<P> || P::kRemainder8) {
+    const Masters8<P> masters(m);
+    const __m256 muon_alpha = _mm256_set1_ps(k.muon_alpha), scale = _mm256_set1_ps(k.scale);
+    const __m256 weight_decay = _mm256_set1_ps(k.weight_decay), mu = _mm256_set1_ps(k.mu);
+    const __m256 sgd_alpha = _mm256_set1_ps(k.sgd_alpha);
+    for (; begin + 8 <= end; begin += 8) {
+      __m256 w = masters.load(begin);
+      if constexpr (kMuon) {
+        const __m128i o = round8<BF16>(_mm256_mul_ps(load8<BF16>(update + begin), scale));
+        w = _mm256_fmadd_ps(muon_alpha, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(o), 16)), w);
+      }
+      const __m256 ui = _mm256_loadu_ps(u + begin);
+      const __m256 d = kDecay ? _mm256_fmadd_ps(weight_decay, w, ui) : ui;
+      const __m256 nb = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(buf + begin), mu), d);
+      _mm256_storeu_ps(buf + begin, nb);
+      masters.store(begin, _mm256_fmadd_ps(sgd_alpha, kNesterov ? _mm256_fmadd_ps(mu, nb, d) : nb, w));
+    }
+  }
+#endif
+  musgd_apply_range<P, kMuon, kDecay, kNesterov>(m, update, u, buf, begin, end, 1, k);
 }
 
 void launch_musgd_apply(void* masters, const uint16_t* update, const float* u, float* buf, uint16_t* const* params,
@@ -508,9 +557,9 @@ void launch_musgd_apply(void* masters, const uint16_t* update, const float* u, f
     with_flags([&](auto muon, auto decay, auto nest) {
       parallel_range(n, [&](int64_t b, int64_t e) {
         for_members(per, b, e, [&](int64_t m, int64_t lo, int64_t hi) {
-          musgd_apply_range<P, muon.value, decay.value, nest.value>(
+          musgd_apply_member<P, muon.value, decay.value, nest.value>(
               member_of<P>(masters, params, per, m), muon.value ? update + m * per : nullptr, u + m * per,
-              buf + m * per, lo, hi, 1, k);
+              buf + m * per, lo, hi, k);
         });
       });
     }, update != nullptr, k.weight_decay != 0.0f, nesterov);
