@@ -147,7 +147,7 @@ class PerTensorStorage:
         check_param_memory([local(p) for p in owners], lambda k: opt._param_name(owners[k]))
         layout = StepLayout(signature, next(self._ids))
         layout.reduce_stats = shard_reduction(owners)
-        layout.specs = specs_of(owners) if layout.reduce_stats is not None else None
+        layout.specs = specs_of(owners) if opt._sharded else None
         rule = opt.RULE
         fixes = []
         for i in active:  # first check all, then write: a raise leaves the state as it was

@@ -211,6 +211,57 @@ def test_a_reduction_across_ranks_that_raises_inside_the_one_call_step_changes_n
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
 
+class TwoRanksAlike:
+    """Stands in for distributed.ShardReduction over one mesh of 2 ranks holding the same
+    shards: the all-reduce doubles a sum and keeps a max. Records the pair each step sends."""
+    members = [None]
+
+    def __init__(self):
+        self.sent = []
+
+    def __call__(self, stats, norm_inf):
+        self.sent.append(stats.clone())
+        if not norm_inf:
+            stats.mul_(2.0)
+        return stats[0]
+
+
+@pytest.mark.parametrize("backend,device", FUSED, ids=FUSED_IDS)
+@pytest.mark.parametrize("norm_type", [2.0, math.inf], ids=["l2", "inf"])
+def test_one_layout_folds_the_partials_around_the_all_reduce(backend, device, norm_type, monkeypatch):
+    """Sharded params on one mesh: the native step folds its partials into the [statistic, inf
+    flag] pair the all-reduce gets and reads the global pair back (the Triton backend folds
+    with two tensor ops). The pair sent is this rank's, the norm the clip and skip use is the
+    reduced one, and an inf on this rank reaches it."""
+    from fused_opt import step_layout
+    reduction = TwoRanksAlike()
+    monkeypatch.setattr(step_layout, "shard_reduction", lambda params: reduction)
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n, generator=gen).half().to(device)) for n in (1, 7, 1023, 70000)]
+    opt = fused_opt.FusedMixedPrecisionSGD(params, lr=0.1, momentum=0.9, max_grad_norm=1e-3, norm_type=norm_type,
+                                           loss_scale=None, backend=backend)
+    for step in range(3):
+        grads = [torch.randn(p.shape, generator=gen).half().to(device) for p in params]
+        if step == 1:
+            grads[3][5] = math.inf
+        for p, g in zip(params, grads):
+            p.grad = g
+        before = [p.detach().clone() for p in params]
+        opt.step()
+        flat = torch.cat([g.float().flatten() for g in grads])
+        local = flat.abs().max() if norm_type == math.inf else flat.square().sum()
+        sent = reduction.sent[-1].reshape(-1)
+        if step == 1:
+            assert sent[1].item() > 0 and opt.last_step_skipped.item()
+            assert all(torch.equal(a, b) for a, b in zip(before, params))
+            continue
+        assert sent[1].item() == 0 and not opt.last_step_skipped.item()
+        torch.testing.assert_close(sent[0].cpu(), local.cpu(), rtol=1e-5, atol=0)
+        expected = local if norm_type == math.inf else (2.0 * local).sqrt()
+        torch.testing.assert_close(opt.last_grad_norm.cpu(), expected.cpu(), rtol=1e-5, atol=0)
+    assert len(reduction.sent) == 3
+
+
 SPECIAL = [0.0, -0.0, 1.0, 65504.0, 65520.0, 70000.0, 1e-8, -6e-8, 5.96e-8, 2.98e-8, 1.0009765625,
            1.00048828125, 1.00146484375, 1.00390625, 1.005859375, 3.0e38, -3.3e38, 1.17e-38, 9e-41,
            float("inf"), float("-inf"), 0.1, -0.3, 1234.5678]
