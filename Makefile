@@ -46,7 +46,8 @@ test: setup $(VENV)/.frameworks $(VENV)/.peers
 # The package is copied beside the instrumented modules (build/asan) and imported from there;
 # libasan (and libstdc++, which it must come before) is preloaded into the uninstrumented Python.
 ASAN_TESTS := tests/test_moved_storage.py tests/test_safety.py tests/test_remainder.py tests/test_flat_grads.py tests/test_adamw.py \
-	tests/test_ema.py tests/test_compressed.py tests/test_int8_bounds.py tests/test_trust.py tests/test_muon.py tests/test_tensor_watch.py
+	tests/test_ema.py tests/test_compressed.py tests/test_int8_bounds.py tests/test_trust.py tests/test_muon.py tests/test_tensor_watch.py \
+	tests/test_multi_tensor.py
 asan: setup
 	rm -rf build/asan build/asan-temp && mkdir -p build/asan
 	tar --exclude='*.so' --exclude=__pycache__ -cf - fused_opt | tar -xf - -C build/asan
