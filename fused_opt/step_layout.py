@@ -122,7 +122,7 @@ class PerTensorStorage:
             layout.grad_rows, layout.grad_dtypes = tensor_watch.read(shards), dtypes
             layout.grad_itemsizes = torch.tensor([g.element_size() for g in shards], dtype=torch.int64)
             layout.grad_version = next(self._ids)
-            grad_ptrs = tensor_watch.relaid(shards, layout.grad_rows, layout.grad_itemsizes)
+            grad_ptrs = tensor_watch.pointers(layout.grad_rows, layout.grad_itemsizes)
         grads = shards
         max_norm, norm_type = clip
         return StepBatch(params=layout.params, grads=grads, masters=layout.masters, buffers=layout.buffers,

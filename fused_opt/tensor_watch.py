@@ -37,11 +37,12 @@ _offsets = None  # (borrowed, cdata, storage_field, storage_ptr, sizes, type_wor
 
 class Rows:
     """The memory and layout of a list of tensors as read() found them: `words` ([n, WIDTH]
-    int64, read natively) or `tuples` (one per tensor, read in Python)."""
-    __slots__ = ("words", "tuples")
+    int64, read natively) or `tuples` (one per tensor, read in Python: each a full tuple, or
+    only its data pointer where `full` is False)."""
+    __slots__ = ("words", "tuples", "full")
 
-    def __init__(self, words=None, tuples=None):
-        self.words, self.tuples = words, tuples
+    def __init__(self, words=None, tuples=None, full=True):
+        self.words, self.tuples, self.full = words, tuples, full
 
 
 def read(tensors: list, full: bool = True) -> Rows:
@@ -51,7 +52,7 @@ def read(tensors: list, full: bool = True) -> Rows:
     words = _native_rows(tensors)
     if words is not None:
         return Rows(words=words)
-    return Rows(tuples=list(map(_tuple_of if full else _DATA_PTR, tensors)))
+    return Rows(tuples=list(map(_tuple_of if full else _DATA_PTR, tensors)), full=full)
 
 
 def unchanged(tensors: list, cached: Rows | None) -> bool:
@@ -64,9 +65,8 @@ def unchanged(tensors: list, cached: Rows | None) -> bool:
         return words is not None and words.shape == cached.words.shape and torch.equal(words, cached.words)
     # One tuple at a time, each freed at once: thousands kept per step would wake Python's
     # cyclic GC (10,000 tensors: 31 -> 86 ms a step).
-    full = bool(cached.tuples) and isinstance(cached.tuples[0], tuple)
     return len(tensors) == len(cached.tuples) and all(
-        map(operator.eq, map(_tuple_of if full else _DATA_PTR, tensors), cached.tuples))
+        map(operator.eq, map(_tuple_of if cached.full else _DATA_PTR, tensors), cached.tuples))
 
 
 def relaid(tensors: list, cached: Rows | None, itemsizes: torch.Tensor) -> torch.Tensor | None:
@@ -82,11 +82,20 @@ def relaid(tensors: list, cached: Rows | None, itemsizes: torch.Tensor) -> torch
                 or not torch.equal(words[:, STORAGE_PTR + 1:OFFSET], cached.words[:, STORAGE_PTR + 1:OFFSET])
                 or not torch.equal(words[:, OFFSET + 1:], cached.words[:, OFFSET + 1:])):
             return None
-        return words[:, STORAGE_PTR] + words[:, OFFSET] * itemsizes
-    if len(tensors) != len(cached.tuples) or not all(
-            map(operator.eq, map(_layout_of, map(_tuple_of, tensors)), map(_layout_of, cached.tuples))):
+        return pointers(Rows(words=words), itemsizes)
+    tuples = list(map(_tuple_of, tensors))
+    if len(tuples) != len(cached.tuples) or not all(
+            map(operator.eq, map(_layout_of, tuples), map(_layout_of, cached.tuples))):
         return None
-    return torch.tensor(list(map(_DATA_PTR, tensors)), dtype=torch.int64)
+    return pointers(Rows(tuples=tuples), itemsizes)
+
+
+def pointers(rows: Rows, itemsizes: torch.Tensor) -> torch.Tensor:
+    """Each tensor's data_ptr() (int64) from full rows just read (`itemsizes`: each one's
+    element size)."""
+    if rows.words is not None:
+        return rows.words[:, STORAGE_PTR] + rows.words[:, OFFSET] * itemsizes
+    return torch.tensor([t[0] for t in rows.tuples], dtype=torch.int64)
 
 
 def _native_rows(tensors: list) -> torch.Tensor | None:
