@@ -271,6 +271,10 @@ FUSED_HD void sgd_compressed(const TensorEntry& t, const StepCoefs& coefs, float
     // Not zeroed: a rep stos per block was a sixth of the int8 loop's time on an x86-64 CPU,
     // and without a buffer nothing reads it.
     float b[kStateBlock];
+    prefetch_block<typename G::storage>(gg, at);
+    prefetch_block<typename MasterOf<P>::MasterStorage>(wo.master, at);
+    if (has_param) prefetch_block<typename P::storage>(wo.param, at);
+    if (has_buf) prefetch_codes<State, SignedCodes>(buf, at);
     if (has_buf) decode_block<State, SignedCodes>(buf, scales, at, n, b);
 #ifdef __CUDA_ARCH__
     // On the device the flags stay run-time values (uniform over the block): one loop, a short build.
@@ -316,6 +320,12 @@ FUSED_HD void adamw_compressed(const TensorEntry& t, const AdamWCoefs& coefs, fl
     const MasterOf<P> wo = w_of;
     const auto* gg = g;
     const float inv = inv_scale;
+    prefetch_block<typename G::storage>(gg, at);
+    prefetch_block<typename MasterOf<P>::MasterStorage>(wo.master, at);
+    if (has_param) prefetch_block<typename P::storage>(wo.param, at);
+    prefetch_codes<State, SignedCodes>(m_codes, at);
+    prefetch_codes<State, UnsignedCodes>(v_codes, at);
+    if (amsgrad) prefetch_codes<State, UnsignedCodes>(vmax_codes, at);
 #ifdef __CUDA_ARCH__
     for (int e = 0; e < n; ++e) {
       const float u = unscale<G>(gg[at + e], inv), w = wo.load(at + e, has_param);
