@@ -584,18 +584,23 @@ void for_stack_blocks(int64_t per, int64_t j0, int64_t j1, Fn&& fn) {
   }
 }
 
+// fn(member, first element, count) over a stack's blocks, split over the threads.
+template <class Fn>
+void parallel_stack_blocks(int64_t rows, int64_t per, Fn&& fn) {
+  parallel_range(rows * ((per + kStateBlock - 1) / kStateBlock) * kStateBlock, [&](int64_t b, int64_t e) {
+    for_stack_blocks(per, b / kStateBlock, e / kStateBlock, fn);
+  });
+}
+
 void launch_state_decode(const void* codes, const float* scales, float* out, int64_t rows, int64_t per,
                          bool is_signed, int64_t) {
   const int64_t blocks_per = (per + kStateBlock - 1) / kStateBlock;
   auto decode = [&](auto codes_of) {
     using Codes = decltype(codes_of);
-    using C = typename Codes::storage;
-    parallel_range(rows * blocks_per * kStateBlock, [&](int64_t b, int64_t e) {
-      for_stack_blocks(per, b / kStateBlock, e / kStateBlock, [&](int64_t m, int64_t at, int n) {
-        prefetch_block<C>(static_cast<const C*>(codes) + m * per, at);
-        decode_block<kStateInt8, Codes>(static_cast<const C*>(codes) + m * per, scales + m * blocks_per, at, n,
-                                        out + m * per + at);
-      });
+    const auto* c = static_cast<const typename Codes::storage*>(codes);
+    parallel_stack_blocks(rows, per, [&](int64_t m, int64_t at, int n) {
+      prefetch_block<typename Codes::storage>(c + m * per, at);
+      decode_block<kStateInt8, Codes>(c + m * per, scales + m * blocks_per, at, n, out + m * per + at);
     });
   };
   if (is_signed) decode(SignedCodes{}); else decode(UnsignedCodes{});
@@ -608,13 +613,11 @@ void launch_state_encode(const float* x, void* codes, float* scales, int64_t row
   const int64_t blocks_per = (per + kStateBlock - 1) / kStateBlock;
   auto encode = [&](auto codes_of) {
     using Codes = decltype(codes_of);
-    using C = typename Codes::storage;
-    parallel_range(rows * blocks_per * kStateBlock, [&](int64_t b, int64_t e) {
-      for_stack_blocks(per, b / kStateBlock, e / kStateBlock, [&](int64_t m, int64_t at, int n) {
-        prefetch_block<float>(x + m * per, at);
-        encode_block<kStateInt8, Codes>(static_cast<C*>(codes) + m * per, scales + m * blocks_per, at, n,
-                                        x + m * per + at, uint32_t(salts[salt_per_row ? m : 0]));
-      });
+    auto* c = static_cast<typename Codes::storage*>(codes);
+    parallel_stack_blocks(rows, per, [&](int64_t m, int64_t at, int n) {
+      prefetch_block<float>(x + m * per, at);
+      encode_block<kStateInt8, Codes>(c + m * per, scales + m * blocks_per, at, n, x + m * per + at,
+                                      uint32_t(salts[salt_per_row ? m : 0]));
     });
   };
   if (is_signed) encode(SignedCodes{}); else encode(UnsignedCodes{});
