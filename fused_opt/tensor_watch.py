@@ -83,11 +83,11 @@ def relaid(tensors: list, cached: Rows | None, itemsizes: torch.Tensor) -> torch
                 or not torch.equal(words[:, OFFSET + 1:], cached.words[:, OFFSET + 1:])):
             return None
         return pointers(Rows(words=words), itemsizes)
-    tuples = list(map(_tuple_of, tensors))
-    if len(tuples) != len(cached.tuples) or not all(
-            map(operator.eq, map(_layout_of, tuples), map(_layout_of, cached.tuples))):
+    # (compared one tuple at a time, as in unchanged: none kept)
+    if len(tensors) != len(cached.tuples) or not all(
+            map(operator.eq, map(_layout_of, map(_tuple_of, tensors)), map(_layout_of, cached.tuples))):
         return None
-    return pointers(Rows(tuples=tuples), itemsizes)
+    return torch.tensor(list(map(_DATA_PTR, tensors)), dtype=torch.int64)
 
 
 def pointers(rows: Rows, itemsizes: torch.Tensor) -> torch.Tensor:
