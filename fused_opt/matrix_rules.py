@@ -3,7 +3,10 @@ Muon + SGD hybrid). The pipeline around them is the one SGD and AdamW run (unsca
 check, norm and clip before; masters, state precision, write-back and EMA after); what a rule
 now is grew by one thing: instead of a per-element `update(w, u, ...)` these rules have a
 list-level `update_all`, elementwise stages around one matrix stage (newton_schulz.py) that
-orthogonalizes every param's momentum at once, batched by shape.
+orthogonalizes every param's momentum at once, batched by shape. `update_all` is a generator:
+it yields its matrix stage (newton_schulz.Request) and takes the results, so that a step of
+many stacks can run their matrix stages together (newton_schulz.run_together); its value is
+the new masters.
 
 A Muon param group has `algorithm="muon"` (the default) or `"adamw"`: params that are not
 matrices (biases, norms) and those the user keeps off Muon (embeddings, the head) are
@@ -167,11 +170,15 @@ class Muon:
                 updates.append(torch.lerp(us[i], new_b, h.momentum) if h.nesterov else new_b)
                 commit(b, new_b, found_inf)
             commit(counts[i], counts[i] + 1, found_inf)
-        # 2. the matrix stage: one batched Newton-Schulz per (group settings, shape)
-        for members in _by_settings([hypers[i] for i in muon]):
+        # 2. the matrix stage: one batched Newton-Schulz per (group settings, shape), run by the caller
+        settings = _by_settings([hypers[i] for i in muon])
+        requests = []
+        for members in settings:
             h = hypers[muon[members[0]]]
-            rows = newton_schulz.orthogonalize([updates[k] for k in members], "torch", h.ns_coefficients,
-                                               h.ns_steps, h.eps, stacked)
+            requests.append(newton_schulz.Request([updates[k] for k in members], "torch", h.ns_coefficients,
+                                                  h.ns_steps, h.eps, stacked))
+        results = yield requests
+        for members, rows in zip(settings, results):
             for k, o in zip(members, rows):
                 updates[k] = o
         # 3. decoupled weight decay, then the step at the adjusted lr (torch's mul_ and add_)
@@ -312,7 +319,7 @@ class MuSGD:
                 new_b = torch.lerp(b, us[i], 1 - h.momentum)
                 updates.append(torch.lerp(us[i], new_b, h.momentum) if h.nesterov else new_b)
                 commit(b, new_b, found_inf)
-            rows = newton_schulz.orthogonalize(updates, "ultralytics", stacked=stacked)
+            (rows,) = yield [newton_schulz.Request(updates, "ultralytics", stacked=stacked)]
             for i, o in zip(muon, rows):
                 orthogonal[i] = o
         new_ws = []

@@ -10,7 +10,9 @@ each gives its own reference's BF16 roundings.
 """
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -38,12 +40,15 @@ def adjusted_lr_ratio(adjust_lr_fn: str | None, shape) -> float:
     raise ValueError(f"adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got {adjust_lr_fn!r}")
 
 
-def _torch_iteration(x: torch.Tensor, coefficients, steps: int, eps: float) -> torch.Tensor:
-    """torch.optim.Muon's _zeropower_via_newtonschulz on a batch (k, m, n) of BF16 matrices
-    with m <= n: each divided by its norm clamped at eps, then `steps` quintic iterations."""
+def _torch_divisor(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """torch.optim.Muon divides each matrix by its norm clamped at eps."""
+    return torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True).clamp(min=eps)
+
+
+def _torch_quintic(x: torch.Tensor, coefficients, steps: int) -> torch.Tensor:
+    """torch.optim.Muon's _zeropower_via_newtonschulz iterations on a batch (k, m, n) of BF16
+    matrices with m <= n, each already divided by its norm."""
     a, b, c = coefficients
-    norms = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)
-    x = x / norms.clamp(min=eps)
     for _ in range(steps):
         gram = torch.bmm(x, x.transpose(1, 2))
         gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
@@ -51,11 +56,14 @@ def _torch_iteration(x: torch.Tensor, coefficients, steps: int, eps: float) -> t
     return x
 
 
-def _ultralytics_iteration(x: torch.Tensor, coefficients, steps: int, eps: float) -> torch.Tensor:
-    """Ultralytics' zeropower_via_newtonschulz5 on a batch: X / (|X| + eps), then
-    A = X X^T, B = b A + c A A, X = a X + B X."""
+def _ultralytics_divisor(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Ultralytics' zeropower_via_newtonschulz5 divides by the norm plus eps."""
+    return torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True) + eps
+
+
+def _ultralytics_quintic(x: torch.Tensor, coefficients, steps: int) -> torch.Tensor:
+    """Its iterations: A = X X^T, B = b A + c A A, X = a X + B X."""
     a, b, c = coefficients
-    x = x / (torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True) + eps)
     for _ in range(steps):
         gram = torch.bmm(x, x.transpose(1, 2))
         poly = b * gram + c * torch.bmm(gram, gram)
@@ -63,7 +71,7 @@ def _ultralytics_iteration(x: torch.Tensor, coefficients, steps: int, eps: float
     return x
 
 
-ITERATIONS = {"torch": _torch_iteration, "ultralytics": _ultralytics_iteration}
+ITERATIONS = {"torch": (_torch_divisor, _torch_quintic), "ultralytics": (_ultralytics_divisor, _ultralytics_quintic)}
 
 
 def orthogonalize(updates: list[torch.Tensor], variant: str, coefficients=NS_COEFFICIENTS, steps: int = NS_STEPS,
@@ -110,5 +118,143 @@ def _whole_batch(x: torch.Tensor, variant: str, coefficients, steps: int, eps: f
     tall = x.shape[1] > x.shape[2]
     if tall:  # iterate on the wide side: X X^T is the smaller Gram matrix
         x = x.transpose(1, 2)
-    x = ITERATIONS[variant](x, coefficients, steps, eps)
+    divisor, quintic = ITERATIONS[variant]
+    x = quintic(x / divisor(x, eps), coefficients, steps)
     return x.transpose(1, 2) if tall else x
+
+
+# -- Many stacks at once -----------------------------------------------------------------------
+# A model of many small matrices (a detector's convs) has many shapes, one or a few matrices
+# each, and on the CPU a BF16 matmul of small matrices costs about the same ~25 us whatever its
+# size: the matrix stage was that overhead, 15 calls per shape. Zero padding changes nothing in
+# the iteration (X X^T, the Gram products and their sums over the padding add zeros; padded
+# rows and columns stay zero), so matrices of different shapes can share a batch: each is
+# divided by its own norm first, written into a zero batch of the larger shape, and cut out
+# after. (BF16 matmuls on this CPU give the same bits padded or not; elsewhere the sums are the
+# same math in another order.) Which shapes share is chosen by the estimate below, on the CPU
+# and for matrices of at most SMALL_MATRIX elements; a GPU keeps one batch per shape.
+SMALL_MATRIX = 1 << 16
+CALL_SECONDS, FLOPS = 30e-6, 0.3e12  # a small BF16 matmul's cost and a batch's rate on a 2-core x86-64
+
+
+@dataclass(frozen=True)
+class Request:
+    """One matrix stage: orthogonalize `updates` (each a stack of matrices with `stacked`)."""
+    updates: list
+    variant: str
+    coefficients: tuple = NS_COEFFICIENTS
+    steps: int = NS_STEPS
+    eps: float = NS_EPS
+    stacked: bool = False
+
+
+def run(requests: list[Request]) -> list[list[torch.Tensor]]:
+    """Each request's orthogonalize()."""
+    return [orthogonalize(r.updates, r.variant, r.coefficients, r.steps, r.eps, r.stacked) for r in requests]
+
+
+def start(steps):
+    """Run a generator of matrix stages (a rule's update_all, a stack's step: each yields a
+    list of Requests and takes their results) to its first stage: (its requests, None), or
+    (None, its value) when it ended before one."""
+    try:
+        return steps.send(None), None
+    except StopIteration as done:
+        return None, done.value
+
+
+def complete(steps, results=None):
+    """Run such a generator to its end, `results` answering the stage it waits at (None: not
+    started) and run() every later one; its value."""
+    try:
+        requests = steps.send(results)
+        while True:
+            requests = steps.send(run(requests))
+    except StopIteration as done:
+        return done.value
+
+
+def shares_batches(requests: list[Request]) -> bool:
+    """Whether these requests' matrices are ones run_together() may pad into shared batches
+    (small, on the CPU): a step waits for the others' before it runs them."""
+    return all(u.device.type == "cpu" and 0 < math.prod(_matrix(u, r.stacked)[1:]) <= SMALL_MATRIX
+               for r in requests for u in r.updates)
+
+
+def run_together(request_lists: list[list[Request]]) -> list[list[list[torch.Tensor]]]:
+    """run() of each list, all their matrices in as few batches as the estimate finds fastest:
+    each request's results as run() gives them."""
+    out = [[[None] * len(r.updates) for r in requests] for requests in request_lists]
+    by_settings: dict[tuple, list] = {}
+    for a, requests in enumerate(request_lists):
+        for b, r in enumerate(requests):
+            for c, u in enumerate(r.updates):
+                by_settings.setdefault((r.variant, r.coefficients, r.steps, r.eps), []).append((a, b, c, u, r.stacked))
+    for (variant, coefficients, steps, eps), items in by_settings.items():
+        wide, tall = [], []  # each update as a batch (k, m, n) of BF16 matrices, m <= n (a view where it can be)
+        for _, _, _, u, stacked in items:
+            x = u.reshape(_matrix(u, stacked)).bfloat16()
+            tall.append(x.shape[1] > x.shape[2])
+            wide.append(x.transpose(1, 2) if tall[-1] else x)
+        for rows, cols, members in _plan(tuple(tuple(x.shape) for x in wide), steps):
+            if len(members) == 1:  # alone in its batch: as orthogonalize() runs it (in pieces if large)
+                results = [_batch(wide[members[0]], variant, coefficients, steps, eps)]
+            else:
+                results = _padded([wide[i] for i in members], rows, cols, variant, coefficients, steps, eps)
+            for i, o in zip(members, results):
+                a, b, c, u, _ = items[i]
+                out[a][b][c] = (o.transpose(1, 2) if tall[i] else o).reshape(u.shape)
+    return out
+
+
+def _padded(xs: list, rows: int, cols: int, variant: str, coefficients, steps: int, eps: float) -> list:
+    """Batches (k, m, n) of BF16 matrices, m <= rows, n <= cols, orthogonalized in one zero batch
+    (k total, rows, cols): each divided by its own norm into its corner, each cut out after."""
+    divisor, quintic = ITERATIONS[variant]
+    batch = torch.zeros((sum(x.shape[0] for x in xs), rows, cols), dtype=torch.bfloat16, device=xs[0].device)
+    corners, start = [], 0
+    for x in xs:
+        corner = (slice(start, start + x.shape[0]), slice(0, x.shape[1]), slice(0, x.shape[2]))
+        torch.div(x, divisor(x, eps), out=batch[corner])
+        corners.append(corner)
+        start += x.shape[0]
+    batch = quintic(batch, coefficients, steps)
+    return [batch[corner] for corner in corners]
+
+
+def _matrix(u: torch.Tensor, stacked: bool) -> tuple[int, int, int]:
+    """The (count, rows, cols) an update is orthogonalized as."""
+    return (u.shape[0], *matrix_shape(u.shape[1:])) if stacked else (1, *matrix_shape(u.shape))
+
+
+def _seconds(count: int, rows: int, cols: int, steps: int) -> float:
+    """The estimated time of one batch: per iteration three matmul calls and 4 r^2 c + 2 r^3
+    multiply-adds per matrix."""
+    return steps * (3 * CALL_SECONDS + count * (4 * rows * rows * cols + 2 * rows ** 3) / FLOPS)
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(shapes: tuple, steps: int) -> list[tuple[int, int, list[int]]]:
+    """(rows, cols, members) of each batch for matrices of `shapes` ((count, rows, cols), rows
+    <= cols): one shape per batch to start with, then the two batches whose merge (padded to
+    the larger rows and cols, within CPU_BATCH_BYTES) saves the most estimated time, merged,
+    until no merge saves any."""
+    batches: dict[tuple, list[int]] = {}
+    for i, (_, rows, cols) in enumerate(shapes):
+        batches.setdefault((rows, cols), []).append(i)
+    batches = [[sum(shapes[i][0] for i in members), rows, cols, members]
+               for (rows, cols), members in batches.items()]
+    while True:
+        best = None
+        for i, a in enumerate(batches):
+            for b in batches[i + 1:]:
+                merged = [a[0] + b[0], max(a[1], b[1]), max(a[2], b[2]), a[3] + b[3]]
+                if 2 * merged[0] * merged[1] * merged[2] > CPU_BATCH_BYTES:
+                    continue
+                saved = _seconds(*a[:3], steps) + _seconds(*b[:3], steps) - _seconds(*merged[:3], steps)
+                if saved > 0 and (best is None or saved > best[0]):
+                    best = (saved, a, b, merged)
+        if best is None:
+            return [(rows, cols, members) for _, rows, cols, members in batches]
+        _, a, b, merged = best
+        batches = [x for x in batches if x is not a and x is not b] + [merged]

@@ -327,6 +327,90 @@ def test_newton_schulz_batched_equals_per_matrix_torch():
         torch.testing.assert_close(o.double(), newton_schulz64(x), rtol=0, atol=0.1)
 
 
+@pytest.mark.parametrize("variant", ["torch", "ultralytics"])
+def test_newton_schulz_of_many_shapes_together(variant):
+    """Small matrices of different shapes (wide, tall, square, a conv weight, stacks, a 1 x n
+    row) share zero-padded batches and come out as each shape alone gives them (the same
+    math: on this CPU the same bits), their own shapes; other settings batch apart."""
+    gen = torch.Generator().manual_seed(1)
+    ones = [torch.randn(s, generator=gen) for s in [(8, 16), (16, 8), (5, 5), (6, 3, 3, 3), (1, 9), (12, 7)]]
+    stacks = [torch.randn(s, generator=gen).bfloat16() for s in [(3, 8, 16), (2, 10, 4), (4, 6, 3, 3, 3)]]
+    lists = [[newton_schulz.Request(ones[:3], variant), newton_schulz.Request(ones[3:], variant, steps=3)],
+             [newton_schulz.Request(stacks[:2], variant, stacked=True)],
+             [newton_schulz.Request(stacks[2:], variant, stacked=True, steps=3)]]
+    padded = []
+    original = newton_schulz._padded
+    newton_schulz._padded = lambda xs, *a: padded.append([x.shape for x in xs]) or original(xs, *a)
+    try:
+        together = newton_schulz.run_together(lists)
+    finally:
+        newton_schulz._padded = original
+    assert padded and any(len({x[1:] for x in shapes}) > 1 for shapes in padded), "no shapes shared a batch"
+    for requests, got in zip(lists, together):
+        for r, rows in zip(requests, got):
+            for u, o, alone in zip(r.updates, rows, newton_schulz.run([r])[0]):
+                assert o.shape == u.shape and o.dtype == torch.bfloat16
+                torch.testing.assert_close(o.float(), alone.float(), rtol=0, atol=2**-7)
+    # what a step may pad: small matrices on the CPU; 0 x n and large ones alone
+    assert newton_schulz.shares_batches([newton_schulz.Request(ones, variant)])
+    assert not newton_schulz.shares_batches([newton_schulz.Request([torch.zeros(0, 4)], variant)])
+    assert not newton_schulz.shares_batches([newton_schulz.Request([torch.zeros(257, 256)], variant)])
+    assert not newton_schulz.shares_batches([newton_schulz.Request([torch.zeros(8, 8, device="meta")], variant)])
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+@pytest.mark.parametrize("kind", ["muon", "musgd"])
+def test_a_step_runs_its_small_stacks_matrix_stages_together(kind, backend, device, monkeypatch):
+    """Every stack of small matrices waits at its matrix stage and all run Newton-Schulz in
+    one call per step (on the CPU); the step equals one that runs each stack's alone: the
+    same momentum, the same params within a BF16 step of Newton-Schulz."""
+    calls = []
+    together = newton_schulz.run_together
+    monkeypatch.setattr(newton_schulz, "run_together", lambda lists: calls.append(len(lists)) or together(lists))
+
+    def run_on(shared):
+        gen = torch.Generator().manual_seed(6)
+        shapes = [(8, 16)] * 2 + [(16, 8), (12, 12), (6, 3, 3, 3), (6, 3, 3, 3), (4, 4), (1, 9)]
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device, torch.bfloat16)) for s in shapes]
+        vector = torch.nn.Parameter(torch.randn(7, generator=gen).to(device, torch.bfloat16))
+        common = dict(backend=backend, max_grad_norm=1.0, lr=0.02)
+        if kind == "muon":
+            opt = fused_opt.FusedMixedPrecisionMuon([dict(params=params), dict(params=[vector], algorithm="adamw")],
+                                                    **common)
+        else:
+            opt = fused_opt.FusedMixedPrecisionMuSGD([dict(params=params, use_muon=True), dict(params=[vector])],
+                                                     momentum=0.9, **common)
+        with monkeypatch.context() as m:
+            if not shared:
+                m.setattr(newton_schulz, "shares_batches", lambda requests: False)
+            for _ in range(3):
+                for p in params + [vector]:
+                    p.grad = torch.randn(p.shape, generator=gen).to(device, torch.bfloat16)
+                opt.step()
+        return opt, params
+
+    apart, apart_params = run_on(False)
+    assert not calls
+    opt, params = run_on(True)
+    assert calls == ([6] * 3 if device == "cpu" else []), calls  # 6 stacks of one group and shape each
+    for p, q in zip(apart_params, params):
+        assert torch.equal(opt.state[q]["momentum_buffer"], apart.state[p]["momentum_buffer"])
+        torch.testing.assert_close(q.float(), p.float(), rtol=2**-7, atol=0)
+
+
+def test_padded_batches_stay_within_the_cpu_batch_bytes():
+    """The plan merges shapes only while the padded batch fits CPU_BATCH_BYTES, and every
+    matrix is in exactly one batch at least as large as it."""
+    shapes = ((1, 8, 16), (2, 8, 16), (1, 16, 576), (60, 64, 576), (1, 5, 5), (3, 32, 288))
+    plan = newton_schulz._plan(shapes, 5)
+    assert sorted(i for _, _, members in plan for i in members) == list(range(len(shapes)))
+    for rows, cols, members in plan:
+        assert all(shapes[i][1] <= rows and shapes[i][2] <= cols for i in members)
+        if len(members) > 1:
+            assert 2 * sum(shapes[i][0] for i in members) * rows * cols <= newton_schulz.CPU_BATCH_BYTES
+    assert len(plan) < len(shapes)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("clip", [None, 0.05])
 def test_muon_pipeline_against_float64(dtype, clip):

@@ -12,6 +12,7 @@ import math
 import torch
 
 from . import StepBatch, buckets
+from .. import newton_schulz
 from ..state_precision import DITHER_ABOVE, INT8_CODE, dithered_salt
 from ..remainder import is_remainder, rebuild_any, remainder_of, split8
 from ..update_rules import commit
@@ -156,13 +157,28 @@ def step(batch: StepBatch, stages=None) -> None:
         if elementwise:
             stages.elementwise_step(batch, elementwise, inv_scale, clip if clip is not None else torch.ones_like(norm),
                                     found_inf, applied_steps, ema_weight)
-        for members, u in zip(stacks, unscaled):  # one stack of state at a time
+        # One stack of state at a time, each to its matrix stage; the stacks of small matrices
+        # wait there for each other (up to WAITING_ELEMENTS of them, which bounds the state
+        # held meanwhile) and run Newton-Schulz together (newton_schulz.run_together).
+        waiting, held = [], 0
+        for members, u in zip(stacks, unscaled):
             if members[0] in kernel_stepped:  # (a stack is one group's)
                 continue
             params = [batch.params[i] for i in members] if _applies_in_kernel(batch, members, stages, views) else None
             stack = buckets.Stack(batch, members, gather_params=params is None, views=views)
-            _update(stack.batch, [u], applied_steps, found_inf, ema_weight, len(members), stages, params)
-            stack.scatter()
+            steps = _update_steps(stack.batch, [u], applied_steps, found_inf, ema_weight, len(members), stages, params)
+            requests, _ = newton_schulz.start(steps)
+            if requests is None or not newton_schulz.shares_batches(requests):
+                if requests is not None:
+                    newton_schulz.complete(steps, newton_schulz.run(requests))
+                stack.scatter()
+                continue
+            waiting.append((steps, requests, stack))
+            held += u.numel()
+            if held >= WAITING_ELEMENTS:
+                _complete_together(waiting)
+                waiting, held = [], 0
+        _complete_together(waiting)
         rest_left = [k for k, i in enumerate(rest) if i not in kernel_stepped]
         if rest_left:
             _update(buckets.subset(batch, [rest[k] for k in rest_left]),
@@ -178,6 +194,18 @@ def step(batch: StepBatch, stages=None) -> None:
     # 7. dynamic scale update
     batch.scaler.update_(found_inf)
 
+
+
+WAITING_ELEMENTS = 1 << 24
+
+
+def _complete_together(waiting: list) -> None:
+    """The waiting stacks' steps (generator, requests, buckets.Stack) completed, their matrix
+    stages run together."""
+    if waiting:
+        for (steps, _, stack), results in zip(waiting, newton_schulz.run_together([r for _, r, _ in waiting])):
+            newton_schulz.complete(steps, results)
+            stack.scatter()
 
 
 def _stackable(batch: StepBatch) -> bool:
@@ -212,12 +240,18 @@ def _applies_in_kernel(batch: StepBatch, members: list, stages, views: dict) -> 
     return views[key]
 
 
-def _update(batch: StepBatch, unscaled: list, applied_steps, found_inf, ema_weight, rows: int | None = None,
-            stages=None, params: list | None = None) -> None:
+def _update(batch: StepBatch, unscaled: list, applied_steps, found_inf, ema_weight) -> None:
     """Masters loaded, the rule's update, state encoded and masters, params and EMAs stored,
-    for every param of `batch`; with `rows`, its one param is a stack of that many params
-    (buckets.py). `stages`, `params`: see step(); with `params` (the stack's members) the
-    apply kernel re-takes edited params, and stores masters and params, itself."""
+    for every param of `batch`."""
+    newton_schulz.complete(_update_steps(batch, unscaled, applied_steps, found_inf, ema_weight))
+
+
+def _update_steps(batch: StepBatch, unscaled: list, applied_steps, found_inf, ema_weight, rows: int | None = None,
+                  stages=None, params: list | None = None):
+    """_update as a generator that yields a matrix rule's matrix stage (newton_schulz.start);
+    with `rows`, its one param is a stack of that many params (buckets.py). `stages`,
+    `params`: see step(); with `params` (the stack's members) the apply kernel re-takes edited
+    params, and stores masters and params, itself."""
     stacked = rows is not None
     precision = batch.state_precision
     hypers = [batch.groups[gi] for gi in batch.group_index]
@@ -234,8 +268,8 @@ def _update(batch: StepBatch, unscaled: list, applied_steps, found_inf, ema_weig
     ws = [w for w, _ in masters]
     bounded = precision.code == INT8_CODE
     if getattr(batch.rule, "matrix", False):  # Muon, MuSGD: a matrix stage over all params (matrix_rules.py)
-        new_ws = batch.rule.update_all(ws, unscaled, bufs, batch.counts, hypers, applied_steps, found_inf, bounded,
-                                       stacked, stages, params)
+        new_ws = yield from batch.rule.update_all(ws, unscaled, bufs, batch.counts, hypers, applied_steps, found_inf,
+                                                  bounded, stacked, stages, params)
     else:
         new_ws = [batch.rule.update(w, d, b, count, h, applied_steps, found_inf, bounded=bounded)
                   for w, d, b, count, h in zip(ws, unscaled, bufs, batch.counts, hypers)]
