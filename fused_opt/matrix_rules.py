@@ -149,7 +149,9 @@ class Muon:
         `stacked`: each tensor is a stack of params of one shape (its first dim), counts
         shaped to broadcast over them. `stages` (stack_kernels.py): the momentum as its
         kernel; with `params` (the members of the one stack) the apply too, which writes the
-        master and the params itself (its new master is then None: nothing left to store)."""
+        master and the params itself (its new master is then None: nothing left to store).
+        A generator: it yields its matrix stage (newton_schulz.Request per Newton-Schulz
+        setting) and returns the new masters; newton_schulz.start / complete run it."""
         new_ws = [None] * len(ws)
         muon = []
         for i, h in enumerate(hypers):
