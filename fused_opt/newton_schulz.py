@@ -236,14 +236,17 @@ def _seconds(count: int, rows: int, cols: int, steps: int) -> float:
 @functools.lru_cache(maxsize=64)
 def _plan(shapes: tuple, steps: int) -> list[tuple[int, int, list[int]]]:
     """(rows, cols, members) of each batch for matrices of `shapes` ((count, rows, cols), rows
-    <= cols): one shape per batch to start with, then the two batches whose merge (padded to
-    the larger rows and cols, within CPU_BATCH_BYTES) saves the most estimated time, merged,
-    until no merge saves any."""
-    batches: dict[tuple, list[int]] = {}
-    for i, (_, rows, cols) in enumerate(shapes):
-        batches.setdefault((rows, cols), []).append(i)
-    batches = [[sum(shapes[i][0] for i in members), rows, cols, members]
-               for (rows, cols), members in batches.items()]
+    <= cols): one shape per batch to start with (split where it outgrows CPU_BATCH_BYTES), then
+    the two batches whose merge (padded to the larger rows and cols, within CPU_BATCH_BYTES)
+    saves the most estimated time, merged, until no merge saves any."""
+    by_shape: dict[tuple, list] = {}
+    for i, (count, rows, cols) in enumerate(shapes):
+        same = by_shape.setdefault((rows, cols), [])
+        if not same or 2 * (same[-1][0] + count) * rows * cols > CPU_BATCH_BYTES:
+            same.append([0, rows, cols, []])
+        same[-1][0] += count
+        same[-1][3].append(i)
+    batches = [batch for same in by_shape.values() for batch in same]
     while True:
         best = None
         for i, a in enumerate(batches):

@@ -401,7 +401,8 @@ def test_a_step_runs_its_small_stacks_matrix_stages_together(kind, backend, devi
 def test_padded_batches_stay_within_the_cpu_batch_bytes():
     """The plan merges shapes only while the padded batch fits CPU_BATCH_BYTES, and every
     matrix is in exactly one batch at least as large as it."""
-    shapes = ((1, 8, 16), (2, 8, 16), (1, 16, 576), (60, 64, 576), (1, 5, 5), (3, 32, 288))
+    shapes = ((1, 8, 16), (2, 8, 16), (1, 16, 576), (60, 64, 576), (1, 5, 5), (3, 32, 288), (30, 64, 576),
+              (30, 64, 576))
     plan = newton_schulz._plan(shapes, 5)
     assert sorted(i for _, _, members in plan for i in members) == list(range(len(shapes)))
     for rows, cols, members in plan:
