@@ -398,6 +398,34 @@ def test_a_step_runs_its_small_stacks_matrix_stages_together(kind, backend, devi
         torch.testing.assert_close(q.float(), p.float(), rtol=2**-7, atol=0)
 
 
+def test_newton_schulz_together_fuzzed():
+    """Random sets of small matrices (stacks and lone ones, 2-D and conv shapes, wide and tall,
+    both variants, two step counts) through run_together against each request alone: the
+    padded batches cut back out what each shape alone gives, to BF16 accuracy."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    shape = st.one_of(st.tuples(st.integers(1, 40), st.integers(1, 40)),
+                      st.tuples(st.integers(1, 12), st.integers(1, 4), st.sampled_from([1, 3]), st.sampled_from([1, 3])))
+    request = st.tuples(st.lists(shape, min_size=1, max_size=4), st.booleans(), st.sampled_from([3, 5]),
+                        st.sampled_from(["torch", "ultralytics"]), st.integers(1, 3))
+
+    @hypothesis.settings(max_examples=int(__import__("os").environ.get("FUSED_OPT_FUZZ_EXAMPLES", "25")),
+                         deadline=None)
+    @hypothesis.given(st.lists(st.lists(request, min_size=1, max_size=3), min_size=1, max_size=4), st.integers(0, 99))
+    def check(lists, seed):
+        gen = torch.Generator().manual_seed(seed)
+        made = [[newton_schulz.Request([torch.randn(((k,) if stacked else ()) + s, generator=gen) for s in shapes],
+                                       variant, steps=steps, stacked=stacked)
+                 for shapes, stacked, steps, variant, k in requests] for requests in lists]
+        for requests, got in zip(made, newton_schulz.run_together(made)):
+            for r, rows in zip(requests, got):
+                for u, o, alone in zip(r.updates, rows, newton_schulz.run([r])[0]):
+                    assert o.shape == u.shape and o.dtype == torch.bfloat16
+                    torch.testing.assert_close(o.float(), alone.float(), rtol=0, atol=2**-7)
+
+    check()
+
+
 def test_padded_batches_stay_within_the_cpu_batch_bytes():
     """The plan merges shapes only while the padded batch fits CPU_BATCH_BYTES, and every
     matrix is in exactly one batch at least as large as it."""
