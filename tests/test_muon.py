@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import pickle
 
 import pytest
@@ -409,7 +410,7 @@ def test_newton_schulz_together_fuzzed():
     request = st.tuples(st.lists(shape, min_size=1, max_size=4), st.booleans(), st.sampled_from([3, 5]),
                         st.sampled_from(["torch", "ultralytics"]), st.integers(1, 3))
 
-    @hypothesis.settings(max_examples=int(__import__("os").environ.get("FUSED_OPT_FUZZ_EXAMPLES", "25")),
+    @hypothesis.settings(max_examples=int(os.environ.get("FUSED_OPT_FUZZ_EXAMPLES", "25")),
                          deadline=None)
     @hypothesis.given(st.lists(st.lists(request, min_size=1, max_size=3), min_size=1, max_size=4), st.integers(0, 99))
     def check(lists, seed):
