@@ -130,9 +130,10 @@ def _whole_batch(x: torch.Tensor, variant: str, coefficients, steps: int, eps: f
 # the iteration (X X^T, the Gram products and their sums over the padding add zeros; padded
 # rows and columns stay zero), so matrices of different shapes can share a batch: each is
 # divided by its own norm first, written into a zero batch of the larger shape, and cut out
-# after. (BF16 matmuls on this CPU give the same bits padded or not; elsewhere the sums are the
-# same math in another order.) Which shapes share is chosen by the estimate below, on the CPU
-# and for matrices of at most SMALL_MATRIX elements; a GPU keeps one batch per shape.
+# after. (The same math; not always the same BF16 roundings: where padding changes the matmul
+# kernel the CPU picks, an element can land a few ulps apart, as batched and per-matrix runs
+# can.) Which shapes share is chosen by the estimate below, on the CPU and for matrices of at
+# most SMALL_MATRIX elements; a GPU keeps one batch per shape.
 SMALL_MATRIX = 1 << 16
 CALL_SECONDS, FLOPS = 30e-6, 0.3e12  # a small BF16 matmul's cost and a batch's rate on a 2-core x86-64
 
