@@ -154,14 +154,13 @@ def run(requests: list[Request]) -> list[list[torch.Tensor]]:
     return [orthogonalize(r.updates, r.variant, r.coefficients, r.steps, r.eps, r.stacked) for r in requests]
 
 
-def start(steps):
-    """Run a generator of matrix stages (a rule's update_all, a stack's step: each yields a
-    list of Requests and takes their results) to its first stage: (its requests, None), or
-    (None, its value) when it ended before one."""
+def start(steps) -> list[Request] | None:
+    """Run a generator of matrix stages (a stack's step: it yields a list of Requests and
+    takes their results) to its first stage: its requests, or None when it ended before one."""
     try:
-        return steps.send(None), None
-    except StopIteration as done:
-        return None, done.value
+        return steps.send(None)
+    except StopIteration:
+        return None
 
 
 def complete(steps, results=None):

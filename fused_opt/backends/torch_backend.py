@@ -167,7 +167,7 @@ def step(batch: StepBatch, stages=None) -> None:
             params = [batch.params[i] for i in members] if _applies_in_kernel(batch, members, stages, views) else None
             stack = buckets.Stack(batch, members, gather_params=params is None, views=views)
             steps = _update_steps(stack.batch, [u], applied_steps, found_inf, ema_weight, len(members), stages, params)
-            requests, _ = newton_schulz.start(steps)
+            requests = newton_schulz.start(steps)
             if requests is None or not newton_schulz.shares_batches(requests):
                 if requests is not None:
                     newton_schulz.complete(steps, newton_schulz.run(requests))
@@ -193,7 +193,6 @@ def step(batch: StepBatch, stages=None) -> None:
     batch.grad_norm.copy_(norm)
     # 7. dynamic scale update
     batch.scaler.update_(found_inf)
-
 
 
 WAITING_ELEMENTS = 1 << 24
