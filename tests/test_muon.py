@@ -399,6 +399,67 @@ def test_a_step_runs_its_small_stacks_matrix_stages_together(kind, backend, devi
         torch.testing.assert_close(q.float(), p.float(), rtol=2**-7, atol=0)
 
 
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+@pytest.mark.parametrize("kind, options", [("muon", {}), ("musgd", {}),
+                                           ("muon", dict(master_weights="remainder8", state_precision="int8",
+                                                         ema_decay=0.9))])
+def test_large_stacks_unscale_when_they_step_and_step_as_kept_ones(kind, options, backend, device, monkeypatch):
+    """A step keeps the FP32 unscaled grads of its stacks from the norm pass to their update only
+    up to a budget: beyond it a stack's norm is taken in windows and its grads unscaled again
+    when it steps, and on the CPU a stack's unscaled grads stay within a bound (longer stacks
+    step in parts). The result is the same, bit for bit, clipped, with an overflow step."""
+    from fused_opt.backends import buckets, torch_backend
+    monkeypatch.setattr(torch_backend, "NORM_PIECE", 16)  # pieces both runs share; several per matrix
+
+    def run_with(limits: dict):
+        gen = torch.Generator().manual_seed(8)
+        shapes = [(8, 16)] * 5 + [(6, 3, 3, 3)] * 3 + [(1, 7), (12, 12)]
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device, torch.bfloat16)) for s in shapes]
+        vectors = [torch.nn.Parameter(torch.randn(n, generator=gen).to(device, torch.bfloat16)) for n in (1, 7, 33)]
+        cls = fused_opt.FusedMixedPrecisionMuon if kind == "muon" else fused_opt.FusedMixedPrecisionMuSGD
+        groups = ([dict(params=params), dict(params=vectors, algorithm="adamw")] if kind == "muon" else
+                  [dict(params=params, use_muon=True), dict(params=vectors)])
+        opt = cls(groups, lr=0.02, momentum=0.9, weight_decay=0.01, max_grad_norm=0.5, backend=backend,
+                  loss_scale="dynamic", init_scale=2.0**8, **options)
+        rows, windows, norms = [], [], []
+        fp32_rows, all_windows = buckets.fp32_rows, buckets.windows
+        with monkeypatch.context() as m:
+            for name, value in limits.items():
+                m.setattr(torch_backend, name, value)
+            m.setattr(buckets, "fp32_rows", lambda tensors: rows.append(len(tensors) * tensors[0].numel())
+                      or fp32_rows(tensors))
+            m.setattr(buckets, "windows", lambda tensors, size: windows.extend(all_windows(tensors, size))
+                      or iter(all_windows(tensors, size)))
+            for step in range(4):
+                for p in params + vectors:
+                    p.grad = (torch.randn(p.shape, generator=gen) * 256).to(device, torch.bfloat16)
+                if step == 2:
+                    params[3].grad.view(-1)[5] = math.inf
+                opt.scale_loss(torch.zeros(()))
+                opt.step()
+                norms.append((float(opt.last_grad_norm), bool(opt.last_step_skipped)))
+        return opt, params + vectors, rows, windows, norms
+
+    kept, kept_params, kept_rows, kept_windows, kept_norms = run_with({})
+    limits = dict(KEPT_BYTES=4 * 2 * 128, WINDOW=3 * 16, STACK_BYTES=4 * 2 * 128)
+    again, params, rows, windows, norms = run_with(limits)
+    assert [skipped for _, skipped in norms] == [False, False, True, False]
+    assert norms == kept_norms
+    for p, q in zip(params, kept_params):
+        assert torch.equal(p, q)
+        for key, value in again.state[p].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, kept.state[q][key]), key
+    # kept: each stack's rows whole; only the params the AdamW / SGD kernel steps from their raw grads
+    # (Muon's AdamW group) go through windows, for their norm
+    assert max(kept_rows) == 5 * 128
+    longest = 3 * 16 * (1 if device == "cpu" else torch_backend.GPU_WINDOWS)
+    assert all(sum(part.numel() for part in w) <= longest for w in windows)
+    assert len(windows) > 4 * len(kept_windows) + 4
+    if device == "cpu":
+        assert max(rows) <= 2 * 128  # stacks in parts
+
+
 def test_newton_schulz_together_fuzzed():
     """Random sets of small matrices (stacks and lone ones, 2-D and conv shapes, wide and tall,
     both variants, two step counts) through run_together against each request alone: the

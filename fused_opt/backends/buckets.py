@@ -48,6 +48,30 @@ def fp32_rows(tensors: list) -> torch.Tensor:
     return torch.stack(tensors, out=out)
 
 
+def split(members: list[int], numel: int, elements: int) -> list[list[int]]:
+    """A stack's members in consecutive runs of at most `elements` elements (one member at
+    least): stacks that step one after the other, each as the whole would."""
+    per = max(1, elements // max(1, numel))
+    return [members[k:k + per] for k in range(0, len(members), per)]
+
+
+def windows(tensors: list, size: int):
+    """The tensors (all of one numel) as consecutive windows of at most `size` elements of
+    their concatenation: each a list of 1-D views (copies where a tensor is not contiguous)."""
+    numel = tensors[0].numel()
+    flat = [t.reshape(-1) for t in tensors]
+    total, start = numel * len(tensors), 0
+    while start < total:
+        stop, parts, at = min(start + size, total), [], start
+        while at < stop:
+            k, offset = divmod(at, numel)
+            take = min(numel - offset, stop - at)
+            parts.append(flat[k][offset:offset + take])
+            at += take
+        yield parts
+        start = stop
+
+
 def subset(batch: StepBatch, members: list[int]) -> StepBatch:
     """The params at `members`, each stepped alone."""
     pick = lambda xs: None if xs is None else [xs[i] for i in members]  # noqa: E731

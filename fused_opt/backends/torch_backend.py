@@ -117,17 +117,12 @@ def step(batch: StepBatch, stages=None) -> None:
         stages, "elementwise_members") else []
     kernel_stepped = set(elementwise)
 
-    # 1. u_i = float32(g_i) * (1/S)
+    # 1. u_i = float32(g_i) * (1/S), and 2. found_inf: any element of any u_i is inf or NaN
     if stacks is None:
         unscaled = torch._foreach_mul([g.float() for g in batch.grads], inv_scale)
-    else:  # each stack's grads gathered into one new FP32 tensor (stacked and converted in one pass)
-        unscaled = [buckets.fp32_rows([batch.grads[i] for i in m]) for m in stacks]
-        torch._foreach_mul_(unscaled, inv_scale)
-        if rest:
-            unscaled += torch._foreach_mul([batch.grads[i].float() for i in rest], inv_scale)
-
-    # 2. found_inf: any element of any u_i is inf or NaN
-    per_tensor = (_per_tensor_norms if stacks is None else _piece_norms)(unscaled, batch.norm_type)
+        per_tensor = _per_tensor_norms(unscaled, batch.norm_type)
+    else:  # per stack; a large stack's u is taken again when it steps (None here: _stack_norms)
+        unscaled, per_tensor = _stack_norms(batch, stacks, rest, inv_scale, kernel_stepped)
     infs = ~torch.isfinite(per_tensor)
     found_inf = infs.any()
 
@@ -145,7 +140,8 @@ def step(batch: StepBatch, stages=None) -> None:
         clip = torch.clamp(batch.max_grad_norm / (norm + 1e-6), max=1.0)
         # (params the update kernel steps read their raw grads with c: not clipped here)
         firsts = [m[0] for m in stacks] + rest if stacks is not None else None
-        clipped = unscaled if not kernel_stepped else [u for u, i in zip(unscaled, firsts) if i not in kernel_stepped]
+        clipped = unscaled if stacks is None else [u for u, i in zip(unscaled, firsts)
+                                                   if u is not None and i not in kernel_stepped]
         if clipped:
             torch._foreach_mul_(clipped, clip)
 
@@ -164,6 +160,8 @@ def step(batch: StepBatch, stages=None) -> None:
         for members, u in zip(stacks, unscaled):
             if members[0] in kernel_stepped:  # (a stack is one group's)
                 continue
+            if u is None:  # a large stack's u, again, now that its step needs it
+                u = _unscaled_rows(batch, members, inv_scale, clip)
             params = [batch.params[i] for i in members] if _applies_in_kernel(batch, members, stages, views) else None
             stack = buckets.Stack(batch, members, gather_params=params is None, views=views)
             steps = _update_steps(stack.batch, [u], applied_steps, found_inf, ema_weight, len(members), stages, params)
@@ -197,6 +195,58 @@ def step(batch: StepBatch, stages=None) -> None:
 
 WAITING_ELEMENTS = 1 << 24
 
+# The stacks' u, 4 B per param, is not held through the whole step: the norm pass keeps at most
+# KEPT_BYTES of it for the update (enough for a model of small matrices, taken once), and takes
+# a larger stack's norm in windows of WINDOW elements through one scratch tensor; that stack's u
+# is taken again when it steps, and freed after. On the CPU a stack's u is at most STACK_BYTES
+# (_stack_plan). A second conversion costs less than a fresh 4 B per param every step: on the
+# CPU large allocations are mapped anew and faulted in page by page (a sixth of GPT-2 small's
+# Muon step on a 2-core x86-64), on a GPU they are peak memory.
+KEPT_BYTES = 64 << 20
+WINDOW = 32 * NORM_PIECE  # a multiple of NORM_PIECE: the pieces are the ones of the whole stack
+GPU_WINDOWS = 8  # a GPU's windows are this many times longer: fewer launches, each cheap
+STACK_BYTES = 16 << 20
+
+
+def _stack_norms(batch: StepBatch, stacks: list, rest: list, inv_scale, kernel_stepped: set) -> tuple:
+    """(unscaled, piece norms): each stack's u (None where not kept), then each of `rest`'s;
+    and the norms of _piece_norms over them all, in that order."""
+    unscaled, norms, pending, budget = [], [], [], KEPT_BYTES
+    scratch, window_size = None, WINDOW * (1 if inv_scale.device.type == "cpu" else GPU_WINDOWS)
+    for members in stacks:
+        grads = [batch.grads[i] for i in members]
+        size = len(grads) * grads[0].numel()
+        # params the update kernel steps read their raw grads: their u is only for the norm
+        if 4 * size <= budget and members[0] not in kernel_stepped:
+            u = buckets.fp32_rows(grads).mul_(inv_scale)
+            budget -= 4 * size
+            unscaled.append(u)
+            pending.append(u)
+            continue
+        unscaled.append(None)
+        if size and (scratch is None or scratch.numel() < min(window_size, size)):
+            scratch = torch.empty(min(window_size, size), dtype=torch.float32, device=inv_scale.device)
+        for parts in buckets.windows(grads, window_size):
+            if pending:
+                norms.append(_piece_norms(pending, batch.norm_type))
+                pending = []
+            window = scratch[:sum(part.numel() for part in parts)]
+            torch.cat(parts, out=window)
+            norms.append(_piece_norms([window.mul_(inv_scale)], batch.norm_type))  # before the scratch is reused
+    if rest:
+        rest_unscaled = torch._foreach_mul([batch.grads[i].float() for i in rest], inv_scale)
+        unscaled += rest_unscaled
+        pending += rest_unscaled
+    if pending or not norms:
+        norms.append(_piece_norms(pending, batch.norm_type))
+    return unscaled, torch.cat(norms) if len(norms) > 1 else norms[0]
+
+
+def _unscaled_rows(batch: StepBatch, members: list, inv_scale, clip) -> torch.Tensor:
+    """A stack's u as its step takes it: unscaled, then clipped."""
+    u = buckets.fp32_rows([batch.grads[i] for i in members]).mul_(inv_scale)
+    return u if clip is None else u.mul_(clip)
+
 
 def _complete_together(waiting: list) -> None:
     """The waiting stacks' steps (generator, requests, buckets.Stack) completed, their matrix
@@ -216,7 +266,11 @@ def _stack_plan(batch: StepBatch) -> tuple:
     the layout is (its id changes whenever a param, state tensor or their memory does)."""
     cached = batch.cache.get("stacks")
     if cached is None or cached[0] != batch.layout_id:
-        cached = batch.cache["stacks"] = (batch.layout_id, *buckets.plan(batch), {})
+        stacks, rest = buckets.plan(batch)
+        if batch.params and batch.params[0].device.type == "cpu":  # each stack's u within STACK_BYTES
+            stacks = [part for members in stacks for part in buckets.split(members, batch.params[members[0]].numel(),
+                                                                            STACK_BYTES // 4)]
+        cached = batch.cache["stacks"] = (batch.layout_id, stacks, rest, {})
     return cached[1:]
 
 
