@@ -329,6 +329,22 @@ def test_newton_schulz_batched_equals_per_matrix_torch():
 
 
 @pytest.mark.parametrize("variant", ["torch", "ultralytics"])
+def test_tall_matrices_iterate_in_their_own_layout_on_the_cpu(variant):
+    """On the CPU a tall matrix's iteration runs on its transposes in its own layout: the
+    result is contiguous in the param's layout, and the same math as the iteration on the
+    transposed view (to BF16 rounding: the two layouts' GEMM kernels may round apart)."""
+    gen = torch.Generator().manual_seed(4)
+    divisor, quintic = newton_schulz.ITERATIONS[variant]
+    for k, rows, cols in [(1, 300, 40), (3, 64, 9), (2, 129, 128), (1, 7, 1)]:
+        x = torch.randn(k, rows, cols, generator=gen)
+        out = newton_schulz.orthogonalize([x], variant, stacked=True)[0]
+        assert out.shape == x.shape and out.is_contiguous() and out.dtype == torch.bfloat16
+        view = x.bfloat16().transpose(1, 2)
+        expected = quintic(view / divisor(view, 1e-7), newton_schulz.NS_COEFFICIENTS, 5).transpose(1, 2)
+        torch.testing.assert_close(out.float(), expected.float(), rtol=0, atol=2**-6)
+
+
+@pytest.mark.parametrize("variant", ["torch", "ultralytics"])
 def test_newton_schulz_of_many_shapes_together(variant):
     """Small matrices of different shapes (wide, tall, square, a conv weight, stacks, a 1 x n
     row) share zero-padded batches and come out as each shape alone gives them (the same

@@ -33,13 +33,13 @@ MUSGD = dict(lr=0.01, momentum=0.937, weight_decay=5e-4, nesterov=True)
 
 def workload_plan(full: bool, quick: bool = False) -> list[tuple[str, list, tuple, int | None]]:
     """(name, shapes, optimizers, most repeats); GPT-2 small's Newton-Schulz is ~1.5 TFLOP a
-    step (seconds on a CPU), so it is timed over 2 repeats of one step."""
+    step (seconds on a CPU), so it is timed over 4 repeats of one step."""
     if quick:
         return [("detector x0.05", workloads.detector(0.05), ("muon", "musgd"), None)]
     plan = [("YOLO-style detector-n", workloads.detector(0.2), ("muon", "musgd"), None),
             ("YOLO-style detector at 1/20 width", workloads.detector(0.05), ("muon", "musgd"), None)]
     if full:
-        plan.append(("GPT-2 small", workloads.gpt2(), ("muon",), 2))
+        plan.append(("GPT-2 small", workloads.gpt2(), ("muon",), 4))
     return plan
 
 
