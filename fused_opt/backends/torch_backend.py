@@ -216,11 +216,11 @@ def _stack_norms(batch: StepBatch, stacks: list, rest: list, inv_scale, kernel_s
     for members in stacks:
         grads = [batch.grads[i] for i in members]
         size = len(grads) * grads[0].numel()
-        # params the update kernel steps read their raw grads: their u is only for the norm
-        if 4 * size <= budget and members[0] not in kernel_stepped:
+        if 4 * size <= budget:
             u = buckets.fp32_rows(grads).mul_(inv_scale)
             budget -= 4 * size
-            unscaled.append(u)
+            # params the update kernel steps read their raw grads: their u is only for the norm
+            unscaled.append(None if members[0] in kernel_stepped else u)
             pending.append(u)
             continue
         unscaled.append(None)
