@@ -30,7 +30,7 @@ def test_quick_benchmark_writes_record(tmp_path, capsys):
     assert out.index("    fused_opt[torch]") < out.index("| optimizer | workload | dtype | job | params / tensors | fastest")
     report = (tmp_path / f"bench-{device}.md").read_text().splitlines()
     assert report[2].startswith("| optimizer | workload | dtype | job | params / tensors | fastest fused_opt")
-    assert 0 < record["peak_rss_gb"] < 8 and 0 < record["peak_rss_rank_gb"] < 8  # this process's, a rank's
+    assert 0 < record["peak_rss_gb"] < 8
     # every row of ours was timed paired with the fastest torch pipeline
     assert all(r["speedup_vs_best_torch_paired"] is not None for r in record["rows"] if r["contender"].startswith("fused_opt"))
     # the torch pipelines were each timed alone: they report no paired ratio
