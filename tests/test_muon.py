@@ -415,6 +415,37 @@ def test_a_step_runs_its_small_stacks_matrix_stages_together(kind, backend, devi
         torch.testing.assert_close(q.float(), p.float(), rtol=2**-7, atol=0)
 
 
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_piece_norms_are_each_pieces_own_norm(norm_type, monkeypatch):
+    """The norm pass of the rules with a matrix stage: one FP32 norm per piece, in order, whether
+    the pieces go through torch's _foreach_norm or, on the CPU, as the rows of one view (tensors
+    of several whole pieces, their tail apart), with empty tensors, 2-D ones, inf and NaN, tiny
+    and huge values; bit for bit."""
+    from fused_opt.backends import torch_backend
+    monkeypatch.setattr(torch_backend, "NORM_PIECE", 64)
+    gen = torch.Generator().manual_seed(3)
+    rows_seen = 0
+    for trial in range(120):
+        tensors = []
+        for _ in range(int(torch.randint(1, 6, (), generator=gen))):
+            size = int(torch.randint(0, 64 * 5, (), generator=gen)) if trial % 3 else 64 * int(
+                torch.randint(0, 4, (), generator=gen))
+            t = torch.randn(size, generator=gen) * 10.0 ** float(torch.randint(-20, 20, (), generator=gen))
+            if size and trial % 5 == 0:
+                t[int(torch.randint(0, size, (), generator=gen))] = math.inf if trial % 2 else math.nan
+            tensors.append(t.view(2, -1) if size % 2 == 0 and size else t)
+            rows_seen += size // 64 > 1
+        expected = [torch.linalg.vector_norm(piece, norm_type) for t in tensors if t.numel()
+                    for piece in t.reshape(-1).split(64)]
+        got = torch_backend._piece_norms(tensors, norm_type)
+        assert got.dtype == torch.float64
+        if not expected:
+            assert torch.equal(got, torch.zeros(1, dtype=torch.float64))
+            continue
+        assert torch.equal(got.float().view(torch.int32), torch.stack(expected).view(torch.int32)), trial
+    assert rows_seen > 50
+
+
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
 @pytest.mark.parametrize("kind, options", [("muon", {}), ("musgd", {}),
                                            ("muon", dict(master_weights="remainder8", state_precision="int8",
