@@ -115,13 +115,26 @@ void bind_step(pybind11::module_& m, Partials partials, Finalize finalize, Updat
 // as above; `found_inf` a bool in device memory; `params` an array of the members' param
 // addresses, in device memory too; param_dtype kFloat16 or kBFloat16 (FP32 masters), or
 // BF16 params with remainders (dispatch_stack_param).
-template <class Momentum, class Apply, class MuSGDApply, class Decode, class Encode>
-void bind_muon(pybind11::module_& m, Momentum momentum, Apply apply, MuSGDApply musgd_apply, Decode decode,
-               Encode encode) {
+template <class Momentum, class MomentumGrads, class Apply, class MuSGDApply, class Decode, class Encode>
+void bind_muon(pybind11::module_& m, Momentum momentum, MomentumGrads momentum_grads, Apply apply,
+               MuSGDApply musgd_apply, Decode decode, Encode encode) {
   m.def("muon_momentum", [momentum](int64_t u, int64_t buf, int64_t update, int64_t n, int64_t found_inf,
                                     float one_minus_mu, float mu, bool nesterov, int64_t stream) {
     momentum(reinterpret_cast<const float*>(u), reinterpret_cast<float*>(buf), reinterpret_cast<uint16_t*>(update),
              n, reinterpret_cast<const bool*>(found_inf), MuonMomentumArgs{one_minus_mu, mu, nesterov}, stream);
+  });
+  // From the members' raw grads instead of FP32 rows: `grads` an array of their addresses (in
+  // device memory), `per` elements each, of dtype code grad_dtype; inv_scale and clip FP32
+  // scalars in device memory (clip 0: not clipped).
+  m.def("muon_momentum_grads", [momentum_grads](int64_t grads, int grad_dtype, int64_t inv_scale, int64_t clip,
+                                                int64_t buf, int64_t update, int64_t per, int64_t n,
+                                                int64_t found_inf, float one_minus_mu, float mu, bool nesterov,
+                                                int64_t stream) {
+    dispatch_dtype(grad_dtype, [](auto) {});  // an unknown code raises before any write
+    momentum_grads(reinterpret_cast<const void* const*>(grads), grad_dtype, reinterpret_cast<const float*>(inv_scale),
+                   reinterpret_cast<const float*>(clip), reinterpret_cast<float*>(buf),
+                   reinterpret_cast<uint16_t*>(update), per, n, reinterpret_cast<const bool*>(found_inf),
+                   MuonMomentumArgs{one_minus_mu, mu, nesterov}, stream);
   });
   m.def("muon_apply", [apply](int64_t master, int64_t update, int64_t params, int64_t per, int64_t n,
                               int64_t found_inf, float decay, float alpha, int param_dtype, int64_t stream) {

@@ -473,7 +473,8 @@ void launch_muon_momentum(const float* u, float* buf, uint16_t* update, int64_t 
                           const MuonMomentumArgs& k, int64_t) {
   with_flags([&](auto small_b, auto small_u, auto nesterov, auto write) {
     parallel_range(n, [&](int64_t b, int64_t e) {
-      muon_momentum_range<small_b.value, small_u.value, nesterov.value, write.value>(u, buf, update, b, e, 1, k);
+      muon_momentum_range<small_b.value, small_u.value, nesterov.value, write.value>(UnscaledRows{u}, buf, update, b,
+                                                                                     e, 1, k);
     });
   }, lerp_weight_small(k.one_minus_mu), lerp_weight_small(k.mu), k.nesterov, !*found_inf);
 }
@@ -486,6 +487,26 @@ void for_members(int64_t per, int64_t b, int64_t e, Fn&& fn) {
   for (int64_t m = b / per; m * per < e; ++m) {
     fn(m, std::max(b, m * per) - m * per, std::min(e, (m + 1) * per) - m * per);
   }
+}
+
+// The momentum stage from the members' raw grads (`grads`: their addresses, `per` elements
+// each, in the stack's order), unscaled by *inv_scale and clipped by *clip (null: not clipped).
+void launch_muon_momentum_grads(const void* const* grads, int grad_dtype, const float* inv_scale, const float* clip,
+                                float* buf, uint16_t* update, int64_t per, int64_t n, const bool* found_inf,
+                                const MuonMomentumArgs& k, int64_t) {
+  const float s = *inv_scale, c = clip != nullptr ? *clip : 1.0f;
+  dispatch_dtype(grad_dtype, [&](auto g) {
+    using G = decltype(g);
+    with_flags([&](auto small_b, auto small_u, auto nesterov, auto write) {
+      parallel_range(n, [&](int64_t b, int64_t e) {
+        for_members(per, b, e, [&](int64_t m, int64_t lo, int64_t hi) {
+          const ScaledGrad<G> u{static_cast<const typename G::storage*>(grads[m]), s, c};
+          muon_momentum_range<small_b.value, small_u.value, nesterov.value, write.value>(u, buf + m * per,
+                                                                                         update + m * per, lo, hi, 1, k);
+        });
+      });
+    }, lerp_weight_small(k.one_minus_mu), lerp_weight_small(k.mu), k.nesterov, !*found_inf);
+  });
 }
 
 // Muon's weight step over one member's elements [begin, end): with AVX2, 8 at a time for the
@@ -642,8 +663,9 @@ PYBIND11_MODULE(FUSED_OPT_CPU_MODULE, m) {
   m.attr("CPU_PATH") = FUSED_OPT_CPU_PATH;
   fused_opt::bind_step(m, fused_opt::partials, fused_opt::finalize_step, fused_opt::update, fused_opt::fold_partials,
                        fused_opt::unfold_partials);
-  fused_opt::bind_muon(m, fused_opt::launch_muon_momentum, fused_opt::launch_muon_apply, fused_opt::launch_musgd_apply,
-                       fused_opt::launch_state_decode, fused_opt::launch_state_encode);
+  fused_opt::bind_muon(m, fused_opt::launch_muon_momentum, fused_opt::launch_muon_momentum_grads,
+                       fused_opt::launch_muon_apply, fused_opt::launch_musgd_apply, fused_opt::launch_state_decode,
+                       fused_opt::launch_state_encode);
   // The pool's thread limit, which native_backend.py keeps at torch.get_num_threads().
   m.def("set_num_threads", [](int64_t n) { fused_opt::ThreadPool::thread_limit() = std::max<int64_t>(1, n); });
   m.def("num_threads", [] { return fused_opt::ThreadPool::max_threads(); });

@@ -320,9 +320,25 @@ __global__ void muon_momentum_kernel(const float* u, float* buf, uint16_t* updat
                                      MuonMomentumArgs k) {
   const int64_t begin = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, stride = int64_t(gridDim.x) * blockDim.x;
   if (*found_inf) {  // the host never reads found_inf: the kernel branches on it
-    muon_momentum_range<kSmallB, kSmallU, kNesterov, false>(u, buf, update, begin, n, stride, k);
+    muon_momentum_range<kSmallB, kSmallU, kNesterov, false>(UnscaledRows{u}, buf, update, begin, n, stride, k);
   } else {
-    muon_momentum_range<kSmallB, kSmallU, kNesterov, true>(u, buf, update, begin, n, stride, k);
+    muon_momentum_range<kSmallB, kSmallU, kNesterov, true>(UnscaledRows{u}, buf, update, begin, n, stride, k);
+  }
+}
+
+// From the members' raw grads: one row of blocks per member (blockIdx.y), as the weight steps.
+template <class G, bool kSmallB, bool kSmallU, bool kNesterov>
+__global__ void muon_momentum_grads_kernel(const void* const* grads, const float* inv_scale, const float* clip,
+                                           float* buf, uint16_t* update, int64_t per, const bool* found_inf,
+                                           MuonMomentumArgs k) {
+  const int64_t m = blockIdx.y, begin = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  const ScaledGrad<G> u{static_cast<const typename G::storage*>(grads[m]), *inv_scale,
+                        clip != nullptr ? *clip : 1.0f};
+  if (*found_inf) {
+    muon_momentum_range<kSmallB, kSmallU, kNesterov, false>(u, buf + m * per, update + m * per, begin, per, stride, k);
+  } else {
+    muon_momentum_range<kSmallB, kSmallU, kNesterov, true>(u, buf + m * per, update + m * per, begin, per, stride, k);
   }
 }
 
@@ -354,6 +370,20 @@ void launch_muon_momentum(const float* u, float* buf, uint16_t* update, int64_t 
     muon_momentum_kernel<small_b.value, small_u.value, nesterov.value>
         <<<stack_blocks(n), kStackThreads, 0, cudaStream_t(stream)>>>(u, buf, update, n, found_inf, k);
   }, lerp_weight_small(k.one_minus_mu), lerp_weight_small(k.mu), k.nesterov);
+  check(cudaGetLastError(), "Muon momentum launch");
+}
+
+void launch_muon_momentum_grads(const void* const* grads, int grad_dtype, const float* inv_scale, const float* clip,
+                                float* buf, uint16_t* update, int64_t per, int64_t n, const bool* found_inf,
+                                const MuonMomentumArgs& k, int64_t stream) {
+  if (n == 0) return;
+  const dim3 grid(stack_blocks(per), unsigned(n / per));
+  dispatch_dtype(grad_dtype, [&](auto g) {
+    with_flags([&](auto small_b, auto small_u, auto nesterov) {
+      muon_momentum_grads_kernel<decltype(g), small_b.value, small_u.value, nesterov.value>
+          <<<grid, kStackThreads, 0, cudaStream_t(stream)>>>(grads, inv_scale, clip, buf, update, per, found_inf, k);
+    }, lerp_weight_small(k.one_minus_mu), lerp_weight_small(k.mu), k.nesterov);
+  });
   check(cudaGetLastError(), "Muon momentum launch");
 }
 
@@ -439,8 +469,9 @@ PYBIND11_MODULE(_native_cuda, m) {
   m.doc() = "fused_opt CUDA kernels";
   fused_opt::bind_step(m, fused_opt::partials, fused_opt::finalize_step, fused_opt::update, fused_opt::fold_partials,
                        fused_opt::unfold_partials);
-  fused_opt::bind_muon(m, fused_opt::launch_muon_momentum, fused_opt::launch_muon_apply, fused_opt::launch_musgd_apply,
-                       fused_opt::launch_state_decode, fused_opt::launch_state_encode);
+  fused_opt::bind_muon(m, fused_opt::launch_muon_momentum, fused_opt::launch_muon_momentum_grads,
+                       fused_opt::launch_muon_apply, fused_opt::launch_musgd_apply, fused_opt::launch_state_decode,
+                       fused_opt::launch_state_encode);
   m.attr("CUDA_VERSION") = CUDART_VERSION;          // e.g. 13000
   m.attr("ARCH_LIST") = FUSED_OPT_ARCHS;            // TORCH_CUDA_ARCH_LIST it was built with
 }

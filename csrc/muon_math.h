@@ -62,15 +62,30 @@ FUSED_HD void muon_apply_range(const MasterOf<P>& m, const uint16_t* update, int
   }
 }
 
+// Where the momentum stage reads u: FP32 rows the step already holds (UnscaledRows), or one
+// member's raw grad (ScaledGrad), unscaled and clipped on the way in as the step does it,
+// float32(g) * (1/S), then * c (two roundings; c = 1 where the step is not clipped, exact), so a
+// large stack's u is never written out in FP32 and read back.
+struct UnscaledRows {
+  const float* u;
+  FUSED_HD float operator()(int64_t i) const { return u[i]; }
+};
+template <class G>
+struct ScaledGrad {
+  const typename G::storage* g;
+  float inv_scale, clip;
+  FUSED_HD float operator()(int64_t i) const { return unscale<G>(g[i], inv_scale) * clip; }
+};
+
 // On a skipped step (kWriteBuffer false) U is still computed, from that step's values, for a
 // matrix stage whose result is then discarded: deciding otherwise would need the host to read
 // found_inf.
-template <bool kSmallB, bool kSmallU, bool kNesterov, bool kWriteBuffer>
-FUSED_HD void muon_momentum_range(const float* u, float* buf, uint16_t* update, int64_t begin, int64_t end,
+template <bool kSmallB, bool kSmallU, bool kNesterov, bool kWriteBuffer, class U>
+FUSED_HD void muon_momentum_range(const U& u, float* buf, uint16_t* update, int64_t begin, int64_t end,
                                   int64_t stride, const MuonMomentumArgs& k) {
   for (int64_t i = begin; i < end; i += stride) {
     float b = buf[i];
-    update[i] = BF16::store(muon_momentum<kSmallB, kSmallU, kNesterov>(u[i], b, k));
+    update[i] = BF16::store(muon_momentum<kSmallB, kSmallU, kNesterov>(u(i), b, k));
     if (kWriteBuffer) buf[i] = b;
   }
 }

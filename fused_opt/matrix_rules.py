@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from . import newton_schulz
+from .backends import buckets
 from .update_rules import SGD, AdamW, AdamWHyper, _check_lr, _number, commit
 
 MUON_CODE, MUSGD_CODE = 2, 3
@@ -74,6 +75,7 @@ class Muon:
     code = MUON_CODE
     name = "Muon"
     matrix = True
+    momentum_reads_grads = True  # u is read once, by the momentum (update_all: buckets.ScaledGrads)
     group_keys = ("momentum", "nesterov", "ns_coefficients", "ns_steps", "adjust_lr_fn", "algorithm", "betas", "eps",
                   "amsgrad")
     defaults = dict(lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
@@ -168,8 +170,9 @@ class Muon:
             if stages is not None and stages.can_step(us[i], b):
                 updates.append(stages.momentum(us[i], b, found_inf, h.momentum, h.nesterov))
             else:
-                new_b = torch.lerp(b, us[i], 1 - h.momentum)
-                updates.append(torch.lerp(us[i], new_b, h.momentum) if h.nesterov else new_b)
+                u = buckets.rows(us[i])
+                new_b = torch.lerp(b, u, 1 - h.momentum)
+                updates.append(torch.lerp(u, new_b, h.momentum) if h.nesterov else new_b)
                 commit(b, new_b, found_inf)
             commit(counts[i], counts[i] + 1, found_inf)
         # 2. the matrix stage: one batched Newton-Schulz per (group settings, shape), run by the caller

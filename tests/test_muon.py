@@ -455,7 +455,7 @@ def test_large_stacks_unscale_when_they_step_and_step_as_kept_ones(kind, options
     up to a budget: beyond it a stack's norm is taken in windows and its grads unscaled again
     when it steps, and on the CPU a stack's unscaled grads stay within a bound (longer stacks
     step in parts). The result is the same, bit for bit, clipped, with an overflow step."""
-    from fused_opt.backends import buckets, torch_backend
+    from fused_opt.backends import buckets, stack_kernels, torch_backend
     monkeypatch.setattr(torch_backend, "NORM_PIECE", 16)  # pieces both runs share; several per matrix
 
     def run_with(limits: dict):
@@ -468,11 +468,14 @@ def test_large_stacks_unscale_when_they_step_and_step_as_kept_ones(kind, options
                   [dict(params=params, use_muon=True), dict(params=vectors)])
         opt = cls(groups, lr=0.02, momentum=0.9, weight_decay=0.01, max_grad_norm=0.5, backend=backend,
                   loss_scale="dynamic", init_scale=2.0**8, **options)
-        rows, windows, norms = [], [], []
+        rows, windows, norms, sources = [], [], [], []
         fp32_rows, all_windows = buckets.fp32_rows, buckets.windows
         with monkeypatch.context() as m:
             for name, value in limits.items():
                 m.setattr(torch_backend, name, value)
+            for stages in (stack_kernels.NativeStages, stack_kernels.TritonStages):  # what the momentum reads
+                m.setattr(stages, "momentum", lambda self, u, *a, _o=stages.momentum: sources.append(
+                    isinstance(u, buckets.ScaledGrads)) or _o(self, u, *a))
             m.setattr(buckets, "fp32_rows", lambda tensors: rows.append(len(tensors) * tensors[0].numel())
                       or fp32_rows(tensors))
             m.setattr(buckets, "windows", lambda tensors, size: windows.extend(all_windows(tensors, size))
@@ -485,11 +488,15 @@ def test_large_stacks_unscale_when_they_step_and_step_as_kept_ones(kind, options
                 opt.scale_loss(torch.zeros(()))
                 opt.step()
                 norms.append((float(opt.last_grad_norm), bool(opt.last_step_skipped)))
-        return opt, params + vectors, rows, windows, norms
+        return opt, params + vectors, rows, windows, norms, sources
 
-    kept, kept_params, kept_rows, kept_windows, kept_norms = run_with({})
+    kept, kept_params, kept_rows, kept_windows, kept_norms, kept_sources = run_with({})
     limits = dict(KEPT_BYTES=4 * 2 * 128, WINDOW=3 * 16, STACK_BYTES=4 * 2 * 128)
-    again, params, rows, windows, norms = run_with(limits)
+    again, params, rows, windows, norms, sources = run_with(limits)
+    # Muon's momentum kernel reads a large stack's raw grads, unscaled and clipped on the way in
+    # (MuSGD's apply reads u too: its stacks take the rows); the kept run reads rows.
+    assert not any(kept_sources)
+    assert sum(sources) >= 4 * 5 if kind == "muon" and backend != "torch" else not any(sources)
     assert [skipped for _, skipped in norms] == [False, False, True, False]
     assert norms == kept_norms
     for p, q in zip(params, kept_params):

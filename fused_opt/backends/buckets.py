@@ -48,6 +48,30 @@ def fp32_rows(tensors: list) -> torch.Tensor:
     return torch.stack(tensors, out=out)
 
 
+@dataclasses.dataclass(frozen=True)
+class ScaledGrads:
+    """A stack's u not taken yet: its members' raw grads, which the step reads as
+    float32(g) * (1/S), then times the clip coefficient c (`clip`, None: not clipped). A
+    kernel that takes them reads the grads themselves (the stages' momentum); anything else
+    takes the rows (`rows()`, torch ops)."""
+    grads: list
+    inv_scale: torch.Tensor
+    clip: torch.Tensor | None
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.grads), *self.grads[0].shape))
+
+    def rows(self) -> torch.Tensor:
+        u = fp32_rows(self.grads).mul_(self.inv_scale)
+        return u if self.clip is None else u.mul_(self.clip)
+
+
+def rows(u) -> torch.Tensor:
+    """A stack's u as FP32 rows (ScaledGrads taken, a tensor as it is)."""
+    return u.rows() if isinstance(u, ScaledGrads) else u
+
+
 def split(members: list[int], numel: int, elements: int) -> list[list[int]]:
     """A stack's members in consecutive runs of at most `elements` elements (one member at
     least): stacks that step one after the other, each as the whole would."""

@@ -30,6 +30,7 @@ from ..state_precision import INT8_CODE
 from ..update_rules import AdamW, AdamWHyper, _fp32, commit
 
 TRITON_BLOCK = 1024
+GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class StagedStep:
@@ -69,9 +70,14 @@ class _Stages:
     def __init__(self):
         self._tables: dict = {}
 
-    def can_step(self, u: torch.Tensor, buf: torch.Tensor) -> bool:
-        """Whether `momentum` takes this buffer: FP32 rows in the grads' order."""
-        return buf.dtype == torch.float32 and buf.is_contiguous() and buf.shape == u.shape and u.is_contiguous()
+    def can_step(self, u, buf: torch.Tensor) -> bool:
+        """Whether `momentum` takes this buffer: FP32 rows in the grads' order; u FP32 rows, or
+        the members' raw grads (buckets.ScaledGrads) if contiguous, of a float dtype."""
+        if not (buf.dtype == torch.float32 and buf.is_contiguous() and buf.shape == u.shape):
+            return False
+        if isinstance(u, buckets.ScaledGrads):
+            return all(g.is_contiguous() and g.dtype in GRAD_DTYPES and g.dtype == u.grads[0].dtype for g in u.grads)
+        return u.is_contiguous()
 
     def can_apply(self, w: torch.Tensor, params: list, lr) -> bool:
         """Whether `apply` takes this stack: FP32 master rows beside contiguous FP16/BF16
@@ -81,6 +87,13 @@ class _Stages:
             (torch.bfloat16,) if w.dtype in (torch.int16, torch.int8) else ())
         return (not isinstance(lr, torch.Tensor) and w.is_contiguous()
                 and all(p.dtype in dtypes and p.dtype == params[0].dtype and p.is_contiguous() for p in params))
+
+    @staticmethod
+    def _grad_table(u) -> torch.Tensor:
+        """The members' grad addresses, on their device (new grads every step: not kept)."""
+        table = torch.tensor([g.data_ptr() for g in u.grads], dtype=torch.int64)
+        device = u.grads[0].device
+        return table if device.type == "cpu" else table.to(device, non_blocking=True)
 
     def _table(self, params: list) -> torch.Tensor:
         """The members' param addresses, on their device (kept while they stay where they are)."""
@@ -127,10 +140,17 @@ class NativeStages(_Stages):
     def _stream(self, t: torch.Tensor) -> int:
         return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
 
-    def momentum(self, u: torch.Tensor, buf: torch.Tensor, found_inf: torch.Tensor, mu: float,
-                 nesterov: bool) -> torch.Tensor:
-        update = torch.empty_like(u, dtype=torch.bfloat16)
+    def momentum(self, u, buf: torch.Tensor, found_inf: torch.Tensor, mu: float, nesterov: bool) -> torch.Tensor:
+        update = torch.empty_like(buf, dtype=torch.bfloat16)
         one_minus_mu, mu32 = self._weights(mu)
+        if isinstance(u, buckets.ScaledGrads):
+            from .native_backend import DTYPE_CODES
+            table = self._grad_table(u)
+            self.module.muon_momentum_grads(table.data_ptr(), DTYPE_CODES[u.grads[0].dtype], u.inv_scale.data_ptr(),
+                                            0 if u.clip is None else u.clip.data_ptr(), buf.data_ptr(),
+                                            update.data_ptr(), u.grads[0].numel(), buf.numel(), found_inf.data_ptr(),
+                                            one_minus_mu, mu32, nesterov, self._stream(buf))
+            return update
         self.module.muon_momentum(u.data_ptr(), buf.data_ptr(), update.data_ptr(), u.numel(), found_inf.data_ptr(),
                                   one_minus_mu, mu32, nesterov, self._stream(u))
         return update
@@ -214,10 +234,19 @@ class TritonStages(_Stages):
 
     def momentum(self, u, buf, found_inf, mu, nesterov):
         from . import triton_kernels as k
-        update = torch.empty_like(u, dtype=torch.bfloat16)
+        update = torch.empty_like(buf, dtype=torch.bfloat16)
         one_minus_mu, mu32 = self._weights(mu)
-        n = u.numel()
+        n = buf.numel()
         if n == 0:
+            return update
+        if isinstance(u, buckets.ScaledGrads):
+            from .triton_backend import _tl_dtype
+            per = u.grads[0].numel()
+            clip = u.clip if u.clip is not None else u.inv_scale  # (not read)
+            k.muon_momentum_grads_kernel[(-(-per // TRITON_BLOCK), len(u.grads))](
+                self._grad_table(u), u.inv_scale, clip, buf, update, per, found_inf, one_minus_mu, mu32,
+                GRAD_DTYPE=_tl_dtype(u.grads[0].dtype), CLIP=u.clip is not None, NESTEROV=nesterov,
+                BLOCK=TRITON_BLOCK)
             return update
         k.muon_momentum_kernel[(-(-n // TRITON_BLOCK),)](u, buf, update, n, found_inf, one_minus_mu, mu32,
                                                          NESTEROV=nesterov, BLOCK=TRITON_BLOCK)

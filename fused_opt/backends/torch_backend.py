@@ -186,7 +186,7 @@ def step(batch: StepBatch, stages=None) -> None:
             if members[0] in kernel_stepped:  # (a stack is one group's)
                 continue
             if u is None:  # a large stack's u, again, now that its step needs it
-                u = _unscaled_rows(batch, members, inv_scale, clip)
+                u = _unscaled(batch, members, inv_scale, clip, stages)
             params = [batch.params[i] for i in members] if _applies_in_kernel(batch, members, stages, views) else None
             stack = buckets.Stack(batch, members, gather_params=params is None, views=views)
             steps = _update_steps(stack.batch, [u], applied_steps, found_inf, ema_weight, len(members), stages, params)
@@ -197,7 +197,7 @@ def step(batch: StepBatch, stages=None) -> None:
                 stack.scatter()
                 continue
             waiting.append((steps, requests, stack))
-            held += u.numel()
+            held += len(members) * batch.grads[members[0]].numel()
             if held >= WAITING_ELEMENTS:
                 _complete_together(waiting)
                 waiting, held = [], 0
@@ -269,10 +269,12 @@ def _stack_norms(batch: StepBatch, stacks: list, rest: list, inv_scale, kernel_s
     return unscaled, torch.cat(norms) if len(norms) > 1 else norms[0]
 
 
-def _unscaled_rows(batch: StepBatch, members: list, inv_scale, clip) -> torch.Tensor:
-    """A stack's u as its step takes it: unscaled, then clipped."""
-    u = buckets.fp32_rows([batch.grads[i] for i in members]).mul_(inv_scale)
-    return u if clip is None else u.mul_(clip)
+def _unscaled(batch: StepBatch, members: list, inv_scale, clip, stages):
+    """A stack's u as its step takes it, unscaled, then clipped: its raw grads with both
+    scalars where the rule reads u in its momentum kernel alone (buckets.ScaledGrads: no FP32
+    copy written and read back), else as FP32 rows."""
+    u = buckets.ScaledGrads([batch.grads[i] for i in members], inv_scale, clip)
+    return u if stages is not None and getattr(batch.rule, "momentum_reads_grads", False) else u.rows()
 
 
 def _complete_together(waiting: list) -> None:

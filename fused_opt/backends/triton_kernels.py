@@ -582,20 +582,43 @@ def _lerp(start, end, weight):
 
 
 @triton.jit
+def _muon_momentum(u, buf, update, mask, found_inf_ptr, one_minus_mu, mu, NESTEROV: tl.constexpr):
+    """B <- lerp(B, u, 1 - mu) (not on a skipped step); U = nesterov ? lerp(u, B, mu) : B, as BF16."""
+    b = _lerp(tl.load(buf, mask=mask, other=0.0), u, one_minus_mu)
+    if NESTEROV:
+        result = _lerp(u, b, mu)
+    else:
+        result = b
+    tl.store(update, _round_to(result, tl.bfloat16), mask=mask)
+    keep = tl.load(found_inf_ptr).to(tl.int32)
+    tl.store(buf, b, mask=mask & (keep == 0))
+
+
+@triton.jit
 def muon_momentum_kernel(u_ptr, buf_ptr, update_ptr, n, found_inf_ptr, one_minus_mu, mu,
                          NESTEROV: tl.constexpr, BLOCK: tl.constexpr):
-    """B <- lerp(B, u, 1 - mu) (not on a skipped step); U = nesterov ? lerp(u, B, mu) : B, as BF16."""
+    """The momentum from the stack's FP32 rows of u."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
     u = tl.load(u_ptr + offsets, mask=mask, other=0.0)
-    b = _lerp(tl.load(buf_ptr + offsets, mask=mask, other=0.0), u, one_minus_mu)
-    if NESTEROV:
-        update = _lerp(u, b, mu)
-    else:
-        update = b
-    tl.store(update_ptr + offsets, _round_to(update, tl.bfloat16), mask=mask)
-    keep = tl.load(found_inf_ptr).to(tl.int32)
-    tl.store(buf_ptr + offsets, b, mask=mask & (keep == 0))
+    _muon_momentum(u, buf_ptr + offsets, update_ptr + offsets, mask, found_inf_ptr, one_minus_mu, mu, NESTEROV)
+
+
+@triton.jit
+def muon_momentum_grads_kernel(grads_ptr, inv_scale_ptr, clip_ptr, buf_ptr, update_ptr, per, found_inf_ptr,
+                               one_minus_mu, mu, GRAD_DTYPE: tl.constexpr, CLIP: tl.constexpr,
+                               NESTEROV: tl.constexpr, BLOCK: tl.constexpr):
+    """The momentum of member program_id(1) from its raw grad: u = float32(g) * (1/S), then
+    times the clip coefficient (CLIP), two roundings as the step's."""
+    member = tl.program_id(1).to(tl.int64)
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < per
+    grad = tl.load(grads_ptr + member).to(tl.pointer_type(GRAD_DTYPE)) + offsets
+    u = tl.load(grad, mask=mask, other=0.0).to(tl.float32) * tl.load(inv_scale_ptr)
+    if CLIP:
+        u = u * tl.load(clip_ptr)
+    row = member * per + offsets
+    _muon_momentum(u, buf_ptr + row, update_ptr + row, mask, found_inf_ptr, one_minus_mu, mu, NESTEROV)
 
 
 @triton.jit
