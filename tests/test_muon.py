@@ -328,6 +328,30 @@ def test_newton_schulz_batched_equals_per_matrix_torch():
         torch.testing.assert_close(o.double(), newton_schulz64(x), rtol=0, atol=0.1)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpu_batches_hold_as_many_matrices_as_threads(threads, monkeypatch):
+    """On the CPU a batch of the matrix stage holds a multiple of torch's thread count (a
+    batched matmul runs each matrix's product on one thread), more where CPU_BATCH_BYTES has
+    room; each matrix comes out as alone (to BF16 rounding: batch sizes pick GEMM kernels)."""
+    sizes = []
+    original = newton_schulz._whole_batch
+    monkeypatch.setattr(newton_schulz, "_whole_batch", lambda x, *a: sizes.append(x.shape[0]) or original(x, *a))
+    monkeypatch.setattr(newton_schulz, "CPU_BATCH_BYTES", 2 * 16 * 24 * 3)  # room for 3 of these
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.randn(7, 16, 24, generator=torch.Generator().manual_seed(2))
+        out = newton_schulz.orthogonalize([x], "torch", stacked=True)[0]
+        batches = list(sizes)
+        alone = [newton_schulz.orthogonalize([m], "torch")[0] for m in x.unbind(0)]
+    finally:
+        torch.set_num_threads(before)
+    per = {1: 3, 2: 2, 3: 3}[threads]
+    assert batches == [per] * (7 // per) + ([7 % per] if 7 % per else [])
+    for k in range(7):
+        torch.testing.assert_close(out[k].float(), alone[k].float(), rtol=0, atol=2**-6)
+
+
 @pytest.mark.parametrize("variant", ["torch", "ultralytics"])
 def test_tall_matrices_iterate_in_their_own_layout_on_the_cpu(variant):
     """On the CPU a tall matrix's iteration runs on its transposes in its own layout: the
@@ -509,7 +533,8 @@ def test_large_stacks_unscale_when_they_step_and_step_as_kept_ones(kind, options
     assert all(sum(part.numel() for part in w) <= longest for w in windows)
     assert len(windows) > 8
     if device == "cpu":
-        assert max(rows) <= 2 * 128  # stacks in parts
+        # stacks in parts: at most 256 elements, or as many members as torch has threads
+        assert max(rows) <= max(2 * 128, torch.get_num_threads() * 162) and 5 * 128 not in rows
 
 
 def test_newton_schulz_together_fuzzed():

@@ -297,10 +297,16 @@ def _stack_plan(batch: StepBatch) -> tuple:
     if cached is None or cached[0] != batch.layout_id:
         stacks, rest = buckets.plan(batch)
         if batch.params and batch.params[0].device.type == "cpu":  # each stack's u within STACK_BYTES
-            stacks = [part for members in stacks for part in buckets.split(members, batch.params[members[0]].numel(),
-                                                                            STACK_BYTES // 4)]
+            stacks = [part for members in stacks for part in _cpu_split(batch, members)]
         cached = batch.cache["stacks"] = (batch.layout_id, stacks, rest, {})
     return cached[1:]
+
+
+def _cpu_split(batch: StepBatch, members: list) -> list[list[int]]:
+    """A stack in parts of at most STACK_BYTES of FP32 u, but of as many matrices as torch has
+    threads where that is more: its matrix stage batches them (newton_schulz.cpu_batch)."""
+    numel = batch.params[members[0]].numel()
+    return buckets.split(members, numel, max(STACK_BYTES // 4, max(1, torch.get_num_threads()) * numel))
 
 
 def _applies_in_kernel(batch: StepBatch, members: list, stages, views: dict) -> bool:
