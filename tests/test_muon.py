@@ -473,20 +473,24 @@ def test_piece_norms_are_each_pieces_own_norm(norm_type, monkeypatch):
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
 @pytest.mark.parametrize("kind, options", [("muon", {}), ("musgd", {}),
                                            ("muon", dict(master_weights="remainder8", state_precision="int8",
-                                                         ema_decay=0.9))])
+                                                         ema_decay=0.9)),
+                                           ("muon", dict(dtype=torch.float16)), ("muon", dict(dtype=torch.float32))])
 def test_large_stacks_unscale_when_they_step_and_step_as_kept_ones(kind, options, backend, device, monkeypatch):
     """A step keeps the FP32 unscaled grads of its stacks from the norm pass to their update only
     up to a budget: beyond it a stack's norm is taken in windows and its grads unscaled again
-    when it steps, and on the CPU a stack's unscaled grads stay within a bound (longer stacks
-    step in parts). The result is the same, bit for bit, clipped, with an overflow step."""
+    when it steps (Muon's momentum kernel from the raw grads, of each param dtype), and on the
+    CPU a stack's unscaled grads stay within a bound (longer stacks step in parts). The result
+    is the same, bit for bit, clipped, with an overflow step."""
     from fused_opt.backends import buckets, stack_kernels, torch_backend
     monkeypatch.setattr(torch_backend, "NORM_PIECE", 16)  # pieces both runs share; several per matrix
+    options = dict(options)
+    dtype = options.pop("dtype", torch.bfloat16)
 
     def run_with(limits: dict):
         gen = torch.Generator().manual_seed(8)
         shapes = [(8, 16)] * 5 + [(6, 3, 3, 3)] * 3 + [(1, 7), (12, 12)]
-        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device, torch.bfloat16)) for s in shapes]
-        vectors = [torch.nn.Parameter(torch.randn(n, generator=gen).to(device, torch.bfloat16)) for n in (1, 7, 33)]
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device, dtype)) for s in shapes]
+        vectors = [torch.nn.Parameter(torch.randn(n, generator=gen).to(device, dtype)) for n in (1, 7, 33)]
         cls = fused_opt.FusedMixedPrecisionMuon if kind == "muon" else fused_opt.FusedMixedPrecisionMuSGD
         groups = ([dict(params=params), dict(params=vectors, algorithm="adamw")] if kind == "muon" else
                   [dict(params=params, use_muon=True), dict(params=vectors)])
@@ -506,7 +510,7 @@ def test_large_stacks_unscale_when_they_step_and_step_as_kept_ones(kind, options
                       or iter(all_windows(tensors, size)))
             for step in range(4):
                 for p in params + vectors:
-                    p.grad = (torch.randn(p.shape, generator=gen) * 256).to(device, torch.bfloat16)
+                    p.grad = (torch.randn(p.shape, generator=gen) * 256).to(device, dtype)
                 if step == 2:
                     params[3].grad.view(-1)[5] = math.inf
                 opt.scale_loss(torch.zeros(()))
