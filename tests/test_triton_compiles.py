@@ -70,6 +70,11 @@ for nesterov in (False, True):
     sizes[f"muon-momentum-{nesterov}"] = build(k.muon_momentum_kernel, {"u_ptr": "*fp32", "buf_ptr": "*fp32",
         "update_ptr": "*bf16", "n": "i64", "found_inf_ptr": "*i1", "one_minus_mu": "fp32", "mu": "fp32"},
         {"NESTEROV": nesterov, "BLOCK": 1024})
+    for g, clip in (("bf16", True), ("fp16", False), ("fp32", True)):  # from the raw grads
+        sizes[f"muon-momentum-grads-{g}-{nesterov}"] = build(k.muon_momentum_grads_kernel, {"grads_ptr": "*i64",
+            "inv_scale_ptr": "*fp32", "clip_ptr": "*fp32", "buf_ptr": "*fp32", "update_ptr": "*bf16", "per": "i64",
+            "found_inf_ptr": "*i1", "one_minus_mu": "fp32", "mu": "fp32"},
+            {"GRAD_DTYPE": DT[g], "CLIP": clip, "NESTEROV": nesterov, "BLOCK": 1024})
 MASTERS = {0: "*fp32", 1: "*i16", 2: "*i8"}
 for param, kind in (("fp16", 0), ("bf16", 0), ("bf16", 1), ("bf16", 2)):
     sizes[f"muon-apply-{param}-{kind}"] = build(k.muon_apply_kernel, {"master_ptr": MASTERS[kind],
@@ -97,6 +102,6 @@ def test_every_kernel_compiles_for_sm90():  # Muon's stage kernels included
     bf16_modes = len(MODES)  # BF16 and FP32 grads: every mode; FP16: FP32 masters only
     fp16_modes = sum(1 for kind, _ in MODES if kind == 0)
     updates = 2 * 2 * (2 * bf16_modes + fp16_modes)  # SGD and AdamW, aligned or not
-    muon = 2 + 4 * 3  # momentum (nesterov or not); apply and MuSGD's two per param storage
+    muon = 2 * (1 + 3) + 4 * 3  # momentum (nesterov or not; from rows or 3 grad dtypes); apply and MuSGD's two
     assert len(sizes) == 3 * 2 * 2 + updates + 3 + 6 + 1 + muon
     assert all(n > 0 for n in sizes.values()), sizes
