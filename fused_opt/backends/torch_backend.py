@@ -244,7 +244,7 @@ def _stack_norms(batch: StepBatch, stacks: list, rest: list, inv_scale, kernel_s
         grads = [batch.grads[i] for i in members]
         size = len(grads) * grads[0].numel()
         if 4 * size <= budget:
-            u = buckets.fp32_rows(grads).mul_(inv_scale)
+            u = buckets.ScaledGrads(grads, inv_scale, None).rows()  # (clipped later, with the rest)
             budget -= 4 * size
             # params the update kernel steps read their raw grads: their u is only for the norm
             unscaled.append(None if members[0] in kernel_stepped else u)
