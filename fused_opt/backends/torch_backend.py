@@ -59,10 +59,11 @@ def _piece_norms(unscaled: list[torch.Tensor], norm_type: float) -> torch.Tensor
     # On the CPU torch's _foreach_norm is a loop of per-tensor norms (~10 us each); a tensor's
     # whole pieces are the rows of one view there, one reduction over them all: the same bits
     # (each row reduced alone, as a piece is), in half the time on GPT-2 small's grads.
-    rows_of = (lambda u: u.numel() // NORM_PIECE) if device.type == "cpu" else (lambda u: 0)  # noqa: E731
+    cpu = device.type == "cpu"
     segments, loose = [], []  # in order: a tensor's rows' norms, or a count of loose pieces
     for u in unscaled:
-        flat, rows = u.reshape(-1), rows_of(u)
+        flat = u.reshape(-1)
+        rows = flat.numel() // NORM_PIECE if cpu else 0
         if rows > 1:
             segments.append(torch.linalg.vector_norm(flat[:rows * NORM_PIECE].view(rows, NORM_PIECE), norm_type,
                                                      dim=1))
