@@ -6,10 +6,11 @@ PY := $(VENV)/bin/python
 DEPS := torch==2.13.0 triton==3.7.1 pytest pytest-xdist pytest-timeout hypothesis expecttest numpy pybind11 setuptools wheel build matplotlib scikit-learn tqdm
 # Test-only: the frameworks users train with (never dependencies of fused_opt itself).
 FRAMEWORKS := lightning transformers accelerate
-# torchtitan's optimizer container and checkpoint format need only these of its dependencies
-# (its datasets, tensorboard and wandb are for its trainer), so it is installed without the rest.
+# torchtitan is installed without its own pins (it asks for datasets<4.8, whose huggingface-hub
+# is older than transformers needs); its trainer (tests/torchtitan_cpu_trainer.py) runs with
+# these of its dependencies (not wandb), on the same line as the frameworks so they agree.
 TORCHTITAN := torchtitan==0.3.0
-TORCHTITAN_DEPS := tyro spmd_types==0.2.3
+TORCHTITAN_DEPS := tyro spmd_types==0.2.3 tensorboard torchdata datasets
 # The other libraries' optimizers the benchmark and bench.quality compare with (fused_opt/bench/peers.py):
 # those that install beside torch 2.13 (FlashOptim installs, and runs only on CUDA).
 PEERS := torchao==0.18.0 bitsandbytes==0.50.2 torch-optimi==0.3.3 heavyball==3.2.1 flashoptim==0.1.4
