@@ -5,10 +5,11 @@ The model is many small Linear layers (two tensors each, six layers per FSDP uni
 torchtitan wraps a transformer block of about a dozen tensors), so a step's cost is mostly per-tensor host work: the
 number that grows with the shards. Every contender steps FP32 shards and clips by the global
 norm first (torch: `clip_grad_norm_`, which reduces over the mesh); ours also steps BF16
-shards with FP32 masters (the mixed-precision job). Grads come from one backward and are
-reused by every call, as in the single-process benchmark.
+shards with FP32 masters (the mixed-precision job). Grads come from one backward (FSDP2's
+grad DTensors, values then drawn from N(0, 0.01²)) and are reused by every call, as in the
+single-process benchmark.
 
-    python -m fused_opt.bench.fsdp2 [--tensors 1542] [--world 2] [--device cpu]
+    python -m fused_opt.bench.fsdp2 [--tensors 1542] [--world 2] [--device cpu] [--record]
 """
 from __future__ import annotations
 
@@ -55,6 +56,14 @@ def contenders(tensors: int, device: str, world: int) -> dict:
         model = shard(build_model(tensors, dtype, device), device, world)
         x = torch.randn(4, WIDTH, device=device, dtype=dtype, generator=torch.Generator(device).manual_seed(1))
         model(x).float().square().mean().backward()
+        # The backward through hundreds of small layers leaves most grads below 1e-12 and the
+        # squares AdamW keeps subnormal, whose arithmetic is several times slower on x86: a
+        # trained model's grads are not, so FSDP2's grads get normal values, in place.
+        gen = torch.Generator(device).manual_seed(2 + torch.distributed.get_rank())
+        with torch.no_grad():
+            for p in model.parameters():
+                local = p.grad._local_tensor
+                local.copy_(torch.randn(local.shape, generator=gen, device=device, dtype=local.dtype) * 1e-2)
         return list(model.parameters())
 
     def torch_step(opt, params):
@@ -90,6 +99,9 @@ def contenders(tensors: int, device: str, world: int) -> dict:
 
 SINGLE = "fused_opt AdamW, one process, plain tensors of the shards' sizes"
 COLLECTIVE = "all_reduce of 2 floats (the sharded step's one collective)"
+# Our sharded step with its all-reduce made a no-op: not a valid step (each rank clips by its
+# own norm), timed only to separate the host work sharding adds from the collective's latency.
+HOST_ONLY = "fused_opt AdamW, its all-reduce left out (host work only, not a valid step)"
 
 
 def _worker(rank: int, world: int, address: str, tensors: int, device: str, repeats: int, steps: int,
@@ -115,6 +127,7 @@ def _worker(rank: int, world: int, address: str, tensors: int, device: str, repe
             finally:
                 in_collective[0] += time.perf_counter() - t0
         distributed.ShardReduction.__call__ = timed_reduce
+        made[HOST_ONLY] = (_without_collective(made["fused_opt AdamW"][1], timed_reduce), [])
         times = {name: [] for name in made}
         collective = {name: [] for name in made}
         for name, (fn, _) in made.items():  # warm-up: state allocation, tables, first collectives
@@ -139,6 +152,21 @@ def _worker(rank: int, world: int, address: str, tensors: int, device: str, repe
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _without_collective(params: list, reduce):
+    """A step of its own AdamW over `params` with ShardReduction a no-op for its duration."""
+    import fused_opt
+    from fused_opt import distributed
+    opt = fused_opt.FusedMixedPrecisionAdamW(params, lr=1e-3, max_grad_norm=MAX_NORM, loss_scale=None)
+
+    def step():
+        distributed.ShardReduction.__call__ = lambda self, stats, norm_inf: stats[0]
+        try:
+            opt.step()
+        finally:
+            distributed.ShardReduction.__call__ = reduce
+    return step
 
 
 def run(tensors: int = 1542, world: int = 2, device: str = "cpu", repeats: int = 5, steps: int = 5) -> dict:
@@ -166,18 +194,20 @@ def run(tensors: int = 1542, world: int = 2, device: str = "cpu", repeats: int =
         rows.append(dict(name=name, step_ms=t * 1e3, us_per_tensor=t * 1e6 / tensors if name != COLLECTIVE else None,
                          in_collective_ms=statistics.median(collective[name]) * 1e3 if ours else None,
                          spread=max(times[name]) / min(times[name]) - 1.0,
-                         speedup=baseline / t if ours else None))
+                         speedup=baseline / t if ours and name != HOST_ONLY else None))
     # What sharding adds to our step over one process on the same shard sizes, with and
     # without the time inside the all-reduce (on gloo a blocking all-reduce across processes,
     # the wait for the slowest rank included; on NCCL enqueued on the stream).
     added = median["fused_opt AdamW"] - median[SINGLE]
     added_outside = outside["fused_opt AdamW"] - outside[SINGLE]
+    added_host = median[HOST_ONLY] - median[SINGLE]
     from .__main__ import _commit
     from .timing import device_name
     return dict(tensors=tensors, world=world, device=device, device_name=device_name(torch.device(device)),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 torch=torch.__version__, commit=_commit(), width=WIDTH, rows=rows,
-                sharding_adds_ms=added * 1e3, sharding_adds_outside_collective_ms=added_outside * 1e3)
+                sharding_adds_ms=added * 1e3, sharding_adds_outside_collective_ms=added_outside * 1e3,
+                sharding_adds_host_ms=added_host * 1e3)
 
 
 def table(result: dict) -> str:
@@ -192,7 +222,8 @@ def table(result: dict) -> str:
         collective = "" if r["in_collective_ms"] is None else f"{r['in_collective_ms']:.3f}"
         lines.append(f"| {r['name']} | {r['step_ms']:.3f} | {per_tensor} | {collective} | {r['spread']:.2f} | {speedup} |")
     lines.append(f"Sharding adds {result['sharding_adds_ms']:.3f} ms to our AdamW step over one process on the same "
-                 f"shard sizes; outside the all-reduce, {result['sharding_adds_outside_collective_ms'] * 1e3:.0f} µs.")
+                 f"shard sizes; outside the all-reduce, {result['sharding_adds_outside_collective_ms'] * 1e3:.0f} µs; "
+                 f"with the all-reduce left out (host work), {result['sharding_adds_host_ms'] * 1e3:.0f} µs.")
     return "\n".join(lines)
 
 
@@ -204,12 +235,22 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--json", help="also write the result here")
+    parser.add_argument("--record", action="store_true",
+                        help="run 161 and 1,542 tensors and write bench/results/fsdp2-<device>.{md,json}")
     args = parser.parse_args(argv)
-    result = run(args.tensors, args.world, args.device, args.repeats, args.steps)
-    print(table(result))
+    results = []
+    for tensors in (161, 1542) if args.record else (args.tensors,):
+        results.append(run(tensors, args.world, args.device, args.repeats, args.steps))
+        print(table(results[-1]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+            json.dump(results[0] if len(results) == 1 else results, f, indent=1)
+    if args.record:
+        base = os.path.join("bench", "results", f"fsdp2-{args.device}")
+        with open(base + ".json", "w") as f:
+            json.dump(results, f, indent=1)
+        with open(base + ".md", "w") as f:
+            f.write("\n\n".join(map(table, results)) + "\n")
 
 
 if __name__ == "__main__":
