@@ -8,6 +8,8 @@ backend. It never reads a device value on the host, so a step can be captured in
 from __future__ import annotations
 
 import inspect
+import itertools
+import operator
 import warnings
 from contextlib import AbstractContextManager
 
@@ -35,6 +37,8 @@ from .state_precision import state_precision as make_state_precision
 from .matrix_rules import Muon, MuSGD, refuse_sharded_matrices
 from .update_rules import SGD, AdamW
 from .validation import check_global, check_params
+
+_PARAMS = operator.itemgetter("params")
 
 # torch's global step hooks (torch.optim.optimizer.register_optimizer_step_pre_hook and _post_hook);
 # where a torch lacks the names, a non-empty stand-in sends every step through torch's wrapper.
@@ -406,7 +410,7 @@ class FusedMixedPrecisionOptimizer(torch.optim.Optimizer):
         """All params in group order (the order state_dict numbers them), and each one's
         group in self._group_of. Rebuilt every call (a group's list may be edited in place,
         `opt.param_groups[0]["params"][0] = q`); its ids are compared with the last ones."""
-        flat = [p for g in self.param_groups for p in g["params"]]
+        flat = list(itertools.chain.from_iterable(map(_PARAMS, self.param_groups)))  # C-level: ~10 ns a param
         ids = list(map(id, flat))
         if ids != self._flat_ids:
             self._params_changed(flat)

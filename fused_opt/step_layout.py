@@ -9,6 +9,7 @@ skips even the per-step comparisons: flat_storage.py.)
 from __future__ import annotations
 
 import itertools
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,8 @@ from .distributed import local, local_grads, local_tensors, shard_reduction, spe
 from .memory import check_param_memory
 from .state_precision import INT8_CODE, scale_key
 from .validation import check_grads
+
+_GRAD = operator.attrgetter("grad")
 
 
 class StepLayout:
@@ -64,13 +67,21 @@ class PerTensorStorage:
     def __init__(self):
         self.layout = None
         self._ids = itertools.count(1)
+        self._every = []  # list(range(n)) for the last n: the positions when every param has a grad
 
     def prepare(self, opt, hypers) -> StepPlan | None:
         """The params that have a grad, or None when none has one."""
         params = opt._flat_params()
         # (A DTensor's .grad goes through its __torch_function__ otherwise: twice the time.)
         with torch._C.DisableTorchFunctionSubclass():
-            grads = [p.grad for p in params]
+            grads = list(map(_GRAD, params))
+        # Every param has a grad (the usual step): the lists as they are, and the same list of
+        # positions each step, so the layout's signature compares by identity. Per param, a
+        # Python-level pass costs ~40-60 ns (1,542 params: ~0.1 ms a pass); these are C-level.
+        if not any(map(operator.is_, grads, itertools.repeat(None))):
+            if len(self._every) != len(params):
+                self._every = list(range(len(params)))
+            return StepPlan(params, params, self._every, grads, grads)
         active = [i for i, g in enumerate(grads) if g is not None]
         if not active:
             return None
@@ -98,7 +109,7 @@ class PerTensorStorage:
         cached in a StepLayout and only rebuilt when the params that step, their storage or
         layout, the state (any write to it: tracked_state.py) or the state buffers kept changed;
         the per-step checks compare each list's rows (tensor_watch.py) with the cached ones."""
-        owners = [params[i] for i in active]
+        owners = params if len(active) == len(params) else [params[i] for i in active]
         tensors = local_tensors(owners) if opt._sharded else owners
         signature = (opt._flat_ids, active, [h.buffers for h in hypers])
         layout = self.layout

@@ -74,3 +74,26 @@ def test_dynamic_scale_follows_grad_scaler_exactly(backend, device):
         assert float(opt.loss_scale) == scaler.get_scale(), f"step {step}"
         assert int(opt._scaler.growth_tracker) == int(scaler._growth_tracker), f"step {step}"
         assert bool(opt.last_step_skipped) == (step in overflow_steps)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+def test_a_param_losing_and_regaining_its_grad_steps_as_torch_adamw(backend, device):
+    """Steps where every param has a grad take a shortcut (the lists as they are); steps where
+    one lacks it leave that param and its state alone, as torch.optim.AdamW does, whichever
+    came before."""
+    ours, theirs = fp32_params(device), fp32_params(device)
+    opt = fused_opt.FusedMixedPrecisionAdamW(ours, lr=0.05, weight_decay=0.01, loss_scale=None, backend=backend)
+    adamw = torch.optim.AdamW(theirs, lr=0.05, weight_decay=0.01, foreach=True)
+    for step, missing in enumerate([None, 2, None, None, 0, 3, None]):
+        grads = grads_for(step, ours)
+        for k, (p, q, g) in enumerate(zip(ours, theirs, grads)):
+            p.grad = None if k == missing else g.clone()
+            q.grad = None if k == missing else g.clone()
+        before = ours[missing].detach().clone() if missing is not None else None
+        opt.step()
+        adamw.step()
+        if missing is not None:
+            assert torch.equal(ours[missing], before), step
+        for p, q in zip(ours, theirs):
+            assert_close_fp32(p, q, f"step {step}")
+    assert [int(opt.state[p]["step"]) for p in ours] == [6, 7, 6, 6]
