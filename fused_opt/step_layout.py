@@ -78,7 +78,7 @@ class PerTensorStorage:
         # Every param has a grad (the usual step): the lists as they are, and the same list of
         # positions each step, so the layout's signature compares by identity. Per param, a
         # Python-level pass costs ~40-60 ns (1,542 params: ~0.1 ms a pass); these are C-level.
-        if not any(map(operator.is_, grads, itertools.repeat(None))):
+        if grads and not any(map(operator.is_, grads, itertools.repeat(None))):
             if len(self._every) != len(params):
                 self._every = list(range(len(params)))
             return StepPlan(params, params, self._every, grads, grads)

@@ -97,3 +97,16 @@ def test_a_param_losing_and_regaining_its_grad_steps_as_torch_adamw(backend, dev
         for p, q in zip(ours, theirs):
             assert_close_fp32(p, q, f"step {step}")
     assert [int(opt.state[p]["step"]) for p in ours] == [6, 7, 6, 6]
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_DEVICE_IDS)
+def test_a_step_with_every_group_emptied_changes_nothing(backend, device):
+    """No params at all (a group's list emptied after construction) is a step with no grads,
+    not one where every param has a grad."""
+    p = fp32_params(device)[2]
+    p.grad = torch.ones_like(p)
+    opt = fused_opt.FusedMixedPrecisionAdamW([p], lr=0.05, loss_scale=None, backend=backend)
+    opt.param_groups[0]["params"].clear()
+    before = p.detach().clone()
+    opt.step()
+    assert torch.equal(p, before) and not opt.state
