@@ -1,6 +1,8 @@
 """torchtitan's own trainer (`Trainer`, its `llama3_debugmodel` config) on CPU ranks, with its
-AdamW or ours. Run under torchrun:
+AdamW or ours. Write its tokenizer and corpus once, then run it under torchrun
+(tests/test_torchtitan.py does both):
 
+    python tests/torchtitan_cpu_trainer.py WORKDIR assets
     torchrun --nproc_per_node 2 tests/torchtitan_cpu_trainer.py WORKDIR {torch,ours,recipe} OUT.json
              [--steps N] [--save-every N] [--load-step N]
 
@@ -176,12 +178,17 @@ def digest(trainer) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("workdir")
-    parser.add_argument("mode", choices=["torch", "ours", "recipe"])
-    parser.add_argument("out")
+    parser.add_argument("mode", choices=["assets", "torch", "ours", "recipe"])
+    parser.add_argument("out", nargs="?")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--save-every", type=int, default=0)
     parser.add_argument("--load-step", type=int, default=-1)
     args = parser.parse_args()
+    if args.mode == "assets":
+        make_assets(args.workdir)
+        return
+    if args.out is None:
+        parser.error("OUT.json is needed to train")
     cpu_shim()
     import torch.distributed as dist
 
