@@ -159,15 +159,16 @@ def config_for(workdir: str, mode: str, steps: int, save_every: int, load_step: 
 
 
 def digest(trainer) -> str:
-    """This rank's model shards and optimizer state, hashed: equal digests, equal bits."""
+    """This rank's model shards and optimizer state as the optimizer keeps it (int8 codes and
+    their scales, masters, EMA, counts: not a state dict's decoded copy), hashed: equal
+    digests, equal bits."""
     h = hashlib.sha256()
+    opt = trainer.optimizers.optimizers[0]
     for model in trainer.model_parts:
         for name, p in sorted(model.named_parameters()):
             h.update(name.encode())
             h.update(p.detach().to_local().contiguous().view(torch.uint8).numpy().tobytes())
-    for opt in trainer.optimizers.optimizers:
-        for group in opt.state_dict()["state"].values():
-            for key, value in sorted(group.items()):
+            for key, value in sorted(opt.state[p].items()):
                 if isinstance(value, torch.Tensor):
                     value = getattr(value, "_local_tensor", value)
                     h.update(key.encode())
